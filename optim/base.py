@@ -1,0 +1,268 @@
+"""Shared machinery of every memzoo optimizer: backend dispatch, validation, state accounting.
+
+The one documented choice of implementation lives in :func:`resolve_backend`. It falls back to
+the reference silently only when the user asked for nothing (``backend="auto"``) and raises when
+an explicit request cannot be honoured, as torch.optim does for ``fused=True``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import ModuleType
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from memzoo.triton_kernels import interpret_mode_requested, load_family, triton_import_error
+
+__all__ = [
+    "BACKENDS",
+    "MemzooOptimizer",
+    "StateSpec",
+    "group_by_device",
+    "resolve_backend",
+]
+
+Backend = Literal["auto", "triton", "torch"]
+BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
+
+# Version of the layout written by MemzooOptimizer.state_dict under the "memzoo" key.
+STATE_FORMAT = 1
+
+# (shape, dtype) every per-parameter state tensor must have; checked when a state_dict loads.
+StateSpec = dict[str, tuple[torch.Size, torch.dtype]]
+
+
+def resolve_backend(requested: str, device: torch.device, family: str) -> ModuleType:
+    """Return the module (``memzoo.reference.<family>`` or ``memzoo.triton_kernels.<family>``)
+    whose functions compute ``family``'s math for tensors on ``device``.
+
+    - ``"torch"``: always the reference.
+    - ``"auto"``: Triton for CUDA tensors when Triton imports, otherwise the reference.
+    - ``"triton"``: Triton, or a ``ValueError`` saying why it cannot run here. CPU tensors run
+      only through Triton's interpreter, which must be enabled (``TRITON_INTERPRET=1``) before
+      the kernel module is first imported, because Triton fixes the mode when it decorates.
+    """
+    if requested not in BACKENDS:
+        raise ValueError(f"Invalid backend: {requested!r}; expected one of {BACKENDS}")
+    if requested == "torch" or (requested == "auto" and device.type != "cuda"):
+        return importlib.import_module(f"memzoo.reference.{family}")
+    if requested == "auto":
+        if triton_import_error() is None:
+            return load_family(family)
+        return importlib.import_module(f"memzoo.reference.{family}")
+    error = triton_import_error()
+    if error is not None:
+        raise ValueError(
+            f"backend='triton' was requested but Triton does not import ({error}); "
+            "install triton or use backend='torch'"
+        )
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"backend='triton' supports CUDA tensors (and CPU ones through the interpreter), got {device}")
+    kernels = load_family(family)
+    if device.type == "cpu" and not kernels.INTERPRETED:
+        hint = (
+            "TRITON_INTERPRET=1 is set now, but the kernels were already compiled for the GPU when "
+            "memzoo.triton_kernels was first imported"
+            if interpret_mode_requested()
+            else "set TRITON_INTERPRET=1 in the environment before importing memzoo"
+        )
+        raise ValueError(
+            "backend='triton' got CPU tensors: Triton runs on the CPU only through its interpreter; "
+            f"{hint}, or use backend='torch'"
+        )
+    return kernels
+
+
+def group_by_device(*tensor_lists: Sequence[torch.Tensor]) -> dict[torch.device, tuple[list[torch.Tensor], ...]]:
+    """Split parallel lists of tensors by the device of the first list's tensors."""
+    buckets: dict[torch.device, tuple[list[torch.Tensor], ...]] = defaultdict(
+        lambda: tuple([] for _ in tensor_lists)
+    )
+    for items in zip(*tensor_lists, strict=True):
+        bucket = buckets[items[0].device]
+        for out, item in zip(bucket, items):
+            out.append(item)
+    return dict(buckets)
+
+
+def _describe(group_index: int, param_index: int, param: torch.Tensor) -> str:
+    return f"param group {group_index}, param {param_index} (shape {tuple(param.shape)}, {param.dtype})"
+
+
+def check_number(name: str, value: Any, *, low: float = 0.0, high: float = math.inf,
+                 high_inclusive: bool = True) -> None:
+    """Raise unless ``value`` is a real number in ``[low, high]`` (or ``[low, high)``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"Invalid {name}: expected a number, got {type(value).__name__} {value!r}")
+    upper_ok = value <= high if high_inclusive else value < high
+    if math.isnan(value) or value < low or not upper_ok:
+        bracket = "]" if high_inclusive else ")"
+        raise ValueError(f"Invalid {name}: {value} (must be in [{low}, {high}{bracket})")
+
+
+def check_betas(betas: Any, count: int) -> None:
+    """Raise unless ``betas`` is a sequence of ``count`` numbers in [0, 1)."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != count:
+        raise ValueError(f"Invalid betas: {betas!r} (expected a tuple of {count} numbers in [0, 1))")
+    for index, beta in enumerate(betas):
+        check_number(f"beta parameter at index {index}", beta, high=1.0, high_inclusive=False)
+
+
+class MemzooOptimizer(torch.optim.Optimizer):
+    """Base of every memzoo optimizer.
+
+    Subclasses set ``family`` (the name of their reference/kernel modules), implement
+    :meth:`_validate_group` and :meth:`_state_spec`, and in ``step`` obtain the math through
+    :meth:`_kernels`. The base class rejects unsupported parameters when they are added, rejects
+    sparse gradients before any update, reports :meth:`state_bytes`, and makes ``state_dict`` /
+    ``load_state_dict`` strict (tagged with the optimizer's name, checked key by key, dtypes of
+    state kept as saved).
+    """
+
+    family: ClassVar[str]
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, backend: Backend = "auto") -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"Invalid backend: {backend!r}; expected one of {BACKENDS}")
+        self.backend: Backend = backend
+        super().__init__(params, defaults)
+        # Fail at construction, not at the first step, when an explicit backend cannot run.
+        for device in {p.device for group in self.param_groups for p in group["params"]}:
+            resolve_backend(backend, device, self.family)
+
+    # -- hooks for subclasses -------------------------------------------------------------
+    def _validate_group(self, group: Mapping[str, Any], group_index: int) -> None:
+        """Raise ValueError/TypeError naming the group when a hyperparameter is invalid."""
+        raise NotImplementedError
+
+    def _state_spec(self, param: torch.Tensor, group: Mapping[str, Any]) -> StateSpec:
+        """Shape and dtype of each state tensor that ``param`` has once it has been stepped."""
+        raise NotImplementedError
+
+    # -- parameters -----------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        group_index = len(self.param_groups)
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        for param_index, param in enumerate(params):
+            if not isinstance(param, torch.Tensor):
+                raise TypeError(f"param group {group_index}, param {param_index}: expected a Tensor, got {type(param).__name__}")
+            if param.is_complex():
+                raise TypeError(
+                    f"{type(self).__name__} does not support complex parameters ({_describe(group_index, param_index, param)}); "
+                    "optimize torch.view_as_real(param) instead"
+                )
+            if param.is_sparse or not param.is_floating_point():
+                raise TypeError(
+                    f"{type(self).__name__} needs dense floating-point parameters, got "
+                    f"{param.layout} {_describe(group_index, param_index, param)}"
+                )
+        merged = {**self.defaults, **param_group}
+        try:
+            self._validate_group(merged, group_index)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"param group {group_index}: {exc}") from None
+        super().add_param_group(param_group)
+
+    def _check_grads(self) -> None:
+        """Reject what no memzoo step can use, before any parameter or state is modified."""
+        for group_index, group in enumerate(self.param_groups):
+            for param_index, param in enumerate(group["params"]):
+                grad = param.grad
+                if grad is not None and grad.is_sparse:
+                    raise ValueError(
+                        f"{type(self).__name__} does not support sparse gradients "
+                        f"({_describe(group_index, param_index, param)}); use dense gradients, "
+                        "e.g. nn.Embedding(..., sparse=False)"
+                    )
+
+    def _kernels(self, device: torch.device) -> ModuleType:
+        """The reference or Triton module that computes this optimizer's math on ``device``."""
+        return resolve_backend(self.backend, device, self.family)
+
+    def _run_closure(self, closure: Callable[[], Any] | None) -> Any:
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+    # -- memory ---------------------------------------------------------------------------
+    def state_bytes(self) -> int:
+        """Bytes of tensors held in optimizer state (each storage counted once)."""
+        seen: set[tuple[torch.device, int]] = set()
+        total = 0
+        for state in self.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    storage = value.untyped_storage()
+                    key = (value.device, storage.data_ptr())
+                    if key not in seen:
+                        seen.add(key)
+                        total += storage.nbytes()
+        return total
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state_dict = super().state_dict()
+        state_dict["memzoo"] = {"optimizer": type(self).__name__, "format": STATE_FORMAT}
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state_dict written by the same optimizer class, after checking every field.
+
+        Unlike torch.optim, state tensors keep their saved dtype (e.g. fp32 momentum of bf16
+        parameters); they move to their parameter's device. Nothing is modified when a check fails.
+        """
+        name = type(self).__name__
+        if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= state_dict.keys():
+            raise ValueError(f"{name}.load_state_dict expects a dict with 'state' and 'param_groups'")
+        meta = state_dict.get("memzoo")
+        if meta is None:
+            raise ValueError(f"This state_dict was not written by a memzoo optimizer; {name} cannot load it")
+        if meta.get("optimizer") != name:
+            raise ValueError(f"This state_dict was written by {meta.get('optimizer')!r}, not {name!r}")
+        if meta.get("format") != STATE_FORMAT:
+            raise ValueError(f"Unsupported memzoo state format {meta.get('format')!r} (this version reads {STATE_FORMAT})")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(saved_groups)} param groups, the optimizer has {len(self.param_groups)}")
+        saved_state = state_dict["state"]
+        restore: list[tuple[torch.Tensor, str, torch.Tensor]] = []
+        for group_index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"param group {group_index} has {len(group['params'])} params, "
+                    f"the state_dict's has {len(saved['params'])}"
+                )
+            merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+            try:
+                self._validate_group(merged, group_index)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"state_dict param group {group_index}: {exc}") from None
+            for param_index, (param_id, param) in enumerate(zip(saved["params"], group["params"])):
+                if param_id not in saved_state:
+                    continue
+                spec = self._state_spec(param, merged)
+                entry = saved_state[param_id]
+                where = _describe(group_index, param_index, param)
+                if set(entry) != set(spec):
+                    raise ValueError(
+                        f"state for {where} has keys {sorted(entry)}, expected {sorted(spec)}"
+                    )
+                for key, (shape, dtype) in spec.items():
+                    value = entry[key]
+                    if not isinstance(value, torch.Tensor) or value.shape != shape or value.dtype != dtype:
+                        got = (f"{tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor)
+                               else type(value).__name__)
+                        raise ValueError(f"state '{key}' for {where} is {got}, expected {tuple(shape)} {dtype}")
+                    restore.append((param, key, value))
+        super().load_state_dict(state_dict)
+        # torch.optim casts floating state to the parameter's dtype; put the saved dtype back
+        # from the original tensor (a cast back would have lost bits).
+        for param, key, value in restore:
+            if self.state[param][key].dtype != value.dtype:
+                self.state[param][key] = value.to(device=param.device, copy=True)

@@ -1,0 +1,119 @@
+"""Lion optimizer (Chen et al. 2023)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+
+from memzoo.optim.base import Backend, MemzooOptimizer, StateSpec, check_betas, check_number, group_by_device
+
+__all__ = ["Lion"]
+
+_MOMENTUM_DTYPES = {
+    None: None,
+    torch.float32: torch.float32,
+    torch.bfloat16: torch.bfloat16,
+    torch.float16: torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+class Lion(MemzooOptimizer):
+    r"""Lion: sign of an interpolated momentum (Chen et al. 2023, Algorithm 2).
+
+    Per element, with decoupled weight decay exactly as the paper and the official code:
+
+    .. math::
+        W \leftarrow W (1 - \eta\lambda);\quad
+        c = \beta_1 m + (1-\beta_1) g;\quad
+        W \leftarrow W - \eta\,\mathrm{sign}(c);\quad
+        m \leftarrow \beta_2 m + (1-\beta_2) g
+
+    State: one momentum tensor ``exp_avg`` per parameter (1 element per parameter; no step
+    counter, Lion has no bias correction). The paper advises an lr 3-10x smaller than AdamW's and
+    a weight decay 3-10x larger.
+
+    Args:
+        params: parameters or param groups (each group may set its own lr, betas, weight_decay,
+            maximize, momentum_dtype).
+        lr: learning rate η.
+        betas: (β1, β2), the interpolation and the momentum coefficients, each in [0, 1).
+        weight_decay: decoupled decay λ (the step multiplies W by 1 − lr·λ).
+        maximize: maximize the objective instead of minimizing it, like torch.optim.
+        momentum_dtype: dtype of ``exp_avg``: None (the parameter's dtype, as the official
+            code), torch.float32 (recommended for bf16 parameters: small (1 − β2)·g increments
+            are lost in a bf16 momentum), torch.bfloat16 (half the state) or torch.float16.
+        backend: "auto" (Triton for CUDA tensors when it imports, else the reference),
+            "triton" or "torch". The Triton step is one fused multi-tensor launch per
+            (device, dtypes) bucket of each param group.
+    """
+
+    family = "lion"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        momentum_dtype: torch.dtype | str | None = None,
+        backend: Backend = "auto",
+    ) -> None:
+        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
+                        momentum_dtype=momentum_dtype)
+        super().__init__(params, defaults, backend=backend)
+
+    def _validate_group(self, group: Mapping[str, Any], group_index: int) -> None:
+        check_number("lr", group["lr"])
+        check_betas(group["betas"], 2)
+        check_number("weight_decay", group["weight_decay"])
+        if not isinstance(group["maximize"], bool):
+            raise TypeError(f"Invalid maximize: expected a bool, got {group['maximize']!r}")
+        try:
+            _MOMENTUM_DTYPES[group["momentum_dtype"]]
+        except (KeyError, TypeError):
+            raise ValueError(
+                f"Invalid momentum_dtype: {group['momentum_dtype']!r}; expected None, "
+                "torch.float32, torch.bfloat16 or torch.float16"
+            ) from None
+
+    def _momentum_dtype(self, param: torch.Tensor, group: Mapping[str, Any]) -> torch.dtype:
+        return _MOMENTUM_DTYPES[group["momentum_dtype"]] or param.dtype
+
+    def _state_spec(self, param: torch.Tensor, group: Mapping[str, Any]) -> StateSpec:
+        return {"exp_avg": (param.shape, self._momentum_dtype(param, group))}
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; returns the closure's loss (or None)."""
+        loss = self._run_closure(closure)
+        self._check_grads()
+        for group in self.param_groups:
+            params, grads, exp_avgs = [], [], []
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(
+                        param, dtype=self._momentum_dtype(param, group), memory_format=torch.preserve_format
+                    )
+                params.append(param)
+                grads.append(param.grad)
+                exp_avgs.append(state["exp_avg"])
+            beta1, beta2 = group["betas"]
+            for device, (ps, gs, ms) in group_by_device(params, grads, exp_avgs).items():
+                self._kernels(device).lion_update_(
+                    ps, gs, ms, lr=group["lr"], beta1=beta1, beta2=beta2,
+                    weight_decay=group["weight_decay"], maximize=group["maximize"],
+                )
+        return loss

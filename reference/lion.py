@@ -1,0 +1,52 @@
+"""Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms", Algorithm 2).
+
+Math in float32 (float64 when the inputs are float64), one rounding to the storage dtype at the
+end, exactly as the Triton kernel does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from memzoo.reference.common import as_tensor_list, check_parallel_lists, compute_dtype
+
+__all__ = ["lion_update_"]
+
+
+@torch.no_grad()
+def lion_update_(
+    params: torch.Tensor | Sequence[torch.Tensor],
+    grads: torch.Tensor | Sequence[torch.Tensor],
+    exp_avgs: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool = False,
+) -> None:
+    """One Lion step on each (param, grad, exp_avg); updates params and exp_avgs in place.
+
+    Tensors may have any shape and strides; the three tensors of one parameter must share shape.
+    Scalar coefficients are formed in Python (double) and enter the tensor math as float32, the
+    same values the kernel receives.
+    """
+    params = as_tensor_list("params", params)
+    grads = as_tensor_list("grads", grads)
+    exp_avgs = as_tensor_list("exp_avgs", exp_avgs)
+    check_parallel_lists(params=params, grads=grads, exp_avgs=exp_avgs)
+    decay = 1.0 - lr * weight_decay
+    for param, grad, exp_avg in zip(params, grads, exp_avgs):
+        dtype = compute_dtype(param.dtype, grad.dtype, exp_avg.dtype)
+        g = grad.to(dtype)
+        if maximize:
+            g = -g
+        m = exp_avg.to(dtype)
+        p = param.to(dtype) * decay  # W ← W·(1 − lr·λ), decoupled decay
+        c = m * beta1 + g * (1.0 - beta1)  # c = β1·m + (1 − β1)·g
+        p = p - lr * torch.sign(c)  # W ← W − lr·sign(c); sign(0) = 0
+        m = m * beta2 + g * (1.0 - beta2)  # m ← β2·m + (1 − β2)·g
+        param.copy_(p)
+        exp_avg.copy_(m)

@@ -1,0 +1,35 @@
+"""Triton kernels with the same names and signatures as :mod:`memzoo.reference`.
+
+Importing this package does not import Triton; the family modules (``memzoo.triton_kernels.lion``,
+...) do, and are only imported by the backend dispatch when Triton is wanted.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from types import ModuleType
+
+__all__ = ["interpret_mode_requested", "load_family", "triton_import_error"]
+
+
+@functools.cache
+def triton_import_error() -> str | None:
+    """Why Triton cannot be used here, or None when it imports."""
+    try:
+        importlib.import_module("triton")
+        importlib.import_module("triton.language")
+    except Exception as exc:  # ImportError, or a broken install raising anything else
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def interpret_mode_requested() -> bool:
+    """Whether TRITON_INTERPRET=1 is set (Triton then runs kernels on CPU tensors, slowly)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def load_family(family: str) -> ModuleType:
+    """Import ``memzoo.triton_kernels.<family>`` (which imports Triton)."""
+    return importlib.import_module(f"memzoo.triton_kernels.{family}")

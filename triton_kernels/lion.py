@@ -1,0 +1,93 @@
+"""Lion as one fused multi-tensor Triton kernel; twin of :mod:`memzoo.reference.lion`.
+
+Each element is read once (p, g, m) and written once (p, m): 20 bytes per fp32 parameter, the
+bandwidth floor. One launch covers every tensor of a (device, dtypes) bucket; see
+:mod:`memzoo.triton_kernels.multi_tensor` for the table layout and when tensors are copied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+from memzoo.reference.common import as_tensor_list, check_parallel_lists
+from memzoo.triton_kernels.multi_tensor import plan_launches, tensor_block
+
+__all__ = ["INTERPRETED", "lion_update_"]
+
+# 4096 elements per program: 80 KB of traffic for fp32, enough to hide latency on an H100 while
+# a 368M-parameter step still spreads over ~90k programs. The interpreter gains from big blocks too.
+BLOCK = 4096
+NUM_WARPS = 8
+
+
+@triton.jit
+def _lion_kernel(
+    p_base, g_base, m_base, table, block_tensor, num_tensors,
+    lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
+    P_ALIGN: tl.constexpr, G_ALIGN: tl.constexpr, M_ALIGN: tl.constexpr,
+    MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    p_offs, mask = tensor_block(table, block_tensor, num_tensors, 0, 3, P_ALIGN, BLOCK)
+    g_offs, _ = tensor_block(table, block_tensor, num_tensors, 1, 3, G_ALIGN, BLOCK)
+    m_offs, _ = tensor_block(table, block_tensor, num_tensors, 2, 3, M_ALIGN, BLOCK)
+    p = tl.load(p_base + p_offs, mask=mask).to(tl.float32)
+    g = tl.load(g_base + g_offs, mask=mask).to(tl.float32)
+    m = tl.load(m_base + m_offs, mask=mask).to(tl.float32)
+    if MAXIMIZE:
+        g = -g
+    p = p * decay  # W ← W·(1 − lr·λ)
+    c = m * beta1 + g * one_minus_beta1  # c = β1·m + (1 − β1)·g
+    direction = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))  # sign(c), sign(0) = 0
+    p = p - lr * direction
+    m = m * beta2 + g * one_minus_beta2  # m ← β2·m + (1 − β2)·g
+    tl.store(p_base + p_offs, p.to(p_base.dtype.element_ty), mask=mask)
+    tl.store(m_base + m_offs, m.to(m_base.dtype.element_ty), mask=mask)
+
+
+# Triton fixes interpret mode when it decorates; the backend dispatch reads this.
+INTERPRETED: bool = isinstance(_lion_kernel, InterpretedFunction)
+
+_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@torch.no_grad()
+def lion_update_(
+    params: torch.Tensor | Sequence[torch.Tensor],
+    grads: torch.Tensor | Sequence[torch.Tensor],
+    exp_avgs: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool = False,
+) -> None:
+    """Same contract as :func:`memzoo.reference.lion.lion_update_`; fp32/bf16/fp16 tensors,
+    any shapes and strides (non-dense or mismatched-stride tensors go through a contiguous copy)."""
+    params = as_tensor_list("params", params)
+    grads = as_tensor_list("grads", grads)
+    exp_avgs = as_tensor_list("exp_avgs", exp_avgs)
+    check_parallel_lists(params=params, grads=grads, exp_avgs=exp_avgs)
+    for name, tensors in (("params", params), ("grads", grads), ("exp_avgs", exp_avgs)):
+        for index, tensor in enumerate(tensors):
+            if tensor.dtype not in _SUPPORTED:
+                raise ValueError(
+                    f"the Triton Lion kernel supports {_SUPPORTED}; {name}[{index}] is {tensor.dtype} "
+                    "(use backend='torch')"
+                )
+    launches, finish = plan_launches([params, grads, exp_avgs], written=[True, False, True], block=BLOCK)
+    for launch in launches:
+        p_base, g_base, m_base = launch.bases
+        p_align, g_align, m_align = launch.aligns
+        _lion_kernel[(launch.num_blocks,)](
+            p_base, g_base, m_base, launch.table, launch.block_tensor, launch.num_tensors,
+            lr, 1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2,
+            P_ALIGN=p_align, G_ALIGN=g_align, M_ALIGN=m_align,
+            MAXIMIZE=maximize, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        )
+    finish()

@@ -1,0 +1,173 @@
+"""Multi-tensor launches: one kernel launch over many tensors of any shape.
+
+An element-wise optimizer step over a model's hundreds of parameters is launch-bound when it
+launches once per tensor. Here every launch covers all tensors that share (device, dtypes): each
+list of tensors (params, grads, states, ...) is addressed as one *base* pointer plus a table of
+element offsets, and a block map tells each program which tensor and which block it handles.
+
+Kernels use the table through :func:`tensor_block` (a ``triton.jit`` helper). Table layout, one
+int64 row of length T (number of tensors) each:
+``rows 0..L-1`` element offset of tensor t in list l from that list's base pointer,
+``row L`` numel of tensor t, ``row L+1`` index of tensor t's first block.
+
+Layout rule (copy-in/copy-out only where unavoidable): the i-th tensors of all lists are used in
+place when each is dense (non-overlapping, no gaps; any dimension order) and they share strides,
+so the same flat index addresses the same logical element in each. Otherwise the launcher works on
+contiguous copies and copies the written ones back, which costs one extra read and write.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["MultiTensorLaunch", "is_dense", "plan_launches", "tensor_block"]
+
+# 16-byte alignment lets the compiler use 128-bit loads and stores.
+_VECTOR_BYTES = 16
+_CACHE_SIZE = 64
+
+
+def is_dense(tensor: torch.Tensor) -> bool:
+    """True when the tensor's elements fill ``numel`` consecutive slots of memory exactly once."""
+    if tensor.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(zip(tensor.shape, tensor.stride()), key=lambda pair: pair[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+@triton.jit
+def tensor_block(table, block_tensor, num_tensors, LIST: tl.constexpr, NUM_LISTS: tl.constexpr,
+                 ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+    """For this program: element offsets (from list LIST's base) of its block, and the mask."""
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
+    numel = tl.load(table + NUM_LISTS * num_tensors + t)
+    first_block = tl.load(table + (NUM_LISTS + 1) * num_tensors + t)
+    start = (pid - first_block).to(tl.int64) * BLOCK
+    local = start + tl.arange(0, BLOCK)
+    base_offset = tl.load(table + LIST * num_tensors + t)
+    if ALIGN > 1:
+        base_offset = tl.multiple_of(base_offset, ALIGN)
+    return base_offset + local, local < numel
+
+
+@dataclass
+class MultiTensorLaunch:
+    """Everything one kernel launch needs for a bucket of tensors that share dtypes."""
+
+    bases: list[torch.Tensor]  # one tensor per list; its pointer is the list's base
+    table: torch.Tensor  # int64 (NUM_LISTS + 2, T) on the device
+    block_tensor: torch.Tensor  # int32 (num_blocks,): tensor index of each program
+    num_tensors: int
+    num_blocks: int
+    aligns: list[int]  # per list: every offset is a multiple of this many elements
+
+
+class _LRU(OrderedDict):
+    def get_or_make(self, key, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        value = self.get(key)
+        if value is None:
+            value = make()
+            self[key] = value
+            if len(self) > _CACHE_SIZE:
+                self.popitem(last=False)
+        else:
+            self.move_to_end(key)
+        return value
+
+
+# Keyed by addresses and sizes, so a cached table can never describe other tensors: the same key
+# means the same offsets. Saves the host-to-device copy on every step after the first.
+_TABLES = _LRU()
+_BLOCK_MAPS = _LRU()
+
+
+def _block_map(numels: tuple[int, ...], block: int, device: torch.device) -> torch.Tensor:
+    def make() -> torch.Tensor:
+        counts = torch.tensor([triton.cdiv(n, block) for n in numels], dtype=torch.int64)
+        tensor_ids = torch.arange(len(numels), dtype=torch.int32)
+        return torch.repeat_interleave(tensor_ids, counts).to(device)
+
+    return _BLOCK_MAPS.get_or_make((numels, block, device), make)
+
+
+def _table(lists: Sequence[Sequence[torch.Tensor]], block: int, device: torch.device) -> tuple[torch.Tensor, tuple[int, ...]]:
+    pointers = tuple(tuple(t.data_ptr() for t in tensors) for tensors in lists)
+    numels = tuple(t.numel() for t in lists[0])
+    sizes = tuple(tensors[0].element_size() for tensors in lists)
+
+    def make() -> torch.Tensor:
+        rows = [[(ptr - ptrs[0]) // size for ptr in ptrs] for ptrs, size in zip(pointers, sizes)]
+        firsts, total = [], 0
+        for n in numels:
+            firsts.append(total)
+            total += triton.cdiv(n, block)
+        return torch.tensor([*rows, list(numels), firsts], dtype=torch.int64).to(device)
+
+    return _TABLES.get_or_make((pointers, numels, block, device), make), numels
+
+
+def plan_launches(
+    lists: Sequence[Sequence[torch.Tensor]],
+    written: Sequence[bool],
+    block: int,
+) -> tuple[list[MultiTensorLaunch], Callable[[], None]]:
+    """Bucket parallel tensor lists by (device, dtypes) and build one launch per bucket.
+
+    ``written[l]`` says whether the kernel writes list ``l``. Returns the launches and a function
+    to call after them, which copies results of copied-in tensors back to the originals.
+    """
+    copies_back: list[tuple[torch.Tensor, torch.Tensor]] = []
+    buckets: dict[tuple, list[list[torch.Tensor]]] = {}
+    for items in zip(*lists):
+        if items[0].numel() == 0:
+            continue
+        strides = items[0].stride()
+        if not all(is_dense(t) and t.stride() == strides for t in items):
+            work = []
+            for tensor, is_written in zip(items, written):
+                copy = tensor.contiguous()
+                if is_written and copy is not tensor:
+                    copies_back.append((tensor, copy))
+                work.append(copy)
+            items = tuple(work)
+        key = (items[0].device, *(t.dtype for t in items))
+        bucket = buckets.setdefault(key, [[] for _ in lists])
+        for out, tensor in zip(bucket, items):
+            out.append(tensor)
+
+    launches = []
+    for (device, *_), bucket in buckets.items():
+        table, numels = _table(bucket, block, device)
+        aligns = []
+        for tensors in bucket:
+            size = tensors[0].element_size()
+            aligned = all(t.data_ptr() % _VECTOR_BYTES == 0 for t in tensors)
+            aligns.append(_VECTOR_BYTES // size if aligned and size <= _VECTOR_BYTES else 1)
+        num_blocks = sum(triton.cdiv(n, block) for n in numels)
+        launches.append(MultiTensorLaunch(
+            bases=[tensors[0] for tensors in bucket],
+            table=table,
+            block_tensor=_block_map(numels, block, device),
+            num_tensors=len(numels),
+            num_blocks=num_blocks,
+            aligns=aligns,
+        ))
+
+    def finish() -> None:
+        for original, copy in copies_back:
+            original.copy_(copy)
+
+    return launches, finish
