@@ -1,0 +1,3 @@
+from memzoo.bench.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,237 @@
+"""``memzoo-bench``: kernel and optimizer-step microbenchmarks.
+
+    memzoo-bench kernels [--preset P] [--dtype D] [--json PATH]
+    memzoo-bench step --optimizer lion [--preset 350m] [--json PATH]
+
+Every command prints a table and can write JSON. Defaults finish in about a minute on a CPU
+(preset ``tiny``); on CUDA the default preset is ``350m``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from memzoo.bench.presets import PRESETS, make_parameters
+from memzoo.bench.timing import copy_bandwidth, median, time_call
+
+__all__ = ["main"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MIB = 2**20
+
+
+def _environment(device: torch.device) -> dict[str, Any]:
+    from memzoo.triton_kernels import triton_import_error
+
+    triton_version = None
+    if triton_import_error() is None:
+        import triton
+
+        triton_version = triton.__version__
+    return {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+    }
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _triton_runs_on(device: torch.device) -> str | None:
+    """None when Triton kernels can be timed on ``device``, else the reason they are not."""
+    from memzoo.triton_kernels import triton_import_error
+
+    if device.type != "cuda":
+        return "needs CUDA (the CPU interpreter is for testing, not timing)"
+    error = triton_import_error()
+    return None if error is None else f"triton does not import: {error}"
+
+
+# ---- kernels ------------------------------------------------------------------------------
+
+def run_kernels(args: argparse.Namespace) -> dict[str, Any]:
+    from memzoo.triton_kernels.registry import KERNELS, clone_case
+
+    device = torch.device(args.device)
+    bandwidth = copy_bandwidth(device, args.bandwidth_mib * MIB)
+    shapes = [shape for _, shape in PRESETS[args.preset].shapes()]
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    triton_reason = _triton_runs_on(device)
+    rows = []
+    for name, pair in KERNELS.items():
+        if args.kernel and name not in args.kernel:
+            continue
+        dtypes = {role: options[0] for role, options in pair.dtype_options.items()}
+        dtypes["param"] = DTYPES[args.dtype]
+        case = pair.make_case(shapes, dtypes, device, generator, pair.bench_hparams)
+        nbytes = pair.bytes_moved(case)
+        candidates: list[tuple[str, Callable[..., None] | None, str | None]] = [("torch eager", pair.reference(), None)]
+        if args.compile:
+            candidates.append(("torch.compile", torch.compile(pair.reference()), None))
+        candidates.append(("triton", None if triton_reason else pair.triton(), triton_reason))
+        for backend, fn, reason in candidates:
+            row: dict[str, Any] = {"kernel": name, "backend": backend, "dtype": args.dtype,
+                                   "numel": sum(t.numel() for t in case.args[0]), "bytes": nbytes}
+            if fn is None:
+                rows.append({**row, "ms": None, "gb_s": None, "pct_of_floor": None, "note": reason})
+                continue
+            work = clone_case(case)
+            first, times = time_call(lambda: fn(*work.args, **work.kwargs), device,
+                                     warmup=args.warmup, iters=args.iters)
+            seconds = median(times)
+            rows.append({**row, "first_ms": first * 1e3, "ms": seconds * 1e3, "gb_s": nbytes / seconds / 1e9,
+                         "pct_of_floor": 100 * (nbytes / bandwidth) / seconds, "note": ""})
+            del work
+    return {"command": "kernels", "preset": args.preset, "copy_bandwidth_gb_s": bandwidth / 1e9,
+            **_environment(device), "rows": rows}
+
+
+# ---- step ---------------------------------------------------------------------------------
+
+def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    if hasattr(optimizer, "state_bytes"):
+        return optimizer.state_bytes()
+    return sum(v.nbytes for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor))
+
+
+def _make_adamw(params: list[torch.nn.Parameter]) -> tuple[torch.optim.Optimizer, str]:
+    try:
+        return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, fused=True), "fused"
+    except (RuntimeError, ValueError):  # fused is not available for this device/dtype
+        return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, foreach=True), "foreach"
+
+
+def _time_optimizer(label: str, make: Callable[[list[torch.nn.Parameter]], tuple[torch.optim.Optimizer, str]],
+                    args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    params = make_parameters(args.preset, DTYPES[args.dtype], device)
+    optimizer, backend = make(params)
+    first, times = time_call(optimizer.step, device, warmup=args.warmup, iters=args.iters)
+    peak_extra_mib = None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        optimizer.step()
+        torch.cuda.synchronize(device)
+        peak_extra_mib = (torch.cuda.max_memory_allocated(device) - before) / MIB
+    row = {"optimizer": label, "backend": backend, "dtype": args.dtype, "params": sum(p.numel() for p in params),
+           "first_ms": first * 1e3, "ms": median(times) * 1e3, "min_ms": min(times) * 1e3,
+           "state_mib": _state_bytes(optimizer) / MIB, "peak_extra_mib": peak_extra_mib}
+    del optimizer, params
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def run_step(args: argparse.Namespace) -> dict[str, Any]:
+    from memzoo.optim.base import resolve_backend
+    from memzoo.optim.registry import get_optimizer_info
+
+    device = torch.device(args.device)
+    infos = [get_optimizer_info(name) for name in args.optimizer]
+    rows = [_time_optimizer("adamw (torch)", _make_adamw, args, device)]
+    for info in infos:
+        def make(params, info=info):
+            optimizer = info.cls(params, **info.sample_kwargs, backend=args.backend)
+            module = resolve_backend(args.backend, device, info.cls.family)
+            return optimizer, "triton" if module.__name__.startswith("memzoo.triton_kernels") else "torch"
+
+        rows.append(_time_optimizer(info.name, make, args, device))
+    baseline = rows[0]
+    for row in rows:
+        row["vs_adamw_time"] = row["ms"] / baseline["ms"]
+        row["vs_adamw_state"] = row["state_mib"] / baseline["state_mib"] if baseline["state_mib"] else None
+    return {"command": "step", "preset": args.preset, "preset_params": PRESETS[args.preset].numel(),
+            **_environment(device), "rows": rows}
+
+
+# ---- output -------------------------------------------------------------------------------
+
+def _format(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
+    return str(value)
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    cells = [list(columns)] + [[_format(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in cells]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+COLUMNS = {
+    "kernels": ["kernel", "backend", "dtype", "numel", "ms", "gb_s", "pct_of_floor", "note"],
+    "step": ["optimizer", "backend", "dtype", "first_ms", "ms", "state_mib", "peak_extra_mib",
+             "vs_adamw_time", "vs_adamw_state"],
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memzoo-bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", default=_default_device(), help="cuda or cpu (default: cuda when present)")
+        p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                       help="LLaMA-shaped parameter set (default: 350m on CUDA, tiny on CPU)")
+        p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="parameter dtype")
+        p.add_argument("--warmup", type=int, default=3)
+        p.add_argument("--iters", type=int, default=15, help="timed repetitions (the median is reported)")
+        p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+    kernels = sub.add_parser("kernels", help="each registered kernel: Triton vs reference time, GB/s, %% of floor")
+    common(kernels)
+    kernels.add_argument("--kernel", action="append", help="only this kernel (repeatable), e.g. lion.lion_update_")
+    kernels.add_argument("--no-compile", dest="compile", action="store_false",
+                         help="skip the torch.compile(reference) row")
+    kernels.add_argument("--bandwidth-mib", type=int, default=None,
+                         help="size of the copy that measures bandwidth (default 1024 on CUDA, 256 on CPU)")
+    kernels.set_defaults(run=run_kernels)
+
+    step = sub.add_parser("step", help="optimizer step time and state memory against torch AdamW")
+    common(step)
+    step.add_argument("--optimizer", action="append", help="registered optimizer name (repeatable; default lion)")
+    step.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto")
+    step.set_defaults(run=run_step)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    is_cuda = torch.device(args.device).type == "cuda"
+    if args.preset is None:
+        args.preset = "350m" if is_cuda else "tiny"
+    if args.command == "kernels" and args.bandwidth_mib is None:
+        args.bandwidth_mib = 1024 if is_cuda else 256
+    if args.command == "step":
+        args.optimizer = [n for item in (args.optimizer or ["lion"]) for n in item.split(",") if n]
+    try:
+        report = args.run(args)
+    except ValueError as exc:
+        print(f"memzoo-bench: {exc}", file=sys.stderr)
+        return 2
+    header = {k: v for k, v in report.items() if k != "rows"}
+    print(" ".join(f"{k}={_format(v)}" for k, v in header.items()))
+    print(format_table(report["rows"], COLUMNS[report["command"]]))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(report, handle, indent=2)
+    return 0
