@@ -15,7 +15,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from memzoo.reference.common import as_tensor_list, check_parallel_lists
-from memzoo.triton_kernels.multi_tensor import plan_launches, tensor_block
+from memzoo.triton_kernels.multi_tensor import plan_launches, tensor_block, to_storage
 
 __all__ = ["INTERPRETED", "lion_update_"]
 
@@ -35,9 +35,9 @@ def _lion_kernel(
     p_offs, mask = tensor_block(table, block_tensor, num_tensors, 0, 3, P_ALIGN, BLOCK)
     g_offs, _ = tensor_block(table, block_tensor, num_tensors, 1, 3, G_ALIGN, BLOCK)
     m_offs, _ = tensor_block(table, block_tensor, num_tensors, 2, 3, M_ALIGN, BLOCK)
-    p = tl.load(p_base + p_offs, mask=mask).to(tl.float32)
-    g = tl.load(g_base + g_offs, mask=mask).to(tl.float32)
-    m = tl.load(m_base + m_offs, mask=mask).to(tl.float32)
+    p = tl.load(p_base + p_offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_base + g_offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_base + m_offs, mask=mask, other=0.0).to(tl.float32)
     if MAXIMIZE:
         g = -g
     p = p * decay  # W ← W·(1 − lr·λ)
@@ -45,8 +45,8 @@ def _lion_kernel(
     direction = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))  # sign(c), sign(0) = 0
     p = p - lr * direction
     m = m * beta2 + g * one_minus_beta2  # m ← β2·m + (1 − β2)·g
-    tl.store(p_base + p_offs, p.to(p_base.dtype.element_ty), mask=mask)
-    tl.store(m_base + m_offs, m.to(m_base.dtype.element_ty), mask=mask)
+    tl.store(p_base + p_offs, to_storage(p, p_base.dtype.element_ty), mask=mask)
+    tl.store(m_base + m_offs, to_storage(m, m_base.dtype.element_ty), mask=mask)
 
 
 # Triton fixes interpret mode when it decorates; the backend dispatch reads this.

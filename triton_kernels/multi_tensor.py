@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["MultiTensorLaunch", "is_dense", "plan_launches", "tensor_block"]
+__all__ = ["MultiTensorLaunch", "is_dense", "plan_launches", "tensor_block", "to_storage"]
 
 # 16-byte alignment lets the compiler use 128-bit loads and stores.
 _VECTOR_BYTES = 16
@@ -63,16 +63,40 @@ def tensor_block(table, block_tensor, num_tensors, LIST: tl.constexpr, NUM_LISTS
     return base_offset + local, local < numel
 
 
+@triton.jit
+def to_storage(x, dtype: tl.constexpr):
+    """Round fp32 ``x`` to ``dtype`` to nearest, ties to even, as PyTorch's ``.to()`` does.
+
+    bf16 is rounded with integer ops: Triton's interpreter truncates fp32 to bf16, so with the
+    plain cast the CPU tests would check a different rounding than the GPU runs. On the GPU this
+    costs a few integer instructions in a memory-bound kernel.
+    """
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)  # keep NaN a (quiet) NaN
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
 @dataclass
 class MultiTensorLaunch:
     """Everything one kernel launch needs for a bucket of tensors that share dtypes."""
 
-    bases: list[torch.Tensor]  # one tensor per list; its pointer is the list's base
+    # Every tensor the table addresses, per list; held here because the table holds only
+    # addresses, and a temporary copy freed before the kernel runs would be read as garbage.
+    tensors: list[list[torch.Tensor]]
     table: torch.Tensor  # int64 (NUM_LISTS + 2, T) on the device
     block_tensor: torch.Tensor  # int32 (num_blocks,): tensor index of each program
     num_tensors: int
     num_blocks: int
     aligns: list[int]  # per list: every offset is a multiple of this many elements
+
+    @property
+    def bases(self) -> list[torch.Tensor]:
+        """One tensor per list; its pointer is the list's base."""
+        return [tensors[0] for tensors in self.tensors]
 
 
 class _LRU(OrderedDict):
@@ -158,7 +182,7 @@ def plan_launches(
             aligns.append(_VECTOR_BYTES // size if aligned and size <= _VECTOR_BYTES else 1)
         num_blocks = sum(triton.cdiv(n, block) for n in numels)
         launches.append(MultiTensorLaunch(
-            bases=[tensors[0] for tensors in bucket],
+            tensors=bucket,
             table=table,
             block_tensor=_block_map(numels, block, device),
             num_tensors=len(numels),

@@ -1,0 +1,49 @@
+"""Helpers shared by the tests: dtype-aware tolerances and shape strategies."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import strategies as st
+
+# Relative tolerance per storage dtype: one unit in the last place (results are rounded once
+# from fp32 math, and an implementation may differ from another by one rounding).
+RTOL = {torch.float64: 1e-12, torch.float32: 2.0**-22, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+# Absolute floor for values near zero (inputs are O(1); fp32 intermediate rounding is ~1e-7).
+ATOL = {torch.float64: 1e-14, torch.float32: 1e-6, torch.bfloat16: 1e-6, torch.float16: 1e-6}
+
+# Sizes that have broken element-wise kernels before: single elements, odd sizes around block
+# boundaries, empty tensors. Listed so failures reproduce without hypothesis' database.
+AWKWARD_SHAPES = [(1,), (311,), (9999,), (0,), (4097,), (17, 33), (3, 1, 5), ()]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, extra=0.0, *, what: str = "") -> None:
+    """|actual − expected| ≤ atol + rtol·|expected| + extra, element-wise, with the tolerances of
+    the storage dtype; ``extra`` widens it where the math is discontinuous."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, (what, actual.shape, expected.shape)
+    dtype = expected.dtype
+    difference = (actual.double() - expected.double()).abs()
+    bound = ATOL[dtype] + RTOL[dtype] * expected.double().abs()
+    if isinstance(extra, torch.Tensor):
+        bound = bound + extra.to(bound.device).double()
+    else:
+        bound = bound + extra
+    bad = difference > bound
+    if bad.any():
+        index = bad.nonzero()[0].tolist()
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {bad.numel()} elements differ; first at {index}: "
+            f"actual {actual[tuple(index)].item()!r}, expected {expected[tuple(index)].item()!r}, "
+            f"allowed {bound[tuple(index)].item():.3g}"
+        )
+
+
+@st.composite
+def shapes(draw, max_dims: int = 3, max_side: int = 40) -> tuple[int, ...]:
+    dims = draw(st.integers(0, max_dims))
+    return tuple(draw(st.integers(1, max_side)) for _ in range(dims))
+
+
+def log_uniform(low: float, high: float):
+    import math
+
+    return st.floats(math.log(low), math.log(high)).map(math.exp)

@@ -1,0 +1,43 @@
+"""The shared multi-tensor machinery: storage rounding and the dense-layout rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from conftest import KERNEL_DEVICE
+
+from memzoo.triton_kernels.multi_tensor import is_dense, to_storage
+
+
+@triton.jit
+def _round_kernel(src, dst, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(dst + offs, to_storage(tl.load(src + offs, mask=mask), dst.dtype.element_ty), mask=mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_to_storage_rounds_like_torch(dtype) -> None:
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(4096, generator=generator) * torch.logspace(-30, 30, 4096)
+    # Exact ties between two bf16 values (both parities), subnormals, signed zeros, infinities.
+    ties = (torch.arange(1, 257, dtype=torch.int32) << 16 | 0x8000).view(torch.float32)
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-40, -1e-40, 3.4e38, -3.4e38])
+    src = torch.cat([values, ties, -ties, special]).to(KERNEL_DEVICE)
+    dst = torch.empty(src.shape, dtype=dtype, device=KERNEL_DEVICE)
+    _round_kernel[(triton.cdiv(src.numel(), 1024),)](src, dst, src.numel(), BLOCK=1024)
+    assert torch.equal(dst.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                       src.to(dtype).view(torch.int16 if dtype != torch.float32 else torch.int32))
+    nan = torch.full((4,), float("nan"), device=KERNEL_DEVICE)
+    _round_kernel[(1,)](nan, dst[:4], 4, BLOCK=4)
+    assert torch.isnan(dst[:4].float()).all()
+
+
+def test_is_dense() -> None:
+    base = torch.zeros(4, 6)
+    assert is_dense(base) and is_dense(base.t()) and is_dense(torch.zeros(2, 1, 3).permute(2, 0, 1))
+    assert not is_dense(base[:, ::2]) and not is_dense(base[:, :3])
+    assert is_dense(torch.zeros(0)) and is_dense(torch.zeros(()))
+    assert not is_dense(torch.zeros(3).expand(4, 3))
