@@ -108,6 +108,11 @@ def _lion_case(shapes: Sequence[Sequence[int]], dtypes: Mapping[str, torch.dtype
     params = [make_tensor(s, param_dtype, device, generator, layout) for s in shapes]
     grads = [make_tensor(s, param_dtype, device, generator, layout) for s in shapes]
     exp_avgs = [make_tensor(s, state_dtype, device, generator, layout) for s in shapes]
+    # Some elements with g = m = 0, so c = 0 exactly and sign(0) = 0 is exercised.
+    for grad, exp_avg in zip(grads, exp_avgs):
+        zero = (torch.rand(grad.shape, generator=generator) < 0.1).to(grad.device)
+        grad.masked_fill_(zero, 0.0)
+        exp_avg.masked_fill_(zero, 0.0)
     return KernelCase(args=(params, grads, exp_avgs), kwargs=dict(hparams), outputs=(0, 2))
 
 
@@ -124,9 +129,11 @@ def _lion_discontinuity(case: KernelCase) -> list[list[torch.Tensor | float]]:
     for grad, exp_avg in zip(grads, exp_avgs):
         momentum_term = beta1 * exp_avg.double()
         grad_term = sign * (1.0 - beta1) * grad.double()
-        # c = β1·m + (1 − β1)·g is formed in fp32; within a few ulps of 0 its sign may differ
-        # between implementations (FMA contraction), moving W by up to 2·lr more.
-        ambiguous = (momentum_term + grad_term).abs() <= 8 * 2.0**-24 * (momentum_term.abs() + grad_term.abs())
+        # c = β1·m + (1 − β1)·g is formed in fp32; when its nonzero terms cancel to within a few
+        # ulps its sign may differ between implementations (FMA contraction), moving W by up to
+        # 2·lr more. An exact 0 from zero terms is not ambiguous: sign(0) = 0 everywhere.
+        magnitude = momentum_term.abs() + grad_term.abs()
+        ambiguous = ((momentum_term + grad_term).abs() <= 8 * 2.0**-24 * magnitude) & (magnitude > 0)
         extra_p.append(torch.where(ambiguous, 2.0 * lr, 0.0))
     return [extra_p, [0.0] * len(exp_avgs)]
 

@@ -1,0 +1,68 @@
+"""memzoo-bench runs end to end on tiny settings and writes the documented JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from memzoo.bench.cli import main
+from memzoo.bench.presets import PRESETS
+from memzoo.triton_kernels.registry import KERNELS
+
+
+def test_presets_match_the_llama_shapes() -> None:
+    # The 350m set of the published comparisons: 368M parameters in 168 matrices, 49 vectors, 2 embeddings.
+    shapes = [shape for _, shape in PRESETS["350m"].shapes()]
+    assert PRESETS["350m"].numel() == 367_969_280
+    assert sum(len(s) == 1 for s in shapes) == 49
+    assert sum(len(s) == 2 and 32000 not in s for s in shapes) == 168
+
+
+def test_step_reports_lion_against_adamw(tmp_path, capsys) -> None:
+    path = tmp_path / "step.json"
+    assert main(["step", "--device", "cpu", "--preset", "tiny", "--warmup", "0", "--iters", "2",
+                 "--optimizer", "lion", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert report["command"] == "step" and report["preset"] == "tiny" and report["torch"]
+    adamw, lion = report["rows"]
+    assert adamw["optimizer"] == "adamw (torch)" and lion["optimizer"] == "lion"
+    for row in report["rows"]:
+        assert {"first_ms", "ms", "min_ms", "state_mib", "peak_extra_mib", "vs_adamw_time", "vs_adamw_state",
+                "backend", "params"} <= row.keys()
+        assert row["ms"] > 0 and row["params"] == PRESETS["tiny"].numel()
+    # Lion holds one fp32 momentum per parameter.
+    assert lion["state_mib"] * 2**20 == PRESETS["tiny"].numel() * 4
+    assert "lion" in capsys.readouterr().out
+
+
+def test_step_runs_the_triton_backend(tmp_path) -> None:
+    path = tmp_path / "step.json"
+    assert main(["step", "--device", "cpu", "--preset", "tiny", "--warmup", "0", "--iters", "1",
+                 "--backend", "triton", "--json", str(path)]) == 0
+    assert json.loads(path.read_text())["rows"][1]["backend"] == "triton"
+
+
+def test_kernels_reports_every_registered_kernel(tmp_path) -> None:
+    path = tmp_path / "kernels.json"
+    assert main(["kernels", "--device", "cpu", "--preset", "tiny", "--warmup", "0", "--iters", "2",
+                 "--no-compile", "--bandwidth-mib", "16", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert report["copy_bandwidth_gb_s"] > 0
+    assert {row["kernel"] for row in report["rows"]} == set(KERNELS)
+    eager = [row for row in report["rows"] if row["backend"] == "torch eager"]
+    assert eager and all(row["ms"] > 0 and row["gb_s"] > 0 and row["pct_of_floor"] > 0 for row in eager)
+    triton_rows = [row for row in report["rows"] if row["backend"] == "triton"]
+    assert triton_rows and all(row["ms"] is None and "CUDA" in row["note"] for row in triton_rows)
+
+
+def test_unknown_optimizer_lists_valid_names(capsys) -> None:
+    assert main(["step", "--device", "cpu", "--optimizer", "adamz", "--iters", "1"]) == 2
+    assert "valid names: lion" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["kernels", "--help"], ["step", "--help"]])
+def test_help(argv, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0 and "memzoo-bench" in capsys.readouterr().out

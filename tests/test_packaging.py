@@ -1,0 +1,46 @@
+"""A non-editable install exposes memzoo.* only, and imports from any directory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_non_editable_install_imports_from_another_directory(tmp_path: Path) -> None:
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--target", str(target), str(ROOT)],
+        check=True, capture_output=True, text=True, timeout=600,
+    )
+    installed = sorted(p.name for p in target.iterdir() if not p.name.endswith(".dist-info"))
+    assert installed == ["bin", "memzoo"], installed  # no bare optim/, reference/, triton_kernels/, bench/
+    assert sorted(p.name for p in (target / "memzoo").iterdir() if p.is_dir() and p.name != "__pycache__") == [
+        "bench", "optim", "reference", "triton_kernels"]
+    assert (target / "bin" / "memzoo-bench").exists()
+    metadata = next(target.glob("memzoo-*.dist-info")).joinpath("METADATA").read_text()
+    assert "Requires-Dist: triton>=3.0; sys_platform == \"linux\"" in metadata
+    assert "Requires-Dist: bitsandbytes" in metadata and "Requires-Dist: einops" in metadata
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    script = (
+        "import memzoo, memzoo.optim, memzoo.bench.cli\n"
+        "from memzoo.optim import Lion\n"
+        "print(memzoo.__file__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().startswith(str(target)), result.stdout
+    help_text = subprocess.run([sys.executable, "-m", "memzoo.bench", "--help"], cwd=elsewhere, env=env,
+                               capture_output=True, text=True, timeout=300)
+    assert help_text.returncode == 0 and "kernels" in help_text.stdout and "step" in help_text.stdout
