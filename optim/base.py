@@ -79,6 +79,11 @@ def resolve_backend(requested: str, device: torch.device, family: str) -> Module
 
 def group_by_device(*tensor_lists: Sequence[torch.Tensor]) -> dict[torch.device, tuple[list[torch.Tensor], ...]]:
     """Split parallel lists of tensors by the device of the first list's tensors."""
+    if not tensor_lists[0]:
+        return {}
+    first = tensor_lists[0][0].device
+    if all(t.device == first for t in tensor_lists[0]):  # the usual case: one device
+        return {first: tuple(list(tensors) for tensors in tensor_lists)}
     buckets: dict[torch.device, tuple[list[torch.Tensor], ...]] = defaultdict(
         lambda: tuple([] for _ in tensor_lists)
     )

@@ -21,24 +21,30 @@ def as_tensor_list(name: str, tensors: torch.Tensor | Sequence[torch.Tensor]) ->
 
 
 def check_parallel_lists(**named: Sequence[torch.Tensor]) -> None:
-    """Raise ValueError unless the lists have equal lengths and the i-th tensors of all lists
-    share shape and device and are floating point."""
+    """Raise unless the lists have equal lengths and the i-th tensors of all lists are floating
+    point and share shape and device. Runs on every step: one comparison per tensor when valid."""
     names = list(named)
-    lengths = {name: len(named[name]) for name in names}
-    if len(set(lengths.values())) > 1:
-        raise ValueError(f"tensor lists differ in length: {lengths}")
-    first = names[0]
-    for index, items in enumerate(zip(*named.values())):
-        reference = items[0]
-        for name, tensor in zip(names, items):
-            if not tensor.is_floating_point():
-                raise TypeError(f"{name}[{index}] must be floating point, got {tensor.dtype}")
-            if tensor.shape != reference.shape:
-                raise ValueError(
-                    f"{name}[{index}] has shape {tuple(tensor.shape)}, {first}[{index}] has {tuple(reference.shape)}"
-                )
-            if tensor.device != reference.device:
-                raise ValueError(f"{name}[{index}] is on {tensor.device}, {first}[{index}] on {reference.device}")
+    lists = list(named.values())
+    if len({len(tensors) for tensors in lists}) > 1:
+        raise ValueError(f"tensor lists differ in length: { {n: len(t) for n, t in named.items()} }")
+    for index, items in enumerate(zip(*lists)):
+        shape, device = items[0].shape, items[0].get_device()  # get_device: an int, cheap
+        for tensor in items:
+            if tensor.shape != shape or tensor.get_device() != device or not tensor.is_floating_point():
+                _explain_mismatch(names, items, index)
+
+
+def _explain_mismatch(names: list[str], items: Sequence[torch.Tensor], index: int) -> None:
+    reference = items[0]
+    for name, tensor in zip(names, items):
+        if not tensor.is_floating_point():
+            raise TypeError(f"{name}[{index}] must be floating point, got {tensor.dtype}")
+        if tensor.shape != reference.shape:
+            raise ValueError(
+                f"{name}[{index}] has shape {tuple(tensor.shape)}, {names[0]}[{index}] has {tuple(reference.shape)}"
+            )
+        if tensor.device != reference.device:
+            raise ValueError(f"{name}[{index}] is on {tensor.device}, {names[0]}[{index}] on {reference.device}")
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:

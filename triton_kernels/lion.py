@@ -73,14 +73,8 @@ def lion_update_(
     grads = as_tensor_list("grads", grads)
     exp_avgs = as_tensor_list("exp_avgs", exp_avgs)
     check_parallel_lists(params=params, grads=grads, exp_avgs=exp_avgs)
-    for name, tensors in (("params", params), ("grads", grads), ("exp_avgs", exp_avgs)):
-        for index, tensor in enumerate(tensors):
-            if tensor.dtype not in _SUPPORTED:
-                raise ValueError(
-                    f"the Triton Lion kernel supports {_SUPPORTED}; {name}[{index}] is {tensor.dtype} "
-                    "(use backend='torch')"
-                )
-    launches, finish = plan_launches([params, grads, exp_avgs], written=[True, False, True], block=BLOCK)
+    launches, finish = plan_launches([params, grads, exp_avgs], written=[True, False, True], block=BLOCK,
+                                     dtypes=_SUPPORTED)
     for launch in launches:
         p_base, g_base, m_base = launch.bases
         p_align, g_align, m_align = launch.aligns

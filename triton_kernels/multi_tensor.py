@@ -18,6 +18,8 @@ contiguous copies and copies the written ones back, which costs one extra read a
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -118,75 +120,93 @@ _TABLES = _LRU()
 _BLOCK_MAPS = _LRU()
 
 
+def _blocks(numel: int, block: int) -> int:
+    # Plain integer math: triton.cdiv is a jit function, ~6 µs per call from Python.
+    return -(-numel // block)
+
+
 def _block_map(numels: tuple[int, ...], block: int, device: torch.device) -> torch.Tensor:
     def make() -> torch.Tensor:
-        counts = torch.tensor([triton.cdiv(n, block) for n in numels], dtype=torch.int64)
+        counts = torch.tensor([_blocks(n, block) for n in numels], dtype=torch.int64)
         tensor_ids = torch.arange(len(numels), dtype=torch.int32)
         return torch.repeat_interleave(tensor_ids, counts).to(device)
 
     return _BLOCK_MAPS.get_or_make((numels, block, device), make)
 
 
-def _table(lists: Sequence[Sequence[torch.Tensor]], block: int, device: torch.device) -> tuple[torch.Tensor, tuple[int, ...]]:
-    pointers = tuple(tuple(t.data_ptr() for t in tensors) for tensors in lists)
-    numels = tuple(t.numel() for t in lists[0])
-    sizes = tuple(tensors[0].element_size() for tensors in lists)
-
+def _table(pointers: tuple[tuple[int, ...], ...], sizes: tuple[int, ...], numels: tuple[int, ...], block: int,
+           device: torch.device) -> torch.Tensor:
     def make() -> torch.Tensor:
         rows = [[(ptr - ptrs[0]) // size for ptr in ptrs] for ptrs, size in zip(pointers, sizes)]
         firsts, total = [], 0
         for n in numels:
             firsts.append(total)
-            total += triton.cdiv(n, block)
+            total += _blocks(n, block)
         return torch.tensor([*rows, list(numels), firsts], dtype=torch.int64).to(device)
 
-    return _TABLES.get_or_make((pointers, numels, block, device), make), numels
+    return _TABLES.get_or_make((pointers, numels, block, device), make)
+
+
+_data_ptr = torch.Tensor.data_ptr
+_is_contiguous = torch.Tensor.is_contiguous
 
 
 def plan_launches(
     lists: Sequence[Sequence[torch.Tensor]],
     written: Sequence[bool],
     block: int,
+    dtypes: Sequence[torch.dtype],
 ) -> tuple[list[MultiTensorLaunch], Callable[[], None]]:
     """Bucket parallel tensor lists by (device, dtypes) and build one launch per bucket.
 
-    ``written[l]`` says whether the kernel writes list ``l``. Returns the launches and a function
-    to call after them, which copies results of copied-in tensors back to the originals.
+    ``written[l]`` says whether the kernel writes list ``l``; every tensor's dtype must be in
+    ``dtypes`` (else ValueError). Returns the launches and a function to call after them, which
+    copies results of copied-in tensors back to the originals. This runs on every optimizer
+    step, so it is kept to a few cheap calls per tensor.
     """
     copies_back: list[tuple[torch.Tensor, torch.Tensor]] = []
     buckets: dict[tuple, list[list[torch.Tensor]]] = {}
     for items in zip(*lists):
-        if items[0].numel() == 0:
+        first = items[0]
+        if first.numel() == 0:
             continue
-        strides = items[0].stride()
-        if not all(is_dense(t) and t.stride() == strides for t in items):
-            work = []
-            for tensor, is_written in zip(items, written):
-                copy = tensor.contiguous()
-                if is_written and copy is not tensor:
-                    copies_back.append((tensor, copy))
-                work.append(copy)
-            items = tuple(work)
-        key = (items[0].device, *(t.dtype for t in items))
-        bucket = buckets.setdefault(key, [[] for _ in lists])
+        if not all(map(_is_contiguous, items)):
+            strides = first.stride()
+            if not all(is_dense(t) and t.stride() == strides for t in items):
+                work = []
+                for tensor, is_written in zip(items, written):
+                    copy = tensor.contiguous()
+                    if is_written and copy is not tensor:
+                        copies_back.append((tensor, copy))
+                    work.append(copy)
+                items = tuple(work)
+        key = (first.device, *[t.dtype for t in items])
+        bucket = buckets.get(key)
+        if bucket is None:
+            bucket = buckets[key] = [[] for _ in lists]
         for out, tensor in zip(bucket, items):
             out.append(tensor)
 
     launches = []
-    for (device, *_), bucket in buckets.items():
-        table, numels = _table(bucket, block, device)
-        aligns = []
-        for tensors in bucket:
-            size = tensors[0].element_size()
-            aligned = all(t.data_ptr() % _VECTOR_BYTES == 0 for t in tensors)
-            aligns.append(_VECTOR_BYTES // size if aligned and size <= _VECTOR_BYTES else 1)
-        num_blocks = sum(triton.cdiv(n, block) for n in numels)
+    for (device, *bucket_dtypes), bucket in buckets.items():
+        for index, dtype in enumerate(bucket_dtypes):
+            if dtype not in dtypes:
+                raise ValueError(f"this kernel supports {tuple(dtypes)}; tensor list {index} holds {dtype}")
+        pointers = tuple(tuple(map(_data_ptr, tensors)) for tensors in bucket)
+        sizes = tuple(tensors[0].element_size() for tensors in bucket)
+        numels = tuple(t.numel() for t in bucket[0])
+        # All addresses are 16-byte aligned iff their bitwise OR is.
+        aligns = [
+            _VECTOR_BYTES // size if size <= _VECTOR_BYTES and functools.reduce(operator.or_, ptrs) % _VECTOR_BYTES == 0
+            else 1
+            for ptrs, size in zip(pointers, sizes)
+        ]
         launches.append(MultiTensorLaunch(
             tensors=bucket,
-            table=table,
+            table=_table(pointers, sizes, numels, block, device),
             block_tensor=_block_map(numels, block, device),
             num_tensors=len(numels),
-            num_blocks=num_blocks,
+            num_blocks=sum(_blocks(n, block) for n in numels),
             aligns=aligns,
         ))
 
