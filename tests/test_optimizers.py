@@ -77,7 +77,9 @@ def assert_unchanged(optimizer, params, snap) -> None:
 @pytest.mark.parametrize("info,variant,backend,dtype", cases())
 def test_step_with_closure_returns_loss(info, variant, backend, dtype) -> None:
     params = make_params(dtype)
-    targets = [torch.randn(p.shape).to(p.device, dtype) for p in params]
+    # Targets from their own stream: drawn like the params (same seed) they would equal them.
+    generator = torch.Generator().manual_seed(12345)
+    targets = [torch.randn(p.shape, generator=generator).to(p.device, dtype) for p in params]
     optimizer = make_optimizer(info, variant, backend, params)
     before = [p.detach().clone() for p in params]
 
