@@ -41,3 +41,23 @@ def test_is_dense() -> None:
     assert not is_dense(base[:, ::2]) and not is_dense(base[:, :3])
     assert is_dense(torch.zeros(0)) and is_dense(torch.zeros(()))
     assert not is_dense(torch.zeros(3).expand(4, 3))
+
+
+def test_one_launch_per_dtype_bucket_and_copies_only_where_needed() -> None:
+    from memzoo.triton_kernels.multi_tensor import plan_launches
+
+    shapes = [(3, 5), (7,), (1,), (64, 33)] * 50  # 200 tensors
+    params = [torch.zeros(s) for s in shapes] + [torch.zeros(4, dtype=torch.bfloat16)]
+    grads = [torch.zeros_like(p) for p in params]
+    states = [torch.zeros_like(p) for p in params]
+    params[0] = torch.zeros(5, 3).t()  # dense, but its grad and state are laid out differently → copied
+    launches, finish = plan_launches([params, grads, states], [True, False, True], 4096,
+                                     (torch.float32, torch.bfloat16))
+    assert len(launches) == 2
+    fp32, bf16 = sorted(launches, key=lambda launch: launch.bases[0].dtype != torch.float32)
+    assert fp32.num_tensors == 200 and bf16.num_tensors == 1
+    assert fp32.tensors[0][0] is not params[0] and fp32.tensors[0][1] is params[1]
+    assert fp32.num_blocks == sum(-(-torch.Size(s).numel() // 4096) for s in shapes)
+    with pytest.raises(ValueError, match="supports"):
+        plan_launches([params, grads, states], [True, False, True], 4096, (torch.float32,))
+    finish()
