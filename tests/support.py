@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
+from memzoo.triton_kernels.registry import KernelPair, clone_case
+
 # Relative tolerance per storage dtype: one unit in the last place (results are rounded once
 # from fp32 math, and an implementation may differ from another by one rounding).
 RTOL = {torch.float64: 1e-12, torch.float32: 2.0**-22, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
@@ -47,3 +49,23 @@ def log_uniform(low: float, high: float):
     import math
 
     return st.floats(math.log(low), math.log(high)).map(math.exp)
+
+
+def check_pair(pair: KernelPair, shape_list, dtypes, hparams, layout, device, seed) -> None:
+    """Run the reference and the Triton kernel on copies of one case; compare the outputs under
+    dtype tolerances (widened where the math is discontinuous) and check inputs are untouched."""
+    generator = torch.Generator().manual_seed(seed)
+    case = pair.make_case(shape_list, dtypes, device, generator, hparams, layout)
+    expected, actual = clone_case(case), clone_case(case)
+    extra = pair.discontinuity(case)
+    pair.reference()(*expected.args, **expected.kwargs)
+    pair.triton()(*actual.args, **actual.kwargs)
+    for slot, output in enumerate(case.outputs):
+        for index, (a, e) in enumerate(zip(actual.args[output], expected.args[output])):
+            assert a.stride() == e.stride()
+            assert_close(a, e, extra[slot][index], what=f"{pair.name} output {output}[{index}] {dtypes} {layout}")
+    # Inputs that are not outputs must be left exactly as they were.
+    for position, (before, after) in enumerate(zip(case.args, actual.args)):
+        if position not in case.outputs:
+            for b, a in zip(before, after):
+                assert torch.equal(a, b), f"{pair.name} modified input {position}"

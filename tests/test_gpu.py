@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import assert_close
+from support import check_pair
 
 from memzoo.optim import Lion, resolve_backend
-from memzoo.triton_kernels.registry import LION, clone_case
+from memzoo.triton_kernels.registry import LION
 
 pytestmark = pytest.mark.gpu
 
@@ -22,14 +22,7 @@ def test_auto_picks_triton_for_cuda_tensors() -> None:
                                     {"param": torch.float32, "state": torch.bfloat16}])
 def test_lion_kernel_at_llama_layer_sizes(dtypes) -> None:
     shapes = [(2736, 1024), (1024, 2736), (1024,), (32000, 1024), (1,), (4097,)]
-    case = LION.make_case(shapes, dtypes, "cuda", torch.Generator().manual_seed(0), LION.bench_hparams)
-    expected, actual = clone_case(case), clone_case(case)
-    extra = LION.discontinuity(case)
-    LION.reference()(*expected.args, **expected.kwargs)
-    LION.triton()(*actual.args, **actual.kwargs)
-    for slot, output in enumerate(case.outputs):
-        for index, (a, e) in enumerate(zip(actual.args[output], expected.args[output])):
-            assert_close(a, e, extra[slot][index], what=f"output {output}[{index}]")
+    check_pair(LION, shapes, dtypes, LION.bench_hparams, "contiguous", "cuda", seed=0)
 
 
 def test_lion_optimizer_steps_model_on_cuda() -> None:

@@ -7,9 +7,9 @@ import torch
 from conftest import KERNEL_DEVICE
 from hypothesis import given
 from hypothesis import strategies as st
-from support import AWKWARD_SHAPES, assert_close, log_uniform, shapes
+from support import AWKWARD_SHAPES, check_pair, log_uniform, shapes
 
-from memzoo.triton_kernels.registry import KERNELS, LAYOUTS, KernelPair, clone_case
+from memzoo.triton_kernels.registry import KERNELS, LAYOUTS, KernelPair
 
 PAIRS = list(KERNELS.values())
 
@@ -25,24 +25,6 @@ def _hparams(pair: KernelPair):
 
 def _dtypes(pair: KernelPair):
     return st.fixed_dictionaries({role: st.sampled_from(options) for role, options in pair.dtype_options.items()})
-
-
-def check_pair(pair: KernelPair, shape_list, dtypes, hparams, layout, device, seed) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    case = pair.make_case(shape_list, dtypes, device, generator, hparams, layout)
-    expected, actual = clone_case(case), clone_case(case)
-    extra = pair.discontinuity(case)
-    pair.reference()(*expected.args, **expected.kwargs)
-    pair.triton()(*actual.args, **actual.kwargs)
-    for slot, output in enumerate(case.outputs):
-        for index, (a, e) in enumerate(zip(actual.args[output], expected.args[output])):
-            assert a.stride() == e.stride()
-            assert_close(a, e, extra[slot][index], what=f"{pair.name} output {output}[{index}] {dtypes} {layout}")
-    # Inputs that are not outputs must be left exactly as they were.
-    for position, (before, after) in enumerate(zip(case.args, actual.args)):
-        if position not in case.outputs:
-            for b, a in zip(before, after):
-                assert torch.equal(a, b), f"{pair.name} modified input {position}"
 
 
 @pytest.mark.parametrize("pair", PAIRS, ids=lambda p: p.name)
