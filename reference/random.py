@@ -1,0 +1,59 @@
+"""Triton's counter-based normal stream (``tl.randn(seed, offset)``) reproduced in PyTorch.
+
+Random projections and zeroth-order perturbations are regenerated from (seed, element offset)
+instead of being stored. Kernels draw them with ``tl.randn``; the reference draws the same
+numbers here: Philox-4x32 with 10 rounds keyed by the 64-bit seed, counter = (offset low word,
+offset high word, 0, 0), the first two outputs mapped to (0, 1) and through Box-Muller, as in
+``triton/language/random.py`` (identical in Triton 3.6 and 3.9). Integer work is exact; the final
+log/cos may differ from the GPU's by an ulp or two.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["philox_randn"]
+
+_MASK32 = 0xFFFFFFFF
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+_ROUNDS = 10
+
+
+def _mul_hi_lo(constant: int, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32-bit words of constant·value for uint32 operands held in int64 tensors
+    (value split in 16-bit halves so no intermediate exceeds 2^48)."""
+    high_half, low_half = value >> 16, value & 0xFFFF
+    by_high, by_low = constant * high_half, constant * low_half
+    high = (by_high + (by_low >> 16)) >> 16
+    low = (((by_high & 0xFFFF) << 16) + by_low) & _MASK32
+    return high, low
+
+
+def _uniform(bits: torch.Tensor) -> torch.Tensor:
+    """uint32 → [0, 1) as Triton's uint_to_uniform_float: read as int32, fold negatives."""
+    signed = torch.where(bits >= 2**31, bits - 2**32, bits)
+    folded = torch.where(signed < 0, -signed - 1, signed)
+    return folded.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+
+def philox_randn(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Standard normals, float32, shaped like ``offsets`` (integer tensor of element offsets)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    if offsets.dtype.is_floating_point or offsets.dtype.is_complex:
+        raise TypeError(f"offsets must be an integer tensor, got {offsets.dtype}")
+    offsets = offsets.to(torch.int64)
+    c0 = offsets & _MASK32
+    c1 = (offsets >> 32) & _MASK32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(_ROUNDS):
+        high_b, low_b = _mul_hi_lo(_ROUND_B, c2)
+        high_a, low_a = _mul_hi_lo(_ROUND_A, c0)
+        c0, c1, c2, c3 = high_b ^ c1 ^ k0, low_b, high_a ^ c3 ^ k1, low_a
+        k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
+    u1 = torch.clamp(_uniform(c0), min=1.0e-7)
+    angle = torch.tensor(6.283185307179586, dtype=torch.float32) * _uniform(c1)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(angle)
