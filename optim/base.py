@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from memzoo.triton_kernels import interpret_mode_requested, load_family, triton_import_error
+from memzoo.triton_kernels import has_family, interpret_mode_requested, load_family, triton_import_error
 
 __all__ = [
     "BACKENDS",
@@ -41,7 +41,8 @@ def resolve_backend(requested: str, device: torch.device, family: str) -> Module
     whose functions compute ``family``'s math for tensors on ``device``.
 
     - ``"torch"``: always the reference.
-    - ``"auto"``: Triton for CUDA tensors when Triton imports, otherwise the reference.
+    - ``"auto"``: Triton for CUDA tensors when Triton imports and the family has kernels,
+      otherwise the reference.
     - ``"triton"``: Triton, or a ``ValueError`` saying why it cannot run here. CPU tensors run
       only through Triton's interpreter, which must be enabled (``TRITON_INTERPRET=1``) before
       the kernel module is first imported, because Triton fixes the mode when it decorates.
@@ -51,9 +52,11 @@ def resolve_backend(requested: str, device: torch.device, family: str) -> Module
     if requested == "torch" or (requested == "auto" and device.type != "cuda"):
         return importlib.import_module(f"memzoo.reference.{family}")
     if requested == "auto":
-        if triton_import_error() is None:
+        if has_family(family) and triton_import_error() is None:
             return load_family(family)
         return importlib.import_module(f"memzoo.reference.{family}")
+    if not has_family(family):
+        raise ValueError(f"backend='triton': {family} has no Triton kernels yet; use backend='torch' or 'auto'")
     error = triton_import_error()
     if error is not None:
         raise ValueError(

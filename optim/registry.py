@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from memzoo.optim.base import MemzooOptimizer
+from memzoo.optim.galore import GaLoreAdamW
 from memzoo.optim.lion import Lion
 
 __all__ = ["OPTIMIZERS", "BadInput", "OptimizerInfo", "get_optimizer_info", "list_optimizers"]
@@ -41,6 +42,10 @@ class OptimizerInfo:
     variants: tuple[Mapping[str, Any], ...] = ({},)
     bad_inputs: tuple[BadInput, ...] = field(default_factory=tuple)
     requires_closure: bool = False
+    # Per-weight random streams are seeded with ``seed`` + the weight's position in the optimizer.
+    position_seeded: bool = False
+    # Param groups for memzoo-bench on a preset, from (name, parameter) pairs.
+    bench_groups: Callable[[list[tuple[str, torch.nn.Parameter]]], list[dict[str, Any]]] | None = None
 
 
 def _stepped(optimizer: MemzooOptimizer):
@@ -52,6 +57,38 @@ def _stepped(optimizer: MemzooOptimizer):
 
 def _lion_state_bytes(optimizer: Lion) -> int:
     return sum(p.numel() * optimizer._momentum_dtype(p, g).itemsize for p, g in _stepped(optimizer))
+
+
+def _galore_state_bytes(optimizer: GaLoreAdamW) -> int:
+    """GaLore's count (ALGORITHMS.md §1): per projected m×n weight, moments max(m,n)·r each and
+    the factor r·min(m,n) ("std"); plain AdamW moments elsewhere; int64 step and seed scalars."""
+    total = 0
+    for param, group in _stepped(optimizer):
+        moment_size = _STATE_ITEMSIZE[group["state_dtype"]] or param.element_size()
+        total += 8  # step
+        if group["rank"] is None or param.dim() < 2:
+            total += 2 * param.numel() * moment_size
+            continue
+        m, n = param.shape[0], param[0].numel()
+        r = min(group["rank"], m, n)
+        if group["proj_type"] != "std":
+            raise NotImplementedError("the analytic count here covers proj_type='std'")
+        total += 2 * max(m, n) * r * moment_size + 8  # moments + proj_seed
+        if group["projector"] != "random":
+            total += r * min(m, n) * param.element_size()
+    return total
+
+
+_STATE_ITEMSIZE = {None: None, torch.float32: 4, torch.bfloat16: 2}
+
+
+def _galore_bench_groups(named: list[tuple[str, torch.nn.Parameter]]) -> list[dict[str, Any]]:
+    # The paper's setting: attention and MLP matrices projected at rank 256, scale 0.25, gap 200;
+    # embeddings, head and norms in plain AdamW.
+    projected = [p for name, p in named if ("attn" in name or "mlp" in name) and p.dim() == 2]
+    rest = [p for name, p in named if not (("attn" in name or "mlp" in name) and p.dim() == 2)]
+    return [{"params": projected, "rank": 256, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"},
+            {"params": rest}]
 
 
 _COMMON_BAD_INPUTS = (
@@ -78,6 +115,28 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
                 BadInput("three betas", {"betas": (0.9, 0.99, 0.999)}, ValueError, "Invalid betas"),
                 BadInput("integer momentum dtype", {"momentum_dtype": torch.int8}, ValueError, "momentum_dtype"),
             ),
+        ),
+        OptimizerInfo(
+            name="galore_adamw",
+            cls=GaLoreAdamW,
+            summary="GaLore (Zhao et al. 2024): AdamW in a refreshed rank-r gradient subspace",
+            sample_kwargs={"lr": 0.1, "weight_decay": 0.1, "rank": 2, "update_proj_gap": 2, "scale": 0.5},
+            expected_state_bytes=_galore_state_bytes,
+            backends=("torch",),
+            variants=({}, {"projector": "svd"}, {"projector": "random"}, {"state_dtype": torch.float32}),
+            bad_inputs=_COMMON_BAD_INPUTS + (
+                BadInput("rank 0", {"rank": 0}, ValueError, "Invalid rank"),
+                BadInput("rank above min(m, n) with strict_rank", {"rank": 6, "strict_rank": True}, ValueError,
+                         "exceeds min"),
+                BadInput("update_proj_gap 0", {"update_proj_gap": 0}, ValueError, "update_proj_gap"),
+                BadInput("unknown proj_type", {"proj_type": "diagonal"}, ValueError, "proj_type"),
+                BadInput("unknown projector", {"projector": "qr"}, ValueError, "projector"),
+                BadInput("eps below zero", {"eps": -1e-8}, ValueError, "Invalid eps"),
+                BadInput("beta2 = 1", {"betas": (0.9, 1.0)}, ValueError, "beta parameter at index 1"),
+                BadInput("int8 state", {"state_dtype": torch.int8}, ValueError, "state_dtype"),
+            ),
+            position_seeded=True,
+            bench_groups=_galore_bench_groups,
         ),
     )
 }

@@ -124,7 +124,9 @@ def test_param_groups_behave_like_separate_optimizers(info, variant, backend, dt
         **{**info.sample_kwargs, **variant}, backend=backend,
     )
     first = make_optimizer(info, variant, backend, twins[:3])
-    second = make_optimizer(info, variant, backend, twins[3:], **group_overrides)
+    # Position-seeded streams: the second group's weights sit at positions 3… in `grouped`.
+    seed = {"seed": info.sample_kwargs.get("seed", 0) + 3} if info.position_seeded else {}
+    second = make_optimizer(info, variant, backend, twins[3:], **group_overrides, **seed)
     for seed in range(3):
         generator = torch.Generator().manual_seed(seed)
         set_grads(params, generator)

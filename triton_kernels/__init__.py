@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
 from types import ModuleType
 
-__all__ = ["interpret_mode_requested", "load_family", "triton_import_error"]
+__all__ = ["has_family", "interpret_mode_requested", "load_family", "triton_import_error"]
 
 
 @functools.cache
@@ -28,6 +29,11 @@ def triton_import_error() -> str | None:
 def interpret_mode_requested() -> bool:
     """Whether TRITON_INTERPRET=1 is set (Triton then runs kernels on CPU tensors, slowly)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def has_family(family: str) -> bool:
+    """Whether ``memzoo.triton_kernels.<family>`` exists (without importing it)."""
+    return importlib.util.find_spec(f"memzoo.triton_kernels.{family}") is not None
 
 
 def load_family(family: str) -> ModuleType:

@@ -1,0 +1,191 @@
+"""GaLore (Zhao et al. 2024): Adam in a periodically refreshed low-rank gradient subspace."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+
+from memzoo.optim.base import Backend, MemzooOptimizer, StateSpec, check_betas, check_number
+from memzoo.optim.projector import Projector, ProjectorSettings
+
+__all__ = ["GaLoreAdamW"]
+
+_STATE_DTYPES = {None: None, torch.float32: torch.float32, torch.bfloat16: torch.bfloat16,
+                 torch.float64: torch.float64, "fp32": torch.float32, "float32": torch.float32,
+                 "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+class GaLoreAdamW(MemzooOptimizer):
+    r"""GaLore with an AdamW inner rule; a drop-in for ``galore_torch.GaLoreAdamW``.
+
+    Param groups are the official ones: a group with a ``rank`` (e.g. ``{"params": ...,
+    "rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}``) projects its ≥2-D
+    weights; every other parameter (groups without ``rank``, and 1-D/0-D tensors even inside a
+    rank group) gets plain AdamW. Weights with more than two dimensions are projected as the
+    (shape[0], prod(shape[1:])) matrix. Defaults are the official class's.
+
+    For a projected m×n weight, with t the step count and P the projector refreshed from the
+    current gradient on steps 1, T+1, 2T+1, … (T = ``update_proj_gap``):
+
+    .. math::
+        R = P(G);\; m \leftarrow \beta_1 m + (1-\beta_1)R;\; v \leftarrow \beta_2 v + (1-\beta_2)R^2;\;
+        W \leftarrow W - \eta_t\,\alpha\,P^{-}\!\big(m/(\sqrt v+\epsilon)\big);\; W \leftarrow W - \text{lr}\,\lambda W
+
+    with the official code's Adam convention (transformers.AdamW): ε added to √v, bias
+    correction folded into the step size η_t = lr·√(1−β2^t)/(1−β1^t), decoupled decay applied
+    after the update on the new weight with the plain lr. Moments are carried across projector
+    refreshes without reset or rotation, as the official code does.
+
+    Projector (group key ``projector``): ``"svd"`` is the official exact thin SVD of the fp32
+    gradient, and with it the trajectory is the official package's; ``"randomized"`` (default)
+    is a seeded range finder with ``power_iters`` power iterations and ``oversample`` extra
+    columns, far cheaper to refresh; ``"random"`` is a seeded Gaussian regenerated from its seed
+    every step (no stored factor); ``"identity"`` projects onto the whole space (tests).
+
+    Precision: projections and the Adam math run in fp32 (float64 for float64 params) and each
+    stored tensor is rounded once; the official code computes in the gradient's dtype, so for
+    bf16 parameters this is more accurate than, not identical to, galore-torch.
+
+    Args:
+        params: parameters or param groups.
+        lr, betas, eps, weight_decay, correct_bias: as ``galore_torch.GaLoreAdamW`` (lr 1e-3,
+            (0.9, 0.999), 1e-6, 0.0, True).
+        rank: default rank for groups that do not set one; None (default) = plain AdamW.
+        update_proj_gap, scale, proj_type: the official projector settings (200, 1.0, "std").
+        projector, power_iters, oversample: see above ("randomized", 2, 8).
+        strict_rank: raise on rank > min(m, n) instead of truncating (official behaviour).
+        state_dtype: dtype of the Adam moments: None (the parameter's, as official), fp32 or bf16.
+        seed: base seed of the projector streams (each weight gets seed + its index).
+        maximize: maximize the objective.
+        backend: "auto" | "triton" | "torch" (GaLore runs on the reference for now).
+    """
+
+    family = "galore"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        *,
+        rank: int | None = None,
+        update_proj_gap: int = 200,
+        scale: float = 1.0,
+        proj_type: str = "std",
+        projector: str = "randomized",
+        power_iters: int = 2,
+        oversample: int = 8,
+        strict_rank: bool = False,
+        state_dtype: torch.dtype | str | None = None,
+        seed: int = 0,
+        maximize: bool = False,
+        backend: Backend = "auto",
+    ) -> None:
+        _check_seed(seed)
+        self.seed = seed
+        # param → (settings tuple, Projector): built once, not on every step.
+        self._projectors: dict[torch.Tensor, tuple[tuple, Projector]] = {}
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
+                        rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
+                        projector=projector, power_iters=power_iters, oversample=oversample,
+                        strict_rank=strict_rank, state_dtype=state_dtype, maximize=maximize)
+        super().__init__(params, defaults, backend=backend)
+
+    # -- validation and state layout ------------------------------------------------------
+    def _validate_group(self, group: Mapping[str, Any], group_index: int) -> None:
+        check_number("lr", group["lr"])
+        check_betas(group["betas"], 2)
+        check_number("eps", group["eps"])
+        check_number("weight_decay", group["weight_decay"])
+        for flag in ("correct_bias", "maximize"):
+            if not isinstance(group[flag], bool):
+                raise TypeError(f"Invalid {flag}: expected a bool, got {group[flag]!r}")
+        if group["state_dtype"] not in _STATE_DTYPES:
+            raise ValueError(f"Invalid state_dtype: {group['state_dtype']!r}; expected None, torch.float32 or torch.bfloat16")
+        if group["rank"] is not None:
+            settings = ProjectorSettings.from_group(group)
+            for index, param in enumerate(group["params"]):
+                if param.dim() >= 2:
+                    try:
+                        Projector(settings, param.shape)
+                    except ValueError as exc:
+                        raise ValueError(f"param {index}: {exc}") from None
+
+    def _projector(self, param: torch.Tensor, group: Mapping[str, Any]) -> Projector | None:
+        if group["rank"] is None or param.dim() < 2:
+            return None
+        key = tuple(group[name] for name in ProjectorSettings.__dataclass_fields__)
+        cached = self._projectors.get(param)
+        if cached is None or cached[0] != key:
+            cached = self._projectors[param] = (key, Projector(ProjectorSettings.from_group(group), param.shape))
+        return cached[1]
+
+    def _state_dtype(self, param: torch.Tensor, group: Mapping[str, Any]) -> torch.dtype:
+        return _STATE_DTYPES[group["state_dtype"]] or param.dtype
+
+    def _state_spec(self, param: torch.Tensor, group: Mapping[str, Any]) -> StateSpec:
+        projector = self._projector(param, group)
+        shape = torch.Size(projector.low_rank_shape) if projector else param.shape
+        dtype = self._state_dtype(param, group)
+        spec: StateSpec = {"step": (torch.Size(()), torch.int64), "exp_avg": (shape, dtype), "exp_avg_sq": (shape, dtype)}
+        if projector:
+            spec.update(projector.state_spec(param.dtype))
+        return spec
+
+    # -- step -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; returns the closure's loss (or None)."""
+        loss = self._run_closure(closure)
+        self._check_grads()
+        index = 0
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                index += 1
+                if param.grad is None:
+                    continue
+                kernels = self._kernels(param.device)
+                projector = self._projector(param, group)
+                state = self.state[param]
+                if not state:
+                    shape = projector.low_rank_shape if projector else param.shape
+                    dtype = self._state_dtype(param, group)
+                    state["step"] = torch.tensor(0, dtype=torch.int64)
+                    state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=param.device)
+                    state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=param.device)
+                step = int(state["step"])
+                left = right = None
+                grad = param.grad
+                if projector:
+                    grad = grad.reshape(projector.shape)
+                    if projector.due(state, step):
+                        # Maximizing f is minimizing −f: the subspace is computed from −G too.
+                        source = -grad if group["maximize"] else grad
+                        projector.refresh_(state, source, step, self.seed + index - 1, param.dtype)
+                    left, right = projector.factors(state, param.device, param.dtype)
+                update = torch.empty_like(state["exp_avg"], dtype=torch.float64 if param.dtype == torch.float64
+                                          else torch.float32)
+                kernels.galore_adam_project_(grad, state["exp_avg"], state["exp_avg_sq"], update, left=left,
+                                             right=right, beta1=beta1, beta2=beta2, eps=group["eps"],
+                                             maximize=group["maximize"])
+                state["step"] += 1
+                step_size = group["lr"]
+                if group["correct_bias"]:
+                    t = step + 1
+                    step_size = step_size * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+                kernels.galore_apply_(param, update, left=left, right=right, step_size=step_size,
+                                      scale=group["scale"] if projector else 1.0, lr=group["lr"],
+                                      weight_decay=group["weight_decay"])
+        return loss
+
+
+def _check_seed(seed: Any) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+        raise ValueError(f"Invalid seed: {seed!r} (expected an int in [0, 2**31))")

@@ -1,0 +1,88 @@
+"""GaLore's update (Zhao et al. 2024, Algorithm 2) around its inner rule, HF-style Adam.
+
+Split in the two halves that fused kernels implement: project the gradient and update the
+rank-r Adam moments (producing the rank-r normalized update N), then map N back and apply it to
+the weight with decoupled decay. With both factors absent it is exactly the full-size Adam the
+official code applies to parameters outside the GaLore groups.
+
+Adam convention (the official code's, from transformers.AdamW): m ← β1·m + (1−β1)·R,
+v ← β2·v + (1−β2)·R², N = m / (√v + ε), W ← W − η_t·α·P(N) with η_t = lr·√(1−β2^t)/(1−β1^t),
+then W ← W − lr·λ·W on the updated weight.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from memzoo.reference.common import compute_dtype
+from memzoo.reference.projector import project, project_back
+
+__all__ = ["galore_adam_project_", "galore_apply_"]
+
+
+def _as_matrix(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    return tensor.reshape(rows, -1) if tensor.dim() != 2 else tensor
+
+
+@torch.no_grad()
+def galore_adam_project_(
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    update: torch.Tensor,
+    *,
+    left: torch.Tensor | None,
+    right: torch.Tensor | None,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    maximize: bool = False,
+) -> None:
+    """R = project(G); update the moments in place; write N = m/(√v+ε) into ``update``.
+
+    ``grad`` is the full gradient (≥2-D grads are read as (shape[0], -1) when projected);
+    ``exp_avg``, ``exp_avg_sq`` and ``update`` have R's shape.
+    """
+    dtype = compute_dtype(grad.dtype, exp_avg.dtype)
+    g = grad.to(dtype)
+    if maximize:
+        g = -g
+    if left is not None or right is not None:
+        g = project(_as_matrix(g, grad.shape[0]), _factor(left, dtype), _factor(right, dtype))
+    if g.shape != exp_avg.shape or exp_avg.shape != exp_avg_sq.shape or update.shape != exp_avg.shape:
+        raise ValueError(
+            f"projected gradient {tuple(g.shape)}, exp_avg {tuple(exp_avg.shape)}, exp_avg_sq "
+            f"{tuple(exp_avg_sq.shape)} and update {tuple(update.shape)} must share a shape"
+        )
+    m = exp_avg.to(dtype) * beta1 + g * (1.0 - beta1)  # m ← β1·m + (1 − β1)·R
+    v = exp_avg_sq.to(dtype) * beta2 + g * g * (1.0 - beta2)  # v ← β2·v + (1 − β2)·R²
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+    update.copy_(m / (v.sqrt() + eps))  # N = m / (√v + ε), from the unrounded moments
+
+
+@torch.no_grad()
+def galore_apply_(
+    param: torch.Tensor,
+    update: torch.Tensor,
+    *,
+    left: torch.Tensor | None,
+    right: torch.Tensor | None,
+    step_size: float,
+    scale: float,
+    lr: float,
+    weight_decay: float,
+) -> None:
+    """W ← W − step_size·scale·project_back(N); then W ← W − lr·λ·W (decay after, as GaLore)."""
+    dtype = compute_dtype(param.dtype, update.dtype)
+    n = update.to(dtype)
+    if left is not None or right is not None:
+        n = project_back(n, _factor(left, dtype), _factor(right, dtype))
+    w = param.to(dtype) - (step_size * scale) * n.reshape(param.shape)
+    if weight_decay != 0.0:
+        w = w - (lr * weight_decay) * w
+    param.copy_(w)
+
+
+def _factor(factor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if factor is None else factor.to(dtype)
