@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PRESETS", "LlamaShape", "make_parameters"]
+__all__ = ["PRESETS", "LlamaShape", "make_named_parameters"]
 
 
 @dataclass(frozen=True)
@@ -43,9 +43,9 @@ PRESETS: dict[str, LlamaShape] = {
 }
 
 
-def make_parameters(preset: str, dtype: torch.dtype, device: torch.device | str,
-                    seed: int = 0) -> list[torch.nn.Parameter]:
-    """Random parameters of the preset's shapes, each with a random gradient attached."""
+def make_named_parameters(preset: str, dtype: torch.dtype, device: torch.device | str,
+                          seed: int = 0) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) for the preset's shapes, random values, each with a random gradient."""
     device = torch.device(device)
     generator = torch.Generator(device=device).manual_seed(seed)
 
@@ -53,8 +53,8 @@ def make_parameters(preset: str, dtype: torch.dtype, device: torch.device | str,
         return torch.randn(shape, generator=generator, device=device).mul_(std).to(dtype)
 
     params = []
-    for _, shape in PRESETS[preset].shapes():
+    for name, shape in PRESETS[preset].shapes():
         param = torch.nn.Parameter(normal(shape, 0.02))
         param.grad = normal(shape, 1e-3)
-        params.append(param)
+        params.append((name, param))
     return params

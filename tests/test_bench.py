@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from memzoo.bench.cli import main
 from memzoo.bench.presets import PRESETS
+from memzoo.optim.registry import OPTIMIZERS
 from memzoo.triton_kernels.registry import KERNELS
 
 
@@ -36,6 +38,22 @@ def test_step_reports_lion_against_adamw(tmp_path, capsys) -> None:
     assert "lion" in capsys.readouterr().out
 
 
+def test_step_runs_galore_with_paper_groups(tmp_path) -> None:
+    path = tmp_path / "step.json"
+    assert main(["step", "--device", "cpu", "--preset", "60m", "--warmup", "0", "--iters", "1",
+                 "--optimizer", "galore_adamw", "--json", str(path)]) == 0
+    adamw, galore = json.loads(path.read_text())["rows"]
+    # 60m at rank 256: the 56 attention/MLP matrices hold (2r/min + r/max)·mn state elements
+    # instead of 2·mn; embeddings, head and norms keep full AdamW state.
+    shapes = [shape for name, shape in PRESETS["60m"].shapes() if "attn" in name or "mlp" in name]
+    projected = sum(2 * max(s) * 256 + 256 * min(s) for s in shapes)
+    full = sum(torch.Size(s).numel() for _, s in PRESETS["60m"].shapes()) - sum(torch.Size(s).numel() for s in shapes)
+    expected_bytes = 4 * (projected + 2 * full) + 8 * len(PRESETS["60m"].shapes()) + 8 * len(shapes)
+    assert galore["optimizer"] == "galore_adamw"
+    assert galore["state_mib"] * 2**20 == pytest.approx(expected_bytes, rel=1e-12)
+    assert galore["state_mib"] < 0.85 * adamw["state_mib"]
+
+
 def test_step_runs_the_triton_backend(tmp_path) -> None:
     path = tmp_path / "step.json"
     assert main(["step", "--device", "cpu", "--preset", "tiny", "--warmup", "0", "--iters", "1",
@@ -58,7 +76,7 @@ def test_kernels_reports_every_registered_kernel(tmp_path) -> None:
 
 def test_unknown_optimizer_lists_valid_names(capsys) -> None:
     assert main(["step", "--device", "cpu", "--optimizer", "adamz", "--iters", "1"]) == 2
-    assert "valid names: lion" in capsys.readouterr().err
+    assert f"valid names: {', '.join(sorted(OPTIMIZERS))}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["kernels", "--help"], ["step", "--help"]])
