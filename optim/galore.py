@@ -11,7 +11,7 @@ import torch
 from memzoo.optim.base import Backend, MemzooOptimizer, StateSpec, check_betas, check_number
 from memzoo.optim.projector import Projector, ProjectorSettings
 
-__all__ = ["GaLoreAdamW"]
+__all__ = ["GaLoreAdamW", "NaturalGaLore"]
 
 _STATE_DTYPES = {None: None, torch.float32: torch.float32, torch.bfloat16: torch.bfloat16,
                  torch.float64: torch.float64, "fp32": torch.float32, "float32": torch.float32,
@@ -95,7 +95,12 @@ class GaLoreAdamW(MemzooOptimizer):
                         rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
                         projector=projector, power_iters=power_iters, oversample=oversample,
                         strict_rank=strict_rank, state_dtype=state_dtype, maximize=maximize)
+        defaults.update(self._extra_defaults())
         super().__init__(params, defaults, backend=backend)
+
+    def _extra_defaults(self) -> dict[str, Any]:
+        """Group defaults a subclass adds to GaLore's."""
+        return {}
 
     # -- validation and state layout ------------------------------------------------------
     def _validate_group(self, group: Mapping[str, Any], group_index: int) -> None:
@@ -172,9 +177,14 @@ class GaLoreAdamW(MemzooOptimizer):
                     left, right = projector.factors(state, param.device, param.dtype)
                 update = torch.empty_like(state["exp_avg"], dtype=torch.float64 if param.dtype == torch.float64
                                           else torch.float32)
-                kernels.galore_adam_project_(grad, state["exp_avg"], state["exp_avg_sq"], update, left=left,
-                                             right=right, beta1=beta1, beta2=beta2, eps=group["eps"],
-                                             maximize=group["maximize"])
+                preconditioned = self._precondition(kernels, state, group, grad, left, right) if projector else None
+                if preconditioned is None:
+                    kernels.galore_adam_project_(grad, state["exp_avg"], state["exp_avg_sq"], update, left=left,
+                                                 right=right, beta1=beta1, beta2=beta2, eps=group["eps"],
+                                                 maximize=group["maximize"])
+                else:  # Adam on the already projected (and preconditioned) gradient
+                    kernels.galore_adam_project_(preconditioned, state["exp_avg"], state["exp_avg_sq"], update,
+                                                 left=None, right=None, beta1=beta1, beta2=beta2, eps=group["eps"])
                 state["step"] += 1
                 step_size = group["lr"]
                 if group["correct_bias"]:
@@ -184,6 +194,77 @@ class GaLoreAdamW(MemzooOptimizer):
                                       scale=group["scale"] if projector else 1.0, lr=group["lr"],
                                       weight_decay=group["weight_decay"])
         return loss
+
+    def _precondition(self, kernels: Any, state: dict[str, Any], group: Mapping[str, Any], grad: torch.Tensor,
+                      left: torch.Tensor | None, right: torch.Tensor | None) -> torch.Tensor | None:
+        """Hook between projection and Adam: None keeps GaLore's update; a tensor of the
+        low-rank shape replaces the projected gradient (sign of ``maximize`` already applied)."""
+        return None
+
+
+class NaturalGaLore(GaLoreAdamW):
+    r"""Natural GaLore (Das 2024): GaLore whose low-rank gradient is preconditioned by the
+    inverse empirical Fisher of its recent history before Adam.
+
+    Each step the projected gradient g (flattened, d elements) joins a history of the last
+    ``natural_history`` projected gradients H (k×d, the current one included; kept across
+    projector refreshes, as the official code does), and Adam receives
+
+    .. math:: 	ilde g = (\lambda I + H^	op H)^{-1} g
+              = \lambda^{-1} g - \lambda^{-2} H^	op (I + \lambda^{-1} H H^	op)^{-1} H g
+
+    computed through Woodbury's identity with a k×k Cholesky solve (no d×d matrix). Defaults
+    are the official ``SubSpaceAdamW``'s: two-sided projection (``proj_type="full"``, r×r
+    moments: its Tucker factors of a matrix are the top-r singular vectors), history 20,
+    damping λ = 1e-3 (hard-coded there, an argument here), eps 1e-6. Parameters outside rank
+    groups get plain AdamW. Everything else is :class:`GaLoreAdamW`'s.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.0, correct_bias: bool = True, *,
+                 natural_history: int = 20, damping: float = 1e-3, proj_type: str = "full",
+                 **kwargs: Any) -> None:
+        self._natural_defaults = dict(natural_history=natural_history, damping=damping)
+        super().__init__(params, lr, betas, eps, weight_decay, correct_bias, proj_type=proj_type, **kwargs)
+
+    def _extra_defaults(self) -> dict[str, Any]:
+        return self._natural_defaults
+
+    def _validate_group(self, group: Mapping[str, Any], group_index: int) -> None:
+        super()._validate_group(group, group_index)
+        history = group["natural_history"]
+        if isinstance(history, bool) or not isinstance(history, int) or history < 1:
+            raise ValueError(f"Invalid natural_history: {history!r} (expected an int ≥ 1)")
+        check_number("damping", group["damping"])
+        if group["damping"] <= 0:
+            raise ValueError(f"Invalid damping: {group['damping']} (must be > 0)")
+
+    def _state_spec(self, param: torch.Tensor, group: Mapping[str, Any]) -> StateSpec:
+        spec = super()._state_spec(param, group)
+        projector = self._projector(param, group)
+        if projector:
+            size = math.prod(projector.low_rank_shape)
+            spec["nat_history"] = (torch.Size((group["natural_history"], size)), self._state_dtype(param, group))
+            spec["nat_count"] = (torch.Size(()), torch.int64)
+        return spec
+
+    def _precondition(self, kernels: Any, state: dict[str, Any], group: Mapping[str, Any], grad: torch.Tensor,
+                      left: torch.Tensor | None, right: torch.Tensor | None) -> torch.Tensor:
+        dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
+        low_rank = kernels.project(grad.to(dtype), None if left is None else left.to(dtype),
+                                   None if right is None else right.to(dtype))
+        if group["maximize"]:
+            low_rank = -low_rank
+        if "nat_history" not in state:
+            state["nat_history"] = torch.zeros((group["natural_history"], low_rank.numel()),
+                                               dtype=state["exp_avg"].dtype, device=grad.device)
+            state["nat_count"] = torch.tensor(0, dtype=torch.int64)
+        history, count = state["nat_history"], int(state["nat_count"])
+        # A ring buffer: H·Hᵀ does not depend on the order of the rows.
+        history[count % history.shape[0]] = low_rank.reshape(-1)
+        state["nat_count"] += 1
+        rows = history[: min(count + 1, history.shape[0])]
+        return kernels.natural_gradient(low_rank, rows, damping=group["damping"])
 
 
 def _check_seed(seed: Any) -> None:

@@ -17,7 +17,7 @@ import torch
 from memzoo.reference.common import compute_dtype
 from memzoo.reference.projector import project, project_back
 
-__all__ = ["galore_adam_project_", "galore_apply_"]
+__all__ = ["galore_adam_project_", "galore_apply_", "natural_gradient", "project"]
 
 
 def _as_matrix(tensor: torch.Tensor, rows: int) -> torch.Tensor:
@@ -86,3 +86,24 @@ def galore_apply_(
 
 def _factor(factor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if factor is None else factor.to(dtype)
+
+
+@torch.no_grad()
+def natural_gradient(low_rank_grad: torch.Tensor, history: torch.Tensor, *, damping: float) -> torch.Tensor:
+    """Natural GaLore's preconditioned gradient g̃ = (λI + H Hᵀ)⁻¹ g (Das 2024, §3).
+
+    ``history`` is k×d (k ≤ the history length), one flattened past projected gradient per row,
+    the current one included; ``low_rank_grad`` has d elements. Through Woodbury's identity only
+    a k×k system is solved: S = I + λ⁻¹·H·Hᵀ, S·z = H·g, g̃ = λ⁻¹·g − λ⁻²·Hᵀ·z, so the d×d Fisher
+    is never formed. Runs in float32 (float64 for float64 inputs): Cholesky has no bf16 kernel.
+    The result has ``low_rank_grad``'s shape.
+    """
+    dtype = compute_dtype(low_rank_grad.dtype, history.dtype)
+    g = low_rank_grad.reshape(-1).to(dtype)
+    h = history.to(dtype)
+    if h.dim() != 2 or h.shape[1] != g.numel():
+        raise ValueError(f"history must be k×{g.numel()}, got {tuple(history.shape)}")
+    inverse = 1.0 / damping
+    system = torch.eye(h.shape[0], dtype=dtype, device=g.device) + inverse * (h @ h.T)
+    z = torch.cholesky_solve((h @ g).unsqueeze(1), torch.linalg.cholesky(system)).squeeze(1)
+    return (inverse * g - inverse * inverse * (h.T @ z)).reshape(low_rank_grad.shape)

@@ -174,3 +174,63 @@ def test_rank_above_the_matrix_is_truncated_unless_strict() -> None:
 def test_triton_backend_is_refused_until_kernels_exist() -> None:
     with pytest.raises(ValueError, match="no Triton kernels yet"):
         GaLoreAdamW([torch.nn.Parameter(torch.randn(4, 4))], rank=2, backend="triton")
+
+
+# ---- Natural GaLore --------------------------------------------------------------------------
+
+def test_woodbury_natural_gradient_equals_the_direct_solve() -> None:
+    from memzoo.reference.galore import natural_gradient
+
+    generator = torch.Generator().manual_seed(0)
+    for rows in (1, 3, 7):
+        history = torch.randn(rows, 12, generator=generator, dtype=torch.float64)
+        g = torch.randn(3, 4, generator=generator, dtype=torch.float64)
+        for damping in (1e-3, 0.5, 10.0):
+            direct = torch.linalg.solve(damping * torch.eye(12, dtype=torch.float64) + history.T @ history, g.reshape(-1))
+            torch.testing.assert_close(natural_gradient(g, history, damping=damping), direct.reshape(3, 4),
+                                       rtol=1e-9, atol=1e-9)
+    # First step (history = g alone): g̃ = g / (λ + ‖g‖²).
+    g = torch.randn(5, generator=generator, dtype=torch.float64)
+    torch.testing.assert_close(natural_gradient(g, g.reshape(1, -1), damping=1e-3), g / (1e-3 + g.dot(g)))
+
+
+def test_natural_galore_matches_an_independent_float64_implementation() -> None:
+    from memzoo.optim import NaturalGaLore
+
+    lr, betas, eps, damping, keep = 0.05, (0.9, 0.99), 1e-6, 0.1, 3
+    start = torch.randn(4, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = _grads((4, 3), 6, seed=2)
+    param = torch.nn.Parameter(start.clone())
+    optimizer = NaturalGaLore([param], lr=lr, betas=betas, eps=eps, rank=3, projector="identity",
+                              natural_history=keep, damping=damping)
+    m = v = torch.zeros(12, dtype=torch.float64)
+    expected, history = start.clone().reshape(-1), []
+    for t, grad in enumerate(grads, start=1):
+        history = (history + [grad.reshape(-1)])[-keep:]  # the last `keep`, current included
+        h = torch.stack(history)
+        natural = torch.linalg.solve(damping * torch.eye(12, dtype=torch.float64) + h.T @ h, grad.reshape(-1))
+        m = betas[0] * m + (1 - betas[0]) * natural
+        v = betas[1] * v + (1 - betas[1]) * natural**2
+        step_size = lr * math.sqrt(1 - betas[1] ** t) / (1 - betas[0] ** t)
+        expected = expected - step_size * m / (v.sqrt() + eps)
+        param.grad = grad
+        optimizer.step()
+        torch.testing.assert_close(param.detach().reshape(-1), expected, rtol=1e-9, atol=1e-10)
+    assert int(optimizer.state[param]["nat_count"]) == len(grads)
+
+
+def test_natural_galore_with_huge_damping_is_galore() -> None:
+    """λ → ∞: g̃ → g/λ, and Adam with ε = 0 is scale-invariant, so the update is GaLore's."""
+    from memzoo.optim import NaturalGaLore
+
+    kwargs = dict(lr=0.02, eps=0.0, weight_decay=0.1, rank=3, update_proj_gap=2, projector="svd", proj_type="full")
+    start = torch.randn(9, 7, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    natural, plain = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    natural_optimizer = NaturalGaLore([natural], damping=1e12, **kwargs)
+    plain_optimizer = GaLoreAdamW([plain], **kwargs)
+    for grad in _grads((9, 7), 5, seed=4):
+        natural.grad, plain.grad = grad.clone(), grad.clone()
+        natural_optimizer.step()
+        plain_optimizer.step()
+    torch.testing.assert_close(natural.detach(), plain.detach(), rtol=1e-8, atol=1e-10)
+    assert not torch.equal(natural.detach(), start)
