@@ -10,8 +10,11 @@ import torch
 
 from memzoo.optim.base import Backend, MemzooOptimizer, StateSpec, check_betas, check_number
 from memzoo.optim.projector import Projector, ProjectorSettings
+from memzoo.optim.quantized_state import MIN_8BIT_SIZE, QuantizedMoment
 
 __all__ = ["GaLoreAdamW", "NaturalGaLore"]
+
+_MOMENTS = {"exp_avg": QuantizedMoment(signed=True), "exp_avg_sq": QuantizedMoment(signed=False)}
 
 _STATE_DTYPES = {None: None, torch.float32: torch.float32, torch.bfloat16: torch.bfloat16,
                  torch.float64: torch.float64, "fp32": torch.float32, "float32": torch.float32,
@@ -58,6 +61,11 @@ class GaLoreAdamW(MemzooOptimizer):
         projector, power_iters, oversample: see above ("randomized", 2, 8).
         strict_rank: raise on rank > min(m, n) instead of truncating (official behaviour).
         state_dtype: dtype of the Adam moments: None (the parameter's, as official), fp32 or bf16.
+        optim_bits: 32, or 8 for bitsandbytes' blockwise 8-bit moments (uint8 codes + one fp32
+            absmax per 256 values) on moments of at least ``min_8bit_size`` values (default
+            4096, bitsandbytes'); smaller ones keep ``state_dtype``. This replaces
+            ``galore_torch.GaLoreAdamW8bit``, whose defaults differ (eps 1e-8, weight_decay
+            1e-2: pass them) and whose bitsandbytes update adds ε after bias correction.
         seed: base seed of the projector streams (each weight gets seed + its index).
         maximize: maximize the objective.
         backend: "auto" | "triton" | "torch" (GaLore runs on the reference for now).
@@ -83,6 +91,8 @@ class GaLoreAdamW(MemzooOptimizer):
         oversample: int = 8,
         strict_rank: bool = False,
         state_dtype: torch.dtype | str | None = None,
+        optim_bits: int = 32,
+        min_8bit_size: int = MIN_8BIT_SIZE,
         seed: int = 0,
         maximize: bool = False,
         backend: Backend = "auto",
@@ -94,7 +104,8 @@ class GaLoreAdamW(MemzooOptimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
                         rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
                         projector=projector, power_iters=power_iters, oversample=oversample,
-                        strict_rank=strict_rank, state_dtype=state_dtype, maximize=maximize)
+                        strict_rank=strict_rank, state_dtype=state_dtype, optim_bits=optim_bits,
+                        min_8bit_size=min_8bit_size, maximize=maximize)
         defaults.update(self._extra_defaults())
         super().__init__(params, defaults, backend=backend)
 
@@ -111,6 +122,11 @@ class GaLoreAdamW(MemzooOptimizer):
         for flag in ("correct_bias", "maximize"):
             if not isinstance(group[flag], bool):
                 raise TypeError(f"Invalid {flag}: expected a bool, got {group[flag]!r}")
+        if group["optim_bits"] not in (8, 32) or isinstance(group["optim_bits"], bool):
+            raise ValueError(f"Invalid optim_bits: {group['optim_bits']!r} (expected 32 or 8)")
+        if isinstance(group["min_8bit_size"], bool) or not isinstance(group["min_8bit_size"], int) \
+                or group["min_8bit_size"] < 1:
+            raise ValueError(f"Invalid min_8bit_size: {group['min_8bit_size']!r} (expected an int ≥ 1)")
         if group["state_dtype"] not in _STATE_DTYPES:
             raise ValueError(f"Invalid state_dtype: {group['state_dtype']!r}; expected None, torch.float32 or torch.bfloat16")
         if group["rank"] is not None:
@@ -134,11 +150,23 @@ class GaLoreAdamW(MemzooOptimizer):
     def _state_dtype(self, param: torch.Tensor, group: Mapping[str, Any]) -> torch.dtype:
         return _STATE_DTYPES[group["state_dtype"]] or param.dtype
 
+    def _moment_shape(self, param: torch.Tensor, group: Mapping[str, Any]) -> torch.Size:
+        projector = self._projector(param, group)
+        return torch.Size(projector.low_rank_shape) if projector else param.shape
+
+    def _quantized(self, shape: torch.Size, group: Mapping[str, Any]) -> bool:
+        return group["optim_bits"] == 8 and shape.numel() >= group["min_8bit_size"]
+
     def _state_spec(self, param: torch.Tensor, group: Mapping[str, Any]) -> StateSpec:
         projector = self._projector(param, group)
-        shape = torch.Size(projector.low_rank_shape) if projector else param.shape
-        dtype = self._state_dtype(param, group)
-        spec: StateSpec = {"step": (torch.Size(()), torch.int64), "exp_avg": (shape, dtype), "exp_avg_sq": (shape, dtype)}
+        shape = self._moment_shape(param, group)
+        spec: StateSpec = {"step": (torch.Size(()), torch.int64)}
+        for name in _MOMENTS:
+            if self._quantized(shape, group):
+                spec[name] = (shape, torch.uint8)
+                spec[f"{name}_absmax"] = (QuantizedMoment.absmax_shape(shape.numel()), torch.float32)
+            else:
+                spec[name] = (shape, self._state_dtype(param, group))
         if projector:
             spec.update(projector.state_spec(param.dtype))
         return spec
@@ -159,12 +187,15 @@ class GaLoreAdamW(MemzooOptimizer):
                 kernels = self._kernels(param.device)
                 projector = self._projector(param, group)
                 state = self.state[param]
+                shape = self._moment_shape(param, group)
+                quantized = self._quantized(shape, group)
                 if not state:
-                    shape = projector.low_rank_shape if projector else param.shape
-                    dtype = self._state_dtype(param, group)
                     state["step"] = torch.tensor(0, dtype=torch.int64)
-                    state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=param.device)
-                    state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=param.device)
+                    for name, moment in _MOMENTS.items():
+                        if quantized:
+                            state[name], state[f"{name}_absmax"] = moment.zeros(shape, param.device)
+                        else:
+                            state[name] = torch.zeros(shape, dtype=self._state_dtype(param, group), device=param.device)
                 step = int(state["step"])
                 left = right = None
                 grad = param.grad
@@ -175,16 +206,24 @@ class GaLoreAdamW(MemzooOptimizer):
                         source = -grad if group["maximize"] else grad
                         projector.refresh_(state, source, step, self.seed + index - 1, param.dtype)
                     left, right = projector.factors(state, param.device, param.dtype)
-                update = torch.empty_like(state["exp_avg"], dtype=torch.float64 if param.dtype == torch.float64
-                                          else torch.float32)
+                update = torch.empty(shape, dtype=torch.float64 if param.dtype == torch.float64 else torch.float32,
+                                     device=param.device)
+                # 8-bit moments are decoded to fp32 for the update and encoded after it.
+                exp_avg, exp_avg_sq = (
+                    (moment.decode(state[name], state[f"{name}_absmax"]) for name, moment in _MOMENTS.items())
+                    if quantized else (state["exp_avg"], state["exp_avg_sq"])
+                )
                 preconditioned = self._precondition(kernels, state, group, grad, left, right) if projector else None
                 if preconditioned is None:
-                    kernels.galore_adam_project_(grad, state["exp_avg"], state["exp_avg_sq"], update, left=left,
-                                                 right=right, beta1=beta1, beta2=beta2, eps=group["eps"],
+                    kernels.galore_adam_project_(grad, exp_avg, exp_avg_sq, update, left=left, right=right,
+                                                 beta1=beta1, beta2=beta2, eps=group["eps"],
                                                  maximize=group["maximize"])
                 else:  # Adam on the already projected (and preconditioned) gradient
-                    kernels.galore_adam_project_(preconditioned, state["exp_avg"], state["exp_avg_sq"], update,
-                                                 left=None, right=None, beta1=beta1, beta2=beta2, eps=group["eps"])
+                    kernels.galore_adam_project_(preconditioned, exp_avg, exp_avg_sq, update, left=None,
+                                                 right=None, beta1=beta1, beta2=beta2, eps=group["eps"])
+                if quantized:
+                    for (name, moment), value in zip(_MOMENTS.items(), (exp_avg, exp_avg_sq)):
+                        moment.encode_(state[name], state[f"{name}_absmax"], value)
                 state["step"] += 1
                 step_size = group["lr"]
                 if group["correct_bias"]:
@@ -257,7 +296,8 @@ class NaturalGaLore(GaLoreAdamW):
             low_rank = -low_rank
         if "nat_history" not in state:
             state["nat_history"] = torch.zeros((group["natural_history"], low_rank.numel()),
-                                               dtype=state["exp_avg"].dtype, device=grad.device)
+                                               dtype=_STATE_DTYPES[group["state_dtype"]] or grad.dtype,
+                                               device=grad.device)
             state["nat_count"] = torch.tensor(0, dtype=torch.int64)
         history, count = state["nat_history"], int(state["nat_count"])
         # A ring buffer: H·Hᵀ does not depend on the order of the rows.

@@ -59,21 +59,28 @@ def _lion_state_bytes(optimizer: Lion) -> int:
     return sum(p.numel() * optimizer._momentum_dtype(p, g).itemsize for p, g in _stepped(optimizer))
 
 
+def _moment_bytes(numel: int, param: torch.Tensor, group: Mapping[str, Any]) -> int:
+    """Two Adam moments of ``numel`` values: 8-bit blockwise (1 byte + 4 per 256-value block)
+    at and above min_8bit_size when optim_bits = 8, else the state dtype."""
+    if group.get("optim_bits", 32) == 8 and numel >= group["min_8bit_size"]:
+        return 2 * (numel + 4 * -(-numel // 256))
+    return 2 * numel * (_STATE_ITEMSIZE[group["state_dtype"]] or param.element_size())
+
+
 def _galore_state_bytes(optimizer: GaLoreAdamW) -> int:
     """GaLore's count (ALGORITHMS.md §1): per projected m×n weight, moments max(m,n)·r each and
     the factor r·min(m,n) ("std"); plain AdamW moments elsewhere; int64 step and seed scalars."""
     total = 0
     for param, group in _stepped(optimizer):
-        moment_size = _STATE_ITEMSIZE[group["state_dtype"]] or param.element_size()
         total += 8  # step
         if group["rank"] is None or param.dim() < 2:
-            total += 2 * param.numel() * moment_size
+            total += _moment_bytes(param.numel(), param, group)
             continue
         m, n = param.shape[0], param[0].numel()
         r = min(group["rank"], m, n)
         if group["proj_type"] != "std":
             raise NotImplementedError("the analytic count here covers proj_type='std'")
-        total += 2 * max(m, n) * r * moment_size + 8  # moments + proj_seed
+        total += _moment_bytes(max(m, n) * r, param, group) + 8  # moments + proj_seed
         if group["projector"] != "random":
             total += r * min(m, n) * param.element_size()
     return total
@@ -141,9 +148,11 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
             sample_kwargs={"lr": 0.1, "weight_decay": 0.1, "rank": 2, "update_proj_gap": 2, "scale": 0.5},
             expected_state_bytes=_galore_state_bytes,
             backends=("torch",),
-            variants=({}, {"projector": "svd"}, {"projector": "random"}, {"state_dtype": torch.float32}),
+            variants=({}, {"projector": "svd"}, {"projector": "random"}, {"state_dtype": torch.float32},
+                      {"optim_bits": 8, "min_8bit_size": 1}),
             bad_inputs=_COMMON_BAD_INPUTS + (
                 BadInput("rank 0", {"rank": 0}, ValueError, "Invalid rank"),
+                BadInput("16-bit optim_bits", {"optim_bits": 16}, ValueError, "optim_bits"),
                 BadInput("rank above min(m, n) with strict_rank", {"rank": 6, "strict_rank": True}, ValueError,
                          "exceeds min"),
                 BadInput("update_proj_gap 0", {"update_proj_gap": 0}, ValueError, "update_proj_gap"),

@@ -234,3 +234,20 @@ def test_natural_galore_with_huge_damping_is_galore() -> None:
         plain_optimizer.step()
     torch.testing.assert_close(natural.detach(), plain.detach(), rtol=1e-8, atol=1e-10)
     assert not torch.equal(natural.detach(), start)
+
+
+def test_8bit_moments_follow_the_32bit_run_in_a_quarter_of_the_memory() -> None:
+    start = torch.randn(256, 96, generator=torch.Generator().manual_seed(5))
+    runs = {}
+    for bits in (32, 8):
+        param = torch.nn.Parameter(start.clone())
+        optimizer = GaLoreAdamW([param], lr=1e-2, rank=32, projector="svd", update_proj_gap=5, optim_bits=bits)
+        for grad in _grads((256, 96), 12, seed=6, dtype=torch.float32):
+            param.grad = grad
+            optimizer.step()
+        moments = sum(v.nbytes for k, v in optimizer.state[param].items() if k.startswith("exp_avg"))
+        runs[bits] = (param.detach() - start, moments, optimizer.state[param])
+    (delta32, bytes32, _), (delta8, bytes8, state8) = runs[32], runs[8]
+    assert state8["exp_avg"].dtype == torch.uint8 and state8["exp_avg_absmax"].shape == (32,)
+    assert bytes8 == 2 * (256 * 32 + 4 * 32) and bytes32 == 2 * 256 * 32 * 4
+    assert ((delta8 - delta32).norm() / delta32.norm()).item() < 0.05
