@@ -41,8 +41,8 @@ def resolve_backend(requested: str, device: torch.device, family: str) -> Module
     whose functions compute ``family``'s math for tensors on ``device``.
 
     - ``"torch"``: always the reference.
-    - ``"auto"``: Triton for CUDA tensors when Triton imports and the family has kernels,
-      otherwise the reference.
+    - ``"auto"``: Triton for CUDA tensors when Triton imports and the family's kernels are
+      marked ``AUTO = True`` (validated on a GPU), otherwise the reference.
     - ``"triton"``: Triton, or a ``ValueError`` saying why it cannot run here. CPU tensors run
       only through Triton's interpreter, which must be enabled (``TRITON_INTERPRET=1``) before
       the kernel module is first imported, because Triton fixes the mode when it decorates.
@@ -53,7 +53,9 @@ def resolve_backend(requested: str, device: torch.device, family: str) -> Module
         return importlib.import_module(f"memzoo.reference.{family}")
     if requested == "auto":
         if has_family(family) and triton_import_error() is None:
-            return load_family(family)
+            kernels = load_family(family)
+            if getattr(kernels, "AUTO", False):
+                return kernels
         return importlib.import_module(f"memzoo.reference.{family}")
     if not has_family(family):
         raise ValueError(f"backend='triton': {family} has no Triton kernels yet; use backend='torch' or 'auto'")

@@ -147,7 +147,6 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
             summary="GaLore (Zhao et al. 2024): AdamW in a refreshed rank-r gradient subspace",
             sample_kwargs={"lr": 0.1, "weight_decay": 0.1, "rank": 2, "update_proj_gap": 2, "scale": 0.5},
             expected_state_bytes=_galore_state_bytes,
-            backends=("torch",),
             variants=({}, {"projector": "svd"}, {"projector": "random"}, {"state_dtype": torch.float32},
                       {"optim_bits": 8, "min_8bit_size": 1}),
             bad_inputs=_COMMON_BAD_INPUTS + (
@@ -172,7 +171,6 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
             sample_kwargs={"lr": 0.1, "weight_decay": 0.1, "rank": 2, "update_proj_gap": 2, "scale": 0.5,
                            "natural_history": 3},
             expected_state_bytes=_natural_galore_state_bytes,
-            backends=("torch",),
             variants=({}, {"projector": "svd"}, {"state_dtype": torch.float32}),
             bad_inputs=_COMMON_BAD_INPUTS + (
                 BadInput("rank 0", {"rank": 0}, ValueError, "Invalid rank"),

@@ -17,7 +17,26 @@ import torch
 from memzoo.reference.common import compute_dtype
 from memzoo.reference.projector import project, project_back
 
-__all__ = ["galore_adam_project_", "galore_apply_", "natural_gradient", "project"]
+__all__ = ["check_low_rank_shapes", "galore_adam_project_", "galore_apply_", "natural_gradient", "project"]
+
+
+def check_low_rank_shapes(full_shape: torch.Size, left: torch.Tensor | None, right: torch.Tensor | None,
+                          **low_rank: torch.Tensor) -> None:
+    """Raise ValueError unless the factors fit the full tensor (viewed as shape[0] × rest) and
+    every named low-rank tensor has the projected shape (the full shape without factors)."""
+    if left is None and right is None:
+        expected = torch.Size(full_shape)
+    else:
+        m = full_shape[0]
+        n = full_shape.numel() // m if m else 0
+        if left is not None and left.shape[0] != m:
+            raise ValueError(f"left factor has shape {tuple(left.shape)}, expected {m} rows for a {m}×{n} matrix")
+        if right is not None and right.shape[1] != n:
+            raise ValueError(f"right factor has shape {tuple(right.shape)}, expected {n} columns for a {m}×{n} matrix")
+        expected = torch.Size((left.shape[1] if left is not None else m, right.shape[0] if right is not None else n))
+    for name, tensor in low_rank.items():
+        if tensor.shape != expected:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(expected)}")
 
 
 def _as_matrix(tensor: torch.Tensor, rows: int) -> torch.Tensor:
@@ -43,17 +62,13 @@ def galore_adam_project_(
     ``grad`` is the full gradient (≥2-D grads are read as (shape[0], -1) when projected);
     ``exp_avg``, ``exp_avg_sq`` and ``update`` have R's shape.
     """
+    check_low_rank_shapes(grad.shape, left, right, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, update=update)
     dtype = compute_dtype(grad.dtype, exp_avg.dtype)
     g = grad.to(dtype)
     if maximize:
         g = -g
     if left is not None or right is not None:
         g = project(_as_matrix(g, grad.shape[0]), _factor(left, dtype), _factor(right, dtype))
-    if g.shape != exp_avg.shape or exp_avg.shape != exp_avg_sq.shape or update.shape != exp_avg.shape:
-        raise ValueError(
-            f"projected gradient {tuple(g.shape)}, exp_avg {tuple(exp_avg.shape)}, exp_avg_sq "
-            f"{tuple(exp_avg_sq.shape)} and update {tuple(update.shape)} must share a shape"
-        )
     m = exp_avg.to(dtype) * beta1 + g * (1.0 - beta1)  # m ← β1·m + (1 − β1)·R
     v = exp_avg_sq.to(dtype) * beta2 + g * g * (1.0 - beta2)  # v ← β2·v + (1 − β2)·R²
     exp_avg.copy_(m)
@@ -74,6 +89,7 @@ def galore_apply_(
     weight_decay: float,
 ) -> None:
     """W ← W − step_size·scale·project_back(N); then W ← W − lr·λ·W (decay after, as GaLore)."""
+    check_low_rank_shapes(param.shape, left, right, update=update)
     dtype = compute_dtype(param.dtype, update.dtype)
     n = update.to(dtype)
     if left is not None or right is not None:

@@ -171,9 +171,11 @@ def test_rank_above_the_matrix_is_truncated_unless_strict() -> None:
         GaLoreAdamW([param], rank=64, strict_rank=True)
 
 
-def test_triton_backend_is_refused_until_kernels_exist() -> None:
-    with pytest.raises(ValueError, match="no Triton kernels yet"):
-        GaLoreAdamW([torch.nn.Parameter(torch.randn(4, 4))], rank=2, backend="triton")
+def test_auto_keeps_galore_on_the_reference_until_its_kernels_are_validated_on_a_gpu() -> None:
+    from memzoo.optim import resolve_backend
+
+    assert resolve_backend("auto", torch.device("cuda"), "galore").__name__ == "memzoo.reference.galore"
+    assert resolve_backend("triton", torch.device("cpu"), "galore").__name__ == "memzoo.triton_kernels.galore"
 
 
 # ---- Natural GaLore --------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from conftest import KERNEL_DEVICE
@@ -20,6 +22,7 @@ def _hparams(pair: KernelPair):
         for name, (low, high) in pair.hparam_ranges.items()
     }
     fields.update({flag: st.booleans() for flag in pair.flags})
+    fields.update({name: st.sampled_from(options) for name, options in pair.choices.items()})
     return st.fixed_dictionaries(fields)
 
 
@@ -30,7 +33,9 @@ def _dtypes(pair: KernelPair):
 @pytest.mark.parametrize("pair", PAIRS, ids=lambda p: p.name)
 @given(data=st.data())
 def test_kernel_matches_reference(pair: KernelPair, data) -> None:
-    shape_list = data.draw(st.lists(shapes(), min_size=1, max_size=4), label="shapes")
+    low, high = pair.shape_dims
+    shape_list = data.draw(st.lists(shapes(min_dims=low, max_dims=high), min_size=1, max_size=pair.max_tensors),
+                           label="shapes")
     check_pair(
         pair,
         shape_list,
@@ -45,20 +50,35 @@ def test_kernel_matches_reference(pair: KernelPair, data) -> None:
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("pair", PAIRS, ids=lambda p: p.name)
 def test_kernel_awkward_shapes(pair: KernelPair, layout: str) -> None:
-    """All awkward shapes in one multi-tensor call, every dtype combination."""
+    """The awkward shapes (all in one call for multi-tensor kernels), every dtype combination and
+    every discrete choice."""
+    low, high = pair.shape_dims
+    awkward = [s for s in AWKWARD_SHAPES if low <= len(s) <= high]
+    groups = [awkward] if pair.max_tensors >= len(awkward) else [[s] for s in awkward]
+    settings = [dict(zip(pair.choices, values)) for values in itertools.product(*pair.choices.values())]
     for param_dtype in pair.dtype_options["param"]:
         dtypes = {role: options[-1] for role, options in pair.dtype_options.items()}
         dtypes["param"] = param_dtype
-        hparams = {**pair.bench_hparams, "lr": 0.05}
-        check_pair(pair, AWKWARD_SHAPES, dtypes, hparams, layout, KERNEL_DEVICE, seed=1234)
+        for choice in settings or [{}]:
+            hparams = {**pair.bench_hparams, **choice}
+            if "lr" in hparams:
+                hparams["lr"] = 0.05
+            for shape_list in groups:
+                check_pair(pair, shape_list, dtypes, hparams, layout, KERNEL_DEVICE, seed=1234)
 
 
 @pytest.mark.parametrize("pair", PAIRS, ids=lambda p: p.name)
 def test_kernel_rejects_mismatched_shapes(pair: KernelPair) -> None:
     generator = torch.Generator().manual_seed(0)
     dtypes = {role: options[0] for role, options in pair.dtype_options.items()}
-    case = pair.make_case([(3, 4)], dtypes, KERNEL_DEVICE, generator, pair.bench_hparams)
-    case.args[1][0] = case.args[1][0].reshape(4, 3)
+    hparams = {**pair.bench_hparams, **{name: options[0] for name, options in pair.choices.items()}}
+    case = pair.make_case([(3, 4)], dtypes, KERNEL_DEVICE, generator, hparams)
+    # Give the second argument a wrong shape.
+    args = list(case.args)
+    if isinstance(args[1], torch.Tensor):
+        args[1] = torch.zeros(args[1].shape[0] + 1, 7, dtype=args[1].dtype, device=args[1].device)
+    else:
+        args[1] = [args[1][0].reshape(4, 3)]
     for fn in (pair.reference(), pair.triton()):
         with pytest.raises(ValueError, match="shape"):
-            fn(*case.args, **case.kwargs)
+            fn(*args, **case.kwargs)

@@ -266,7 +266,13 @@ def test_triton_and_torch_backends_follow_the_same_trajectory(info, variant, bac
     for p, q in zip(triton_params, torch_params):
         assert_close(p.detach(), q.detach(), what="param")
         for key, value in on_torch.state[q].items():
-            assert_close(on_triton.state[p][key], value, what=key)
+            other = on_triton.state[p][key]
+            if value.dtype == torch.uint8:  # 8-bit codes: a rounding difference may cross one code boundary
+                assert (other.int() - value.int()).abs().max() <= 1, key
+            elif not value.is_floating_point():  # counters and seeds
+                assert torch.equal(other, value), key
+            else:
+                assert_close(other, value, what=key)
 
 
 @pytest.mark.parametrize("info,variant,backend,dtype", cases(dtypes=False))

@@ -17,7 +17,11 @@ from triton.runtime.interpreter import InterpretedFunction
 from memzoo.reference.common import as_tensor_list, check_parallel_lists
 from memzoo.triton_kernels.multi_tensor import plan_launches, tensor_block, to_storage
 
-__all__ = ["INTERPRETED", "lion_update_"]
+__all__ = ["AUTO", "INTERPRETED", "lion_update_"]
+
+# backend="auto" selects these kernels on CUDA. A family's kernels are marked True once they have
+# been checked and timed on a GPU; until then they run only when asked for with backend="triton".
+AUTO = True
 
 # 4096 elements per program: 80 KB of traffic for fp32, enough to hide latency on an H100 while
 # a 368M-parameter step still spreads over ~90k programs. The interpreter gains from big blocks too.

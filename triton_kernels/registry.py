@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -24,15 +24,20 @@ LAYOUTS: tuple[str, ...] = ("contiguous", "transposed", "strided")
 
 @dataclass
 class KernelCase:
-    """Inputs of one call: ``function(*args, **kwargs)`` writes the lists at ``outputs``."""
+    """Inputs of one call: ``function(*args, **kwargs)`` writes the args at ``outputs``
+    (each arg a tensor or a list of tensors; tensors in kwargs are read-only inputs)."""
 
-    args: tuple[list[torch.Tensor], ...]
+    args: tuple[list[torch.Tensor] | torch.Tensor, ...]
     kwargs: dict[str, Any]
     outputs: tuple[int, ...]
 
 
+def as_list(arg: list[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
+    return [arg] if isinstance(arg, torch.Tensor) else arg
+
+
 def clone_case(case: KernelCase) -> KernelCase:
-    """A deep copy keeping each tensor's strides (views stay views of a fresh base)."""
+    """A deep copy of the args keeping each tensor's strides (views stay views of a fresh base)."""
 
     def clone(tensor: torch.Tensor) -> torch.Tensor:
         base = torch.empty(tensor.untyped_storage().nbytes() // tensor.element_size(),
@@ -41,7 +46,7 @@ def clone_case(case: KernelCase) -> KernelCase:
         return base.as_strided(tensor.shape, tensor.stride(), tensor.storage_offset())
 
     return KernelCase(
-        args=tuple([clone(t) for t in tensors] for tensors in case.args),
+        args=tuple(clone(arg) if isinstance(arg, torch.Tensor) else [clone(t) for t in arg] for arg in case.args),
         kwargs=dict(case.kwargs),
         outputs=case.outputs,
     )
@@ -83,9 +88,17 @@ class KernelPair:
     make_case: Callable[..., KernelCase]
     # Bytes a call must read and write at least: the bandwidth floor's numerator.
     bytes_moved: Callable[[KernelCase], int]
-    # Per output tensor: extra absolute difference allowed element-wise where the math is
-    # discontinuous (e.g. sign(c) with c within rounding of 0), computed from the inputs.
-    discontinuity: Callable[[KernelCase], list[list[torch.Tensor | float]]]
+    # Per output tensor: extra absolute difference allowed element-wise, computed from the inputs,
+    # where the math is discontinuous (sign(c) with c within rounding of 0) or where rounding
+    # differences are amplified (a matrix product's accumulation order through Adam's division).
+    extra_tolerance: Callable[[KernelCase], list[list[torch.Tensor | float]]]
+    # Discrete hyperparameters drawn from these options (e.g. projection side, rank).
+    choices: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    # Dimensions of the drawn shapes, and how many tensors one call takes at most.
+    shape_dims: tuple[int, int] = (0, 3)
+    max_tensors: int = 4
+    # Relative difference allowed on top of the storage dtype's rounding.
+    extra_rtol: float = 0.0
 
     @property
     def name(self) -> str:
@@ -121,7 +134,7 @@ def _lion_bytes(case: KernelCase) -> int:
     return sum(2 * p.nbytes + g.nbytes + 2 * m.nbytes for p, g, m in zip(params, grads, exp_avgs))
 
 
-def _lion_discontinuity(case: KernelCase) -> list[list[torch.Tensor | float]]:
+def _lion_extra_tolerance(case: KernelCase) -> list[list[torch.Tensor | float]]:
     params, grads, exp_avgs = case.args
     beta1, lr = case.kwargs["beta1"], case.kwargs["lr"]
     sign = -1.0 if case.kwargs.get("maximize", False) else 1.0
@@ -148,7 +161,143 @@ LION = KernelPair(
     bench_hparams={"lr": 1e-4, "beta1": 0.9, "beta2": 0.99, "weight_decay": 0.01, "maximize": False},
     make_case=_lion_case,
     bytes_moved=_lion_bytes,
-    discontinuity=_lion_discontinuity,
+    extra_tolerance=_lion_extra_tolerance,
 )
 
-KERNELS: dict[str, KernelPair] = {pair.name: pair for pair in (LION,)}
+# ---- GaLore --------------------------------------------------------------------------------
+
+def _galore_factors(shape, side, rank, dtype, device, generator):
+    from memzoo.reference.projector import matrix_shape
+
+    m, n = matrix_shape(shape)
+    rank = min(rank, m, n)
+    left = make_tensor((m, rank), dtype, device, generator) if side in ("left", "full") else None
+    right = make_tensor((rank, n), dtype, device, generator) if side in ("right", "full") else None
+    low_rank = (rank if left is not None else m, rank if right is not None else n)
+    return left, right, low_rank
+
+
+def _galore_project_case(shapes, dtypes, device, generator, hparams, layout="contiguous") -> KernelCase:
+    hparams = dict(hparams)
+    side, rank = hparams.pop("side"), hparams.pop("rank")
+    state_dtype = dtypes.get("state") or dtypes["param"]
+    left, right, low_rank = _galore_factors(shapes[0], side, rank, dtypes["param"], device, generator)
+    grad = make_tensor(shapes[0], dtypes["param"], device, generator, layout)
+    exp_avg = make_tensor(low_rank, state_dtype, device, generator, layout)
+    exp_avg_sq = make_tensor(low_rank, state_dtype, device, generator, layout).abs_()
+    update = torch.empty(low_rank, dtype=torch.float32, device=device)
+    return KernelCase(args=(grad, exp_avg, exp_avg_sq, update), kwargs={"left": left, "right": right, **hparams},
+                      outputs=(1, 2, 3))
+
+
+def _galore_project_bytes(case: KernelCase) -> int:
+    grad, exp_avg, exp_avg_sq, update = case.args
+    factors = sum(f.nbytes for f in (case.kwargs["left"], case.kwargs["right"]) if f is not None)
+    return grad.nbytes + factors + 2 * (exp_avg.nbytes + exp_avg_sq.nbytes) + update.nbytes
+
+
+def _galore_apply_case(shapes, dtypes, device, generator, hparams, layout="contiguous") -> KernelCase:
+    hparams = dict(hparams)
+    side, rank = hparams.pop("side"), hparams.pop("rank")
+    left, right, low_rank = _galore_factors(shapes[0], side, rank, dtypes["param"], device, generator)
+    param = make_tensor(shapes[0], dtypes["param"], device, generator, layout)
+    update = make_tensor(low_rank, torch.float32, device, generator)
+    return KernelCase(args=(param, update), kwargs={"left": left, "right": right, **hparams}, outputs=(0,))
+
+
+def _galore_apply_bytes(case: KernelCase) -> int:
+    param, update = case.args
+    factors = sum(f.nbytes for f in (case.kwargs["left"], case.kwargs["right"]) if f is not None)
+    return 2 * param.nbytes + update.nbytes + factors
+
+
+def _gemm_unit_roundoff(device: torch.device) -> float:
+    """Unit roundoff of the kernels' matrix products: TF32 inputs on a GPU, fp32 otherwise."""
+    if device.type == "cuda":
+        from memzoo.triton_kernels.galore import PRECISION
+
+        if PRECISION == "tf32":
+            return 2.0**-11
+    return 2.0**-24
+
+
+def _product_error(low_rank_or_grad, left, right, *, back: bool) -> torch.Tensor:
+    """Bound on |computed − exact| of a product chain (either implementation): 2·k·u·(|·| chain),
+    k the total contraction length (Higham's γ_k bound, doubled for two implementations)."""
+    from memzoo.reference.projector import project, project_back
+
+    x = low_rank_or_grad.double()
+    l_abs = None if left is None else left.double().abs()
+    r_abs = None if right is None else right.double().abs()
+    if back:
+        k = (left.shape[1] if left is not None else 0) + (right.shape[0] if right is not None else 0)
+        magnitude = project_back(x.abs(), l_abs, r_abs)
+    else:
+        k = (left.shape[0] if left is not None else 0) + (right.shape[1] if right is not None else 0)
+        magnitude = project(x.abs(), l_abs, r_abs)
+    return 2 * k * _gemm_unit_roundoff(x.device) * magnitude
+
+
+def _galore_project_tolerance(case: KernelCase) -> list[list[torch.Tensor]]:
+    from memzoo.reference.projector import project
+
+    grad, exp_avg, exp_avg_sq, _ = case.args
+    left, right = case.kwargs["left"], case.kwargs["right"]
+    beta1, beta2, eps = case.kwargs["beta1"], case.kwargs["beta2"], case.kwargs["eps"]
+    g = grad.double().reshape(grad.shape[0], -1)
+    r = project(g, None if left is None else left.double(), None if right is None else right.double())
+    if case.kwargs.get("maximize", False):
+        r = -r
+    dr = _product_error(g, left, right, back=False)
+    m = beta1 * exp_avg.double() + (1 - beta1) * r
+    v = beta2 * exp_avg_sq.double() + (1 - beta2) * r * r
+    dm = (1 - beta1) * dr
+    dv = (1 - beta2) * (2 * r.abs() * dr + dr * dr)
+    root = v.sqrt()
+    droot = torch.minimum(dv.sqrt(), dv / (2 * root).clamp_min(1e-300))
+    # N = m/(√v + ε): first-order change from m, plus from √v, over the smallest denominator.
+    dn = (dm + m.abs() * droot / (root + eps)) / (root + eps - droot).clamp_min(eps)
+    return [[dm], [dv], [dn]]
+
+
+def _galore_apply_tolerance(case: KernelCase) -> list[list[torch.Tensor]]:
+    param, update = case.args
+    coefficient = case.kwargs["step_size"] * case.kwargs["scale"]
+    decay = case.kwargs["lr"] * case.kwargs["weight_decay"]
+    error = coefficient * _product_error(update, case.kwargs["left"], case.kwargs["right"], back=True)
+    return [[(1 + decay) * error.reshape(param.shape)]]
+
+
+_GALORE_CHOICES = {"side": ("left", "right", "full"), "rank": (1, 2, 5, 16, 40)}
+
+GALORE_PROJECT = KernelPair(
+    family="galore",
+    function="galore_adam_project_",
+    dtype_options={"param": (torch.float32, torch.bfloat16, torch.float16), "state": (None, torch.float32)},
+    hparam_ranges={"beta1": (0.0, 0.999), "beta2": (0.0, 0.999), "eps": (1e-8, 1e-3)},
+    flags=("maximize",),
+    bench_hparams={"beta1": 0.9, "beta2": 0.999, "eps": 1e-6, "maximize": False, "side": "right", "rank": 256},
+    make_case=_galore_project_case,
+    bytes_moved=_galore_project_bytes,
+    extra_tolerance=_galore_project_tolerance,
+    choices=_GALORE_CHOICES,
+    shape_dims=(2, 3),
+    max_tensors=1,
+)
+
+GALORE_APPLY = KernelPair(
+    family="galore",
+    function="galore_apply_",
+    dtype_options={"param": (torch.float32, torch.bfloat16, torch.float16)},
+    hparam_ranges={"step_size": (1e-4, 1e-1), "scale": (0.1, 4.0), "lr": (1e-4, 1e-1), "weight_decay": (0.0, 1.0)},
+    flags=(),
+    bench_hparams={"step_size": 1e-3, "scale": 0.25, "lr": 1e-3, "weight_decay": 0.0, "side": "right", "rank": 256},
+    make_case=_galore_apply_case,
+    bytes_moved=_galore_apply_bytes,
+    extra_tolerance=_galore_apply_tolerance,
+    choices=_GALORE_CHOICES,
+    shape_dims=(2, 3),
+    max_tensors=1,
+)
+
+KERNELS: dict[str, KernelPair] = {pair.name: pair for pair in (LION, GALORE_PROJECT, GALORE_APPLY)}
