@@ -62,11 +62,14 @@ def _triton_runs_on(device: torch.device) -> str | None:
 # ---- kernels ------------------------------------------------------------------------------
 
 def run_kernels(args: argparse.Namespace) -> dict[str, Any]:
-    from memzoo.triton_kernels.registry import KERNELS, clone_case
+    from memzoo.triton_kernels.registry import KERNELS, as_list, clone_case
 
     device = torch.device(args.device)
     bandwidth = copy_bandwidth(device, args.bandwidth_mib * MIB)
-    shapes = [shape for _, shape in PRESETS[args.preset].shapes()]
+    named_shapes = PRESETS[args.preset].shapes()
+    shapes = [shape for _, shape in named_shapes]
+    # Single-matrix kernels (projections) run on one representative layer: the MLP up-projection.
+    layer = [next(shape for name, shape in named_shapes if name.endswith("mlp.up_proj"))]
     generator = torch.Generator(device="cpu").manual_seed(0)
     triton_reason = _triton_runs_on(device)
     rows = []
@@ -75,7 +78,7 @@ def run_kernels(args: argparse.Namespace) -> dict[str, Any]:
             continue
         dtypes = {role: options[0] for role, options in pair.dtype_options.items()}
         dtypes["param"] = DTYPES[args.dtype]
-        case = pair.make_case(shapes, dtypes, device, generator, pair.bench_hparams)
+        case = pair.make_case(shapes if pair.max_tensors > 1 else layer, dtypes, device, generator, pair.bench_hparams)
         nbytes = pair.bytes_moved(case)
         candidates: list[tuple[str, Callable[..., None] | None, str | None]] = [("torch eager", pair.reference(), None)]
         if args.compile:
@@ -83,7 +86,7 @@ def run_kernels(args: argparse.Namespace) -> dict[str, Any]:
         candidates.append(("triton", None if triton_reason else pair.triton(), triton_reason))
         for backend, fn, reason in candidates:
             row: dict[str, Any] = {"kernel": name, "backend": backend, "dtype": args.dtype,
-                                   "numel": sum(t.numel() for t in case.args[0]), "bytes": nbytes}
+                                   "numel": sum(t.numel() for t in as_list(case.args[0])), "bytes": nbytes}
             if fn is None:
                 rows.append({**row, "ms": None, "gb_s": None, "pct_of_floor": None, "note": reason})
                 continue

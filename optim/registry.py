@@ -107,13 +107,22 @@ def _natural_galore_state_bytes(optimizer: NaturalGaLore) -> int:
     return total
 
 
+# GaLore's C4 pretraining ranks by model width (60M: 128; 130M, 350M: 256; 1B: 1024).
+PAPER_RANKS = {512: 128, 768: 256, 1024: 256, 2048: 1024}
+
+
 def _galore_bench_groups(named: list[tuple[str, torch.nn.Parameter]]) -> list[dict[str, Any]]:
-    # The paper's setting: attention and MLP matrices projected at rank 256, scale 0.25, gap 200;
-    # embeddings, head and norms in plain AdamW.
-    projected = [p for name, p in named if ("attn" in name or "mlp" in name) and p.dim() == 2]
-    rest = [p for name, p in named if not (("attn" in name or "mlp" in name) and p.dim() == 2)]
-    return [{"params": projected, "rank": 256, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"},
-            {"params": rest}]
+    # The paper's setting: attention and MLP matrices projected at the paper's rank for the
+    # width (a quarter of the width otherwise), scale 0.25, gap 200; embeddings, head and norms
+    # in plain AdamW. proj_type is left to the optimizer's default.
+    def is_projected(name: str, param: torch.nn.Parameter) -> bool:
+        return ("attn" in name or "mlp" in name) and param.dim() == 2
+
+    hidden = next(p.shape[0] for name, p in named if name.endswith("input_layernorm"))
+    rank = PAPER_RANKS.get(hidden, max(1, hidden // 4))
+    return [{"params": [p for n, p in named if is_projected(n, p)], "rank": rank, "update_proj_gap": 200,
+             "scale": 0.25},
+            {"params": [p for n, p in named if not is_projected(n, p)]}]
 
 
 _COMMON_BAD_INPUTS = (
