@@ -68,7 +68,8 @@ class GaLoreAdamW(MemzooOptimizer):
             1e-2: pass them) and whose bitsandbytes update adds ε after bias correction.
         seed: base seed of the projector streams (each weight gets seed + its index).
         maximize: maximize the objective.
-        backend: "auto" | "triton" | "torch" (GaLore runs on the reference for now).
+        backend: "auto" (the reference until GaLore's kernels are validated on a GPU), "triton"
+            or "torch".
     """
 
     family = "galore"
@@ -172,66 +173,97 @@ class GaLoreAdamW(MemzooOptimizer):
         return spec
 
     # -- step -----------------------------------------------------------------------------
+    def _init_state(self, param: torch.Tensor, group: Mapping[str, Any], state: dict[str, Any], shape: torch.Size,
+                    quantized: bool) -> None:
+        state["step"] = torch.tensor(0, dtype=torch.int64)
+        for name, moment in _MOMENTS.items():
+            if quantized:
+                state[name], state[f"{name}_absmax"] = moment.zeros(shape, param.device)
+            else:
+                state[name] = torch.zeros(shape, dtype=self._state_dtype(param, group), device=param.device)
+
+    @staticmethod
+    def _moments(state: dict[str, Any], quantized: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The moments to update: the state tensors, or fp32 decodings of 8-bit ones."""
+        if quantized:
+            return tuple(moment.decode(state[name], state[f"{name}_absmax"]) for name, moment in _MOMENTS.items())
+        return state["exp_avg"], state["exp_avg_sq"]
+
+    @staticmethod
+    def _store_moments(state: dict[str, Any], moments: tuple[torch.Tensor, torch.Tensor]) -> None:
+        for (name, moment), value in zip(_MOMENTS.items(), moments):
+            moment.encode_(state[name], state[f"{name}_absmax"], value)
+
+    @staticmethod
+    def _step_size(group: Mapping[str, Any], step: int) -> float:
+        """η_t = lr·√(1−β2^t)/(1−β1^t) for the step about to be taken (t = step + 1)."""
+        if not group["correct_bias"]:
+            return group["lr"]
+        beta1, beta2 = group["betas"]
+        t = step + 1
+        return group["lr"] * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimization step; returns the closure's loss (or None)."""
+        """Perform one optimization step; returns the closure's loss (or None).
+
+        Projected weights are updated one by one (projection, Adam, back-projection); all other
+        parameters of a group go through one multi-tensor AdamW call per (device, step count).
+        """
         loss = self._run_closure(closure)
         self._check_grads()
         index = 0
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
+            hyper = dict(beta1=beta1, beta2=beta2, eps=group["eps"])
+            # (device, step) → params, grads, m, v, and the 8-bit states to encode afterwards
+            dense: dict[tuple[torch.device, int], tuple[list, list, list, list, list]] = {}
             for param in group["params"]:
                 index += 1
                 if param.grad is None:
                     continue
-                kernels = self._kernels(param.device)
                 projector = self._projector(param, group)
-                state = self.state[param]
                 shape = self._moment_shape(param, group)
                 quantized = self._quantized(shape, group)
+                state = self.state[param]
                 if not state:
-                    state["step"] = torch.tensor(0, dtype=torch.int64)
-                    for name, moment in _MOMENTS.items():
-                        if quantized:
-                            state[name], state[f"{name}_absmax"] = moment.zeros(shape, param.device)
-                        else:
-                            state[name] = torch.zeros(shape, dtype=self._state_dtype(param, group), device=param.device)
+                    self._init_state(param, group, state, shape, quantized)
                 step = int(state["step"])
-                left = right = None
-                grad = param.grad
-                if projector:
-                    grad = grad.reshape(projector.shape)
-                    if projector.due(state, step):
-                        # Maximizing f is minimizing −f: the subspace is computed from −G too.
-                        source = -grad if group["maximize"] else grad
-                        projector.refresh_(state, source, step, self.seed + index - 1, param.dtype)
-                    left, right = projector.factors(state, param.device, param.dtype)
+                state["step"] += 1
+                exp_avg, exp_avg_sq = self._moments(state, quantized)
+                if projector is None:
+                    bucket = dense.setdefault((param.device, step), ([], [], [], [], []))
+                    for out, item in zip(bucket, (param, param.grad, exp_avg, exp_avg_sq)):
+                        out.append(item)
+                    if quantized:
+                        bucket[4].append((state, (exp_avg, exp_avg_sq)))
+                    continue
+                kernels = self._kernels(param.device)
+                grad = param.grad.reshape(projector.shape)
+                if projector.due(state, step):
+                    # Maximizing f is minimizing −f: the subspace is computed from −G too.
+                    source = -grad if group["maximize"] else grad
+                    projector.refresh_(state, source, step, self.seed + index - 1, param.dtype)
+                left, right = projector.factors(state, param.device, param.dtype)
                 update = torch.empty(shape, dtype=torch.float64 if param.dtype == torch.float64 else torch.float32,
                                      device=param.device)
-                # 8-bit moments are decoded to fp32 for the update and encoded after it.
-                exp_avg, exp_avg_sq = (
-                    (moment.decode(state[name], state[f"{name}_absmax"]) for name, moment in _MOMENTS.items())
-                    if quantized else (state["exp_avg"], state["exp_avg_sq"])
-                )
-                preconditioned = self._precondition(kernels, state, group, grad, left, right) if projector else None
+                preconditioned = self._precondition(kernels, state, group, grad, left, right)
                 if preconditioned is None:
                     kernels.galore_adam_project_(grad, exp_avg, exp_avg_sq, update, left=left, right=right,
-                                                 beta1=beta1, beta2=beta2, eps=group["eps"],
-                                                 maximize=group["maximize"])
+                                                 maximize=group["maximize"], **hyper)
                 else:  # Adam on the already projected (and preconditioned) gradient
                     kernels.galore_adam_project_(preconditioned, exp_avg, exp_avg_sq, update, left=None,
-                                                 right=None, beta1=beta1, beta2=beta2, eps=group["eps"])
+                                                 right=None, **hyper)
                 if quantized:
-                    for (name, moment), value in zip(_MOMENTS.items(), (exp_avg, exp_avg_sq)):
-                        moment.encode_(state[name], state[f"{name}_absmax"], value)
-                state["step"] += 1
-                step_size = group["lr"]
-                if group["correct_bias"]:
-                    t = step + 1
-                    step_size = step_size * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
-                kernels.galore_apply_(param, update, left=left, right=right, step_size=step_size,
-                                      scale=group["scale"] if projector else 1.0, lr=group["lr"],
-                                      weight_decay=group["weight_decay"])
+                    self._store_moments(state, (exp_avg, exp_avg_sq))
+                kernels.galore_apply_(param, update, left=left, right=right, step_size=self._step_size(group, step),
+                                      scale=group["scale"], lr=group["lr"], weight_decay=group["weight_decay"])
+            for (device, step), (params, grads, exp_avgs, exp_avg_sqs, to_encode) in dense.items():
+                self._kernels(device).adamw_update_(
+                    params, grads, exp_avgs, exp_avg_sqs, step_size=self._step_size(group, step), lr=group["lr"],
+                    weight_decay=group["weight_decay"], maximize=group["maximize"], **hyper)
+                for state, moments in to_encode:
+                    self._store_moments(state, moments)
         return loss
 
     def _precondition(self, kernels: Any, state: dict[str, Any], group: Mapping[str, Any], grad: torch.Tensor,

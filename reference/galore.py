@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import torch
 
-from memzoo.reference.common import compute_dtype
+from collections.abc import Sequence
+
+from memzoo.reference.common import as_tensor_list, check_parallel_lists, compute_dtype
 from memzoo.reference.projector import project, project_back
 
-__all__ = ["check_low_rank_shapes", "galore_adam_project_", "galore_apply_", "natural_gradient", "project"]
+__all__ = ["adamw_update_", "check_low_rank_shapes", "galore_adam_project_", "galore_apply_", "natural_gradient",
+           "project"]
 
 
 def check_low_rank_shapes(full_shape: torch.Size, left: torch.Tensor | None, right: torch.Tensor | None,
@@ -123,3 +126,39 @@ def natural_gradient(low_rank_grad: torch.Tensor, history: torch.Tensor, *, damp
     system = torch.eye(h.shape[0], dtype=dtype, device=g.device) + inverse * (h @ h.T)
     z = torch.cholesky_solve((h @ g).unsqueeze(1), torch.linalg.cholesky(system)).squeeze(1)
     return (inverse * g - inverse * inverse * (h.T @ z)).reshape(low_rank_grad.shape)
+
+
+@torch.no_grad()
+def adamw_update_(
+    params: torch.Tensor | Sequence[torch.Tensor],
+    grads: torch.Tensor | Sequence[torch.Tensor],
+    exp_avgs: torch.Tensor | Sequence[torch.Tensor],
+    exp_avg_sqs: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    step_size: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    lr: float,
+    weight_decay: float,
+    maximize: bool = False,
+) -> None:
+    """The full-size update of parameters outside GaLore groups, on lists of tensors: the same
+    math as galore_adam_project_ then galore_apply_ without factors (and the same rounding), in
+    one pass: m, v as above, W ← W − step_size·m/(√v+ε), then W ← W − lr·λ·W."""
+    lists = {name: as_tensor_list(name, tensors) for name, tensors in
+             (("params", params), ("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs))}
+    check_parallel_lists(**lists)
+    for param, grad, exp_avg, exp_avg_sq in zip(*lists.values()):
+        dtype = compute_dtype(param.dtype, grad.dtype, exp_avg.dtype)
+        g = grad.to(dtype)
+        if maximize:
+            g = -g
+        m = exp_avg.to(dtype) * beta1 + g * (1.0 - beta1)
+        v = exp_avg_sq.to(dtype) * beta2 + g * g * (1.0 - beta2)
+        w = param.to(dtype) - step_size * (m / (v.sqrt() + eps))
+        if weight_decay != 0.0:
+            w = w - (lr * weight_decay) * w
+        exp_avg.copy_(m)
+        exp_avg_sq.copy_(v)
+        param.copy_(w)

@@ -29,13 +29,17 @@ from triton.runtime.interpreter import InterpretedFunction
 from memzoo.reference.galore import check_low_rank_shapes, natural_gradient, project
 from memzoo.reference.galore import galore_adam_project_ as _reference_adam_project_
 from memzoo.reference.galore import galore_apply_ as _reference_apply_
-from memzoo.triton_kernels.multi_tensor import to_storage
+from memzoo.reference.common import as_tensor_list, check_parallel_lists
+from memzoo.triton_kernels.multi_tensor import plan_launches, tensor_block, to_storage
 
-__all__ = ["AUTO", "INTERPRETED", "PRECISION", "galore_adam_project_", "galore_apply_", "natural_gradient", "project"]
+__all__ = ["AUTO", "INTERPRETED", "PRECISION", "adamw_update_", "galore_adam_project_", "galore_apply_",
+           "natural_gradient", "project"]
 
 AUTO = False
 PRECISION = "tf32"
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32
+ADAMW_BLOCK = 2048  # 28 bytes per fp32 element: 56 KB of traffic per program
+_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
@@ -95,7 +99,63 @@ def _apply_kernel(
     tl.store(w_ptrs, to_storage(w, w_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _adamw_kernel(
+    p_base, g_base, m_base, v_base, table, block_tensor, num_tensors,
+    step_size, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay,
+    P_ALIGN: tl.constexpr, G_ALIGN: tl.constexpr, M_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr,
+    MAXIMIZE: tl.constexpr, HAS_DECAY: tl.constexpr, BLOCK: tl.constexpr,
+):
+    p_offs, mask = tensor_block(table, block_tensor, num_tensors, 0, 4, P_ALIGN, BLOCK)
+    g_offs, _ = tensor_block(table, block_tensor, num_tensors, 1, 4, G_ALIGN, BLOCK)
+    m_offs, _ = tensor_block(table, block_tensor, num_tensors, 2, 4, M_ALIGN, BLOCK)
+    v_offs, _ = tensor_block(table, block_tensor, num_tensors, 3, 4, V_ALIGN, BLOCK)
+    g = tl.load(g_base + g_offs, mask=mask, other=0.0).to(tl.float32)
+    if MAXIMIZE:
+        g = -g
+    m = tl.load(m_base + m_offs, mask=mask, other=0.0).to(tl.float32) * beta1 + g * one_minus_beta1
+    v = tl.load(v_base + v_offs, mask=mask, other=0.0).to(tl.float32) * beta2 + g * g * one_minus_beta2
+    w = tl.load(p_base + p_offs, mask=mask, other=0.0).to(tl.float32) - step_size * tl.div_rn(m, tl.sqrt_rn(v) + eps)
+    if HAS_DECAY:
+        w = w - decay * w
+    tl.store(p_base + p_offs, to_storage(w, p_base.dtype.element_ty), mask=mask)
+    tl.store(m_base + m_offs, to_storage(m, m_base.dtype.element_ty), mask=mask)
+    tl.store(v_base + v_offs, to_storage(v, v_base.dtype.element_ty), mask=mask)
+
+
 INTERPRETED: bool = isinstance(_apply_kernel, InterpretedFunction)
+
+
+@torch.no_grad()
+def adamw_update_(
+    params: torch.Tensor | list[torch.Tensor],
+    grads: torch.Tensor | list[torch.Tensor],
+    exp_avgs: torch.Tensor | list[torch.Tensor],
+    exp_avg_sqs: torch.Tensor | list[torch.Tensor],
+    *,
+    step_size: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    lr: float,
+    weight_decay: float,
+    maximize: bool = False,
+) -> None:
+    """Same contract as :func:`memzoo.reference.galore.adamw_update_`: one multi-tensor launch
+    per (device, dtypes) bucket, each element read once (p, g, m, v) and written once (p, m, v)."""
+    lists = [as_tensor_list(name, tensors) for name, tensors in
+             (("params", params), ("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs))]
+    check_parallel_lists(params=lists[0], grads=lists[1], exp_avgs=lists[2], exp_avg_sqs=lists[3])
+    launches, finish = plan_launches(lists, written=[True, False, True, True], block=ADAMW_BLOCK, dtypes=_SUPPORTED)
+    for launch in launches:
+        p_align, g_align, m_align, v_align = launch.aligns
+        _adamw_kernel[(launch.num_blocks,)](
+            *launch.bases, launch.table, launch.block_tensor, launch.num_tensors,
+            step_size, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, lr * weight_decay,
+            P_ALIGN=p_align, G_ALIGN=g_align, M_ALIGN=m_align, V_ALIGN=v_align,
+            MAXIMIZE=maximize, HAS_DECAY=weight_decay != 0.0, BLOCK=ADAMW_BLOCK, num_warps=8,
+        )
+    finish()
 
 
 def _matrix(tensor: torch.Tensor, rows: int) -> torch.Tensor:

@@ -300,4 +300,37 @@ GALORE_APPLY = KernelPair(
     max_tensors=1,
 )
 
-KERNELS: dict[str, KernelPair] = {pair.name: pair for pair in (LION, GALORE_PROJECT, GALORE_APPLY)}
+def _adamw_case(shapes, dtypes, device, generator, hparams, layout="contiguous") -> KernelCase:
+    state_dtype = dtypes.get("state") or dtypes["param"]
+    params = [make_tensor(s, dtypes["param"], device, generator, layout) for s in shapes]
+    grads = [make_tensor(s, dtypes["param"], device, generator, layout) for s in shapes]
+    exp_avgs = [make_tensor(s, state_dtype, device, generator, layout) for s in shapes]
+    exp_avg_sqs = [make_tensor(s, state_dtype, device, generator, layout).abs_() for s in shapes]
+    return KernelCase(args=(params, grads, exp_avgs, exp_avg_sqs), kwargs=dict(hparams), outputs=(0, 2, 3))
+
+
+def _adamw_bytes(case: KernelCase) -> int:
+    params, grads, exp_avgs, exp_avg_sqs = case.args
+    return sum(2 * p.nbytes + g.nbytes + 2 * m.nbytes + 2 * v.nbytes
+               for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs))
+
+
+def _no_extra_tolerance(case: KernelCase) -> list[list[float]]:
+    return [[0.0] * len(as_list(case.args[i])) for i in case.outputs]
+
+
+GALORE_ADAMW = KernelPair(
+    family="galore",
+    function="adamw_update_",
+    dtype_options={"param": (torch.float32, torch.bfloat16, torch.float16), "state": (None, torch.float32)},
+    hparam_ranges={"step_size": (1e-5, 1e-1), "beta1": (0.0, 0.999), "beta2": (0.0, 0.999), "eps": (1e-8, 1e-3),
+                   "lr": (1e-5, 1e-1), "weight_decay": (0.0, 1.0)},
+    flags=("maximize",),
+    bench_hparams={"step_size": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-6, "lr": 1e-3, "weight_decay": 0.01,
+                   "maximize": False},
+    make_case=_adamw_case,
+    bytes_moved=_adamw_bytes,
+    extra_tolerance=_no_extra_tolerance,
+)
+
+KERNELS: dict[str, KernelPair] = {pair.name: pair for pair in (LION, GALORE_PROJECT, GALORE_APPLY, GALORE_ADAMW)}
