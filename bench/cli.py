@@ -10,6 +10,7 @@ Every command prints a table and can write JSON. Defaults finish in about a minu
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import platform
@@ -91,7 +92,7 @@ def run_kernels(args: argparse.Namespace) -> dict[str, Any]:
                 rows.append({**row, "ms": None, "gb_s": None, "pct_of_floor": None, "note": reason})
                 continue
             work = clone_case(case)
-            first, times = time_call(lambda: fn(*work.args, **work.kwargs), device,
+            first, times = time_call(functools.partial(fn, *work.args, **work.kwargs), device,
                                      warmup=args.warmup, iters=args.iters)
             seconds = median(times)
             rows.append({**row, "first_ms": first * 1e3, "ms": seconds * 1e3, "gb_s": nbytes / seconds / 1e9,

@@ -114,6 +114,13 @@ def check_number(name: str, value: Any, *, low: float = 0.0, high: float = math.
         raise ValueError(f"Invalid {name}: {value} (must be in [{low}, {high}{bracket})")
 
 
+def check_int(name: str, value: Any, *, low: int, high: int | None = None) -> None:
+    """Raise unless ``value`` is an int (not a bool) in [low, high) (no upper bound when None)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value >= high):
+        bound = f"≥ {low}" if high is None else f"in [{low}, {high})"
+        raise ValueError(f"Invalid {name}: {value!r} (expected an int {bound})")
+
+
 def check_betas(betas: Any, count: int) -> None:
     """Raise unless ``betas`` is a sequence of ``count`` numbers in [0, 1)."""
     if not isinstance(betas, (tuple, list)) or len(betas) != count:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from memzoo.optim.base import Backend, MemzooOptimizer, StateSpec, check_betas, check_number
+from memzoo.optim.base import Backend, MemzooOptimizer, StateSpec, check_betas, check_int, check_number
 from memzoo.optim.projector import Projector, ProjectorSettings
 from memzoo.optim.quantized_state import MIN_8BIT_SIZE, QuantizedMoment
 
@@ -98,7 +98,7 @@ class GaLoreAdamW(MemzooOptimizer):
         maximize: bool = False,
         backend: Backend = "auto",
     ) -> None:
-        _check_seed(seed)
+        check_int("seed", seed, low=0, high=2**31)
         self.seed = seed
         # param → (settings tuple, Projector): built once, not on every step.
         self._projectors: dict[torch.Tensor, tuple[tuple, Projector]] = {}
@@ -125,9 +125,7 @@ class GaLoreAdamW(MemzooOptimizer):
                 raise TypeError(f"Invalid {flag}: expected a bool, got {group[flag]!r}")
         if group["optim_bits"] not in (8, 32) or isinstance(group["optim_bits"], bool):
             raise ValueError(f"Invalid optim_bits: {group['optim_bits']!r} (expected 32 or 8)")
-        if isinstance(group["min_8bit_size"], bool) or not isinstance(group["min_8bit_size"], int) \
-                or group["min_8bit_size"] < 1:
-            raise ValueError(f"Invalid min_8bit_size: {group['min_8bit_size']!r} (expected an int ≥ 1)")
+        check_int("min_8bit_size", group["min_8bit_size"], low=1)
         if group["state_dtype"] not in _STATE_DTYPES:
             raise ValueError(f"Invalid state_dtype: {group['state_dtype']!r}; expected None, torch.float32 or torch.bfloat16")
         if group["rank"] is not None:
@@ -303,9 +301,7 @@ class NaturalGaLore(GaLoreAdamW):
 
     def _validate_group(self, group: Mapping[str, Any], group_index: int) -> None:
         super()._validate_group(group, group_index)
-        history = group["natural_history"]
-        if isinstance(history, bool) or not isinstance(history, int) or history < 1:
-            raise ValueError(f"Invalid natural_history: {history!r} (expected an int ≥ 1)")
+        check_int("natural_history", group["natural_history"], low=1)
         check_number("damping", group["damping"])
         if group["damping"] <= 0:
             raise ValueError(f"Invalid damping: {group['damping']} (must be > 0)")
@@ -338,7 +334,3 @@ class NaturalGaLore(GaLoreAdamW):
         rows = history[: min(count + 1, history.shape[0])]
         return kernels.natural_gradient(low_rank, rows, damping=group["damping"])
 
-
-def _check_seed(seed: Any) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
-        raise ValueError(f"Invalid seed: {seed!r} (expected an int in [0, 2**31))")

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from memzoo.optim.base import StateSpec, check_number
+from memzoo.optim.base import StateSpec, check_int, check_number
 from memzoo.reference.projector import (
     METHODS,
     PROJ_TYPES,
@@ -31,11 +31,6 @@ __all__ = ["Projector", "ProjectorSettings"]
 
 # Golden-ratio increment: consecutive refreshes get well-separated seeds.
 _SEED_STEP = 0x9E3779B1
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"Invalid {name}: {value!r} (expected an int ≥ {low})")
 
 
 @dataclass(frozen=True)
@@ -58,15 +53,15 @@ class ProjectorSettings:
         return settings
 
     def validate(self) -> None:
-        _check_int("rank", self.rank, 1)
-        _check_int("update_proj_gap", self.update_proj_gap, 1)
+        check_int("rank", self.rank, low=1)
+        check_int("update_proj_gap", self.update_proj_gap, low=1)
         check_number("scale", self.scale)
         if self.proj_type not in PROJ_TYPES:
             raise ValueError(f"Invalid proj_type: {self.proj_type!r}; expected one of {PROJ_TYPES}")
         if self.projector not in METHODS:
             raise ValueError(f"Invalid projector: {self.projector!r}; expected one of {METHODS}")
-        _check_int("power_iters", self.power_iters, 0)
-        _check_int("oversample", self.oversample, 0)
+        check_int("power_iters", self.power_iters, low=0)
+        check_int("oversample", self.oversample, low=0)
         if not isinstance(self.strict_rank, bool):
             raise ValueError(f"Invalid strict_rank: {self.strict_rank!r} (expected a bool)")
 
