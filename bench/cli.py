@@ -125,6 +125,7 @@ def _time_optimizer(label: str,
     params = [p for _, p in named]
     optimizer, backend = make(named)
     first, times = time_call(optimizer.step, device, warmup=args.warmup, iters=args.iters)
+    refresh_ms = _refresh_step_ms(optimizer, device)
     peak_extra_mib = None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -134,13 +135,30 @@ def _time_optimizer(label: str,
         torch.cuda.synchronize(device)
         peak_extra_mib = (torch.cuda.max_memory_allocated(device) - before) / MIB
     row = {"optimizer": label, "backend": backend, "dtype": args.dtype, "params": sum(p.numel() for p in params),
-           "first_ms": first * 1e3, "ms": median(times) * 1e3, "min_ms": min(times) * 1e3,
+           "first_ms": first * 1e3, "ms": median(times) * 1e3, "min_ms": min(times) * 1e3, "refresh_ms": refresh_ms,
            "state_mib": _state_bytes(optimizer) / MIB, "peak_extra_mib": peak_extra_mib}
     del optimizer, params, named
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def _refresh_step_ms(optimizer: torch.optim.Optimizer, device: torch.device) -> float | None:
+    """One steady-state step in which every projector refreshes (update_proj_gap forced to 1 for
+    that step), in ms; None for optimizers without projectors."""
+    groups = [g for g in optimizer.param_groups if g.get("rank") is not None and "update_proj_gap" in g]
+    if not groups:
+        return None
+    saved = [g["update_proj_gap"] for g in groups]
+    for group in groups:
+        group["update_proj_gap"] = 1
+    try:
+        _, times = time_call(optimizer.step, device, warmup=0, iters=1)
+    finally:
+        for group, gap in zip(groups, saved):
+            group["update_proj_gap"] = gap
+    return times[0] * 1e3
 
 
 def run_step(args: argparse.Namespace) -> dict[str, Any]:
@@ -189,8 +207,9 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
 
 COLUMNS = {
     "kernels": ["kernel", "backend", "dtype", "numel", "ms", "gb_s", "pct_of_floor", "note"],
-    # first_ms: the first step, which allocates state and (low-rank methods) refreshes the projector.
-    "step": ["optimizer", "backend", "dtype", "first_ms", "ms", "state_mib", "peak_extra_mib",
+    # first_ms: the first step (allocates state; low-rank methods also build their projectors);
+    # ms: median steady step; refresh_ms: a steady step in which every projector is recomputed.
+    "step": ["optimizer", "backend", "dtype", "first_ms", "ms", "refresh_ms", "state_mib", "peak_extra_mib",
              "vs_adamw_time", "vs_adamw_state"],
 }
 

@@ -30,7 +30,7 @@ def test_step_reports_lion_against_adamw(tmp_path, capsys) -> None:
     adamw, lion = report["rows"]
     assert adamw["optimizer"] == "adamw (torch)" and lion["optimizer"] == "lion"
     for row in report["rows"]:
-        assert {"first_ms", "ms", "min_ms", "state_mib", "peak_extra_mib", "vs_adamw_time", "vs_adamw_state",
+        assert {"first_ms", "ms", "min_ms", "refresh_ms", "state_mib", "peak_extra_mib", "vs_adamw_time", "vs_adamw_state",
                 "backend", "params"} <= row.keys()
         assert row["ms"] > 0 and row["params"] == PRESETS["tiny"].numel()
     # Lion holds one fp32 momentum per parameter.
@@ -50,6 +50,7 @@ def test_step_runs_galore_with_paper_groups(tmp_path) -> None:
     full = sum(torch.Size(s).numel() for _, s in PRESETS["60m"].shapes()) - sum(torch.Size(s).numel() for s in shapes)
     expected_bytes = 4 * (projected + 2 * full) + 8 * len(PRESETS["60m"].shapes()) + 8 * len(shapes)
     assert galore["optimizer"] == "galore_adamw"
+    assert galore["refresh_ms"] > 0 and adamw["refresh_ms"] is None
     assert galore["state_mib"] * 2**20 == pytest.approx(expected_bytes, rel=1e-12)
     assert galore["state_mib"] < 0.85 * adamw["state_mib"]
 
