@@ -29,8 +29,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from memzoo.reference.galore import check_low_rank_shapes, natural_gradient, project
 from memzoo.reference.galore import galore_adam_project_ as _reference_adam_project_
 from memzoo.reference.galore import galore_apply_ as _reference_apply_
-from memzoo.reference.common import as_tensor_list, check_parallel_lists
-from memzoo.triton_kernels.multi_tensor import plan_launches, tensor_block, to_storage
+from memzoo.triton_kernels.multi_tensor import launch_elementwise, tensor_block, to_storage
 
 __all__ = ["AUTO", "INTERPRETED", "PRECISION", "adamw_update_", "galore_adam_project_", "galore_apply_",
            "natural_gradient", "project"]
@@ -143,19 +142,13 @@ def adamw_update_(
 ) -> None:
     """Same contract as :func:`memzoo.reference.galore.adamw_update_`: one multi-tensor launch
     per (device, dtypes) bucket, each element read once (p, g, m, v) and written once (p, m, v)."""
-    lists = [as_tensor_list(name, tensors) for name, tensors in
-             (("params", params), ("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs))]
-    check_parallel_lists(params=lists[0], grads=lists[1], exp_avgs=lists[2], exp_avg_sqs=lists[3])
-    launches, finish = plan_launches(lists, written=[True, False, True, True], block=ADAMW_BLOCK, dtypes=_SUPPORTED)
-    for launch in launches:
-        p_align, g_align, m_align, v_align = launch.aligns
-        _adamw_kernel[(launch.num_blocks,)](
-            *launch.bases, launch.table, launch.block_tensor, launch.num_tensors,
-            step_size, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, lr * weight_decay,
-            P_ALIGN=p_align, G_ALIGN=g_align, M_ALIGN=m_align, V_ALIGN=v_align,
-            MAXIMIZE=maximize, HAS_DECAY=weight_decay != 0.0, BLOCK=ADAMW_BLOCK, num_warps=8,
-        )
-    finish()
+    launch_elementwise(
+        _adamw_kernel, {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs},
+        written=[True, False, True, True], block=ADAMW_BLOCK, dtypes=_SUPPORTED, num_warps=8,
+        align_names=("P_ALIGN", "G_ALIGN", "M_ALIGN", "V_ALIGN"),
+        scalars=(step_size, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, lr * weight_decay),
+        MAXIMIZE=maximize, HAS_DECAY=weight_decay != 0.0,
+    )
 
 
 def _matrix(tensor: torch.Tensor, rows: int) -> torch.Tensor:

@@ -14,8 +14,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from memzoo.reference.common import as_tensor_list, check_parallel_lists
-from memzoo.triton_kernels.multi_tensor import plan_launches, tensor_block, to_storage
+from memzoo.triton_kernels.multi_tensor import launch_elementwise, tensor_block, to_storage
 
 __all__ = ["AUTO", "INTERPRETED", "lion_update_"]
 
@@ -73,19 +72,8 @@ def lion_update_(
 ) -> None:
     """Same contract as :func:`memzoo.reference.lion.lion_update_`; fp32/bf16/fp16 tensors,
     any shapes and strides (non-dense or mismatched-stride tensors go through a contiguous copy)."""
-    params = as_tensor_list("params", params)
-    grads = as_tensor_list("grads", grads)
-    exp_avgs = as_tensor_list("exp_avgs", exp_avgs)
-    check_parallel_lists(params=params, grads=grads, exp_avgs=exp_avgs)
-    launches, finish = plan_launches([params, grads, exp_avgs], written=[True, False, True], block=BLOCK,
-                                     dtypes=_SUPPORTED)
-    for launch in launches:
-        p_base, g_base, m_base = launch.bases
-        p_align, g_align, m_align = launch.aligns
-        _lion_kernel[(launch.num_blocks,)](
-            p_base, g_base, m_base, launch.table, launch.block_tensor, launch.num_tensors,
-            lr, 1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2,
-            P_ALIGN=p_align, G_ALIGN=g_align, M_ALIGN=m_align,
-            MAXIMIZE=maximize, BLOCK=BLOCK, num_warps=NUM_WARPS,
-        )
-    finish()
+    launch_elementwise(
+        _lion_kernel, {"params": params, "grads": grads, "exp_avgs": exp_avgs}, written=[True, False, True],
+        block=BLOCK, dtypes=_SUPPORTED, num_warps=NUM_WARPS, align_names=("P_ALIGN", "G_ALIGN", "M_ALIGN"),
+        scalars=(lr, 1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2), MAXIMIZE=maximize,
+    )

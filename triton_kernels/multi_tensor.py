@@ -28,7 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["MultiTensorLaunch", "is_dense", "plan_launches", "tensor_block", "to_storage"]
+from memzoo.reference.common import as_tensor_list, check_parallel_lists
+
+__all__ = ["MultiTensorLaunch", "is_dense", "launch_elementwise", "plan_launches", "tensor_block", "to_storage"]
 
 # 16-byte alignment lets the compiler use 128-bit loads and stores.
 _VECTOR_BYTES = 16
@@ -215,3 +217,30 @@ def plan_launches(
             original.copy_(copy)
 
     return launches, finish
+
+
+def launch_elementwise(
+    kernel: Callable,
+    lists: dict[str, torch.Tensor | Sequence[torch.Tensor]],
+    *,
+    written: Sequence[bool],
+    block: int,
+    dtypes: Sequence[torch.dtype],
+    scalars: Sequence[float],
+    align_names: Sequence[str],
+    num_warps: int,
+    **constexprs: object,
+) -> None:
+    """Run an element-wise multi-tensor kernel over parallel lists (checked as the reference
+    checks them): one launch per (device, dtypes) bucket. The kernel's arguments are the lists'
+    base pointers, ``table, block_tensor, num_tensors``, then ``scalars``; its constexprs are one
+    alignment per list (``align_names``), ``BLOCK`` and ``constexprs``."""
+    named = {name: as_tensor_list(name, tensors) for name, tensors in lists.items()}
+    check_parallel_lists(**named)
+    launches, finish = plan_launches(list(named.values()), written=written, block=block, dtypes=dtypes)
+    for launch in launches:
+        kernel[(launch.num_blocks,)](
+            *launch.bases, launch.table, launch.block_tensor, launch.num_tensors, *scalars,
+            **dict(zip(align_names, launch.aligns)), BLOCK=block, num_warps=num_warps, **constexprs,
+        )
+    finish()
