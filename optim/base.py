@@ -121,6 +121,21 @@ def check_int(name: str, value: Any, *, low: int, high: int | None = None) -> No
         raise ValueError(f"Invalid {name}: {value!r} (expected an int {bound})")
 
 
+_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_state_dtype(name: str, value: Any, allowed: tuple[torch.dtype, ...]) -> torch.dtype | None:
+    """A state-dtype option: None (the parameter's dtype), or one of ``allowed`` given as a
+    torch.dtype or by name ("fp32", "bfloat16", …); ValueError for anything else."""
+    if value is None:
+        return None
+    dtype = _DTYPE_NAMES.get(value) if isinstance(value, str) else value
+    if dtype not in allowed:
+        raise ValueError(f"Invalid {name}: {value!r}; expected None or one of {allowed}")
+    return dtype
+
+
 def check_betas(betas: Any, count: int) -> None:
     """Raise unless ``betas`` is a sequence of ``count`` numbers in [0, 1)."""
     if not isinstance(betas, (tuple, list)) or len(betas) != count:

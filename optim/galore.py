@@ -8,17 +8,24 @@ from typing import Any
 
 import torch
 
-from memzoo.optim.base import Backend, MemzooOptimizer, StateSpec, check_betas, check_int, check_number
+from memzoo.optim.base import (
+    Backend,
+    MemzooOptimizer,
+    StateSpec,
+    check_betas,
+    check_int,
+    check_number,
+    resolve_state_dtype,
+)
 from memzoo.optim.projector import Projector, ProjectorSettings
 from memzoo.optim.quantized_state import MIN_8BIT_SIZE, QuantizedMoment
+from memzoo.reference.common import compute_dtype
 
 __all__ = ["GaLoreAdamW", "NaturalGaLore"]
 
 _MOMENTS = {"exp_avg": QuantizedMoment(signed=True), "exp_avg_sq": QuantizedMoment(signed=False)}
 
-_STATE_DTYPES = {None: None, torch.float32: torch.float32, torch.bfloat16: torch.bfloat16,
-                 torch.float64: torch.float64, "fp32": torch.float32, "float32": torch.float32,
-                 "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 
 
 class GaLoreAdamW(MemzooOptimizer):
@@ -126,8 +133,7 @@ class GaLoreAdamW(MemzooOptimizer):
         if group["optim_bits"] not in (8, 32) or isinstance(group["optim_bits"], bool):
             raise ValueError(f"Invalid optim_bits: {group['optim_bits']!r} (expected 32 or 8)")
         check_int("min_8bit_size", group["min_8bit_size"], low=1)
-        if group["state_dtype"] not in _STATE_DTYPES:
-            raise ValueError(f"Invalid state_dtype: {group['state_dtype']!r}; expected None, torch.float32 or torch.bfloat16")
+        resolve_state_dtype("state_dtype", group["state_dtype"], _STATE_DTYPES)
         if group["rank"] is not None:
             settings = ProjectorSettings.from_group(group)
             for index, param in enumerate(group["params"]):
@@ -147,10 +153,10 @@ class GaLoreAdamW(MemzooOptimizer):
         return cached[1]
 
     def _state_dtype(self, param: torch.Tensor, group: Mapping[str, Any]) -> torch.dtype:
-        return _STATE_DTYPES[group["state_dtype"]] or param.dtype
+        return resolve_state_dtype("state_dtype", group["state_dtype"], _STATE_DTYPES) or param.dtype
 
-    def _moment_shape(self, param: torch.Tensor, group: Mapping[str, Any]) -> torch.Size:
-        projector = self._projector(param, group)
+    @staticmethod
+    def _moment_shape(param: torch.Tensor, projector: Projector | None) -> torch.Size:
         return torch.Size(projector.low_rank_shape) if projector else param.shape
 
     def _quantized(self, shape: torch.Size, group: Mapping[str, Any]) -> bool:
@@ -158,7 +164,7 @@ class GaLoreAdamW(MemzooOptimizer):
 
     def _state_spec(self, param: torch.Tensor, group: Mapping[str, Any]) -> StateSpec:
         projector = self._projector(param, group)
-        shape = self._moment_shape(param, group)
+        shape = self._moment_shape(param, projector)
         spec: StateSpec = {"step": (torch.Size(()), torch.int64)}
         for name in _MOMENTS:
             if self._quantized(shape, group):
@@ -221,7 +227,7 @@ class GaLoreAdamW(MemzooOptimizer):
                 if param.grad is None:
                     continue
                 projector = self._projector(param, group)
-                shape = self._moment_shape(param, group)
+                shape = self._moment_shape(param, projector)
                 quantized = self._quantized(shape, group)
                 state = self.state[param]
                 if not state:
@@ -243,8 +249,7 @@ class GaLoreAdamW(MemzooOptimizer):
                     source = -grad if group["maximize"] else grad
                     projector.refresh_(state, source, step, self.seed + index - 1, param.dtype)
                 left, right = projector.factors(state, param.device, param.dtype)
-                update = torch.empty(shape, dtype=torch.float64 if param.dtype == torch.float64 else torch.float32,
-                                     device=param.device)
+                update = torch.empty(shape, dtype=compute_dtype(param.dtype), device=param.device)
                 preconditioned = self._precondition(kernels, state, group, grad, left, right)
                 if preconditioned is None:
                     kernels.galore_adam_project_(grad, exp_avg, exp_avg_sq, update, left=left, right=right,
@@ -317,14 +322,14 @@ class NaturalGaLore(GaLoreAdamW):
 
     def _precondition(self, kernels: Any, state: dict[str, Any], group: Mapping[str, Any], grad: torch.Tensor,
                       left: torch.Tensor | None, right: torch.Tensor | None) -> torch.Tensor:
-        dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
+        dtype = compute_dtype(grad.dtype)
         low_rank = kernels.project(grad.to(dtype), None if left is None else left.to(dtype),
                                    None if right is None else right.to(dtype))
         if group["maximize"]:
             low_rank = -low_rank
         if "nat_history" not in state:
             state["nat_history"] = torch.zeros((group["natural_history"], low_rank.numel()),
-                                               dtype=_STATE_DTYPES[group["state_dtype"]] or grad.dtype,
+                                               dtype=self._state_dtype(grad, group),
                                                device=grad.device)
             state["nat_count"] = torch.tensor(0, dtype=torch.int64)
         history, count = state["nat_history"], int(state["nat_count"])

@@ -7,22 +7,19 @@ from typing import Any
 
 import torch
 
-from memzoo.optim.base import Backend, MemzooOptimizer, StateSpec, check_betas, check_number, group_by_device
+from memzoo.optim.base import (
+    Backend,
+    MemzooOptimizer,
+    StateSpec,
+    check_betas,
+    check_number,
+    group_by_device,
+    resolve_state_dtype,
+)
 
 __all__ = ["Lion"]
 
-_MOMENTUM_DTYPES = {
-    None: None,
-    torch.float32: torch.float32,
-    torch.bfloat16: torch.bfloat16,
-    torch.float16: torch.float16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
+_MOMENTUM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class Lion(MemzooOptimizer):
@@ -78,16 +75,10 @@ class Lion(MemzooOptimizer):
         check_number("weight_decay", group["weight_decay"])
         if not isinstance(group["maximize"], bool):
             raise TypeError(f"Invalid maximize: expected a bool, got {group['maximize']!r}")
-        try:
-            _MOMENTUM_DTYPES[group["momentum_dtype"]]
-        except (KeyError, TypeError):
-            raise ValueError(
-                f"Invalid momentum_dtype: {group['momentum_dtype']!r}; expected None, "
-                "torch.float32, torch.bfloat16 or torch.float16"
-            ) from None
+        resolve_state_dtype("momentum_dtype", group["momentum_dtype"], _MOMENTUM_DTYPES)
 
     def _momentum_dtype(self, param: torch.Tensor, group: Mapping[str, Any]) -> torch.dtype:
-        return _MOMENTUM_DTYPES[group["momentum_dtype"]] or param.dtype
+        return resolve_state_dtype("momentum_dtype", group["momentum_dtype"], _MOMENTUM_DTYPES) or param.dtype
 
     def _state_spec(self, param: torch.Tensor, group: Mapping[str, Any]) -> StateSpec:
         return {"exp_avg": (param.shape, self._momentum_dtype(param, group))}

@@ -59,12 +59,12 @@ def _lion_state_bytes(optimizer: Lion) -> int:
     return sum(p.numel() * optimizer._momentum_dtype(p, g).itemsize for p, g in _stepped(optimizer))
 
 
-def _moment_bytes(numel: int, param: torch.Tensor, group: Mapping[str, Any]) -> int:
+def _moment_bytes(optimizer: GaLoreAdamW, numel: int, param: torch.Tensor, group: Mapping[str, Any]) -> int:
     """Two Adam moments of ``numel`` values: 8-bit blockwise (1 byte + 4 per 256-value block)
     at and above min_8bit_size when optim_bits = 8, else the state dtype."""
     if group.get("optim_bits", 32) == 8 and numel >= group["min_8bit_size"]:
         return 2 * (numel + 4 * -(-numel // 256))
-    return 2 * numel * (_STATE_ITEMSIZE[group["state_dtype"]] or param.element_size())
+    return 2 * numel * optimizer._state_dtype(param, group).itemsize
 
 
 def _galore_state_bytes(optimizer: GaLoreAdamW) -> int:
@@ -74,19 +74,16 @@ def _galore_state_bytes(optimizer: GaLoreAdamW) -> int:
     for param, group in _stepped(optimizer):
         total += 8  # step
         if group["rank"] is None or param.dim() < 2:
-            total += _moment_bytes(param.numel(), param, group)
+            total += _moment_bytes(optimizer, param.numel(), param, group)
             continue
         m, n = param.shape[0], param[0].numel()
         r = min(group["rank"], m, n)
         if group["proj_type"] != "std":
             raise NotImplementedError("the analytic count here covers proj_type='std'")
-        total += _moment_bytes(max(m, n) * r, param, group) + 8  # moments + proj_seed
+        total += _moment_bytes(optimizer, max(m, n) * r, param, group) + 8  # moments + proj_seed
         if group["projector"] != "random":
             total += r * min(m, n) * param.element_size()
     return total
-
-
-_STATE_ITEMSIZE = {None: None, torch.float32: 4, torch.bfloat16: 2}
 
 
 def _natural_galore_state_bytes(optimizer: NaturalGaLore) -> int:
@@ -94,7 +91,7 @@ def _natural_galore_state_bytes(optimizer: NaturalGaLore) -> int:
     history of s·r² values; plain AdamW elsewhere; int64 step, seed and history-count scalars."""
     total = 0
     for param, group in _stepped(optimizer):
-        moment_size = _STATE_ITEMSIZE[group["state_dtype"]] or param.element_size()
+        moment_size = optimizer._state_dtype(param, group).itemsize
         total += 8  # step
         if group["rank"] is None or param.dim() < 2:
             total += 2 * param.numel() * moment_size

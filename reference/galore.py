@@ -12,14 +12,14 @@ then W ← W − lr·λ·W on the updated weight.
 
 from __future__ import annotations
 
-import torch
-
 from collections.abc import Sequence
+
+import torch
 
 from memzoo.reference.common import as_tensor_list, check_parallel_lists, compute_dtype
 from memzoo.reference.projector import project, project_back
 
-__all__ = ["adamw_update_", "check_low_rank_shapes", "galore_adam_project_", "galore_apply_", "natural_gradient",
+__all__ = ["adamw_update_", "as_matrix", "check_low_rank_shapes", "galore_adam_project_", "galore_apply_", "natural_gradient",
            "project"]
 
 
@@ -42,7 +42,8 @@ def check_low_rank_shapes(full_shape: torch.Size, left: torch.Tensor | None, rig
             raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(expected)}")
 
 
-def _as_matrix(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+def as_matrix(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """The (rows × rest) matrix a projected tensor is read as: a view when the layout allows."""
     return tensor.reshape(rows, -1) if tensor.dim() != 2 else tensor
 
 
@@ -71,7 +72,7 @@ def galore_adam_project_(
     if maximize:
         g = -g
     if left is not None or right is not None:
-        g = project(_as_matrix(g, grad.shape[0]), _factor(left, dtype), _factor(right, dtype))
+        g = project(as_matrix(g, grad.shape[0]), _factor(left, dtype), _factor(right, dtype))
     m = exp_avg.to(dtype) * beta1 + g * (1.0 - beta1)  # m ← β1·m + (1 − β1)·R
     v = exp_avg_sq.to(dtype) * beta2 + g * g * (1.0 - beta2)  # v ← β2·v + (1 − β2)·R²
     exp_avg.copy_(m)

@@ -19,6 +19,7 @@ from typing import Literal
 
 import torch
 
+from memzoo.reference.common import compute_dtype
 from memzoo.reference.random import philox_randn
 
 __all__ = [
@@ -54,10 +55,6 @@ def projection_side(shape: tuple[int, int], proj_type: str) -> Side:
     if proj_type in ("left", "right", "full"):
         return proj_type  # type: ignore[return-value]
     raise ValueError(f"Invalid proj_type: {proj_type!r}; expected one of {PROJ_TYPES}")
-
-
-def _float(matrix: torch.Tensor) -> torch.Tensor:
-    return matrix.to(torch.float64 if matrix.dtype == torch.float64 else torch.float32)
 
 
 def _orthonormal(matrix: torch.Tensor) -> torch.Tensor:
@@ -102,7 +99,7 @@ def compute_basis(matrix: torch.Tensor, rank: int, side: Side, method: str, *, s
     ``matrix`` (m×n) on ``side``. ``rank`` must be ≤ min(m, n); ``identity`` ignores it and
     returns identity factors (a test device: the projection then changes nothing)."""
     m, n = matrix.shape
-    work = _float(matrix)
+    work = matrix.to(compute_dtype(matrix.dtype))
     if method == "identity":
         eye = lambda size: torch.eye(size, device=matrix.device, dtype=work.dtype)  # noqa: E731
         return (eye(m) if side in ("left", "full") else None, eye(n) if side in ("right", "full") else None)

@@ -26,10 +26,10 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from memzoo.reference.galore import check_low_rank_shapes, natural_gradient, project
+from memzoo.reference.galore import as_matrix, check_low_rank_shapes, natural_gradient, project
 from memzoo.reference.galore import galore_adam_project_ as _reference_adam_project_
 from memzoo.reference.galore import galore_apply_ as _reference_apply_
-from memzoo.triton_kernels.multi_tensor import launch_elementwise, tensor_block, to_storage
+from memzoo.triton_kernels.multi_tensor import ceil_div, launch_elementwise, tensor_block, to_storage
 
 __all__ = ["AUTO", "INTERPRETED", "PRECISION", "adamw_update_", "galore_adam_project_", "galore_apply_",
            "natural_gradient", "project"]
@@ -151,13 +151,8 @@ def adamw_update_(
     )
 
 
-def _matrix(tensor: torch.Tensor, rows: int) -> torch.Tensor:
-    """A 2-D view (rows × rest) without copying when the layout allows one, else a copy."""
-    return tensor if tensor.dim() == 2 else tensor.reshape(rows, -1)
-
-
 def _grid(m: int, n: int) -> tuple[int, int]:
-    return triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N)
+    return ceil_div(m, BLOCK_M), ceil_div(n, BLOCK_N)
 
 
 @torch.no_grad()
@@ -179,7 +174,7 @@ def galore_adam_project_(
         return _reference_adam_project_(grad, exp_avg, exp_avg_sq, update, left=None, right=None, beta1=beta1,
                                         beta2=beta2, eps=eps, maximize=maximize)
     check_low_rank_shapes(grad.shape, left, right, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, update=update)
-    g = _matrix(grad, grad.shape[0])
+    g = as_matrix(grad, grad.shape[0])
     if left is not None and right is not None:  # full: T = leftᵀ·G first (r×n), then T·rightᵀ fused
         g, left = left.T.to(torch.float32) @ g.to(torch.float32), None
     if right is not None:  # R = G·rightᵀ: A = G (m×n), B = rightᵀ (n×r)
