@@ -1,7 +1,7 @@
 """``memzoo-bench``: kernel and optimizer-step microbenchmarks.
 
     memzoo-bench kernels [--preset P] [--dtype D] [--json PATH]
-    memzoo-bench step --optimizer lion [--preset 350m] [--json PATH]
+    memzoo-bench step --optimizer lion [--preset 350m] [--set KEY=VALUE] [--baseline NAME] [--json PATH]
 
 Every command prints a table and can write JSON. Defaults finish in about a minute on a CPU
 (preset ``tiny``); on CUDA the default preset is ``350m``.
@@ -10,12 +10,14 @@ Every command prints a table and can write JSON. Defaults finish in about a minu
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
 import functools
 import gc
 import json
 import platform
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -69,8 +71,8 @@ def run_kernels(args: argparse.Namespace) -> dict[str, Any]:
     bandwidth = copy_bandwidth(device, args.bandwidth_mib * MIB)
     named_shapes = PRESETS[args.preset].shapes()
     shapes = [shape for _, shape in named_shapes]
-    # Single-matrix kernels (projections) run on one representative layer: the MLP up-projection.
-    layer = [next(shape for name, shape in named_shapes if name.endswith("mlp.up_proj"))]
+    # Projection kernels run on every matrix GaLore projects (attention and MLP), as in one step.
+    projected = [shape for name, shape in named_shapes if ("attn" in name or "mlp" in name) and len(shape) == 2]
     generator = torch.Generator(device="cpu").manual_seed(0)
     triton_reason = _triton_runs_on(device)
     rows = []
@@ -79,7 +81,8 @@ def run_kernels(args: argparse.Namespace) -> dict[str, Any]:
             continue
         dtypes = {role: options[0] for role, options in pair.dtype_options.items()}
         dtypes["param"] = DTYPES[args.dtype]
-        case = pair.make_case(shapes if pair.max_tensors > 1 else layer, dtypes, device, generator, pair.bench_hparams)
+        case = pair.make_case(projected if pair.shape_dims[0] >= 2 else shapes, dtypes, device, generator,
+                              pair.bench_hparams)
         nbytes = pair.bytes_moved(case)
         candidates: list[tuple[str, Callable[..., None] | None, str | None]] = [("torch eager", pair.reference(), None)]
         if args.compile:
@@ -104,10 +107,22 @@ def run_kernels(args: argparse.Namespace) -> dict[str, Any]:
 
 # ---- step ---------------------------------------------------------------------------------
 
+def _state_tensors(state: dict[str, Any]) -> list[torch.Tensor]:
+    """The tensors of one parameter's state, including those held by objects in it (galore-torch
+    keeps its projection matrix on a projector object)."""
+    found = []
+    for value in state.values():
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif hasattr(value, "__dict__"):
+            found.extend(v for v in vars(value).values() if isinstance(v, torch.Tensor))
+    return found
+
+
 def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
     if hasattr(optimizer, "state_bytes"):
         return optimizer.state_bytes()
-    return sum(v.nbytes for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor))
+    return sum(t.nbytes for state in optimizer.state.values() for t in _state_tensors(state))
 
 
 def _make_adamw(named: list[tuple[str, torch.nn.Parameter]]) -> tuple[torch.optim.Optimizer, str]:
@@ -126,6 +141,11 @@ def _time_optimizer(label: str,
     optimizer, backend = make(named)
     first, times = time_call(optimizer.step, device, warmup=args.warmup, iters=args.iters)
     refresh_ms = _refresh_step_ms(optimizer, device)
+    if args.profile:
+        _print_profile(label, optimizer.step, device)
+        with _every_projector_refreshing(optimizer) as has_projectors:
+            if has_projectors:
+                _print_profile(f"{label}, refresh step", optimizer.step, device)
     peak_extra_mib = None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -144,45 +164,104 @@ def _time_optimizer(label: str,
     return row
 
 
-def _refresh_step_ms(optimizer: torch.optim.Optimizer, device: torch.device) -> float | None:
-    """One steady-state step in which every projector refreshes (update_proj_gap forced to 1 for
-    that step), in ms; None for optimizers without projectors."""
+def _print_profile(label: str, step: Callable[[], object], device: torch.device, rows: int = 15) -> None:
+    """torch.profiler's table of one step: where the time goes, kernel by kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    averages = prof.key_averages()
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    try:
+        table = averages.table(sort_by=sort_by.replace("cuda", "device"), row_limit=rows)
+    except (AttributeError, KeyError, ValueError):  # older torch names it cuda
+        table = averages.table(sort_by=sort_by, row_limit=rows)
+    print(f"--- profile of one step: {label} ---\n{table}", flush=True)
+
+
+@contextlib.contextmanager
+def _every_projector_refreshing(optimizer: torch.optim.Optimizer) -> Iterator[bool]:
+    """Within: every projector refreshes on each step (update_proj_gap forced to 1). Yields
+    whether the optimizer has projectors at all."""
     groups = [g for g in optimizer.param_groups if g.get("rank") is not None and "update_proj_gap" in g]
-    if not groups:
-        return None
-    saved = [g["update_proj_gap"] for g in groups]
+    # galore-torch copies the gap into a projector object in each parameter's state.
+    holders = [v for state in optimizer.state.values() for v in state.values() if hasattr(v, "update_proj_gap")]
+    saved = [g["update_proj_gap"] for g in groups] + [h.update_proj_gap for h in holders]
     for group in groups:
         group["update_proj_gap"] = 1
+    for holder in holders:
+        holder.update_proj_gap = 1
     try:
-        _, times = time_call(optimizer.step, device, warmup=0, iters=1)
+        yield bool(groups)
     finally:
         for group, gap in zip(groups, saved):
             group["update_proj_gap"] = gap
+        for holder, gap in zip(holders, saved[len(groups):]):
+            holder.update_proj_gap = gap
+
+
+def _refresh_step_ms(optimizer: torch.optim.Optimizer, device: torch.device) -> float | None:
+    """One steady-state step in which every projector refreshes, in ms; None for optimizers
+    without projectors."""
+    with _every_projector_refreshing(optimizer) as has_projectors:
+        if not has_projectors:
+            return None
+        _, times = time_call(optimizer.step, device, warmup=0, iters=1)
     return times[0] * 1e3
 
 
+def _parse_settings(items: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs (``--set momentum_dtype=bf16 --set rank=128``); values are Python
+    literals where they parse as one, else strings."""
+    settings = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            settings[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            settings[key] = text
+    return settings
+
+
 def run_step(args: argparse.Namespace) -> dict[str, Any]:
+    from memzoo.bench.baselines import make_baseline
     from memzoo.optim.base import resolve_backend
     from memzoo.optim.registry import get_optimizer_info
 
     device = torch.device(args.device)
     infos = [get_optimizer_info(name) for name in args.optimizer]
+    settings = _parse_settings(args.set or [])
     rows = [_time_optimizer("adamw (torch)", _make_adamw, args, device)]
     for info in infos:
         def make(named, info=info):
             if info.bench_groups is None:
-                optimizer = info.cls([p for _, p in named], **info.sample_kwargs, backend=args.backend)
+                optimizer = info.cls([p for _, p in named], **{**info.sample_kwargs, **settings}, backend=args.backend)
             else:  # the paper's setting on the preset (ranks, which matrices are projected)
                 hyper = {k: v for k, v in info.sample_kwargs.items() if k in ("lr", "weight_decay")}
-                optimizer = info.cls(info.bench_groups(named), **hyper, backend=args.backend)
+                optimizer = info.cls(info.bench_groups(named), **{**hyper, **settings}, backend=args.backend)
             module = resolve_backend(args.backend, device, info.cls.family)
             return optimizer, "triton" if module.__name__.startswith("memzoo.triton_kernels") else "torch"
 
-        rows.append(_time_optimizer(info.name, make, args, device))
+        label = info.name + "".join(f" {k}={v}" for k, v in settings.items())
+        rows.append(_time_optimizer(label, make, args, device))
+    for name in args.baseline or []:
+        try:
+            rows.append(_time_optimizer(name, lambda named, name=name: (make_baseline(name, named), "baseline"),
+                                        args, device))
+        except ValueError as exc:  # not installed: say so in the table, time the rest
+            rows.append({"optimizer": name, "backend": "baseline", "dtype": args.dtype, "ms": None,
+                         "state_mib": None, "note": str(exc)})
     baseline = rows[0]
     for row in rows:
-        row["vs_adamw_time"] = row["ms"] / baseline["ms"]
-        row["vs_adamw_state"] = row["state_mib"] / baseline["state_mib"] if baseline["state_mib"] else None
+        if row["ms"] is not None:
+            row["vs_adamw_time"] = row["ms"] / baseline["ms"]
+        if row["state_mib"] is not None and baseline["state_mib"]:
+            row["vs_adamw_state"] = row["state_mib"] / baseline["state_mib"]
     return {"command": "step", "preset": args.preset, "preset_params": PRESETS[args.preset].numel(),
             **_environment(device), "rows": rows}
 
@@ -210,7 +289,7 @@ COLUMNS = {
     # first_ms: the first step (allocates state; low-rank methods also build their projectors);
     # ms: median steady step; refresh_ms: a steady step in which every projector is recomputed.
     "step": ["optimizer", "backend", "dtype", "first_ms", "ms", "refresh_ms", "state_mib", "peak_extra_mib",
-             "vs_adamw_time", "vs_adamw_state"],
+             "vs_adamw_time", "vs_adamw_state", "note"],
 }
 
 
@@ -241,6 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
     common(step)
     step.add_argument("--optimizer", action="append", help="registered optimizer name (repeatable; default lion)")
     step.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto")
+    step.add_argument("--profile", action="store_true",
+                      help="print torch.profiler's top kernels for one steady step of each optimizer")
+    step.add_argument("--set", action="append", metavar="KEY=VALUE",
+                      help="extra keyword for our optimizers (repeatable), e.g. momentum_dtype=bf16")
+    step.add_argument("--baseline", action="append", metavar="NAME",
+                      help="also time another library's optimizer (repeatable, comma-separated): "
+                           "lion_pytorch, lion_pytorch_triton, bnb_adamw8bit, bnb_lion8bit, galore_torch")
     step.set_defaults(run=run_step)
     return parser
 
@@ -254,9 +340,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.bandwidth_mib = 1024 if is_cuda else 256
     if args.command == "step":
         args.optimizer = [n for item in (args.optimizer or ["lion"]) for n in item.split(",") if n]
+        args.baseline = [n for item in (args.baseline or []) for n in item.split(",") if n]
     try:
         report = args.run(args)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:  # bad names, settings or combinations
         print(f"memzoo-bench: {exc}", file=sys.stderr)
         return 2
     header = {k: v for k, v in report.items() if k != "rows"}

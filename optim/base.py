@@ -86,9 +86,8 @@ def group_by_device(*tensor_lists: Sequence[torch.Tensor]) -> dict[torch.device,
     """Split parallel lists of tensors by the device of the first list's tensors."""
     if not tensor_lists[0]:
         return {}
-    first = tensor_lists[0][0].device
-    if all(t.device == first for t in tensor_lists[0]):  # the usual case: one device
-        return {first: tuple(list(tensors) for tensors in tensor_lists)}
+    if len(set(map(torch.Tensor.get_device, tensor_lists[0]))) == 1:  # the usual case: one device
+        return {tensor_lists[0][0].device: tuple(list(tensors) for tensors in tensor_lists)}
     buckets: dict[torch.device, tuple[list[torch.Tensor], ...]] = defaultdict(
         lambda: tuple([] for _ in tensor_lists)
     )
@@ -203,8 +202,10 @@ class MemzooOptimizer(torch.optim.Optimizer):
     def _check_grads(self) -> None:
         """Reject what no memzoo step can use, before any parameter or state is modified."""
         for group_index, group in enumerate(self.param_groups):
-            for param_index, param in enumerate(group["params"]):
-                grad = param.grad
+            grads = [param.grad for param in group["params"]]
+            if set(grad.layout for grad in grads if grad is not None) <= {torch.strided}:
+                continue  # the per-step fast path
+            for param_index, (param, grad) in enumerate(zip(group["params"], grads)):
                 if grad is not None and grad.is_sparse:
                     raise ValueError(
                         f"{type(self).__name__} does not support sparse gradients "

@@ -17,7 +17,7 @@ from memzoo.optim.base import (
     check_number,
     resolve_state_dtype,
 )
-from memzoo.optim.projector import Projector, ProjectorSettings
+from memzoo.optim.projector import Projector, ProjectorSettings, RefreshRequest, refresh_projectors_
 from memzoo.optim.quantized_state import MIN_8BIT_SIZE, QuantizedMoment
 from memzoo.reference.common import compute_dtype
 
@@ -26,6 +26,24 @@ __all__ = ["GaLoreAdamW", "NaturalGaLore"]
 _MOMENTS = {"exp_avg": QuantizedMoment(signed=True), "exp_avg_sq": QuantizedMoment(signed=False)}
 
 _STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+
+# A batched call's low-rank updates N (fp32, alive until the weights are updated) are kept
+# under this size: the transient memory of a step, not the whole model's worth of N at once.
+_BATCH_UPDATE_BYTES = 64 * 2**20
+
+
+def _chunks(items: list) -> list[list]:
+    """Split (param, projector, ...) items so each chunk's low-rank updates fit the budget."""
+    chunks, current, size = [], [], 0
+    for item in items:
+        nbytes = 4 * math.prod(item[1].low_rank_shape)
+        if current and size + nbytes > _BATCH_UPDATE_BYTES:
+            chunks.append(current)
+            current, size = [], 0
+        current.append(item)
+        size += nbytes
+    return chunks + [current] if current else chunks
 
 
 class GaLoreAdamW(MemzooOptimizer):
@@ -109,6 +127,8 @@ class GaLoreAdamW(MemzooOptimizer):
         self.seed = seed
         # param → (settings tuple, Projector): built once, not on every step.
         self._projectors: dict[torch.Tensor, tuple[tuple, Projector]] = {}
+        # id(state dict) → (step tensor, its value after this step, its version after this step)
+        self._step_ints: dict[int, tuple[torch.Tensor, int, int]] = {}
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
                         rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
                         projector=projector, power_iters=power_iters, oversample=oversample,
@@ -143,14 +163,20 @@ class GaLoreAdamW(MemzooOptimizer):
                     except ValueError as exc:
                         raise ValueError(f"param {index}: {exc}") from None
 
-    def _projector(self, param: torch.Tensor, group: Mapping[str, Any]) -> Projector | None:
+    def _projector(self, param: torch.Tensor, group: Mapping[str, Any], key: tuple | None = None) -> Projector | None:
+        """The param's projector (None when not projected), rebuilt when the group's settings
+        change; ``key`` is :meth:`_settings_key` of the group, when the caller has it."""
         if group["rank"] is None or param.dim() < 2:
             return None
-        key = tuple(group[name] for name in ProjectorSettings.__dataclass_fields__)
+        key = self._settings_key(group) if key is None else key
         cached = self._projectors.get(param)
         if cached is None or cached[0] != key:
             cached = self._projectors[param] = (key, Projector(ProjectorSettings.from_group(group), param.shape))
         return cached[1]
+
+    @staticmethod
+    def _settings_key(group: Mapping[str, Any]) -> tuple:
+        return tuple(group[name] for name in ProjectorSettings.__dataclass_fields__)
 
     def _state_dtype(self, param: torch.Tensor, group: Mapping[str, Any]) -> torch.dtype:
         return resolve_state_dtype("state_dtype", group["state_dtype"], _STATE_DTYPES) or param.dtype
@@ -185,6 +211,20 @@ class GaLoreAdamW(MemzooOptimizer):
                 state[name], state[f"{name}_absmax"] = moment.zeros(shape, param.device)
             else:
                 state[name] = torch.zeros(shape, dtype=self._state_dtype(param, group), device=param.device)
+
+    def _step_count(self, state: dict[str, Any]) -> int:
+        """The step count before this step, as an int. Reading a tensor costs a few µs per
+        parameter per step, so the int is memoized next to the tensor it was read from (a loaded
+        state_dict brings new tensors, and is read afresh)."""
+        tensor = state["step"]
+        cached = self._step_ints.get(id(state))
+        if cached is not None and cached[0] is tensor and cached[2] == tensor._version:
+            count = cached[1]
+        else:
+            count = int(tensor)
+        # _foreach_add_ bumps the tensor's version once this step; expect that.
+        self._step_ints[id(state)] = (tensor, count + 1, tensor._version + 1)
+        return count
 
     @staticmethod
     def _moments(state: dict[str, Any], quantized: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,45 +262,50 @@ class GaLoreAdamW(MemzooOptimizer):
             hyper = dict(beta1=beta1, beta2=beta2, eps=group["eps"])
             # (device, step) → params, grads, m, v, and the 8-bit states to encode afterwards
             dense: dict[tuple[torch.device, int], tuple[list, list, list, list, list]] = {}
+            projected: list[tuple[torch.Tensor, Projector, dict[str, Any], int, bool]] = []
+            refreshes: list[RefreshRequest] = []
+            step_counts: list[torch.Tensor] = []
+            settings_key = self._settings_key(group) if group["rank"] is not None else None
             for param in group["params"]:
                 index += 1
                 if param.grad is None:
                     continue
-                projector = self._projector(param, group)
+                projector = self._projector(param, group, settings_key)
                 shape = self._moment_shape(param, projector)
                 quantized = self._quantized(shape, group)
                 state = self.state[param]
                 if not state:
                     self._init_state(param, group, state, shape, quantized)
-                step = int(state["step"])
-                state["step"] += 1
-                exp_avg, exp_avg_sq = self._moments(state, quantized)
+                step = self._step_count(state)
+                step_counts.append(state["step"])
                 if projector is None:
+                    exp_avg, exp_avg_sq = self._moments(state, quantized)
                     bucket = dense.setdefault((param.device, step), ([], [], [], [], []))
                     for out, item in zip(bucket, (param, param.grad, exp_avg, exp_avg_sq)):
                         out.append(item)
                     if quantized:
                         bucket[4].append((state, (exp_avg, exp_avg_sq)))
                     continue
-                kernels = self._kernels(param.device)
-                grad = param.grad.reshape(projector.shape)
                 if projector.due(state, step):
                     # Maximizing f is minimizing −f: the subspace is computed from −G too.
+                    grad = param.grad.reshape(projector.shape)
                     source = -grad if group["maximize"] else grad
-                    projector.refresh_(state, source, step, self.seed + index - 1, param.dtype)
-                left, right = projector.factors(state, param.device, param.dtype)
-                update = torch.empty(shape, dtype=compute_dtype(param.dtype), device=param.device)
-                preconditioned = self._precondition(kernels, state, group, grad, left, right)
-                if preconditioned is None:
-                    kernels.galore_adam_project_(grad, exp_avg, exp_avg_sq, update, left=left, right=right,
-                                                 maximize=group["maximize"], **hyper)
-                else:  # Adam on the already projected (and preconditioned) gradient
-                    kernels.galore_adam_project_(preconditioned, exp_avg, exp_avg_sq, update, left=None,
-                                                 right=None, **hyper)
-                if quantized:
-                    self._store_moments(state, (exp_avg, exp_avg_sq))
-                kernels.galore_apply_(param, update, left=left, right=right, step_size=self._step_size(group, step),
-                                      scale=group["scale"], lr=group["lr"], weight_decay=group["weight_decay"])
+                    refreshes.append(RefreshRequest(projector, state, source, step, self.seed + index - 1, param.dtype))
+                projected.append((param, projector, state, step, quantized))
+            torch._foreach_add_(step_counts, 1)  # one call for the group's step counters
+            # All projectors due this step at once: same-shaped matrices share batched calls.
+            refresh_projectors_(refreshes)
+            del refreshes
+            if self._preconditions:
+                for item in projected:
+                    self._update_projected(group, [item], hyper)
+            else:  # one batched call per (device, step, shape): same-shaped matrices share launches
+                batches: dict[tuple, list] = {}
+                for item in projected:
+                    batches.setdefault((item[0].device, item[3], item[0].shape, item[0].dtype), []).append(item)
+                for items in batches.values():
+                    for chunk in _chunks(items):
+                        self._update_projected(group, chunk, hyper)
             for (device, step), (params, grads, exp_avgs, exp_avg_sqs, to_encode) in dense.items():
                 self._kernels(device).adamw_update_(
                     params, grads, exp_avgs, exp_avg_sqs, step_size=self._step_size(group, step), lr=group["lr"],
@@ -268,6 +313,41 @@ class GaLoreAdamW(MemzooOptimizer):
                 for state, moments in to_encode:
                     self._store_moments(state, moments)
         return loss
+
+    # Whether _precondition transforms each projected gradient (Natural GaLore): the projection
+    # then runs matrix by matrix, its Adam on the preconditioned low-rank gradient.
+    _preconditions = False
+
+    def _update_projected(self, group: Mapping[str, Any], items: list, hyper: dict[str, float]) -> None:
+        """Adam in the subspace and the update of the weights for projected params that share
+        device and step count: (param, projector, state, step, quantized) each."""
+        param, _, _, step, _ = items[0]
+        kernels = self._kernels(param.device)
+        params, grads, exp_avgs, exp_avg_sqs, updates, lefts, rights = [], [], [], [], [], [], []
+        # The low-rank updates N of the batch: views of one buffer, laid out the same way every
+        # step (one allocation, and the kernels' offset tables stay cached).
+        sizes = [math.prod(item[1].low_rank_shape) for item in items]
+        buffer = torch.empty(sum(sizes), dtype=compute_dtype(param.dtype), device=param.device)
+        for (param, projector, state, _, quantized), update in zip(items, buffer.split(sizes)):
+            grad = param.grad.reshape(projector.shape)
+            exp_avg, exp_avg_sq = self._moments(state, quantized)
+            left, right = projector.factors(state, param.device, param.dtype)
+            update = update.view(projector.low_rank_shape)
+            preconditioned = self._precondition(kernels, state, group, grad, left, right)
+            if preconditioned is not None:  # Adam on the already projected (and preconditioned) gradient
+                kernels.galore_adam_project_(preconditioned, exp_avg, exp_avg_sq, update, lefts=None, rights=None,
+                                             **hyper)
+            for out, value in zip((params, grads, exp_avgs, exp_avg_sqs, updates, lefts, rights),
+                                  (param, grad, exp_avg, exp_avg_sq, update, left, right)):
+                out.append(value)
+        if not self._preconditions:
+            kernels.galore_adam_project_(grads, exp_avgs, exp_avg_sqs, updates, lefts=lefts, rights=rights,
+                                         maximize=group["maximize"], **hyper)
+        for (_, _, state, _, quantized), exp_avg, exp_avg_sq in zip(items, exp_avgs, exp_avg_sqs):
+            if quantized:
+                self._store_moments(state, (exp_avg, exp_avg_sq))
+        kernels.galore_apply_(params, updates, lefts=lefts, rights=rights, step_size=self._step_size(group, step),
+                              scale=group["scale"], lr=group["lr"], weight_decay=group["weight_decay"])
 
     def _precondition(self, kernels: Any, state: dict[str, Any], group: Mapping[str, Any], grad: torch.Tensor,
                       left: torch.Tensor | None, right: torch.Tensor | None) -> torch.Tensor | None:
@@ -300,6 +380,8 @@ class NaturalGaLore(GaLoreAdamW):
                  **kwargs: Any) -> None:
         self._natural_defaults = dict(natural_history=natural_history, damping=damping)
         super().__init__(params, lr, betas, eps, weight_decay, correct_bias, proj_type=proj_type, **kwargs)
+
+    _preconditions = True
 
     def _extra_defaults(self) -> dict[str, Any]:
         return self._natural_defaults

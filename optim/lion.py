@@ -89,18 +89,17 @@ class Lion(MemzooOptimizer):
         loss = self._run_closure(closure)
         self._check_grads()
         for group in self.param_groups:
-            params, grads, exp_avgs = [], [], []
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
+            params = [param for param in group["params"] if param.grad is not None]
+            grads = [param.grad for param in params]
+            exp_avgs = []
+            for param in params:
                 state = self.state[param]
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(
+                exp_avg = state.get("exp_avg")
+                if exp_avg is None:
+                    exp_avg = state["exp_avg"] = torch.zeros_like(
                         param, dtype=self._momentum_dtype(param, group), memory_format=torch.preserve_format
                     )
-                params.append(param)
-                grads.append(param.grad)
-                exp_avgs.append(state["exp_avg"])
+                exp_avgs.append(exp_avg)
             beta1, beta2 = group["betas"]
             for device, (ps, gs, ms) in group_by_device(params, grads, exp_avgs).items():
                 self._kernels(device).lion_update_(

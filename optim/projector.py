@@ -21,13 +21,13 @@ from memzoo.optim.base import StateSpec, check_int, check_number
 from memzoo.reference.projector import (
     METHODS,
     PROJ_TYPES,
-    compute_basis,
+    compute_bases,
     matrix_shape,
     projection_side,
     random_basis,
 )
 
-__all__ = ["Projector", "ProjectorSettings"]
+__all__ = ["Projector", "ProjectorSettings", "RefreshRequest", "refresh_projectors_"]
 
 # Golden-ratio increment: consecutive refreshes get well-separated seeds.
 _SEED_STEP = 0x9E3779B1
@@ -108,25 +108,66 @@ class Projector:
         """GaLore refreshes on steps 1, T+1, 2T+1, … (``step`` is the count before this one)."""
         return step % self.settings.update_proj_gap == 0 or "proj_seed" not in state
 
+    def next_seed(self, state: dict[str, Any], step: int, base_seed: int) -> int:
+        """The seed of the refresh at ``step``; records ``base_seed`` on the first one."""
+        if "proj_seed" not in state:
+            state["proj_seed"] = torch.tensor(base_seed, dtype=torch.int64)
+        return (int(state["proj_seed"]) + step * _SEED_STEP) % 2**31
+
     def refresh_(self, state: dict[str, Any], grad_matrix: torch.Tensor, step: int, base_seed: int,
                  factor_dtype: torch.dtype) -> None:
         """Recompute the factors from the current gradient (as an m×n matrix)."""
-        if "proj_seed" not in state:
-            state["proj_seed"] = torch.tensor(base_seed, dtype=torch.int64)
-        seed = (int(state["proj_seed"]) + step * _SEED_STEP) % 2**31
-        if self.settings.projector == "random":
-            # Only the seed changes; the factors are regenerated from it each step.
-            state["proj_seed"] = torch.tensor(seed, dtype=torch.int64)
-            return
-        s = self.settings
-        left, right = compute_basis(grad_matrix, self.rank, self.side, s.projector, seed=seed,
-                                    power_iters=s.power_iters, oversample=s.oversample)
-        for name, factor in (("proj_left", left), ("proj_right", right)):
-            if factor is not None:
-                state[name] = factor.to(factor_dtype).contiguous()
+        refresh_projectors_([RefreshRequest(self, state, grad_matrix, step, base_seed, factor_dtype)])
 
     def factors(self, state: Mapping[str, Any], device: torch.device,
                 dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if self.settings.projector == "random":
             return random_basis(int(state["proj_seed"]), self.shape, self.rank, self.side, device, dtype)
         return state.get("proj_left"), state.get("proj_right")
+
+
+@dataclass
+class RefreshRequest:
+    """One projector due for a refresh, with the gradient (as its m×n matrix) to refresh from."""
+
+    projector: Projector
+    state: dict[str, Any]
+    grad_matrix: torch.Tensor
+    step: int
+    base_seed: int
+    factor_dtype: torch.dtype
+
+
+# Refreshes of same-shaped matrices are batched, a chunk's stacked gradients kept under this size.
+_REFRESH_CHUNK_BYTES = 256 * 2**20
+
+
+def refresh_projectors_(requests: list[RefreshRequest]) -> None:
+    """Refresh many projectors at once: requests with the same settings, shape, device and dtype
+    are stacked and their bases computed by one batched call per chunk (one GEMM, Cholesky and
+    eigen-solve per chunk instead of per matrix). Same result as refreshing them one by one."""
+    classes: dict[tuple, list[tuple[RefreshRequest, int]]] = {}
+    for request in requests:
+        seed = request.projector.next_seed(request.state, request.step, request.base_seed)
+        if request.projector.settings.projector == "random":
+            # Only the seed changes; the factors are regenerated from it each step.
+            request.state["proj_seed"] = torch.tensor(seed, dtype=torch.int64)
+            continue
+        grad = request.grad_matrix
+        key = (request.projector.settings, request.projector.shape, grad.device, grad.dtype, request.factor_dtype)
+        classes.setdefault(key, []).append((request, seed))
+    for (settings, (m, n), device, dtype, factor_dtype), members in classes.items():
+        projector = members[0][0].projector
+        chunk = max(1, _REFRESH_CHUNK_BYTES // (m * n * 4))
+        for begin in range(0, len(members), chunk):
+            part = members[begin:begin + chunk]
+            grads = torch.stack([r.grad_matrix for r, _ in part])
+            seeds = torch.tensor([seed for _, seed in part], dtype=torch.int64, device=device)
+            left, right = compute_bases(grads, projector.rank, projector.side, settings.projector, seeds=seeds,
+                                        power_iters=settings.power_iters, oversample=settings.oversample)
+            del grads
+            for index, (request, _) in enumerate(part):
+                for name, factors in (("proj_left", left), ("proj_right", right)):
+                    if factors is not None:  # an owned, contiguous copy: not a view of the batch
+                        request.state[name] = torch.empty(factors.shape[1:], dtype=factor_dtype,
+                                                          device=device).copy_(factors[index])

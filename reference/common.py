@@ -14,10 +14,14 @@ def as_tensor_list(name: str, tensors: torch.Tensor | Sequence[torch.Tensor]) ->
     if isinstance(tensors, torch.Tensor):
         return [tensors]
     tensors = list(tensors)
-    for index, tensor in enumerate(tensors):
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name}[{index}] must be a Tensor, got {type(tensor).__name__}")
+    if not set(map(type, tensors)) <= _TENSOR_TYPES:  # the per-step fast path: one C-level pass
+        for index, tensor in enumerate(tensors):
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"{name}[{index}] must be a Tensor, got {type(tensor).__name__}")
     return tensors
+
+
+_TENSOR_TYPES = {torch.Tensor, torch.nn.Parameter}
 
 
 def check_parallel_lists(**named: Sequence[torch.Tensor]) -> None:

@@ -19,8 +19,11 @@ import torch
 from memzoo.reference.common import as_tensor_list, check_parallel_lists, compute_dtype
 from memzoo.reference.projector import project, project_back
 
-__all__ = ["adamw_update_", "as_matrix", "check_low_rank_shapes", "galore_adam_project_", "galore_apply_", "natural_gradient",
-           "project"]
+__all__ = ["adamw_update_", "as_matrix", "check_low_rank_shapes", "galore_adam_project_", "galore_apply_",
+           "low_rank_lists", "natural_gradient", "project"]
+
+# Factors of a batch: None (no factor on that side), one factor, or one (or None) per matrix.
+FactorList = torch.Tensor | Sequence[torch.Tensor | None] | None
 
 
 def check_low_rank_shapes(full_shape: torch.Size, left: torch.Tensor | None, right: torch.Tensor | None,
@@ -47,61 +50,91 @@ def as_matrix(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     return tensor.reshape(rows, -1) if tensor.dim() != 2 else tensor
 
 
+def low_rank_lists(count_name: str, *, lefts: FactorList, rights: FactorList,
+                   **named: torch.Tensor | Sequence[torch.Tensor]) -> tuple[list[list[torch.Tensor]], list, list]:
+    """The batch arguments of the GaLore functions as lists of equal length: each named argument
+    (one tensor or a sequence) and the factors (None, one tensor, or a sequence of tensors or
+    Nones, one per matrix)."""
+    lists = [as_tensor_list(name, tensors) for name, tensors in named.items()]
+    count = len(named[count_name]) if not isinstance(named[count_name], torch.Tensor) else 1
+    if any(len(tensors) != count for tensors in lists):
+        raise ValueError(f"tensor lists differ in length: { {n: len(t) for n, t in zip(named, lists)} }")
+
+    def factors(name: str, value: FactorList) -> list[torch.Tensor | None]:
+        if value is None:
+            return [None] * count
+        items = [value] if isinstance(value, torch.Tensor) else list(value)
+        if len(items) != count:
+            raise ValueError(f"{name} has {len(items)} factors for {count} matrices")
+        return items
+
+    return lists, factors("lefts", lefts), factors("rights", rights)
+
+
 @torch.no_grad()
 def galore_adam_project_(
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    update: torch.Tensor,
+    grads: torch.Tensor | Sequence[torch.Tensor],
+    exp_avgs: torch.Tensor | Sequence[torch.Tensor],
+    exp_avg_sqs: torch.Tensor | Sequence[torch.Tensor],
+    updates: torch.Tensor | Sequence[torch.Tensor],
     *,
-    left: torch.Tensor | None,
-    right: torch.Tensor | None,
+    lefts: FactorList,
+    rights: FactorList,
     beta1: float,
     beta2: float,
     eps: float,
     maximize: bool = False,
 ) -> None:
-    """R = project(G); update the moments in place; write N = m/(√v+ε) into ``update``.
+    """For each matrix: R = project(G); update the moments in place; write N = m/(√v+ε) into
+    its ``updates`` tensor.
 
-    ``grad`` is the full gradient (≥2-D grads are read as (shape[0], -1) when projected);
-    ``exp_avg``, ``exp_avg_sq`` and ``update`` have R's shape.
+    ``grads`` are full gradients (≥2-D grads are read as (shape[0], -1) when projected);
+    ``exp_avgs``, ``exp_avg_sqs`` and ``updates`` have R's shape. One tensor or a list each;
+    ``lefts``/``rights`` are None, one factor, or one factor (or None) per matrix.
     """
-    check_low_rank_shapes(grad.shape, left, right, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, update=update)
-    dtype = compute_dtype(grad.dtype, exp_avg.dtype)
-    g = grad.to(dtype)
-    if maximize:
-        g = -g
-    if left is not None or right is not None:
-        g = project(as_matrix(g, grad.shape[0]), _factor(left, dtype), _factor(right, dtype))
-    m = exp_avg.to(dtype) * beta1 + g * (1.0 - beta1)  # m ← β1·m + (1 − β1)·R
-    v = exp_avg_sq.to(dtype) * beta2 + g * g * (1.0 - beta2)  # v ← β2·v + (1 − β2)·R²
-    exp_avg.copy_(m)
-    exp_avg_sq.copy_(v)
-    update.copy_(m / (v.sqrt() + eps))  # N = m / (√v + ε), from the unrounded moments
+    (grads, exp_avgs, exp_avg_sqs, updates), lefts, rights = low_rank_lists(
+        "grads", grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, updates=updates, lefts=lefts, rights=rights)
+    for grad, exp_avg, exp_avg_sq, update, left, right in zip(grads, exp_avgs, exp_avg_sqs, updates, lefts, rights):
+        check_low_rank_shapes(grad.shape, left, right, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, update=update)
+        dtype = compute_dtype(grad.dtype, exp_avg.dtype)
+        g = grad.to(dtype)
+        if maximize:
+            g = -g
+        if left is not None or right is not None:
+            g = project(as_matrix(g, grad.shape[0]), _factor(left, dtype), _factor(right, dtype))
+        m = exp_avg.to(dtype) * beta1 + g * (1.0 - beta1)  # m ← β1·m + (1 − β1)·R
+        v = exp_avg_sq.to(dtype) * beta2 + g * g * (1.0 - beta2)  # v ← β2·v + (1 − β2)·R²
+        exp_avg.copy_(m)
+        exp_avg_sq.copy_(v)
+        update.copy_(m / (v.sqrt() + eps))  # N = m / (√v + ε), from the unrounded moments
 
 
 @torch.no_grad()
 def galore_apply_(
-    param: torch.Tensor,
-    update: torch.Tensor,
+    params: torch.Tensor | Sequence[torch.Tensor],
+    updates: torch.Tensor | Sequence[torch.Tensor],
     *,
-    left: torch.Tensor | None,
-    right: torch.Tensor | None,
+    lefts: FactorList,
+    rights: FactorList,
     step_size: float,
     scale: float,
     lr: float,
     weight_decay: float,
 ) -> None:
-    """W ← W − step_size·scale·project_back(N); then W ← W − lr·λ·W (decay after, as GaLore)."""
-    check_low_rank_shapes(param.shape, left, right, update=update)
-    dtype = compute_dtype(param.dtype, update.dtype)
-    n = update.to(dtype)
-    if left is not None or right is not None:
-        n = project_back(n, _factor(left, dtype), _factor(right, dtype))
-    w = param.to(dtype) - (step_size * scale) * n.reshape(param.shape)
-    if weight_decay != 0.0:
-        w = w - (lr * weight_decay) * w
-    param.copy_(w)
+    """For each matrix: W ← W − step_size·scale·project_back(N); then W ← W − lr·λ·W (decay
+    after, as GaLore). Arguments as in :func:`galore_adam_project_`."""
+    (params, updates), lefts, rights = low_rank_lists("params", params=params, updates=updates, lefts=lefts,
+                                                      rights=rights)
+    for param, update, left, right in zip(params, updates, lefts, rights):
+        check_low_rank_shapes(param.shape, left, right, update=update)
+        dtype = compute_dtype(param.dtype, update.dtype)
+        n = update.to(dtype)
+        if left is not None or right is not None:
+            n = project_back(n, _factor(left, dtype), _factor(right, dtype))
+        w = param.to(dtype) - (step_size * scale) * n.reshape(param.shape)
+        if weight_decay != 0.0:
+            w = w - (lr * weight_decay) * w
+        param.copy_(w)
 
 
 def _factor(factor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

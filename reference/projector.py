@@ -26,6 +26,7 @@ __all__ = [
     "METHODS",
     "PROJ_TYPES",
     "compute_basis",
+    "compute_bases",
     "matrix_shape",
     "project",
     "project_back",
@@ -57,8 +58,20 @@ def projection_side(shape: tuple[int, int], proj_type: str) -> Side:
     raise ValueError(f"Invalid proj_type: {proj_type!r}; expected one of {PROJ_TYPES}")
 
 
-def _orthonormal(matrix: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.qr(matrix, mode="reduced").Q
+def _orthonormal(matrices: torch.Tensor) -> torch.Tensor:
+    """Orthonormal bases (B, m, k) of the column spaces of ``matrices`` (B, m, k), m ≥ k.
+
+    Cholesky-QR with the k×k Gram matrix and the triangular solve in float64: Q = Y·L⁻ᵀ with
+    LLᵀ = YᵀY. One batched GEMM, Cholesky and solve instead of a Householder QR per matrix
+    (several times faster on GPUs); float64 keeps Q orthonormal to ~1e-8 up to cond(Y) ≈ 1e6.
+    Where a Gram matrix is numerically singular (a rank-deficient sketch: a zero or low-rank
+    gradient) the batch falls back to Householder QR, which still returns an orthonormal basis.
+    """
+    wide = matrices.to(torch.float64)
+    factor, info = torch.linalg.cholesky_ex(wide.mT @ wide)
+    if bool((info != 0).any()):
+        return torch.linalg.qr(matrices, mode="reduced").Q
+    return torch.linalg.solve_triangular(factor.mT, wide, upper=True, left=False).to(matrices.dtype)
 
 
 def random_basis(seed: int, shape: tuple[int, int], rank: int, side: Side, device: torch.device | str,
@@ -70,27 +83,65 @@ def random_basis(seed: int, shape: tuple[int, int], rank: int, side: Side, devic
     left = right = None
     scale = 1.0 / math.sqrt(rank)
     if side in ("left", "full"):
-        left = philox_randn(seed, torch.arange(m * rank)).view(m, rank).mul_(scale)
-        left = left.to(device=device, dtype=dtype)
+        left = philox_randn(seed, torch.arange(m * rank, device=device)).view(m, rank).mul_(scale).to(dtype)
     if side in ("right", "full"):
         start = m * rank if side == "full" else 0
-        right = philox_randn(seed, torch.arange(start, start + rank * n)).view(rank, n).mul_(scale)
-        right = right.to(device=device, dtype=dtype)
+        offsets = torch.arange(start, start + rank * n, device=device)
+        right = philox_randn(seed, offsets).view(rank, n).mul_(scale).to(dtype)
     return left, right
 
 
-def _randomized_svd(matrix: torch.Tensor, rank: int, seed: int, power_iters: int,
-                    oversample: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``rank`` left (m×r) and right (r×n) singular vectors by a seeded range finder with
-    ``power_iters`` power iterations (Halko, Martinsson & Tropp 2011, Alg. 4.4 + 5.1)."""
-    m, n = matrix.shape
+def _range_basis(matrices: torch.Tensor, rank: int, seeds: torch.Tensor, power_iters: int,
+                 oversample: int) -> torch.Tensor:
+    """Top-``rank`` left singular vectors (B, m, r) of ``matrices`` (B, m, n) by a seeded range
+    finder with power iterations, then Rayleigh–Ritz (Halko, Martinsson & Tropp 2011, Alg. 4.4
+    and 5.1). The Ritz rotation comes from the eigenvectors of the small Gram matrix
+    (QᵀA)(QᵀA)ᵀ, so the result is Q·U, orthonormal even where A is rank-deficient."""
+    batch, m, n = matrices.shape
     width = min(rank + oversample, m, n)
-    sketch = philox_randn(seed, torch.arange(n * width)).view(n, width).to(matrix.device, matrix.dtype)
-    basis = _orthonormal(matrix @ sketch)
+    offsets = torch.arange(n * width, device=matrices.device)
+    sketch = philox_randn(seeds.view(-1, 1), offsets).view(batch, n, width).to(matrices.dtype)
+    basis = _orthonormal(matrices @ sketch)
     for _ in range(power_iters):
-        basis = _orthonormal(matrix @ _orthonormal(matrix.T @ basis))
-    small_u, _, vh = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
-    return (basis @ small_u)[:, :rank], vh[:rank]
+        basis = _orthonormal(matrices @ _orthonormal(matrices.mT @ basis))
+    small = (basis.mT @ matrices).to(torch.float64)  # (B, w, n)
+    _, vectors = torch.linalg.eigh(small @ small.mT)  # ascending eigenvalues = σ²
+    top = vectors.flip(-1)[..., :rank].to(matrices.dtype)
+    return basis @ top
+
+
+def compute_bases(matrices: torch.Tensor, rank: int, side: Side, method: str, *, seeds: torch.Tensor | None = None,
+                  power_iters: int = 2, oversample: int = 8) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Batched :func:`compute_basis`: ``matrices`` is (B, m, n), ``seeds`` an int64 tensor of B
+    seeds (the ``randomized`` and ``random`` methods); factors come back with a leading B."""
+    batch, m, n = matrices.shape
+    work = matrices.to(compute_dtype(matrices.dtype))
+    uses_left, uses_right = side in ("left", "full"), side in ("right", "full")
+    if method == "identity":
+        eye = lambda size: torch.eye(size, device=matrices.device, dtype=work.dtype).expand(batch, size, size)  # noqa: E731
+        return (eye(m) if uses_left else None, eye(n) if uses_right else None)
+    if not 1 <= rank <= min(m, n):
+        raise ValueError(f"rank must be in [1, {min(m, n)}] for a {m}×{n} matrix, got {rank}")
+    if method not in METHODS:
+        raise ValueError(f"Invalid projector method: {method!r}; expected one of {METHODS}")
+    if method in ("randomized", "random") and (seeds is None or seeds.shape != (batch,)):
+        raise ValueError(f"the {method!r} projector needs one seed per matrix ({batch})")
+    left = right = None
+    if method == "random":
+        pairs = [random_basis(int(seed), (m, n), rank, side, matrices.device, work.dtype) for seed in seeds.tolist()]
+        stack = lambda factors: torch.stack(factors) if factors[0] is not None else None  # noqa: E731
+        return stack([p[0] for p in pairs]), stack([p[1] for p in pairs])
+    if method == "svd":
+        u, _, vh = torch.linalg.svd(work, full_matrices=False)
+        left, right = u[..., :rank], vh[..., :rank, :]
+    else:
+        # Each side from its own range finder (on A for the left factor, on Aᵀ for the right),
+        # so each factor is an orthonormal Q·U even for rank-deficient gradients.
+        if uses_left:
+            left = _range_basis(work, rank, seeds, power_iters, oversample)
+        if uses_right:
+            right = _range_basis(work.mT, rank, seeds, power_iters, oversample).mT
+    return (left if uses_left else None, right if uses_right else None)
 
 
 def compute_basis(matrix: torch.Tensor, rank: int, side: Side, method: str, *, seed: int = 0,
@@ -98,23 +149,10 @@ def compute_basis(matrix: torch.Tensor, rank: int, side: Side, method: str, *, s
     """Factors (left m×r or None, right r×n or None) that span the top-``rank`` subspace of
     ``matrix`` (m×n) on ``side``. ``rank`` must be ≤ min(m, n); ``identity`` ignores it and
     returns identity factors (a test device: the projection then changes nothing)."""
-    m, n = matrix.shape
-    work = matrix.to(compute_dtype(matrix.dtype))
-    if method == "identity":
-        eye = lambda size: torch.eye(size, device=matrix.device, dtype=work.dtype)  # noqa: E731
-        return (eye(m) if side in ("left", "full") else None, eye(n) if side in ("right", "full") else None)
-    if not 1 <= rank <= min(m, n):
-        raise ValueError(f"rank must be in [1, {min(m, n)}] for a {m}×{n} matrix, got {rank}")
-    if method == "random":
-        return random_basis(seed, (m, n), rank, side, matrix.device, work.dtype)
-    if method == "svd":
-        u, _, vh = torch.linalg.svd(work, full_matrices=False)
-        u, vh = u[:, :rank], vh[:rank]
-    elif method == "randomized":
-        u, vh = _randomized_svd(work, rank, seed, power_iters, oversample)
-    else:
-        raise ValueError(f"Invalid projector method: {method!r}; expected one of {METHODS}")
-    return (u if side in ("left", "full") else None, vh if side in ("right", "full") else None)
+    seeds = torch.tensor([seed], dtype=torch.int64, device=matrix.device)
+    left, right = compute_bases(matrix.unsqueeze(0), rank, side, method, seeds=seeds, power_iters=power_iters,
+                                oversample=oversample)
+    return (None if left is None else left[0], None if right is None else right[0])
 
 
 def project(matrix: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None) -> torch.Tensor:

@@ -37,13 +37,23 @@ def _uniform(bits: torch.Tensor) -> torch.Tensor:
     return folded.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
 
 
-def philox_randn(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """Standard normals, float32, shaped like ``offsets`` (integer tensor of element offsets)."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+def philox_randn(seed: int | torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Standard normals, float32, shaped like ``offsets`` (integer tensor of element offsets)
+    broadcast with ``seed``: an int, or an integer tensor of seeds (e.g. shape (B, 1) against
+    offsets of shape (N,) draws B streams at once)."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
+            raise TypeError(f"seed must be an integer tensor, got {seed.dtype}")
+        if seed.numel() and not bool(((seed >= 0) & (seed < 2**63 - 1)).all()):
+            raise ValueError("seeds must lie in [0, 2**63)")
+        seed = seed.to(device=offsets.device, dtype=torch.int64)
+    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
     if offsets.dtype.is_floating_point or offsets.dtype.is_complex:
         raise TypeError(f"offsets must be an integer tensor, got {offsets.dtype}")
     offsets = offsets.to(torch.int64)
+    if isinstance(seed, torch.Tensor):
+        offsets, seed = torch.broadcast_tensors(offsets, seed)
     c0 = offsets & _MASK32
     c1 = (offsets >> 32) & _MASK32
     c2 = torch.zeros_like(c0)

@@ -3,33 +3,21 @@
 from __future__ import annotations
 
 import math
-import sys
-import types
 
 import pytest
 import torch
 
+from memzoo.bench.baselines import import_galore_torch
 from memzoo.optim import GaLoreAdamW
 from memzoo.reference.projector import compute_basis, random_basis
 
 
 def _official_galore():
-    """galore_torch 1.0 (installed by .ci/run without its dependencies). It imports
-    transformers only for a version check, which is stubbed here when transformers is absent."""
-    stubbed = []
-    if "transformers" not in sys.modules:
-        try:
-            import transformers.utils.versions  # noqa: F401
-        except ImportError:
-            for name in ("transformers", "transformers.utils", "transformers.utils.versions"):
-                sys.modules[name] = types.ModuleType(name)
-                stubbed.append(name)
-            sys.modules["transformers.utils.versions"].require_version = lambda *args, **kwargs: None
+    """galore_torch 1.0 (installed by .ci/run without its dependencies), or a skip."""
     try:
-        return pytest.importorskip("galore_torch")
-    finally:
-        for name in stubbed:
-            del sys.modules[name]
+        return import_galore_torch()
+    except ValueError as exc:
+        pytest.skip(str(exc))
 
 
 def _hf_adam_reference(param, grads, *, lr, betas, eps, weight_decay):

@@ -53,21 +53,39 @@ def test_galore_kernels_at_llama_layer_sizes(pair_name, side) -> None:
         check_pair(pair, [(2736, 1024)], dtypes, hparams, "contiguous", "cuda", seed=0)
 
 
-def test_galore_triton_and_torch_trajectories_agree_on_cuda() -> None:
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_galore_triton_and_torch_trajectories_agree_on_cuda(precision, monkeypatch) -> None:
     from memzoo.optim import GaLoreAdamW
+    from memzoo.triton_kernels import galore as galore_kernels
 
-    start = [torch.randn(1024, 512, device="cuda"), torch.randn(512, device="cuda")]
-    results = {}
+    monkeypatch.setattr(galore_kernels, "PRECISION", precision)
+    start = [torch.randn(1024, 512, device="cuda"), torch.randn(512, device="cuda"),
+             torch.randn(256, 512, device="cuda"), torch.randn(256, 512, device="cuda")]
+    lr, steps = 1e-3, 6
+    results, factors = {}, {}
     for backend in ("torch", "triton"):
         params = [torch.nn.Parameter(t.clone()) for t in start]
-        optimizer = GaLoreAdamW([{"params": params[:1], "rank": 128, "update_proj_gap": 3}, {"params": params[1:]}],
-                                lr=1e-3, projector="svd", backend=backend)
+        optimizer = GaLoreAdamW([{"params": [params[0], *params[2:]], "rank": 128, "update_proj_gap": 3},
+                                 {"params": params[1:2]}], lr=lr, projector="svd", backend=backend)
         generator = torch.Generator(device="cuda").manual_seed(0)
-        for _ in range(6):
+        for _ in range(steps):
             for p in params:
                 p.grad = torch.randn(p.shape, generator=generator, device="cuda")
             optimizer.step()
         results[backend] = [p.detach() for p in params]
+        factors[backend] = optimizer.state[params[0]]["proj_right"]
     for a, b, s in zip(results["triton"], results["torch"], start):
-        # TF32 projections: compare the moves, not the weights, at TF32 accuracy.
-        torch.testing.assert_close(a - s, b - s, rtol=2e-2, atol=2e-5)
+        moved_triton, moved_torch = a - s, b - s
+        difference = (moved_triton - moved_torch).abs()
+        # Each step rounds the fp32 weight once; two implementations may differ by an ulp there.
+        rounding = 2 * steps * torch.finfo(torch.float32).eps * s.abs().max()
+        if precision == "ieee":  # fp32 products: only the summation order differs
+            assert (difference <= rounding + 1e-4 * moved_torch.abs()).all()
+            continue
+        # TF32 (u = 2^-11) flips the sign of Adam's early, sign-like update N wherever |R| lies
+        # within TF32 rounding of 0, and each flip moves a row of the weight by ≤ 2·lr·|N|·|P|.
+        # Such elements must be few and bounded, the whole move close: a wrong sign or scale of
+        # the update would give a relative difference of order 1.
+        assert (difference > rounding + 1e-2 * moved_torch.abs()).double().mean() < 0.1
+        assert difference.max() <= 4 * steps * lr * factors["torch"].abs().max()
+        assert difference.norm() <= 0.05 * moved_torch.norm()

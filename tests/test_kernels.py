@@ -75,10 +75,8 @@ def test_kernel_rejects_mismatched_shapes(pair: KernelPair) -> None:
     case = pair.make_case([(3, 4)], dtypes, KERNEL_DEVICE, generator, hparams)
     # Give the second argument a wrong shape.
     args = list(case.args)
-    if isinstance(args[1], torch.Tensor):
-        args[1] = torch.zeros(args[1].shape[0] + 1, 7, dtype=args[1].dtype, device=args[1].device)
-    else:
-        args[1] = [args[1][0].reshape(4, 3)]
+    wrong = lambda t: torch.zeros(t.shape[0] + 1, 7, dtype=t.dtype, device=t.device)  # noqa: E731
+    args[1] = wrong(args[1]) if isinstance(args[1], torch.Tensor) else [wrong(t) for t in args[1]]
     for fn in (pair.reference(), pair.triton()):
         with pytest.raises(ValueError, match="shape"):
             fn(*args, **case.kwargs)

@@ -21,53 +21,108 @@ Status: checked against the reference through Triton's interpreter only; ``AUTO 
 
 from __future__ import annotations
 
+import operator
+import os
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from memzoo.reference.galore import as_matrix, check_low_rank_shapes, natural_gradient, project
+from memzoo.reference.galore import (
+    FactorList,
+    as_matrix,
+    check_low_rank_shapes,
+    low_rank_lists,
+    natural_gradient,
+    project,
+)
 from memzoo.reference.galore import galore_adam_project_ as _reference_adam_project_
 from memzoo.reference.galore import galore_apply_ as _reference_apply_
-from memzoo.triton_kernels.multi_tensor import ceil_div, launch_elementwise, tensor_block, to_storage
+from memzoo.triton_kernels.multi_tensor import ceil_div, launch_elementwise, operand_offsets, tensor_block, to_storage
 
 __all__ = ["AUTO", "INTERPRETED", "PRECISION", "adamw_update_", "galore_adam_project_", "galore_apply_",
            "natural_gradient", "project"]
 
 AUTO = False
 PRECISION = "tf32"
-BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32
-ADAMW_BLOCK = 2048  # 28 bytes per fp32 element: 56 KB of traffic per program
+
+
+class Tiles(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def _tiles_from_environment(name: str, default: Tiles) -> Tiles:
+    """Tiles from ``name`` ("BLOCK_M,BLOCK_N,BLOCK_K,WARPS,STAGES"), for tuning on other GPUs."""
+    text = os.environ.get(name)
+    if not text:
+        return default
+    try:
+        return Tiles(*(int(part) for part in text.split(",")))
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={text!r}: expected five integers BLOCK_M,BLOCK_N,BLOCK_K,WARPS,STAGES") from None
+
+
+# GEMM tiles on the GPU (per kernel; chosen with ``python -m memzoo.bench.tune`` on an H100), and
+# in the interpreter, where pipelining means nothing and fewer, larger programs run faster.
+PROJECT_TILES = _tiles_from_environment("MEMZOO_GALORE_PROJECT_TILES", Tiles(64, 128, 32, 4, 3))
+APPLY_TILES = _tiles_from_environment("MEMZOO_GALORE_APPLY_TILES", Tiles(64, 128, 32, 4, 3))
+INTERPRETER_TILES = Tiles(64, 64, 32, 4, 1)
+ADAMW_BLOCK = 1024  # swept on an H100 (bench/RESULTS.md): 1024 elements, 4 warps
+ADAMW_WARPS = 4
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
 def _gemm_tile(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """This program's BLOCK_M×BLOCK_N tile of A·B (fp32 accumulator), row/column offsets, mask."""
+    """This program's BLOCK_M×BLOCK_N tile of A·B (fp32 accumulator), row/column offsets, mask.
+
+    The usual pipelined form: pointers computed once and advanced by BLOCK_K, rows and columns
+    wrapped into range (% M, % N) so that only the K tail is masked in the loop; rows and columns
+    past the edge are computed and dropped by the caller's masked store."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + (rows % M)[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak
+    b_ptrs = b_ptr + ks[:, None] * stride_bk + (cols % N)[None, :].to(tl.int64) * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a_ptr + rows[:, None].to(tl.int64) * stride_am + ks[None, :].to(tl.int64) * stride_ak,
-                    mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + ks[:, None].to(tl.int64) * stride_bk + cols[None, :].to(tl.int64) * stride_bn,
-                    mask=(ks[:, None] < K) & (cols[None, :] < N), other=0.0).to(tl.float32)
+        a = tl.load(a_ptrs, mask=ks[None, :] < K - k0, other=0.0).to(tl.float32)
+        b = tl.load(b_ptrs, mask=ks[:, None] < K - k0, other=0.0).to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     return acc, rows[:, None].to(tl.int64), cols[None, :].to(tl.int64), mask
 
 
 @triton.jit
+def _matrix(base, offsets, num_matrices, OPERAND: tl.constexpr):
+    """Operand OPERAND's pointer for this program's matrix (grid axis 2 indexes the batch)."""
+    return base + tl.load(offsets + OPERAND * num_matrices + tl.program_id(2))
+
+
+@triton.jit
 def _project_adam_kernel(
-    a_ptr, b_ptr, m_ptr, v_ptr, out_ptr, M, N, K,
+    a_ptr, b_ptr, m_ptr, v_ptr, out_ptr, offsets, num_matrices, M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn,
     stride_mm, stride_mn, stride_vm, stride_vn, stride_om, stride_on,
     beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
     MAXIMIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    a_ptr = _matrix(a_ptr, offsets, num_matrices, 0)
+    b_ptr = _matrix(b_ptr, offsets, num_matrices, 1)
+    m_ptr = _matrix(m_ptr, offsets, num_matrices, 2)
+    v_ptr = _matrix(v_ptr, offsets, num_matrices, 3)
+    out_ptr = _matrix(out_ptr, offsets, num_matrices, 4)
     r, rows, cols, mask = _gemm_tile(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
                                      BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
     if MAXIMIZE:
@@ -84,11 +139,14 @@ def _project_adam_kernel(
 
 @triton.jit
 def _apply_kernel(
-    a_ptr, b_ptr, w_ptr, M, N, K,
+    a_ptr, b_ptr, w_ptr, offsets, num_matrices, M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_wm, stride_wn,
     coefficient, decay,
     HAS_DECAY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    a_ptr = _matrix(a_ptr, offsets, num_matrices, 0)
+    b_ptr = _matrix(b_ptr, offsets, num_matrices, 1)
+    w_ptr = _matrix(w_ptr, offsets, num_matrices, 2)
     back, rows, cols, mask = _gemm_tile(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
                                         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
     w_ptrs = w_ptr + rows * stride_wm + cols * stride_wn
@@ -144,87 +202,173 @@ def adamw_update_(
     per (device, dtypes) bucket, each element read once (p, g, m, v) and written once (p, m, v)."""
     launch_elementwise(
         _adamw_kernel, {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs},
-        written=[True, False, True, True], block=ADAMW_BLOCK, dtypes=_SUPPORTED, num_warps=8,
+        written=[True, False, True, True], block=ADAMW_BLOCK, dtypes=_SUPPORTED, num_warps=ADAMW_WARPS,
         align_names=("P_ALIGN", "G_ALIGN", "M_ALIGN", "V_ALIGN"),
         scalars=(step_size, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, lr * weight_decay),
         MAXIMIZE=maximize, HAS_DECAY=weight_decay != 0.0,
     )
 
 
-def _grid(m: int, n: int) -> tuple[int, int]:
-    return ceil_div(m, BLOCK_M), ceil_div(n, BLOCK_N)
+def _batches(operand_tuples: list[tuple[torch.Tensor, ...]]) -> list[list[list[torch.Tensor]]]:
+    """Split a batch into groups one launch can serve: every operand with the same shape,
+    strides, dtype and device across the group (so only base pointers differ). Each group comes
+    back as one list per operand."""
+    groups: dict[tuple, list[tuple[torch.Tensor, ...]]] = {}
+    for operands in operand_tuples:
+        key = tuple((t.shape, t.stride(), t.dtype, t.device) for t in operands)
+        groups.setdefault(key, []).append(operands)
+    return [[list(operand) for operand in zip(*group)] for group in groups.values()]
+
+
+_shape_of = operator.attrgetter("shape")
+_dtype_of = operator.attrgetter("dtype")
+
+
+def _uniform(*lists: Sequence[torch.Tensor]) -> bool:
+    """Whether each list's tensors share shape, strides and dtype, all on one device: then one
+    launch serves the whole batch, checked in a few C-level passes instead of per matrix."""
+    devices = set()
+    for tensors in lists:
+        if (len(set(map(_shape_of, tensors))) != 1 or len(set(map(torch.Tensor.stride, tensors))) != 1
+                or len(set(map(_dtype_of, tensors))) != 1):
+            return False
+        devices.update(map(torch.Tensor.get_device, tensors))
+    return len(devices) == 1
+
+
+def _one_side(lefts: list, rights: list) -> str | None:
+    """'left' or 'right' when every matrix has a factor on that side only, else None."""
+    # (Identity tests only: ``None in tensors`` would compare tensors with ==.)
+    if all(left is None for left in lefts) and all(right is not None for right in rights):
+        return "right"
+    if all(right is None for right in rights) and all(left is not None for left in lefts):
+        return "left"
+    return None
+
+
+def _transposed(matrix: torch.Tensor) -> tuple[int, int]:
+    return matrix.stride(1), matrix.stride(0)
+
+
+def _launch(kernel, tiles: Tiles, operands: list[list[torch.Tensor]], m: int, n: int, k: int,
+            strides: tuple[int, ...], scalars: tuple[float, ...], **constexprs: object) -> None:
+    """One launch over a batch given as one list per operand; the kernel reads operand l of
+    matrix b at the first tensor's address plus the offset table's entry (l, b)."""
+    offsets = operand_offsets(operands, operands[0][0].device)
+    tiles = INTERPRETER_TILES if INTERPRETED else tiles
+    count = len(operands[0])
+    grid = (ceil_div(m, tiles.block_m), ceil_div(n, tiles.block_n), count)
+    kernel[grid](*(tensors[0] for tensors in operands), offsets, count, m, n, k, *strides, *scalars,
+                 BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, PRECISION=PRECISION,
+                 num_warps=tiles.num_warps, num_stages=tiles.num_stages, **constexprs)
 
 
 @torch.no_grad()
 def galore_adam_project_(
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    update: torch.Tensor,
+    grads: torch.Tensor | Sequence[torch.Tensor],
+    exp_avgs: torch.Tensor | Sequence[torch.Tensor],
+    exp_avg_sqs: torch.Tensor | Sequence[torch.Tensor],
+    updates: torch.Tensor | Sequence[torch.Tensor],
     *,
-    left: torch.Tensor | None,
-    right: torch.Tensor | None,
+    lefts: FactorList,
+    rights: FactorList,
     beta1: float,
     beta2: float,
     eps: float,
     maximize: bool = False,
 ) -> None:
-    """Same contract as :func:`memzoo.reference.galore.galore_adam_project_`."""
-    if left is None and right is None:
-        return _reference_adam_project_(grad, exp_avg, exp_avg_sq, update, left=None, right=None, beta1=beta1,
-                                        beta2=beta2, eps=eps, maximize=maximize)
-    check_low_rank_shapes(grad.shape, left, right, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, update=update)
-    g = as_matrix(grad, grad.shape[0])
-    if left is not None and right is not None:  # full: T = leftᵀ·G first (r×n), then T·rightᵀ fused
-        g, left = left.T.to(torch.float32) @ g.to(torch.float32), None
-    if right is not None:  # R = G·rightᵀ: A = G (m×n), B = rightᵀ (n×r)
-        a, b = g, right.T
-    else:  # R = leftᵀ·G: A = leftᵀ (r×m), B = G (m×n)
-        a, b = left.T, g
-    m, k, n = a.shape[0], a.shape[1], b.shape[1]
-    _project_adam_kernel[_grid(m, n)](
-        a, b, exp_avg, exp_avg_sq, update, m, n, k,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        exp_avg.stride(0), exp_avg.stride(1), exp_avg_sq.stride(0), exp_avg_sq.stride(1),
-        update.stride(0), update.stride(1),
-        beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps,
-        MAXIMIZE=maximize, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PRECISION=PRECISION,
-    )
+    """Same contract as :func:`memzoo.reference.galore.galore_adam_project_`: one launch per
+    group of same-shaped, same-strided matrices."""
+    (grads, exp_avgs, exp_avg_sqs, updates), lefts, rights = low_rank_lists(
+        "grads", grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, updates=updates, lefts=lefts, rights=rights)
+    scalars = (beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps)
+    side = _one_side(lefts, rights) if grads else None
+    factors = rights if side == "right" else lefts
+    if side and grads[0].dim() == 2 and _uniform(grads, exp_avgs, exp_avg_sqs, updates, factors):
+        # The optimizer's case: same-shaped matrices, one side. One check stands for all.
+        grad, factor = grads[0], factors[0]
+        check_low_rank_shapes(grad.shape, lefts[0], rights[0], exp_avg=exp_avgs[0], exp_avg_sq=exp_avg_sqs[0],
+                              update=updates[0])
+        if side == "right":  # R = G·rightᵀ: A = G (m×n), B = rightᵀ (n×r)
+            dims, strides = (grad.shape[0], factor.shape[0], grad.shape[1]), (*grad.stride(), *_transposed(factor))
+            operands = [grads, factors]
+        else:  # R = leftᵀ·G: A = leftᵀ (r×m), B = G (m×n)
+            dims, strides = (factor.shape[1], grad.shape[1], grad.shape[0]), (*_transposed(factor), *grad.stride())
+            operands = [factors, grads]
+        _launch(_project_adam_kernel, PROJECT_TILES, [*operands, exp_avgs, exp_avg_sqs, updates], *dims,
+                (*strides, *exp_avgs[0].stride(), *exp_avg_sqs[0].stride(), *updates[0].stride()), scalars,
+                MAXIMIZE=maximize)
+        return
+    fused = []
+    for grad, exp_avg, exp_avg_sq, update, left, right in zip(grads, exp_avgs, exp_avg_sqs, updates, lefts, rights):
+        check_low_rank_shapes(grad.shape, left, right, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, update=update)
+        if left is None and right is None:  # element-wise: the reference
+            _reference_adam_project_(grad, exp_avg, exp_avg_sq, update, lefts=None, rights=None, beta1=beta1,
+                                     beta2=beta2, eps=eps, maximize=maximize)
+            continue
+        g = as_matrix(grad, grad.shape[0])
+        if left is not None and right is not None:  # full: T = leftᵀ·G first (r×n), then T·rightᵀ fused
+            g, left = left.T.to(torch.float32) @ g.to(torch.float32), None
+        # right: R = G·rightᵀ, A = G (m×n), B = rightᵀ (n×r); left: R = leftᵀ·G, A = leftᵀ, B = G
+        a, b = (g, right.T) if right is not None else (left.T, g)
+        fused.append((a, b, exp_avg, exp_avg_sq, update))
+    for operands in _batches(fused):
+        a, b, exp_avg, exp_avg_sq, update = (tensors[0] for tensors in operands)
+        _launch(_project_adam_kernel, PROJECT_TILES, operands, a.shape[0], b.shape[1], a.shape[1],
+                (*a.stride(), *b.stride(), *exp_avg.stride(), *exp_avg_sq.stride(), *update.stride()), scalars,
+                MAXIMIZE=maximize)
 
 
 @torch.no_grad()
 def galore_apply_(
-    param: torch.Tensor,
-    update: torch.Tensor,
+    params: torch.Tensor | Sequence[torch.Tensor],
+    updates: torch.Tensor | Sequence[torch.Tensor],
     *,
-    left: torch.Tensor | None,
-    right: torch.Tensor | None,
+    lefts: FactorList,
+    rights: FactorList,
     step_size: float,
     scale: float,
     lr: float,
     weight_decay: float,
 ) -> None:
-    """Same contract as :func:`memzoo.reference.galore.galore_apply_`. The weight is written in
-    place through its strides; a ≥3-D weight that cannot be viewed as a matrix goes through a copy."""
-    if left is None and right is None:
-        return _reference_apply_(param, update, left=None, right=None, step_size=step_size, scale=scale, lr=lr,
-                                 weight_decay=weight_decay)
-    check_low_rank_shapes(param.shape, left, right, update=update)
-    n_low = update.to(torch.float32)
-    if left is not None and right is not None:  # full: (left·N) first (m×r), then ·right fused
-        n_low, left = left.to(torch.float32) @ n_low, None
-    a, b = (n_low, right) if right is not None else (left, n_low)
-    m, k, n = a.shape[0], a.shape[1], b.shape[1]
-    copied = False
-    try:
-        weight = param if param.dim() == 2 else param.view(m, n)
-    except RuntimeError:  # not viewable as m×n: copy in, copy out
-        weight, copied = param.reshape(m, n).clone(), True
-    _apply_kernel[_grid(m, n)](
-        a, b, weight, m, n, k,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), weight.stride(0), weight.stride(1),
-        step_size * scale, lr * weight_decay,
-        HAS_DECAY=weight_decay != 0.0, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PRECISION=PRECISION,
-    )
-    if copied:
+    """Same contract as :func:`memzoo.reference.galore.galore_apply_`. Weights are written in
+    place through their strides; a ≥3-D weight that cannot be viewed as a matrix goes through a
+    copy."""
+    (params, updates), lefts, rights = low_rank_lists("params", params=params, updates=updates, lefts=lefts,
+                                                      rights=rights)
+    scalars = (step_size * scale, lr * weight_decay)
+    side = _one_side(lefts, rights) if params else None
+    factors = rights if side == "right" else lefts
+    if side and params[0].dim() == 2 and _uniform(params, updates, factors):
+        # The optimizer's case: same-shaped matrices, one side. One check stands for all.
+        check_low_rank_shapes(params[0].shape, lefts[0], rights[0], update=updates[0])
+        # right: W −= c·N·right, A = N (m×r), B = right (r×n); left: A = left (m×r), B = N (r×n)
+        operands = [updates, factors] if side == "right" else [factors, updates]
+        a, b = operands[0][0], operands[1][0]
+        _launch(_apply_kernel, APPLY_TILES, [*operands, params], a.shape[0], b.shape[1], a.shape[1],
+                (*a.stride(), *b.stride(), *params[0].stride()), scalars, HAS_DECAY=weight_decay != 0.0)
+        return
+    fused, copies = [], []
+    for param, update, left, right in zip(params, updates, lefts, rights):
+        check_low_rank_shapes(param.shape, left, right, update=update)
+        if left is None and right is None:
+            _reference_apply_(param, update, lefts=None, rights=None, step_size=step_size, scale=scale, lr=lr,
+                              weight_decay=weight_decay)
+            continue
+        n_low = update.to(torch.float32)
+        if left is not None and right is not None:  # full: (left·N) first (m×r), then ·right fused
+            n_low, left = left.to(torch.float32) @ n_low, None
+        a, b = (n_low, right) if right is not None else (left, n_low)
+        m, n = a.shape[0], b.shape[1]
+        try:
+            weight = param if param.dim() == 2 else param.view(m, n)
+        except RuntimeError:  # not viewable as m×n: copy in, copy out
+            weight = param.reshape(m, n).clone()
+            copies.append((param, weight))
+        fused.append((a, b, weight))
+    for operands in _batches(fused):
+        a, b, weight = (tensors[0] for tensors in operands)
+        _launch(_apply_kernel, APPLY_TILES, operands, a.shape[0], b.shape[1], a.shape[1],
+                (*a.stride(), *b.stride(), *weight.stride()), scalars, HAS_DECAY=weight_decay != 0.0)
+    for param, weight in copies:
         param.copy_(weight.reshape(param.shape))

@@ -177,38 +177,56 @@ def _galore_factors(shape, side, rank, dtype, device, generator):
     return left, right, low_rank
 
 
-def _galore_project_case(shapes, dtypes, device, generator, hparams, layout="contiguous") -> KernelCase:
+def _galore_batch(shapes, hparams) -> tuple[list, str, int, dict]:
+    """The matrices of a GaLore batch case: the drawn shapes, or (``batch="same"``) the first
+    shape repeated, so that one launch serves several matrices."""
     hparams = dict(hparams)
-    side, rank = hparams.pop("side"), hparams.pop("rank")
+    side, rank, batch = hparams.pop("side"), hparams.pop("rank"), hparams.pop("batch", "mixed")
+    shapes = [shapes[0]] * len(shapes) if batch == "same" else list(shapes)
+    return shapes, side, rank, hparams
+
+
+def _galore_project_case(shapes, dtypes, device, generator, hparams, layout="contiguous") -> KernelCase:
+    shapes, side, rank, hparams = _galore_batch(shapes, hparams)
     state_dtype = dtypes.get("state") or dtypes["param"]
-    left, right, low_rank = _galore_factors(shapes[0], side, rank, dtypes["param"], device, generator)
-    grad = make_tensor(shapes[0], dtypes["param"], device, generator, layout)
-    exp_avg = make_tensor(low_rank, state_dtype, device, generator, layout)
-    exp_avg_sq = make_tensor(low_rank, state_dtype, device, generator, layout).abs_()
-    update = torch.empty(low_rank, dtype=torch.float32, device=device)
-    return KernelCase(args=(grad, exp_avg, exp_avg_sq, update), kwargs={"left": left, "right": right, **hparams},
-                      outputs=(1, 2, 3))
+    grads, exp_avgs, exp_avg_sqs, updates, lefts, rights = [], [], [], [], [], []
+    for shape in shapes:
+        left, right, low_rank = _galore_factors(shape, side, rank, dtypes["param"], device, generator)
+        lefts.append(left)
+        rights.append(right)
+        grads.append(make_tensor(shape, dtypes["param"], device, generator, layout))
+        exp_avgs.append(make_tensor(low_rank, state_dtype, device, generator, layout))
+        exp_avg_sqs.append(make_tensor(low_rank, state_dtype, device, generator, layout).abs_())
+        updates.append(torch.empty(low_rank, dtype=torch.float32, device=device))
+    return KernelCase(args=(grads, exp_avgs, exp_avg_sqs, updates),
+                      kwargs={"lefts": lefts, "rights": rights, **hparams}, outputs=(1, 2, 3))
+
+
+def _factor_bytes(case: KernelCase) -> int:
+    return sum(f.nbytes for name in ("lefts", "rights") for f in case.kwargs[name] if f is not None)
 
 
 def _galore_project_bytes(case: KernelCase) -> int:
-    grad, exp_avg, exp_avg_sq, update = case.args
-    factors = sum(f.nbytes for f in (case.kwargs["left"], case.kwargs["right"]) if f is not None)
-    return grad.nbytes + factors + 2 * (exp_avg.nbytes + exp_avg_sq.nbytes) + update.nbytes
+    grads, exp_avgs, exp_avg_sqs, updates = case.args
+    return _factor_bytes(case) + sum(g.nbytes + 2 * (m.nbytes + v.nbytes) + u.nbytes
+                                     for g, m, v, u in zip(grads, exp_avgs, exp_avg_sqs, updates))
 
 
 def _galore_apply_case(shapes, dtypes, device, generator, hparams, layout="contiguous") -> KernelCase:
-    hparams = dict(hparams)
-    side, rank = hparams.pop("side"), hparams.pop("rank")
-    left, right, low_rank = _galore_factors(shapes[0], side, rank, dtypes["param"], device, generator)
-    param = make_tensor(shapes[0], dtypes["param"], device, generator, layout)
-    update = make_tensor(low_rank, torch.float32, device, generator)
-    return KernelCase(args=(param, update), kwargs={"left": left, "right": right, **hparams}, outputs=(0,))
+    shapes, side, rank, hparams = _galore_batch(shapes, hparams)
+    params, updates, lefts, rights = [], [], [], []
+    for shape in shapes:
+        left, right, low_rank = _galore_factors(shape, side, rank, dtypes["param"], device, generator)
+        lefts.append(left)
+        rights.append(right)
+        params.append(make_tensor(shape, dtypes["param"], device, generator, layout))
+        updates.append(make_tensor(low_rank, torch.float32, device, generator))
+    return KernelCase(args=(params, updates), kwargs={"lefts": lefts, "rights": rights, **hparams}, outputs=(0,))
 
 
 def _galore_apply_bytes(case: KernelCase) -> int:
-    param, update = case.args
-    factors = sum(f.nbytes for f in (case.kwargs["left"], case.kwargs["right"]) if f is not None)
-    return 2 * param.nbytes + update.nbytes + factors
+    params, updates = case.args
+    return _factor_bytes(case) + sum(2 * p.nbytes + u.nbytes for p, u in zip(params, updates))
 
 
 def _gemm_unit_roundoff(device: torch.device) -> float:
@@ -241,34 +259,38 @@ def _product_error(low_rank_or_grad, left, right, *, back: bool) -> torch.Tensor
 def _galore_project_tolerance(case: KernelCase) -> list[list[torch.Tensor]]:
     from memzoo.reference.projector import project
 
-    grad, exp_avg, exp_avg_sq, _ = case.args
-    left, right = case.kwargs["left"], case.kwargs["right"]
     beta1, beta2, eps = case.kwargs["beta1"], case.kwargs["beta2"], case.kwargs["eps"]
-    g = grad.double().reshape(grad.shape[0], -1)
-    r = project(g, None if left is None else left.double(), None if right is None else right.double())
-    if case.kwargs.get("maximize", False):
-        r = -r
-    dr = _product_error(g, left, right, back=False)
-    m = beta1 * exp_avg.double() + (1 - beta1) * r
-    v = beta2 * exp_avg_sq.double() + (1 - beta2) * r * r
-    dm = (1 - beta1) * dr
-    dv = (1 - beta2) * (2 * r.abs() * dr + dr * dr)
-    root = v.sqrt()
-    droot = torch.minimum(dv.sqrt(), dv / (2 * root).clamp_min(1e-300))
-    # N = m/(√v + ε): first-order change from m, plus from √v, over the smallest denominator.
-    dn = (dm + m.abs() * droot / (root + eps)) / (root + eps - droot).clamp_min(eps)
-    return [[dm], [dv], [dn]]
+    bounds: list[list[torch.Tensor]] = [[], [], []]
+    for grad, exp_avg, exp_avg_sq, _, left, right in zip(*case.args, case.kwargs["lefts"], case.kwargs["rights"]):
+        g = grad.double().reshape(grad.shape[0], -1)
+        r = project(g, None if left is None else left.double(), None if right is None else right.double())
+        if case.kwargs.get("maximize", False):
+            r = -r
+        dr = _product_error(g, left, right, back=False)
+        m = beta1 * exp_avg.double() + (1 - beta1) * r
+        v = beta2 * exp_avg_sq.double() + (1 - beta2) * r * r
+        dm = (1 - beta1) * dr
+        dv = (1 - beta2) * (2 * r.abs() * dr + dr * dr)
+        root = v.sqrt()
+        droot = torch.minimum(dv.sqrt(), dv / (2 * root).clamp_min(1e-300))
+        # N = m/(√v + ε): first-order change from m, plus from √v, over the smallest denominator.
+        dn = (dm + m.abs() * droot / (root + eps)) / (root + eps - droot).clamp_min(eps)
+        for bound, value in zip(bounds, (dm, dv, dn)):
+            bound.append(value)
+    return bounds
 
 
 def _galore_apply_tolerance(case: KernelCase) -> list[list[torch.Tensor]]:
-    param, update = case.args
     coefficient = case.kwargs["step_size"] * case.kwargs["scale"]
     decay = case.kwargs["lr"] * case.kwargs["weight_decay"]
-    error = coefficient * _product_error(update, case.kwargs["left"], case.kwargs["right"], back=True)
-    return [[(1 + decay) * error.reshape(param.shape)]]
+    bounds = []
+    for param, update, left, right in zip(*case.args, case.kwargs["lefts"], case.kwargs["rights"]):
+        error = coefficient * _product_error(update, left, right, back=True)
+        bounds.append((1 + decay) * error.reshape(param.shape))
+    return [bounds]
 
 
-_GALORE_CHOICES = {"side": ("left", "right", "full"), "rank": (1, 2, 5, 16, 40)}
+_GALORE_CHOICES = {"side": ("left", "right", "full"), "rank": (1, 2, 5, 16, 40), "batch": ("mixed", "same")}
 
 GALORE_PROJECT = KernelPair(
     family="galore",
@@ -282,7 +304,7 @@ GALORE_PROJECT = KernelPair(
     extra_tolerance=_galore_project_tolerance,
     choices=_GALORE_CHOICES,
     shape_dims=(2, 3),
-    max_tensors=1,
+    max_tensors=3,
 )
 
 GALORE_APPLY = KernelPair(
@@ -297,7 +319,7 @@ GALORE_APPLY = KernelPair(
     extra_tolerance=_galore_apply_tolerance,
     choices=_GALORE_CHOICES,
     shape_dims=(2, 3),
-    max_tensors=1,
+    max_tensors=3,
 )
 
 def _adamw_case(shapes, dtypes, device, generator, hparams, layout="contiguous") -> KernelCase:

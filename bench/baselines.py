@@ -1,0 +1,79 @@
+"""Other libraries' optimizers, timed by ``memzoo-bench step --baseline NAME`` in the same run
+as ours, on the same parameters and (for low-rank methods) the same param groups.
+
+Each is optional: a baseline whose package is not installed is reported, not fatal.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = ["BASELINES", "import_galore_torch", "make_baseline"]
+
+Named = list[tuple[str, torch.nn.Parameter]]
+
+
+def _require(module: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ValueError(f"baseline needs the package {module!r} ({exc})") from None
+
+
+def import_galore_torch() -> Any:
+    """The official ``galore_torch`` module. It imports transformers only for a version check;
+    where transformers is absent that import is stubbed for the duration of the import."""
+    stubbed = []
+    if "transformers" not in sys.modules:
+        try:
+            importlib.import_module("transformers.utils.versions")
+        except ImportError:
+            for name in ("transformers", "transformers.utils", "transformers.utils.versions"):
+                sys.modules[name] = types.ModuleType(name)
+                stubbed.append(name)
+            sys.modules["transformers.utils.versions"].require_version = lambda *args, **kwargs: None
+    try:
+        return _require("galore_torch")
+    finally:
+        for name in stubbed:
+            del sys.modules[name]
+
+
+def _paper_groups(named: Named) -> list[dict[str, Any]]:
+    from memzoo.optim.registry import get_optimizer_info
+
+    groups = get_optimizer_info("galore_adamw").bench_groups(named)
+    return [{**g, "proj_type": "std"} if "rank" in g else g for g in groups]
+
+
+def _lion_pytorch(named: Named, use_triton: bool) -> torch.optim.Optimizer:
+    lion = _require("lion_pytorch")
+    return lion.Lion([p for _, p in named], lr=1e-4, weight_decay=0.1, use_triton=use_triton)
+
+
+def _bnb(name: str, named: Named, **kwargs: Any) -> torch.optim.Optimizer:
+    optim = _require("bitsandbytes.optim")
+    return getattr(optim, name)([p for _, p in named], **kwargs)
+
+
+BASELINES: dict[str, Callable[[Named], torch.optim.Optimizer]] = {
+    "lion_pytorch": lambda named: _lion_pytorch(named, use_triton=False),
+    "lion_pytorch_triton": lambda named: _lion_pytorch(named, use_triton=True),
+    "bnb_adamw8bit": lambda named: _bnb("AdamW8bit", named, lr=1e-3, weight_decay=0.01),
+    "bnb_lion8bit": lambda named: _bnb("Lion8bit", named, lr=1e-4, weight_decay=0.1),
+    # The official GaLore on the paper's groups (rank by width, scale 0.25, gap 200, std).
+    "galore_torch": lambda named: import_galore_torch().GaLoreAdamW(_paper_groups(named), lr=1e-3, weight_decay=0.0),
+}
+
+
+def make_baseline(name: str, named: Named) -> torch.optim.Optimizer:
+    """The baseline optimizer ``name`` over ``named``; ValueError if unknown or not installed."""
+    if name not in BASELINES:
+        raise ValueError(f"unknown baseline {name!r}; known: {', '.join(sorted(BASELINES))}")
+    return BASELINES[name](named)

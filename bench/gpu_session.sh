@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# One GPU session in one call: environment, then the named parts in order, logs under $OUT.
+#   bash bench/gpu_session.sh "gpu-tests tune bench kernel-tests" [extra memzoo-bench step args...]
+# Runs from the repository root. Wheels of packages the machine lacks (bitsandbytes, and the
+# baselines lion-pytorch and galore-torch) are installed from .whl/ when that folder exists.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/memzoo-out}
+mkdir -p "$OUT"
+parts=${1:-gpu-tests bench kernel-tests}
+shift || true
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+# The repository root is the memzoo package: expose it under that name without installing.
+mkdir -p /tmp/pkg && ln -sfn "$PWD" /tmp/pkg/memzoo
+export PYTHONPATH=/tmp/pkg${PYTHONPATH:+:$PYTHONPATH}
+
+exec > >(tee -a "$OUT/session.log") 2>&1  # everything below also lands in $OUT/session.log
+python3 - <<'EOF'
+import platform, torch, triton
+print("python", platform.python_version(), "torch", torch.__version__, "triton", triton.__version__)
+print("device", torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, "SMs")
+try:
+    import bitsandbytes
+    print("bitsandbytes", bitsandbytes.__version__)
+except Exception as exc:
+    print("bitsandbytes missing:", exc)
+EOF
+
+bench() {  # bench NAME ARGS...: one memzoo-bench command, its table to stdout and $OUT/NAME.*
+    local name=$1; shift
+    echo "### memzoo-bench $*"
+    python3 -m memzoo.bench "$@" --json "$OUT/$name.json" 2>&1 | grep -v '^USDT'
+}
+
+for part in $parts; do
+    case $part in
+    gpu-tests)
+        timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_multi_tensor.py \
+            > "$OUT/pytest_gpu.log" 2>&1
+        echo "pytest -m gpu: exit $?"; tail -25 "$OUT/pytest_gpu.log" ;;
+    tune)  # the GEMM tiles; the best are used by the parts after this one
+        python3 -m memzoo.bench.tune --kernels "${TUNE_KERNELS:-galore}" 2>&1 | tee "$OUT/tune.log"
+        export MEMZOO_GALORE_PROJECT_TILES=$(awk '/^BEST PROJECT_TILES/ {print $3}' "$OUT/tune.log")
+        export MEMZOO_GALORE_APPLY_TILES=$(awk '/^BEST APPLY_TILES/ {print $3}' "$OUT/tune.log")
+        echo "tiles: project $MEMZOO_GALORE_PROJECT_TILES apply $MEMZOO_GALORE_APPLY_TILES" ;;
+    bench)  # ours against the baselines
+        bench step_lion step --optimizer lion --baseline lion_pytorch,lion_pytorch_triton,bnb_lion8bit "$@"
+        bench step_lion_bf16m step --optimizer lion --set momentum_dtype=bf16 "$@"
+        bench step_galore_triton step --optimizer galore_adamw,natural_galore --backend triton "$@"
+        bench step_galore_torch step --optimizer galore_adamw,natural_galore --backend torch --baseline galore_torch "$@"
+        bench kernels kernels --no-compile ;;
+    bench-ours)  # ours only, steady state and refresh
+        bench step_lion step --optimizer lion "$@"
+        bench step_lion_bf16m step --optimizer lion --set momentum_dtype=bf16 "$@"
+        bench step_galore_triton step --optimizer galore_adamw,natural_galore --backend triton "$@"
+        bench kernels kernels --no-compile ;;
+    kernel-tests)
+        timeout "${KERNEL_TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+            tests/test_random.py > "$OUT/pytest_kernels.log" 2>&1
+        echo "pytest kernels: exit $?"; tail -25 "$OUT/pytest_kernels.log" ;;
+    *) echo "unknown part $part"; exit 2 ;;
+    esac
+done
