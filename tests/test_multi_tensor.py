@@ -61,3 +61,50 @@ def test_one_launch_per_dtype_bucket_and_copies_only_where_needed() -> None:
     with pytest.raises(ValueError, match="supports"):
         plan_launches([params, grads, states], [True, False, True], 4096, (torch.float32,))
     finish()
+
+
+def _views(buffer: torch.Tensor, dtype: torch.dtype, numel: int, byte_offsets: list[int]) -> list[torch.Tensor]:
+    size = torch.empty((), dtype=dtype).element_size()
+    return [buffer[start:start + numel * size].view(dtype) for start in byte_offsets]
+
+
+def _lion_matches_reference(params, grads, exp_avgs) -> None:
+    from memzoo.reference.lion import lion_update_ as reference
+    from memzoo.triton_kernels.lion import lion_update_ as kernel
+
+    hparams = {"lr": 0.1, "beta1": 0.9, "beta2": 0.99, "weight_decay": 0.1}
+    expected = [[t.clone() for t in ts] for ts in (params, grads, exp_avgs)]
+    reference(*expected, **hparams)
+    kernel(params, grads, exp_avgs, **hparams)
+    for actual, wanted in zip([*params, *exp_avgs], [*expected[0], *expected[2]]):
+        torch.testing.assert_close(actual, wanted, rtol=0, atol=0)
+
+
+def test_launch_caches_are_not_fooled_by_reused_addresses() -> None:
+    """Tensors of another dtype (or layout) at the addresses of an earlier call's tensors get
+    their own offsets and plan: a table cached by address alone once sent a bf16 launch to fp32
+    offsets, i.e. twice as far (an illegal address on the GPU)."""
+    generator = torch.Generator().manual_seed(0)
+    buffers = [torch.zeros(4096, dtype=torch.uint8, device=KERNEL_DEVICE) for _ in range(3)]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):  # same addresses, same numels
+        lists = [_views(buffer, dtype, 40, [0, 1024, 2048]) for buffer in buffers]
+        for tensors in lists:
+            for tensor in tensors:
+                tensor.copy_(torch.randn(40, generator=generator).to(dtype))
+        _lion_matches_reference(*lists)
+
+    def forms(buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = buffer[:48].view(torch.float32)  # two dense (2, 3, 2) views with different strides
+        return flat.view(2, 2, 3).permute(0, 2, 1), flat.view(3, 2, 2).permute(1, 0, 2)
+
+    (p, _), (g_a, g_b), (m, _) = (forms(buffer) for buffer in buffers)
+    for g in (g_a, g_b):  # the second call differs from the first only in the grads' strides
+        for tensor in (p, g, m):
+            tensor.copy_(torch.randn(tensor.shape, generator=generator))
+        _lion_matches_reference([p], [g], [m])
+
+    from memzoo.triton_kernels.lion import lion_update_
+
+    bad = buffers[1][:48].view(torch.float32).view(3, 2, 2)  # same address and numel, wrong shape
+    with pytest.raises(ValueError):
+        lion_update_([p], [bad], [m], lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0)

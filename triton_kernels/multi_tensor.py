@@ -129,8 +129,8 @@ class _LRU(OrderedDict):
         return value
 
 
-# Keyed by addresses and sizes, so a cached table can never describe other tensors: the same key
-# means the same offsets. Saves the host-to-device copy on every step after the first.
+# Keyed by their contents, so a cached table can never describe other tensors. Saves the
+# host-to-device copy on every step after the first.
 _TABLES = _LRU()
 _BLOCK_MAPS = _LRU()
 
@@ -152,15 +152,18 @@ def _block_map(numels: tuple[int, ...], block: int, device: torch.device) -> tor
 
 def _table(pointers: tuple[tuple[int, ...], ...], sizes: tuple[int, ...], numels: tuple[int, ...], block: int,
            device: torch.device) -> torch.Tensor:
+    # Keyed by the table's contents, not the addresses: the same addresses hold tensors of another
+    # dtype from one call to the next, and element offsets depend on the element size.
+    rows = tuple(tuple((ptr - ptrs[0]) // size for ptr in ptrs) for ptrs, size in zip(pointers, sizes))
+
     def make() -> torch.Tensor:
-        rows = [[(ptr - ptrs[0]) // size for ptr in ptrs] for ptrs, size in zip(pointers, sizes)]
         firsts, total = [], 0
         for n in numels:
             firsts.append(total)
             total += ceil_div(n, block)
         return torch.tensor([*rows, list(numels), firsts], dtype=torch.int64).to(device)
 
-    return _TABLES.get_or_make((pointers, numels, block, device), make)
+    return _TABLES.get_or_make((rows, numels, block, device), make)
 
 
 _data_ptr = torch.Tensor.data_ptr
@@ -259,21 +262,23 @@ def plan_launches(
     return launches, finish
 
 
-# Launch plans of earlier calls, keyed by everything a plan depends on (addresses, sizes, dtypes,
-# layouts): an optimizer calls with the same tensors every step, and a hit skips the per-tensor
-# validation and bucketing (the step's host time, ~1 ms for 200 tensors, is otherwise comparable
-# to the kernel's). Plans hold no tensors: a hit takes its base pointers from the call's own lists.
+# Launch plans of earlier calls, keyed by everything a plan and the skipped checks depend on
+# (addresses, shapes, dtypes, and strides where not contiguous): an optimizer calls with the same
+# tensors every step, and a hit skips the per-tensor validation and bucketing (the step's host
+# time, ~1 ms for 200 tensors, is otherwise comparable to the kernel's). Plans hold no tensors: a
+# hit takes its base pointers from the call's own lists.
 _PLANS = _LRU()
-_numel = torch.Tensor.numel
+_shape_of = operator.attrgetter("shape")
 _dtype_of = operator.attrgetter("dtype")
 
 
 def _signature(kernel: Callable, block: int, lists: list[list[torch.Tensor]]) -> tuple:
     return (kernel, block, lists[0][0].device if lists[0] else None,
             *(tuple(map(_data_ptr, tensors)) for tensors in lists),
-            *(tuple(map(_numel, tensors)) for tensors in lists),
+            *(tuple(map(_shape_of, tensors)) for tensors in lists),
             *(tuple(map(_dtype_of, tensors)) for tensors in lists),
-            *(all(map(_is_contiguous, tensors)) for tensors in lists))
+            *(None if all(map(_is_contiguous, tensors)) else tuple(map(torch.Tensor.stride, tensors))
+              for tensors in lists))
 
 
 def launch_elementwise(
