@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["BASELINES", "import_galore_torch", "make_baseline"]
+__all__ = ["BASELINES", "import_galore_torch", "import_official", "make_baseline"]
 
 Named = list[tuple[str, torch.nn.Parameter]]
 
@@ -26,9 +26,10 @@ def _require(module: str) -> Any:
         raise ValueError(f"baseline needs the package {module!r} ({exc})") from None
 
 
-def import_galore_torch() -> Any:
-    """The official ``galore_torch`` module. It imports transformers only for a version check;
-    where transformers is absent that import is stubbed for the duration of the import."""
+def import_official(module: str) -> Any:
+    """An official optimizer package (``galore_torch``, ``apollo_torch``). They import
+    transformers only for a version check; where transformers is absent that import is stubbed
+    for the duration of the import."""
     stubbed = []
     if "transformers" not in sys.modules:
         try:
@@ -39,10 +40,15 @@ def import_galore_torch() -> Any:
                 stubbed.append(name)
             sys.modules["transformers.utils.versions"].require_version = lambda *args, **kwargs: None
     try:
-        return _require("galore_torch")
+        return _require(module)
     finally:
         for name in stubbed:
             del sys.modules[name]
+
+
+def import_galore_torch() -> Any:
+    """The official ``galore_torch`` module (see :func:`import_official`)."""
+    return import_official("galore_torch")
 
 
 def _paper_groups(named: Named) -> list[dict[str, Any]]:
@@ -50,6 +56,15 @@ def _paper_groups(named: Named) -> list[dict[str, Any]]:
 
     groups = get_optimizer_info("galore_adamw").bench_groups(named)
     return [{**g, "proj_type": "std"} if "rank" in g else g for g in groups]
+
+
+def _apollo_torch(named: Named, name: str) -> torch.optim.Optimizer:
+    """apollo-torch's APOLLOAdamW on the groups of our registry entry ``name`` (same ranks,
+    scales and gap; ``proj_type`` std)."""
+    from memzoo.optim.registry import get_optimizer_info
+
+    groups = [{**g, "proj_type": "std"} if "rank" in g else g for g in get_optimizer_info(name).bench_groups(named)]
+    return import_official("apollo_torch").APOLLOAdamW(groups, lr=1e-3, weight_decay=0.0)
 
 
 def _lion_pytorch(named: Named, use_triton: bool) -> torch.optim.Optimizer:
@@ -69,6 +84,9 @@ BASELINES: dict[str, Callable[[Named], torch.optim.Optimizer]] = {
     "bnb_lion8bit": lambda named: _bnb("Lion8bit", named, lr=1e-4, weight_decay=0.1),
     # The official GaLore on the paper's groups (rank by width, scale 0.25, gap 200, std).
     "galore_torch": lambda named: import_galore_torch().GaLoreAdamW(_paper_groups(named), lr=1e-3, weight_decay=0.0),
+    # The official APOLLO and APOLLO-Mini on the groups of our apollo / apollo_mini rows.
+    "apollo_torch": lambda named: _apollo_torch(named, "apollo"),
+    "apollo_mini_torch": lambda named: _apollo_torch(named, "apollo_mini"),
 }
 
 

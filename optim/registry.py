@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from memzoo.optim.apollo import APOLLO
 from memzoo.optim.base import MemzooOptimizer
 from memzoo.optim.galore import GaLoreAdamW, NaturalGaLore
 from memzoo.optim.lion import Lion
@@ -104,6 +105,15 @@ def _natural_galore_state_bytes(optimizer: NaturalGaLore) -> int:
     return total
 
 
+def _apollo_state_bytes(optimizer: APOLLO) -> int:
+    """ALGORITHMS.md §3 with the projection regenerated from its seed: GaLore's count (moments
+    max(m,n)·r, int64 step and seed, a stored factor only for proj="svd"/"randomized") plus the
+    limiter's fp32 norm per projected weight unless disable_nl."""
+    limited = sum(1 for param, group in _stepped(optimizer)
+                  if group["rank"] is not None and param.dim() >= 2 and not group["disable_nl"])
+    return _galore_state_bytes(optimizer) + 4 * limited
+
+
 # GaLore's C4 pretraining ranks by model width (60M: 128; 130M, 350M: 256; 1B: 1024).
 PAPER_RANKS = {512: 128, 768: 256, 1024: 256, 2048: 1024}
 
@@ -120,6 +130,19 @@ def _galore_bench_groups(named: list[tuple[str, torch.nn.Parameter]]) -> list[di
     return [{"params": [p for n, p in named if is_projected(n, p)], "rank": rank, "update_proj_gap": 200,
              "scale": 0.25},
             {"params": [p for n, p in named if not is_projected(n, p)]}]
+
+
+def _apollo_bench_groups(named: list[tuple[str, torch.nn.Parameter]]) -> list[dict[str, Any]]:
+    # APOLLO's README setting: GaLore's target matrices at the paper's rank, channel scaling,
+    # scale 1, random projection, gap 200; the rest in AdamW.
+    projected, rest = _galore_bench_groups(named)
+    return [{**projected, "scale": 1.0, "scale_type": "channel", "proj": "random"}, rest]
+
+
+def _apollo_mini_bench_groups(named: list[tuple[str, torch.nn.Parameter]]) -> list[dict[str, Any]]:
+    # APOLLO-Mini's: rank 1, tensor-wise scaling, scale 128, gap 200.
+    projected, rest = _galore_bench_groups(named)
+    return [{**projected, "rank": 1, "scale": 128.0, "scale_type": "tensor", "proj": "random"}, rest]
 
 
 _COMMON_BAD_INPUTS = (
@@ -185,6 +208,38 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
             ),
             position_seeded=True,
             bench_groups=_galore_bench_groups,
+        ),
+        OptimizerInfo(
+            name="apollo",
+            cls=APOLLO,
+            summary="APOLLO (Zhu et al. 2025): AdamW-like steps from channel-wise scaling estimated in a random rank-r space",
+            sample_kwargs={"lr": 0.1, "weight_decay": 0.1, "rank": 2, "update_proj_gap": 2, "scale": 4.0},
+            expected_state_bytes=_apollo_state_bytes,
+            variants=({}, {"proj": "svd"}, {"scale_type": "tensor", "scale_front": True}, {"disable_nl": True},
+                      {"state_dtype": torch.float32}),
+            backends=("torch",),
+            bad_inputs=_COMMON_BAD_INPUTS + (
+                BadInput("rank 0", {"rank": 0}, ValueError, "Invalid rank"),
+                BadInput("two-sided projection", {"proj_type": "full"}, ValueError, "projects one side"),
+                BadInput("unknown scale_type", {"scale_type": "row"}, ValueError, "scale_type"),
+                BadInput("unknown proj", {"proj": "qr"}, ValueError, "Invalid proj"),
+                BadInput("growth limit below 1", {"growth_limit": 0.5}, ValueError, "growth_limit"),
+                BadInput("disable_nl not a bool", {"disable_nl": "yes"}, TypeError, "disable_nl"),
+            ),
+            position_seeded=True,
+            bench_groups=_apollo_bench_groups,
+        ),
+        OptimizerInfo(
+            name="apollo_mini",
+            cls=APOLLO,
+            summary="APOLLO-Mini: APOLLO at rank 1 with one tensor-wise scaling factor (SGD-like memory)",
+            sample_kwargs={"lr": 0.1, "weight_decay": 0.1, "rank": 1, "update_proj_gap": 2, "scale": 128.0,
+                           "scale_type": "tensor"},
+            expected_state_bytes=_apollo_state_bytes,
+            backends=("torch",),
+            bad_inputs=_COMMON_BAD_INPUTS,
+            position_seeded=True,
+            bench_groups=_apollo_mini_bench_groups,
         ),
     )
 }

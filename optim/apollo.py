@@ -1,0 +1,177 @@
+"""APOLLO and APOLLO-Mini (Zhu et al. 2025): SGD-like memory, AdamW-level updates."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from memzoo.optim.base import Backend, StateSpec, check_number
+from memzoo.optim.galore import GaLoreAdamW
+
+__all__ = ["APOLLO"]
+
+_SCALE_TYPES = ("channel", "tensor")
+_PROJECTIONS = ("random", "svd", "randomized", "identity")
+
+
+class APOLLO(GaLoreAdamW):
+    r"""APOLLO: Adam moments in a random rank-r space of the gradient decide per-channel (or
+    per-tensor) scaling factors of the raw gradient, which then takes a full-rank SGD-like step.
+
+    Param groups are the official ``apollo_torch.APOLLOAdamW`` ones: a group with a ``rank``
+    (``{"params": ..., "rank": 256, "proj": "random", "scale_type": "channel", "scale": 1,
+    "update_proj_gap": 200, "proj_type": "std"}``) is APOLLO'd; parameters in groups without a
+    rank, and 1-D/0-D tensors, get plain AdamW in the same convention (eps 1e-6). Weights with
+    more than two dimensions are read as (shape[0], prod(rest)) matrices. ``APOLLO.mini`` makes
+    APOLLO-Mini (rank 1, tensor-wise scaling, scale 128).
+
+    For an m×n weight with gradient G, projection P (``proj="random"``: Gaussian N(0, 1/r) entries
+    regenerated from a per-weight seed on every step, a new seed every ``update_proj_gap`` steps:
+    the paper's choice, nothing stored; ``"svd"``: GaLore's stored top-r singular vectors), on
+    the side GaLore's rule picks (R = G·Pᵀ, m×r, when m ≥ n under ``proj_type="std"``):
+
+    .. math::
+        R = P(G);\ m \leftarrow \beta_1 m + (1-\beta_1)R;\ v \leftarrow \beta_2 v + (1-\beta_2)R^2;\
+        N = m/(\sqrt v+\epsilon);\ s_c = \|N_c\|/(\|R_c\| + 10^{-8});\ S = G \odot s
+
+    with c a channel (a row of G for a right projection, a column for a left one; the whole
+    tensor for ``scale_type="tensor"``). Then the norm-growth limiter (unless ``disable_nl``):
+    S ← S/max(1, ‖S‖/(γ·ρ)) with ρ the previous step's ‖S‖ (γ = ``growth_limit`` = 1.01), then
+    W ← W − η_t·√α·S with η_t = lr·√(1−β2^t)/(1−β1^t), α = ``scale``, and W ← W − lr·λ·W.
+
+    Against the paper: ``scale`` enters as √α as in the official code; the paper's norm
+    compensation for the random projection corresponds to scale ≈ n/r (the official fine-tuning
+    setting, e.g. 32 for r = 128 on a 4096-wide model). The projection is regenerated from its
+    seed (the paper's description) where the official code stores it, and drawn from Triton's
+    Philox stream, so the numbers differ from the official ones in value, not in distribution.
+    Moments are kept across projection refreshes, as officially.
+
+    Args:
+        params: parameters or param groups (group keys above; ``proj`` may be given as ``projector``).
+        lr, betas, eps, weight_decay, correct_bias: as ``apollo_torch.APOLLOAdamW`` (1e-3,
+            (0.9, 0.999), 1e-6, 0.0, True).
+        rank: default rank for groups that do not set one; None (default) = plain AdamW.
+        update_proj_gap, scale, proj_type, proj, scale_type: group defaults (200, 1.0, "std",
+            "random", "channel"). ``proj_type="full"`` is rejected: APOLLO projects one side.
+        scale_front: apply √α before the limiter instead of after (the official option).
+        disable_nl: turn the norm-growth limiter off.
+        growth_limit: γ, the most the update norm may grow per step (1.01, hard-coded officially).
+        power_iters, oversample, strict_rank, state_dtype, optim_bits, min_8bit_size, seed,
+            maximize, backend: as :class:`GaLoreAdamW`.
+    """
+
+    family = "apollo"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        *,
+        rank: int | None = None,
+        update_proj_gap: int = 200,
+        scale: float = 1.0,
+        proj_type: str = "std",
+        proj: str = "random",
+        scale_type: str = "channel",
+        scale_front: bool = False,
+        disable_nl: bool = False,
+        growth_limit: float = 1.01,
+        backend: Backend = "auto",
+        **kwargs: Any,
+    ) -> None:
+        if "projector" in kwargs:
+            raise TypeError("APOLLO takes the projection as proj= (the official name), not projector=")
+        self._apollo_defaults = dict(scale_type=scale_type, scale_front=scale_front, disable_nl=disable_nl,
+                                     growth_limit=growth_limit)
+        super().__init__(params, lr, betas, eps, weight_decay, correct_bias, rank=rank,
+                         update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, projector=proj,
+                         backend=backend, **kwargs)
+
+    @classmethod
+    def mini(cls, params: Iterable[Any], lr: float = 1e-3, *, rank: int = 1, scale: float = 128.0,
+             scale_type: str = "tensor", **kwargs: Any) -> APOLLO:
+        """APOLLO-Mini: rank 1, one tensor-wise scaling factor, scale 128 (the paper's
+        settings). Every ≥2-D parameter in a group without its own ``rank`` is projected: put
+        embeddings and the head in a group with ``"rank": None`` to keep them on AdamW."""
+        return cls(params, lr, rank=rank, scale=scale, scale_type=scale_type, **kwargs)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "proj" in param_group:  # the official group key
+            if "projector" in param_group:
+                raise ValueError("param group gives both 'proj' and 'projector'; give one")
+            param_group = {**param_group, "projector": param_group["proj"]}
+            del param_group["proj"]
+        super().add_param_group(param_group)
+
+    def _extra_defaults(self) -> dict[str, Any]:
+        return self._apollo_defaults
+
+    def _validate_group(self, group: Mapping[str, Any], group_index: int) -> None:
+        if group["rank"] is not None:
+            if group["projector"] not in _PROJECTIONS:
+                raise ValueError(f"Invalid proj: {group['projector']!r}; expected one of {_PROJECTIONS}")
+            if group["proj_type"] == "full":
+                raise ValueError("Invalid proj_type: 'full'; APOLLO projects one side (std, reverse_std, left, right)")
+        super()._validate_group(group, group_index)
+        if group["scale_type"] not in _SCALE_TYPES:
+            raise ValueError(f"Invalid scale_type: {group['scale_type']!r}; expected one of {_SCALE_TYPES}")
+        for flag in ("scale_front", "disable_nl"):
+            if not isinstance(group[flag], bool):
+                raise TypeError(f"Invalid {flag}: expected a bool, got {group[flag]!r}")
+        check_number("growth_limit", group["growth_limit"], low=1.0)
+
+    def _state_spec(self, param: torch.Tensor, group: Mapping[str, Any]) -> StateSpec:
+        spec = super()._state_spec(param, group)
+        if self._projector(param, group) and not group["disable_nl"]:
+            spec["limiter_norm"] = (torch.Size(()), torch.float32)
+        return spec
+
+    def _update_projected(self, group: Mapping[str, Any], items: list, hyper: dict[str, float]) -> None:
+        """Scaling factors from the projected moments, then the scaled full-rank update, for
+        projected params that share device and step count: (param, projector, state, step,
+        quantized) each."""
+        param, _, _, step, _ = items[0]
+        device = param.device
+        kernels = self._kernels(device)
+        tensor_wise = group["scale_type"] == "tensor"
+        shapes = []
+        for param, projector, _, _, _ in items:
+            m, n = projector.shape
+            shapes.append((1, 1) if tensor_wise else (m, 1) if projector.side == "right" else (1, n))
+        # All factors of the batch in one buffer (one allocation per batch and step).
+        sizes = [a * b for a, b in shapes]
+        buffer = torch.empty(sum(sizes), dtype=torch.float32, device=device)
+        grads, exp_avgs, exp_avg_sqs, lefts, rights, scales = [], [], [], [], [], []
+        for (param, projector, state, _, quantized), shape, chunk in zip(items, shapes, buffer.split(sizes)):
+            exp_avg, exp_avg_sq = self._moments(state, quantized)
+            left, right = projector.factors(state, device, param.dtype)
+            for out, value in zip((grads, exp_avgs, exp_avg_sqs, lefts, rights, scales),
+                                  (param.grad, exp_avg, exp_avg_sq, left, right, chunk.view(shape))):
+                out.append(value)
+        kernels.apollo_scales_(grads, exp_avgs, exp_avg_sqs, scales, lefts=lefts, rights=rights,
+                               maximize=group["maximize"], **hyper)
+        for (_, _, state, _, quantized), exp_avg, exp_avg_sq in zip(items, exp_avgs, exp_avg_sqs):
+            if quantized:
+                self._store_moments(state, (exp_avg, exp_avg_sq))
+        # The limiter records ρ on a weight's first limited step and limits from then on.
+        batches: dict[bool, tuple[list, list, list, list]] = {}
+        for (param, _, state, _, _), grad, factor in zip(items, grads, scales):
+            record = False
+            if not group["disable_nl"] and "limiter_norm" not in state:
+                state["limiter_norm"] = torch.zeros((), dtype=torch.float32, device=device)
+                record = True
+            batch = batches.setdefault(record, ([], [], [], []))
+            for out, value in zip(batch, (param, grad, factor, state.get("limiter_norm"))):
+                out.append(value)
+        for record, (params, batch_grads, batch_scales, norms) in batches.items():
+            kernels.apollo_apply_(
+                params, batch_grads, batch_scales, None if group["disable_nl"] else norms,
+                step_size=self._step_size(group, step), scale=group["scale"], lr=group["lr"],
+                weight_decay=group["weight_decay"], growth_limit=group["growth_limit"], record_only=record,
+                scale_front=group["scale_front"], maximize=group["maximize"])

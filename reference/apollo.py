@@ -1,0 +1,165 @@
+"""APOLLO (Zhu et al. 2025): Adam moments in a random rank-r space only decide how much to scale
+the raw gradient, channel by channel (or as a whole tensor), before an SGD-like full-rank step.
+
+Two halves, each with a fused kernel twin in :mod:`memzoo.triton_kernels.apollo`:
+
+1. :func:`apollo_scales_`: R = P(G) with a random projection P, HF-style Adam moments on R
+   (m ← β1·m + (1−β1)·R, v ← β2·v + (1−β2)·R², N = m/(√v+ε)), and the scaling factors
+   s = ‖N‖/(‖R‖ + 1e-8) per channel or per tensor (paper eq. 6 and §4.2).
+2. :func:`apollo_apply_`: S = G ⊙ s, the norm-growth limiter (from Fira: ‖S‖ may grow by at most
+   the factor γ per step), √α, then W ← W − η_t·S and W ← W − lr·λ·W (decay after, with the plain
+   lr, as the official code does).
+
+Channels: the scaling factor of a channel is the ratio of norms over the rank dimension of R, so
+a right projection (R = G·Pᵀ, m×r) gives one factor per row of G and a left projection
+(R = Pᵀ·G, r×n) one per column; in the official ``std`` layout this is "along the larger
+dimension". The caller picks the granularity through the shape of each ``scales`` tensor:
+(m, 1) rows, (1, n) columns, (1, 1) the whole tensor (APOLLO-Mini).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from memzoo.reference.common import as_tensor_list, compute_dtype
+from memzoo.reference.galore import FactorList, adamw_update_, as_matrix, check_low_rank_shapes, low_rank_lists
+from memzoo.reference.projector import project
+
+__all__ = ["NORM_EPS", "adamw_update_", "apollo_apply_", "apollo_scales_", "check_scales_shape"]
+
+# The official code's guard in s = ‖N‖/(‖R‖ + 1e-8) and in the limiter's ‖S‖/(ρ + 1e-8).
+NORM_EPS = 1e-8
+
+
+def check_scales_shape(scales: torch.Tensor, matrix_shape: tuple[int, int], left: torch.Tensor | None,
+                       right: torch.Tensor | None) -> str:
+    """Which granularity ``scales`` asks for ("tensor", "rows" or "columns"), or ValueError when
+    its shape fits neither the matrix nor the side of the projection."""
+    m, n = matrix_shape
+    if scales.dtype != torch.float32 and scales.dtype != torch.float64:
+        raise TypeError(f"scales must be float32 (or float64), got {scales.dtype}")
+    if left is not None and right is not None:
+        raise ValueError("APOLLO projects one side: got both a left and a right factor")
+    if tuple(scales.shape) == (1, 1):
+        return "tensor"
+    if tuple(scales.shape) == (m, 1) and left is None:
+        return "rows"
+    if tuple(scales.shape) == (1, n) and right is None:
+        return "columns"
+    side = "right" if right is not None else "left" if left is not None else "no"
+    raise ValueError(
+        f"scales has shape {tuple(scales.shape)}; for a {m}×{n} matrix with a {side} projection expected (1, 1)"
+        + (f" or ({m}, 1)" if left is None else "") + (f" or (1, {n})" if right is None else "")
+    )
+
+
+@torch.no_grad()
+def apollo_scales_(
+    grads: torch.Tensor | Sequence[torch.Tensor],
+    exp_avgs: torch.Tensor | Sequence[torch.Tensor],
+    exp_avg_sqs: torch.Tensor | Sequence[torch.Tensor],
+    scales: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    lefts: FactorList,
+    rights: FactorList,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    maximize: bool = False,
+) -> None:
+    """For each matrix: R = project(G) (−G when maximizing), the moments updated in place, and
+    the scaling factors s = ‖N‖/(‖R‖ + 1e-8), N = m/(√v+ε), written into ``scales`` (fp32, shape
+    (1, 1), (m, 1) or (1, n): see the module docstring). ``grads`` are read as
+    (shape[0], rest) matrices; ``exp_avgs``/``exp_avg_sqs`` have R's shape; one factor per
+    matrix on one side (``lefts`` m×r or ``rights`` r×n)."""
+    (grads, exp_avgs, exp_avg_sqs, scales), lefts, rights = low_rank_lists(
+        "grads", grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, scales=scales, lefts=lefts, rights=rights)
+    for grad, exp_avg, exp_avg_sq, scale, left, right in zip(grads, exp_avgs, exp_avg_sqs, scales, lefts, rights):
+        if grad.dim() < 2:
+            raise ValueError(f"APOLLO scales ≥2-D gradients, got shape {tuple(grad.shape)}")
+        check_low_rank_shapes(grad.shape, left, right, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+        g = as_matrix(grad, grad.shape[0])
+        granularity = check_scales_shape(scale, tuple(g.shape), left, right)
+        dtype = compute_dtype(grad.dtype, exp_avg.dtype, scale.dtype)
+        g = g.to(dtype)
+        if maximize:
+            g = -g
+        r = project(g, None if left is None else left.to(dtype), None if right is None else right.to(dtype))
+        m = exp_avg.to(dtype) * beta1 + r * (1.0 - beta1)  # m ← β1·m + (1 − β1)·R
+        v = exp_avg_sq.to(dtype) * beta2 + r * r * (1.0 - beta2)  # v ← β2·v + (1 − β2)·R²
+        exp_avg.copy_(m)
+        exp_avg_sq.copy_(v)
+        n = m / (v.sqrt() + eps)  # N = m / (√v + ε), from the unrounded moments
+        if granularity == "tensor":
+            ratio = n.norm() / (r.norm() + NORM_EPS)
+        else:  # norms over the rank dimension: dim 1 of an m×r R, dim 0 of an r×n R
+            dim = 1 if granularity == "rows" else 0
+            ratio = n.norm(dim=dim, keepdim=True) / (r.norm(dim=dim, keepdim=True) + NORM_EPS)
+        scale.copy_(ratio.reshape(scale.shape))
+
+
+@torch.no_grad()
+def apollo_apply_(
+    params: torch.Tensor | Sequence[torch.Tensor],
+    grads: torch.Tensor | Sequence[torch.Tensor],
+    scales: torch.Tensor | Sequence[torch.Tensor],
+    limiter_norms: torch.Tensor | Sequence[torch.Tensor] | None,
+    *,
+    step_size: float,
+    scale: float,
+    lr: float,
+    weight_decay: float,
+    growth_limit: float = 1.01,
+    record_only: bool = False,
+    scale_front: bool = False,
+    maximize: bool = False,
+) -> None:
+    """For each matrix W (read as (shape[0], rest)) with gradient G and factors s:
+
+    S = G ⊙ s (−G when maximizing); with ``scale_front``, S ← √α·S here. Norm-growth limiter
+    when ``limiter_norms`` is given (0-d fp32 tensors ρ, updated in place): with
+    ``record_only`` (the first step) ρ ← ‖S‖; otherwise c = max(‖S‖/(ρ + 1e-8), γ)/γ,
+    S ← S/c, ρ ← ‖S‖ (the limited norm). Without ``scale_front``, S ← √α·S now. Then
+    W ← W − step_size·S and W ← W − lr·λ·W. ``scale`` is α (it enters as √α, as officially)."""
+    params = as_tensor_list("params", params)
+    grads = as_tensor_list("grads", grads)
+    scales = as_tensor_list("scales", scales)
+    norms = [None] * len(params) if limiter_norms is None else as_tensor_list("limiter_norms", limiter_norms)
+    if not len(params) == len(grads) == len(scales) == len(norms):
+        raise ValueError(f"tensor lists differ in length: params {len(params)}, grads {len(grads)}, "
+                         f"scales {len(scales)}, limiter_norms {len(norms)}")
+    if growth_limit < 1.0:
+        raise ValueError(f"growth_limit must be ≥ 1, got {growth_limit}")
+    root_alpha = math.sqrt(scale)
+    for index, (param, grad, factor, norm) in enumerate(zip(params, grads, scales, norms)):
+        if grad.shape != param.shape or param.dim() < 2:
+            raise ValueError(f"grads[{index}] has shape {tuple(grad.shape)}, params[{index}] {tuple(param.shape)} "
+                             "(APOLLO updates ≥2-D weights)")
+        g = as_matrix(grad, grad.shape[0])
+        if factor.dim() != 2 or any(f not in (1, size) for f, size in zip(factor.shape, g.shape)):
+            raise ValueError(f"scales[{index}] has shape {tuple(factor.shape)}, not broadcastable to {tuple(g.shape)}")
+        if norm is not None and (norm.shape != () or norm.dtype != torch.float32):
+            raise ValueError(f"limiter_norms[{index}] must be a 0-d float32 tensor, got {tuple(norm.shape)} {norm.dtype}")
+        dtype = compute_dtype(param.dtype, grad.dtype)
+        s = g.to(dtype) * factor.to(dtype)  # S = G ⊙ s
+        if maximize:
+            s = -s
+        if scale_front:
+            s = s * root_alpha
+        if norm is not None:
+            size = s.norm()
+            if record_only:
+                norm.copy_(size)
+            else:  # c = max(‖S‖/(ρ + 1e-8), γ)/γ: the update norm grows by at most γ per step
+                limit = torch.clamp(size / (norm.to(dtype) + NORM_EPS), min=growth_limit) / growth_limit
+                s = s / limit
+                norm.copy_(size / limit)
+        if not scale_front:
+            s = s * root_alpha
+        w = as_matrix(param, param.shape[0]).to(dtype) - step_size * s
+        if weight_decay != 0.0:
+            w = w - (lr * weight_decay) * w
+        param.copy_(w.reshape(param.shape))
