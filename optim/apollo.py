@@ -150,7 +150,7 @@ class APOLLO(GaLoreAdamW):
         grads, exp_avgs, exp_avg_sqs, lefts, rights, scales = [], [], [], [], [], []
         for (param, projector, state, _, quantized), shape, chunk in zip(items, shapes, buffer.split(sizes)):
             exp_avg, exp_avg_sq = self._moments(state, quantized)
-            left, right = projector.factors(state, device, param.dtype)
+            left, right = projector.factors(state, device, param.dtype, randn=self._randn)
             for out, value in zip((grads, exp_avgs, exp_avg_sqs, lefts, rights, scales),
                                   (param.grad, exp_avg, exp_avg_sq, left, right, chunk.view(shape))):
                 out.append(value)

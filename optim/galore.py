@@ -15,6 +15,7 @@ from memzoo.optim.base import (
     check_betas,
     check_int,
     check_number,
+    resolve_backend,
     resolve_state_dtype,
 )
 from memzoo.optim.projector import Projector, ProjectorSettings, RefreshRequest, refresh_projectors_
@@ -238,6 +239,11 @@ class GaLoreAdamW(MemzooOptimizer):
         for (name, moment), value in zip(_MOMENTS.items(), moments):
             moment.encode_(state[name], state[f"{name}_absmax"], value)
 
+    def _randn(self, seed: int | torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Philox normals for the projectors (sketches, random factors) from this optimizer's
+        backend: the same stream either way, one kernel instead of dozens of passes on GPUs."""
+        return resolve_backend(self.backend, offsets.device, "random").philox_randn(seed, offsets)
+
     @staticmethod
     def _step_size(group: Mapping[str, Any], step: int) -> float:
         """η_t = lr·√(1−β2^t)/(1−β1^t) for the step about to be taken (t = step + 1)."""
@@ -291,10 +297,11 @@ class GaLoreAdamW(MemzooOptimizer):
                     grad = param.grad.reshape(projector.shape)
                     source = -grad if group["maximize"] else grad
                     refreshes.append(RefreshRequest(projector, state, source, step, self.seed + index - 1, param.dtype))
+                    self._on_refresh(group, state, quantized)
                 projected.append((param, projector, state, step, quantized))
             torch._foreach_add_(step_counts, 1)  # one call for the group's step counters
             # All projectors due this step at once: same-shaped matrices share batched calls.
-            refresh_projectors_(refreshes)
+            refresh_projectors_(refreshes, randn=self._randn)
             del refreshes
             if self._preconditions:
                 for item in projected:
@@ -307,12 +314,22 @@ class GaLoreAdamW(MemzooOptimizer):
                     for chunk in _chunks(items):
                         self._update_projected(group, chunk, hyper)
             for (device, step), (params, grads, exp_avgs, exp_avg_sqs, to_encode) in dense.items():
-                self._kernels(device).adamw_update_(
-                    params, grads, exp_avgs, exp_avg_sqs, step_size=self._step_size(group, step), lr=group["lr"],
-                    weight_decay=group["weight_decay"], maximize=group["maximize"], **hyper)
+                self._update_dense(group, device, step, (params, grads, exp_avgs, exp_avg_sqs), hyper)
                 for state, moments in to_encode:
                     self._store_moments(state, moments)
         return loss
+
+    def _update_dense(self, group: Mapping[str, Any], device: torch.device, step: int, lists: tuple[list, ...],
+                      hyper: dict[str, float]) -> None:
+        """AdamW on the parameters that are not projected (params, grads, m, v lists) that share
+        device and step count: GaLore's convention (HF Adam, decay after)."""
+        self._kernels(device).adamw_update_(
+            *lists, step_size=self._step_size(group, step), lr=group["lr"], weight_decay=group["weight_decay"],
+            maximize=group["maximize"], **hyper)
+
+    def _on_refresh(self, group: Mapping[str, Any], state: dict[str, Any], quantized: bool) -> None:
+        """Called for each weight whose subspace is recomputed this step, before its update.
+        GaLore keeps the moments (the official behaviour)."""
 
     # Whether _precondition transforms each projected gradient (Natural GaLore): the projection
     # then runs matrix by matrix, its Adam on the preconditioned low-rank gradient.
@@ -331,7 +348,7 @@ class GaLoreAdamW(MemzooOptimizer):
         for (param, projector, state, _, quantized), update in zip(items, buffer.split(sizes)):
             grad = param.grad.reshape(projector.shape)
             exp_avg, exp_avg_sq = self._moments(state, quantized)
-            left, right = projector.factors(state, param.device, param.dtype)
+            left, right = projector.factors(state, param.device, param.dtype, randn=self._randn)
             update = update.view(projector.low_rank_shape)
             preconditioned = self._precondition(kernels, state, group, grad, left, right)
             if preconditioned is not None:  # Adam on the already projected (and preconditioned) gradient

@@ -7,6 +7,8 @@ through ``state_dict`` and loads with ``torch.load(weights_only=True)``:
 - ``proj_left`` (m×r) and/or ``proj_right`` (r×n): stored factors, in the parameter's dtype as the
   official code keeps them. The ``random`` method stores none: it regenerates its factors from
   the seed on every step.
+- ``proj_indices`` (r,) int64: the ``coordinates`` method's selected rows (left) or columns
+  (right); its 0/1 factors are built from them when used.
 """
 
 from __future__ import annotations
@@ -21,11 +23,15 @@ from memzoo.optim.base import StateSpec, check_int, check_number
 from memzoo.reference.projector import (
     METHODS,
     PROJ_TYPES,
+    Randn,
     compute_bases,
     matrix_shape,
     projection_side,
     random_basis,
+    random_coordinates,
+    selection_factor,
 )
+from memzoo.reference.random import philox_randn
 
 __all__ = ["Projector", "ProjectorSettings", "RefreshRequest", "refresh_projectors_"]
 
@@ -98,7 +104,9 @@ class Projector:
 
     def state_spec(self, factor_dtype: torch.dtype) -> StateSpec:
         spec: StateSpec = {"proj_seed": (torch.Size(()), torch.int64)}
-        if self.settings.projector != "random":
+        if self.settings.projector == "coordinates":
+            spec["proj_indices"] = (torch.Size((self.rank,)), torch.int64)
+        elif self.settings.projector != "random":
             for name, shape in self._factor_shapes.items():
                 if shape is not None:
                     spec[name] = (torch.Size(shape), factor_dtype)
@@ -115,14 +123,19 @@ class Projector:
         return (int(state["proj_seed"]) + step * _SEED_STEP) % 2**31
 
     def refresh_(self, state: dict[str, Any], grad_matrix: torch.Tensor, step: int, base_seed: int,
-                 factor_dtype: torch.dtype) -> None:
+                 factor_dtype: torch.dtype, *, randn: Randn = philox_randn) -> None:
         """Recompute the factors from the current gradient (as an m×n matrix)."""
-        refresh_projectors_([RefreshRequest(self, state, grad_matrix, step, base_seed, factor_dtype)])
+        refresh_projectors_([RefreshRequest(self, state, grad_matrix, step, base_seed, factor_dtype)], randn=randn)
 
-    def factors(self, state: Mapping[str, Any], device: torch.device,
-                dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def factors(self, state: Mapping[str, Any], device: torch.device, dtype: torch.dtype, *,
+                randn: Randn = philox_randn) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The factors (left, right), stored or regenerated from the seed with ``randn``."""
         if self.settings.projector == "random":
-            return random_basis(int(state["proj_seed"]), self.shape, self.rank, self.side, device, dtype)
+            return random_basis(int(state["proj_seed"]), self.shape, self.rank, self.side, device, dtype, randn=randn)
+        if self.settings.projector == "coordinates":
+            size = self.shape[1] if self.side == "right" else self.shape[0]
+            factor = selection_factor(state["proj_indices"].to(device), size, self.side, dtype)
+            return (None, factor) if self.side == "right" else (factor, None)
         return state.get("proj_left"), state.get("proj_right")
 
 
@@ -142,16 +155,24 @@ class RefreshRequest:
 _REFRESH_CHUNK_BYTES = 256 * 2**20
 
 
-def refresh_projectors_(requests: list[RefreshRequest]) -> None:
+def refresh_projectors_(requests: list[RefreshRequest], *, randn: Randn = philox_randn) -> None:
     """Refresh many projectors at once: requests with the same settings, shape, device and dtype
     are stacked and their bases computed by one batched call per chunk (one GEMM, Cholesky and
-    eigen-solve per chunk instead of per matrix). Same result as refreshing them one by one."""
+    eigen-solve per chunk instead of per matrix). Same result as refreshing them one by one.
+    ``randn`` draws the sketches (the backend's Philox generator)."""
     classes: dict[tuple, list[tuple[RefreshRequest, int]]] = {}
     for request in requests:
         seed = request.projector.next_seed(request.state, request.step, request.base_seed)
         if request.projector.settings.projector == "random":
             # Only the seed changes; the factors are regenerated from it each step.
             request.state["proj_seed"] = torch.tensor(seed, dtype=torch.int64)
+            continue
+        if request.projector.settings.projector == "coordinates":  # new random rows or columns
+            projector = request.projector
+            if projector.side not in ("left", "right"):
+                raise ValueError("the coordinates projector selects rows or columns: proj_type 'full' is not supported")
+            size = projector.shape[1] if projector.side == "right" else projector.shape[0]
+            request.state["proj_indices"] = random_coordinates(seed, size, projector.rank).to(request.grad_matrix.device)
             continue
         grad = request.grad_matrix
         key = (request.projector.settings, request.projector.shape, grad.device, grad.dtype, request.factor_dtype)
@@ -164,7 +185,7 @@ def refresh_projectors_(requests: list[RefreshRequest]) -> None:
             grads = torch.stack([r.grad_matrix for r, _ in part])
             seeds = torch.tensor([seed for _, seed in part], dtype=torch.int64, device=device)
             left, right = compute_bases(grads, projector.rank, projector.side, settings.projector, seeds=seeds,
-                                        power_iters=settings.power_iters, oversample=settings.oversample)
+                                        power_iters=settings.power_iters, oversample=settings.oversample, randn=randn)
             del grads
             for index, (request, _) in enumerate(part):
                 for name, factors in (("proj_left", left), ("proj_right", right)):

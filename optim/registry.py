@@ -12,6 +12,7 @@ import torch
 
 from memzoo.optim.apollo import APOLLO
 from memzoo.optim.base import MemzooOptimizer
+from memzoo.optim.frugal import FRUGAL
 from memzoo.optim.galore import GaLoreAdamW, NaturalGaLore
 from memzoo.optim.lion import Lion
 
@@ -114,6 +115,27 @@ def _apollo_state_bytes(optimizer: APOLLO) -> int:
     return _galore_state_bytes(optimizer) + 4 * limited
 
 
+def _frugal_state_bytes(optimizer: FRUGAL) -> int:
+    """ALGORITHMS.md §4: per projected m×n weight, moments of the r-dimensional subspace (r =
+    round(ρ·n) columns, or ρ·m rows), a stored basis for svd/randomized (r values per row or
+    column of the side) or the r int64 indices for coordinates, int64 step, adam_step and seed;
+    torch-AdamW moments elsewhere."""
+    total = 0
+    for param, group in _stepped(optimizer):
+        total += 8  # step
+        projector = optimizer._projector(param, group)
+        if projector is None:
+            total += 2 * param.numel() * optimizer._state_dtype(param, group).itemsize
+            continue
+        m, n = projector.shape
+        size = n if projector.side == "right" else m
+        r = projector.rank
+        total += 2 * (m * n // size) * r * optimizer._state_dtype(param, group).itemsize + 16  # moments, seed, adam_step
+        method = projector.settings.projector
+        total += 8 * r if method == "coordinates" else 0 if method == "random" else r * size * param.element_size()
+    return total
+
+
 # GaLore's C4 pretraining ranks by model width (60M: 128; 130M, 350M: 256; 1B: 1024).
 PAPER_RANKS = {512: 128, 768: 256, 1024: 256, 2048: 1024}
 
@@ -143,6 +165,14 @@ def _apollo_mini_bench_groups(named: list[tuple[str, torch.nn.Parameter]]) -> li
     # APOLLO-Mini's: rank 1, tensor-wise scaling, scale 128, gap 200.
     projected, rest = _galore_bench_groups(named)
     return [{**projected, "rank": 1, "scale": 128.0, "scale_type": "tensor", "proj": "random"}, rest]
+
+
+def _frugal_bench_groups(named: list[tuple[str, torch.nn.Parameter]]) -> list[dict[str, Any]]:
+    # FRUGAL's README setting on GaLore's target matrices: density 0.25, gap 200, signSGD for the
+    # rest, RandK columns (the official GLUE runs' projection); the other parameters in AdamW.
+    projected, rest = _galore_bench_groups(named)
+    projected = {key: value for key, value in projected.items() if key not in ("rank", "scale")}
+    return [{**projected, "density": 0.25, "projector": "coordinates"}, rest]
 
 
 _COMMON_BAD_INPUTS = (
@@ -217,7 +247,6 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
             expected_state_bytes=_apollo_state_bytes,
             variants=({}, {"proj": "svd"}, {"scale_type": "tensor", "scale_front": True}, {"disable_nl": True},
                       {"state_dtype": torch.float32}),
-            backends=("torch",),
             bad_inputs=_COMMON_BAD_INPUTS + (
                 BadInput("rank 0", {"rank": 0}, ValueError, "Invalid rank"),
                 BadInput("two-sided projection", {"proj_type": "full"}, ValueError, "projects one side"),
@@ -236,10 +265,30 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
             sample_kwargs={"lr": 0.1, "weight_decay": 0.1, "rank": 1, "update_proj_gap": 2, "scale": 128.0,
                            "scale_type": "tensor"},
             expected_state_bytes=_apollo_state_bytes,
-            backends=("torch",),
             bad_inputs=_COMMON_BAD_INPUTS,
             position_seeded=True,
             bench_groups=_apollo_mini_bench_groups,
+        ),
+        OptimizerInfo(
+            name="frugal",
+            cls=FRUGAL,
+            summary="FRUGAL (Zmushko et al. 2024): Adam in a subspace, signSGD on the rest of each gradient",
+            sample_kwargs={"lr": 0.05, "weight_decay": 0.1, "density": 0.5, "update_proj_gap": 2},
+            expected_state_bytes=_frugal_state_bytes,
+            variants=({}, {"projector": "coordinates"}, {"projector": "randomized", "reset_statistics": False},
+                      {"density": 0.0}, {"inactive_update_rule": "sgd", "inactive_lr_scale": 0.1},
+                      {"state_dtype": torch.float32}),
+            bad_inputs=_COMMON_BAD_INPUTS + (
+                BadInput("density above 1", {"density": 1.5}, ValueError, "density"),
+                BadInput("negative density", {"density": -0.1}, ValueError, "density"),
+                BadInput("two-sided projection", {"proj_type": "full"}, ValueError, "projects one side"),
+                BadInput("unknown inactive rule", {"inactive_update_rule": "same"}, ValueError, "inactive_update_rule"),
+                BadInput("unknown projector", {"projector": "qr"}, ValueError, "projector"),
+                BadInput("reset_statistics not a bool", {"reset_statistics": 1}, TypeError, "reset_statistics"),
+            ),
+            backends=("torch",),
+            position_seeded=True,
+            bench_groups=_frugal_bench_groups,
         ),
     )
 }

@@ -28,7 +28,7 @@ from memzoo.reference.common import as_tensor_list, compute_dtype
 from memzoo.reference.galore import FactorList, adamw_update_, as_matrix, check_low_rank_shapes, low_rank_lists
 from memzoo.reference.projector import project
 
-__all__ = ["NORM_EPS", "adamw_update_", "apollo_apply_", "apollo_scales_", "check_scales_shape"]
+__all__ = ["NORM_EPS", "adamw_update_", "apollo_apply_", "apollo_scales_", "apply_lists", "check_scales_shape"]
 
 # The official code's guard in s = ‖N‖/(‖R‖ + 1e-8) and in the limiter's ‖S‖/(ρ + 1e-8).
 NORM_EPS = 1e-8
@@ -101,6 +101,35 @@ def apollo_scales_(
         scale.copy_(ratio.reshape(scale.shape))
 
 
+def apply_lists(params: torch.Tensor | Sequence[torch.Tensor], grads: torch.Tensor | Sequence[torch.Tensor],
+                scales: torch.Tensor | Sequence[torch.Tensor],
+                limiter_norms: torch.Tensor | Sequence[torch.Tensor] | None,
+                growth_limit: float) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list]:
+    """The arguments of :func:`apollo_apply_` as checked lists (``limiter_norms`` None becomes a
+    list of Nones); ValueError naming the first problem, before anything is written."""
+    params = as_tensor_list("params", params)
+    grads = as_tensor_list("grads", grads)
+    scales = as_tensor_list("scales", scales)
+    norms = [None] * len(params) if limiter_norms is None else as_tensor_list("limiter_norms", limiter_norms)
+    if not len(params) == len(grads) == len(scales) == len(norms):
+        raise ValueError(f"tensor lists differ in length: params {len(params)}, grads {len(grads)}, "
+                         f"scales {len(scales)}, limiter_norms {len(norms)}")
+    if growth_limit < 1.0:
+        raise ValueError(f"growth_limit must be ≥ 1, got {growth_limit}")
+    for index, (param, grad, factor, norm) in enumerate(zip(params, grads, scales, norms)):
+        if grad.shape != param.shape or param.dim() < 2:
+            raise ValueError(f"grads[{index}] has shape {tuple(grad.shape)}, params[{index}] {tuple(param.shape)} "
+                             "(APOLLO updates ≥2-D weights)")
+        if not param.is_floating_point() or not grad.is_floating_point():
+            raise TypeError(f"params[{index}] and grads[{index}] must be floating point")
+        matrix = (param.shape[0], param[0].numel())
+        if factor.dim() != 2 or any(f not in (1, size) for f, size in zip(factor.shape, matrix)):
+            raise ValueError(f"scales[{index}] has shape {tuple(factor.shape)}, not broadcastable to {matrix}")
+        if norm is not None and (norm.shape != () or norm.dtype != torch.float32):
+            raise ValueError(f"limiter_norms[{index}] must be a 0-d float32 tensor, got {tuple(norm.shape)} {norm.dtype}")
+    return params, grads, scales, norms
+
+
 @torch.no_grad()
 def apollo_apply_(
     params: torch.Tensor | Sequence[torch.Tensor],
@@ -124,25 +153,10 @@ def apollo_apply_(
     ``record_only`` (the first step) ρ ← ‖S‖; otherwise c = max(‖S‖/(ρ + 1e-8), γ)/γ,
     S ← S/c, ρ ← ‖S‖ (the limited norm). Without ``scale_front``, S ← √α·S now. Then
     W ← W − step_size·S and W ← W − lr·λ·W. ``scale`` is α (it enters as √α, as officially)."""
-    params = as_tensor_list("params", params)
-    grads = as_tensor_list("grads", grads)
-    scales = as_tensor_list("scales", scales)
-    norms = [None] * len(params) if limiter_norms is None else as_tensor_list("limiter_norms", limiter_norms)
-    if not len(params) == len(grads) == len(scales) == len(norms):
-        raise ValueError(f"tensor lists differ in length: params {len(params)}, grads {len(grads)}, "
-                         f"scales {len(scales)}, limiter_norms {len(norms)}")
-    if growth_limit < 1.0:
-        raise ValueError(f"growth_limit must be ≥ 1, got {growth_limit}")
+    params, grads, scales, norms = apply_lists(params, grads, scales, limiter_norms, growth_limit)
     root_alpha = math.sqrt(scale)
-    for index, (param, grad, factor, norm) in enumerate(zip(params, grads, scales, norms)):
-        if grad.shape != param.shape or param.dim() < 2:
-            raise ValueError(f"grads[{index}] has shape {tuple(grad.shape)}, params[{index}] {tuple(param.shape)} "
-                             "(APOLLO updates ≥2-D weights)")
+    for param, grad, factor, norm in zip(params, grads, scales, norms):
         g = as_matrix(grad, grad.shape[0])
-        if factor.dim() != 2 or any(f not in (1, size) for f, size in zip(factor.shape, g.shape)):
-            raise ValueError(f"scales[{index}] has shape {tuple(factor.shape)}, not broadcastable to {tuple(g.shape)}")
-        if norm is not None and (norm.shape != () or norm.dtype != torch.float32):
-            raise ValueError(f"limiter_norms[{index}] must be a 0-d float32 tensor, got {tuple(norm.shape)} {norm.dtype}")
         dtype = compute_dtype(param.dtype, grad.dtype)
         s = g.to(dtype) * factor.to(dtype)  # S = G ⊙ s
         if maximize:

@@ -176,10 +176,12 @@ def adamw_update_(
     lr: float,
     weight_decay: float,
     maximize: bool = False,
+    decay_first: bool = False,
 ) -> None:
     """The full-size update of parameters outside GaLore groups, on lists of tensors: the same
     math as galore_adam_project_ then galore_apply_ without factors (and the same rounding), in
-    one pass: m, v as above, W ← W − step_size·m/(√v+ε), then W ← W − lr·λ·W."""
+    one pass: m, v as above, W ← W − step_size·m/(√v+ε), then W ← W − lr·λ·W; with
+    ``decay_first`` (torch.optim.AdamW's order, FRUGAL's) W ← W·(1 − lr·λ) before the update."""
     lists = {name: as_tensor_list(name, tensors) for name, tensors in
              (("params", params), ("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs))}
     check_parallel_lists(**lists)
@@ -190,8 +192,11 @@ def adamw_update_(
             g = -g
         m = exp_avg.to(dtype) * beta1 + g * (1.0 - beta1)
         v = exp_avg_sq.to(dtype) * beta2 + g * g * (1.0 - beta2)
-        w = param.to(dtype) - step_size * (m / (v.sqrt() + eps))
-        if weight_decay != 0.0:
+        w = param.to(dtype)
+        if decay_first:
+            w = w * (1.0 - lr * weight_decay)
+        w = w - step_size * (m / (v.sqrt() + eps))
+        if weight_decay != 0.0 and not decay_first:
             w = w - (lr * weight_decay) * w
         exp_avg.copy_(m)
         exp_avg_sq.copy_(v)

@@ -15,6 +15,7 @@ Bases are computed in float32 (float64 for float64 input).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -32,11 +33,13 @@ __all__ = [
     "project_back",
     "projection_side",
     "random_basis",
+    "random_coordinates",
+    "selection_factor",
 ]
 
 Side = Literal["left", "right", "full"]
 PROJ_TYPES: tuple[str, ...] = ("std", "reverse_std", "left", "right", "full")
-METHODS: tuple[str, ...] = ("svd", "randomized", "random", "identity")
+METHODS: tuple[str, ...] = ("svd", "randomized", "random", "identity", "coordinates")
 
 
 def matrix_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
@@ -74,8 +77,14 @@ def _orthonormal(matrices: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(factor.mT, wide, upper=True, left=False).to(matrices.dtype)
 
 
+# The Philox normal generator: this module's (PyTorch) by default; the optimizers pass their
+# backend's (:func:`memzoo.triton_kernels.random.philox_randn` on GPUs), the same stream.
+Randn = Callable[[int | torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def random_basis(seed: int, shape: tuple[int, int], rank: int, side: Side, device: torch.device | str,
-                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                 dtype: torch.dtype = torch.float32, *,
+                 randn: Randn = philox_randn) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Gaussian factors with N(0, 1/r) entries (so E[PᵀP] = I), regenerated from ``seed``:
     element (i, j) of the left factor (m×r) has offset i·r + j, of the right factor (r×n)
     offset m·r + i·n + j (left first when both exist)."""
@@ -83,16 +92,33 @@ def random_basis(seed: int, shape: tuple[int, int], rank: int, side: Side, devic
     left = right = None
     scale = 1.0 / math.sqrt(rank)
     if side in ("left", "full"):
-        left = philox_randn(seed, torch.arange(m * rank, device=device)).view(m, rank).mul_(scale).to(dtype)
+        left = randn(seed, torch.arange(m * rank, device=device)).view(m, rank).mul_(scale).to(dtype)
     if side in ("right", "full"):
         start = m * rank if side == "full" else 0
         offsets = torch.arange(start, start + rank * n, device=device)
-        right = philox_randn(seed, offsets).view(rank, n).mul_(scale).to(dtype)
+        right = randn(seed, offsets).view(rank, n).mul_(scale).to(dtype)
     return left, right
 
 
+def random_coordinates(seed: int, size: int, count: int) -> torch.Tensor:
+    """``count`` distinct coordinates out of ``size``, sorted (int64, on the CPU): the first
+    ``count`` of a permutation drawn by a CPU generator seeded with ``seed`` (the same on every
+    device). FRUGAL's RandK row or column selection."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(size, generator=generator)[:count].sort().values
+
+
+def selection_factor(indices: torch.Tensor, size: int, side: Side, dtype: torch.dtype) -> torch.Tensor:
+    """The 0/1 factor selecting coordinates ``indices`` out of ``size``: right (r×size, columns
+    of G) or left (size×r, rows). With it project() gathers the coordinates and project_back()
+    scatters them into zeros, exactly (products with 0 and 1 only)."""
+    rows = torch.zeros((indices.numel(), size), dtype=dtype, device=indices.device)
+    rows[torch.arange(indices.numel(), device=indices.device), indices] = 1
+    return rows if side == "right" else rows.T
+
+
 def _range_basis(matrices: torch.Tensor, rank: int, seeds: torch.Tensor, power_iters: int,
-                 oversample: int) -> torch.Tensor:
+                 oversample: int, randn: Randn) -> torch.Tensor:
     """Top-``rank`` left singular vectors (B, m, r) of ``matrices`` (B, m, n) by a seeded range
     finder with power iterations, then Rayleigh–Ritz (Halko, Martinsson & Tropp 2011, Alg. 4.4
     and 5.1). The Ritz rotation comes from the eigenvectors of the small Gram matrix
@@ -100,7 +126,7 @@ def _range_basis(matrices: torch.Tensor, rank: int, seeds: torch.Tensor, power_i
     batch, m, n = matrices.shape
     width = min(rank + oversample, m, n)
     offsets = torch.arange(n * width, device=matrices.device)
-    sketch = philox_randn(seeds.view(-1, 1), offsets).view(batch, n, width).to(matrices.dtype)
+    sketch = randn(seeds.view(-1, 1), offsets).view(batch, n, width).to(matrices.dtype)
     basis = _orthonormal(matrices @ sketch)
     for _ in range(power_iters):
         basis = _orthonormal(matrices @ _orthonormal(matrices.mT @ basis))
@@ -111,7 +137,8 @@ def _range_basis(matrices: torch.Tensor, rank: int, seeds: torch.Tensor, power_i
 
 
 def compute_bases(matrices: torch.Tensor, rank: int, side: Side, method: str, *, seeds: torch.Tensor | None = None,
-                  power_iters: int = 2, oversample: int = 8) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                  power_iters: int = 2, oversample: int = 8,
+                  randn: Randn = philox_randn) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Batched :func:`compute_basis`: ``matrices`` is (B, m, n), ``seeds`` an int64 tensor of B
     seeds (the ``randomized`` and ``random`` methods); factors come back with a leading B."""
     batch, m, n = matrices.shape
@@ -128,7 +155,8 @@ def compute_bases(matrices: torch.Tensor, rank: int, side: Side, method: str, *,
         raise ValueError(f"the {method!r} projector needs one seed per matrix ({batch})")
     left = right = None
     if method == "random":
-        pairs = [random_basis(int(seed), (m, n), rank, side, matrices.device, work.dtype) for seed in seeds.tolist()]
+        pairs = [random_basis(int(seed), (m, n), rank, side, matrices.device, work.dtype, randn=randn)
+                 for seed in seeds.tolist()]
         stack = lambda factors: torch.stack(factors) if factors[0] is not None else None  # noqa: E731
         return stack([p[0] for p in pairs]), stack([p[1] for p in pairs])
     if method == "svd":
@@ -138,9 +166,9 @@ def compute_bases(matrices: torch.Tensor, rank: int, side: Side, method: str, *,
         # Each side from its own range finder (on A for the left factor, on Aᵀ for the right),
         # so each factor is an orthonormal Q·U even for rank-deficient gradients.
         if uses_left:
-            left = _range_basis(work, rank, seeds, power_iters, oversample)
+            left = _range_basis(work, rank, seeds, power_iters, oversample, randn)
         if uses_right:
-            right = _range_basis(work.mT, rank, seeds, power_iters, oversample).mT
+            right = _range_basis(work.mT, rank, seeds, power_iters, oversample, randn).mT
     return (left if uses_left else None, right if uses_right else None)
 
 

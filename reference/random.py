@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["philox_randn"]
+__all__ = ["check_seed_offsets", "normals_from_words", "philox_randn", "philox_words"]
 
 _MASK32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
@@ -30,27 +30,43 @@ def _mul_hi_lo(constant: int, value: torch.Tensor) -> tuple[torch.Tensor, torch.
     return high, low
 
 
-def _uniform(bits: torch.Tensor) -> torch.Tensor:
-    """uint32 → [0, 1) as Triton's uint_to_uniform_float: read as int32, fold negatives."""
-    signed = torch.where(bits >= 2**31, bits - 2**32, bits)
+def _uniform(words: torch.Tensor) -> torch.Tensor:
+    """Philox words (signed int32 bit patterns) → [0, 1) as Triton's uint_to_uniform_float:
+    negatives folded onto the non-negatives, then scaled."""
+    signed = words.to(torch.int64)
     folded = torch.where(signed < 0, -signed - 1, signed)
     return folded.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
 
 
-def philox_randn(seed: int | torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Standard normals, float32, shaped like ``offsets`` (integer tensor of element offsets)
-    broadcast with ``seed``: an int, or an integer tensor of seeds (e.g. shape (B, 1) against
-    offsets of shape (N,) draws B streams at once)."""
+def normals_from_words(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Box–Muller on the first two Philox words, as ``tl.randn``: √(−2·ln u1)·cos(2π·u2) with
+    u1 clamped to ≥ 1e-7. Shared by the reference and the Triton path (which computes the words
+    in one kernel), so both give the same float32 bits on the same device."""
+    u1 = torch.clamp(_uniform(first), min=1.0e-7)
+    angle = torch.tensor(6.283185307179586, dtype=torch.float32) * _uniform(second)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(angle)
+
+
+def check_seed_offsets(seed: int | torch.Tensor, offsets: torch.Tensor) -> None:
+    """Raise unless ``seed`` is an int (or integer tensor) in [0, 2**63) and ``offsets`` an
+    integer tensor: the arguments :func:`philox_randn` and its Triton twin accept."""
     if isinstance(seed, torch.Tensor):
         if seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
             raise TypeError(f"seed must be an integer tensor, got {seed.dtype}")
         if seed.numel() and not bool(((seed >= 0) & (seed < 2**63 - 1)).all()):
             raise ValueError("seeds must lie in [0, 2**63)")
-        seed = seed.to(device=offsets.device, dtype=torch.int64)
     elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
     if offsets.dtype.is_floating_point or offsets.dtype.is_complex:
         raise TypeError(f"offsets must be an integer tensor, got {offsets.dtype}")
+
+
+def philox_words(seed: int | torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first two output words of Philox-4x32-10 for each (seed, offset), as signed int32
+    bit patterns, shaped like ``offsets`` broadcast with ``seed`` (see :func:`philox_randn`)."""
+    check_seed_offsets(seed, offsets)
+    if isinstance(seed, torch.Tensor):
+        seed = seed.to(device=offsets.device, dtype=torch.int64)
     offsets = offsets.to(torch.int64)
     if isinstance(seed, torch.Tensor):
         offsets, seed = torch.broadcast_tensors(offsets, seed)
@@ -64,6 +80,12 @@ def philox_randn(seed: int | torch.Tensor, offsets: torch.Tensor) -> torch.Tenso
         high_a, low_a = _mul_hi_lo(_ROUND_A, c0)
         c0, c1, c2, c3 = high_b ^ c1 ^ k0, low_b, high_a ^ c3 ^ k1, low_a
         k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
-    u1 = torch.clamp(_uniform(c0), min=1.0e-7)
-    angle = torch.tensor(6.283185307179586, dtype=torch.float32) * _uniform(c1)
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(angle)
+    as_int32 = lambda word: torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)  # noqa: E731
+    return as_int32(c0), as_int32(c1)
+
+
+def philox_randn(seed: int | torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Standard normals, float32, shaped like ``offsets`` (integer tensor of element offsets)
+    broadcast with ``seed``: an int, or an integer tensor of seeds (e.g. shape (B, 1) against
+    offsets of shape (N,) draws B streams at once)."""
+    return normals_from_words(*philox_words(seed, offsets))

@@ -47,3 +47,28 @@ def test_rejects_bad_seed_and_offsets() -> None:
         philox_randn(-1, torch.arange(3))
     with pytest.raises(TypeError, match="integer"):
         philox_randn(1, torch.zeros(3))
+
+
+@given(seed=st.integers(0, 2**31 - 1), start=st.integers(0, 2**40), count=st.integers(0, 3000),
+       streams=st.integers(1, 3))
+def test_triton_twin_draws_the_same_stream(seed: int, start: int, count: int, streams: int) -> None:
+    """memzoo.triton_kernels.random.philox_randn against the reference, bit for bit: one seed,
+    and a column of seeds (the batched sketches)."""
+    from memzoo.triton_kernels.random import philox_randn as triton_philox_randn
+
+    offsets = torch.arange(start, start + count, dtype=torch.int64, device=KERNEL_DEVICE)
+    # The same bits: the Philox words are integers, and the Box–Muller step is shared.
+    assert torch.equal(triton_philox_randn(seed, offsets), philox_randn(seed, offsets))
+    seeds = torch.arange(seed, seed + streams, dtype=torch.int64, device=KERNEL_DEVICE).view(-1, 1)
+    actual = triton_philox_randn(seeds, offsets)
+    assert actual.shape == (streams, count)
+    assert torch.equal(actual, philox_randn(seeds, offsets))
+
+
+def test_triton_twin_rejects_what_the_reference_rejects() -> None:
+    from memzoo.triton_kernels.random import philox_randn as triton_philox_randn
+
+    with pytest.raises(ValueError, match="seed"):
+        triton_philox_randn(-1, torch.arange(3, device=KERNEL_DEVICE))
+    with pytest.raises(TypeError, match="integer"):
+        triton_philox_randn(1, torch.zeros(3, device=KERNEL_DEVICE))

@@ -31,6 +31,7 @@ def interpret_mode_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache
 def has_family(family: str) -> bool:
     """Whether ``memzoo.triton_kernels.<family>`` exists (without importing it)."""
     return importlib.util.find_spec(f"memzoo.triton_kernels.{family}") is not None

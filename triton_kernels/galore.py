@@ -46,8 +46,8 @@ from memzoo.reference.galore import galore_adam_project_ as _reference_adam_proj
 from memzoo.reference.galore import galore_apply_ as _reference_apply_
 from memzoo.triton_kernels.multi_tensor import ceil_div, launch_elementwise, operand_offsets, tensor_block, to_storage
 
-__all__ = ["AUTO", "INTERPRETED", "PRECISION", "adamw_update_", "galore_adam_project_", "galore_apply_",
-           "natural_gradient", "project"]
+__all__ = ["AUTO", "INTERPRETED", "PRECISION", "adam_moments_tile", "adamw_update_", "galore_adam_project_", "galore_apply_",
+           "gemm_tile", "launch_batched", "matrix_pointer", "natural_gradient", "project", "same_layout_batches"]
 
 AUTO = False
 PRECISION = "tf32"
@@ -85,7 +85,7 @@ _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
-def _gemm_tile(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+def gemm_tile(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """This program's BLOCK_M×BLOCK_N tile of A·B (fp32 accumulator), row/column offsets, mask.
 
@@ -109,9 +109,22 @@ def _gemm_tile(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn
 
 
 @triton.jit
-def _matrix(base, offsets, num_matrices, OPERAND: tl.constexpr):
+def matrix_pointer(base, offsets, num_matrices, OPERAND: tl.constexpr):
     """Operand OPERAND's pointer for this program's matrix (grid axis 2 indexes the batch)."""
     return base + tl.load(offsets + OPERAND * num_matrices + tl.program_id(2))
+
+
+@triton.jit
+def adam_moments_tile(r, m_ptr, v_ptr, rows, cols, mask, stride_mm, stride_mn, stride_vm, stride_vn,
+                      beta1, one_minus_beta1, beta2, one_minus_beta2, eps):
+    """The Adam epilogue of a projection tile R: the moments updated in place, N returned."""
+    m_ptrs = m_ptr + rows * stride_mm + cols * stride_mn
+    v_ptrs = v_ptr + rows * stride_vm + cols * stride_vn
+    m = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32) * beta1 + r * one_minus_beta1  # m ← β1·m + (1−β1)·R
+    v = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32) * beta2 + r * r * one_minus_beta2  # v ← β2·v + (1−β2)·R²
+    tl.store(m_ptrs, to_storage(m, m_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_ptrs, to_storage(v, v_ptr.dtype.element_ty), mask=mask)
+    return tl.div_rn(m, tl.sqrt_rn(v) + eps)  # N = m / (√v + ε)
 
 
 @triton.jit
@@ -123,22 +136,17 @@ def _project_adam_kernel(
     MAXIMIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    a_ptr = _matrix(a_ptr, offsets, num_matrices, 0)
-    b_ptr = _matrix(b_ptr, offsets, num_matrices, 1)
-    m_ptr = _matrix(m_ptr, offsets, num_matrices, 2)
-    v_ptr = _matrix(v_ptr, offsets, num_matrices, 3)
-    out_ptr = _matrix(out_ptr, offsets, num_matrices, 4)
-    r, rows, cols, mask = _gemm_tile(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+    a_ptr = matrix_pointer(a_ptr, offsets, num_matrices, 0)
+    b_ptr = matrix_pointer(b_ptr, offsets, num_matrices, 1)
+    m_ptr = matrix_pointer(m_ptr, offsets, num_matrices, 2)
+    v_ptr = matrix_pointer(v_ptr, offsets, num_matrices, 3)
+    out_ptr = matrix_pointer(out_ptr, offsets, num_matrices, 4)
+    r, rows, cols, mask = gemm_tile(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
                                      BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
     if MAXIMIZE:
         r = -r
-    m_ptrs = m_ptr + rows * stride_mm + cols * stride_mn
-    v_ptrs = v_ptr + rows * stride_vm + cols * stride_vn
-    m = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32) * beta1 + r * one_minus_beta1  # m ← β1·m + (1−β1)·R
-    v = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32) * beta2 + r * r * one_minus_beta2  # v ← β2·v + (1−β2)·R²
-    tl.store(m_ptrs, to_storage(m, m_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_ptrs, to_storage(v, v_ptr.dtype.element_ty), mask=mask)
-    update = tl.div_rn(m, tl.sqrt_rn(v) + eps)  # N = m / (√v + ε)
+    update = adam_moments_tile(r, m_ptr, v_ptr, rows, cols, mask, stride_mm, stride_mn, stride_vm, stride_vn,
+                               beta1, one_minus_beta1, beta2, one_minus_beta2, eps)
     tl.store(out_ptr + rows * stride_om + cols * stride_on, update.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -149,10 +157,10 @@ def _apply_kernel(
     coefficient, decay,
     HAS_DECAY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    a_ptr = _matrix(a_ptr, offsets, num_matrices, 0)
-    b_ptr = _matrix(b_ptr, offsets, num_matrices, 1)
-    w_ptr = _matrix(w_ptr, offsets, num_matrices, 2)
-    back, rows, cols, mask = _gemm_tile(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+    a_ptr = matrix_pointer(a_ptr, offsets, num_matrices, 0)
+    b_ptr = matrix_pointer(b_ptr, offsets, num_matrices, 1)
+    w_ptr = matrix_pointer(w_ptr, offsets, num_matrices, 2)
+    back, rows, cols, mask = gemm_tile(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
                                         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
     w_ptrs = w_ptr + rows * stride_wm + cols * stride_wn
     w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32) - coefficient * back  # W − η·α·P(N)
@@ -166,7 +174,7 @@ def _adamw_kernel(
     p_base, g_base, m_base, v_base, table, block_tensor, num_tensors,
     step_size, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay,
     P_ALIGN: tl.constexpr, G_ALIGN: tl.constexpr, M_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr,
-    MAXIMIZE: tl.constexpr, HAS_DECAY: tl.constexpr, BLOCK: tl.constexpr,
+    MAXIMIZE: tl.constexpr, HAS_DECAY: tl.constexpr, DECAY_FIRST: tl.constexpr, BLOCK: tl.constexpr,
 ):
     p_offs, mask = tensor_block(table, block_tensor, num_tensors, 0, 4, P_ALIGN, BLOCK)
     g_offs, _ = tensor_block(table, block_tensor, num_tensors, 1, 4, G_ALIGN, BLOCK)
@@ -177,8 +185,11 @@ def _adamw_kernel(
         g = -g
     m = tl.load(m_base + m_offs, mask=mask, other=0.0).to(tl.float32) * beta1 + g * one_minus_beta1
     v = tl.load(v_base + v_offs, mask=mask, other=0.0).to(tl.float32) * beta2 + g * g * one_minus_beta2
-    w = tl.load(p_base + p_offs, mask=mask, other=0.0).to(tl.float32) - step_size * tl.div_rn(m, tl.sqrt_rn(v) + eps)
-    if HAS_DECAY:
+    w = tl.load(p_base + p_offs, mask=mask, other=0.0).to(tl.float32)
+    if DECAY_FIRST:  # torch.optim.AdamW's order: W·(1 − lr·λ), then the update
+        w = w * (1.0 - decay)
+    w = w - step_size * tl.div_rn(m, tl.sqrt_rn(v) + eps)
+    if HAS_DECAY and not DECAY_FIRST:
         w = w - decay * w
     tl.store(p_base + p_offs, to_storage(w, p_base.dtype.element_ty), mask=mask)
     tl.store(m_base + m_offs, to_storage(m, m_base.dtype.element_ty), mask=mask)
@@ -202,6 +213,7 @@ def adamw_update_(
     lr: float,
     weight_decay: float,
     maximize: bool = False,
+    decay_first: bool = False,
 ) -> None:
     """Same contract as :func:`memzoo.reference.galore.adamw_update_`: one multi-tensor launch
     per (device, dtypes) bucket, each element read once (p, g, m, v) and written once (p, m, v)."""
@@ -210,11 +222,11 @@ def adamw_update_(
         written=[True, False, True, True], block=ADAMW_BLOCK, dtypes=_SUPPORTED, num_warps=ADAMW_WARPS,
         align_names=("P_ALIGN", "G_ALIGN", "M_ALIGN", "V_ALIGN"),
         scalars=(step_size, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, lr * weight_decay),
-        MAXIMIZE=maximize, HAS_DECAY=weight_decay != 0.0,
+        MAXIMIZE=maximize, HAS_DECAY=weight_decay != 0.0, DECAY_FIRST=decay_first,
     )
 
 
-def _batches(operand_tuples: list[tuple[torch.Tensor, ...]]) -> list[list[list[torch.Tensor]]]:
+def same_layout_batches(operand_tuples: list[tuple[torch.Tensor, ...]]) -> list[list[list[torch.Tensor]]]:
     """Split a batch into groups one launch can serve: every operand with the same shape,
     strides, dtype and device across the group (so only base pointers differ). Each group comes
     back as one list per operand."""
@@ -255,8 +267,8 @@ def _transposed(matrix: torch.Tensor) -> tuple[int, int]:
     return matrix.stride(1), matrix.stride(0)
 
 
-def _launch(kernel, tiles: Tiles, operands: list[list[torch.Tensor]], m: int, n: int, k: int,
-            strides: tuple[int, ...], scalars: tuple[float, ...], **constexprs: object) -> None:
+def launch_batched(kernel, tiles: Tiles, operands: list[list[torch.Tensor]], m: int, n: int, k: int,
+                   strides: tuple[int, ...], scalars: tuple[float, ...], **constexprs: object) -> None:
     """One launch over a batch given as one list per operand; the kernel reads operand l of
     matrix b at the first tensor's address plus the offset table's entry (l, b)."""
     offsets = operand_offsets(operands, operands[0][0].device)
@@ -300,7 +312,7 @@ def galore_adam_project_(
         else:  # R = leftᵀ·G: A = leftᵀ (r×m), B = G (m×n)
             dims, strides = (factor.shape[1], grad.shape[1], grad.shape[0]), (*_transposed(factor), *grad.stride())
             operands = [factors, grads]
-        _launch(_project_adam_kernel, PROJECT_TILES, [*operands, exp_avgs, exp_avg_sqs, updates], *dims,
+        launch_batched(_project_adam_kernel, PROJECT_TILES, [*operands, exp_avgs, exp_avg_sqs, updates], *dims,
                 (*strides, *exp_avgs[0].stride(), *exp_avg_sqs[0].stride(), *updates[0].stride()), scalars,
                 MAXIMIZE=maximize)
         return
@@ -317,9 +329,9 @@ def galore_adam_project_(
         # right: R = G·rightᵀ, A = G (m×n), B = rightᵀ (n×r); left: R = leftᵀ·G, A = leftᵀ, B = G
         a, b = (g, right.T) if right is not None else (left.T, g)
         fused.append((a, b, exp_avg, exp_avg_sq, update))
-    for operands in _batches(fused):
+    for operands in same_layout_batches(fused):
         a, b, exp_avg, exp_avg_sq, update = (tensors[0] for tensors in operands)
-        _launch(_project_adam_kernel, PROJECT_TILES, operands, a.shape[0], b.shape[1], a.shape[1],
+        launch_batched(_project_adam_kernel, PROJECT_TILES, operands, a.shape[0], b.shape[1], a.shape[1],
                 (*a.stride(), *b.stride(), *exp_avg.stride(), *exp_avg_sq.stride(), *update.stride()), scalars,
                 MAXIMIZE=maximize)
 
@@ -350,7 +362,7 @@ def galore_apply_(
         # right: W −= c·N·right, A = N (m×r), B = right (r×n); left: A = left (m×r), B = N (r×n)
         operands = [updates, factors] if side == "right" else [factors, updates]
         a, b = operands[0][0], operands[1][0]
-        _launch(_apply_kernel, APPLY_TILES, [*operands, params], a.shape[0], b.shape[1], a.shape[1],
+        launch_batched(_apply_kernel, APPLY_TILES, [*operands, params], a.shape[0], b.shape[1], a.shape[1],
                 (*a.stride(), *b.stride(), *params[0].stride()), scalars, HAS_DECAY=weight_decay != 0.0)
         return
     fused, copies = [], []
@@ -371,9 +383,9 @@ def galore_apply_(
             weight = param.reshape(m, n).clone()
             copies.append((param, weight))
         fused.append((a, b, weight))
-    for operands in _batches(fused):
+    for operands in same_layout_batches(fused):
         a, b, weight = (tensors[0] for tensors in operands)
-        _launch(_apply_kernel, APPLY_TILES, operands, a.shape[0], b.shape[1], a.shape[1],
+        launch_batched(_apply_kernel, APPLY_TILES, operands, a.shape[0], b.shape[1], a.shape[1],
                 (*a.stride(), *b.stride(), *weight.stride()), scalars, HAS_DECAY=weight_decay != 0.0)
     for param, weight in copies:
         param.copy_(weight.reshape(param.shape))

@@ -8,6 +8,7 @@ on demand.
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -27,12 +28,15 @@ class KernelCase:
     """Inputs of one call: ``function(*args, **kwargs)`` writes the args at ``outputs``
     (each arg a tensor or a list of tensors; tensors in kwargs are read-only inputs)."""
 
-    args: tuple[list[torch.Tensor] | torch.Tensor, ...]
+    args: tuple[list[torch.Tensor] | torch.Tensor | None, ...]
     kwargs: dict[str, Any]
     outputs: tuple[int, ...]
 
 
-def as_list(arg: list[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
+def as_list(arg: list[torch.Tensor] | torch.Tensor | None) -> list[torch.Tensor]:
+    """An argument of a case as a list of tensors (an absent optional argument as none)."""
+    if arg is None:
+        return []
     return [arg] if isinstance(arg, torch.Tensor) else arg
 
 
@@ -46,7 +50,8 @@ def clone_case(case: KernelCase) -> KernelCase:
         return base.as_strided(tensor.shape, tensor.stride(), tensor.storage_offset())
 
     return KernelCase(
-        args=tuple(clone(arg) if isinstance(arg, torch.Tensor) else [clone(t) for t in arg] for arg in case.args),
+        args=tuple(clone(arg) if isinstance(arg, torch.Tensor) else None if arg is None else [clone(t) for t in arg]
+                   for arg in case.args),
         kwargs=dict(case.kwargs),
         outputs=case.outputs,
     )
@@ -186,18 +191,27 @@ def _galore_batch(shapes, hparams) -> tuple[list, str, int, dict]:
     return shapes, side, rank, hparams
 
 
+def _projected_moments(shape, side, rank, dtypes, device, generator, layout):
+    """A gradient of ``shape``, its factors, and rank-r Adam moments (v ≥ 0): the inputs of the
+    projection kernels. Returns (grad, exp_avg, exp_avg_sq, left, right, low_rank shape)."""
+    state_dtype = dtypes.get("state") or dtypes["param"]
+    left, right, low_rank = _galore_factors(shape, side, rank, dtypes["param"], device, generator)
+    grad = make_tensor(shape, dtypes["param"], device, generator, layout)
+    exp_avg = make_tensor(low_rank, state_dtype, device, generator, layout)
+    exp_avg_sq = make_tensor(low_rank, state_dtype, device, generator, layout).abs_()
+    return grad, exp_avg, exp_avg_sq, left, right, low_rank
+
+
 def _galore_project_case(shapes, dtypes, device, generator, hparams, layout="contiguous") -> KernelCase:
     shapes, side, rank, hparams = _galore_batch(shapes, hparams)
-    state_dtype = dtypes.get("state") or dtypes["param"]
     grads, exp_avgs, exp_avg_sqs, updates, lefts, rights = [], [], [], [], [], []
     for shape in shapes:
-        left, right, low_rank = _galore_factors(shape, side, rank, dtypes["param"], device, generator)
-        lefts.append(left)
-        rights.append(right)
-        grads.append(make_tensor(shape, dtypes["param"], device, generator, layout))
-        exp_avgs.append(make_tensor(low_rank, state_dtype, device, generator, layout))
-        exp_avg_sqs.append(make_tensor(low_rank, state_dtype, device, generator, layout).abs_())
-        updates.append(torch.empty(low_rank, dtype=torch.float32, device=device))
+        grad, exp_avg, exp_avg_sq, left, right, low_rank = _projected_moments(shape, side, rank, dtypes, device,
+                                                                              generator, layout)
+        for out, value in zip((grads, exp_avgs, exp_avg_sqs, updates, lefts, rights),
+                              (grad, exp_avg, exp_avg_sq, torch.empty(low_rank, dtype=torch.float32, device=device),
+                               left, right)):
+            out.append(value)
     return KernelCase(args=(grads, exp_avgs, exp_avg_sqs, updates),
                       kwargs={"lefts": lefts, "rights": rights, **hparams}, outputs=(1, 2, 3))
 
@@ -260,11 +274,12 @@ def _product_error(low_rank_or_grad, left, right, *, back: bool) -> torch.Tensor
     return 2 * k * _gemm_unit_roundoff(x.device) * magnitude
 
 
-def _galore_project_tolerance(case: KernelCase) -> list[list[torch.Tensor]]:
+def _projected_adam_errors(case: KernelCase):
+    """Per matrix of a projection case (grads, exp_avgs, exp_avg_sqs, ...; factors in kwargs):
+    float64 R, N, and bounds on the differences two implementations may show in R, m, v and N."""
     from memzoo.reference.projector import project
 
     beta1, beta2, eps = case.kwargs["beta1"], case.kwargs["beta2"], case.kwargs["eps"]
-    bounds: list[list[torch.Tensor]] = [[], [], []]
     for grad, exp_avg, exp_avg_sq, _, left, right in zip(*case.args, case.kwargs["lefts"], case.kwargs["rights"]):
         g = grad.double().reshape(grad.shape[0], -1)
         r = project(g, None if left is None else left.double(), None if right is None else right.double())
@@ -279,6 +294,12 @@ def _galore_project_tolerance(case: KernelCase) -> list[list[torch.Tensor]]:
         droot = torch.minimum(dv.sqrt(), dv / (2 * root).clamp_min(1e-300))
         # N = m/(√v + ε): first-order change from m, plus from √v, over the smallest denominator.
         dn = (dm + m.abs() * droot / (root + eps)) / (root + eps - droot).clamp_min(eps)
+        yield r, dr, m / (root + eps), dm, dv, dn
+
+
+def _galore_project_tolerance(case: KernelCase) -> list[list[torch.Tensor]]:
+    bounds: list[list[torch.Tensor]] = [[], [], []]
+    for _, _, _, dm, dv, dn in _projected_adam_errors(case):
         for bound, value in zip(bounds, (dm, dv, dn)):
             bound.append(value)
     return bounds
@@ -326,6 +347,136 @@ GALORE_APPLY = KernelPair(
     max_tensors=3,
 )
 
+# ---- APOLLO --------------------------------------------------------------------------------
+
+def _apollo_scales_shape(granularity: str, shape: Sequence[int], side: str) -> tuple[int, int]:
+    from memzoo.reference.projector import matrix_shape
+
+    m, n = matrix_shape(shape)
+    if granularity == "tensor":
+        return (1, 1)
+    return (m, 1) if side == "right" else (1, n)  # channels: rows for a right projection
+
+
+def _apollo_scales_case(shapes, dtypes, device, generator, hparams, layout="contiguous") -> KernelCase:
+    hparams = dict(hparams)
+    granularity = hparams.pop("granularity")
+    shapes, side, rank, hparams = _galore_batch(shapes, hparams)
+    grads, exp_avgs, exp_avg_sqs, scales, lefts, rights = [], [], [], [], [], []
+    for shape in shapes:
+        grad, exp_avg, exp_avg_sq, left, right, _ = _projected_moments(shape, side, rank, dtypes, device, generator,
+                                                                       layout)
+        factors = torch.empty(_apollo_scales_shape(granularity, shape, side), dtype=torch.float32, device=device)
+        for out, value in zip((grads, exp_avgs, exp_avg_sqs, scales, lefts, rights),
+                              (grad, exp_avg, exp_avg_sq, factors, left, right)):
+            out.append(value)
+    return KernelCase(args=(grads, exp_avgs, exp_avg_sqs, scales),
+                      kwargs={"lefts": lefts, "rights": rights, **hparams}, outputs=(1, 2, 3))
+
+
+def _apollo_scales_bytes(case: KernelCase) -> int:
+    grads, exp_avgs, exp_avg_sqs, scales = case.args
+    return _factor_bytes(case) + sum(g.nbytes + 2 * (m.nbytes + v.nbytes) + s.nbytes
+                                     for g, m, v, s in zip(grads, exp_avgs, exp_avg_sqs, scales))
+
+
+def _apollo_scales_tolerance(case: KernelCase) -> list[list[torch.Tensor]]:
+    """m and v as GaLore's; a factor ‖N_c‖/(‖R_c‖ + 1e-8) moves by at most
+    (‖δN_c‖ + s_c·‖δR_c‖)/(‖R_c‖ + 1e-8 − ‖δR_c‖) (triangle inequality on each norm)."""
+    from memzoo.reference.apollo import NORM_EPS
+
+    bounds: list[list[torch.Tensor]] = [[], [], []]
+    for (r, dr, n, dm, dv, dn), scale in zip(_projected_adam_errors(case), case.args[3]):
+        if scale.numel() == 1:
+            norms = lambda x: x.norm().reshape(1, 1)  # noqa: E731
+        else:
+            dim = 1 if scale.shape[1] == 1 else 0
+            norms = lambda x, dim=dim: x.norm(dim=dim, keepdim=True)  # noqa: E731
+        ratio = norms(n) / (norms(r) + NORM_EPS)
+        denominator = (norms(r) + NORM_EPS - norms(dr)).clamp_min(1e-300)
+        bounds[0].append(dm)
+        bounds[1].append(dv)
+        bounds[2].append(((norms(dn) + ratio * norms(dr)) / denominator).reshape(scale.shape))
+    return bounds
+
+
+def _apollo_apply_case(shapes, dtypes, device, generator, hparams, layout="contiguous") -> KernelCase:
+    hparams = dict(hparams)
+    granularity, limiter = hparams.pop("granularity"), hparams.pop("limiter")
+    shapes = [shapes[0]] * len(shapes) if hparams.pop("batch") == "same" else list(shapes)
+    params, grads, scales, norms = [], [], [], []
+    for shape in shapes:
+        params.append(make_tensor(shape, dtypes["param"], device, generator, layout))
+        grads.append(make_tensor(shape, dtypes["param"], device, generator, layout))
+        side = "right" if granularity == "rows" else "left"
+        factor_shape = _apollo_scales_shape("tensor" if granularity == "tensor" else "channel", shape, side)
+        scales.append(make_tensor(factor_shape, torch.float32, device, generator).abs_())
+        # ρ around ‖G⊙s‖, so that some matrices are limited and some are not.
+        size = (grads[-1].double().reshape(shape[0], -1) * scales[-1].double()).norm()
+        norms.append((size * 2.0 * torch.rand((), generator=generator).double()).float().to(device))
+    return KernelCase(args=(params, grads, scales, norms if limiter else None), kwargs=hparams,
+                      outputs=(0, 3) if limiter else (0,))
+
+
+def _apollo_apply_bytes(case: KernelCase) -> int:
+    params, grads, scales, _ = case.args
+    return sum(2 * p.nbytes + g.nbytes + s.nbytes for p, g, s in zip(params, grads, scales))
+
+
+def _apollo_apply_tolerance(case: KernelCase) -> list[list[torch.Tensor | float]]:
+    """‖G⊙s‖ is summed in another order (relative error ≤ (k + 4)·2⁻²⁴ for k elements), which
+    moves the limiter's factor, ρ and the update by as much, relatively; the update's own
+    operations are rounded in another order (a few ulps of |c·S|)."""
+    params, grads, scales, norms = case.args
+    kwargs = case.kwargs
+    coefficient = kwargs["step_size"] * math.sqrt(kwargs["scale"])
+    weights, rhos = [], []
+    for param, grad, factor in zip(params, grads, scales):
+        k = param.numel()
+        delta = (k + 8) * 2.0**-24
+        update = coefficient * (grad.double().reshape(param.shape[0], -1) * factor.double()).abs()
+        weights.append(((1 + kwargs["lr"] * kwargs["weight_decay"]) * update * delta).reshape(param.shape))
+        rhos.append(delta * (grad.double().reshape(param.shape[0], -1) * factor.double()).norm().item()
+                    * (math.sqrt(kwargs["scale"]) if kwargs.get("scale_front") else 1.0) + 1e-6)
+    return [weights, rhos] if norms is not None else [weights]
+
+
+APOLLO_SCALES = KernelPair(
+    family="apollo",
+    function="apollo_scales_",
+    dtype_options={"param": (torch.float32, torch.bfloat16, torch.float16), "state": (None, torch.float32)},
+    hparam_ranges={"beta1": (0.0, 0.999), "beta2": (0.0, 0.999), "eps": (1e-8, 1e-3)},
+    flags=("maximize",),
+    bench_hparams={"beta1": 0.9, "beta2": 0.999, "eps": 1e-6, "maximize": False, "side": "right", "rank": 256,
+                   "granularity": "channel"},
+    make_case=_apollo_scales_case,
+    bytes_moved=_apollo_scales_bytes,
+    extra_tolerance=_apollo_scales_tolerance,
+    choices={"side": ("left", "right"), "rank": (1, 2, 5, 16, 40), "granularity": ("channel", "tensor"),
+             "batch": ("mixed", "same")},
+    shape_dims=(2, 3),
+    max_tensors=3,
+)
+
+APOLLO_APPLY = KernelPair(
+    family="apollo",
+    function="apollo_apply_",
+    dtype_options={"param": (torch.float32, torch.bfloat16, torch.float16)},
+    hparam_ranges={"step_size": (1e-4, 1e-1), "scale": (0.1, 128.0), "lr": (1e-4, 1e-1), "weight_decay": (0.0, 1.0),
+                   "growth_limit": (1.0, 1.5)},
+    flags=("record_only", "scale_front", "maximize"),
+    bench_hparams={"step_size": 1e-3, "scale": 1.0, "lr": 1e-3, "weight_decay": 0.0, "growth_limit": 1.01,
+                   "record_only": False, "scale_front": False, "maximize": False, "granularity": "rows",
+                   "limiter": True, "batch": "same"},
+    make_case=_apollo_apply_case,
+    bytes_moved=_apollo_apply_bytes,
+    extra_tolerance=_apollo_apply_tolerance,
+    choices={"granularity": ("rows", "columns", "tensor"), "limiter": (True, False), "batch": ("mixed", "same")},
+    shape_dims=(2, 3),
+    max_tensors=3,
+)
+
+
 def _adamw_case(shapes, dtypes, device, generator, hparams, layout="contiguous") -> KernelCase:
     state_dtype = dtypes.get("state") or dtypes["param"]
     params = [make_tensor(s, dtypes["param"], device, generator, layout) for s in shapes]
@@ -351,12 +502,13 @@ GALORE_ADAMW = KernelPair(
     dtype_options={"param": (torch.float32, torch.bfloat16, torch.float16), "state": (None, torch.float32)},
     hparam_ranges={"step_size": (1e-5, 1e-1), "beta1": (0.0, 0.999), "beta2": (0.0, 0.999), "eps": (1e-8, 1e-3),
                    "lr": (1e-5, 1e-1), "weight_decay": (0.0, 1.0)},
-    flags=("maximize",),
+    flags=("maximize", "decay_first"),
     bench_hparams={"step_size": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-6, "lr": 1e-3, "weight_decay": 0.01,
-                   "maximize": False},
+                   "maximize": False, "decay_first": False},
     make_case=_adamw_case,
     bytes_moved=_adamw_bytes,
     extra_tolerance=_no_extra_tolerance,
 )
 
-KERNELS: dict[str, KernelPair] = {pair.name: pair for pair in (LION, GALORE_PROJECT, GALORE_APPLY, GALORE_ADAMW)}
+KERNELS: dict[str, KernelPair] = {pair.name: pair for pair in (LION, GALORE_PROJECT, GALORE_APPLY, GALORE_ADAMW,
+                                                              APOLLO_SCALES, APOLLO_APPLY)}

@@ -1,0 +1,81 @@
+"""FRUGAL (Zmushko et al. 2024): each gradient split into a state-full part in a low-dimensional
+subspace, updated by Adam, and the state-free remainder, updated by signSGD (or SGD).
+
+For a weight W with gradient G and a subspace given by factors (GaLore's orthonormal bases, or
+coordinate selections as 0/1 factors), down(G) = R and up(·) its back-projection:
+
+    W ← W·(1 − lr·λ)                                   (decoupled decay first, on every weight)
+    W ← W − η_t·up(N),  N = m/(√v + ε′)                (Adam on R; the moments by
+                                                        :func:`memzoo.reference.galore.galore_adam_project_`)
+    W ← W − η_free·φ(G − up(down(G))),  φ = sign | identity | 0
+
+The official code's Adam is torch's: ε is added to √v/√(1−β2^t). The caller passes it in GaLore's
+form, η_t = lr·√(1−β2^t)/(1−β1^t) and ε′ = ε·√(1−β2^t), which is the same update.
+
+A zero-rank factor (an r = 0 subspace: density 0) makes the state-full part vanish and the
+update pure signSGD; coordinate factors covering every coordinate make the residual vanish and
+the update Adam's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from memzoo.reference.common import compute_dtype
+from memzoo.reference.galore import (
+    FactorList,
+    adamw_update_,
+    as_matrix,
+    check_low_rank_shapes,
+    galore_adam_project_,
+    low_rank_lists,
+)
+from memzoo.reference.projector import project, project_back
+
+__all__ = ["RESIDUAL_RULES", "adamw_update_", "frugal_apply_", "galore_adam_project_"]
+
+RESIDUAL_RULES: tuple[str, ...] = ("sign_sgd", "sgd", "no")
+
+
+@torch.no_grad()
+def frugal_apply_(
+    params: torch.Tensor | Sequence[torch.Tensor],
+    grads: torch.Tensor | Sequence[torch.Tensor],
+    updates: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    lefts: FactorList,
+    rights: FactorList,
+    step_size: float,
+    residual_step: float,
+    residual_rule: str,
+    decay: float,
+    maximize: bool = False,
+) -> None:
+    """For each matrix (W read as (shape[0], rest)): W ← W·(1 − decay) − step_size·up(N)
+    − residual_step·φ(G − up(down(G))), G negated when maximizing. ``updates`` hold N (the
+    low-rank shape); the factors are one-sided (left m×r or right r×n, r may be 0)."""
+    if residual_rule not in RESIDUAL_RULES:
+        raise ValueError(f"Invalid residual_rule: {residual_rule!r}; expected one of {RESIDUAL_RULES}")
+    (params, grads, updates), lefts, rights = low_rank_lists("params", params=params, grads=grads, updates=updates,
+                                                             lefts=lefts, rights=rights)
+    for index, (param, grad, update, left, right) in enumerate(zip(params, grads, updates, lefts, rights)):
+        if grad.shape != param.shape:
+            raise ValueError(f"grads[{index}] has shape {tuple(grad.shape)}, params[{index}] {tuple(param.shape)}")
+        if (left is None) == (right is None):
+            raise ValueError(f"FRUGAL projects one side: matrix {index} needs exactly one of a left or right factor")
+        check_low_rank_shapes(param.shape, left, right, update=update)
+    for param, grad, update, left, right in zip(params, grads, updates, lefts, rights):
+        dtype = compute_dtype(param.dtype, grad.dtype, update.dtype)
+        left = None if left is None else left.to(dtype)
+        right = None if right is None else right.to(dtype)
+        g = as_matrix(grad, grad.shape[0]).to(dtype)
+        if maximize:
+            g = -g
+        w = as_matrix(param, param.shape[0]).to(dtype) * (1.0 - decay)  # W·(1 − lr·λ)
+        w = w - step_size * project_back(update.to(dtype), left, right)  # the state-full part
+        if residual_rule != "no":
+            residual = g - project_back(project(g, left, right), left, right)  # E = G − up(down(G))
+            w = w - residual_step * (residual.sign() if residual_rule == "sign_sgd" else residual)
+        param.copy_(w.reshape(param.shape))
