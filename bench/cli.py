@@ -186,7 +186,8 @@ def _print_profile(label: str, step: Callable[[], object], device: torch.device,
 def _every_projector_refreshing(optimizer: torch.optim.Optimizer) -> Iterator[bool]:
     """Within: every projector refreshes on each step (update_proj_gap forced to 1). Yields
     whether the optimizer has projectors at all."""
-    groups = [g for g in optimizer.param_groups if g.get("rank") is not None and "update_proj_gap" in g]
+    groups = [g for g in optimizer.param_groups
+              if (g.get("rank") is not None or g.get("density") is not None) and "update_proj_gap" in g]
     # galore-torch copies the gap into a projector object in each parameter's state.
     holders = [v for state in optimizer.state.values() for v in state.values() if hasattr(v, "update_proj_gap")]
     saved = [g["update_proj_gap"] for g in groups] + [h.update_proj_gap for h in holders]

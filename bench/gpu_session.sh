@@ -2,7 +2,7 @@
 # One GPU session in one call: environment, then the named parts in order, logs under $OUT.
 #   bash bench/gpu_session.sh "gpu-tests tune bench kernel-tests" [extra memzoo-bench step args...]
 # Runs from the repository root. Wheels of packages the machine lacks (bitsandbytes, and the
-# baselines lion-pytorch and galore-torch) are installed from .whl/ when that folder exists.
+# baselines lion-pytorch, galore-torch and apollo-torch) are installed from .whl/ when that folder exists.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/memzoo-out}
@@ -52,16 +52,23 @@ for part in $parts; do
         bench step_lion_bf16m step --optimizer lion --set momentum_dtype=bf16 "$@"
         bench step_galore_triton step --optimizer galore_adamw,natural_galore --backend triton "$@"
         bench step_galore_torch step --optimizer galore_adamw,natural_galore --backend torch --baseline galore_torch "$@"
+        bench step_apollo step --optimizer apollo,apollo_mini,frugal --backend triton \
+            --baseline apollo_torch,apollo_mini_torch "$@"
         bench kernels kernels --no-compile ;;
     bench-ours)  # ours only, steady state and refresh
         bench step_lion step --optimizer lion "$@"
         bench step_lion_bf16m step --optimizer lion --set momentum_dtype=bf16 "$@"
         bench step_galore_triton step --optimizer galore_adamw,natural_galore --backend triton "$@"
+        bench step_apollo step --optimizer apollo,apollo_mini,frugal --backend triton "$@"
         bench kernels kernels --no-compile ;;
-    kernel-tests)
-        timeout "${KERNEL_TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
-            tests/test_random.py > "$OUT/pytest_kernels.log" 2>&1
-        echo "pytest kernels: exit $?"; tail -25 "$OUT/pytest_kernels.log" ;;
+    kernel-tests)  # one process per kernel: a CUDA error poisons its process, not the others' results
+        for function in $(python3 -c "from memzoo.triton_kernels.registry import KERNELS; print(' '.join(p.function for p in KERNELS.values()))"); do
+            timeout "${KERNEL_TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+                -k "$function" > "$OUT/pytest_kernels_$function.log" 2>&1
+            echo "pytest kernels $function: exit $?"; tail -3 "$OUT/pytest_kernels_$function.log"
+        done
+        timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_random.py > "$OUT/pytest_random.log" 2>&1
+        echo "pytest random: exit $?"; tail -3 "$OUT/pytest_random.log" ;;
     *) echo "unknown part $part"; exit 2 ;;
     esac
 done

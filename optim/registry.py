@@ -286,7 +286,6 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
                 BadInput("unknown projector", {"projector": "qr"}, ValueError, "projector"),
                 BadInput("reset_statistics not a bool", {"reset_statistics": 1}, TypeError, "reset_statistics"),
             ),
-            backends=("torch",),
             position_seeded=True,
             bench_groups=_frugal_bench_groups,
         ),

@@ -477,6 +477,98 @@ APOLLO_APPLY = KernelPair(
 )
 
 
+# ---- FRUGAL --------------------------------------------------------------------------------
+
+def _frugal_factor(shape, side, rank, kind, dtype, device, generator):
+    """A one-sided factor: an orthonormal basis (QR of a Gaussian) or a coordinate selection."""
+    from memzoo.reference.projector import matrix_shape, random_coordinates, selection_factor
+
+    m, n = matrix_shape(shape)
+    size = n if side == "right" else m
+    rank = min(rank, size)
+    if kind == "coordinates":
+        seed = int(torch.randint(0, 2**31, (), generator=generator))
+        factor = selection_factor(random_coordinates(seed, size, rank), size, side, dtype).to(device)
+    else:
+        basis = torch.linalg.qr(torch.randn(size, rank, generator=generator, dtype=torch.float64)).Q
+        factor = (basis.T if side == "right" else basis).to(device=device, dtype=dtype)
+    low_rank = (m, rank) if side == "right" else (rank, n)
+    return (None, factor, low_rank) if side == "right" else (factor, None, low_rank)
+
+
+def _frugal_apply_case(shapes, dtypes, device, generator, hparams, layout="contiguous") -> KernelCase:
+    hparams = dict(hparams)
+    kind = hparams.pop("factor")
+    shapes, side, rank, hparams = _galore_batch(shapes, hparams)
+    params, grads, updates, lefts, rights = [], [], [], [], []
+    for shape in shapes:
+        left, right, low_rank = _frugal_factor(shape, side, rank, kind, dtypes["param"], device, generator)
+        lefts.append(left)
+        rights.append(right)
+        params.append(make_tensor(shape, dtypes["param"], device, generator, layout))
+        grads.append(make_tensor(shape, dtypes["param"], device, generator, layout))
+        updates.append(make_tensor(low_rank, torch.float32, device, generator))
+    return KernelCase(args=(params, grads, updates), kwargs={"lefts": lefts, "rights": rights, **hparams},
+                      outputs=(0,))
+
+
+def _frugal_apply_bytes(case: KernelCase) -> int:
+    params, grads, updates = case.args
+    return _factor_bytes(case) + sum(2 * p.nbytes + g.nbytes + u.nbytes for p, g, u in zip(params, grads, updates))
+
+
+def _frugal_apply_tolerance(case: KernelCase) -> list[list[torch.Tensor]]:
+    """The state-full product as GaLore's back-projection; the residual G − up(down(G)) may
+    differ by its product error (zero for 0/1 coordinate factors, whose products are exact),
+    which moves W by that much (SGD) or flips sign(E) where |E| is within it (2·η_free)."""
+    from memzoo.reference.projector import project, project_back
+
+    kwargs = case.kwargs
+    bounds = []
+    for param, grad, update, left, right in zip(*case.args, kwargs["lefts"], kwargs["rights"]):
+        m = param.shape[0]
+        factor = left if left is not None else right
+        exact = bool(((factor == 0) | (factor == 1)).all())
+        bound = kwargs["step_size"] * _product_error(update, left, right, back=True)
+        g = grad.double().reshape(m, -1)
+        lf = None if left is None else left.double()
+        rf = None if right is None else right.double()
+        residual = g - project_back(project(g, lf, rf), lf, rf)
+        if exact:
+            error = torch.zeros_like(residual)
+        else:
+            magnitude = project_back(project(g.abs(), None if lf is None else lf.abs(), None if rf is None else rf.abs()),
+                                     None if lf is None else lf.abs(), None if rf is None else rf.abs())
+            error = 4 * factor.shape[0 if right is not None else 1] * 2.0**-24 * magnitude + 2.0**-24 * g.abs()
+        rule = kwargs["residual_rule"]
+        if rule == "sgd":
+            bound = bound + kwargs["residual_step"] * error
+        elif rule == "sign_sgd":
+            # (An exact zero, as on selected coordinates, is no ambiguity: sign(0) = 0 on both.)
+            ambiguous = (residual.abs() <= error) & (error > 0)
+            bound = bound + torch.where(ambiguous, 2.0 * kwargs["residual_step"], 0.0)
+        bounds.append(bound.reshape(param.shape))
+    return [bounds]
+
+
+FRUGAL_APPLY = KernelPair(
+    family="frugal",
+    function="frugal_apply_",
+    dtype_options={"param": (torch.float32, torch.bfloat16, torch.float16)},
+    hparam_ranges={"step_size": (1e-4, 1e-1), "residual_step": (1e-4, 1e-1), "decay": (0.0, 0.1)},
+    flags=("maximize",),
+    bench_hparams={"step_size": 1e-3, "residual_step": 1e-3, "decay": 0.0, "maximize": False, "side": "right",
+                   "rank": 256, "factor": "coordinates", "residual_rule": "sign_sgd"},
+    make_case=_frugal_apply_case,
+    bytes_moved=_frugal_apply_bytes,
+    extra_tolerance=_frugal_apply_tolerance,
+    choices={"side": ("left", "right"), "rank": (0, 1, 5, 40), "factor": ("coordinates", "orthonormal"),
+             "residual_rule": ("sign_sgd", "sgd", "no"), "batch": ("mixed", "same")},
+    shape_dims=(2, 3),
+    max_tensors=3,
+)
+
+
 def _adamw_case(shapes, dtypes, device, generator, hparams, layout="contiguous") -> KernelCase:
     state_dtype = dtypes.get("state") or dtypes["param"]
     params = [make_tensor(s, dtypes["param"], device, generator, layout) for s in shapes]
@@ -511,4 +603,4 @@ GALORE_ADAMW = KernelPair(
 )
 
 KERNELS: dict[str, KernelPair] = {pair.name: pair for pair in (LION, GALORE_PROJECT, GALORE_APPLY, GALORE_ADAMW,
-                                                              APOLLO_SCALES, APOLLO_APPLY)}
+                                                              APOLLO_SCALES, APOLLO_APPLY, FRUGAL_APPLY)}

@@ -1,0 +1,145 @@
+"""FRUGAL's split update as one kernel; twin of :mod:`memzoo.reference.frugal`.
+
+``frugal_apply_`` computes, per tile of W, the two back-projections that share a factor —
+up(N) (the state-full Adam update) and up(R) (the part of G inside the subspace, R = down(G)) —
+in one K-loop over the subspace dimension, and the epilogue reads G and W once:
+W ← W·(1 − decay) − η·up(N) − η_free·φ(G − up(R)). No m×n temporary.
+
+up(R) is multiplied in IEEE fp32 whatever GaLore's PRECISION: with coordinate (0/1) factors it
+is then exactly G on the selected coordinates, so their residual is exactly 0 and sign(0) = 0
+keeps them off signSGD (TF32 truncation of R would make it ±1 there). R itself comes from a
+torch matmul (IEEE fp32 by default), a small m×r or r×n temporary.
+
+The moments and N come from GaLore's fused projection kernel, re-exported here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from memzoo.reference.frugal import RESIDUAL_RULES
+from memzoo.reference.galore import FactorList, as_matrix, check_low_rank_shapes, low_rank_lists
+from memzoo.reference.projector import project
+from memzoo.triton_kernels.galore import (
+    APPLY_TILES,
+    INTERPRETED,
+    PRECISION,
+    adamw_update_,
+    galore_adam_project_,
+    launch_batched,
+    matrix_pointer,
+    same_layout_batches,
+)
+from memzoo.triton_kernels.multi_tensor import to_storage
+
+__all__ = ["AUTO", "INTERPRETED", "adamw_update_", "frugal_apply_", "galore_adam_project_"]
+
+# Selected by backend="triton" only until validated on a GPU.
+AUTO = False
+_RULE_CODES = {rule: code for code, rule in enumerate(RESIDUAL_RULES)}  # sign_sgd 0, sgd 1, no 2
+
+
+@triton.jit
+def _split_update_kernel(
+    a1_ptr, b1_ptr, a2_ptr, b2_ptr, w_ptr, g_ptr, offsets, num_matrices, M, N, K,
+    stride_a1m, stride_a1k, stride_b1k, stride_b1n, stride_a2m, stride_a2k, stride_b2k, stride_b2n,
+    stride_wm, stride_wn, stride_gm, stride_gn,
+    step_size, residual_step, keep,
+    RULE: tl.constexpr, MAXIMIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """W ← keep·W − step_size·(A1·B1) − residual_step·φ(G − A2·B2) on this program's tile."""
+    a1_ptr = matrix_pointer(a1_ptr, offsets, num_matrices, 0)
+    b1_ptr = matrix_pointer(b1_ptr, offsets, num_matrices, 1)
+    a2_ptr = matrix_pointer(a2_ptr, offsets, num_matrices, 2)
+    b2_ptr = matrix_pointer(b2_ptr, offsets, num_matrices, 3)
+    w_ptr = matrix_pointer(w_ptr, offsets, num_matrices, 4)
+    g_ptr = matrix_pointer(g_ptr, offsets, num_matrices, 5)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    wrapped_rows = (rows % M)[:, None].to(tl.int64)
+    wrapped_cols = (cols % N)[None, :].to(tl.int64)
+    update = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    inside = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_row = (k0 + ks)[None, :]
+        k_col = (k0 + ks)[:, None]
+        a1 = tl.load(a1_ptr + wrapped_rows * stride_a1m + k_row * stride_a1k, mask=k_row < K, other=0.0)
+        b1 = tl.load(b1_ptr + k_col * stride_b1k + wrapped_cols * stride_b1n, mask=k_col < K, other=0.0)
+        a2 = tl.load(a2_ptr + wrapped_rows * stride_a2m + k_row * stride_a2k, mask=k_row < K, other=0.0)
+        b2 = tl.load(b2_ptr + k_col * stride_b2k + wrapped_cols * stride_b2n, mask=k_col < K, other=0.0)
+        update = tl.dot(a1.to(tl.float32), b1.to(tl.float32), update, input_precision=PRECISION)  # up(N)
+        inside = tl.dot(a2.to(tl.float32), b2.to(tl.float32), inside, input_precision="ieee")  # up(down(G))
+    rows = rows[:, None].to(tl.int64)
+    cols = cols[None, :].to(tl.int64)
+    mask = (rows < M) & (cols < N)
+    w_ptrs = w_ptr + rows * stride_wm + cols * stride_wn
+    w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32) * keep - step_size * update
+    if RULE != 2:
+        g = tl.load(g_ptr + rows * stride_gm + cols * stride_gn, mask=mask, other=0.0).to(tl.float32)
+        if MAXIMIZE:
+            g = -g
+        residual = g - inside  # E = G − up(down(G))
+        if RULE == 0:
+            residual = tl.where(residual > 0, 1.0, tl.where(residual < 0, -1.0, 0.0))  # sign(E)
+        w = w - residual_step * residual
+    tl.store(w_ptrs, to_storage(w, w_ptr.dtype.element_ty), mask=mask)
+
+
+@torch.no_grad()
+def frugal_apply_(
+    params: torch.Tensor | Sequence[torch.Tensor],
+    grads: torch.Tensor | Sequence[torch.Tensor],
+    updates: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    lefts: FactorList,
+    rights: FactorList,
+    step_size: float,
+    residual_step: float,
+    residual_rule: str,
+    decay: float,
+    maximize: bool = False,
+) -> None:
+    """Same contract as :func:`memzoo.reference.frugal.frugal_apply_`: one launch per group of
+    same-shaped matrices; ≥3-D weights that cannot be viewed as matrices go through a copy."""
+    if residual_rule not in RESIDUAL_RULES:
+        raise ValueError(f"Invalid residual_rule: {residual_rule!r}; expected one of {RESIDUAL_RULES}")
+    (params, grads, updates), lefts, rights = low_rank_lists("params", params=params, grads=grads, updates=updates,
+                                                             lefts=lefts, rights=rights)
+    for index, (param, grad, update, left, right) in enumerate(zip(params, grads, updates, lefts, rights)):
+        if grad.shape != param.shape:
+            raise ValueError(f"grads[{index}] has shape {tuple(grad.shape)}, params[{index}] {tuple(param.shape)}")
+        if (left is None) == (right is None):
+            raise ValueError(f"FRUGAL projects one side: matrix {index} needs exactly one of a left or right factor")
+        check_low_rank_shapes(param.shape, left, right, update=update)
+    fused, copies = [], []
+    for param, grad, update, left, right in zip(params, grads, updates, lefts, rights):
+        m = param.shape[0]
+        g = as_matrix(grad, m)
+        factor = (left if left is not None else right).to(torch.float32)
+        # R = down(G) for the residual, in IEEE fp32, of the signed gradient (as the kernel's G).
+        signed = -g.to(torch.float32) if maximize else g.to(torch.float32)
+        inside = project(signed, factor if left is not None else None, factor if right is not None else None)
+        n_low = update.to(torch.float32)
+        try:
+            weight = param if param.dim() == 2 else param.view(m, -1)
+        except RuntimeError:  # not viewable as a matrix: copy in, copy out
+            weight = param.reshape(m, -1).clone()
+            copies.append((param, weight))
+        if right is not None:  # up(X) = X·P: A = N or R (m×r), B = P (r×n)
+            fused.append((n_low, factor, inside, factor, weight, g))
+        else:  # up(X) = P·X: A = P (m×r), B = N or R (r×n)
+            fused.append((factor, n_low, factor, inside, weight, g))
+    for operands in same_layout_batches(fused):
+        a1, b1, a2, b2, weight, g = (tensors[0] for tensors in operands)
+        strides = (*a1.stride(), *b1.stride(), *a2.stride(), *b2.stride(), *weight.stride(), *g.stride())
+        launch_batched(_split_update_kernel, APPLY_TILES, operands, weight.shape[0], weight.shape[1], a1.shape[1],
+                       strides, (step_size, residual_step, 1.0 - decay), RULE=_RULE_CODES[residual_rule],
+                       MAXIMIZE=maximize)
+    for param, weight in copies:
+        param.copy_(weight.reshape(param.shape))
