@@ -34,9 +34,27 @@ from memzoo.reference.galore import (
 )
 from memzoo.reference.projector import project, project_back
 
-__all__ = ["RESIDUAL_RULES", "adamw_update_", "frugal_apply_", "galore_adam_project_"]
+__all__ = ["RESIDUAL_RULES", "adamw_update_", "frugal_apply_", "galore_adam_project_", "split_update_lists"]
 
 RESIDUAL_RULES: tuple[str, ...] = ("sign_sgd", "sgd", "no")
+
+
+def split_update_lists(params: torch.Tensor | Sequence[torch.Tensor], grads: torch.Tensor | Sequence[torch.Tensor],
+                       updates: torch.Tensor | Sequence[torch.Tensor], lefts: FactorList, rights: FactorList,
+                       residual_rule: str) -> tuple[list, list, list, list, list]:
+    """The arguments of :func:`frugal_apply_` as checked lists (params, grads, updates, lefts,
+    rights); ValueError naming the first problem, before anything is written."""
+    if residual_rule not in RESIDUAL_RULES:
+        raise ValueError(f"Invalid residual_rule: {residual_rule!r}; expected one of {RESIDUAL_RULES}")
+    (params, grads, updates), lefts, rights = low_rank_lists("params", params=params, grads=grads, updates=updates,
+                                                             lefts=lefts, rights=rights)
+    for index, (param, grad, update, left, right) in enumerate(zip(params, grads, updates, lefts, rights)):
+        if grad.shape != param.shape:
+            raise ValueError(f"grads[{index}] has shape {tuple(grad.shape)}, params[{index}] {tuple(param.shape)}")
+        if (left is None) == (right is None):
+            raise ValueError(f"FRUGAL projects one side: matrix {index} needs exactly one of a left or right factor")
+        check_low_rank_shapes(param.shape, left, right, update=update)
+    return params, grads, updates, lefts, rights
 
 
 @torch.no_grad()
@@ -56,16 +74,7 @@ def frugal_apply_(
     """For each matrix (W read as (shape[0], rest)): W ← W·(1 − decay) − step_size·up(N)
     − residual_step·φ(G − up(down(G))), G negated when maximizing. ``updates`` hold N (the
     low-rank shape); the factors are one-sided (left m×r or right r×n, r may be 0)."""
-    if residual_rule not in RESIDUAL_RULES:
-        raise ValueError(f"Invalid residual_rule: {residual_rule!r}; expected one of {RESIDUAL_RULES}")
-    (params, grads, updates), lefts, rights = low_rank_lists("params", params=params, grads=grads, updates=updates,
-                                                             lefts=lefts, rights=rights)
-    for index, (param, grad, update, left, right) in enumerate(zip(params, grads, updates, lefts, rights)):
-        if grad.shape != param.shape:
-            raise ValueError(f"grads[{index}] has shape {tuple(grad.shape)}, params[{index}] {tuple(param.shape)}")
-        if (left is None) == (right is None):
-            raise ValueError(f"FRUGAL projects one side: matrix {index} needs exactly one of a left or right factor")
-        check_low_rank_shapes(param.shape, left, right, update=update)
+    params, grads, updates, lefts, rights = split_update_lists(params, grads, updates, lefts, rights, residual_rule)
     for param, grad, update, left, right in zip(params, grads, updates, lefts, rights):
         dtype = compute_dtype(param.dtype, grad.dtype, update.dtype)
         left = None if left is None else left.to(dtype)

@@ -35,7 +35,6 @@ from memzoo.triton_kernels.galore import (
     gemm_tile,
     launch_batched,
     matrix_pointer,
-    same_layout_batches,
 )
 from memzoo.triton_kernels.multi_tensor import ceil_div, operand_offsets, to_storage
 

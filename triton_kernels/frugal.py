@@ -21,13 +21,12 @@ import torch
 import triton
 import triton.language as tl
 
-from memzoo.reference.frugal import RESIDUAL_RULES
-from memzoo.reference.galore import FactorList, as_matrix, check_low_rank_shapes, low_rank_lists
+from memzoo.reference.frugal import RESIDUAL_RULES, split_update_lists
+from memzoo.reference.galore import FactorList, as_matrix
 from memzoo.reference.projector import project
 from memzoo.triton_kernels.galore import (
     APPLY_TILES,
     INTERPRETED,
-    PRECISION,
     adamw_update_,
     galore_adam_project_,
     launch_batched,
@@ -107,16 +106,7 @@ def frugal_apply_(
 ) -> None:
     """Same contract as :func:`memzoo.reference.frugal.frugal_apply_`: one launch per group of
     same-shaped matrices; ≥3-D weights that cannot be viewed as matrices go through a copy."""
-    if residual_rule not in RESIDUAL_RULES:
-        raise ValueError(f"Invalid residual_rule: {residual_rule!r}; expected one of {RESIDUAL_RULES}")
-    (params, grads, updates), lefts, rights = low_rank_lists("params", params=params, grads=grads, updates=updates,
-                                                             lefts=lefts, rights=rights)
-    for index, (param, grad, update, left, right) in enumerate(zip(params, grads, updates, lefts, rights)):
-        if grad.shape != param.shape:
-            raise ValueError(f"grads[{index}] has shape {tuple(grad.shape)}, params[{index}] {tuple(param.shape)}")
-        if (left is None) == (right is None):
-            raise ValueError(f"FRUGAL projects one side: matrix {index} needs exactly one of a left or right factor")
-        check_low_rank_shapes(param.shape, left, right, update=update)
+    params, grads, updates, lefts, rights = split_update_lists(params, grads, updates, lefts, rights, residual_rule)
     fused, copies = [], []
     for param, grad, update, left, right in zip(params, grads, updates, lefts, rights):
         m = param.shape[0]
