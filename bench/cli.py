@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from memzoo.bench.baselines import BASELINES
 from memzoo.bench.presets import PRESETS, make_named_parameters
 from memzoo.bench.timing import copy_bandwidth, median, time_call
 
@@ -327,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="extra keyword for our optimizers (repeatable), e.g. momentum_dtype=bf16")
     step.add_argument("--baseline", action="append", metavar="NAME",
                       help="also time another library's optimizer (repeatable, comma-separated): "
-                           "lion_pytorch, lion_pytorch_triton, bnb_adamw8bit, bnb_lion8bit, galore_torch")
+                           + ", ".join(BASELINES))
     step.set_defaults(run=run_step)
     return parser
 
