@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from memzoo.optim.base import Backend, StateSpec, check_number
-from memzoo.optim.galore import GaLoreAdamW
+from memzoo.optim.galore import GaLoreAdamW, batch_views
 
 __all__ = ["APOLLO"]
 
@@ -144,15 +144,13 @@ class APOLLO(GaLoreAdamW):
         for param, projector, _, _, _ in items:
             m, n = projector.shape
             shapes.append((1, 1) if tensor_wise else (m, 1) if projector.side == "right" else (1, n))
-        # All factors of the batch in one buffer (one allocation per batch and step).
-        sizes = [a * b for a, b in shapes]
-        buffer = torch.empty(sum(sizes), dtype=torch.float32, device=device)
-        grads, exp_avgs, exp_avg_sqs, lefts, rights, scales = [], [], [], [], [], []
-        for (param, projector, state, _, quantized), shape, chunk in zip(items, shapes, buffer.split(sizes)):
+        scales = batch_views(shapes, torch.float32, device)
+        grads, exp_avgs, exp_avg_sqs, lefts, rights = [], [], [], [], []
+        for param, projector, state, _, quantized in items:
             exp_avg, exp_avg_sq = self._moments(state, quantized)
             left, right = projector.factors(state, device, param.dtype, randn=self._randn)
-            for out, value in zip((grads, exp_avgs, exp_avg_sqs, lefts, rights, scales),
-                                  (param.grad, exp_avg, exp_avg_sq, left, right, chunk.view(shape))):
+            for out, value in zip((grads, exp_avgs, exp_avg_sqs, lefts, rights),
+                                  (param.grad, exp_avg, exp_avg_sq, left, right)):
                 out.append(value)
         kernels.apollo_scales_(grads, exp_avgs, exp_avg_sqs, scales, lefts=lefts, rights=rights,
                                maximize=group["maximize"], **hyper)

@@ -9,11 +9,11 @@ from typing import Any
 import torch
 
 from memzoo.optim.base import Backend, StateSpec, check_number
-from memzoo.optim.galore import GaLoreAdamW
+from memzoo.optim.galore import GaLoreAdamW, batch_views
 from memzoo.optim.projector import Projector, ProjectorSettings
 from memzoo.reference.common import compute_dtype
 from memzoo.reference.frugal import RESIDUAL_RULES
-from memzoo.reference.projector import matrix_shape, projection_side
+from memzoo.reference.projector import matrix_shape, projection_side, side_length
 
 __all__ = ["FRUGAL"]
 
@@ -124,15 +124,20 @@ class FRUGAL(GaLoreAdamW):
                                  proj_type=group["proj_type"], projector=projector, power_iters=group["power_iters"],
                                  oversample=group["oversample"], strict_rank=False)
 
+    @staticmethod
+    def _settings_key(group: Mapping[str, Any]) -> tuple | None:
+        if group["density"] is None:
+            return None
+        return (group["density"], *(group[name] for name in _SUBSPACE_FIELDS))
+
     def _projector(self, param: torch.Tensor, group: Mapping[str, Any], key: tuple | None = None) -> Projector | None:
         if group["density"] is None or param.dim() < 2:
             return None
-        key = (group["density"], *(group[name] for name in _SUBSPACE_FIELDS))
+        key = self._settings_key(group) if key is None else key
         cached = self._projectors.get(param)
         if cached is None or cached[0] != key:
             shape = matrix_shape(param.shape)
-            side = projection_side(shape, group["proj_type"])
-            rank = round(group["density"] * (shape[1] if side == "right" else shape[0]))
+            rank = round(group["density"] * side_length(shape, projection_side(shape, group["proj_type"])))
             cached = self._projectors[param] = (key, Projector(self._settings(rank, group), param.shape))
         return cached[1]
 
@@ -176,21 +181,17 @@ class FRUGAL(GaLoreAdamW):
             step_size, eps = self._adam_form(group, adam_step, lr_p)
             param = batch[0][0]
             kernels = self._kernels(param.device)
-            sizes = [math.prod(item[1].low_rank_shape) for item in batch]
-            buffer = torch.empty(sum(sizes), dtype=compute_dtype(param.dtype), device=param.device)
-            params, grads, exp_avgs, exp_avg_sqs, updates, lefts, rights = [], [], [], [], [], [], []
-            for (param, projector, state, _, _), update in zip(batch, buffer.split(sizes)):
+            updates = batch_views([item[1].low_rank_shape for item in batch], compute_dtype(param.dtype), param.device)
+            params, grads, exp_avgs, exp_avg_sqs, lefts, rights = [], [], [], [], [], []
+            for param, projector, state, _, _ in batch:
                 left, right = projector.factors(state, param.device, param.dtype, randn=self._randn)
-                for out, value in zip((params, grads, exp_avgs, exp_avg_sqs, updates, lefts, rights),
-                                      (param, param.grad, state["exp_avg"], state["exp_avg_sq"],
-                                       update.view(projector.low_rank_shape), left, right)):
+                for out, value in zip((params, grads, exp_avgs, exp_avg_sqs, lefts, rights),
+                                      (param, param.grad, state["exp_avg"], state["exp_avg_sq"], left, right)):
                     out.append(value)
-            if buffer.numel():  # an empty subspace (density 0) has no Adam part
+            if updates[0].numel():  # an empty subspace (density 0) has no Adam part
                 kernels.galore_adam_project_(grads, exp_avgs, exp_avg_sqs, updates, lefts=lefts, rights=rights,
                                              beta1=hyper["beta1"], beta2=hyper["beta2"], eps=eps,
                                              maximize=group["maximize"])
-            else:
-                updates = [update.zero_() for update in updates]
             kernels.frugal_apply_(params, grads, updates, lefts=lefts, rights=rights, step_size=step_size,
                                   residual_step=lr_p * group["inactive_lr_scale"],
                                   residual_rule=group["inactive_update_rule"],

@@ -47,6 +47,14 @@ def _chunks(items: list) -> list[list]:
     return chunks + [current] if current else chunks
 
 
+def batch_views(shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """Uninitialized tensors of ``shapes``, views of one buffer: one allocation per batch and
+    step, laid out the same way every step (so the kernels' offset tables stay cached)."""
+    sizes = [math.prod(shape) for shape in shapes]
+    buffer = torch.empty(sum(sizes), dtype=dtype, device=device)
+    return [chunk.view(shape) for chunk, shape in zip(buffer.split(sizes), shapes)]
+
+
 class GaLoreAdamW(MemzooOptimizer):
     r"""GaLore with an AdamW inner rule; a drop-in for ``galore_torch.GaLoreAdamW``.
 
@@ -176,7 +184,10 @@ class GaLoreAdamW(MemzooOptimizer):
         return cached[1]
 
     @staticmethod
-    def _settings_key(group: Mapping[str, Any]) -> tuple:
+    def _settings_key(group: Mapping[str, Any]) -> tuple | None:
+        """What the group's projectors depend on (None for a group that projects nothing)."""
+        if group["rank"] is None:
+            return None
         return tuple(group[name] for name in ProjectorSettings.__dataclass_fields__)
 
     def _state_dtype(self, param: torch.Tensor, group: Mapping[str, Any]) -> torch.dtype:
@@ -271,7 +282,7 @@ class GaLoreAdamW(MemzooOptimizer):
             projected: list[tuple[torch.Tensor, Projector, dict[str, Any], int, bool]] = []
             refreshes: list[RefreshRequest] = []
             step_counts: list[torch.Tensor] = []
-            settings_key = self._settings_key(group) if group["rank"] is not None else None
+            settings_key = self._settings_key(group)
             for param in group["params"]:
                 index += 1
                 if param.grad is None:
@@ -341,15 +352,12 @@ class GaLoreAdamW(MemzooOptimizer):
         param, _, _, step, _ = items[0]
         kernels = self._kernels(param.device)
         params, grads, exp_avgs, exp_avg_sqs, updates, lefts, rights = [], [], [], [], [], [], []
-        # The low-rank updates N of the batch: views of one buffer, laid out the same way every
-        # step (one allocation, and the kernels' offset tables stay cached).
-        sizes = [math.prod(item[1].low_rank_shape) for item in items]
-        buffer = torch.empty(sum(sizes), dtype=compute_dtype(param.dtype), device=param.device)
-        for (param, projector, state, _, quantized), update in zip(items, buffer.split(sizes)):
+        # The low-rank updates N of the batch.
+        update_views = batch_views([item[1].low_rank_shape for item in items], compute_dtype(param.dtype), param.device)
+        for (param, projector, state, _, quantized), update in zip(items, update_views):
             grad = param.grad.reshape(projector.shape)
             exp_avg, exp_avg_sq = self._moments(state, quantized)
             left, right = projector.factors(state, param.device, param.dtype, randn=self._randn)
-            update = update.view(projector.low_rank_shape)
             preconditioned = self._precondition(kernels, state, group, grad, left, right)
             if preconditioned is not None:  # Adam on the already projected (and preconditioned) gradient
                 kernels.galore_adam_project_(preconditioned, exp_avg, exp_avg_sq, update, lefts=None, rights=None,

@@ -30,6 +30,7 @@ from memzoo.reference.projector import (
     random_basis,
     random_coordinates,
     selection_factor,
+    side_length,
 )
 from memzoo.reference.random import philox_randn
 
@@ -90,6 +91,8 @@ class Projector:
                 f"rank {settings.rank} exceeds min(m, n) = {min(m, n)} of a weight of shape "
                 f"{tuple(weight_shape)} (projected as {m}×{n}); lower the rank or set strict_rank=False"
             )
+        if settings.projector == "coordinates" and self.side == "full":
+            raise ValueError("the coordinates projector selects rows or columns: proj_type 'full' is not supported")
         self.rank = min(settings.rank, m, n)
         uses_left, uses_right = self.side in ("left", "full"), self.side in ("right", "full")
         identity = settings.projector == "identity"
@@ -133,8 +136,8 @@ class Projector:
         if self.settings.projector == "random":
             return random_basis(int(state["proj_seed"]), self.shape, self.rank, self.side, device, dtype, randn=randn)
         if self.settings.projector == "coordinates":
-            size = self.shape[1] if self.side == "right" else self.shape[0]
-            factor = selection_factor(state["proj_indices"].to(device), size, self.side, dtype)
+            factor = selection_factor(state["proj_indices"].to(device), side_length(self.shape, self.side), self.side,
+                                      dtype)
             return (None, factor) if self.side == "right" else (factor, None)
         return state.get("proj_left"), state.get("proj_right")
 
@@ -169,10 +172,8 @@ def refresh_projectors_(requests: list[RefreshRequest], *, randn: Randn = philox
             continue
         if request.projector.settings.projector == "coordinates":  # new random rows or columns
             projector = request.projector
-            if projector.side not in ("left", "right"):
-                raise ValueError("the coordinates projector selects rows or columns: proj_type 'full' is not supported")
-            size = projector.shape[1] if projector.side == "right" else projector.shape[0]
-            request.state["proj_indices"] = random_coordinates(seed, size, projector.rank).to(request.grad_matrix.device)
+            indices = random_coordinates(seed, side_length(projector.shape, projector.side), projector.rank)
+            request.state["proj_indices"] = indices.to(request.grad_matrix.device)
             continue
         grad = request.grad_matrix
         key = (request.projector.settings, request.projector.shape, grad.device, grad.dtype, request.factor_dtype)

@@ -15,6 +15,7 @@ from memzoo.optim.base import MemzooOptimizer
 from memzoo.optim.frugal import FRUGAL
 from memzoo.optim.galore import GaLoreAdamW, NaturalGaLore
 from memzoo.optim.lion import Lion
+from memzoo.reference.projector import side_length
 
 __all__ = ["OPTIMIZERS", "BadInput", "OptimizerInfo", "get_optimizer_info", "list_optimizers"]
 
@@ -128,7 +129,7 @@ def _frugal_state_bytes(optimizer: FRUGAL) -> int:
             total += 2 * param.numel() * optimizer._state_dtype(param, group).itemsize
             continue
         m, n = projector.shape
-        size = n if projector.side == "right" else m
+        size = side_length(projector.shape, projector.side)
         r = projector.rank
         total += 2 * (m * n // size) * r * optimizer._state_dtype(param, group).itemsize + 16  # moments, seed, adam_step
         method = projector.settings.projector

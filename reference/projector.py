@@ -33,6 +33,7 @@ __all__ = [
     "project_back",
     "projection_side",
     "random_basis",
+    "side_length",
     "random_coordinates",
     "selection_factor",
 ]
@@ -59,6 +60,14 @@ def projection_side(shape: tuple[int, int], proj_type: str) -> Side:
     if proj_type in ("left", "right", "full"):
         return proj_type  # type: ignore[return-value]
     raise ValueError(f"Invalid proj_type: {proj_type!r}; expected one of {PROJ_TYPES}")
+
+
+def side_length(shape: tuple[int, int], side: Side) -> int:
+    """The dimension a one-sided projection reduces: n (the columns) for right, m (the rows)
+    for left."""
+    if side == "full":
+        raise ValueError("a two-sided ('full') projection reduces both dimensions")
+    return shape[1] if side == "right" else shape[0]
 
 
 def _orthonormal(matrices: torch.Tensor) -> torch.Tensor:

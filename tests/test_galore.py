@@ -241,3 +241,16 @@ def test_8bit_moments_follow_the_32bit_run_in_a_quarter_of_the_memory() -> None:
     assert state8["exp_avg"].dtype == torch.uint8 and state8["exp_avg_absmax"].shape == (32,)
     assert bytes8 == 2 * (256 * 32 + 4 * 32) and bytes32 == 2 * 256 * 32 * 4
     assert ((delta8 - delta32).norm() / delta32.norm()).item() < 0.05
+
+
+def test_coordinates_projector_selects_one_side_and_refuses_full_at_construction() -> None:
+    """RandK rows/columns (the shared projector's coordinates method) store only their indices;
+    a two-sided request fails when the optimizer is built, not in the middle of a step."""
+    weight = torch.nn.Parameter(torch.randn(12, 8))
+    optimizer = GaLoreAdamW([weight], rank=3, projector="coordinates", backend="torch")
+    weight.grad = torch.randn(12, 8)
+    optimizer.step()
+    state = optimizer.state[weight]
+    assert state["proj_indices"].shape == (3,) and "proj_right" not in state
+    with pytest.raises(ValueError, match="coordinates projector selects rows or columns"):
+        GaLoreAdamW([weight], rank=3, projector="coordinates", proj_type="full")

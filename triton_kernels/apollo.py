@@ -32,9 +32,12 @@ from memzoo.triton_kernels.galore import (
     PROJECT_TILES,
     adam_moments_tile,
     adamw_update_,
+    copy_back,
     gemm_tile,
     launch_batched,
     matrix_pointer,
+    same_layout_batches,
+    writable_matrix,
 )
 from memzoo.triton_kernels.multi_tensor import ceil_div, operand_offsets, to_storage
 
@@ -42,9 +45,9 @@ __all__ = ["AUTO", "INTERPRETED", "adamw_update_", "apollo_apply_", "apollo_scal
 
 # Like GaLore's kernels: selected by backend="triton" only until validated on a GPU.
 AUTO = False
-# Tiles of the element-wise update (rows × columns of W), and under the interpreter.
-APPLY_BLOCK = (32, 128, 4)  # BLOCK_M, BLOCK_N, warps
-INTERPRETER_APPLY_BLOCK = (32, 64, 1)
+# Tiles of the element-wise update (rows × columns of W): BLOCK_M, BLOCK_N, warps; smaller and
+# single-warp under the interpreter.
+UPDATE_BLOCK = (32, 64, 1) if INTERPRETED else (32, 128, 4)
 
 
 @triton.jit
@@ -108,7 +111,7 @@ def apollo_scales_(
             raise ValueError(f"APOLLO scales ≥2-D gradients, got shape {tuple(grad.shape)}")
         check_low_rank_shapes(grad.shape, left, right, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
         g = as_matrix(grad, grad.shape[0])
-        granularity = check_scales_shape(scale, tuple(g.shape), left, right)
+        check_scales_shape(scale, tuple(g.shape), left, right)
         if (left is None and right is None) or scale.dtype == torch.float64 or grad.dtype == torch.float64:
             _reference_scales_(grad, exp_avg, exp_avg_sq, scale, lefts=None if left is None else [left],
                                rights=None if right is None else [right], beta1=beta1, beta2=beta2, eps=eps,
@@ -116,29 +119,25 @@ def apollo_scales_(
             continue
         # right: R = G·rightᵀ (A = G, B = rightᵀ); left: R = leftᵀ·G (A = leftᵀ, B = G)
         a, b = (g, right.T) if right is not None else (left.T, g)
-        # Channels along R's rows for row (and tensor) scaling, along its columns for columns.
-        fused.append((a, b, exp_avg, exp_avg_sq, scale, granularity != "columns"))
-    groups: dict[tuple, list] = {}
-    for item in fused:
-        key = tuple((t.shape, t.stride(), t.dtype, t.device) for t in item[:5]) + (item[5],)
-        groups.setdefault(key, []).append(item)
+        fused.append((a, b, exp_avg, exp_avg_sq, scale))
     scalars = (beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps)
-    for items in groups.values():
-        a, b, exp_avg, exp_avg_sq, scale, row_sums = items[0]
+    tiles = INTERPRETER_TILES if INTERPRETED else PROJECT_TILES
+    for *operands, scales_ in same_layout_batches(fused):
+        a, b, exp_avg, exp_avg_sq, scale = (tensors[0] for tensors in (*operands, scales_))
         rows, cols, inner = a.shape[0], b.shape[1], a.shape[1]
-        tiles = INTERPRETER_TILES if INTERPRETED else PROJECT_TILES
+        # Channels are R's rows for row and tensor scaling ((m, 1) and (1, 1) factors), its
+        # columns for column scaling ((1, n)).
+        row_sums = scale.shape[1] == 1
         channels, count = (rows, ceil_div(cols, tiles.block_n)) if row_sums else (cols, ceil_div(rows, tiles.block_m))
-        partials = torch.empty((len(items), 2, count, channels), dtype=torch.float32, device=a.device)
-        operands = [list(operand) for operand in zip(*(item[:4] for item in items))] + [list(partials.unbind(0))]
-        launch_batched(_project_scales_kernel, tiles, operands, rows, cols, inner,
+        partials = torch.empty((len(scales_), 2, count, channels), dtype=torch.float32, device=a.device)
+        launch_batched(_project_scales_kernel, tiles, [*operands, list(partials.unbind(0))], rows, cols, inner,
                        (*a.stride(), *b.stride(), *exp_avg.stride(), *exp_avg_sq.stride()), scalars,
                        ROW_SUMS=row_sums, MAXIMIZE=maximize)
         sums = partials.sum(dim=2)  # (B, 2, channels): ‖N_c‖², ‖R_c‖², summed in a fixed order
         if scale.numel() == 1:  # tensor-wise
             sums = sums.sum(dim=2, keepdim=True)
         ratios = sums[:, 0].sqrt() / (sums[:, 1].sqrt() + NORM_EPS)
-        torch._foreach_copy_([item[4] for item in items],
-                             [ratio.view(item[4].shape) for ratio, item in zip(ratios.unbind(0), items)])
+        torch._foreach_copy_(scales_, [ratio.view(scale.shape) for ratio in ratios.unbind(0)])
 
 
 @triton.jit
@@ -181,7 +180,7 @@ def _broadcast_strides(factor: torch.Tensor) -> tuple[int, int]:
 def _launch_update(operands: list[list[torch.Tensor]], m: int, n: int, coefficients: torch.Tensor,
                    partials: torch.Tensor | None, decay: float, maximize: bool) -> None:
     weight, grad, factor = (tensors[0] for tensors in operands)
-    block_m, block_n, warps = INTERPRETER_APPLY_BLOCK if INTERPRETED else APPLY_BLOCK
+    block_m, block_n, warps = UPDATE_BLOCK
     grid = (ceil_div(m, block_m), ceil_div(n, block_n), len(operands[0]))
     offsets = operand_offsets(operands, weight.device)
     _scaled_update_kernel[grid](
@@ -218,34 +217,25 @@ def apollo_apply_(
                               weight_decay=weight_decay, growth_limit=growth_limit, record_only=record_only,
                               scale_front=scale_front, maximize=maximize)
             continue
-        m = param.shape[0]
-        try:
-            weight = as_matrix(param, m) if param.dim() == 2 else param.view(m, -1)
-        except RuntimeError:  # not viewable as a matrix: copy in, copy out
-            weight = param.reshape(m, -1).clone()
-            copies.append((param, weight))
-        fused.append(((weight, as_matrix(grad, m), factor), norm))
-    groups: dict[tuple, list] = {}
-    for operands, norm in fused:
-        key = tuple((t.shape, t.stride(), t.dtype, t.device) for t in operands)
-        groups.setdefault(key, []).append((operands, norm))
+        # (ρ, a 0-d tensor, rides along as a fourth operand so that it is grouped with its matrix.)
+        fused.append((writable_matrix(param, copies), as_matrix(grad, param.shape[0]), factor)
+                     + (() if norm is None else (norm,)))
     decay = lr * weight_decay
-    for items in groups.values():
-        operands = [list(operand) for operand in zip(*(item[0] for item in items))]
+    for operands in same_layout_batches(fused):
+        operands, limiter_norms_ = operands[:3], operands[3] if len(operands) > 3 else None
         m, n = operands[0][0].shape
         device = operands[0][0].device
-        count = len(items)
-        if norms[0] is None:
+        count = len(operands[0])
+        if limiter_norms_ is None:
             coefficients = torch.full((count,), step_size * root_alpha, dtype=torch.float32, device=device)
         else:
-            block_m, block_n, _ = INTERPRETER_APPLY_BLOCK if INTERPRETED else APPLY_BLOCK
+            block_m, block_n, _ = UPDATE_BLOCK
             partials = torch.empty((count, ceil_div(m, block_m) * ceil_div(n, block_n)), dtype=torch.float32,
                                    device=device)
             _launch_update(operands, m, n, partials[:, 0], partials, 0.0, False)
             size = partials.sum(dim=1).sqrt()  # ‖G⊙s‖ per matrix
             if scale_front:
                 size = size * root_alpha
-            limiter_norms_ = [item[1] for item in items]
             if record_only:
                 limit = torch.ones_like(size)
                 recorded = size
@@ -256,5 +246,4 @@ def apollo_apply_(
             torch._foreach_copy_(limiter_norms_, list(recorded.unbind(0)))
             coefficients = (step_size * root_alpha) / limit
         _launch_update(operands, m, n, coefficients, None, decay, maximize)
-    for param, weight in copies:
-        param.copy_(weight.reshape(param.shape))
+    copy_back(copies)

@@ -28,10 +28,12 @@ from memzoo.triton_kernels.galore import (
     APPLY_TILES,
     INTERPRETED,
     adamw_update_,
+    copy_back,
     galore_adam_project_,
     launch_batched,
     matrix_pointer,
     same_layout_batches,
+    writable_matrix,
 )
 from memzoo.triton_kernels.multi_tensor import to_storage
 
@@ -116,11 +118,7 @@ def frugal_apply_(
         signed = -g.to(torch.float32) if maximize else g.to(torch.float32)
         inside = project(signed, factor if left is not None else None, factor if right is not None else None)
         n_low = update.to(torch.float32)
-        try:
-            weight = param if param.dim() == 2 else param.view(m, -1)
-        except RuntimeError:  # not viewable as a matrix: copy in, copy out
-            weight = param.reshape(m, -1).clone()
-            copies.append((param, weight))
+        weight = writable_matrix(param, copies)
         if right is not None:  # up(X) = X·P: A = N or R (m×r), B = P (r×n)
             fused.append((n_low, factor, inside, factor, weight, g))
         else:  # up(X) = P·X: A = P (m×r), B = N or R (r×n)
@@ -131,5 +129,4 @@ def frugal_apply_(
         launch_batched(_split_update_kernel, APPLY_TILES, operands, weight.shape[0], weight.shape[1], a1.shape[1],
                        strides, (step_size, residual_step, 1.0 - decay), RULE=_RULE_CODES[residual_rule],
                        MAXIMIZE=maximize)
-    for param, weight in copies:
-        param.copy_(weight.reshape(param.shape))
+    copy_back(copies)

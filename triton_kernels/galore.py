@@ -12,8 +12,8 @@ element-wise and use the reference.
 
 Precision: operands are widened to fp32 and multiplied with ``input_precision`` PRECISION
 ("tf32" on GPUs: operands truncated to 10 mantissa bits, so up to ~2·2⁻¹⁰ relative error per
-product, the price of 8× the fp32 matmul rate; the interpreter computes in full fp32); sqrt and division are IEEE (``sqrt_rn``/``div_rn``) so the
-epilogue matches the reference's rounding.
+product, the price of 8× the fp32 matmul rate; the interpreter computes in full fp32); sqrt and
+division are IEEE (``sqrt_rn``/``div_rn``) so the epilogue matches the reference's rounding.
 
 Status: checked against the reference through Triton's interpreter, and compiled on an H100
 (tests/test_gpu.py: LLaMA-size matrices and optimizer trajectories against the torch backend).
@@ -46,8 +46,9 @@ from memzoo.reference.galore import galore_adam_project_ as _reference_adam_proj
 from memzoo.reference.galore import galore_apply_ as _reference_apply_
 from memzoo.triton_kernels.multi_tensor import ceil_div, launch_elementwise, operand_offsets, tensor_block, to_storage
 
-__all__ = ["AUTO", "INTERPRETED", "PRECISION", "adam_moments_tile", "adamw_update_", "galore_adam_project_", "galore_apply_",
-           "gemm_tile", "launch_batched", "matrix_pointer", "natural_gradient", "project", "same_layout_batches"]
+__all__ = ["AUTO", "INTERPRETED", "PRECISION", "adam_moments_tile", "adamw_update_", "copy_back", "galore_adam_project_",
+           "galore_apply_", "gemm_tile", "launch_batched", "matrix_pointer", "natural_gradient", "project",
+           "same_layout_batches", "writable_matrix"]
 
 AUTO = False
 PRECISION = "tf32"
@@ -86,7 +87,7 @@ _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 
 @triton.jit
 def gemm_tile(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """This program's BLOCK_M×BLOCK_N tile of A·B (fp32 accumulator), row/column offsets, mask.
 
     The usual pipelined form: pointers computed once and advanced by BLOCK_K, rows and columns
@@ -142,7 +143,7 @@ def _project_adam_kernel(
     v_ptr = matrix_pointer(v_ptr, offsets, num_matrices, 3)
     out_ptr = matrix_pointer(out_ptr, offsets, num_matrices, 4)
     r, rows, cols, mask = gemm_tile(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
-                                     BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+                                    BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
     if MAXIMIZE:
         r = -r
     update = adam_moments_tile(r, m_ptr, v_ptr, rows, cols, mask, stride_mm, stride_mn, stride_vm, stride_vn,
@@ -161,7 +162,7 @@ def _apply_kernel(
     b_ptr = matrix_pointer(b_ptr, offsets, num_matrices, 1)
     w_ptr = matrix_pointer(w_ptr, offsets, num_matrices, 2)
     back, rows, cols, mask = gemm_tile(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
-                                        BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+                                       BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
     w_ptrs = w_ptr + rows * stride_wm + cols * stride_wn
     w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32) - coefficient * back  # W − η·α·P(N)
     if HAS_DECAY:
@@ -263,6 +264,26 @@ def _one_side(lefts: list, rights: list) -> str | None:
     return None
 
 
+def writable_matrix(param: torch.Tensor, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """``param`` as its (shape[0], rest) matrix, written in place through a view; a ≥3-D
+    tensor that cannot be viewed so is copied, and (param, copy) is added to ``copies`` for
+    :func:`copy_back` after the kernels."""
+    if param.dim() == 2:
+        return param
+    try:
+        return param.view(param.shape[0], -1)
+    except RuntimeError:  # not viewable as a matrix: copy in, copy out
+        weight = param.reshape(param.shape[0], -1).clone()
+        copies.append((param, weight))
+        return weight
+
+
+def copy_back(copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Write the matrices of :func:`writable_matrix`'s copies back into their parameters."""
+    for param, weight in copies:
+        param.copy_(weight.reshape(param.shape))
+
+
 def _transposed(matrix: torch.Tensor) -> tuple[int, int]:
     return matrix.stride(1), matrix.stride(0)
 
@@ -313,8 +334,8 @@ def galore_adam_project_(
             dims, strides = (factor.shape[1], grad.shape[1], grad.shape[0]), (*_transposed(factor), *grad.stride())
             operands = [factors, grads]
         launch_batched(_project_adam_kernel, PROJECT_TILES, [*operands, exp_avgs, exp_avg_sqs, updates], *dims,
-                (*strides, *exp_avgs[0].stride(), *exp_avg_sqs[0].stride(), *updates[0].stride()), scalars,
-                MAXIMIZE=maximize)
+                       (*strides, *exp_avgs[0].stride(), *exp_avg_sqs[0].stride(), *updates[0].stride()), scalars,
+                       MAXIMIZE=maximize)
         return
     fused = []
     for grad, exp_avg, exp_avg_sq, update, left, right in zip(grads, exp_avgs, exp_avg_sqs, updates, lefts, rights):
@@ -332,8 +353,8 @@ def galore_adam_project_(
     for operands in same_layout_batches(fused):
         a, b, exp_avg, exp_avg_sq, update = (tensors[0] for tensors in operands)
         launch_batched(_project_adam_kernel, PROJECT_TILES, operands, a.shape[0], b.shape[1], a.shape[1],
-                (*a.stride(), *b.stride(), *exp_avg.stride(), *exp_avg_sq.stride(), *update.stride()), scalars,
-                MAXIMIZE=maximize)
+                       (*a.stride(), *b.stride(), *exp_avg.stride(), *exp_avg_sq.stride(), *update.stride()), scalars,
+                       MAXIMIZE=maximize)
 
 
 @torch.no_grad()
@@ -363,7 +384,7 @@ def galore_apply_(
         operands = [updates, factors] if side == "right" else [factors, updates]
         a, b = operands[0][0], operands[1][0]
         launch_batched(_apply_kernel, APPLY_TILES, [*operands, params], a.shape[0], b.shape[1], a.shape[1],
-                (*a.stride(), *b.stride(), *params[0].stride()), scalars, HAS_DECAY=weight_decay != 0.0)
+                       (*a.stride(), *b.stride(), *params[0].stride()), scalars, HAS_DECAY=weight_decay != 0.0)
         return
     fused, copies = [], []
     for param, update, left, right in zip(params, updates, lefts, rights):
@@ -376,16 +397,9 @@ def galore_apply_(
         if left is not None and right is not None:  # full: (left·N) first (m×r), then ·right fused
             n_low, left = left.to(torch.float32) @ n_low, None
         a, b = (n_low, right) if right is not None else (left, n_low)
-        m, n = a.shape[0], b.shape[1]
-        try:
-            weight = param if param.dim() == 2 else param.view(m, n)
-        except RuntimeError:  # not viewable as m×n: copy in, copy out
-            weight = param.reshape(m, n).clone()
-            copies.append((param, weight))
-        fused.append((a, b, weight))
+        fused.append((a, b, writable_matrix(param, copies)))
     for operands in same_layout_batches(fused):
         a, b, weight = (tensors[0] for tensors in operands)
         launch_batched(_apply_kernel, APPLY_TILES, operands, a.shape[0], b.shape[1], a.shape[1],
-                (*a.stride(), *b.stride(), *weight.stride()), scalars, HAS_DECAY=weight_decay != 0.0)
-    for param, weight in copies:
-        param.copy_(weight.reshape(param.shape))
+                       (*a.stride(), *b.stride(), *weight.stride()), scalars, HAS_DECAY=weight_decay != 0.0)
+    copy_back(copies)

@@ -150,11 +150,20 @@ def _block_map(numels: tuple[int, ...], block: int, device: torch.device) -> tor
     return _BLOCK_MAPS.get_or_make((numels, block, device), make)
 
 
+def _element_offsets(pointers: Sequence[int], size: int) -> tuple[int, ...]:
+    """Each address's distance from the first, in elements of ``size`` bytes."""
+    first = pointers[0]
+    deltas = [ptr - first for ptr in pointers]
+    if any(delta % size for delta in deltas):  # cannot happen for same-dtype tensors
+        raise ValueError("tensors of one list are not aligned to their element size")
+    return tuple(delta // size for delta in deltas)
+
+
 def _table(pointers: tuple[tuple[int, ...], ...], sizes: tuple[int, ...], numels: tuple[int, ...], block: int,
            device: torch.device) -> torch.Tensor:
     # Keyed by the table's contents, not the addresses: the same addresses hold tensors of another
     # dtype from one call to the next, and element offsets depend on the element size.
-    rows = tuple(tuple((ptr - ptrs[0]) // size for ptr in ptrs) for ptrs, size in zip(pointers, sizes))
+    rows = tuple(_element_offsets(ptrs, size) for ptrs, size in zip(pointers, sizes))
 
     def make() -> torch.Tensor:
         firsts, total = [], 0
@@ -176,13 +185,7 @@ def operand_offsets(operands: Sequence[Sequence[torch.Tensor]], device: torch.de
     (operands, matrices) table on ``device`` of each matrix's element offset from the list's
     first. Kernels add row ``l``, column ``b`` to operand ``l``'s base pointer for matrix ``b``.
     Cached by the offsets themselves, so a batch laid out the same way every step costs no copy."""
-    rows = []
-    for operand in operands:
-        first, size = _data_ptr(operand[0]), operand[0].element_size()
-        deltas = [ptr - first for ptr in map(_data_ptr, operand)]
-        if any(delta % size for delta in deltas):  # cannot happen for same-dtype tensors
-            raise ValueError("tensors of one operand are not aligned to their element size")
-        rows.append(tuple(delta // size for delta in deltas))
+    rows = [_element_offsets(tuple(map(_data_ptr, operand)), operand[0].element_size()) for operand in operands]
     key = (tuple(rows), device)
     return _OFFSETS.get_or_make(key, lambda: torch.tensor(rows, dtype=torch.int64).to(device))
 

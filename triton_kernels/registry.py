@@ -481,10 +481,10 @@ APOLLO_APPLY = KernelPair(
 
 def _frugal_factor(shape, side, rank, kind, dtype, device, generator):
     """A one-sided factor: an orthonormal basis (QR of a Gaussian) or a coordinate selection."""
-    from memzoo.reference.projector import matrix_shape, random_coordinates, selection_factor
+    from memzoo.reference.projector import matrix_shape, random_coordinates, selection_factor, side_length
 
     m, n = matrix_shape(shape)
-    size = n if side == "right" else m
+    size = side_length((m, n), side)
     rank = min(rank, size)
     if kind == "coordinates":
         seed = int(torch.randint(0, 2**31, (), generator=generator))
