@@ -15,6 +15,7 @@ from memzoo.optim.base import MemzooOptimizer
 from memzoo.optim.frugal import FRUGAL
 from memzoo.optim.galore import GaLoreAdamW, NaturalGaLore
 from memzoo.optim.lion import Lion
+from memzoo.optim.zeroth_order import QZO, MeZO, SparseMeZO
 from memzoo.reference.projector import side_length
 
 __all__ = ["OPTIMIZERS", "BadInput", "OptimizerInfo", "get_optimizer_info", "list_optimizers"]
@@ -49,6 +50,9 @@ class OptimizerInfo:
     position_seeded: bool = False
     # Param groups for memzoo-bench on a preset, from (name, parameter) pairs.
     bench_groups: Callable[[list[tuple[str, torch.nn.Parameter]]], list[dict[str, Any]]] | None = None
+    # Steps from closures of forward passes only (gradients unused): the gradient-based contract
+    # tests skip it; tests/test_zeroth_order.py holds its own.
+    zeroth_order: bool = False
 
 
 def _stepped(optimizer: MemzooOptimizer):
@@ -114,6 +118,17 @@ def _apollo_state_bytes(optimizer: APOLLO) -> int:
     limited = sum(1 for param, group in _stepped(optimizer)
                   if group["rank"] is not None and param.dim() >= 2 and not group["disable_nl"])
     return _galore_state_bytes(optimizer) + 4 * limited
+
+
+def _no_state_bytes(optimizer: MemzooOptimizer) -> int:
+    return 0
+
+
+def _sparse_mezo_state_bytes(optimizer: SparseMeZO) -> int:
+    """One fp32 threshold per tensor and one mask bit per element, each tensor's bits padded to
+    whole 1024-element chunks (the stream's layout)."""
+    params = [p for p, _ in _stepped(optimizer)]
+    return 4 * len(params) + sum(-(-p.numel() // 1024) * 128 for p in params)
 
 
 def _frugal_state_bytes(optimizer: FRUGAL) -> int:
@@ -289,6 +304,41 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
             ),
             position_seeded=True,
             bench_groups=_frugal_bench_groups,
+        ),
+        OptimizerInfo(
+            name="mezo",
+            cls=MeZO,
+            summary="MeZO (Malladi et al. 2023): zeroth-order SGD from two forward passes, inference memory",
+            sample_kwargs={"lr": 1e-3, "weight_decay": 0.1, "eps": 1e-3},
+            expected_state_bytes=_no_state_bytes,
+            bad_inputs=_COMMON_BAD_INPUTS,
+            requires_closure=True,
+            zeroth_order=True,
+        ),
+        OptimizerInfo(
+            name="sparse_mezo",
+            cls=SparseMeZO,
+            summary="Sparse-MeZO (Liu et al. 2024): MeZO on the small-magnitude weights of each layer",
+            sample_kwargs={"lr": 1e-3, "weight_decay": 0.1, "eps": 1e-3, "sparsity": 0.5},
+            expected_state_bytes=_sparse_mezo_state_bytes,
+            bad_inputs=_COMMON_BAD_INPUTS + (
+                BadInput("sparsity above 1", {"sparsity": 1.5}, ValueError, "sparsity"),
+                BadInput("negative sparsity", {"sparsity": -0.5}, ValueError, "sparsity"),
+            ),
+            requires_closure=True,
+            zeroth_order=True,
+        ),
+        OptimizerInfo(
+            name="qzo",
+            cls=QZO,
+            summary="QZO (Shang et al. 2025): zeroth-order fine-tuning of 4-bit models through their scales",
+            sample_kwargs={"lr": 1e-3, "eps": 1e-3},
+            expected_state_bytes=_no_state_bytes,
+            bad_inputs=_COMMON_BAD_INPUTS + (
+                BadInput("scales flag not a bool", {"scales": "yes"}, TypeError, "scales"),
+            ),
+            requires_closure=True,
+            zeroth_order=True,
         ),
     )
 }

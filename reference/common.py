@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["as_tensor_list", "check_parallel_lists", "compute_dtype"]
+__all__ = ["as_tensor_list", "check_parallel_lists", "compute_dtype", "is_dense"]
 
 
 def as_tensor_list(name: str, tensors: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -54,3 +54,17 @@ def _explain_mismatch(names: list[str], items: Sequence[torch.Tensor], index: in
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """The dtype the math runs in: float32, or float64 when an input is float64."""
     return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def is_dense(tensor: torch.Tensor) -> bool:
+    """True when the tensor's elements fill ``numel`` consecutive slots of memory exactly once."""
+    if tensor.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(zip(tensor.shape, tensor.stride()), key=lambda pair: pair[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_seed_offsets", "normals_from_words", "philox_randn", "philox_words"]
+__all__ = ["check_seed_offsets", "normal_pairs_from_words", "normals_from_words", "philox_randn", "philox_words",
+           "philox_words4"]
 
 _MASK32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
@@ -38,13 +39,20 @@ def _uniform(words: torch.Tensor) -> torch.Tensor:
     return folded.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
 
 
-def normals_from_words(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """Box–Muller on the first two Philox words, as ``tl.randn``: √(−2·ln u1)·cos(2π·u2) with
-    u1 clamped to ≥ 1e-7. Shared by the reference and the Triton path (which computes the words
-    in one kernel), so both give the same float32 bits on the same device."""
+def normal_pairs_from_words(first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Box–Muller on two Philox words, as Triton's ``pair_uniform_to_normal``: r = √(−2·ln u1)
+    with u1 clamped to ≥ 1e-7, θ = 2π·u2; returns (r·cos θ, r·sin θ), float32."""
     u1 = torch.clamp(_uniform(first), min=1.0e-7)
     angle = torch.tensor(6.283185307179586, dtype=torch.float32) * _uniform(second)
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(angle)
+    radius = torch.sqrt(-2.0 * torch.log(u1))
+    return radius * torch.cos(angle), radius * torch.sin(angle)
+
+
+def normals_from_words(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """The first normal of :func:`normal_pairs_from_words` (√(−2·ln u1)·cos 2πu2), as ``tl.randn``.
+    Shared by the reference and the Triton path (which computes the words in one kernel), so both
+    give the same float32 bits on the same device."""
+    return normal_pairs_from_words(first, second)[0]
 
 
 def check_seed_offsets(seed: int | torch.Tensor, offsets: torch.Tensor) -> None:
@@ -61,9 +69,10 @@ def check_seed_offsets(seed: int | torch.Tensor, offsets: torch.Tensor) -> None:
         raise TypeError(f"offsets must be an integer tensor, got {offsets.dtype}")
 
 
-def philox_words(seed: int | torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first two output words of Philox-4x32-10 for each (seed, offset), as signed int32
-    bit patterns, shaped like ``offsets`` broadcast with ``seed`` (see :func:`philox_randn`)."""
+def philox_words4(seed: int | torch.Tensor,
+                  offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The four output words of Philox-4x32-10 (``tl.randint4x``) for each (seed, offset), as
+    signed int32 bit patterns, shaped like ``offsets`` broadcast with ``seed``."""
     check_seed_offsets(seed, offsets)
     if isinstance(seed, torch.Tensor):
         seed = seed.to(device=offsets.device, dtype=torch.int64)
@@ -81,7 +90,13 @@ def philox_words(seed: int | torch.Tensor, offsets: torch.Tensor) -> tuple[torch
         c0, c1, c2, c3 = high_b ^ c1 ^ k0, low_b, high_a ^ c3 ^ k1, low_a
         k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
     as_int32 = lambda word: torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)  # noqa: E731
-    return as_int32(c0), as_int32(c1)
+    return as_int32(c0), as_int32(c1), as_int32(c2), as_int32(c3)
+
+
+def philox_words(seed: int | torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first two output words of Philox-4x32-10 for each (seed, offset), as signed int32
+    bit patterns, shaped like ``offsets`` broadcast with ``seed`` (see :func:`philox_randn`)."""
+    return philox_words4(seed, offsets)[:2]
 
 
 def philox_randn(seed: int | torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

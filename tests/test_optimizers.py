@@ -27,6 +27,8 @@ def cases(*, backends: bool = True, dtypes: bool = True):
     """(info, variant kwargs, backend, dtype) combinations as pytest params."""
     out = []
     for info in OPTIMIZERS.values():
+        if info.zeroth_order:  # no gradients: tests/test_zeroth_order.py holds their contract
+            continue
         for index, variant in enumerate(info.variants):
             for backend in info.backends if backends else ("torch",):
                 for dtype in (d for d in DTYPES if d in info.param_dtypes) if dtypes else (torch.float32,):

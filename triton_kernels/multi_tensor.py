@@ -29,27 +29,13 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from memzoo.reference.common import as_tensor_list, check_parallel_lists
+from memzoo.reference.common import as_tensor_list, check_parallel_lists, is_dense
 
 __all__ = ["MultiTensorLaunch", "operand_offsets", "ceil_div", "is_dense", "launch_elementwise", "plan_launches", "tensor_block", "to_storage"]
 
 # 16-byte alignment lets the compiler use 128-bit loads and stores.
 _VECTOR_BYTES = 16
 _CACHE_SIZE = 64
-
-
-def is_dense(tensor: torch.Tensor) -> bool:
-    """True when the tensor's elements fill ``numel`` consecutive slots of memory exactly once."""
-    if tensor.is_contiguous():
-        return True
-    expected = 1
-    for size, stride in sorted(zip(tensor.shape, tensor.stride()), key=lambda pair: pair[1]):
-        if size == 1:
-            continue
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 @triton.jit
@@ -109,6 +95,7 @@ class MultiTensorLaunch:
     aligns: list[int]  # per list: every offset is a multiple of this many elements
     first_index: int = 0  # position in the input lists of the bucket's first tensor (its bases)
     copied: bool = False  # whether any tensor of the bucket is a contiguous copy of the input
+    positions: tuple[int, ...] = ()  # position in the input lists of each tensor of the bucket
 
     @property
     def bases(self) -> list[torch.Tensor]:
@@ -206,6 +193,7 @@ def plan_launches(
     copies_back: list[tuple[torch.Tensor, torch.Tensor]] = []
     buckets: dict[tuple, list[list[torch.Tensor]]] = {}
     first_indices: dict[tuple, int] = {}
+    positions: dict[tuple, list[int]] = {}
     copied_buckets: set[tuple] = set()
     for position, items in enumerate(zip(*lists)):
         first = items[0]
@@ -229,6 +217,8 @@ def plan_launches(
         if bucket is None:
             bucket = buckets[key] = [[] for _ in lists]
             first_indices[key] = position
+            positions[key] = []
+        positions[key].append(position)
         for out, tensor in zip(bucket, items):
             out.append(tensor)
 
@@ -256,6 +246,7 @@ def plan_launches(
             aligns=aligns,
             first_index=first_indices[key],
             copied=key in copied_buckets,
+            positions=tuple(positions[key]),
         ))
 
     def finish() -> None:
@@ -284,6 +275,20 @@ def _signature(kernel: Callable, block: int, lists: list[list[torch.Tensor]]) ->
               for tensors in lists))
 
 
+_SIDE_ARRAYS = _LRU()
+
+
+def _side_arrays(per_tensor: Sequence[tuple[Sequence[float], torch.dtype]], positions: Sequence[int],
+                 device: torch.device) -> list[torch.Tensor]:
+    """Per-tensor values in a bucket's order, as device tensors (cached by their contents)."""
+    arrays = []
+    for values, dtype in per_tensor:
+        ordered = tuple(values[p] for p in positions)
+        arrays.append(_SIDE_ARRAYS.get_or_make((ordered, dtype, device),
+                                               lambda: torch.tensor(ordered, dtype=dtype).to(device)))
+    return arrays
+
+
 def launch_elementwise(
     kernel: Callable,
     lists: dict[str, torch.Tensor | Sequence[torch.Tensor]],
@@ -294,11 +299,15 @@ def launch_elementwise(
     scalars: Sequence[float],
     align_names: Sequence[str],
     num_warps: int,
+    per_tensor: Sequence[tuple[Sequence[float], torch.dtype]] = (),
+    pointers: Sequence[torch.Tensor] = (),
     **constexprs: object,
 ) -> None:
     """Run an element-wise multi-tensor kernel over parallel lists (checked as the reference
     checks them): one launch per (device, dtypes) bucket. The kernel's arguments are the lists'
-    base pointers, ``table, block_tensor, num_tensors``, then ``scalars``; its constexprs are one
+    base pointers, ``table, block_tensor, num_tensors``, one array per ``per_tensor`` entry
+    (values given per input tensor, passed in the bucket's order as tensors of that dtype),
+    ``pointers`` (tensors passed as they are), then ``scalars``; its constexprs are one
     alignment per list (``align_names``), ``BLOCK`` and ``constexprs``."""
     values = [as_tensor_list(name, tensors) for name, tensors in lists.items()]
     signature = _signature(kernel, block, values) if all(len(t) == len(values[0]) for t in values) else None
@@ -307,21 +316,24 @@ def launch_elementwise(
         check_parallel_lists(**dict(zip(lists, values)))
         launches, finish = plan_launches(values, written=written, block=block, dtypes=dtypes)
         for launch in launches:
+            sides = _side_arrays(per_tensor, launch.positions, launch.bases[0].device)
             _launch(kernel, launch.bases, launch.table, launch.block_tensor, launch.num_tensors, launch.num_blocks,
-                    launch.aligns, scalars, align_names, block, num_warps, constexprs)
+                    launch.aligns, [*sides, *pointers, *scalars], align_names, block, num_warps, constexprs)
         finish()
         if not any(launch.copied for launch in launches):  # then valid for the same tensors again
             _PLANS.get_or_make(signature, lambda: [
                 (launch.table, launch.block_tensor, launch.num_tensors, launch.num_blocks, launch.aligns,
-                 launch.first_index) for launch in launches])
+                 launch.first_index, launch.positions) for launch in launches])
         return
-    for table, block_tensor, num_tensors, num_blocks, aligns, first in plans:
-        _launch(kernel, [tensors[first] for tensors in values], table, block_tensor, num_tensors, num_blocks, aligns,
-                scalars, align_names, block, num_warps, constexprs)
+    for table, block_tensor, num_tensors, num_blocks, aligns, first, positions in plans:
+        bases = [tensors[first] for tensors in values]
+        sides = _side_arrays(per_tensor, positions, bases[0].device) if per_tensor else []
+        _launch(kernel, bases, table, block_tensor, num_tensors, num_blocks, aligns,
+                [*sides, *pointers, *scalars], align_names, block, num_warps, constexprs)
 
 
 def _launch(kernel: Callable, bases: Sequence[torch.Tensor], table: torch.Tensor, block_tensor: torch.Tensor,
-            num_tensors: int, num_blocks: int, aligns: Sequence[int], scalars: Sequence[float],
+            num_tensors: int, num_blocks: int, aligns: Sequence[int], arguments: Sequence[object],
             align_names: Sequence[str], block: int, num_warps: int, constexprs: dict[str, object]) -> None:
-    kernel[(num_blocks,)](*bases, table, block_tensor, num_tensors, *scalars, **dict(zip(align_names, aligns)),
+    kernel[(num_blocks,)](*bases, table, block_tensor, num_tensors, *arguments, **dict(zip(align_names, aligns)),
                           BLOCK=block, num_warps=num_warps, **constexprs)

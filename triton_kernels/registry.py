@@ -50,8 +50,8 @@ def clone_case(case: KernelCase) -> KernelCase:
         return base.as_strided(tensor.shape, tensor.stride(), tensor.storage_offset())
 
     return KernelCase(
-        args=tuple(clone(arg) if isinstance(arg, torch.Tensor) else None if arg is None else [clone(t) for t in arg]
-                   for arg in case.args),
+        args=tuple(clone(arg) if isinstance(arg, torch.Tensor) else None if arg is None
+                   else [clone(t) if isinstance(t, torch.Tensor) else t for t in arg] for arg in case.args),
         kwargs=dict(case.kwargs),
         outputs=case.outputs,
     )
@@ -602,5 +602,88 @@ GALORE_ADAMW = KernelPair(
     extra_tolerance=_no_extra_tolerance,
 )
 
+# ---- Zeroth-order ---------------------------------------------------------------------------
+
+# Passes of a step: (from_sign, to_sign) and the number of earlier samples whose directions the
+# update adds (None: no update).
+_ZO_PASSES = {"perturb": (0, 1, None), "flip": (1, -1, None), "restore": (-1, 0, None), "update": (-1, 0, 0),
+              "update_q3": (-1, 0, 2)}
+_NORMAL_BOUND = 5.7  # |z| ≤ √(−2·ln 1e-7) for tl.randn's Box–Muller
+
+
+def _zo_offsets(params: Sequence[torch.Tensor], multiple: int) -> list[int]:
+    from memzoo.reference.zeroth_order import CHUNK
+
+    offsets, total = [], 0
+    for param in params:
+        offsets.append(total)
+        total += -(-param.numel() // CHUNK) * multiple
+    return offsets
+
+
+def _zo_case(shapes, dtypes, device, generator, hparams, layout="contiguous") -> KernelCase:
+    from memzoo.reference.zeroth_order import CHUNK, MASK_BYTES_PER_CHUNK
+
+    params = [make_tensor(s, dtypes["param"], device, generator, layout) for s in shapes]
+    from_sign, to_sign, earlier = _ZO_PASSES[hparams["pass"]]
+    seed = int(torch.randint(0, 2**62, (), generator=generator))
+    kwargs: dict[str, Any] = dict(seed=seed, eps=hparams["eps"], from_sign=from_sign, to_sign=to_sign)
+    # Stream offsets start past zero so a tensor's counters do not begin at the stream's origin.
+    kwargs["stream_offsets"] = [CHUNK * 5 + offset for offset in _zo_offsets(params, CHUNK)]
+    if earlier is not None:
+        earlier = [seed + 1 + k for k in range(earlier)]
+        kwargs.update(earlier_seeds=earlier, decay=1.0 - hparams["decay"], coefficients=(
+            torch.randn(1 + len(earlier), generator=generator) * hparams["coefficient"]).to(device))
+        if hparams["clamp"]:
+            kwargs["clamp_min"] = 0.1
+    if hparams["mask"]:
+        mask_offsets = _zo_offsets(params, MASK_BYTES_PER_CHUNK)
+        total = mask_offsets[-1] + -(-params[-1].numel() // CHUNK) * MASK_BYTES_PER_CHUNK
+        kwargs.update(
+            thresholds=[float(torch.rand((), generator=generator)) * 1.5 for _ in params],
+            mask_offsets=mask_offsets, write_mask=from_sign == 0,
+            # Random bits for passes that read the mask; a perturb pass writes its own (the
+            # reference first, then the kernel: each pass reads back what it wrote).
+            mask_bits=torch.randint(0, 256, (total,), generator=generator, dtype=torch.int32).to(torch.uint8).to(device))
+    stream_offsets = kwargs.pop("stream_offsets")
+    return KernelCase(args=(params, stream_offsets), kwargs=kwargs, outputs=(0,))
+
+
+def _zo_bytes(case: KernelCase) -> int:
+    return sum(2 * p.nbytes for p in case.args[0])
+
+
+def _zo_tolerance(case: KernelCase) -> list[list[torch.Tensor]]:
+    """The normals of the interpreter (numpy's log/cos/sin) and of torch differ in the last
+    bits; each of the pass's (up to three) roundings may then fall on the other side, one unit
+    of the storage dtype at the magnitude of its operands."""
+    kwargs = case.kwargs
+    unit = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+    extra = []
+    for param in case.args[0]:
+        step = 0.0
+        if "coefficients" in kwargs:
+            step = float(kwargs["coefficients"].abs().sum()) * _NORMAL_BOUND
+        magnitude = param.double().abs() + kwargs["eps"] * _NORMAL_BOUND + step
+        extra.append(4 * unit[param.dtype] * magnitude)
+    return [extra]
+
+
+ZEROTH_ORDER_APPLY = KernelPair(
+    family="zeroth_order",
+    function="zo_apply_",
+    dtype_options={"param": (torch.float32, torch.bfloat16, torch.float16)},
+    hparam_ranges={"eps": (1e-4, 1e-1), "coefficient": (1e-4, 1e-1), "decay": (0.0, 0.1)},
+    flags=("mask", "clamp"),
+    bench_hparams={"eps": 1e-3, "pass": "update", "coefficient": 1e-5, "decay": 0.0, "mask": False,
+                   "clamp": False},
+    make_case=_zo_case,
+    bytes_moved=_zo_bytes,
+    extra_tolerance=_zo_tolerance,
+    choices={"pass": tuple(_ZO_PASSES)},
+    max_tensors=8,
+)
+
 KERNELS: dict[str, KernelPair] = {pair.name: pair for pair in (LION, GALORE_PROJECT, GALORE_APPLY, GALORE_ADAMW,
-                                                              APOLLO_SCALES, APOLLO_APPLY, FRUGAL_APPLY)}
+                                                              APOLLO_SCALES, APOLLO_APPLY, FRUGAL_APPLY,
+                                                              ZEROTH_ORDER_APPLY)}

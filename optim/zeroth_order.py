@@ -1,0 +1,490 @@
+"""Zeroth-order fine-tuning with forward passes only: one SPSA core (MeZO's seed trick) and
+three optimizers on it, MeZO (Malladi et al. 2023), Sparse-MeZO (Liu et al. 2024) and QZO
+(Shang et al. 2025).
+
+Memory is inference memory: no gradients and no per-element state. A step perturbs the
+parameters in place along z ~ N(0, I) regenerated from (seed, element index) by the
+``zeroth_order`` kernels, evaluates the closure at θ + εz and θ − εz, and folds the restore and
+the update into the third pass over the parameters (see :mod:`memzoo.reference.zeroth_order`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from memzoo.optim.base import Backend, MemzooOptimizer, StateSpec, check_int, check_number
+from memzoo.reference.zeroth_order import CHUNK, MASK_BYTES_PER_CHUNK
+
+__all__ = ["QZO", "MeZO", "SparseMeZO", "ZerothOrderOptimizer", "collect_quantization_scales"]
+
+_MASK64 = 2**64 - 1
+
+
+def _mix64(value: int) -> int:
+    """SplitMix64's finalizer: a bijection of 64-bit integers that scatters nearby inputs."""
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+def sample_seed(base_seed: int, step: int, sample: int) -> int:
+    """The Philox seed of sample ``sample`` of step ``step`` (0-based), in [0, 2**63)."""
+    return _mix64(_mix64(_mix64(base_seed) ^ step) ^ sample) >> 1
+
+
+@dataclass
+class _Bucket:
+    """The perturbed tensors of one param group on one device, with their stream (and mask) offsets."""
+
+    group_index: int
+    device: torch.device
+    params: list[torch.Tensor]
+    stream_offsets: list[int]
+    mask_offsets: list[int]
+
+
+def _chunks(numel: int) -> int:
+    return -(-numel // CHUNK)
+
+
+def _scalar_loss(value: Any) -> torch.Tensor:
+    """The closure's loss as a 0-d float64 tensor, or a clear error."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"the closure must return a scalar loss, got a tensor of shape {tuple(value.shape)}; "
+                "reduce it (e.g. loss.mean()) before returning"
+            )
+        return value.detach().reshape(()).to(torch.float64)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor(float(value), dtype=torch.float64)
+    raise TypeError(f"the closure must return the loss (a scalar tensor or a number), got {type(value).__name__}")
+
+
+class ZerothOrderOptimizer(MemzooOptimizer):
+    r"""The zeroth-order core: two-point SPSA with the seed trick (MeZO, Algorithm 1).
+
+    For q = ``n_samples`` directions z_k (seeded; regenerated, never stored):
+
+    .. math::
+        \hat g_k = \frac{L(\theta + \epsilon z_k) - L(\theta - \epsilon z_k)}{2\epsilon},\qquad
+        \theta \leftarrow \theta(1 - \eta\lambda) - \frac{\eta}{q}\sum_k \hat g_k z_k
+
+    ``step(closure)`` needs a closure that runs a forward pass on one batch and returns the loss
+    (a scalar tensor or a number). It is run under ``torch.no_grad()``, 2q times per step, at the
+    perturbed points; it must not call ``backward``, and the model should be in eval mode (both
+    evaluations must see the same function: dropout would make them differ). A closure that
+    raises, or returns something other than a scalar, leaves the parameters where they were.
+
+    Every element of every tensor in the param groups is perturbed (put what you train in the
+    groups, e.g. biases and norms in a group with ``weight_decay=0`` as the official code
+    excludes them from decay). The estimate and the losses of the last step are kept in
+    ``last_projected_grads`` (q,) and ``last_losses`` (q, 2) (device tensors; ``.tolist()`` them
+    for logging). ``step`` returns the mean of the 2q losses.
+
+    Distributed: when ``torch.distributed`` is initialized, the first step broadcasts rank 0's
+    seed, and every step all-reduces (averages) the q projected gradients — the only
+    communication; each rank evaluates its own batch and all ranks apply the same update.
+
+    State: the base seed and the step count (in ``state_dict()["zeroth_order"]``), so a resumed
+    run draws the same directions. ``state_bytes()`` counts tensors only.
+    """
+
+    family = "zeroth_order"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        defaults: dict[str, Any],
+        *,
+        eps: float,
+        n_samples: int,
+        seed: int,
+        process_group: Any = None,
+        backend: Backend = "auto",
+    ) -> None:
+        check_number("eps", eps)
+        if not eps > 0 or math.isinf(eps):
+            raise ValueError(f"Invalid eps: {eps} (must be a finite number > 0)")
+        check_int("n_samples", n_samples, low=1, high=2**20)
+        check_int("seed", seed, low=0, high=2**63)
+        super().__init__(params, defaults, backend=backend)
+        self.eps = float(eps)
+        self.n_samples = n_samples
+        self.process_group = process_group
+        self._base_seed = seed
+        self._step_count = 0
+        self._seed_synced = False
+        self._layout_key: tuple | None = None
+        self._buckets: list[_Bucket] = []
+        self._mask_bytes: dict[torch.device, int] = {}
+        self.last_projected_grads: torch.Tensor | None = None
+        self.last_losses: torch.Tensor | None = None
+
+    # -- hooks for subclasses -------------------------------------------------------------
+    def _validate_group(self, group: Mapping[str, Any], group_index: int) -> None:
+        check_number("lr", group["lr"])
+        check_number("weight_decay", group["weight_decay"])
+
+    def _state_spec(self, param: torch.Tensor, group: Mapping[str, Any]) -> StateSpec:
+        return {}
+
+    def _thresholds(self, bucket: _Bucket) -> list[float] | None:
+        """Per tensor of the bucket, the magnitude threshold of a masked perturbation, or None."""
+        return None
+
+    def _before_step(self) -> None:
+        """Prepare per-step data from the unperturbed parameters (Sparse-MeZO's thresholds)."""
+
+    def _clip_projected(self, projected: torch.Tensor) -> torch.Tensor:
+        return projected
+
+    def _clamp_min(self, group: Mapping[str, Any]) -> float | None:
+        return None
+
+    # -- layout ---------------------------------------------------------------------------
+    def _layout(self) -> list[_Bucket]:
+        """Buckets of (group, device) with stream offsets over all groups in order (each tensor's
+        offset a multiple of CHUNK) and per-device mask offsets; rebuilt when the groups change."""
+        key = tuple((id(p), p.numel(), p.device) for group in self.param_groups for p in group["params"])
+        if key == self._layout_key:
+            return self._buckets
+        buckets: dict[tuple[int, torch.device], _Bucket] = {}
+        stream, mask_bytes = 0, {}
+        for group_index, group in enumerate(self.param_groups):
+            for param in group["params"]:
+                if param.numel() == 0:
+                    continue
+                bucket = buckets.setdefault((group_index, param.device),
+                                            _Bucket(group_index, param.device, [], [], []))
+                bucket.params.append(param)
+                bucket.stream_offsets.append(stream)
+                bucket.mask_offsets.append(mask_bytes.get(param.device, 0))
+                stream += _chunks(param.numel()) * CHUNK
+                mask_bytes[param.device] = mask_bytes.get(param.device, 0) + _chunks(param.numel()) * MASK_BYTES_PER_CHUNK
+        self._layout_key, self._buckets, self._mask_bytes = key, list(buckets.values()), mask_bytes
+        return self._buckets
+
+    def _mask_buffer(self, device: torch.device) -> torch.Tensor | None:
+        return None
+
+    # -- the passes ---------------------------------------------------------------------------
+    def _move(self, seed: int, from_sign: int, to_sign: int, *, first: bool = False,
+              coefficients: list[torch.Tensor] | None = None, earlier_seeds: tuple[int, ...] = ()) -> None:
+        for bucket in self._layout():
+            group = self.param_groups[bucket.group_index]
+            thresholds = self._thresholds(bucket)
+            masked = thresholds is not None
+            update = {}
+            if coefficients is not None:
+                update = dict(coefficients=coefficients[bucket.group_index].to(bucket.device),
+                              earlier_seeds=earlier_seeds, decay=1.0 - group["lr"] * group["weight_decay"],
+                              clamp_min=self._clamp_min(group))
+            self._kernels(bucket.device).zo_apply_(
+                bucket.params, bucket.stream_offsets, seed=seed, eps=self.eps, from_sign=from_sign, to_sign=to_sign,
+                thresholds=thresholds, mask_bits=self._mask_buffer(bucket.device) if masked else None,
+                mask_offsets=bucket.mask_offsets if masked else None, write_mask=masked and first, **update,
+            )
+
+    def _evaluate(self, closure: Callable[[], Any]) -> torch.Tensor:
+        with torch.no_grad():
+            return _scalar_loss(closure())
+
+    def _sync_seed(self, device: torch.device) -> None:
+        """Distributed: every rank takes rank 0's base seed before the first step."""
+        if self._seed_synced:
+            return
+        self._seed_synced = True
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or self._step_count:
+            return
+        seed = torch.tensor([self._base_seed], dtype=torch.int64, device=device)
+        source = torch.distributed.get_global_rank(self.process_group, 0) if self.process_group is not None else 0
+        torch.distributed.broadcast(seed, src=source, group=self.process_group)
+        self._base_seed = int(seed.item())
+
+    def _average_across_ranks(self, projected: torch.Tensor) -> torch.Tensor:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return projected
+        torch.distributed.all_reduce(projected, group=self.process_group)
+        return projected / torch.distributed.get_world_size(self.process_group)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor:  # type: ignore[override]
+        """One zeroth-order step (2q closure evaluations); returns the mean loss of the evaluations."""
+        if closure is None:
+            raise ValueError(
+                f"{type(self).__name__}.step needs a closure: a function that runs a forward pass on "
+                "the batch and returns the loss (no backward), e.g. step(lambda: loss_fn(model(x), y))"
+            )
+        if not callable(closure):
+            raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        buckets = self._layout()
+        if not buckets:
+            return self._evaluate(closure)
+        device = buckets[0].device
+        self._sync_seed(device)
+        self._before_step()
+        seeds = [sample_seed(self._base_seed, self._step_count, k) for k in range(self.n_samples)]
+        losses = []
+        seed, sign = seeds[0], 0
+        try:
+            for k, seed in enumerate(seeds):
+                self._move(seed, 0, 1, first=k == 0)
+                sign = 1
+                plus = self._evaluate(closure)
+                self._move(seed, 1, -1)
+                sign = -1
+                minus = self._evaluate(closure)
+                losses.append(torch.stack([plus.to(device), minus.to(device)]))
+                if k < len(seeds) - 1:
+                    self._move(seed, -1, 0)
+                    sign = 0
+        except BaseException:
+            if sign:
+                self._move(seed, sign, 0)  # back to θ, then let the error through
+            raise
+        losses = torch.stack(losses)  # (q, 2)
+        projected = self._average_across_ranks((losses[:, 0] - losses[:, 1]) / (2.0 * self.eps))
+        projected = self._clip_projected(projected)
+        # The last sample's direction goes with the restoring pass's seed; the others follow it.
+        order = [len(seeds) - 1, *range(len(seeds) - 1)]
+        weights = projected[order] / len(seeds)
+        coefficients = [(group["lr"] * weights).to(torch.float32) for group in self.param_groups]
+        self._move(seeds[-1], -1, 0, coefficients=coefficients, earlier_seeds=tuple(seeds[:-1]))
+        self._step_count += 1
+        self.last_projected_grads, self.last_losses = projected, losses
+        return losses.mean()
+
+    # -- memory and checkpoints -------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state_dict = super().state_dict()
+        state_dict["zeroth_order"] = {"seed": self._base_seed, "step": self._step_count}
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state_dict of the same optimizer class; the seed and step count come with it."""
+        meta = state_dict.get("zeroth_order") if isinstance(state_dict, Mapping) else None
+        if not isinstance(meta, Mapping) or set(meta) != {"seed", "step"}:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: missing or malformed 'zeroth_order' "
+                             "entry (seed and step count); was it saved by a zeroth-order optimizer?")
+        check_int("seed", meta["seed"], low=0, high=2**63)
+        check_int("step", meta["step"], low=0)
+        super().load_state_dict(state_dict)
+        self._base_seed, self._step_count, self._seed_synced = meta["seed"], meta["step"], True
+
+
+class MeZO(ZerothOrderOptimizer):
+    r"""MeZO (Malladi et al. 2023): zeroth-order SGD with in-place seeded perturbations.
+
+    Defaults are the official ones (ε = 1e-3; lr 1e-6 as in the OPT-13B full-parameter grid).
+    The official code restores θ + εz − 2εz + εz in the parameter dtype, which drifts in
+    fp16/bf16 (MeZO issue #42); here each pass recovers the unperturbed point from the stored
+    one and the update is fused into the restore, so three passes touch each parameter per
+    sample instead of four. See :class:`ZerothOrderOptimizer` for the closure and options.
+
+    Args:
+        params: tensors or param groups (``lr``, ``weight_decay`` per group).
+        lr: learning rate η.
+        eps: perturbation size ε.
+        weight_decay: decoupled decay λ (θ ← θ(1 − ηλ) − η ĝ z).
+        n_samples: q, directions averaged per step (2q forward passes).
+        seed: base seed of the directions (rank 0's is used by every rank).
+        process_group: the group whose ranks average their estimates (default: the world).
+        backend: "auto", "triton" or "torch".
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0, *,
+                 n_samples: int = 1, seed: int = 0, process_group: Any = None, backend: Backend = "auto") -> None:
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay), eps=eps, n_samples=n_samples, seed=seed,
+                         process_group=process_group, backend=backend)
+
+
+# Tensors above this size get their threshold from a strided subsample of this many elements
+# (an exact k-th value would need a full-size temporary, and torch.quantile refuses > 2^24).
+_THRESHOLD_SAMPLE = 2**24
+
+
+def magnitude_threshold(param: torch.Tensor, sparsity: float) -> float:
+    """Sparse-MeZO's per-layer threshold: the (1 − sparsity) quantile of |θ| (as the k-th
+    smallest value, k = round((1 − sparsity)·n)), so |θ| ≤ h selects that fraction of the
+    smallest-magnitude weights; +inf for sparsity 0, −inf when nothing is selected."""
+    if sparsity == 0.0:
+        return math.inf
+    flat = param.detach().reshape(-1)
+    if flat.numel() > _THRESHOLD_SAMPLE:
+        flat = flat[:: -(-flat.numel() // _THRESHOLD_SAMPLE)]
+    k = round((1.0 - sparsity) * flat.numel())
+    if k == 0:
+        return -math.inf
+    value = flat.float().abs().kthvalue(k).values
+    return float(value.item())
+
+
+class SparseMeZO(ZerothOrderOptimizer):
+    r"""Sparse-MeZO (Liu et al. 2024): MeZO that perturbs and updates only the small-magnitude
+    weights of each layer, z ← m ⊙ z with m = [|θ| ≤ h_layer].
+
+    ``sparsity`` (per group, default 0.8 as in the paper) is the fraction of each layer left
+    alone: h is the (1 − sparsity) quantile of |θ| (:func:`magnitude_threshold`), computed at the
+    first step and every ``threshold_interval`` steps (None: never again; the paper fixes h
+    before training). The mask itself is dynamic, as the paper's: it is recomputed every step
+    from the unperturbed weights against h, by the step's first pass, and kept bit-packed (one
+    bit per element, ``state_bytes()`` counts it) so the three passes of the step use the same
+    mask although the weights move. Unselected elements are never changed (no decay either).
+
+    Which tensors are masked is not pinned down by the paper: by default ≥2-D weights are and
+    1-D/0-D tensors (norms, biases) are perturbed densely (``mask_1d=True`` masks them too).
+    Other arguments as :class:`MeZO`.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
+                 sparsity: float = 0.8, *, threshold_interval: int | None = None, mask_1d: bool = False,
+                 n_samples: int = 1, seed: int = 0, process_group: Any = None, backend: Backend = "auto") -> None:
+        if threshold_interval is not None:
+            check_int("threshold_interval", threshold_interval, low=1)
+        if not isinstance(mask_1d, bool):
+            raise TypeError(f"Invalid mask_1d: expected a bool, got {mask_1d!r}")
+        self.threshold_interval = threshold_interval
+        self.mask_1d = mask_1d
+        self._mask_buffers: dict[torch.device, torch.Tensor] = {}
+        self._threshold_values: dict[int, float] = {}
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, sparsity=sparsity), eps=eps,
+                         n_samples=n_samples, seed=seed, process_group=process_group, backend=backend)
+
+    def _validate_group(self, group: Mapping[str, Any], group_index: int) -> None:
+        super()._validate_group(group, group_index)
+        check_number("sparsity", group["sparsity"], high=1.0)
+
+    def _masked(self, param: torch.Tensor) -> bool:
+        return param.dim() >= 2 or self.mask_1d
+
+    def _state_spec(self, param: torch.Tensor, group: Mapping[str, Any]) -> StateSpec:
+        return {"threshold": (torch.Size([]), torch.float32)}
+
+    def _before_step(self) -> None:
+        refresh = self._step_count == 0 or (self.threshold_interval is not None
+                                            and self._step_count % self.threshold_interval == 0)
+        for group in self.param_groups:
+            for param in group["params"]:
+                state = self.state[param]
+                if refresh or "threshold" not in state:
+                    value = magnitude_threshold(param, group["sparsity"]) if self._masked(param) else math.inf
+                    state["threshold"] = torch.tensor(value, dtype=torch.float32, device=param.device)
+                    self._threshold_values[id(param)] = value
+                elif id(param) not in self._threshold_values:  # loaded from a state_dict
+                    self._threshold_values[id(param)] = float(state["threshold"].item())
+
+    def _thresholds(self, bucket: _Bucket) -> list[float]:
+        return [self._threshold_values[id(param)] for param in bucket.params]
+
+    def _mask_buffer(self, device: torch.device) -> torch.Tensor:
+        size = self._mask_bytes[device]
+        buffer = self._mask_buffers.get(device)
+        if buffer is None or buffer.numel() != size:
+            buffer = self._mask_buffers[device] = torch.zeros(size, dtype=torch.uint8, device=device)
+        return buffer
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._threshold_values.clear()
+
+    def state_bytes(self) -> int:
+        """Thresholds (one fp32 per tensor) plus the bit-packed mask of a step (1 bit per element)."""
+        return super().state_bytes() + sum(buffer.numel() for buffer in self._mask_buffers.values())
+
+
+def collect_quantization_scales(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The continuous quantization scales of a bitsandbytes 4-bit model (``Linear4bit``, NF4 or
+    FP4): each layer's ``weight.quant_state.absmax`` (float32, one per block of weights), in
+    module order — the tensors :class:`QZO` trains.
+
+    Collect them after the model is on its final device (moving a 4-bit layer re-creates its
+    quantization state). Raises ValueError when the model has no 4-bit layers, or when its
+    scales are double-quantized (8-bit absmax), which cannot be perturbed meaningfully.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:  # pragma: no cover - bitsandbytes is a dependency
+        raise ImportError("QZO needs bitsandbytes (pip install bitsandbytes)") from exc
+    scales = []
+    for name, module in model.named_modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        state = getattr(module.weight, "quant_state", None)
+        if state is None:
+            raise ValueError(f"layer {name!r} is not quantized yet: move the model to its device "
+                             "(which quantizes Linear4bit weights) before collecting the scales")
+        if state.nested or state.absmax.dtype == torch.uint8:
+            raise ValueError(
+                f"layer {name!r} has double-quantized scales (8-bit absmax): QZO perturbs float scales. "
+                "Load the model with BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_use_double_quant=False) "
+                "or build the layers with bnb.nn.Linear4bit(..., compress_statistics=False)"
+            )
+        scales.append(state.absmax)
+    if not scales:
+        raise ValueError(
+            "the model has no bitsandbytes 4-bit layers (bnb.nn.Linear4bit): quantize it first, e.g. "
+            "from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True, "
+            "bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=False))"
+        )
+    return scales
+
+
+class QZO(ZerothOrderOptimizer):
+    r"""QZO (Shang et al. 2025): zeroth-order fine-tuning of a 4-bit quantized model through its
+    continuous quantization scales Δ (w = Δ·w̄; the packed 4-bit w̄ is never touched).
+
+    Q-SPSA as MeZO on the scales, with the paper's directional-derivative clipping (DDC):
+    ĝ ← clip(ĝ, −C, C) with C = ``clip_threshold`` (the official code's 100; None disables), and
+    the update keeps scales positive, Δ ← max(Δ − η ĝ z, ``scale_min``) (the code's 1e-7).
+
+    ``params`` are the scales from :func:`collect_quantization_scales` (or groups of them).
+    Other trainable tensors (norms, biases, an unquantized head) may be added as a group with
+    ``"scales": False``: they get plain MeZO (decay, no clamp), the official
+    ``--train_unquantized`` option. Scale groups get no weight decay unless asked for.
+
+    Args: as :class:`MeZO`, plus ``clip_threshold`` and ``scale_min``. Defaults: lr 1e-7,
+    ε 1e-3 (the official OPT-6.7B example).
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-7, eps: float = 1e-3, weight_decay: float = 0.0, *,
+                 clip_threshold: float | None = 100.0, scale_min: float = 1e-7, n_samples: int = 1, seed: int = 0,
+                 process_group: Any = None, backend: Backend = "auto") -> None:
+        if clip_threshold is not None:
+            check_number("clip_threshold", clip_threshold)
+        check_number("scale_min", scale_min)
+        self.clip_threshold = clip_threshold
+        self.scale_min = float(scale_min)
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, scales=True), eps=eps, n_samples=n_samples,
+                         seed=seed, process_group=process_group, backend=backend)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        for index, param in enumerate(params):
+            if isinstance(param, torch.Tensor) and param.dtype == torch.uint8:
+                raise TypeError(
+                    f"param group {len(self.param_groups)}, param {index} is uint8: double-quantized or packed "
+                    "4-bit data; pass the float scales from memzoo.optim.collect_quantization_scales(model)"
+                )
+        super().add_param_group({**param_group, "params": params})
+
+    def _validate_group(self, group: Mapping[str, Any], group_index: int) -> None:
+        super()._validate_group(group, group_index)
+        if not isinstance(group["scales"], bool):
+            raise TypeError(f"Invalid scales: expected a bool, got {group['scales']!r}")
+
+    def _clip_projected(self, projected: torch.Tensor) -> torch.Tensor:
+        if self.clip_threshold is None:
+            return projected
+        return projected.clamp(-self.clip_threshold, self.clip_threshold)
+
+    def _clamp_min(self, group: Mapping[str, Any]) -> float | None:
+        return self.scale_min if group["scales"] else None
+
