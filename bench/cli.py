@@ -2,6 +2,7 @@
 
     memzoo-bench kernels [--preset P] [--dtype D] [--json PATH]
     memzoo-bench step --optimizer lion [--preset 350m] [--set KEY=VALUE] [--baseline NAME] [--json PATH]
+    memzoo-bench step --optimizer mezo,sparse_mezo,qzo --baseline mezo_official
 
 Every command prints a table and can write JSON. Defaults finish in about a minute on a CPU
 (preset ``tiny``); on CUDA the default preset is ``350m``.
@@ -25,6 +26,7 @@ import torch
 from memzoo.bench.baselines import BASELINES
 from memzoo.bench.presets import PRESETS, make_named_parameters
 from memzoo.bench.timing import copy_bandwidth, median, time_call
+from memzoo.bench.zeroth_order import OfficialMeZO, time_zeroth_order
 
 __all__ = ["main"]
 
@@ -240,6 +242,16 @@ def run_step(args: argparse.Namespace) -> dict[str, Any]:
     settings = _parse_settings(args.set or [])
     rows = [_time_optimizer("adamw (torch)", _make_adamw, args, device)]
     for info in infos:
+        label = info.name + "".join(f" {k}={v}" for k, v in settings.items())
+        if info.zeroth_order:  # forward passes only: forward time and optimizer overhead apart
+            def make_zo(tensors, info=info):
+                optimizer = info.cls(tensors, **{**info.sample_kwargs, **settings}, backend=args.backend)
+                module = resolve_backend(args.backend, device, info.cls.family)
+                return optimizer, "triton" if module.__name__.startswith("memzoo.triton_kernels") else "torch"
+
+            rows.append(time_zeroth_order(label, make_zo, info.name == "qzo", args, device))
+            continue
+
         def make(named, info=info):
             if info.bench_groups is None:
                 optimizer = info.cls([p for _, p in named], **{**info.sample_kwargs, **settings}, backend=args.backend)
@@ -249,9 +261,12 @@ def run_step(args: argparse.Namespace) -> dict[str, Any]:
             module = resolve_backend(args.backend, device, info.cls.family)
             return optimizer, "triton" if module.__name__.startswith("memzoo.triton_kernels") else "torch"
 
-        label = info.name + "".join(f" {k}={v}" for k, v in settings.items())
         rows.append(_time_optimizer(label, make, args, device))
     for name in args.baseline or []:
+        if name == "mezo_official":
+            rows.append(time_zeroth_order(name, lambda tensors: (OfficialMeZO(tensors), "baseline"), False,
+                                          args, device))
+            continue
         try:
             rows.append(_time_optimizer(name, lambda named, name=name: (make_baseline(name, named), "baseline"),
                                         args, device))
@@ -290,8 +305,11 @@ COLUMNS = {
     "kernels": ["kernel", "backend", "dtype", "numel", "ms", "gb_s", "pct_of_floor", "note"],
     # first_ms: the first step (allocates state; low-rank methods also build their projectors);
     # ms: median steady step; refresh_ms: a steady step in which every projector is recomputed.
+    # Zeroth-order rows: forward_ms (one closure), overhead_ms (step − 2q·forward), pass_ms (one
+    # perturbation pass over all trainable tensors), peak_over_inference_mib (CUDA).
     "step": ["optimizer", "backend", "dtype", "first_ms", "ms", "refresh_ms", "state_mib", "peak_extra_mib",
-             "vs_adamw_time", "vs_adamw_state", "note"],
+             "forward_ms", "overhead_ms", "pass_ms", "peak_over_inference_mib", "vs_adamw_time", "vs_adamw_state",
+             "note"],
 }
 
 
@@ -328,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="extra keyword for our optimizers (repeatable), e.g. momentum_dtype=bf16")
     step.add_argument("--baseline", action="append", metavar="NAME",
                       help="also time another library's optimizer (repeatable, comma-separated): "
-                           + ", ".join(BASELINES))
+                           + ", ".join([*BASELINES, "mezo_official"]))
     step.set_defaults(run=run_step)
     return parser
 

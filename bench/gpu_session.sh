@@ -54,12 +54,15 @@ for part in $parts; do
         bench step_galore_torch step --optimizer galore_adamw,natural_galore --backend torch --baseline galore_torch "$@"
         bench step_apollo step --optimizer apollo,apollo_mini,frugal --backend triton \
             --baseline apollo_torch,apollo_mini_torch "$@"
+        bench step_zo step --optimizer mezo,sparse_mezo,qzo --backend triton --baseline mezo_official "$@"
+        bench step_zo_bf16 step --optimizer mezo,sparse_mezo --backend triton --baseline mezo_official --dtype bf16 "$@"
         bench kernels kernels --no-compile ;;
     bench-ours)  # ours only, steady state and refresh
         bench step_lion step --optimizer lion "$@"
         bench step_lion_bf16m step --optimizer lion --set momentum_dtype=bf16 "$@"
         bench step_galore_triton step --optimizer galore_adamw,natural_galore --backend triton "$@"
         bench step_apollo step --optimizer apollo,apollo_mini,frugal --backend triton "$@"
+        bench step_zo step --optimizer mezo,sparse_mezo,qzo --backend triton "$@"
         bench kernels kernels --no-compile ;;
     kernel-tests)  # one process per kernel: a CUDA error poisons its process, not the others' results
         for function in $(python3 -c "from memzoo.triton_kernels.registry import KERNELS; print(' '.join(p.function for p in KERNELS.values()))"); do
@@ -68,7 +71,9 @@ for part in $parts; do
             echo "pytest kernels $function: exit $?"; tail -3 "$OUT/pytest_kernels_$function.log"
         done
         timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_random.py > "$OUT/pytest_random.log" 2>&1
-        echo "pytest random: exit $?"; tail -3 "$OUT/pytest_random.log" ;;
+        echo "pytest random: exit $?"; tail -3 "$OUT/pytest_random.log"
+        timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_zeroth_order.py > "$OUT/pytest_zo.log" 2>&1
+        echo "pytest zeroth-order: exit $?"; tail -3 "$OUT/pytest_zo.log" ;;
     *) echo "unknown part $part"; exit 2 ;;
     esac
 done

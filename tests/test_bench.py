@@ -62,6 +62,27 @@ def test_step_runs_the_triton_backend(tmp_path) -> None:
     assert json.loads(path.read_text())["rows"][1]["backend"] == "triton"
 
 
+def test_step_reports_zeroth_order_forward_and_overhead_apart(tmp_path) -> None:
+    path = tmp_path / "step.json"
+    assert main(["step", "--device", "cpu", "--preset", "tiny", "--warmup", "0", "--iters", "2",
+                 "--optimizer", "mezo,sparse_mezo,qzo", "--baseline", "mezo_official", "--json", str(path)]) == 0
+    rows = {row["optimizer"]: row for row in json.loads(path.read_text())["rows"]}
+    assert set(rows) == {"adamw (torch)", "mezo", "sparse_mezo", "qzo", "mezo_official"}
+    numel = PRESETS["tiny"].numel()
+    for name in ("mezo", "sparse_mezo", "qzo", "mezo_official"):
+        row = rows[name]
+        assert row["forward_ms"] > 0 and row["pass_ms"] > 0 and row["ms"] > 0
+        assert row["overhead_ms"] == pytest.approx(row["ms"] - 2 * row["forward_ms"])
+        assert row["peak_over_inference_mib"] is None  # measured on CUDA only
+    assert rows["mezo"]["params"] == numel and rows["mezo"]["state_mib"] == 0
+    # Sparse-MeZO: one threshold per tensor and one mask bit per element (chunks of 1024).
+    chunks = sum(-(-torch.Size(shape).numel() // 1024) for _, shape in PRESETS["tiny"].shapes())
+    assert rows["sparse_mezo"]["state_mib"] * 2**20 == 4 * len(PRESETS["tiny"].shapes()) + 128 * chunks
+    # QZO trains the NF4 absmax scales of the attention/MLP matrices: one per 64 weights.
+    matrices = [shape for name, shape in PRESETS["tiny"].shapes() if "attn" in name or "mlp" in name]
+    assert rows["qzo"]["params"] == sum(torch.Size(s).numel() for s in matrices) // 64
+
+
 def test_kernels_reports_every_registered_kernel(tmp_path) -> None:
     path = tmp_path / "kernels.json"
     assert main(["kernels", "--device", "cpu", "--preset", "tiny", "--warmup", "0", "--iters", "2",
