@@ -12,6 +12,7 @@ import torch
 
 from memzoo.optim.apollo import APOLLO
 from memzoo.optim.base import MemzooOptimizer
+from memzoo.optim.cosmos import COSMOS
 from memzoo.optim.frugal import FRUGAL
 from memzoo.optim.galore import GaLoreAdamW, NaturalGaLore
 from memzoo.optim.lion import Lion
@@ -129,6 +130,22 @@ def _sparse_mezo_state_bytes(optimizer: SparseMeZO) -> int:
     whole 1024-element chunks (the stream's layout)."""
     params = [p for p, _ in _stepped(optimizer)]
     return 4 * len(params) + sum(-(-p.numel() // 1024) * 128 for p in params)
+
+
+def _cosmos_state_bytes(optimizer: COSMOS) -> int:
+    """Eligible m×n weights: M (m×n) and V (m×r) in the weight's dtype, U (n×r) and S (r×r) in
+    fp32 (fp64 for fp64 weights), the step; others: AdamW's two moments and the step."""
+    total = 0
+    for param, group in _stepped(optimizer):
+        size = param.element_size()
+        rank = optimizer._rank(param, group)
+        if rank is None:
+            total += 8 + 2 * size * param.numel()
+            continue
+        m, n = param.shape
+        factor = 8 if param.dtype == torch.float64 else 4
+        total += 8 + size * (m * n + m * rank) + factor * (n * rank + rank * rank)
+    return total
 
 
 def _frugal_state_bytes(optimizer: FRUGAL) -> int:
@@ -304,6 +321,24 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
             ),
             position_seeded=True,
             bench_groups=_frugal_bench_groups,
+        ),
+        OptimizerInfo(
+            name="cosmos",
+            cls=COSMOS,
+            summary="COSMOS (Liu et al. 2025): SOAP in the leading eigensubspace, Muon on the complement",
+            sample_kwargs={"lr": 0.05, "weight_decay": 0.1, "rank": 2, "betas": (0.9, 0.95), "lr_ratio": 0.5},
+            expected_state_bytes=_cosmos_state_bytes,
+            backends=("torch",),
+            variants=({}, {"rank": 0}, {"rank": None}, {"ns_dtype": torch.float32, "gamma": 0.5}),
+            bad_inputs=_COMMON_BAD_INPUTS + (
+                BadInput("negative rank", {"rank": -1}, ValueError, "Invalid rank"),
+                BadInput("beta2 = 1", {"betas": (0.9, 1.0)}, ValueError, "beta parameter at index 1"),
+                BadInput("negative gamma", {"gamma": -0.2}, ValueError, "gamma"),
+                BadInput("negative lr_ratio", {"lr_ratio": -1.0}, ValueError, "lr_ratio"),
+                BadInput("max_rows 0", {"max_rows": 0}, ValueError, "max_rows"),
+                BadInput("fp16 Newton–Schulz", {"ns_dtype": torch.float16}, ValueError, "ns_dtype"),
+            ),
+            bench_groups=lambda named: [{"params": [p for _, p in named], "rank": 64}],
         ),
         OptimizerInfo(
             name="mezo",

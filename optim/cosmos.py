@@ -1,0 +1,178 @@
+"""COSMOS (Liu et al. 2025): SOAP in the leading eigensubspace of each weight, Muon on the rest."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+
+from memzoo.optim.base import (
+    Backend,
+    MemzooOptimizer,
+    StateSpec,
+    check_betas,
+    check_int,
+    check_number,
+    resolve_backend,
+)
+
+__all__ = ["COSMOS"]
+
+_NS_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
+
+
+class COSMOS(MemzooOptimizer):
+    r"""COSMOS, as the official ``COSMOS_optim.py`` (lliu606/COSMOS, the current version).
+
+    For an eligible m×n weight (2-D, m ≤ ``max_rows``, in a group whose ``rank`` is not None),
+    with r = min(rank, n), a basis U (n×r) of the leading eigenvectors of the EMA of GᵀG
+    (exact at the first step, one power iteration + QR per later step), M the momentum sum and
+    V the second moment of G·U (m×r):
+
+    .. math::
+        \hat G = \frac{G + \beta_1 M}{1 + \beta_1 b_1},\quad
+        A = \Big[\frac{\hat G U}{\sqrt{V/b_2} + \epsilon}\Big] U^\top,\quad
+        B = \sqrt{mn}\,\frac{O}{\lVert O\rVert},\ O = \mathrm{NS}_5(\hat G - \hat G U U^\top),
+
+    .. math::
+        W \leftarrow W(1 - \eta\lambda) - \eta\rho\sqrt{mn}\,\frac{A + \gamma B}{\lVert A + \gamma B\rVert}
+
+    (see :func:`memzoo.reference.cosmos.cosmos_update_`). Every eligible update has RMS η·ρ;
+    ``lr_ratio`` ρ is the official "hidden-matrix lr / embedding lr".
+
+    Other parameters (1-D, ≥3-D, matrices with more than ``max_rows`` rows such as vocabulary
+    embeddings and heads, and groups with ``rank=None``) get torch-style AdamW at the full lr,
+    as the official Adam branch does — without its bug: the official branch hard-codes β1 = 0.9
+    in the momentum's (1 − β1) factor and its bias correction whatever the group's β1; here the
+    group's β1 is used throughout.
+
+    State per eligible weight: M (m×n) and V (m×r) in the parameter's dtype, U (n×r) and S (r×r)
+    in float32 (float64 for float64 weights: the eigendecomposition and QR need it; the official
+    code keeps them in the parameter dtype, which fails for bf16), and the step count:
+    1 + r/m + r/n + r²/(mn) elements per weight element plus the factors.
+
+    Args:
+        params: parameters or param groups (``lr``, ``betas``, ``eps``, ``weight_decay``,
+            ``rank``, ``lr_ratio``, ``gamma``, ``max_rows``, ``maximize``, ``ns_dtype`` per group).
+        lr, betas, eps, weight_decay: as torch.optim.AdamW (defaults the official ones).
+        lr_ratio: ρ, the eligible matrices' step relative to lr (official default 0.1).
+        rank: r, the subspace dimension (official 64); None puts the group on AdamW. Clamped to n.
+        gamma: γ, the weight of the Muon part (hard-coded 0.2 in the official code).
+        max_rows: matrices with more rows go to the AdamW branch (official 10000).
+        maximize: maximize the objective.
+        ns_dtype: dtype of the Newton–Schulz products (bf16 as the official code).
+        backend: "auto" or "torch" (COSMOS has no Triton kernels yet).
+    """
+
+    family = "cosmos"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        lr_ratio: float = 0.1,
+        rank: int | None = 64,
+        weight_decay: float = 0.0,
+        gamma: float = 0.2,
+        *,
+        max_rows: int = 10000,
+        maximize: bool = False,
+        ns_dtype: torch.dtype = torch.bfloat16,
+        backend: Backend = "auto",
+    ) -> None:
+        defaults = dict(lr=lr, betas=betas, eps=eps, lr_ratio=lr_ratio, rank=rank, weight_decay=weight_decay,
+                        gamma=gamma, max_rows=max_rows, maximize=maximize, ns_dtype=ns_dtype)
+        super().__init__(params, defaults, backend=backend)
+
+    def _validate_group(self, group: Mapping[str, Any], group_index: int) -> None:
+        check_number("lr", group["lr"])
+        check_betas(group["betas"], 2)
+        check_number("eps", group["eps"])
+        check_number("weight_decay", group["weight_decay"])
+        check_number("lr_ratio", group["lr_ratio"])
+        check_number("gamma", group["gamma"])
+        if group["rank"] is not None:
+            check_int("rank", group["rank"], low=0)
+        check_int("max_rows", group["max_rows"], low=1)
+        if not isinstance(group["maximize"], bool):
+            raise TypeError(f"Invalid maximize: expected a bool, got {group['maximize']!r}")
+        if group["ns_dtype"] not in _NS_DTYPES:
+            raise ValueError(f"Invalid ns_dtype: {group['ns_dtype']!r}; expected one of {_NS_DTYPES}")
+
+    def _rank(self, param: torch.Tensor, group: Mapping[str, Any]) -> int | None:
+        """The subspace rank of an eligible weight, None for the AdamW branch."""
+        if group["rank"] is None or param.dim() != 2 or param.shape[0] > group["max_rows"]:
+            return None
+        return min(group["rank"], param.shape[1])
+
+    @staticmethod
+    def _factor_dtype(param: torch.Tensor) -> torch.dtype:
+        return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+    def _state_spec(self, param: torch.Tensor, group: Mapping[str, Any]) -> StateSpec:
+        rank = self._rank(param, group)
+        spec: StateSpec = {"step": (torch.Size(()), torch.int64), "exp_avg": (param.shape, param.dtype)}
+        if rank is None:
+            spec["exp_avg_sq"] = (param.shape, param.dtype)
+            return spec
+        m, n = param.shape
+        spec["exp_avg_sq"] = (torch.Size((m, rank)), param.dtype)
+        spec["basis"] = (torch.Size((n, rank)), self._factor_dtype(param))
+        spec["subspace"] = (torch.Size((rank, rank)), self._factor_dtype(param))
+        return spec
+
+    def _init_state(self, param: torch.Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
+        state = self.state[param]
+        if not state:
+            for name, (shape, dtype) in self._state_spec(param, group).items():
+                state[name] = torch.zeros(shape, dtype=dtype, device="cpu" if name == "step" else param.device)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; returns the closure's loss (or None)."""
+        loss = self._run_closure(closure)
+        self._check_grads()
+        cosmos = self._kernels
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            adam: dict[tuple[torch.device, int], list[tuple[torch.Tensor, dict[str, Any]]]] = defaultdict(list)
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self._init_state(param, group)
+                state["step"] += 1
+                step = int(state["step"])
+                if self._rank(param, group) is None:
+                    adam[(param.device, step)].append((param, state))
+                    continue
+                kernels = cosmos(param.device)
+                grad = -param.grad if group["maximize"] else param.grad
+                if step == 1:
+                    basis, subspace = kernels.cosmos_basis_init(grad, state["basis"].shape[1], beta2=beta2)
+                else:
+                    basis, subspace = kernels.cosmos_basis_update(grad, state["basis"], state["subspace"], beta2=beta2)
+                state["basis"].copy_(basis)
+                state["subspace"].copy_(subspace)
+                kernels.cosmos_update_(
+                    param, param.grad, state["exp_avg"], state["exp_avg_sq"], state["basis"], step=step,
+                    lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], gamma=group["gamma"],
+                    lr_ratio=group["lr_ratio"], weight_decay=group["weight_decay"], maximize=group["maximize"],
+                    ns_dtype=group["ns_dtype"],
+                )
+            for (device, step), items in adam.items():
+                # torch.optim.AdamW's step as the shared Adam kernel's form: lr/bc1 · m/(√v/√bc2 + ε)
+                # = (lr·√bc2/bc1) · m/(√v + ε·√bc2).
+                root_bc2 = math.sqrt(1.0 - beta2**step)
+                resolve_backend(self.backend, device, "galore").adamw_update_(
+                    [p for p, _ in items], [p.grad for p, _ in items], [s["exp_avg"] for _, s in items],
+                    [s["exp_avg_sq"] for _, s in items], step_size=group["lr"] * root_bc2 / (1.0 - beta1**step),
+                    beta1=beta1, beta2=beta2, eps=group["eps"] * root_bc2, lr=group["lr"],
+                    weight_decay=group["weight_decay"], maximize=group["maximize"], decay_first=True,
+                )
+        return loss

@@ -1,0 +1,128 @@
+"""COSMOS (Liu et al. 2025, "COSMOS: A Hybrid Adaptive Optimizer for Memory-Efficient Training
+of LLMs"), as the official ``COSMOS_optim.py`` does it: SOAP-style Adam in the leading
+r-dimensional eigensubspace of the input side of each m×n weight, and a Muon (Newton–Schulz
+orthogonalized) step on the complement.
+
+Also the shared Newton–Schulz orthogonalization (Muon's quintic iteration).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["NS_COEFFICIENTS", "cosmos_basis_init", "cosmos_basis_update", "cosmos_update_", "newton_schulz5"]
+
+# Muon's quintic Newton–Schulz coefficients (Jordan et al. 2024), as in the official COSMOS.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz5(matrix: torch.Tensor, *, steps: int = 5, eps: float = 1e-7,
+                   dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """≈ the orthogonal polar factor U·Vᵀ of ``matrix`` (2-D): X = M/(‖M‖_F + eps) in ``dtype``
+    (bf16 as the official code: products in bf16 with fp32 accumulation), transposed so that
+    rows ≤ columns, then ``steps`` times A = X·Xᵀ, B = A·X, X ← a·X + b·B + c·A·B. Returns
+    ``dtype``; an all-zero matrix (or an empty one) stays zero."""
+    if matrix.dim() != 2:
+        raise ValueError(f"newton_schulz5 takes a matrix, got shape {tuple(matrix.shape)}")
+    a, b, c = NS_COEFFICIENTS
+    x = matrix.to(dtype)
+    x = x / (x.norm() + eps)
+    transposed = x.shape[0] > x.shape[1]
+    if transposed:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T  # symmetric: A = X·Xᵀ
+        product = gram @ x
+        x = a * x + b * product + c * (gram @ product)
+    return x.T if transposed else x
+
+
+def cosmos_basis_init(grad: torch.Tensor, rank: int, *, beta2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """First step: U = the r leading eigenvectors of GᵀG (n×r, the input side of an m×n G) and
+    S = (1 − β2)·(G·U)ᵀ(G·U) (r×r). Computed in float32 (float64 for float64 G)."""
+    dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    g = grad.to(dtype)
+    _, vectors = torch.linalg.eigh(g.T @ g)  # ascending eigenvalues
+    basis = vectors.flip(-1)[:, :rank].contiguous()
+    projected = g @ basis
+    return basis, (1.0 - beta2) * (projected.T @ projected)
+
+
+def cosmos_basis_update(grad: torch.Tensor, basis: torch.Tensor, subspace: torch.Tensor, *,
+                        beta2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Later steps: one power iteration on the EMA of GᵀG represented as U·S·Uᵀ:
+    Ũ = β2·U·S + (1 − β2)·Gᵀ(G·U); U' = QR(Ũ).Q; with T = Uᵀ·U',
+    S' = β2·Tᵀ·S·T + (1 − β2)·(G·U')ᵀ(G·U'). In the basis's dtype (float32/float64)."""
+    g = grad.to(basis.dtype)
+    iterate = beta2 * (basis @ subspace) + (1.0 - beta2) * (g.T @ (g @ basis))
+    new_basis, _ = torch.linalg.qr(iterate, mode="reduced")
+    rotation = basis.T @ new_basis
+    projected = g @ new_basis
+    new_subspace = beta2 * (rotation.T @ subspace @ rotation) + (1.0 - beta2) * (projected.T @ projected)
+    return new_basis, new_subspace
+
+
+@torch.no_grad()
+def cosmos_update_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    basis: torch.Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    gamma: float,
+    lr_ratio: float,
+    weight_decay: float,
+    maximize: bool = False,
+    ns_dtype: torch.dtype = torch.bfloat16,
+) -> None:
+    """One COSMOS step of an m×n weight given this step's basis U (n×r, from
+    :func:`cosmos_basis_init` / :func:`cosmos_basis_update`); updates param, exp_avg (M, m×n)
+    and exp_avg_sq (V, m×r) in place. With b1 = (1 − β1^t)/(1 − β1), b2 = 1 − β2^t:
+
+    1. M ← β1·M + G (an unnormalized sum, as the official code);
+    2. V ← β2·V + (1 − β2)·(G·U)²;
+    3. Ĝ = (G + β1·M)/(1 + β1·b1) (Nesterov mix, normalized);
+    4. A = [(Ĝ·U)/(√V/√b2 + ε)]·Uᵀ (Adam in the subspace);
+    5. B = √(mn)·O/(‖O‖_F + ε), O = NS5(Ĝ − Ĝ·U·Uᵀ) (Muon on the complement; B = 0 when r = n);
+    6. D = A + γ·B; W ← W·(1 − lr·λ) − lr·ρ·√(mn)·D/(‖D‖_F + ε) (every update has RMS lr·ρ).
+
+    The official code writes Ĝ into ``p.grad``; here the gradient is left as it was.
+    """
+    if param.dim() != 2:
+        raise ValueError(f"cosmos_update_ takes a matrix, got shape {tuple(param.shape)}")
+    m, n = param.shape
+    rank = basis.shape[1]
+    for name, tensor, shape in (("grad", grad, (m, n)), ("exp_avg", exp_avg, (m, n)),
+                                ("exp_avg_sq", exp_avg_sq, (m, rank)), ("basis", basis, (n, rank))):
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape} for a {m}×{n} weight")
+    dtype = torch.float64 if torch.float64 in (param.dtype, grad.dtype, basis.dtype) else torch.float32
+    g = grad.to(dtype)
+    if maximize:
+        g = -g
+    u = basis.to(dtype)
+    bias1 = (1.0 - beta1**step) / (1.0 - beta1)
+    bias2 = 1.0 - beta2**step
+    momentum = exp_avg.to(dtype) * beta1 + g  # (1)
+    projected = g @ u
+    second = exp_avg_sq.to(dtype) * beta2 + (1.0 - beta2) * projected * projected  # (2)
+    mixed = (g + beta1 * momentum) / (1.0 + beta1 * bias1)  # (3)
+    mixed_low = mixed @ u
+    update = (mixed_low / (second.sqrt() / math.sqrt(bias2) + eps)) @ u.T  # (4)
+    scale = math.sqrt(m * n)
+    if rank < n:  # (5); the complement of a full basis is empty
+        orthogonal = newton_schulz5(mixed - mixed_low @ u.T, dtype=ns_dtype).to(dtype)
+        update = update + gamma * scale * orthogonal / (orthogonal.norm() + eps)
+    w = param.to(dtype) * (1.0 - lr * weight_decay)  # (6)
+    w = w - (lr * lr_ratio * scale) * update / (update.norm() + eps)
+    exp_avg.copy_(momentum)
+    exp_avg_sq.copy_(second)
+    param.copy_(w)

@@ -1,0 +1,176 @@
+"""COSMOS: Newton–Schulz, the subspace tracking, and its two reductions (float64)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from memzoo.optim import COSMOS
+from memzoo.reference.cosmos import cosmos_basis_init, cosmos_basis_update, cosmos_update_, newton_schulz5
+
+
+def _random(shape, seed):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("shape", [(6, 9), (9, 6), (5, 5), (1, 7)])
+def test_newton_schulz_approximates_the_polar_factor(shape) -> None:
+    matrix = _random(shape, 0)
+    result = newton_schulz5(matrix, dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    # The quintic's fixed coefficients leave singular values in a band around 1 (Muon's design),
+    # with the singular vectors of the input.
+    values = torch.linalg.svdvals(result)
+    assert values.min() > 0.6 and values.max() < 1.25
+    aligned = u.T @ result @ vh.T
+    assert torch.allclose(aligned, torch.diag(torch.diagonal(aligned)), atol=1e-6)
+    assert (torch.diagonal(aligned) > 0.6).all()
+    assert torch.allclose(newton_schulz5(matrix.T, dtype=torch.float64), result.T, atol=1e-12)
+    assert torch.equal(newton_schulz5(torch.zeros(shape, dtype=torch.float64), dtype=torch.float64),
+                       torch.zeros(shape, dtype=torch.float64))
+
+
+def test_newton_schulz_in_bf16_stays_close_to_float64() -> None:
+    matrix = _random((32, 48), 1)
+    low = newton_schulz5(matrix).double()
+    high = newton_schulz5(matrix, dtype=torch.float64)
+    assert ((low - high).norm() / high.norm()).item() < 0.05
+
+
+def test_basis_init_takes_the_leading_eigenvectors() -> None:
+    grad = _random((12, 8), 2)
+    basis, subspace = cosmos_basis_init(grad, 3, beta2=0.9)
+    _, _, vh = torch.linalg.svd(grad)
+    assert torch.allclose(basis @ basis.T, vh[:3].T @ vh[:3], atol=1e-10)  # the same subspace
+    projected = grad @ basis
+    assert torch.allclose(subspace, 0.1 * projected.T @ projected, atol=1e-12)
+
+
+def test_basis_update_tracks_the_subspace_of_a_steady_gradient() -> None:
+    left, _ = torch.linalg.qr(_random((12, 8), 3))
+    right, _ = torch.linalg.qr(_random((8, 8), 5))
+    grad = left @ torch.diag(torch.tensor([5.0, 4.0, 3.0, 1.0, 0.8, 0.5, 0.2, 0.1], dtype=torch.float64)) @ right.T
+    basis, subspace = cosmos_basis_init(_random((12, 8), 4), 3, beta2=0.9)  # start elsewhere
+    for _ in range(200):
+        basis, subspace = cosmos_basis_update(grad, basis, subspace, beta2=0.9)
+        assert torch.allclose(basis.T @ basis, torch.eye(3, dtype=torch.float64), atol=1e-10)
+    _, _, vh = torch.linalg.svd(grad)
+    assert torch.allclose(basis @ basis.T, vh[:3].T @ vh[:3], atol=1e-6)
+    # S is then the EMA of Uᵀ GᵀG U = UᵀGᵀGU itself.
+    assert torch.allclose(subspace, basis.T @ grad.T @ grad @ basis, rtol=1e-6)
+
+
+def _hparams(**overrides):
+    return {"lr": 0.01, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "gamma": 0.2, "lr_ratio": 0.5,
+            "weight_decay": 0.1, "ns_dtype": torch.float64, **overrides}
+
+
+def _state(m, n, rank, seed):
+    return (_random((m, n), seed), _random((m, n), seed + 1), _random((m, n), seed + 2) * 0.1,
+            _random((m, rank), seed + 3).abs() * 0.01)
+
+
+def test_full_rank_with_a_frozen_basis_is_soap() -> None:
+    """r = n and a fixed orthogonal basis: Adam on the rotated gradient G·U (Nesterov mix as
+    COSMOS's, second moment of G·U), rotated back and normalized — SOAP's one-sided update; the
+    Muon part is empty (no complement), so γ changes nothing."""
+    m, n, step = 7, 5, 3
+    basis, _ = torch.linalg.qr(_random((n, n), 10))
+    results = []
+    for gamma in (0.2, 5.0):
+        param, grad, exp_avg, exp_avg_sq = _state(m, n, n, 11)
+        w0, m0, v0 = param.clone(), exp_avg.clone(), exp_avg_sq.clone()
+        cosmos_update_(param, grad, exp_avg, exp_avg_sq, basis, step=step, **_hparams(gamma=gamma))
+        results.append(param)
+    assert torch.equal(results[0], results[1])
+    h = _hparams()
+    rotated_grad, rotated_momentum = grad @ basis, (h["beta1"] * m0 + grad) @ basis
+    second = h["beta2"] * v0 + (1 - h["beta2"]) * rotated_grad**2
+    bias1 = (1 - h["beta1"] ** step) / (1 - h["beta1"])
+    nesterov = (rotated_grad + h["beta1"] * rotated_momentum) / (1 + h["beta1"] * bias1)
+    adam = nesterov / (second.sqrt() / math.sqrt(1 - h["beta2"] ** step) + h["eps"])
+    direction = adam @ basis.T
+    expected = w0 * (1 - h["lr"] * h["weight_decay"]) - h["lr"] * h["lr_ratio"] * math.sqrt(m * n) * direction / (
+        direction.norm() + h["eps"])
+    assert torch.allclose(results[0], expected, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(exp_avg_sq, second, rtol=1e-12)
+
+
+def test_rank_zero_is_muon() -> None:
+    """r = 0: no subspace, D = γ·B, so the step is Muon's: NS5 of the Nesterov momentum,
+    scaled to RMS lr·ρ (whatever γ > 0)."""
+    m, n, step = 6, 9, 4
+    h = _hparams()
+    param, grad, exp_avg, exp_avg_sq = _state(m, n, 0, 20)
+    w0, m0 = param.clone(), exp_avg.clone()
+    cosmos_update_(param, grad, exp_avg, exp_avg_sq, torch.zeros(n, 0, dtype=torch.float64), step=step, **h)
+    momentum = h["beta1"] * m0 + grad
+    bias1 = (1 - h["beta1"] ** step) / (1 - h["beta1"])
+    orthogonal = newton_schulz5((grad + h["beta1"] * momentum) / (1 + h["beta1"] * bias1), dtype=torch.float64)
+    expected = w0 * (1 - h["lr"] * h["weight_decay"]) - h["lr"] * h["lr_ratio"] * math.sqrt(m * n) * orthogonal / (
+        orthogonal.norm())
+    assert torch.allclose(param, expected, rtol=1e-6, atol=1e-9)
+    assert torch.equal(exp_avg, momentum)
+    update = param - w0 * (1 - h["lr"] * h["weight_decay"])
+    assert update.square().mean().sqrt().item() == pytest.approx(h["lr"] * h["lr_ratio"], rel=1e-6)
+
+
+def test_rank_none_is_torch_adamw() -> None:
+    """The Adam branch with the group's β1 (the official code hard-codes 0.9) is torch's AdamW."""
+    params = [_random((5, 4), 30).requires_grad_(), _random((3,), 31).requires_grad_()]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    ours = COSMOS(params, lr=0.01, betas=(0.95, 0.98), rank=None, weight_decay=0.1, backend="torch")
+    theirs = torch.optim.AdamW(twins, lr=0.01, betas=(0.95, 0.98), eps=1e-8, weight_decay=0.1)
+    for step in range(5):
+        for p, q in zip(params, twins):
+            p.grad = _random(p.shape, 40 + step)
+            q.grad = p.grad.clone()
+        ours.step()
+        theirs.step()
+    for p, q in zip(params, twins):
+        assert torch.allclose(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_vocabulary_sized_matrices_and_vectors_take_the_adam_branch() -> None:
+    embedding = torch.nn.Parameter(torch.randn(30, 4))
+    hidden = torch.nn.Parameter(torch.randn(8, 4))
+    norm = torch.nn.Parameter(torch.ones(4))
+    optimizer = COSMOS([embedding, hidden, norm], rank=2, max_rows=20, backend="torch")
+    for p in (embedding, hidden, norm):
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    assert optimizer.state[embedding]["exp_avg_sq"].shape == (30, 4) and "basis" not in optimizer.state[embedding]
+    assert optimizer.state[norm]["exp_avg_sq"].shape == (4,)
+    assert optimizer.state[hidden]["exp_avg_sq"].shape == (8, 2) and optimizer.state[hidden]["basis"].shape == (4, 2)
+
+
+def test_cosmos_lowers_the_loss_of_a_small_model() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(256, 16)
+    y = torch.sin(x @ torch.randn(16, 1))
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    optimizer = COSMOS(model.parameters(), lr=0.01, rank=4, lr_ratio=1.0, backend="torch")
+    loss = lambda: torch.nn.functional.mse_loss(model(x), y)  # noqa: E731
+    initial = loss().item()
+    for _ in range(100):
+        optimizer.zero_grad()
+        value = loss()
+        value.backward()
+        optimizer.step()
+    assert loss().item() < 0.3 * initial
+
+
+def test_backend_triton_is_refused_clearly() -> None:
+    with pytest.raises(ValueError, match="cosmos has no Triton kernels yet"):
+        COSMOS([torch.nn.Parameter(torch.randn(3, 3))], backend="triton")
+
+
+def test_reference_rejects_mismatched_state() -> None:
+    param, grad, exp_avg, exp_avg_sq = _state(4, 3, 2, 50)
+    before = param.clone()
+    with pytest.raises(ValueError, match="exp_avg_sq has shape"):
+        cosmos_update_(param, grad, exp_avg, exp_avg_sq[:, :1], torch.zeros(3, 2, dtype=torch.float64), step=1,
+                       **_hparams())
+    assert torch.equal(param, before)
