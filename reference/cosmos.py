@@ -9,10 +9,15 @@ Also the shared Newton–Schulz orthogonalization (Muon's quintic iteration).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["NS_COEFFICIENTS", "cosmos_basis_init", "cosmos_basis_update", "cosmos_update_", "newton_schulz5"]
+__all__ = ["NS_COEFFICIENTS", "NS_DTYPES", "cosmos_basis_init", "cosmos_basis_update", "cosmos_update_",
+           "newton_schulz5", "orthogonalize_"]
+
+NS_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
+Orthogonalize = Callable[..., None]
 
 # Muon's quintic Newton–Schulz coefficients (Jordan et al. 2024), as in the official COSMOS.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -37,6 +42,32 @@ def newton_schulz5(matrix: torch.Tensor, *, steps: int = 5, eps: float = 1e-7,
         product = gram @ x
         x = a * x + b * product + c * (gram @ product)
     return x.T if transposed else x
+
+
+def check_orthogonalize_arguments(matrices: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],
+                                  steps: int) -> None:
+    """Raise ValueError/TypeError for what :func:`orthogonalize_` and its Triton twin refuse."""
+    if len(matrices) != len(outputs):
+        raise ValueError(f"{len(matrices)} matrices but {len(outputs)} outputs")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an int ≥ 0, got {steps!r}")
+    for index, (matrix, output) in enumerate(zip(matrices, outputs)):
+        if matrix.dim() != 2:
+            raise ValueError(f"matrices[{index}] has shape {tuple(matrix.shape)}; Newton–Schulz takes matrices")
+        if output.shape != matrix.shape:
+            raise ValueError(f"outputs[{index}] has shape {tuple(output.shape)}, matrices[{index}] {tuple(matrix.shape)}")
+        if output.dtype not in NS_DTYPES:
+            raise TypeError(f"outputs[{index}] is {output.dtype}; the iteration runs in one of {NS_DTYPES}")
+
+
+@torch.no_grad()
+def orthogonalize_(matrices: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], *, steps: int = 5,
+                   eps: float = 1e-7) -> None:
+    """outputs[i] ← :func:`newton_schulz5` (matrices[i]) computed in outputs[i]'s dtype (bf16 for
+    the official Muon/COSMOS iteration). Matrices of one shape are what the kernel batches."""
+    check_orthogonalize_arguments(matrices, outputs, steps)
+    for matrix, output in zip(matrices, outputs):
+        output.copy_(newton_schulz5(matrix, steps=steps, eps=eps, dtype=output.dtype))
 
 
 def cosmos_basis_init(grad: torch.Tensor, rank: int, *, beta2: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,6 +113,7 @@ def cosmos_update_(
     weight_decay: float,
     maximize: bool = False,
     ns_dtype: torch.dtype = torch.bfloat16,
+    orthogonalize: Orthogonalize = orthogonalize_,
 ) -> None:
     """One COSMOS step of an m×n weight given this step's basis U (n×r, from
     :func:`cosmos_basis_init` / :func:`cosmos_basis_update`); updates param, exp_avg (M, m×n)
@@ -95,6 +127,7 @@ def cosmos_update_(
     6. D = A + γ·B; W ← W·(1 − lr·λ) − lr·ρ·√(mn)·D/(‖D‖_F + ε) (every update has RMS lr·ρ).
 
     The official code writes Ĝ into ``p.grad``; here the gradient is left as it was.
+    ``orthogonalize`` computes NS5 (:func:`orthogonalize_` or its Triton twin).
     """
     if param.dim() != 2:
         raise ValueError(f"cosmos_update_ takes a matrix, got shape {tuple(param.shape)}")
@@ -119,7 +152,9 @@ def cosmos_update_(
     update = (mixed_low / (second.sqrt() / math.sqrt(bias2) + eps)) @ u.T  # (4)
     scale = math.sqrt(m * n)
     if rank < n:  # (5); the complement of a full basis is empty
-        orthogonal = newton_schulz5(mixed - mixed_low @ u.T, dtype=ns_dtype).to(dtype)
+        orthogonal = torch.empty((m, n), dtype=ns_dtype, device=param.device)
+        orthogonalize([mixed - mixed_low @ u.T], [orthogonal])
+        orthogonal = orthogonal.to(dtype)
         update = update + gamma * scale * orthogonal / (orthogonal.norm() + eps)
     w = param.to(dtype) * (1.0 - lr * weight_decay)  # (6)
     w = w - (lr * lr_ratio * scale) * update / (update.norm() + eps)

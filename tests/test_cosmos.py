@@ -162,9 +162,19 @@ def test_cosmos_lowers_the_loss_of_a_small_model() -> None:
     assert loss().item() < 0.3 * initial
 
 
-def test_backend_triton_is_refused_clearly() -> None:
-    with pytest.raises(ValueError, match="cosmos has no Triton kernels yet"):
-        COSMOS([torch.nn.Parameter(torch.randn(3, 3))], backend="triton")
+def test_orthogonalize_rejects_bad_arguments() -> None:
+    from memzoo.triton_kernels import load_family
+
+    for module in (pytest.importorskip("memzoo.reference.cosmos"), load_family("cosmos")):
+        matrix = torch.randn(3, 4)
+        with pytest.raises(ValueError, match="takes matrices"):
+            module.orthogonalize_([torch.randn(3)], [torch.empty(3)])
+        with pytest.raises(ValueError, match="outputs\\[0\\] has shape"):
+            module.orthogonalize_([matrix], [torch.empty(4, 3)])
+        with pytest.raises(TypeError, match="float16"):
+            module.orthogonalize_([matrix], [torch.empty(3, 4, dtype=torch.float16)])
+        with pytest.raises(ValueError, match="steps"):
+            module.orthogonalize_([matrix], [torch.empty(3, 4)], steps=-1)
 
 
 def test_reference_rejects_mismatched_state() -> None:

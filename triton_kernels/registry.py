@@ -684,6 +684,59 @@ ZEROTH_ORDER_APPLY = KernelPair(
     max_tensors=8,
 )
 
+# ---- COSMOS ---------------------------------------------------------------------------------
+
+def _orthogonalize_case(shapes, dtypes, device, generator, hparams, layout="contiguous") -> KernelCase:
+    if hparams["batch"] == "same":  # one shape: the kernel's batched path
+        shapes = [shapes[0]] * len(shapes)
+    matrices = [make_tensor(s, dtypes["param"], device, generator, layout) for s in shapes]
+    outputs = [torch.empty(s, dtype=dtypes["output"], device=device) for s in shapes]
+    return KernelCase(args=(matrices, outputs), kwargs={"steps": hparams["steps"]}, outputs=(1,))
+
+
+def _orthogonalize_bytes(case: KernelCase) -> int:
+    matrices, outputs = case.args
+    # Per iteration at least: read X twice and A once, write A, P and X' (X·Xᵀ, A·X, a·X+b·P+c·A·P).
+    total = 0
+    for matrix, output in zip(matrices, outputs):
+        rows = min(matrix.shape)
+        total += matrix.nbytes + output.nbytes
+        total += case.kwargs["steps"] * output.element_size() * (4 * matrix.numel() + 3 * rows * rows)
+    return total
+
+
+def _orthogonalize_tolerance(case: KernelCase) -> list[list[torch.Tensor]]:
+    """The kernel rounds once per iteration, the reference four times (in bf16 that is the
+    whole difference): allow the reference's own distance from the float64 iteration, element by
+    element, plus the largest of it for the kernel's."""
+    from memzoo.reference.cosmos import newton_schulz5
+
+    matrices, outputs = case.args
+    extra = []
+    for matrix, output in zip(matrices, outputs):
+        exact = newton_schulz5(matrix.double(), steps=case.kwargs["steps"], dtype=torch.float64)
+        rounded = newton_schulz5(matrix, steps=case.kwargs["steps"], dtype=output.dtype).double()
+        error = (rounded - exact).abs()
+        unit = 2.0**-8 if output.dtype == torch.bfloat16 else 2.0**-23
+        extra.append(error + error.max() + unit * exact.abs().max())
+    return [extra]
+
+
+COSMOS_ORTHOGONALIZE = KernelPair(
+    family="cosmos",
+    function="orthogonalize_",
+    dtype_options={"param": (torch.float32, torch.bfloat16, torch.float16), "output": (torch.bfloat16, torch.float32)},
+    hparam_ranges={},
+    flags=(),
+    bench_hparams={"steps": 5, "batch": "mixed"},
+    make_case=_orthogonalize_case,
+    bytes_moved=_orthogonalize_bytes,
+    extra_tolerance=_orthogonalize_tolerance,
+    choices={"steps": (0, 1, 5), "batch": ("mixed", "same")},
+    shape_dims=(2, 2),
+    max_tensors=3,
+)
+
 KERNELS: dict[str, KernelPair] = {pair.name: pair for pair in (LION, GALORE_PROJECT, GALORE_APPLY, GALORE_ADAMW,
                                                               APOLLO_SCALES, APOLLO_APPLY, FRUGAL_APPLY,
-                                                              ZEROTH_ORDER_APPLY)}
+                                                              ZEROTH_ORDER_APPLY, COSMOS_ORTHOGONALIZE)}

@@ -1,0 +1,157 @@
+"""COSMOS's Newton–Schulz orthogonalization as batched Triton GEMMs; twin of
+:mod:`memzoo.reference.cosmos`.
+
+``orthogonalize_`` runs Muon's quintic iteration on every matrix of a call at once: matrices of
+one shape form one batch (grid axis 2), and each iteration is three launches,
+A = X·Xᵀ (symmetric: only the tiles on and above the diagonal are computed, each written to both
+halves), P = A·X, and X' = a·X + b·P + c·A·P with the whole combination in the GEMM's epilogue,
+rounded op by op as the reference's PyTorch expression is (so a bf16 iteration follows it; one
+rounding instead would be about twice as close to the float64 iteration, but another
+trajectory). Operands are multiplied with fp32 accumulation: for bf16 (the official dtype)
+through TF32 products, exact for bf16 operands; for fp32 in IEEE fp32.
+
+The subspace tracking (eigh, QR, r-wide products) stays with PyTorch, and ``cosmos_update_`` is
+the reference's step with this orthogonalization.
+
+Status: interpreter-tested only; ``AUTO = False`` until checked and timed on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+from memzoo.reference.cosmos import NS_COEFFICIENTS, check_orthogonalize_arguments, cosmos_basis_init, cosmos_basis_update
+from memzoo.reference.cosmos import cosmos_update_ as _reference_update_
+from memzoo.triton_kernels.galore import Tiles, gemm_tile, matrix_pointer
+from memzoo.triton_kernels.multi_tensor import ceil_div, operand_offsets, to_storage
+
+__all__ = ["AUTO", "INTERPRETED", "cosmos_basis_init", "cosmos_basis_update", "cosmos_update_", "orthogonalize_"]
+
+AUTO = False
+# Square tiles (the symmetric product mirrors a tile across the diagonal); not tuned on a GPU yet.
+TILES = Tiles(64, 64, 64, 4, 3)
+INTERPRETER_TILES = Tiles(32, 32, 32, 4, 1)
+
+
+@triton.jit
+def _rounded(x, dtype: tl.constexpr):
+    """x rounded to ``dtype`` and widened again: one PyTorch op's result in that dtype."""
+    return to_storage(x, dtype).to(tl.float32)
+
+
+@triton.jit
+def _ns_gemm_kernel(
+    a_ptr, b_ptr, d_ptr, e_ptr, c_ptr, offsets, num_matrices, M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_dm, stride_dn, stride_em, stride_en, stride_cm, stride_cn,
+    alpha, beta, gamma,
+    HAS_D: tl.constexpr, SYMMETRIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """C = gamma·E + beta·D + alpha·A·B per matrix of the batch, each product and sum rounded
+    to C's dtype in the reference's order (``a*x + b*p + c*(A@p)`` in PyTorch: the epilogue adds
+    no rounding of its own, so a bf16 iteration follows the reference's). SYMMETRIC: A·B is
+    symmetric (A·Aᵀ), so programs below the diagonal do nothing and the others write their tile
+    twice."""
+    if (not SYMMETRIC) or tl.program_id(1) >= tl.program_id(0):
+        a = matrix_pointer(a_ptr, offsets, num_matrices, 0)
+        b = matrix_pointer(b_ptr, offsets, num_matrices, 1)
+        c = matrix_pointer(c_ptr, offsets, num_matrices, 4)
+        acc, rows, cols, mask = gemm_tile(a, b, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                                          BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        dtype = c_ptr.dtype.element_ty
+        out = _rounded(acc, dtype)
+        if alpha != 1.0:
+            out = _rounded(alpha * out, dtype)
+        if HAS_D:  # gamma·E + beta·D, then + alpha·A·B (HAS_D implies HAS_E here)
+            d = matrix_pointer(d_ptr, offsets, num_matrices, 2)
+            e = matrix_pointer(e_ptr, offsets, num_matrices, 3)
+            scaled_e = _rounded(gamma * tl.load(e + rows * stride_em + cols * stride_en, mask=mask, other=0.0)
+                                .to(tl.float32), dtype)
+            scaled_d = _rounded(beta * tl.load(d + rows * stride_dm + cols * stride_dn, mask=mask, other=0.0)
+                                .to(tl.float32), dtype)
+            out = _rounded(scaled_e + scaled_d, dtype) + out
+        out = to_storage(out, dtype)
+        tl.store(c + rows * stride_cm + cols * stride_cn, out, mask=mask)
+        if SYMMETRIC and tl.program_id(1) > tl.program_id(0):
+            tl.store(c + cols * stride_cm + rows * stride_cn, out, mask=mask)  # the mirrored tile
+
+
+INTERPRETED: bool = isinstance(_ns_gemm_kernel, InterpretedFunction)
+
+
+def _gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, alpha: float = 1.0, d: torch.Tensor | None = None,
+          beta: float = 0.0, e: torch.Tensor | None = None, gamma: float = 0.0, symmetric: bool = False) -> None:
+    """out[i] = gamma·e[i] + beta·d[i] + alpha·a[i]·b[i] for 3-D batches (any strides; d and e
+    together or not at all)."""
+    if (d is None) != (e is None):
+        raise ValueError("the epilogue takes d and e together")
+    batch, m, k = a.shape
+    n = b.shape[2]
+    tiles = INTERPRETER_TILES if INTERPRETED else TILES
+    lists = [list(a), list(b), list(d if d is not None else out), list(e if e is not None else out), list(out)]
+    offsets = operand_offsets(lists, out.device)
+    d_, e_ = (d if d is not None else out), (e if e is not None else out)
+    grid = (ceil_div(m, tiles.block_m), ceil_div(n, tiles.block_n), batch)
+    precision = "ieee" if out.dtype == torch.float32 else "tf32"
+    _ns_gemm_kernel[grid](
+        a, b, d_, e_, out, offsets, batch, m, n, k,
+        a.stride(1), a.stride(2), b.stride(1), b.stride(2), d_.stride(1), d_.stride(2), e_.stride(1), e_.stride(2),
+        out.stride(1), out.stride(2), alpha, beta, gamma,
+        HAS_D=d is not None, SYMMETRIC=symmetric,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, PRECISION=precision,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+
+
+_SUPPORTED = (torch.bfloat16, torch.float32)
+
+
+@torch.no_grad()
+def orthogonalize_(matrices: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], *, steps: int = 5,
+                   eps: float = 1e-7) -> None:
+    """Same contract as :func:`memzoo.reference.cosmos.orthogonalize_` for bf16 and fp32 outputs
+    (one batched iteration per (shape, dtype, device) of the call)."""
+    matrices, outputs = list(matrices), list(outputs)
+    check_orthogonalize_arguments(matrices, outputs, steps)
+    for index, output in enumerate(outputs):
+        if output.dtype not in _SUPPORTED:
+            raise TypeError(f"outputs[{index}] is {output.dtype}; the Triton iteration runs in {_SUPPORTED}")
+    a, b, c = NS_COEFFICIENTS
+    batches: dict[tuple, list[int]] = defaultdict(list)
+    for index, (matrix, output) in enumerate(zip(matrices, outputs)):
+        if matrix.numel():
+            batches[(tuple(matrix.shape), output.dtype, output.device)].append(index)
+        else:
+            output.zero_()
+    for (shape, dtype, device), indices in batches.items():
+        x = torch.stack([matrices[i].to(device=device, dtype=dtype) for i in indices])
+        # X / (‖X‖_F + eps) in the iteration dtype, as the reference (norm and division by torch).
+        x = x / (torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True) + eps)
+        transposed = shape[0] > shape[1]
+        if transposed:
+            x = x.transpose(1, 2)
+        rows = x.shape[1]
+        x = x.contiguous()
+        gram = torch.empty((len(indices), rows, rows), dtype=dtype, device=device)
+        product = torch.empty_like(x)
+        spare = torch.empty_like(x)
+        for _ in range(steps):
+            _gemm(x, x.transpose(1, 2), gram, symmetric=True)  # A = X·Xᵀ
+            _gemm(gram, x, product)  # P = A·X
+            _gemm(gram, product, spare, alpha=c, d=product, beta=b, e=x, gamma=a)  # X' = a·X + b·P + c·A·P
+            x, spare = spare, x
+        result = x.transpose(1, 2) if transposed else x
+        for position, index in enumerate(indices):
+            outputs[index].copy_(result[position])
+
+
+cosmos_update_ = functools.partial(_reference_update_, orthogonalize=orthogonalize_)
+cosmos_update_.__doc__ = ("Same contract as :func:`memzoo.reference.cosmos.cosmos_update_`, with the Newton–Schulz "
+                          "iteration on the Triton kernels.")
