@@ -54,6 +54,8 @@ for part in $parts; do
         bench step_galore_torch step --optimizer galore_adamw,natural_galore --backend torch --baseline galore_torch "$@"
         bench step_apollo step --optimizer apollo,apollo_mini,frugal --backend triton \
             --baseline apollo_torch,apollo_mini_torch "$@"
+        bench step_cosmos step --optimizer cosmos --backend triton "$@"
+        bench step_cosmos_torch step --optimizer cosmos --backend torch "$@"
         bench step_zo step --optimizer mezo,sparse_mezo,qzo --backend triton --baseline mezo_official "$@"
         bench step_zo_bf16 step --optimizer mezo,sparse_mezo --backend triton --baseline mezo_official --dtype bf16 "$@"
         bench kernels kernels --no-compile ;;
