@@ -16,12 +16,16 @@ from memzoo.optim.base import (
     check_betas,
     check_int,
     check_number,
+    group_by_device,
     resolve_backend,
 )
 
 __all__ = ["COSMOS"]
 
 _NS_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
+# Residuals (m×n, Newton–Schulz dtype) held at once so that the iteration runs batched over the
+# weights of one shape: the step's transient memory beyond the reference's per-weight temporaries.
+_BATCH_BYTES = 256 * 2**20
 
 
 class COSMOS(MemzooOptimizer):
@@ -135,15 +139,29 @@ class COSMOS(MemzooOptimizer):
                 state[name] = torch.zeros(shape, dtype=dtype, device="cpu" if name == "step" else param.device)
         return state
 
+    def _finish(self, pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]],
+                group: Mapping[str, Any]) -> None:
+        """Orthogonalize the pending residuals (one batched call per device), then apply the
+        pending weights' updates."""
+        with_residual = [item for item in pending if item[3] is not None]
+        for device, (residuals,) in group_by_device([item[3] for item in with_residual]).items():
+            self._kernels(device).orthogonalize_(residuals, residuals)
+        for param, low_rank, basis, residual in pending:
+            self._kernels(param.device).cosmos_apply_(
+                param, low_rank, basis, residual, lr=group["lr"], lr_ratio=group["lr_ratio"], gamma=group["gamma"],
+                eps=group["eps"], weight_decay=group["weight_decay"],
+            )
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step; returns the closure's loss (or None)."""
         loss = self._run_closure(closure)
         self._check_grads()
-        cosmos = self._kernels
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             adam: dict[tuple[torch.device, int], list[tuple[torch.Tensor, dict[str, Any]]]] = defaultdict(list)
+            pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+            pending_bytes = 0
             for param in group["params"]:
                 if param.grad is None:
                     continue
@@ -153,20 +171,27 @@ class COSMOS(MemzooOptimizer):
                 if self._rank(param, group) is None:
                     adam[(param.device, step)].append((param, state))
                     continue
-                kernels = cosmos(param.device)
                 grad = -param.grad if group["maximize"] else param.grad
+                kernels = self._kernels(param.device)
                 if step == 1:
                     basis, subspace = kernels.cosmos_basis_init(grad, state["basis"].shape[1], beta2=beta2)
                 else:
                     basis, subspace = kernels.cosmos_basis_update(grad, state["basis"], state["subspace"], beta2=beta2)
                 state["basis"].copy_(basis)
                 state["subspace"].copy_(subspace)
-                kernels.cosmos_update_(
-                    param, param.grad, state["exp_avg"], state["exp_avg_sq"], state["basis"], step=step,
-                    lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], gamma=group["gamma"],
-                    lr_ratio=group["lr_ratio"], weight_decay=group["weight_decay"], maximize=group["maximize"],
-                    ns_dtype=group["ns_dtype"],
+                m, n = param.shape
+                residual = (torch.empty((m, n), dtype=group["ns_dtype"], device=param.device)
+                            if state["basis"].shape[1] < n else None)
+                low_rank = kernels.cosmos_directions_(
+                    param, param.grad, state["exp_avg"], state["exp_avg_sq"], state["basis"], residual, step=step,
+                    beta1=beta1, beta2=beta2, eps=group["eps"], maximize=group["maximize"],
                 )
+                pending.append((param, low_rank, state["basis"], residual))
+                pending_bytes += 0 if residual is None else residual.nbytes
+                if pending_bytes >= _BATCH_BYTES:
+                    self._finish(pending, group)
+                    pending, pending_bytes = [], 0
+            self._finish(pending, group)
             for (device, step), items in adam.items():
                 # torch.optim.AdamW's step as the shared Adam kernel's form: lr/bc1 · m/(√v/√bc2 + ε)
                 # = (lr·√bc2/bc1) · m/(√v + ε·√bc2).

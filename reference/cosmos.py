@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["NS_COEFFICIENTS", "NS_DTYPES", "cosmos_basis_init", "cosmos_basis_update", "cosmos_update_",
-           "newton_schulz5", "orthogonalize_"]
+__all__ = ["NS_COEFFICIENTS", "NS_DTYPES", "cosmos_apply_", "cosmos_basis_init", "cosmos_basis_update",
+           "cosmos_directions_", "cosmos_update_", "newton_schulz5", "orthogonalize_"]
 
 NS_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
 Orthogonalize = Callable[..., None]
@@ -95,6 +95,90 @@ def cosmos_basis_update(grad: torch.Tensor, basis: torch.Tensor, subspace: torch
     return new_basis, new_subspace
 
 
+def _check_shapes(param: torch.Tensor, named: tuple[tuple[str, torch.Tensor | None, tuple[int, int]], ...]) -> None:
+    if param.dim() != 2:
+        raise ValueError(f"COSMOS updates matrices, got shape {tuple(param.shape)}")
+    for name, tensor, shape in named:
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape} for a "
+                             f"{param.shape[0]}×{param.shape[1]} weight")
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+@torch.no_grad()
+def cosmos_directions_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    basis: torch.Tensor,
+    residual: torch.Tensor | None,
+    *,
+    step: int,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    maximize: bool = False,
+) -> torch.Tensor:
+    """Steps 1–4 of :func:`cosmos_update_` and the complement of step 5: updates M and V in
+    place, writes Ĝ − Ĝ·U·Uᵀ into ``residual`` (m×n in the Newton–Schulz dtype, whose first
+    operation is that rounding; None when r = n), and returns the subspace direction's
+    coordinates N = (Ĝ·U)/(√V/√b2 + ε) (m×r; A = N·Uᵀ)."""
+    m, n = param.shape
+    rank = basis.shape[1]
+    _check_shapes(param, (("grad", grad, (m, n)), ("exp_avg", exp_avg, (m, n)), ("exp_avg_sq", exp_avg_sq, (m, rank)),
+                          ("basis", basis, (n, rank)), ("residual", residual, (m, n))))
+    dtype = _compute_dtype(param, grad, basis)
+    g = grad.to(dtype)
+    if maximize:
+        g = -g
+    u = basis.to(dtype)
+    bias1 = (1.0 - beta1**step) / (1.0 - beta1)
+    bias2 = 1.0 - beta2**step
+    momentum = exp_avg.to(dtype) * beta1 + g  # (1) M ← β1·M + G
+    projected = g @ u
+    second = exp_avg_sq.to(dtype) * beta2 + (1.0 - beta2) * projected * projected  # (2) V ← β2·V + (1−β2)(GU)²
+    mixed = (g + beta1 * momentum) / (1.0 + beta1 * bias1)  # (3) Ĝ
+    mixed_low = mixed @ u
+    if residual is not None:
+        residual.copy_(mixed - mixed_low @ u.T)  # (5) the complement's part of Ĝ
+    exp_avg.copy_(momentum)
+    exp_avg_sq.copy_(second)
+    return mixed_low / (second.sqrt() / math.sqrt(bias2) + eps)  # (4) A = N·Uᵀ
+
+
+@torch.no_grad()
+def cosmos_apply_(
+    param: torch.Tensor,
+    low_rank: torch.Tensor,
+    basis: torch.Tensor,
+    orthogonal: torch.Tensor | None,
+    *,
+    lr: float,
+    lr_ratio: float,
+    gamma: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """Steps 5–6 of :func:`cosmos_update_` given N (m×r) and O = NS5(residual) (None when r = n):
+    D = N·Uᵀ + γ·√(mn)·O/(‖O‖ + ε); W ← W·(1 − lr·λ) − lr·ρ·√(mn)·D/(‖D‖ + ε)."""
+    m, n = param.shape
+    _check_shapes(param, (("low_rank", low_rank, (m, basis.shape[1])), ("basis", basis, (n, basis.shape[1])),
+                          ("orthogonal", orthogonal, (m, n))))
+    dtype = _compute_dtype(param, low_rank, basis)
+    scale = math.sqrt(m * n)
+    update = low_rank.to(dtype) @ basis.to(dtype).T
+    if orthogonal is not None:
+        o = orthogonal.to(dtype)
+        update = update + gamma * scale * o / (o.norm() + eps)
+    w = param.to(dtype) * (1.0 - lr * weight_decay)  # (6) decay first, then the normalized step
+    w = w - (lr * lr_ratio * scale) * update / (update.norm() + eps)
+    param.copy_(w)
+
+
 @torch.no_grad()
 def cosmos_update_(
     param: torch.Tensor,
@@ -127,37 +211,15 @@ def cosmos_update_(
     6. D = A + γ·B; W ← W·(1 − lr·λ) − lr·ρ·√(mn)·D/(‖D‖_F + ε) (every update has RMS lr·ρ).
 
     The official code writes Ĝ into ``p.grad``; here the gradient is left as it was.
-    ``orthogonalize`` computes NS5 (:func:`orthogonalize_` or its Triton twin).
+    ``orthogonalize`` computes NS5 (:func:`orthogonalize_` or its Triton twin). The optimizer
+    runs the same three stages (:func:`cosmos_directions_`, ``orthogonalize``,
+    :func:`cosmos_apply_`) over many weights at once, so that NS5 is batched.
     """
-    if param.dim() != 2:
-        raise ValueError(f"cosmos_update_ takes a matrix, got shape {tuple(param.shape)}")
-    m, n = param.shape
-    rank = basis.shape[1]
-    for name, tensor, shape in (("grad", grad, (m, n)), ("exp_avg", exp_avg, (m, n)),
-                                ("exp_avg_sq", exp_avg_sq, (m, rank)), ("basis", basis, (n, rank))):
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape} for a {m}×{n} weight")
-    dtype = torch.float64 if torch.float64 in (param.dtype, grad.dtype, basis.dtype) else torch.float32
-    g = grad.to(dtype)
-    if maximize:
-        g = -g
-    u = basis.to(dtype)
-    bias1 = (1.0 - beta1**step) / (1.0 - beta1)
-    bias2 = 1.0 - beta2**step
-    momentum = exp_avg.to(dtype) * beta1 + g  # (1)
-    projected = g @ u
-    second = exp_avg_sq.to(dtype) * beta2 + (1.0 - beta2) * projected * projected  # (2)
-    mixed = (g + beta1 * momentum) / (1.0 + beta1 * bias1)  # (3)
-    mixed_low = mixed @ u
-    update = (mixed_low / (second.sqrt() / math.sqrt(bias2) + eps)) @ u.T  # (4)
-    scale = math.sqrt(m * n)
-    if rank < n:  # (5); the complement of a full basis is empty
-        orthogonal = torch.empty((m, n), dtype=ns_dtype, device=param.device)
-        orthogonalize([mixed - mixed_low @ u.T], [orthogonal])
-        orthogonal = orthogonal.to(dtype)
-        update = update + gamma * scale * orthogonal / (orthogonal.norm() + eps)
-    w = param.to(dtype) * (1.0 - lr * weight_decay)  # (6)
-    w = w - (lr * lr_ratio * scale) * update / (update.norm() + eps)
-    exp_avg.copy_(momentum)
-    exp_avg_sq.copy_(second)
-    param.copy_(w)
+    m, n = param.shape if param.dim() == 2 else (0, 0)
+    residual = torch.empty((m, n), dtype=ns_dtype, device=param.device) if basis.shape[-1] < n else None
+    low_rank = cosmos_directions_(param, grad, exp_avg, exp_avg_sq, basis, residual, step=step, beta1=beta1,
+                                  beta2=beta2, eps=eps, maximize=maximize)
+    if residual is not None:
+        orthogonalize([residual], [residual])
+    cosmos_apply_(param, low_rank, basis, residual, lr=lr, lr_ratio=lr_ratio, gamma=gamma, eps=eps,
+                  weight_decay=weight_decay)

@@ -184,3 +184,26 @@ def test_reference_rejects_mismatched_state() -> None:
         cosmos_update_(param, grad, exp_avg, exp_avg_sq[:, :1], torch.zeros(3, 2, dtype=torch.float64), step=1,
                        **_hparams())
     assert torch.equal(param, before)
+
+
+def test_optimizer_step_is_the_reference_step_per_weight() -> None:
+    """The optimizer batches Newton–Schulz over weights of one shape; each weight's result is
+    still cosmos_update_'s for that weight alone."""
+    hyper = dict(lr=0.01, betas=(0.9, 0.95), eps=1e-8, lr_ratio=0.5, gamma=0.2, weight_decay=0.1)
+    params = [torch.nn.Parameter(_random((6, 5), 60 + i)) for i in range(3)]
+    twins = [p.detach().clone() for p in params]
+    optimizer = COSMOS(params, rank=2, ns_dtype=torch.float64, backend="torch", **hyper)
+    states = [(torch.zeros(6, 5, dtype=torch.float64), torch.zeros(6, 2, dtype=torch.float64)) for _ in params]
+    bases = [None] * 3
+    for step in range(1, 4):
+        for i, (param, twin) in enumerate(zip(params, twins)):
+            param.grad = _random((6, 5), 100 * step + i)
+            if step == 1:
+                bases[i] = cosmos_basis_init(param.grad, 2, beta2=0.95)
+            else:
+                bases[i] = cosmos_basis_update(param.grad, *bases[i], beta2=0.95)
+            cosmos_update_(twin, param.grad, *states[i], bases[i][0], step=step, lr=0.01, beta1=0.9, beta2=0.95,
+                           eps=1e-8, gamma=0.2, lr_ratio=0.5, weight_decay=0.1, ns_dtype=torch.float64)
+        optimizer.step()
+    for param, twin in zip(params, twins):
+        assert torch.equal(param.detach(), twin)

@@ -10,8 +10,9 @@ rounding instead would be about twice as close to the float64 iteration, but ano
 trajectory). Operands are multiplied with fp32 accumulation: for bf16 (the official dtype)
 through TF32 products, exact for bf16 operands; for fp32 in IEEE fp32.
 
-The subspace tracking (eigh, QR, r-wide products) stays with PyTorch, and ``cosmos_update_`` is
-the reference's step with this orthogonalization.
+The subspace tracking (eigh, QR, r-wide products) and the direction and apply stages stay with
+PyTorch (re-exported from the reference), and ``cosmos_update_`` is the reference's step with this
+orthogonalization.
 
 Status: interpreter-tested only; ``AUTO = False`` until checked and timed on a GPU.
 """
@@ -27,12 +28,20 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from memzoo.reference.cosmos import NS_COEFFICIENTS, check_orthogonalize_arguments, cosmos_basis_init, cosmos_basis_update
+from memzoo.reference.cosmos import (
+    NS_COEFFICIENTS,
+    check_orthogonalize_arguments,
+    cosmos_apply_,
+    cosmos_basis_init,
+    cosmos_basis_update,
+    cosmos_directions_,
+)
 from memzoo.reference.cosmos import cosmos_update_ as _reference_update_
 from memzoo.triton_kernels.galore import Tiles, gemm_tile, matrix_pointer
 from memzoo.triton_kernels.multi_tensor import ceil_div, operand_offsets, to_storage
 
-__all__ = ["AUTO", "INTERPRETED", "cosmos_basis_init", "cosmos_basis_update", "cosmos_update_", "orthogonalize_"]
+__all__ = ["AUTO", "INTERPRETED", "cosmos_apply_", "cosmos_basis_init", "cosmos_basis_update", "cosmos_directions_",
+           "cosmos_update_", "orthogonalize_"]
 
 AUTO = False
 # Square tiles (the symmetric product mirrors a tile across the diagonal); not tuned on a GPU yet.
