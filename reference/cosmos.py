@@ -198,6 +198,7 @@ def cosmos_update_(
     maximize: bool = False,
     ns_dtype: torch.dtype = torch.bfloat16,
     orthogonalize: Orthogonalize = orthogonalize_,
+    apply: Callable[..., None] | None = None,
 ) -> None:
     """One COSMOS step of an m×n weight given this step's basis U (n×r, from
     :func:`cosmos_basis_init` / :func:`cosmos_basis_update`); updates param, exp_avg (M, m×n)
@@ -211,7 +212,8 @@ def cosmos_update_(
     6. D = A + γ·B; W ← W·(1 − lr·λ) − lr·ρ·√(mn)·D/(‖D‖_F + ε) (every update has RMS lr·ρ).
 
     The official code writes Ĝ into ``p.grad``; here the gradient is left as it was.
-    ``orthogonalize`` computes NS5 (:func:`orthogonalize_` or its Triton twin). The optimizer
+    ``orthogonalize`` computes NS5 and ``apply`` step 6 (:func:`orthogonalize_` and
+    :func:`cosmos_apply_` by default; the Triton module passes its kernels). The optimizer
     runs the same three stages (:func:`cosmos_directions_`, ``orthogonalize``,
     :func:`cosmos_apply_`) over many weights at once, so that NS5 is batched.
     """
@@ -221,5 +223,5 @@ def cosmos_update_(
                                   beta2=beta2, eps=eps, maximize=maximize)
     if residual is not None:
         orthogonalize([residual], [residual])
-    cosmos_apply_(param, low_rank, basis, residual, lr=lr, lr_ratio=lr_ratio, gamma=gamma, eps=eps,
-                  weight_decay=weight_decay)
+    (apply or cosmos_apply_)(param, low_rank, basis, residual, lr=lr, lr_ratio=lr_ratio, gamma=gamma, eps=eps,
+                             weight_decay=weight_decay)

@@ -10,9 +10,11 @@ rounding instead would be about twice as close to the float64 iteration, but ano
 trajectory). Operands are multiplied with fp32 accumulation: for bf16 (the official dtype)
 through TF32 products, exact for bf16 operands; for fp32 in IEEE fp32.
 
-The subspace tracking (eigh, QR, r-wide products) and the direction and apply stages stay with
-PyTorch (re-exported from the reference), and ``cosmos_update_`` is the reference's step with this
-orthogonalization.
+``cosmos_apply_`` is the fused subspace/complement update into the weight: D = N·Uᵀ + γ'·O is
+recomputed tile by tile in two GEMM passes (the first reduces ‖D‖², the second writes
+W ← W·(1 − lr·λ) − c·D/(‖D‖ + ε) in place), so neither D nor A = N·Uᵀ exists as an m×n tensor.
+The subspace tracking (eigh, QR) and the direction stage stay with PyTorch (re-exported from the
+reference), and ``cosmos_update_`` is the reference's step with these kernels.
 
 Status: interpreter-tested only; ``AUTO = False`` until checked and timed on a GPU.
 """
@@ -20,6 +22,7 @@ Status: interpreter-tested only; ``AUTO = False`` until checked and timed on a G
 from __future__ import annotations
 
 import functools
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -31,11 +34,11 @@ from triton.runtime.interpreter import InterpretedFunction
 from memzoo.reference.cosmos import (
     NS_COEFFICIENTS,
     check_orthogonalize_arguments,
-    cosmos_apply_,
     cosmos_basis_init,
     cosmos_basis_update,
     cosmos_directions_,
 )
+from memzoo.reference.cosmos import _check_shapes as _reference_check
 from memzoo.reference.cosmos import cosmos_update_ as _reference_update_
 from memzoo.triton_kernels.galore import Tiles, gemm_tile, matrix_pointer
 from memzoo.triton_kernels.multi_tensor import ceil_div, operand_offsets, to_storage
@@ -90,6 +93,46 @@ def _ns_gemm_kernel(
         tl.store(c + rows * stride_cm + cols * stride_cn, out, mask=mask)
         if SYMMETRIC and tl.program_id(1) > tl.program_id(0):
             tl.store(c + cols * stride_cm + rows * stride_cn, out, mask=mask)  # the mirrored tile
+
+
+@triton.jit
+def _direction_tile(n_ptr, u_ptr, o_ptr, onorm_ptr, M, N, R, stride_nm, stride_nr, stride_um, stride_ur, stride_om,
+                    stride_on, orthogonal_weight, HAS_O: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's tile of D = N·Uᵀ + (γ·√(mn))·O/(‖O‖ + ε), in the reference's op order."""
+    acc, rows, cols, mask = gemm_tile(n_ptr, u_ptr, M, N, R, stride_nm, stride_nr, stride_ur, stride_um,
+                                      BLOCK_M, BLOCK_N, BLOCK_K, "ieee")
+    if HAS_O:
+        o = tl.load(o_ptr + rows * stride_om + cols * stride_on, mask=mask, other=0.0).to(tl.float32)
+        acc = acc + tl.div_rn(orthogonal_weight * o, tl.load(onorm_ptr))
+    return acc, rows, cols, mask
+
+
+@triton.jit
+def _direction_norm_kernel(n_ptr, u_ptr, o_ptr, onorm_ptr, partial_ptr, M, N, R, stride_nm, stride_nr, stride_um,
+                           stride_ur, stride_om, stride_on, orthogonal_weight, HAS_O: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Σ D² over this program's tile, into partial[program] (summed in a fixed order after)."""
+    d, _, _, mask = _direction_tile(n_ptr, u_ptr, o_ptr, onorm_ptr, M, N, R, stride_nm, stride_nr, stride_um,
+                                    stride_ur, stride_om, stride_on, orthogonal_weight, HAS_O,
+                                    BLOCK_M, BLOCK_N, BLOCK_K)
+    d = tl.where(mask, d, 0.0)
+    tl.store(partial_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(d * d, 1), 0))
+
+
+@triton.jit
+def _apply_kernel(w_ptr, n_ptr, u_ptr, o_ptr, onorm_ptr, norm_ptr, M, N, R, stride_wm, stride_wn, stride_nm,
+                  stride_nr, stride_um, stride_ur, stride_om, stride_on, orthogonal_weight, decay, step_scale, eps,
+                  HAS_O: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W ← W·(1 − lr·λ) − (lr·ρ·√(mn))·D/(‖D‖ + ε), D recomputed tile by tile: no m×n temporary."""
+    d, rows, cols, mask = _direction_tile(n_ptr, u_ptr, o_ptr, onorm_ptr, M, N, R, stride_nm, stride_nr, stride_um,
+                                          stride_ur, stride_om, stride_on, orthogonal_weight, HAS_O,
+                                          BLOCK_M, BLOCK_N, BLOCK_K)
+    denominator = tl.sqrt_rn(tl.load(norm_ptr)) + eps
+    w_ptrs = w_ptr + rows * stride_wm + cols * stride_wn
+    w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32) * decay
+    w = w - tl.div_rn(step_scale * d, denominator)
+    tl.store(w_ptrs, to_storage(w, w_ptr.dtype.element_ty), mask=mask)
 
 
 INTERPRETED: bool = isinstance(_ns_gemm_kernel, InterpretedFunction)
@@ -161,6 +204,55 @@ def orthogonalize_(matrices: Sequence[torch.Tensor], outputs: Sequence[torch.Ten
             outputs[index].copy_(result[position])
 
 
-cosmos_update_ = functools.partial(_reference_update_, orthogonalize=orthogonalize_)
+_APPLY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@torch.no_grad()
+def cosmos_apply_(
+    param: torch.Tensor,
+    low_rank: torch.Tensor,
+    basis: torch.Tensor,
+    orthogonal: torch.Tensor | None,
+    *,
+    lr: float,
+    lr_ratio: float,
+    gamma: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """Same contract as :func:`memzoo.reference.cosmos.cosmos_apply_`: two GEMM passes of
+    N·Uᵀ (+ the orthogonal part in the epilogue), the first reducing ‖D‖² in per-tile partials
+    (summed in a fixed order, no atomics, no host sync), the second writing the weight in place."""
+    m, n = param.shape if param.dim() == 2 else (-1, -1)
+    _reference_check(param, (("low_rank", low_rank, (m, basis.shape[-1])), ("basis", basis, (n, basis.shape[-1])),
+                             ("orthogonal", orthogonal, (m, n))))
+    if param.dtype not in _APPLY_DTYPES:
+        raise TypeError(f"param is {param.dtype}; the kernel updates {_APPLY_DTYPES} weights")
+    if param.numel() == 0:
+        return
+    rank = basis.shape[1]
+    factors = low_rank.to(torch.float32), basis.to(torch.float32)
+    scale = math.sqrt(m * n)
+    if orthogonal is not None:  # as the reference: o / (‖o‖ + ε), the norm of o widened to fp32
+        o, orthogonal_norm = orthogonal, (orthogonal.float().norm() + eps).reshape(1)
+    else:
+        o, orthogonal_norm = param, torch.ones(1, dtype=torch.float32, device=param.device)
+    tiles = INTERPRETER_TILES if INTERPRETED else TILES
+    grid = (ceil_div(m, tiles.block_m), ceil_div(n, tiles.block_n))
+    shapes = (m, n, rank)
+    strides = (factors[0].stride(0), factors[0].stride(1), factors[1].stride(0), factors[1].stride(1), o.stride(0),
+               o.stride(1))
+    launch = dict(HAS_O=orthogonal is not None, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+                  num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    partials = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=param.device)
+    _direction_norm_kernel[grid](factors[0], factors[1], o, orthogonal_norm, partials, *shapes, *strides,
+                                 gamma * scale, **launch)
+    squared_norm = partials.sum().reshape(1)
+    _apply_kernel[grid](param, factors[0], factors[1], o, orthogonal_norm, squared_norm, *shapes, param.stride(0),
+                        param.stride(1), *strides, gamma * scale, 1.0 - lr * weight_decay, lr * lr_ratio * scale, eps,
+                        **launch)
+
+
+cosmos_update_ = functools.partial(_reference_update_, orthogonalize=orthogonalize_, apply=cosmos_apply_)
 cosmos_update_.__doc__ = ("Same contract as :func:`memzoo.reference.cosmos.cosmos_update_`, with the Newton–Schulz "
-                          "iteration on the Triton kernels.")
+                          "iteration and the weight update on the Triton kernels.")

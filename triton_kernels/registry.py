@@ -737,6 +737,50 @@ COSMOS_ORTHOGONALIZE = KernelPair(
     max_tensors=3,
 )
 
+def _cosmos_apply_case(shapes, dtypes, device, generator, hparams, layout="contiguous") -> KernelCase:
+    m, n = shapes[0]
+    rank = n if hparams["rank"] == "full" else min(hparams["rank"], n)
+    param = make_tensor((m, n), dtypes["param"], device, generator, layout)
+    low_rank = make_tensor((m, rank), torch.float32, device, generator)
+    basis, _ = torch.linalg.qr(torch.randn(n, max(rank, 1), generator=generator, dtype=torch.float64))
+    orthogonal = None if rank == n else make_tensor((m, n), dtypes["orthogonal"], device, generator, layout)
+    kwargs = {name: hparams[name] for name in ("lr", "lr_ratio", "gamma", "weight_decay")}
+    return KernelCase(args=(param, low_rank, basis[:, :rank].to(device=device, dtype=torch.float32).contiguous(),
+                            orthogonal), kwargs={**kwargs, "eps": 1e-8}, outputs=(0,))
+
+
+def _cosmos_apply_bytes(case: KernelCase) -> int:
+    param, low_rank, basis, orthogonal = case.args
+    return 2 * param.nbytes + low_rank.nbytes + basis.nbytes + (2 * orthogonal.nbytes if orthogonal is not None else 0)
+
+
+def _cosmos_apply_tolerance(case: KernelCase) -> list[list[torch.Tensor]]:
+    """A few fp32 roundings of the step (its GEMM and ‖D‖ summed in another order) at the
+    step's magnitude, on top of the weight's own rounding."""
+    param, low_rank, basis, orthogonal = case.args
+    m, n = param.shape
+    direction = low_rank.double() @ basis.double().T
+    if orthogonal is not None:
+        direction = direction + case.kwargs["gamma"] * math.sqrt(m * n) * orthogonal.double() / orthogonal.double().norm()
+    step = case.kwargs["lr"] * case.kwargs["lr_ratio"] * math.sqrt(m * n) * direction / direction.norm()
+    return [[16 * 2.0**-24 * (step.abs() + step.abs().max() + param.double().abs())]]
+
+
+COSMOS_APPLY = KernelPair(
+    family="cosmos",
+    function="cosmos_apply_",
+    dtype_options={"param": (torch.float32, torch.bfloat16, torch.float16), "orthogonal": (torch.bfloat16, torch.float32)},
+    hparam_ranges={"lr": (1e-4, 1e-1), "lr_ratio": (0.05, 1.0), "gamma": (0.0, 1.0), "weight_decay": (0.0, 0.5)},
+    flags=(),
+    bench_hparams={"lr": 1e-3, "lr_ratio": 0.1, "gamma": 0.2, "weight_decay": 0.0, "rank": 64},
+    make_case=_cosmos_apply_case,
+    bytes_moved=_cosmos_apply_bytes,
+    extra_tolerance=_cosmos_apply_tolerance,
+    choices={"rank": (0, 1, 5, "full")},
+    shape_dims=(2, 2),
+    max_tensors=1,
+)
+
 KERNELS: dict[str, KernelPair] = {pair.name: pair for pair in (LION, GALORE_PROJECT, GALORE_APPLY, GALORE_ADAMW,
                                                               APOLLO_SCALES, APOLLO_APPLY, FRUGAL_APPLY,
-                                                              ZEROTH_ORDER_APPLY, COSMOS_ORTHOGONALIZE)}
+                                                              ZEROTH_ORDER_APPLY, COSMOS_ORTHOGONALIZE, COSMOS_APPLY)}
