@@ -5,8 +5,8 @@ in :mod:`memzoo.optim`, its pure-PyTorch math in :mod:`memzoo.reference`, and Tr
 kernels with the same signatures in :mod:`memzoo.triton_kernels`.
 """
 
-from memzoo.optim import Lion, MemzooOptimizer
+from memzoo.optim import Lion, MemzooOptimizer, create_optimizer, list_optimizers
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["Lion", "MemzooOptimizer", "__version__"]
+__all__ = ["Lion", "MemzooOptimizer", "__version__", "create_optimizer", "list_optimizers"]

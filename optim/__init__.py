@@ -6,8 +6,10 @@ from memzoo.optim.cosmos import COSMOS
 from memzoo.optim.frugal import FRUGAL
 from memzoo.optim.galore import GaLoreAdamW, NaturalGaLore
 from memzoo.optim.lion import Lion
-from memzoo.optim.registry import OPTIMIZERS, get_optimizer_info, list_optimizers
+from memzoo.optim.factory import create_optimizer, list_optimizers, target_parameters
+from memzoo.optim.registry import OPTIMIZERS, get_optimizer_info
 from memzoo.optim.zeroth_order import QZO, MeZO, SparseMeZO, collect_quantization_scales
 
 __all__ = ["APOLLO", "COSMOS", "FRUGAL", "OPTIMIZERS", "QZO", "GaLoreAdamW", "Lion", "MeZO", "MemzooOptimizer", "NaturalGaLore",
-           "SparseMeZO", "collect_quantization_scales", "get_optimizer_info", "list_optimizers", "resolve_backend"]
+           "SparseMeZO", "collect_quantization_scales", "create_optimizer", "get_optimizer_info", "list_optimizers",
+           "resolve_backend", "target_parameters"]

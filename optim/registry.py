@@ -19,7 +19,7 @@ from memzoo.optim.lion import Lion
 from memzoo.optim.zeroth_order import QZO, MeZO, SparseMeZO
 from memzoo.reference.projector import side_length
 
-__all__ = ["OPTIMIZERS", "BadInput", "OptimizerInfo", "get_optimizer_info", "list_optimizers"]
+__all__ = ["OPTIMIZERS", "BadInput", "OptimizerInfo", "get_optimizer_info"]
 
 
 @dataclass(frozen=True)
@@ -394,7 +394,3 @@ def get_optimizer_info(name: str) -> OptimizerInfo:
     except KeyError:
         raise ValueError(f"Unknown optimizer {name!r}; valid names: {', '.join(sorted(OPTIMIZERS))}") from None
 
-
-def list_optimizers() -> dict[str, str]:
-    """Registered optimizer names with one-line descriptions."""
-    return {name: info.summary for name, info in sorted(OPTIMIZERS.items())}
