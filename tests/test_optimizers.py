@@ -277,6 +277,27 @@ def test_triton_and_torch_backends_follow_the_same_trajectory(info, variant, bac
                 assert_close(other, value, what=key)
 
 
+@pytest.mark.parametrize("info", [i for i in OPTIMIZERS.values() if "triton" in i.backends and not i.zeroth_order],
+                         ids=lambda i: i.name)
+@pytest.mark.parametrize("written_on,resumed_on", [("triton", "torch"), ("torch", "triton")])
+def test_checkpoint_resumes_on_the_other_backend(info, written_on, resumed_on) -> None:
+    """A state_dict written on one backend loads on the other and continues the same trajectory."""
+    params, moved_params = make_params(torch.float32), make_params(torch.float32)
+    optimizer = make_optimizer(info, {}, written_on, params)
+    run_steps(optimizer, params, 2, seed=0)
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    buffer.seek(0)
+    for p, q in zip(params, moved_params):
+        q.data.copy_(p.data)
+    moved = make_optimizer(info, {}, resumed_on, moved_params)
+    moved.load_state_dict(torch.load(buffer, weights_only=True))
+    run_steps(optimizer, params, 2, seed=1)
+    run_steps(moved, moved_params, 2, seed=1)
+    for p, q in zip(params, moved_params):
+        assert_close(q.detach(), p.detach(), info.trajectory_atol, what="param")
+
+
 @pytest.mark.parametrize("info,variant,backend,dtype", cases(dtypes=False))
 def test_maximize_follows_the_negated_gradient(info, variant, backend, dtype) -> None:
     up, down = make_params(dtype), make_params(dtype)
