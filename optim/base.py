@@ -295,7 +295,11 @@ class MemzooOptimizer(torch.optim.Optimizer):
                     restore.append((param, key, value))
         super().load_state_dict(state_dict)
         # torch.optim casts floating state to the parameter's dtype; put the saved dtype back
-        # from the original tensor (a cast back would have lost bits).
+        # from the original tensor (a cast back would have lost bits). torch.optim also keeps the
+        # given tensor itself where no cast or move is needed (step counters, same-dtype moments):
+        # loaded from another live optimizer's state_dict, both would then update one tensor in
+        # place. Every loaded tensor is this optimizer's own.
         for param, key, value in restore:
-            if self.state[param][key].dtype != value.dtype:
+            loaded = self.state[param][key]
+            if loaded.dtype != value.dtype or loaded is value:
                 self.state[param][key] = value.to(device=param.device, copy=True)

@@ -178,6 +178,24 @@ def test_state_dict_resume_is_bit_identical(info, variant, backend, dtype) -> No
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("info", [i for i in OPTIMIZERS.values() if not i.zeroth_order], ids=lambda i: i.name)
+def test_state_loaded_from_a_live_optimizer_is_not_shared(info) -> None:
+    """torch.optim keeps the given tensors where no cast is needed; stepping the source after an
+    in-memory load must not move the loaded optimizer's state."""
+    params = make_params(torch.float32)
+    source = make_optimizer(info, {}, "torch", params)
+    run_steps(source, params, 2, seed=0)
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    loaded = make_optimizer(info, {}, "torch", copies)
+    loaded.load_state_dict(source.state_dict())
+    before = copy.deepcopy(loaded.state_dict()["state"])
+    run_steps(source, params, 1, seed=1)
+    after = loaded.state_dict()["state"]
+    for key, entry in before.items():
+        for name, value in entry.items():
+            assert torch.equal(after[key][name], value), (key, name)
+
+
 @pytest.mark.parametrize("info,variant,backend,dtype", cases(backends=False, dtypes=False))
 def test_load_state_dict_rejects_foreign_or_mismatched(info, variant, backend, dtype) -> None:
     params = make_params(dtype)
