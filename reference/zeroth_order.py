@@ -66,14 +66,17 @@ def zo_normals(seed: int, indices: torch.Tensor) -> torch.Tensor:
     return torch.where(lane == 0, n0, torch.where(lane == 1, n1, torch.where(lane == 2, n2, n3)))
 
 
-def _chunk_normals(seed: int, first_chunk: int, num_chunks: int, device: torch.device) -> torch.Tensor:
-    """z for the elements of ``num_chunks`` whole chunks from ``first_chunk``, in element order:
-    one Philox call per counter, its four normals spread over the chunk's four quarters."""
-    counters = torch.arange(first_chunk * QUARTER, (first_chunk + num_chunks) * QUARTER, device=device)
+def _chunk_normals(seed: int, chunk_ranges: list[tuple[int, int]], device: torch.device) -> list[torch.Tensor]:
+    """z for the elements of each range of whole chunks (first chunk, number of chunks), in element
+    order: one Philox call per counter, its four normals spread over the chunk's four quarters.
+    All ranges share one call (a pass over many small tensors is a few dozen ops, not per tensor)."""
+    counters = torch.cat([torch.arange(first * QUARTER, (first + count) * QUARTER, device=device)
+                          for first, count in chunk_ranges])
     w0, w1, w2, w3 = philox_words4(seed, counters)
     n0, n1 = normal_pairs_from_words(w0, w1)
     n2, n3 = normal_pairs_from_words(w2, w3)
-    return torch.stack([n.view(num_chunks, QUARTER) for n in (n0, n1, n2, n3)], dim=1).reshape(-1)
+    chunks = torch.stack([n.view(-1, QUARTER) for n in (n0, n1, n2, n3)], dim=1)  # (chunks, lane, position)
+    return [piece.reshape(-1) for piece in chunks.split([count for _, count in chunk_ranges])]
 
 
 def mask_bit_positions(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,48 +201,68 @@ def zo_apply_(
     check_zo_arguments(params, stream_offsets, seed=seed, from_sign=from_sign, to_sign=to_sign,
                        coefficients=coefficients, earlier_seeds=earlier_seeds, thresholds=thresholds,
                        mask_bits=mask_bits, mask_offsets=mask_offsets, write_mask=write_mask)
-    for index, (param, offset) in enumerate(zip(params, stream_offsets)):
-        if param.numel() == 0:
-            continue
-        work = param if is_dense(param) else param.contiguous()
-        flat = _memory_order_view(work)
-        dtype = compute_dtype(param.dtype)
-        for start in range(0, flat.numel(), _SLICE):
-            piece = flat[start:start + _SLICE]
-            count = piece.numel()
-            num_chunks = -(-count // CHUNK)
-            first_chunk = (offset + start) // CHUNK
-
-            def normals(stream_seed: int) -> torch.Tensor:
-                return _chunk_normals(stream_seed, first_chunk, num_chunks, param.device)[:count].to(dtype)
-
-            z = normals(seed)
-            x = piece.to(dtype)
-            mask = None
-            if thresholds is not None:
-                byte_start = mask_offsets[index] + (start // CHUNK) * MASK_BYTES_PER_CHUNK
-                byte_stop = byte_start + num_chunks * MASK_BYTES_PER_CHUNK
-                if write_mask:
-                    padded = torch.zeros(num_chunks * CHUNK, dtype=torch.bool, device=param.device)
-                    padded[:count] = x.abs() <= float(thresholds[index])
-                    mask_bits[byte_start:byte_stop] = pack_mask(padded)
-                mask = unpack_mask(mask_bits[byte_start:byte_stop])[:count]
-            perturbation = eps * z if mask is None else torch.where(mask, eps * z, 0.0)
-            if from_sign:  # recover the unperturbed value, rounded as stored
-                x = (x - from_sign * perturbation).to(param.dtype).to(dtype)
-            if coefficients is not None:
-                c = coefficients.to(device=param.device, dtype=dtype)
-                step = c[0] * z
-                for k, seed_k in enumerate(earlier_seeds, start=1):
-                    step = step + c[k] * normals(seed_k)
-                updated = x * decay - step
-                if clamp_min is not None:
-                    updated = torch.clamp(updated, min=clamp_min)
-                if mask is not None:
-                    updated = torch.where(mask, updated, x)
-                x = updated.to(param.dtype).to(dtype)
-            if to_sign:
-                x = x + to_sign * perturbation
-            piece.copy_(x)
+    # Pieces of at most _SLICE elements (bounding the temporaries), grouped so that each group's
+    # normals come from one Philox call.
+    works = [param if is_dense(param) else param.contiguous() for param in params]
+    pieces = [(index, start, min(_SLICE, param.numel() - start))
+              for index, param in enumerate(params) for start in range(0, param.numel(), _SLICE)]
+    batch: list[tuple[int, int, int]] = []
+    for item_index, item in enumerate(pieces):
+        batch.append(item)
+        size = sum(count for _, _, count in batch)
+        following = pieces[item_index + 1] if item_index + 1 < len(pieces) else None
+        if (following is None or size + following[2] > _SLICE
+                or params[following[0]].device != params[item[0]].device):
+            _apply_batch(params, works, batch, stream_offsets, seed=seed, eps=eps, from_sign=from_sign,
+                         to_sign=to_sign, coefficients=coefficients, earlier_seeds=earlier_seeds, decay=decay,
+                         clamp_min=clamp_min, thresholds=thresholds, mask_bits=mask_bits, mask_offsets=mask_offsets,
+                         write_mask=write_mask)
+            batch = []
+    for param, work in zip(params, works):
         if work is not param:
             param.copy_(work)
+
+
+def _apply_batch(params: list[torch.Tensor], works: list[torch.Tensor], batch: list[tuple[int, int, int]],
+                 stream_offsets: Sequence[int], *, seed: int, eps: float, from_sign: int, to_sign: int,
+                 coefficients: torch.Tensor | None, earlier_seeds: Sequence[int], decay: float,
+                 clamp_min: float | None, thresholds: Sequence[float] | None, mask_bits: torch.Tensor | None,
+                 mask_offsets: Sequence[int] | None, write_mask: bool) -> None:
+    """One pass over pieces (tensor index, first element, count) of tensors on one device."""
+    device = params[batch[0][0]].device
+    ranges = [((stream_offsets[index] + start) // CHUNK, -(-count // CHUNK)) for index, start, count in batch]
+    streams = {seed: _chunk_normals(seed, ranges, device)}
+    if coefficients is not None:
+        streams.update((seed_k, _chunk_normals(seed_k, ranges, device)) for seed_k in earlier_seeds)
+    for position, ((index, start, count), (_, num_chunks)) in enumerate(zip(batch, ranges)):
+        param = params[index]
+        piece = _memory_order_view(works[index])[start:start + count]
+        dtype = compute_dtype(param.dtype)
+        z = streams[seed][position][:count].to(dtype)
+        x = piece.to(dtype)
+        mask = None
+        if thresholds is not None:
+            byte_start = mask_offsets[index] + (start // CHUNK) * MASK_BYTES_PER_CHUNK
+            byte_stop = byte_start + num_chunks * MASK_BYTES_PER_CHUNK
+            if write_mask:
+                padded = torch.zeros(num_chunks * CHUNK, dtype=torch.bool, device=device)
+                padded[:count] = x.abs() <= float(thresholds[index])
+                mask_bits[byte_start:byte_stop] = pack_mask(padded)
+            mask = unpack_mask(mask_bits[byte_start:byte_stop])[:count]
+        perturbation = eps * z if mask is None else torch.where(mask, eps * z, 0.0)
+        if from_sign:  # recover the unperturbed value, rounded as stored
+            x = (x - from_sign * perturbation).to(param.dtype).to(dtype)
+        if coefficients is not None:
+            c = coefficients.to(device=device, dtype=dtype)
+            step = c[0] * z
+            for k, seed_k in enumerate(earlier_seeds, start=1):
+                step = step + c[k] * streams[seed_k][position][:count].to(dtype)
+            updated = x * decay - step
+            if clamp_min is not None:
+                updated = torch.clamp(updated, min=clamp_min)
+            if mask is not None:
+                updated = torch.where(mask, updated, x)
+            x = updated.to(param.dtype).to(dtype)
+        if to_sign:
+            x = x + to_sign * perturbation
+        piece.copy_(x)
