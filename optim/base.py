@@ -156,6 +156,17 @@ class MemzooOptimizer(torch.optim.Optimizer):
 
     family: ClassVar[str]
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # torch.compile fence: a compiled training step graph-breaks at optimizer.step() and runs
+        # it eagerly (our kernels, SVD/QR/eigh, Python-side state) instead of tracing it; the
+        # learning rate and other hyperparameters are then plain Python numbers that no graph
+        # depends on, so LR schedules never trigger recompiles.
+        if "step" in vars(cls) and not getattr(cls.step, "_memzoo_fenced", False):
+            fenced = torch.compiler.disable(cls.step, recursive=True)
+            fenced._memzoo_fenced = True
+            cls.step = fenced
+
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, backend: Backend = "auto") -> None:
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}; expected one of {BACKENDS}")
