@@ -39,20 +39,26 @@ def _uniform(words: torch.Tensor) -> torch.Tensor:
     return folded.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
 
 
-def normal_pairs_from_words(first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Box–Muller on two Philox words, as Triton's ``pair_uniform_to_normal``: r = √(−2·ln u1)
-    with u1 clamped to ≥ 1e-7, θ = 2π·u2; returns (r·cos θ, r·sin θ), float32."""
+def _radius_angle(first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Box–Muller's r = √(−2·ln u1) (u1 clamped to ≥ 1e-7) and θ = 2π·u2, as Triton's
+    ``pair_uniform_to_normal``, from two Philox words."""
     u1 = torch.clamp(_uniform(first), min=1.0e-7)
     angle = torch.tensor(6.283185307179586, dtype=torch.float32) * _uniform(second)
-    radius = torch.sqrt(-2.0 * torch.log(u1))
+    return torch.sqrt(-2.0 * torch.log(u1)), angle
+
+
+def normal_pairs_from_words(first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both normals of a Box–Muller pair, (r·cos θ, r·sin θ), float32 (``tl.randn4x``'s pairs)."""
+    radius, angle = _radius_angle(first, second)
     return radius * torch.cos(angle), radius * torch.sin(angle)
 
 
 def normals_from_words(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """The first normal of :func:`normal_pairs_from_words` (√(−2·ln u1)·cos 2πu2), as ``tl.randn``.
-    Shared by the reference and the Triton path (which computes the words in one kernel), so both
-    give the same float32 bits on the same device."""
-    return normal_pairs_from_words(first, second)[0]
+    """The first normal of a pair, r·cos θ, as ``tl.randn``. Shared by the reference and the
+    Triton path (which computes the words in one kernel), so both give the same float32 bits on
+    the same device."""
+    radius, angle = _radius_angle(first, second)
+    return radius * torch.cos(angle)
 
 
 def check_seed_offsets(seed: int | torch.Tensor, offsets: torch.Tensor) -> None:

@@ -58,12 +58,15 @@ def zo_normals(seed: int, indices: torch.Tensor) -> torch.Tensor:
     check_seed_offsets(seed, indices)
     indices = indices.to(torch.int64)
     within = indices % CHUNK
-    counters = (indices // CHUNK) * QUARTER + within % QUARTER
-    w0, w1, w2, w3 = philox_words4(seed, counters)
-    n0, n1 = normal_pairs_from_words(w0, w1)
-    n2, n3 = normal_pairs_from_words(w2, w3)
+    n0, n1, n2, n3 = _four_normals(seed, (indices // CHUNK) * QUARTER + within % QUARTER)
     lane = within // QUARTER
     return torch.where(lane == 0, n0, torch.where(lane == 1, n1, torch.where(lane == 2, n2, n3)))
+
+
+def _four_normals(seed: int, counters: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tl.randn4x(seed, counters)``: one Philox call, two Box–Muller pairs."""
+    w0, w1, w2, w3 = philox_words4(seed, counters)
+    return (*normal_pairs_from_words(w0, w1), *normal_pairs_from_words(w2, w3))
 
 
 def _chunk_normals(seed: int, chunk_ranges: list[tuple[int, int]], device: torch.device) -> list[torch.Tensor]:
@@ -72,10 +75,7 @@ def _chunk_normals(seed: int, chunk_ranges: list[tuple[int, int]], device: torch
     All ranges share one call (a pass over many small tensors is a few dozen ops, not per tensor)."""
     counters = torch.cat([torch.arange(first * QUARTER, (first + count) * QUARTER, device=device)
                           for first, count in chunk_ranges])
-    w0, w1, w2, w3 = philox_words4(seed, counters)
-    n0, n1 = normal_pairs_from_words(w0, w1)
-    n2, n3 = normal_pairs_from_words(w2, w3)
-    chunks = torch.stack([n.view(-1, QUARTER) for n in (n0, n1, n2, n3)], dim=1)  # (chunks, lane, position)
+    chunks = torch.stack([n.view(-1, QUARTER) for n in _four_normals(seed, counters)], dim=1)  # (chunk, lane, k)
     return [piece.reshape(-1) for piece in chunks.split([count for _, count in chunk_ranges])]
 
 
@@ -207,9 +207,10 @@ def zo_apply_(
     pieces = [(index, start, min(_SLICE, param.numel() - start))
               for index, param in enumerate(params) for start in range(0, param.numel(), _SLICE)]
     batch: list[tuple[int, int, int]] = []
+    size = 0
     for item_index, item in enumerate(pieces):
         batch.append(item)
-        size = sum(count for _, _, count in batch)
+        size += item[2]
         following = pieces[item_index + 1] if item_index + 1 < len(pieces) else None
         if (following is None or size + following[2] > _SLICE
                 or params[following[0]].device != params[item[0]].device):
@@ -217,7 +218,7 @@ def zo_apply_(
                          to_sign=to_sign, coefficients=coefficients, earlier_seeds=earlier_seeds, decay=decay,
                          clamp_min=clamp_min, thresholds=thresholds, mask_bits=mask_bits, mask_offsets=mask_offsets,
                          write_mask=write_mask)
-            batch = []
+            batch, size = [], 0
     for param, work in zip(params, works):
         if work is not param:
             param.copy_(work)

@@ -147,9 +147,8 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, alpha: float =
     batch, m, k = a.shape
     n = b.shape[2]
     tiles = INTERPRETER_TILES if INTERPRETED else TILES
-    lists = [list(a), list(b), list(d if d is not None else out), list(e if e is not None else out), list(out)]
-    offsets = operand_offsets(lists, out.device)
-    d_, e_ = (d if d is not None else out), (e if e is not None else out)
+    d_, e_ = (d, e) if d is not None else (out, out)  # placeholders the epilogue does not read
+    offsets = operand_offsets([list(a), list(b), list(d_), list(e_), list(out)], out.device)
     grid = (ceil_div(m, tiles.block_m), ceil_div(n, tiles.block_n), batch)
     precision = "ieee" if out.dtype == torch.float32 else "tf32"
     _ns_gemm_kernel[grid](

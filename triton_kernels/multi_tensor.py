@@ -31,7 +31,8 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from memzoo.reference.common import as_tensor_list, check_parallel_lists, is_dense
 
-__all__ = ["MultiTensorLaunch", "operand_offsets", "ceil_div", "is_dense", "launch_elementwise", "plan_launches", "tensor_block", "to_storage"]
+__all__ = ["MultiTensorLaunch", "operand_offsets", "ceil_div", "is_dense", "launch_elementwise", "plan_launches", "tensor_block", "to_storage",
+           "values_tensor"]
 
 # 16-byte alignment lets the compiler use 128-bit loads and stores.
 _VECTOR_BYTES = 16
@@ -275,18 +276,20 @@ def _signature(kernel: Callable, block: int, lists: list[list[torch.Tensor]]) ->
               for tensors in lists))
 
 
-_SIDE_ARRAYS = _LRU()
+_VALUE_TENSORS = _LRU()
+
+
+def values_tensor(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``values`` as a 1-D tensor on ``device``, cached by the values: a launch argument that is
+    the same every step costs no host-to-device copy after the first."""
+    values = tuple(values)
+    return _VALUE_TENSORS.get_or_make((values, dtype, device), lambda: torch.tensor(values, dtype=dtype).to(device))
 
 
 def _side_arrays(per_tensor: Sequence[tuple[Sequence[float], torch.dtype]], positions: Sequence[int],
                  device: torch.device) -> list[torch.Tensor]:
-    """Per-tensor values in a bucket's order, as device tensors (cached by their contents)."""
-    arrays = []
-    for values, dtype in per_tensor:
-        ordered = tuple(values[p] for p in positions)
-        arrays.append(_SIDE_ARRAYS.get_or_make((ordered, dtype, device),
-                                               lambda: torch.tensor(ordered, dtype=dtype).to(device)))
-    return arrays
+    """Per-tensor values in a bucket's order, as device tensors."""
+    return [values_tensor([values[p] for p in positions], dtype, device) for values, dtype in per_tensor]
 
 
 def launch_elementwise(

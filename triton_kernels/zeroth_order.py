@@ -23,7 +23,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from memzoo.reference.common import as_tensor_list
 from memzoo.reference.zeroth_order import CHUNK, check_zo_arguments
-from memzoo.triton_kernels.multi_tensor import launch_elementwise, to_storage
+from memzoo.triton_kernels.multi_tensor import launch_elementwise, to_storage, values_tensor
 
 __all__ = ["AUTO", "INTERPRETED", "zo_apply_"]
 
@@ -120,26 +120,11 @@ def _zo_kernel(
 
 
 INTERPRETED: bool = isinstance(_zo_kernel, InterpretedFunction)
-_PLACEHOLDERS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-_SEED_TABLES: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
 
 
 def _placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A one-element tensor passed for pointer arguments a constexpr branch never reads."""
-    key = (device, dtype)
-    if key not in _PLACEHOLDERS:
-        _PLACEHOLDERS[key] = torch.zeros(1, dtype=dtype, device=device)
-    return _PLACEHOLDERS[key]
-
-
-def _seed_table(seeds: Sequence[int], device: torch.device) -> torch.Tensor:
-    key = (tuple(seeds), device)
-    table = _SEED_TABLES.get(key)
-    if table is None:
-        if len(_SEED_TABLES) > 64:
-            _SEED_TABLES.clear()
-        table = _SEED_TABLES[key] = torch.tensor(key[0], dtype=torch.int64).to(device)
-    return table
+    return values_tensor((0,), dtype, device)
 
 
 @torch.no_grad()
@@ -185,7 +170,8 @@ def zo_apply_(
                     (list(mask_offsets) if masked else [0] * count, torch.int64)],
         pointers=[mask_bits if masked else _placeholder(device, torch.uint8),
                   coefficients if coefficients is not None else _placeholder(device, torch.float32),
-                  _seed_table(earlier_seeds, device) if earlier_seeds else _placeholder(device, torch.int64)],
+                  values_tensor(earlier_seeds, torch.int64, device) if earlier_seeds
+                  else _placeholder(device, torch.int64)],
         scalars=(seed, eps, decay, 0.0 if clamp_min is None else clamp_min, len(earlier_seeds)),
         FROM_SIGN=from_sign, TO_SIGN=to_sign, UPDATE=coefficients is not None, CLAMP=clamp_min is not None,
         MASK=(_MASK_WRITE if write_mask else _MASK_READ) if masked else _MASK_NONE,
