@@ -24,13 +24,12 @@ from typing import Any
 import torch
 
 from memzoo.bench.baselines import BASELINES
-from memzoo.bench.presets import PRESETS, make_named_parameters
+from memzoo.bench.presets import DTYPES, PRESETS, make_named_parameters
 from memzoo.bench.timing import copy_bandwidth, median, time_call
 from memzoo.bench.zeroth_order import OfficialMeZO, time_zeroth_order
 
 __all__ = ["main"]
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MIB = 2**20
 
 

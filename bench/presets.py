@@ -6,7 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PRESETS", "LlamaShape", "make_named_parameters"]
+__all__ = ["DTYPES", "PRESETS", "LlamaShape", "make_named_parameters"]
+
+# The parameter dtypes the benchmarks take (--dtype).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)

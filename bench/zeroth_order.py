@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from memzoo.bench.presets import make_named_parameters
+from memzoo.bench.presets import DTYPES, make_named_parameters
 from memzoo.bench.timing import median, time_call
 
 __all__ = ["OfficialMeZO", "time_zeroth_order"]
@@ -124,7 +124,7 @@ def time_zeroth_order(label: str, make: Callable[[list[torch.Tensor]], tuple[Any
                       args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """One table row: ``make(tensors)`` returns (optimizer, backend) over the trainable tensors
     (the preset's parameters, or the scales of its 4-bit layers when ``quantized``)."""
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     named = make_named_parameters(args.preset, dtype, device)
     for _, param in named:
         param.grad = None  # zeroth-order: no gradients exist

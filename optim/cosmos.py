@@ -171,12 +171,14 @@ class COSMOS(MemzooOptimizer):
                 if self._rank(param, group) is None:
                     adam[(param.device, step)].append((param, state))
                     continue
-                grad = -param.grad if group["maximize"] else param.grad
+                # The subspace tracking sees G only through GᵀG and (G·U)ᵀ(G·U): the sign of G (maximize)
+                # cancels exactly, so no negated copy is made for it.
                 kernels = self._kernels(param.device)
                 if step == 1:
-                    basis, subspace = kernels.cosmos_basis_init(grad, state["basis"].shape[1], beta2=beta2)
+                    basis, subspace = kernels.cosmos_basis_init(param.grad, state["basis"].shape[1], beta2=beta2)
                 else:
-                    basis, subspace = kernels.cosmos_basis_update(grad, state["basis"], state["subspace"], beta2=beta2)
+                    basis, subspace = kernels.cosmos_basis_update(param.grad, state["basis"], state["subspace"],
+                                                                  beta2=beta2)
                 state["basis"].copy_(basis)
                 state["subspace"].copy_(subspace)
                 m, n = param.shape

@@ -166,8 +166,9 @@ class ZerothOrderOptimizer(MemzooOptimizer):
                 bucket.params.append(param)
                 bucket.stream_offsets.append(stream)
                 bucket.mask_offsets.append(mask_bytes.get(param.device, 0))
-                stream += _chunks(param.numel()) * CHUNK
-                mask_bytes[param.device] = mask_bytes.get(param.device, 0) + _chunks(param.numel()) * MASK_BYTES_PER_CHUNK
+                chunks = _chunks(param.numel())
+                stream += chunks * CHUNK
+                mask_bytes[param.device] = mask_bytes.get(param.device, 0) + chunks * MASK_BYTES_PER_CHUNK
         self._layout_key, self._buckets, self._mask_bytes = key, list(buckets.values()), mask_bytes
         return self._buckets
 
@@ -177,7 +178,9 @@ class ZerothOrderOptimizer(MemzooOptimizer):
     # -- the passes ---------------------------------------------------------------------------
     def _move(self, seed: int, from_sign: int, to_sign: int, *, first: bool = False,
               coefficients: list[torch.Tensor] | None = None, earlier_seeds: tuple[int, ...] = ()) -> None:
-        for bucket in self._layout():
+        """One pass over every bucket of the layout ``step`` computed (``_layout`` is called once
+        per step, not per pass: its key walks every parameter)."""
+        for bucket in self._buckets:
             group = self.param_groups[bucket.group_index]
             thresholds = self._thresholds(bucket)
             masked = thresholds is not None
