@@ -23,6 +23,8 @@ __all__ = [
     "MemzooOptimizer",
     "StateSpec",
     "group_by_device",
+    "is_dtensor",
+    "local_tensor",
     "resolve_backend",
 ]
 
@@ -96,6 +98,47 @@ def group_by_device(*tensor_lists: Sequence[torch.Tensor]) -> dict[torch.device,
         for out, item in zip(bucket, items):
             out.append(item)
     return dict(buckets)
+
+
+def _dtensor_class() -> type | None:
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+_DTENSOR = _dtensor_class()
+
+
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (an FSDP2 / tensor-parallel parameter or its state)."""
+    return _DTENSOR is not None and isinstance(tensor, _DTENSOR)
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (a view of its storage: in-place updates reach the
+    DTensor), the tensor itself otherwise. Per-element math on FSDP2 parameters runs on the
+    shards: each rank updates the elements it owns, exactly as on the whole tensor."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
+def zeros_state(param: torch.Tensor, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero state tensor of ``shape``; for a DTensor parameter and a state of its own shape,
+    a DTensor sharded like it (FSDP2 then shards the optimizer state with the parameter)."""
+    if is_dtensor(param) and tuple(shape) == tuple(param.shape):
+        return torch.zeros_like(param, dtype=dtype, memory_format=torch.contiguous_format)
+    return torch.zeros(shape, dtype=dtype, device=param.device)
+
+
+def whole_matrix_problem(optimizer: str) -> str:
+    """The error of a low-rank method given an FSDP2-sharded weight to project."""
+    return (
+        f"{optimizer} needs each projected weight whole (its subspace and its update are computed from all "
+        "of G and W), and FSDP2 / tensor parallelism shards it. Use DistributedDataParallel with this "
+        "optimizer (its state is already low-rank), or put the sharded weights in a param group that "
+        "projects nothing (plain AdamW on each shard), or use a per-element optimizer such as Lion with FSDP2"
+    )
 
 
 def _describe(group_index: int, param_index: int, param: torch.Tensor) -> str:
@@ -208,6 +251,7 @@ class MemzooOptimizer(torch.optim.Optimizer):
             self._validate_group(merged, group_index)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"param group {group_index}: {exc}") from None
+        self._check_dtensors(params, merged, group_index)
         super().add_param_group(param_group)
 
     def _check_grads(self) -> None:
@@ -223,6 +267,22 @@ class MemzooOptimizer(torch.optim.Optimizer):
                         f"({_describe(group_index, param_index, param)}); use dense gradients, "
                         "e.g. nn.Embedding(..., sparse=False)"
                     )
+
+    def _check_dtensors(self, params: Sequence[torch.Tensor], group: Mapping[str, Any], group_index: int) -> None:
+        """Raise for DTensor parameters (FSDP2, tensor parallel) that ``group`` cannot update."""
+        for param_index, param in enumerate(params):
+            if is_dtensor(param):
+                problem = self._dtensor_problem(param, group)
+                if problem:
+                    raise ValueError(
+                        f"{type(self).__name__}: {_describe(group_index, param_index, param)} is a DTensor "
+                        f"(placements {tuple(param.placements)}): {problem}"
+                    )
+
+    def _dtensor_problem(self, param: torch.Tensor, group: Mapping[str, Any]) -> str | None:
+        """Why this DTensor parameter cannot be stepped with ``group``'s settings and what to do
+        instead; None when it can (per-element math runs on the local shard)."""
+        return None
 
     def _kernels(self, device: torch.device) -> ModuleType:
         """The reference or Triton module that computes this optimizer's math on ``device``."""
@@ -242,7 +302,7 @@ class MemzooOptimizer(torch.optim.Optimizer):
         for state in self.state.values():
             for value in state.values():
                 if isinstance(value, torch.Tensor):
-                    storage = value.untyped_storage()
+                    storage = local_tensor(value).untyped_storage()
                     key = (value.device, storage.data_ptr())
                     if key not in seen:
                         seen.add(key)
@@ -287,6 +347,7 @@ class MemzooOptimizer(torch.optim.Optimizer):
                 self._validate_group(merged, group_index)
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"state_dict param group {group_index}: {exc}") from None
+            self._check_dtensors(group["params"], merged, group_index)
             for param_index, (param_id, param) in enumerate(zip(saved["params"], group["params"])):
                 if param_id not in saved_state:
                     continue

@@ -17,7 +17,10 @@ from memzoo.optim.base import (
     check_int,
     check_number,
     group_by_device,
+    local_tensor,
     resolve_backend,
+    whole_matrix_problem,
+    zeros_state,
 )
 
 __all__ = ["COSMOS"]
@@ -120,6 +123,9 @@ class COSMOS(MemzooOptimizer):
     def _factor_dtype(param: torch.Tensor) -> torch.dtype:
         return torch.float64 if param.dtype == torch.float64 else torch.float32
 
+    def _dtensor_problem(self, param: torch.Tensor, group: Mapping[str, Any]) -> str | None:
+        return whole_matrix_problem("COSMOS") if self._rank(param, group) is not None else None
+
     def _state_spec(self, param: torch.Tensor, group: Mapping[str, Any]) -> StateSpec:
         rank = self._rank(param, group)
         spec: StateSpec = {"step": (torch.Size(()), torch.int64), "exp_avg": (param.shape, param.dtype)}
@@ -136,7 +142,7 @@ class COSMOS(MemzooOptimizer):
         state = self.state[param]
         if not state:
             for name, (shape, dtype) in self._state_spec(param, group).items():
-                state[name] = torch.zeros(shape, dtype=dtype, device="cpu" if name == "step" else param.device)
+                state[name] = (torch.zeros((), dtype=dtype) if name == "step" else zeros_state(param, shape, dtype))
         return state
 
     def _finish(self, pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]],
@@ -199,8 +205,8 @@ class COSMOS(MemzooOptimizer):
                 # = (lr·√bc2/bc1) · m/(√v + ε·√bc2).
                 root_bc2 = math.sqrt(1.0 - beta2**step)
                 resolve_backend(self.backend, device, "galore").adamw_update_(
-                    [p for p, _ in items], [p.grad for p, _ in items], [s["exp_avg"] for _, s in items],
-                    [s["exp_avg_sq"] for _, s in items], step_size=group["lr"] * root_bc2 / (1.0 - beta1**step),
+                    [local_tensor(p) for p, _ in items], [local_tensor(p.grad) for p, _ in items],
+                    [local_tensor(s["exp_avg"]) for _, s in items], [local_tensor(s["exp_avg_sq"]) for _, s in items], step_size=group["lr"] * root_bc2 / (1.0 - beta1**step),
                     beta1=beta1, beta2=beta2, eps=group["eps"] * root_bc2, lr=group["lr"],
                     weight_decay=group["weight_decay"], maximize=group["maximize"], decay_first=True,
                 )

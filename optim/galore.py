@@ -15,8 +15,11 @@ from memzoo.optim.base import (
     check_betas,
     check_int,
     check_number,
+    local_tensor,
     resolve_backend,
     resolve_state_dtype,
+    whole_matrix_problem,
+    zeros_state,
 )
 from memzoo.optim.projector import Projector, ProjectorSettings, RefreshRequest, refresh_projectors_
 from memzoo.optim.quantized_state import MIN_8BIT_SIZE, QuantizedMoment
@@ -172,6 +175,13 @@ class GaLoreAdamW(MemzooOptimizer):
                     except ValueError as exc:
                         raise ValueError(f"param {index}: {exc}") from None
 
+    def _dtensor_problem(self, param: torch.Tensor, group: Mapping[str, Any]) -> str | None:
+        if self._settings_key(group) is not None and param.dim() >= 2:
+            return whole_matrix_problem(type(self).__name__)
+        if group["optim_bits"] == 8:
+            return "8-bit moments (optim_bits=8) are not supported for DTensor parameters; use optim_bits=32"
+        return None
+
     def _projector(self, param: torch.Tensor, group: Mapping[str, Any], key: tuple | None = None) -> Projector | None:
         """The param's projector (None when not projected), rebuilt when the group's settings
         change; ``key`` is :meth:`_settings_key` of the group, when the caller has it."""
@@ -222,7 +232,7 @@ class GaLoreAdamW(MemzooOptimizer):
             if quantized:
                 state[name], state[f"{name}_absmax"] = moment.zeros(shape, param.device)
             else:
-                state[name] = torch.zeros(shape, dtype=self._state_dtype(param, group), device=param.device)
+                state[name] = zeros_state(param, shape, self._state_dtype(param, group))
 
     def _step_count(self, state: dict[str, Any]) -> int:
         """The step count before this step, as an int. Reading a tensor costs a few µs per
@@ -299,7 +309,7 @@ class GaLoreAdamW(MemzooOptimizer):
                     exp_avg, exp_avg_sq = self._moments(state, quantized)
                     bucket = dense.setdefault((param.device, step), ([], [], [], [], []))
                     for out, item in zip(bucket, (param, param.grad, exp_avg, exp_avg_sq)):
-                        out.append(item)
+                        out.append(local_tensor(item))  # FSDP2: AdamW on the shards
                     if quantized:
                         bucket[4].append((state, (exp_avg, exp_avg_sq)))
                     continue

@@ -14,6 +14,7 @@ from memzoo.optim.base import (
     check_betas,
     check_number,
     group_by_device,
+    local_tensor,
     resolve_state_dtype,
 )
 
@@ -101,7 +102,8 @@ class Lion(MemzooOptimizer):
                     )
                 exp_avgs.append(exp_avg)
             beta1, beta2 = group["betas"]
-            for device, (ps, gs, ms) in group_by_device(params, grads, exp_avgs).items():
+            for device, lists in group_by_device(params, grads, exp_avgs).items():
+                ps, gs, ms = ([local_tensor(t) for t in ts] for ts in lists)  # FSDP2: each rank its shards
                 self._kernels(device).lion_update_(
                     ps, gs, ms, lr=group["lr"], beta1=beta1, beta2=beta2,
                     weight_decay=group["weight_decay"], maximize=group["maximize"],

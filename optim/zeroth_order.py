@@ -135,6 +135,17 @@ class ZerothOrderOptimizer(MemzooOptimizer):
     def _state_spec(self, param: torch.Tensor, group: Mapping[str, Any]) -> StateSpec:
         return {}
 
+    def _dtensor_problem(self, param: torch.Tensor, group: Mapping[str, Any]) -> str | None:
+        # FSDP2 keeps the root module's parameters unsharded from one forward to the next (its
+        # default reshard_after_forward): a perturbation written into the shards between two
+        # forward passes would be silently missed for those, and the estimate would be wrong.
+        return (
+            "zeroth-order steps perturb the parameters in place between forward passes, which FSDP2 does not "
+            "see for parameters it keeps unsharded across forwards. Train with a full replica of the trainable "
+            "parameters on each rank (plain tensors; the projected gradients are averaged across ranks), e.g. "
+            "without fully_shard, or with fully_shard(..., ignored_params=...) for the trainable ones"
+        )
+
     def _thresholds(self, bucket: _Bucket) -> list[float] | None:
         """Per tensor of the bucket, the magnitude threshold of a masked perturbation, or None."""
         return None
