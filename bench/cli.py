@@ -3,6 +3,9 @@
     memzoo-bench kernels [--preset P] [--dtype D] [--json PATH]
     memzoo-bench step --optimizer lion [--preset 350m] [--set KEY=VALUE] [--baseline NAME] [--json PATH]
     memzoo-bench step --optimizer mezo,sparse_mezo,qzo --baseline mezo_official
+    memzoo-bench train [--preset tiny|60m|130m] [--optimizer lion,galore_adamw,...] [--plot PNG] [--json PATH]
+    memzoo-bench zo [--preset tiny|60m|130m] [--optimizer mezo,sparse_mezo,qzo,adamw] [--plot PNG]
+    memzoo-bench memory [--preset tiny..1b] [--optimizer ...] [--json PATH]
 
 Every command prints a table and can write JSON. Defaults finish in about a minute on a CPU
 (preset ``tiny``); on CUDA the default preset is ``350m``.
@@ -18,14 +21,17 @@ import gc
 import json
 import platform
 import sys
+from pathlib import Path
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 from memzoo.bench.baselines import BASELINES
+from memzoo.bench.memory import DEFAULT_MEMORY, run_memory
 from memzoo.bench.presets import DTYPES, PRESETS, make_named_parameters
-from memzoo.bench.timing import copy_bandwidth, median, time_call
+from memzoo.bench.timing import copy_bandwidth, median, optimizer_state_bytes, time_call
+from memzoo.bench.train import DEFAULT_TRAIN, DEFAULT_ZO, TRAIN_PRESETS, run_train, run_zo
 from memzoo.bench.zeroth_order import OfficialMeZO, time_zeroth_order
 
 __all__ = ["main"]
@@ -109,24 +115,6 @@ def run_kernels(args: argparse.Namespace) -> dict[str, Any]:
 
 # ---- step ---------------------------------------------------------------------------------
 
-def _state_tensors(state: dict[str, Any]) -> list[torch.Tensor]:
-    """The tensors of one parameter's state, including those held by objects in it (galore-torch
-    keeps its projection matrix on a projector object)."""
-    found = []
-    for value in state.values():
-        if isinstance(value, torch.Tensor):
-            found.append(value)
-        elif hasattr(value, "__dict__"):
-            found.extend(v for v in vars(value).values() if isinstance(v, torch.Tensor))
-    return found
-
-
-def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    if hasattr(optimizer, "state_bytes"):
-        return optimizer.state_bytes()
-    return sum(t.nbytes for state in optimizer.state.values() for t in _state_tensors(state))
-
-
 def _make_adamw(named: list[tuple[str, torch.nn.Parameter]]) -> tuple[torch.optim.Optimizer, str]:
     params = [p for _, p in named]
     try:
@@ -158,7 +146,7 @@ def _time_optimizer(label: str,
         peak_extra_mib = (torch.cuda.max_memory_allocated(device) - before) / MIB
     row = {"optimizer": label, "backend": backend, "dtype": args.dtype, "params": sum(p.numel() for p in params),
            "first_ms": first * 1e3, "ms": median(times) * 1e3, "min_ms": min(times) * 1e3, "refresh_ms": refresh_ms,
-           "state_mib": _state_bytes(optimizer) / MIB, "peak_extra_mib": peak_extra_mib}
+           "state_mib": optimizer_state_bytes(optimizer) / MIB, "peak_extra_mib": peak_extra_mib}
     del optimizer, params, named
     gc.collect()
     if device.type == "cuda":
@@ -306,6 +294,12 @@ COLUMNS = {
     # ms: median steady step; refresh_ms: a steady step in which every projector is recomputed.
     # Zeroth-order rows: forward_ms (one closure), overhead_ms (step − 2q·forward), pass_ms (one
     # perturbation pass over all trainable tensors), peak_over_inference_mib (CUDA).
+    "train": ["optimizer", "lr", "val_loss", "vs_adamw_loss", "tokens_per_s", "vs_adamw_speed", "peak_mib",
+              "state_mib", "vs_adamw_state"],
+    "zo": ["method", "lr", "initial_loss", "final_loss", "steps", "forward_passes", "steps_to_mezo_final",
+           "fraction_of_mezo_steps", "seconds", "peak_mib", "peak_over_inference", "state_mib"],
+    "memory": ["optimizer", "params_mib", "state_analytic_mib", "state_mib", "state_allocated_mib", "allocated_mib",
+               "peak_step_mib", "vs_adamw_state", "vs_adamw_peak"],
     "step": ["optimizer", "backend", "dtype", "first_ms", "ms", "refresh_ms", "state_mib", "peak_extra_mib",
              "forward_ms", "overhead_ms", "pass_ms", "peak_over_inference_mib", "vs_adamw_time", "vs_adamw_state",
              "note"],
@@ -347,25 +341,84 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also time another library's optimizer (repeatable, comma-separated): "
                            + ", ".join([*BASELINES, "mezo_official"]))
     step.set_defaults(run=run_step)
+
+    def training(p: argparse.ArgumentParser, defaults: Sequence[str]) -> None:
+        p.add_argument("--device", default=_default_device(), help="cuda or cpu (default: cuda when present)")
+        p.add_argument("--preset", choices=sorted(TRAIN_PRESETS), default=None,
+                       help="model and schedule (default: 60m on CUDA, tiny on CPU)")
+        p.add_argument("--optimizer", action="append",
+                       help=f"create_optimizer name (repeatable, comma-separated; default {','.join(defaults)})")
+        p.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
+        p.add_argument("--lr", action="append", metavar="NAME=LR", help="an optimizer's (centre) learning rate")
+        p.add_argument("--lr-factors", default="0.3,1,3",
+                       help="the sweep: multiples of each optimizer's centre lr (the best final loss is reported)")
+        p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--plot", metavar="PNG", help="loss curves to this PNG (needs matplotlib)")
+        p.add_argument("--json", metavar="PATH", help="also write the results (with every curve) as JSON")
+        p.set_defaults(default_optimizers=list(defaults))
+
+    train = sub.add_parser("train", help="train the byte-level decoder on the stdlib corpus: loss, tokens/s, memory")
+    training(train, DEFAULT_TRAIN)
+    train.set_defaults(run=run_train)
+
+    zo = sub.add_parser("zo", help="zeroth-order fine-tuning of a cached AdamW-pretrained checkpoint")
+    training(zo, DEFAULT_ZO)
+    zo.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "memzoo-bench"),
+                    help="where the pretrained checkpoint is kept")
+    zo.add_argument("--pretrain-steps", type=int, default=None, help="AdamW steps of the checkpoint (default: the preset's)")
+    zo.set_defaults(run=run_zo)
+
+    memory = sub.add_parser("memory", help="optimizer state (analytic and measured) and full-step peak vs AdamW")
+    memory.add_argument("--device", default=_default_device())
+    memory.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="LLaMA shape (default: 350m on CUDA, tiny on CPU)")
+    memory.add_argument("--optimizer", action="append", help=f"default {','.join(DEFAULT_MEMORY)}")
+    memory.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="parameter dtype")
+    memory.add_argument("--batch", type=int, default=4)
+    memory.add_argument("--seq-len", type=int, default=256)
+    memory.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto")
+    memory.add_argument("--seed", type=int, default=0)
+    memory.add_argument("--json", metavar="PATH")
+    memory.set_defaults(run=run_memory, default_optimizers=list(DEFAULT_MEMORY))
     return parser
+
+
+def _parse_lrs(items: Sequence[str] | None) -> dict[str, float]:
+    lrs = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        try:
+            lrs[name.strip().lower()] = float(value)
+        except ValueError:
+            raise ValueError(f"--lr takes NAME=LR, got {item!r}") from None
+        if not sep:
+            raise ValueError(f"--lr takes NAME=LR, got {item!r}")
+    return lrs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     is_cuda = torch.device(args.device).type == "cuda"
     if args.preset is None:
-        args.preset = "350m" if is_cuda else "tiny"
+        args.preset = ("60m" if args.command in ("train", "zo") else "350m") if is_cuda else "tiny"
     if args.command == "kernels" and args.bandwidth_mib is None:
         args.bandwidth_mib = 1024 if is_cuda else 256
     if args.command == "step":
         args.optimizer = [n for item in (args.optimizer or ["lion"]) for n in item.split(",") if n]
         args.baseline = [n for item in (args.baseline or []) for n in item.split(",") if n]
     try:
+        if args.command in ("train", "zo", "memory"):
+            args.optimizer = [n.lower() for item in (args.optimizer or args.default_optimizers)
+                              for n in item.split(",") if n]
+        if args.command in ("train", "zo"):
+            args.lr = _parse_lrs(args.lr)
+            args.lr_factors = [float(f) for f in args.lr_factors.split(",") if f]
         report = args.run(args)
     except (ValueError, TypeError) as exc:  # bad names, settings or combinations
         print(f"memzoo-bench: {exc}", file=sys.stderr)
         return 2
-    header = {k: v for k, v in report.items() if k != "rows"}
+    header = {k: v for k, v in report.items() if not isinstance(v, (list, dict))}
     print(" ".join(f"{k}={_format(v)}" for k, v in header.items()))
     print(format_table(report["rows"], COLUMNS[report["command"]]))
     if args.json:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["copy_bandwidth", "time_call"]
+__all__ = ["copy_bandwidth", "optimizer_state_bytes", "time_call"]
 
 
 def _sync(device: torch.device) -> None:
@@ -51,3 +51,22 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
     dst = torch.empty_like(src)
     _, times = time_call(lambda: dst.copy_(src), device, warmup=3, iters=10)
     return 2 * src.nbytes / min(times)
+
+
+def _state_tensors(state: dict) -> list[torch.Tensor]:
+    """The tensors of one parameter's state, including those held by objects in it (galore-torch
+    keeps its projection matrix on a projector object)."""
+    found = []
+    for value in state.values():
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif hasattr(value, "__dict__"):
+            found.extend(v for v in vars(value).values() if isinstance(v, torch.Tensor))
+    return found
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state: memzoo's ``state_bytes()``, else the state tensors' sizes."""
+    if hasattr(optimizer, "state_bytes"):
+        return optimizer.state_bytes()
+    return sum(t.nbytes for state in optimizer.state.values() for t in _state_tensors(state))

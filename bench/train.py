@@ -1,0 +1,446 @@
+"""``memzoo-bench train`` and ``memzoo-bench zo``: real training runs on the standard-library corpus.
+
+train: every chosen optimizer and AdamW train the same LLaMA-style byte-level decoder from the
+same initialization on the same batches for the same number of steps, each at 3 learning rates
+(its base lr × ``--lr-factors``); the best final validation loss is reported with tokens/s, peak
+memory and optimizer-state MiB, and the loss curves go to JSON (and a PNG with matplotlib).
+
+zo: a checkpoint pretrained with AdamW on the "pretrain" files (cached), fine-tuned on the
+"finetune" files with MeZO, Sparse-MeZO, QZO (after NF4 quantization with bitsandbytes) and a
+first-order baseline, evaluated on the "heldout" files: loss against steps and forward passes,
+peak memory against inference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memzoo.bench.corpus import Corpus, load_corpus, sample_windows
+from memzoo.bench.model import Decoder, DecoderConfig
+from memzoo.bench.timing import optimizer_state_bytes
+
+__all__ = ["TRAIN_PRESETS", "TRAIN_SETTINGS", "TrainPreset", "run_train", "run_zo"]
+
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class TrainPreset:
+    model: DecoderConfig
+    batch: int
+    steps: int
+    eval_interval: int
+    eval_batches: int
+    pretrain_steps: int  # zo: AdamW steps of the cached checkpoint
+    zo_steps: int  # zo: fine-tuning steps of each method
+    # zo: the zeroth-order lrs (ZO_SETTINGS, set on tiny) times this; a stable ZO step shrinks
+    # as the model grows (the estimate's variance grows with the dimension).
+    zo_lr_multiplier: float = 1.0
+
+
+TRAIN_PRESETS: dict[str, TrainPreset] = {
+    # ≤ 2 minutes on a 2-core CPU for AdamW and the 7 first-order optimizers at 3 lrs each.
+    "tiny": TrainPreset(DecoderConfig(hidden=64, intermediate=172, layers=2, heads=4, seq_len=64),
+                        batch=16, steps=120, eval_interval=20, eval_batches=4, pretrain_steps=400, zo_steps=400),
+    # GaLore's LLaMA-60M shape (byte-level vocabulary: the blocks are the same, the embeddings small).
+    "60m": TrainPreset(DecoderConfig(hidden=512, intermediate=1376, layers=8, heads=8, seq_len=256),
+                       batch=32, steps=600, eval_interval=50, eval_batches=8, pretrain_steps=1500, zo_steps=1000,
+                       zo_lr_multiplier=0.1),
+    "130m": TrainPreset(DecoderConfig(hidden=768, intermediate=2048, layers=12, heads=12, seq_len=256),
+                        batch=32, steps=600, eval_interval=50, eval_batches=8, pretrain_steps=1500, zo_steps=1000,
+                        zo_lr_multiplier=0.1),
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How ``train`` runs one optimizer: the centre of its lr sweep and its other keywords
+    (``rank`` as a fraction of the hidden size; the papers' LLaMA settings)."""
+
+    lr: float
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    rank_fraction: float | None = None
+    refreshes: bool = False  # takes update_proj_gap (periodically refreshed subspaces)
+
+
+TRAIN_SETTINGS: dict[str, Setting] = {
+    "adamw": Setting(1e-3),
+    "lion": Setting(2e-4),  # the paper: 3–10× below AdamW's
+    "galore_adamw": Setting(1e-2, {"scale": 0.25}, rank_fraction=0.25, refreshes=True),
+    "galore_adamw_8bit": Setting(1e-2, {"scale": 0.25}, rank_fraction=0.25, refreshes=True),
+    "natural_galore": Setting(1e-2, {"scale": 0.25}, rank_fraction=0.25, refreshes=True),
+    "apollo": Setting(1e-2, {"scale": 1.0}, rank_fraction=0.25, refreshes=True),
+    "apollo_mini": Setting(1e-2, refreshes=True),  # rank 1, scale 128 (the factory's defaults)
+    "frugal": Setting(1e-3, refreshes=True),  # density 0.25
+    "cosmos": Setting(1e-3, rank_fraction=0.25),  # tracks its subspace every step
+}
+DEFAULT_TRAIN = ("lion", "galore_adamw", "natural_galore", "apollo", "apollo_mini", "frugal", "cosmos")
+
+
+def _device_peak(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / MIB if device.type == "cuda" else None
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (fp32 master weights), plain fp32 on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def build_model(config: DecoderConfig, device: torch.device, seed: int) -> Decoder:
+    torch.manual_seed(seed)
+    return Decoder(config).to(device)
+
+
+def build_optimizer(name: str, model: Decoder, lr: float, steps: int, backend: str,
+                    extra: dict[str, Any] | None = None) -> torch.optim.Optimizer:
+    """``name`` through ``memzoo.create_optimizer`` with its training setting (weight decay 0 for
+    all, projector refresh every steps/10, between 10 and 200 as GaLore's 200 of 10k steps)."""
+    from memzoo.optim import create_optimizer
+
+    if name not in TRAIN_SETTINGS:
+        raise ValueError(f"no training setting for {name!r}; valid: {', '.join(TRAIN_SETTINGS)}")
+    setting = TRAIN_SETTINGS[name]
+    kwargs: dict[str, Any] = {"weight_decay": 0.0, **setting.kwargs}
+    if setting.rank_fraction is not None:
+        kwargs["rank"] = max(1, round(setting.rank_fraction * model.config.hidden))
+    if setting.refreshes:
+        kwargs["update_proj_gap"] = max(10, min(200, steps // 10))
+    if name != "adamw":
+        kwargs["backend"] = backend
+    return create_optimizer(model, name, lr=lr, **{**kwargs, **(extra or {})})
+
+
+def lr_lambda(steps: int) -> Callable[[int], float]:
+    """Linear warmup over the first 10% of steps, then cosine decay to 10% of the peak."""
+    warmup = max(1, steps // 10)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+@torch.no_grad()
+def evaluate(model: Decoder, windows: torch.Tensor, batch: int, device: torch.device) -> float:
+    """Mean loss over the fixed validation windows."""
+    total = 0.0
+    chunks = windows.split(batch)
+    with _autocast(device):
+        for chunk in chunks:
+            total += float(model.loss(chunk.to(device)))
+    return total / len(chunks)
+
+
+def _batches(tokens: torch.Tensor, preset: TrainPreset, steps: int, seed: int) -> Iterator[torch.Tensor]:
+    """The training batches, the same sequence for every run with the same seed."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        yield sample_windows(tokens, preset.batch, preset.model.seq_len + 1, generator)
+
+
+def train_run(name: str, lr: float, preset: TrainPreset, corpus: Corpus, validation: torch.Tensor, *,
+              steps: int, device: torch.device, backend: str, seed: int,
+              extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One training run; returns its curves and measurements."""
+    model = build_model(preset.model, device, seed)
+    optimizer = build_optimizer(name, model, lr, steps, backend, extra)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(steps))
+    _reset_peak(device)
+    train_losses, curve = [], [(0, evaluate(model, validation, preset.batch, device))]
+    train_seconds, timed_tokens = 0.0, 0
+    for step, batch in enumerate(_batches(corpus.tokens("pretrain", "finetune"), preset, steps, seed + 1), 1):
+        batch = batch.to(device, non_blocking=True)
+        _sync(device)
+        start = time.perf_counter()
+        with _autocast(device):
+            loss = model.loss(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        _sync(device)
+        if step > 1:  # the first step allocates state and builds projectors
+            train_seconds += time.perf_counter() - start
+            timed_tokens += batch.shape[0] * (batch.shape[1] - 1)
+        train_losses.append(loss.item())
+        if not math.isfinite(train_losses[-1]):
+            break  # diverged at this lr: the sweep moves on
+        if step % preset.eval_interval == 0 or step == steps:
+            curve.append((step, evaluate(model, validation, preset.batch, device)))
+    final = curve[-1][1] if len(train_losses) == steps else math.inf
+    return {
+        "optimizer": name, "lr": lr, "val_loss": final, "steps": len(train_losses),
+        "tokens_per_s": timed_tokens / train_seconds if train_seconds else None,
+        "peak_mib": _device_peak(device), "state_mib": optimizer_state_bytes(optimizer) / MIB,
+        "train_loss": train_losses, "val_curve": curve,
+    }
+
+
+def _environment_args(args: argparse.Namespace) -> tuple[TrainPreset, torch.device, Corpus]:
+    preset = TRAIN_PRESETS[args.preset]
+    corpus = load_corpus()
+    print(f"corpus: {corpus.source} sha256={corpus.sha256} files={corpus.files} "
+          f"bytes={ {k: v.numel() for k, v in corpus.splits.items()} }", flush=True)
+    return preset, torch.device(args.device), corpus
+
+
+def sweep_lrs(name: str, centre: float, factors: Sequence[float], run: Callable[[float], dict[str, Any]],
+              loss_key: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Run ``run(lr)`` at centre × each factor; (the run with the lowest final loss, all runs),
+    each run with its sweep's final losses under ``lr_sweep``."""
+    runs = []
+    for factor in factors:
+        result = run(centre * factor)
+        print(f"  {name} lr={result['lr']:.3g} {loss_key}={result[loss_key]:.4f}", flush=True)
+        runs.append(result)
+    best = min(runs, key=lambda result: result[loss_key])
+    sweep = {f"{result['lr']:.3g}": result[loss_key] for result in runs}
+    return {**best, "lr_sweep": sweep}, runs
+
+
+def run_train(args: argparse.Namespace) -> dict[str, Any]:
+    preset, device, corpus = _environment_args(args)
+    steps = args.steps or preset.steps
+    names = ["adamw", *[n for n in args.optimizer if n != "adamw"]]
+    for name in names:
+        if name not in TRAIN_SETTINGS:
+            raise ValueError(f"no training setting for {name!r}; valid: {', '.join(TRAIN_SETTINGS)}")
+    validation = sample_windows(corpus.splits["heldout"], preset.eval_batches * preset.batch,
+                                preset.model.seq_len + 1, torch.Generator().manual_seed(args.seed + 2))
+    rows, runs, best_runs = [], [], []
+    for name in names:
+        best, sweep = sweep_lrs(
+            name, args.lr.get(name, TRAIN_SETTINGS[name].lr), args.lr_factors,
+            lambda lr, name=name: train_run(name, lr, preset, corpus, validation, steps=steps, device=device,
+                                            backend=args.backend, seed=args.seed),
+            "val_loss")
+        runs.extend(sweep)
+        best_runs.append(best)
+        rows.append({key: best[key] for key in ("optimizer", "lr", "val_loss", "tokens_per_s", "peak_mib",
+                                                "state_mib", "lr_sweep")})
+    adamw = rows[0]
+    for row in rows:
+        row["vs_adamw_loss"] = row["val_loss"] / adamw["val_loss"]
+        row["vs_adamw_state"] = row["state_mib"] / adamw["state_mib"] if adamw["state_mib"] else None
+        if row["tokens_per_s"] and adamw["tokens_per_s"]:
+            row["vs_adamw_speed"] = row["tokens_per_s"] / adamw["tokens_per_s"]
+    report = {"command": "train", "preset": args.preset, "model_params": preset.model.numel(), "steps": steps,
+              "batch": preset.batch, "seq_len": preset.model.seq_len, "corpus_sha256": corpus.sha256,
+              "lr_factors": list(args.lr_factors), "rows": rows, "runs": runs}
+    if args.plot:
+        report["plot"] = plot_curves(args.plot, [
+            (f"{run['optimizer']} (lr {run['lr']:.3g})", [s for s, _ in run["val_curve"]],
+             [v for _, v in run["val_curve"]]) for run in best_runs
+        ], xlabel="step", title=f"memzoo-bench train --preset {args.preset}: validation loss (best lr)")
+    return report
+
+
+# ---- zo -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ZOSetting:
+    lr: float
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+ZO_SETTINGS: dict[str, ZOSetting] = {
+    "mezo": ZOSetting(1e-5, {"eps": 1e-3}),
+    # Fewer coordinates move, so the estimate's variance is lower and a larger step is stable.
+    "sparse_mezo": ZOSetting(1e-4, {"eps": 1e-3, "sparsity": 0.75}),
+    "qzo": ZOSetting(1e-4, {"eps": 1e-3}),
+    "adamw": ZOSetting(3e-4),  # the first-order baseline
+}
+DEFAULT_ZO = ("mezo", "sparse_mezo", "qzo", "adamw")
+
+
+def pretrained_checkpoint(preset_name: str, preset: TrainPreset, corpus: Corpus, device: torch.device,
+                          cache_dir: Path, seed: int, steps: int) -> dict[str, torch.Tensor]:
+    """The weights after ``steps`` AdamW steps on the pretrain files, from the cache or trained
+    now (and cached, keyed by preset, corpus hash, steps and seed)."""
+    path = cache_dir / f"zo-{preset_name}-{corpus.sha256[:16]}-{steps}-{seed}.pt"
+    if path.exists():
+        print(f"pretrained checkpoint: {path} (cached)", flush=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    print(f"pretraining {preset_name} with AdamW for {steps} steps → {path}", flush=True)
+    model = build_model(preset.model, device, seed)
+    optimizer = build_optimizer("adamw", model, TRAIN_SETTINGS["adamw"].lr, steps, "auto")
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(steps))
+    for batch in _batches(corpus.splits["pretrain"], preset, steps, seed + 1):
+        with _autocast(device):
+            loss = model.loss(batch.to(device))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".tmp")
+    torch.save(weights, partial)
+    partial.replace(path)  # atomic: an interrupted run leaves no half-written checkpoint
+    return weights
+
+
+def quantize_nf4(model: Decoder) -> Decoder:
+    """Replace the attention and MLP Linear layers by bitsandbytes NF4 ``Linear4bit`` layers
+    (fp32 absmax scales, no double quantization: QZO trains those scales)."""
+    import bitsandbytes as bnb
+
+    device = model.lm_head.weight.device
+    compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for block in model.layers:
+        for parent in (block.self_attn, block.mlp):
+            for child_name, child in list(parent.named_children()):
+                if not isinstance(child, torch.nn.Linear):
+                    continue
+                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False, compute_dtype=compute,
+                                          compress_statistics=False, quant_type="nf4")
+                layer.weight = bnb.nn.Params4bit(child.weight.detach().to("cpu", torch.float32), requires_grad=False,
+                                                 compress_statistics=False, quant_type="nf4")
+                setattr(parent, child_name, layer.to(device))  # the move quantizes
+    return model
+
+
+def zo_run(name: str, weights: dict[str, torch.Tensor], preset: TrainPreset, corpus: Corpus,
+           heldout: torch.Tensor, *, steps: int, lr: float, device: torch.device, backend: str,
+           seed: int) -> dict[str, Any]:
+    from memzoo.optim import create_optimizer
+
+    model = build_model(preset.model, device, seed)
+    model.load_state_dict(weights)
+    setting = ZO_SETTINGS[name]
+    if name == "qzo":
+        quantize_nf4(model)
+    zeroth_order = name != "adamw"
+    if zeroth_order:
+        optimizer = create_optimizer(model, name, lr=lr, **setting.kwargs, backend=backend, seed=seed)
+    else:
+        optimizer = create_optimizer(model, "adamw", lr=lr, weight_decay=0.0)
+    batches = list(_batches(corpus.splits["finetune"], preset, steps, seed + 3))
+    _reset_peak(device)
+    with torch.no_grad(), _autocast(device):  # inference memory: one forward on a batch
+        model.loss(batches[0].to(device))
+    inference_peak = _device_peak(device)
+    _reset_peak(device)
+    curve = [(0, evaluate(model, heldout, preset.batch, device))]
+    forwards_per_step = 2 * getattr(optimizer, "n_samples", 1) if zeroth_order else 1
+    start = time.perf_counter()
+    for step, batch in enumerate(batches, 1):
+        batch = batch.to(device)
+        if zeroth_order:
+            with _autocast(device):
+                optimizer.step(lambda batch=batch: model.loss(batch))
+        else:
+            with _autocast(device):
+                loss = model.loss(batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if step % preset.eval_interval == 0 or step == steps:
+            curve.append((step, evaluate(model, heldout, preset.batch, device)))
+    _sync(device)
+    seconds = time.perf_counter() - start
+    peak = _device_peak(device)
+    return {
+        "method": name, "lr": lr, "initial_loss": curve[0][1], "final_loss": curve[-1][1], "steps": steps,
+        "forward_passes": steps * forwards_per_step, "forwards_per_step": forwards_per_step,
+        "seconds": seconds, "inference_peak_mib": inference_peak, "peak_mib": peak,
+        "peak_over_inference": peak / inference_peak if peak and inference_peak else None,
+        "state_mib": optimizer_state_bytes(optimizer) / MIB,
+        "val_curve": curve,
+    }
+
+
+def steps_to_reach(curve: Sequence[tuple[int, float]], target: float) -> int | None:
+    """The first evaluated step whose loss is at most ``target`` (None: never)."""
+    return next((step for step, loss in curve if loss <= target), None)
+
+
+def run_zo(args: argparse.Namespace) -> dict[str, Any]:
+    preset, device, corpus = _environment_args(args)
+    for name in args.optimizer:
+        if name not in ZO_SETTINGS:
+            raise ValueError(f"zo fine-tunes with {', '.join(ZO_SETTINGS)}; got {name!r}")
+    pretrain_steps = args.pretrain_steps or preset.pretrain_steps
+    weights = pretrained_checkpoint(args.preset, preset, corpus, device, Path(args.cache_dir), args.seed,
+                                    pretrain_steps)
+    steps = args.steps or preset.zo_steps
+    heldout = sample_windows(corpus.splits["heldout"], preset.eval_batches * preset.batch,
+                             preset.model.seq_len + 1, torch.Generator().manual_seed(args.seed + 2))
+    rows, runs = [], []
+    for name in args.optimizer:
+        centre = args.lr.get(name, ZO_SETTINGS[name].lr * (preset.zo_lr_multiplier if name != "adamw" else 1.0))
+        best, sweep = sweep_lrs(
+            name, centre, args.lr_factors,
+            lambda lr, name=name: zo_run(name, weights, preset, corpus, heldout, steps=steps, lr=lr, device=device,
+                                         backend=args.backend, seed=args.seed),
+            "final_loss")
+        runs.extend(sweep)
+        rows.append(best)
+    mezo = next((row for row in rows if row["method"] == "mezo"), None)
+    for row in rows:
+        if mezo is not None and mezo["final_loss"] < mezo["initial_loss"]:
+            # Sparse-MeZO's claim: MeZO's final loss in at most half of MeZO's steps.
+            reached = steps_to_reach(row["val_curve"], mezo["final_loss"])
+            row["steps_to_mezo_final"] = reached
+            row["fraction_of_mezo_steps"] = reached / mezo["steps"] if reached is not None else None
+    report = {"command": "zo", "preset": args.preset, "model_params": preset.model.numel(), "steps": steps,
+              "pretrain_steps": pretrain_steps, "corpus_sha256": corpus.sha256,
+              "lr_factors": list(args.lr_factors), "rows": rows, "runs": runs}
+    if args.plot:
+        report["plot"] = plot_curves(args.plot, [
+            (f"{row['method']} (lr {row['lr']:.3g})", [s * row["forwards_per_step"] for s, _ in row["val_curve"]],
+             [v for _, v in row["val_curve"]]) for row in rows
+        ], xlabel="forward passes", title=f"memzoo-bench zo --preset {args.preset}: held-out loss (best lr)")
+    return report
+
+
+def plot_curves(path: str, curves: list[tuple[str, list[float], list[float]]], *, xlabel: str,
+                title: str) -> str | None:
+    """Loss curves to a PNG; None (with a note) when matplotlib (the ``bench`` extra) is absent."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plot skipped: matplotlib is not installed (pip install 'memzoo[bench]')", flush=True)
+        return None
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for label, xs, ys in curves:
+        axes.plot(xs, ys, label=label)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel("loss (nats per byte)")
+    axes.set_title(title)
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
