@@ -31,7 +31,7 @@ from memzoo.bench.baselines import BASELINES
 from memzoo.bench.memory import DEFAULT_MEMORY, run_memory
 from memzoo.bench.presets import DTYPES, PRESETS, make_named_parameters
 from memzoo.bench.timing import copy_bandwidth, median, optimizer_state_bytes, time_call
-from memzoo.bench.train import DEFAULT_TRAIN, DEFAULT_ZO, TRAIN_PRESETS, run_train, run_zo
+from memzoo.bench.train import DEFAULT_TRAIN, DEFAULT_ZO, TRAIN_PRESETS, plot_report, run_train, run_zo
 from memzoo.bench.zeroth_order import OfficialMeZO, time_zeroth_order
 
 __all__ = ["main"]
@@ -298,6 +298,7 @@ COLUMNS = {
               "state_mib", "vs_adamw_state"],
     "zo": ["method", "lr", "initial_loss", "final_loss", "steps", "forward_passes", "steps_to_mezo_final",
            "fraction_of_mezo_steps", "seconds", "peak_mib", "peak_over_inference", "state_mib"],
+    "plot": [],
     "memory": ["optimizer", "params_mib", "state_analytic_mib", "state_mib", "state_allocated_mib", "allocated_mib",
                "peak_step_mib", "vs_adamw_state", "vs_adamw_peak"],
     "step": ["optimizer", "backend", "dtype", "first_ms", "ms", "refresh_ms", "state_mib", "peak_extra_mib",
@@ -369,6 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
     zo.add_argument("--pretrain-steps", type=int, default=None, help="AdamW steps of the checkpoint (default: the preset's)")
     zo.set_defaults(run=run_zo)
 
+    plot = sub.add_parser("plot", help="the PNG of a train or zo JSON (e.g. measured where matplotlib is absent)")
+    plot.add_argument("report", help="JSON written by memzoo-bench train/zo --json")
+    plot.add_argument("png", help="output PNG")
+    plot.set_defaults(run=run_plot)
+
     memory = sub.add_parser("memory", help="optimizer state (analytic and measured) and full-step peak vs AdamW")
     memory.add_argument("--device", default=_default_device())
     memory.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -382,6 +388,15 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--json", metavar="PATH")
     memory.set_defaults(run=run_memory, default_optimizers=list(DEFAULT_MEMORY))
     return parser
+
+
+def run_plot(args: argparse.Namespace) -> dict[str, Any]:
+    with open(args.report) as handle:
+        report = json.load(handle)
+    written = plot_report(report, args.png)
+    if written is None:
+        raise ValueError("matplotlib is not installed (pip install 'memzoo[bench]')")
+    return {"command": "plot", "png": written, "rows": []}
 
 
 def _parse_lrs(items: Sequence[str] | None) -> dict[str, float]:
@@ -399,8 +414,8 @@ def _parse_lrs(items: Sequence[str] | None) -> dict[str, float]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    is_cuda = torch.device(args.device).type == "cuda"
-    if args.preset is None:
+    is_cuda = torch.device(getattr(args, "device", "cpu")).type == "cuda"
+    if getattr(args, "preset", "") is None:
         args.preset = ("60m" if args.command in ("train", "zo") else "350m") if is_cuda else "tiny"
     if args.command == "kernels" and args.bandwidth_mib is None:
         args.bandwidth_mib = 1024 if is_cuda else 256
@@ -420,8 +435,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     header = {k: v for k, v in report.items() if not isinstance(v, (list, dict))}
     print(" ".join(f"{k}={_format(v)}" for k, v in header.items()))
-    print(format_table(report["rows"], COLUMNS[report["command"]]))
-    if args.json:
+    if report["rows"]:
+        print(format_table(report["rows"], COLUMNS[report["command"]]))
+    if getattr(args, "json", None):
         with open(args.json, "w") as handle:
             json.dump(report, handle, indent=2)
     return 0

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session in one call: environment, then the named parts in order, logs under $OUT.
 #   bash bench/gpu_session.sh "gpu-tests tune bench kernel-tests" [extra memzoo-bench step args...]
+#   bash bench/gpu_session.sh "train zo memory"   (then memzoo-bench plot OUT/train_60m_a.json a.png locally)
 # Runs from the repository root. Wheels of packages the machine lacks (bitsandbytes, and the
 # baselines lion-pytorch, galore-torch and apollo-torch) are installed from .whl/ when that folder exists.
 set -uo pipefail
@@ -66,6 +67,14 @@ for part in $parts; do
         bench step_apollo step --optimizer apollo,apollo_mini,frugal --backend triton "$@"
         bench step_zo step --optimizer mezo,sparse_mezo,qzo --backend triton "$@"
         bench kernels kernels --no-compile ;;
+    train)  # issue 7's bars: 60m, equal steps, best of 3 lrs (AdamW always included)
+        bench train_60m_a train --preset 60m --optimizer lion,apollo,apollo_mini,frugal "$@"
+        bench train_60m_b train --preset 60m --optimizer galore_adamw,natural_galore,cosmos "$@" ;;
+    zo)  # zeroth-order fine-tuning of the cached 60m checkpoint (pretrained here on first use)
+        bench zo_60m zo --preset 60m --cache-dir /tmp/memzoo-cache "$@" ;;
+    memory)
+        bench memory_350m memory --preset 350m "$@"
+        bench memory_1b memory --preset 1b --dtype bf16 "$@" ;;
     kernel-tests)  # one process per kernel: a CUDA error poisons its process, not the others' results
         for function in $(python3 -c "from memzoo.triton_kernels.registry import KERNELS; print(' '.join(p.function for p in KERNELS.values()))"); do
             timeout "${KERNEL_TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \

@@ -171,12 +171,16 @@ def train_run(name: str, lr: float, preset: TrainPreset, corpus: Corpus, validat
     optimizer = build_optimizer(name, model, lr, steps, backend, extra)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(steps))
     _reset_peak(device)
-    train_losses, curve = [], [(0, evaluate(model, validation, preset.batch, device))]
-    train_seconds, timed_tokens = 0.0, 0
+    train_losses: list[float] = []
+    curve = [(0, evaluate(model, validation, preset.batch, device))]
+    # Timed: every step but the first (it allocates state and builds projectors), without the
+    # evaluations, and without a host sync per step (losses are read at each evaluation).
+    train_seconds, timed_tokens, start, pending = 0.0, 0, None, []
     for step, batch in enumerate(_batches(corpus.tokens("pretrain", "finetune"), preset, steps, seed + 1), 1):
+        if step == 2:
+            _sync(device)
+            start = time.perf_counter()
         batch = batch.to(device, non_blocking=True)
-        _sync(device)
-        start = time.perf_counter()
         with _autocast(device):
             loss = model.loss(batch)
         loss.backward()
@@ -184,16 +188,23 @@ def train_run(name: str, lr: float, preset: TrainPreset, corpus: Corpus, validat
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
-        _sync(device)
-        if step > 1:  # the first step allocates state and builds projectors
-            train_seconds += time.perf_counter() - start
+        pending.append(loss.detach())
+        if step > 1:
             timed_tokens += batch.shape[0] * (batch.shape[1] - 1)
-        train_losses.append(loss.item())
-        if not math.isfinite(train_losses[-1]):
-            break  # diverged at this lr: the sweep moves on
         if step % preset.eval_interval == 0 or step == steps:
+            _sync(device)
+            if start is not None:
+                train_seconds += time.perf_counter() - start
+            values = torch.stack(pending).float().tolist()
+            train_losses += values
+            pending = []
+            if not all(math.isfinite(value) for value in values):
+                break  # diverged at this lr: the sweep moves on
             curve.append((step, evaluate(model, validation, preset.batch, device)))
-    final = curve[-1][1] if len(train_losses) == steps else math.inf
+            _sync(device)
+            start = time.perf_counter() if step > 1 else None
+    finished = len(train_losses) == steps and curve[-1][0] == steps
+    final = curve[-1][1] if finished else math.inf
     return {
         "optimizer": name, "lr": lr, "val_loss": final, "steps": len(train_losses),
         "tokens_per_s": timed_tokens / train_seconds if train_seconds else None,
@@ -233,7 +244,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"no training setting for {name!r}; valid: {', '.join(TRAIN_SETTINGS)}")
     validation = sample_windows(corpus.splits["heldout"], preset.eval_batches * preset.batch,
                                 preset.model.seq_len + 1, torch.Generator().manual_seed(args.seed + 2))
-    rows, runs, best_runs = [], [], []
+    rows, runs = [], []
     for name in names:
         best, sweep = sweep_lrs(
             name, args.lr.get(name, TRAIN_SETTINGS[name].lr), args.lr_factors,
@@ -241,7 +252,6 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
                                             backend=args.backend, seed=args.seed),
             "val_loss")
         runs.extend(sweep)
-        best_runs.append(best)
         rows.append({key: best[key] for key in ("optimizer", "lr", "val_loss", "tokens_per_s", "peak_mib",
                                                 "state_mib", "lr_sweep")})
     adamw = rows[0]
@@ -254,10 +264,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
               "batch": preset.batch, "seq_len": preset.model.seq_len, "corpus_sha256": corpus.sha256,
               "lr_factors": list(args.lr_factors), "rows": rows, "runs": runs}
     if args.plot:
-        report["plot"] = plot_curves(args.plot, [
-            (f"{run['optimizer']} (lr {run['lr']:.3g})", [s for s, _ in run["val_curve"]],
-             [v for _, v in run["val_curve"]]) for run in best_runs
-        ], xlabel="step", title=f"memzoo-bench train --preset {args.preset}: validation loss (best lr)")
+        report["plot"] = plot_report(report, args.plot)
     return report
 
 
@@ -414,11 +421,25 @@ def run_zo(args: argparse.Namespace) -> dict[str, Any]:
               "pretrain_steps": pretrain_steps, "corpus_sha256": corpus.sha256,
               "lr_factors": list(args.lr_factors), "rows": rows, "runs": runs}
     if args.plot:
-        report["plot"] = plot_curves(args.plot, [
-            (f"{row['method']} (lr {row['lr']:.3g})", [s * row["forwards_per_step"] for s, _ in row["val_curve"]],
-             [v for _, v in row["val_curve"]]) for row in rows
-        ], xlabel="forward passes", title=f"memzoo-bench zo --preset {args.preset}: held-out loss (best lr)")
+        report["plot"] = plot_report(report, args.plot)
     return report
+
+
+def plot_report(report: dict[str, Any], path: str) -> str | None:
+    """The PNG of a ``train`` or ``zo`` JSON report (e.g. one measured on a machine without
+    matplotlib): the best-lr curve of each optimizer."""
+    if report.get("command") == "train":
+        best = {(row["optimizer"], row["lr"]) for row in report["rows"]}
+        curves = [(f"{run['optimizer']} (lr {run['lr']:.3g})", [s for s, _ in run["val_curve"]],
+                   [v for _, v in run["val_curve"]]) for run in report["runs"] if (run["optimizer"], run["lr"]) in best]
+        return plot_curves(path, curves, xlabel="step",
+                           title=f"memzoo-bench train --preset {report['preset']}: validation loss (best lr)")
+    if report.get("command") == "zo":
+        curves = [(f"{row['method']} (lr {row['lr']:.3g})", [s * row["forwards_per_step"] for s, _ in row["val_curve"]],
+                   [v for _, v in row["val_curve"]]) for row in report["rows"]]
+        return plot_curves(path, curves, xlabel="forward passes",
+                           title=f"memzoo-bench zo --preset {report['preset']}: held-out loss (best lr)")
+    raise ValueError(f"plot takes the JSON of memzoo-bench train or zo, got command {report.get('command')!r}")
 
 
 def plot_curves(path: str, curves: list[tuple[str, list[float], list[float]]], *, xlabel: str,

@@ -93,10 +93,12 @@ def test_train_every_optimizer_lowers_the_loss(tmp_path) -> None:
 
 def test_train_plot_is_written_when_matplotlib_is_present(tmp_path) -> None:
     pytest.importorskip("matplotlib")
-    path = tmp_path / "curves.png"
+    path, report = tmp_path / "curves.png", tmp_path / "train.json"
     assert main(["train", "--device", "cpu", "--steps", "3", "--lr-factors", "1", "--optimizer", "lion",
-                 "--plot", str(path)]) == 0
+                 "--plot", str(path), "--json", str(report)]) == 0
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = tmp_path / "again.png"  # from the JSON, as for results measured without matplotlib
+    assert main(["plot", str(report), str(again)]) == 0 and again.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_zo_fine_tunes_from_a_cached_checkpoint(tmp_path, capsys) -> None:

@@ -42,10 +42,11 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_ddp_ranks_stay_bit_identical(tmp_path) -> None:
-    names = [name for name, info in OPTIMIZERS.items() if not info.zeroth_order]
-    script = tmp_path / "ddp.py"
-    script.write_text(_SCRIPT)
+def _run_two_ranks(source: str, names: list[str], tmp_path) -> list[dict]:
+    """Run ``source`` as ranks 0 and 1 of a gloo group (argv: rank, store, out, names); each
+    rank's ``torch.save``d results."""
+    script = tmp_path / "script.py"
+    script.write_text(source)
     store, out = tmp_path / "store", tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, str(script), str(rank), str(store), str(out), ",".join(names)],
@@ -53,7 +54,12 @@ def test_ddp_ranks_stay_bit_identical(tmp_path) -> None:
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-3000:]
-    results = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
+    return [torch.load(f"{out}.{rank}", weights_only=False) for rank in range(2)]
+
+
+def test_ddp_ranks_stay_bit_identical(tmp_path) -> None:
+    names = [name for name, info in OPTIMIZERS.items() if not info.zeroth_order]
+    results = _run_two_ranks(_SCRIPT, names, tmp_path)
     for name in names:
         for a, b in zip(results[0][name], results[1][name]):
             assert torch.equal(a, b), name
@@ -155,16 +161,7 @@ def test_fsdp2_per_element_on_shards_low_rank_refuse(tmp_path) -> None:
     rank's shards and equal whole-tensor steps bit for bit, with DTensor state that round-trips
     through torch.save / torch.load(weights_only=True); projected weights are refused with the fix."""
     names = [name for name, info in OPTIMIZERS.items() if not info.zeroth_order]
-    script = tmp_path / "fsdp.py"
-    script.write_text(_FSDP_SCRIPT)
-    store, out = tmp_path / "store", tmp_path / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(script), str(rank), str(store), str(out), ",".join(names)],
-                              env=env, stderr=subprocess.PIPE, text=True) for rank in range(2)]
-    for proc in procs:
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err[-3000:]
-    results = [torch.load(f"{out}.{rank}", weights_only=False) for rank in range(2)]
+    results = _run_two_ranks(_FSDP_SCRIPT, names, tmp_path)
     for name in names:
         for result in results:
             assert result[name]["same"], name
