@@ -32,7 +32,30 @@ Backend = Literal["auto", "triton", "torch"]
 BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
 
 # Version of the layout written by MemzooOptimizer.state_dict under the "memzoo" key.
-STATE_FORMAT = 1
+STATE_FORMAT = 2
+
+
+def _format_1_to_2(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Format 2 counts the steps skipped for non-finite values (``skip_nonfinite``)."""
+    return {**state_dict, "memzoo": {**state_dict["memzoo"], "format": 2, "skipped_steps": 0}}
+
+
+# Migrations of the state_dict layout, format k → k + 1, applied in order when an older
+# checkpoint loads (each returns a new dict; the caller's is never modified).
+STATE_MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _format_1_to_2}
+
+
+def migrate_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """``state_dict`` brought to :data:`STATE_FORMAT` through :data:`STATE_MIGRATIONS`."""
+    state_dict = dict(state_dict)
+    version = state_dict["memzoo"].get("format")
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= STATE_FORMAT:
+        raise ValueError(f"Unsupported memzoo state format {version!r} (this version reads formats 1 to {STATE_FORMAT}; "
+                         "a newer memzoo wrote it?)")
+    while version < STATE_FORMAT:
+        state_dict = STATE_MIGRATIONS[version](state_dict)
+        version = state_dict["memzoo"]["format"]
+    return state_dict
 
 # (shape, dtype) every per-parameter state tensor must have; checked when a state_dict loads.
 StateSpec = dict[str, tuple[torch.Size, torch.dtype]]
@@ -141,6 +164,10 @@ def whole_matrix_problem(optimizer: str) -> str:
     )
 
 
+_SET_ERROR = ("{where} must be an ordered collection (a list), not a set: the order decides which saved state "
+              "goes with which parameter when a checkpoint loads")
+
+
 def _describe(group_index: int, param_index: int, param: torch.Tensor) -> str:
     return f"param group {group_index}, param {param_index} (shape {tuple(param.shape)}, {param.dtype})"
 
@@ -191,10 +218,16 @@ class MemzooOptimizer(torch.optim.Optimizer):
 
     Subclasses set ``family`` (the name of their reference/kernel modules), implement
     :meth:`_validate_group` and :meth:`_state_spec`, and in ``step`` obtain the math through
-    :meth:`_kernels`. The base class rejects unsupported parameters when they are added, rejects
-    sparse gradients before any update, reports :meth:`state_bytes`, and makes ``state_dict`` /
-    ``load_state_dict`` strict (tagged with the optimizer's name, checked key by key, dtypes of
-    state kept as saved).
+    :meth:`_kernels`. The base class rejects unsupported parameters and layouts when they are
+    added, rejects sparse gradients before any update, reports :meth:`state_bytes`, and makes
+    ``state_dict`` / ``load_state_dict`` strict (tagged with the optimizer's name and a format
+    version that older checkpoints are migrated from, checked field by field, dtypes of state kept
+    as saved).
+
+    Non-finite values: with ``skip_nonfinite=True`` a step whose gradients are not all finite
+    returns before modifying anything and counts itself in ``skipped_steps`` (kept in the
+    state_dict); by default NaN/Inf propagate into the weights as in torch.optim, while the
+    subspace-tracking optimizers keep their projectors finite (see their docs).
     """
 
     family: ClassVar[str]
@@ -210,10 +243,18 @@ class MemzooOptimizer(torch.optim.Optimizer):
             fenced._memzoo_fenced = True
             cls.step = fenced
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, backend: Backend = "auto") -> None:
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, backend: Backend = "auto",
+                 skip_nonfinite: bool = False) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}; expected one of {BACKENDS}")
+        if not isinstance(skip_nonfinite, bool):
+            raise TypeError(f"Invalid skip_nonfinite: expected a bool, got {skip_nonfinite!r}")
+        if isinstance(params, (set, frozenset)):
+            raise TypeError(_SET_ERROR.format(where="params"))
         self.backend: Backend = backend
+        self.skip_nonfinite = skip_nonfinite
+        # Steps skipped because of non-finite values (skip_nonfinite=True); in the state_dict.
+        self.skipped_steps = 0
         super().__init__(params, defaults)
         # Fail at construction, not at the first step, when an explicit backend cannot run.
         for device in {p.device for group in self.param_groups for p in group["params"]}:
@@ -232,10 +273,28 @@ class MemzooOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group_index = len(self.param_groups)
         params = param_group["params"]
+        if isinstance(params, (set, frozenset)):
+            raise TypeError(_SET_ERROR.format(where=f"param group {group_index}: params"))
         params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if not params:
+            raise ValueError(f"param group {group_index} has no parameters; leave the group out or give it some")
+        # Where each parameter already is: a parameter in two places would be stepped twice.
+        seen = {id(p): (g, i) for g, group in enumerate(self.param_groups) for i, p in enumerate(group["params"])}
         for param_index, param in enumerate(params):
             if not isinstance(param, torch.Tensor):
                 raise TypeError(f"param group {group_index}, param {param_index}: expected a Tensor, got {type(param).__name__}")
+            if id(param) in seen:
+                first_group, first_index = seen[id(param)]
+                raise ValueError(
+                    f"{_describe(group_index, param_index, param)} is the same tensor as param group {first_group}, "
+                    f"param {first_index}; each parameter may appear once (remove the duplicate)"
+                )
+            seen[id(param)] = (group_index, param_index)
+            if not param.is_leaf:
+                raise ValueError(
+                    f"{_describe(group_index, param_index, param)} is not a leaf tensor (it was computed from "
+                    "others), so it receives no .grad; optimize the leaf (an nn.Parameter, or x.detach().requires_grad_())"
+                )
             if param.is_complex():
                 raise TypeError(
                     f"{type(self).__name__} does not support complex parameters ({_describe(group_index, param_index, param)}); "
@@ -254,8 +313,10 @@ class MemzooOptimizer(torch.optim.Optimizer):
         self._check_dtensors(params, merged, group_index)
         super().add_param_group(param_group)
 
-    def _check_grads(self) -> None:
-        """Reject what no memzoo step can use, before any parameter or state is modified."""
+    def _check_grads(self) -> bool:
+        """Reject what no memzoo step can use, before any parameter or state is modified.
+        Returns False when the step is to be skipped (``skip_nonfinite`` and a gradient with NaN
+        or Inf); the skip is counted in ``skipped_steps``."""
         for group_index, group in enumerate(self.param_groups):
             grads = [param.grad for param in group["params"]]
             if set(grad.layout for grad in grads if grad is not None) <= {torch.strided}:
@@ -267,6 +328,28 @@ class MemzooOptimizer(torch.optim.Optimizer):
                         f"({_describe(group_index, param_index, param)}); use dense gradients, "
                         "e.g. nn.Embedding(..., sparse=False)"
                     )
+        if self.skip_nonfinite and not self._grads_finite():
+            self.skipped_steps += 1
+            return False
+        return True
+
+    def _grads_finite(self) -> bool:
+        """Whether every gradient is finite: one max-|g| reduction per tensor and one host sync
+        per step. Sharded (DTensor) gradients are agreed on across ranks, so every rank makes the
+        same decision (replicated ones, as under DDP, are identical already)."""
+        grads = [local_tensor(p.grad) for group in self.param_groups for p in group["params"]
+                 if p.grad is not None and p.grad.numel() > 0]
+        flags = []
+        for (bucket,) in group_by_device(grads).values():
+            norms = torch._foreach_norm(bucket, math.inf)
+            flags.append(torch.stack([norm.float() for norm in norms]).isfinite().all())
+        finite = torch.stack([flag.cpu() for flag in flags]).all() if flags else torch.tensor(True)
+        sharded = any(is_dtensor(p.grad) for group in self.param_groups for p in group["params"] if p.grad is not None)
+        if sharded and torch.distributed.is_initialized():
+            flag = finite.to(torch.int32).to(grads[0].device if grads else "cpu")
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            finite = flag.bool()
+        return bool(finite)
 
     def _check_dtensors(self, params: Sequence[torch.Tensor], group: Mapping[str, Any], group_index: int) -> None:
         """Raise for DTensor parameters (FSDP2, tensor parallel) that ``group`` cannot update."""
@@ -312,42 +395,52 @@ class MemzooOptimizer(torch.optim.Optimizer):
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state_dict = super().state_dict()
-        state_dict["memzoo"] = {"optimizer": type(self).__name__, "format": STATE_FORMAT}
+        state_dict["memzoo"] = {"optimizer": type(self).__name__, "format": STATE_FORMAT,
+                                "skipped_steps": self.skipped_steps}
         return state_dict
+
+    def _migrate(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+        """Bring an older checkpoint to the current layout (subclasses add their own steps)."""
+        return migrate_state_dict(state_dict)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state_dict written by the same optimizer class, after checking every field.
 
-        Unlike torch.optim, state tensors keep their saved dtype (e.g. fp32 momentum of bf16
-        parameters); they move to their parameter's device. Nothing is modified when a check fails.
+        Older formats are migrated first. Every mismatch (param counts, hyperparameters, state
+        keys, shapes, dtypes) is reported in one ``ValueError``, field by field, and nothing is
+        modified when there is one. Unlike torch.optim, state tensors keep their saved dtype
+        (e.g. fp32 momentum of bf16 parameters); they move to their parameter's device.
         """
         name = type(self).__name__
         if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= state_dict.keys():
             raise ValueError(f"{name}.load_state_dict expects a dict with 'state' and 'param_groups'")
         meta = state_dict.get("memzoo")
-        if meta is None:
+        if not isinstance(meta, Mapping):
             raise ValueError(f"This state_dict was not written by a memzoo optimizer; {name} cannot load it")
         if meta.get("optimizer") != name:
             raise ValueError(f"This state_dict was written by {meta.get('optimizer')!r}, not {name!r}")
-        if meta.get("format") != STATE_FORMAT:
-            raise ValueError(f"Unsupported memzoo state format {meta.get('format')!r} (this version reads {STATE_FORMAT})")
+        state_dict = self._migrate(state_dict)
+        skipped = state_dict["memzoo"].get("skipped_steps")
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(saved_groups)} param groups, the optimizer has {len(self.param_groups)}")
         saved_state = state_dict["state"]
+        problems: list[str] = []
+        if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
+            problems.append(f"skipped_steps is {skipped!r}, expected an int ≥ 0")
         restore: list[tuple[torch.Tensor, str, torch.Tensor]] = []
         for group_index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             if len(saved["params"]) != len(group["params"]):
-                raise ValueError(
-                    f"param group {group_index} has {len(group['params'])} params, "
-                    f"the state_dict's has {len(saved['params'])}"
-                )
+                problems.append(f"param group {group_index} has {len(group['params'])} params, "
+                                f"the state_dict's has {len(saved['params'])}")
+                continue
             merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
             try:
                 self._validate_group(merged, group_index)
+                self._check_dtensors(group["params"], merged, group_index)
             except (TypeError, ValueError) as exc:
-                raise type(exc)(f"state_dict param group {group_index}: {exc}") from None
-            self._check_dtensors(group["params"], merged, group_index)
+                problems.append(f"state_dict param group {group_index}: {exc}")
+                continue
             for param_index, (param_id, param) in enumerate(zip(saved["params"], group["params"])):
                 if param_id not in saved_state:
                     continue
@@ -355,17 +448,22 @@ class MemzooOptimizer(torch.optim.Optimizer):
                 entry = saved_state[param_id]
                 where = _describe(group_index, param_index, param)
                 if set(entry) != set(spec):
-                    raise ValueError(
-                        f"state for {where} has keys {sorted(entry)}, expected {sorted(spec)}"
-                    )
+                    problems.append(f"state for {where} has keys {sorted(entry)}, expected {sorted(spec)}")
                 for key, (shape, dtype) in spec.items():
+                    if key not in entry:
+                        continue
                     value = entry[key]
                     if not isinstance(value, torch.Tensor) or value.shape != shape or value.dtype != dtype:
                         got = (f"{tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor)
                                else type(value).__name__)
-                        raise ValueError(f"state '{key}' for {where} is {got}, expected {tuple(shape)} {dtype}")
+                        problems.append(f"state '{key}' for {where} is {got}, expected {tuple(shape)} {dtype}")
+                        continue
                     restore.append((param, key, value))
+        if problems:
+            raise ValueError(f"{name}.load_state_dict: the state_dict does not match this optimizer "
+                             f"({len(problems)} mismatches):\n  " + "\n  ".join(problems))
         super().load_state_dict(state_dict)
+        self.skipped_steps = skipped
         # torch.optim casts floating state to the parameter's dtype; put the saved dtype back
         # from the original tensor (a cast back would have lost bits). torch.optim also keeps the
         # given tensor itself where no cast or move is needed (step counters, same-dtype moments):

@@ -93,10 +93,11 @@ class COSMOS(MemzooOptimizer):
         maximize: bool = False,
         ns_dtype: torch.dtype = torch.bfloat16,
         backend: Backend = "auto",
+        skip_nonfinite: bool = False,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, lr_ratio=lr_ratio, rank=rank, weight_decay=weight_decay,
                         gamma=gamma, max_rows=max_rows, maximize=maximize, ns_dtype=ns_dtype)
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite)
 
     def _validate_group(self, group: Mapping[str, Any], group_index: int) -> None:
         check_number("lr", group["lr"])
@@ -115,7 +116,7 @@ class COSMOS(MemzooOptimizer):
 
     def _rank(self, param: torch.Tensor, group: Mapping[str, Any]) -> int | None:
         """The subspace rank of an eligible weight, None for the AdamW branch."""
-        if group["rank"] is None or param.dim() != 2 or param.shape[0] > group["max_rows"]:
+        if group["rank"] is None or param.dim() != 2 or param.shape[0] > group["max_rows"] or param.numel() == 0:
             return None
         return min(group["rank"], param.shape[1])
 
@@ -145,6 +146,22 @@ class COSMOS(MemzooOptimizer):
                 state[name] = (torch.zeros((), dtype=dtype) if name == "step" else zeros_state(param, shape, dtype))
         return state
 
+    def _new_basis(self, param: torch.Tensor, state: dict[str, Any], beta2: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's (basis U, subspace S) of an eligible weight, not yet stored. The subspace
+        tracking sees G only through GᵀG and (G·U)ᵀ(G·U): the sign of G (maximize) cancels
+        exactly, so no negated copy is made for it. A gradient with NaN or Inf never enters U or
+        S: the previous ones are kept (decided on the device, without a host sync); at the first
+        step the subspace is then that of a zero gradient."""
+        kernels = self._kernels(param.device)
+        grad = param.grad
+        finite = torch.isfinite(grad).all()
+        if int(state["step"]) == 0:
+            if not bool(finite):  # one sync, at a weight's first step only
+                grad = torch.zeros_like(grad)
+            return kernels.cosmos_basis_init(grad, state["basis"].shape[1], beta2=beta2)
+        basis, subspace = kernels.cosmos_basis_update(grad, state["basis"], state["subspace"], beta2=beta2)
+        return torch.where(finite, basis, state["basis"]), torch.where(finite, subspace, state["subspace"])
+
     def _finish(self, pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]],
                 group: Mapping[str, Any]) -> None:
         """Orthogonalize the pending residuals (one batched call per device), then apply the
@@ -162,35 +179,41 @@ class COSMOS(MemzooOptimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step; returns the closure's loss (or None)."""
         loss = self._run_closure(closure)
-        self._check_grads()
+        if not self._check_grads():  # skip_nonfinite: nothing is modified this step
+            return loss
+        # Phase 1 computes every eligible weight's new basis (small n×r, r×r tensors) without
+        # writing state; phase 2 writes. An error in phase 1 (out of memory in eigh/QR) modifies
+        # nothing.
+        plans = []
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            adam: dict[tuple[torch.device, int], list[tuple[torch.Tensor, dict[str, Any]]]] = defaultdict(list)
-            pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
-            pending_bytes = 0
+            beta2 = group["betas"][1]
+            adam_items, matrices = [], []
             for param in group["params"]:
                 if param.grad is None:
                     continue
                 state = self._init_state(param, group)
+                if self._rank(param, group) is None:
+                    adam_items.append((param, state))
+                    continue
+                matrices.append((param, state, *self._new_basis(param, state, beta2)))
+            plans.append((group, adam_items, matrices))
+        for group, adam_items, matrices in plans:
+            beta1, beta2 = group["betas"]
+            adam: dict[tuple[torch.device, int], list[tuple[torch.Tensor, dict[str, Any]]]] = defaultdict(list)
+            for param, state in adam_items:
+                state["step"] += 1
+                adam[(param.device, int(state["step"]))].append((param, state))
+            pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+            pending_bytes = 0
+            for param, state, basis, subspace in matrices:
                 state["step"] += 1
                 step = int(state["step"])
-                if self._rank(param, group) is None:
-                    adam[(param.device, step)].append((param, state))
-                    continue
-                # The subspace tracking sees G only through GᵀG and (G·U)ᵀ(G·U): the sign of G (maximize)
-                # cancels exactly, so no negated copy is made for it.
-                kernels = self._kernels(param.device)
-                if step == 1:
-                    basis, subspace = kernels.cosmos_basis_init(param.grad, state["basis"].shape[1], beta2=beta2)
-                else:
-                    basis, subspace = kernels.cosmos_basis_update(param.grad, state["basis"], state["subspace"],
-                                                                  beta2=beta2)
                 state["basis"].copy_(basis)
                 state["subspace"].copy_(subspace)
                 m, n = param.shape
                 residual = (torch.empty((m, n), dtype=group["ns_dtype"], device=param.device)
                             if state["basis"].shape[1] < n else None)
-                low_rank = kernels.cosmos_directions_(
+                low_rank = self._kernels(param.device).cosmos_directions_(
                     param, param.grad, state["exp_avg"], state["exp_avg_sq"], state["basis"], residual, step=step,
                     beta1=beta1, beta2=beta2, eps=group["eps"], maximize=group["maximize"],
                 )
@@ -206,7 +229,8 @@ class COSMOS(MemzooOptimizer):
                 root_bc2 = math.sqrt(1.0 - beta2**step)
                 resolve_backend(self.backend, device, "galore").adamw_update_(
                     [local_tensor(p) for p, _ in items], [local_tensor(p.grad) for p, _ in items],
-                    [local_tensor(s["exp_avg"]) for _, s in items], [local_tensor(s["exp_avg_sq"]) for _, s in items], step_size=group["lr"] * root_bc2 / (1.0 - beta1**step),
+                    [local_tensor(s["exp_avg"]) for _, s in items], [local_tensor(s["exp_avg_sq"]) for _, s in items],
+                    step_size=group["lr"] * root_bc2 / (1.0 - beta1**step),
                     beta1=beta1, beta2=beta2, eps=group["eps"] * root_bc2, lr=group["lr"],
                     weight_decay=group["weight_decay"], maximize=group["maximize"], decay_first=True,
                 )

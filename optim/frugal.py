@@ -85,13 +85,15 @@ class FRUGAL(GaLoreAdamW):
         seed: int = 0,
         maximize: bool = False,
         backend: Backend = "auto",
+        skip_nonfinite: bool = False,
     ) -> None:
         self._frugal_defaults = dict(density=density, reset_statistics=reset_statistics,
                                      inactive_update_rule=inactive_update_rule, inactive_lr_scale=inactive_lr_scale,
                                      proj_params_lr_scale=proj_params_lr_scale)
         super().__init__(params, lr, betas, eps, weight_decay, True, update_proj_gap=update_proj_gap,
                          projector=projector, proj_type=proj_type, power_iters=power_iters, oversample=oversample,
-                         state_dtype=state_dtype, seed=seed, maximize=maximize, backend=backend)
+                         state_dtype=state_dtype, seed=seed, maximize=maximize, backend=backend,
+                         skip_nonfinite=skip_nonfinite)
 
     def _extra_defaults(self) -> dict[str, Any]:
         return self._frugal_defaults
@@ -131,7 +133,7 @@ class FRUGAL(GaLoreAdamW):
         return (group["density"], *(group[name] for name in _SUBSPACE_FIELDS))
 
     def _projector(self, param: torch.Tensor, group: Mapping[str, Any], key: tuple | None = None) -> Projector | None:
-        if group["density"] is None or param.dim() < 2:
+        if group["density"] is None or param.dim() < 2 or param.numel() == 0:
             return None
         key = self._settings_key(group) if key is None else key
         cached = self._projectors.get(param)

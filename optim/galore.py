@@ -134,6 +134,7 @@ class GaLoreAdamW(MemzooOptimizer):
         seed: int = 0,
         maximize: bool = False,
         backend: Backend = "auto",
+        skip_nonfinite: bool = False,
     ) -> None:
         check_int("seed", seed, low=0, high=2**31)
         self.seed = seed
@@ -147,7 +148,7 @@ class GaLoreAdamW(MemzooOptimizer):
                         strict_rank=strict_rank, state_dtype=state_dtype, optim_bits=optim_bits,
                         min_8bit_size=min_8bit_size, maximize=maximize)
         defaults.update(self._extra_defaults())
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite)
 
     def _extra_defaults(self) -> dict[str, Any]:
         """Group defaults a subclass adds to GaLore's."""
@@ -185,7 +186,7 @@ class GaLoreAdamW(MemzooOptimizer):
     def _projector(self, param: torch.Tensor, group: Mapping[str, Any], key: tuple | None = None) -> Projector | None:
         """The param's projector (None when not projected), rebuilt when the group's settings
         change; ``key`` is :meth:`_settings_key` of the group, when the caller has it."""
-        if group["rank"] is None or param.dim() < 2:
+        if group["rank"] is None or param.dim() < 2 or param.numel() == 0:  # an empty matrix has no subspace
             return None
         key = self._settings_key(group) if key is None else key
         cached = self._projectors.get(param)
@@ -282,15 +283,18 @@ class GaLoreAdamW(MemzooOptimizer):
         parameters of a group go through one multi-tensor AdamW call per (device, step count).
         """
         loss = self._run_closure(closure)
-        self._check_grads()
+        if not self._check_grads():  # skip_nonfinite: nothing is modified this step
+            return loss
+        # Plan every group, then refresh every projector due (all-or-nothing), then write: an
+        # error while planning or refreshing (bad input, out of memory) modifies nothing.
         index = 0
+        plans = []
+        refreshes: list[RefreshRequest] = []
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            hyper = dict(beta1=beta1, beta2=beta2, eps=group["eps"])
             # (device, step) → params, grads, m, v, and the 8-bit states to encode afterwards
             dense: dict[tuple[torch.device, int], tuple[list, list, list, list, list]] = {}
             projected: list[tuple[torch.Tensor, Projector, dict[str, Any], int, bool]] = []
-            refreshes: list[RefreshRequest] = []
+            refreshed: list[tuple[dict[str, Any], bool]] = []
             step_counts: list[torch.Tensor] = []
             settings_key = self._settings_key(group)
             for param in group["params"]:
@@ -318,12 +322,18 @@ class GaLoreAdamW(MemzooOptimizer):
                     grad = param.grad.reshape(projector.shape)
                     source = -grad if group["maximize"] else grad
                     refreshes.append(RefreshRequest(projector, state, source, step, self.seed + index - 1, param.dtype))
-                    self._on_refresh(group, state, quantized)
+                    refreshed.append((state, quantized))
                 projected.append((param, projector, state, step, quantized))
+            plans.append((group, dense, projected, refreshed, step_counts))
+        # All projectors due this step at once: same-shaped matrices share batched calls.
+        refresh_projectors_(refreshes, randn=self._randn)
+        del refreshes
+        for group, dense, projected, refreshed, step_counts in plans:
+            beta1, beta2 = group["betas"]
+            hyper = dict(beta1=beta1, beta2=beta2, eps=group["eps"])
+            for state, quantized in refreshed:
+                self._on_refresh(group, state, quantized)
             torch._foreach_add_(step_counts, 1)  # one call for the group's step counters
-            # All projectors due this step at once: same-shaped matrices share batched calls.
-            refresh_projectors_(refreshes, randn=self._randn)
-            del refreshes
             if self._preconditions:
                 for item in projected:
                     self._update_projected(group, [item], hyper)

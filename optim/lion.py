@@ -65,10 +65,11 @@ class Lion(MemzooOptimizer):
         maximize: bool = False,
         momentum_dtype: torch.dtype | str | None = None,
         backend: Backend = "auto",
+        skip_nonfinite: bool = False,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
                         momentum_dtype=momentum_dtype)
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite)
 
     def _validate_group(self, group: Mapping[str, Any], group_index: int) -> None:
         check_number("lr", group["lr"])
@@ -88,7 +89,8 @@ class Lion(MemzooOptimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step; returns the closure's loss (or None)."""
         loss = self._run_closure(closure)
-        self._check_grads()
+        if not self._check_grads():  # skip_nonfinite: nothing is modified this step
+            return loss
         for group in self.param_groups:
             params = [param for param in group["params"] if param.grad is not None]
             grads = [param.grad for param in params]

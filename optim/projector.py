@@ -13,6 +13,7 @@ through ``state_dict`` and loads with ``torch.load(weights_only=True)``:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -119,11 +120,11 @@ class Projector:
         """GaLore refreshes on steps 1, T+1, 2T+1, … (``step`` is the count before this one)."""
         return step % self.settings.update_proj_gap == 0 or "proj_seed" not in state
 
-    def next_seed(self, state: dict[str, Any], step: int, base_seed: int) -> int:
-        """The seed of the refresh at ``step``; records ``base_seed`` on the first one."""
-        if "proj_seed" not in state:
-            state["proj_seed"] = torch.tensor(base_seed, dtype=torch.int64)
-        return (int(state["proj_seed"]) + step * _SEED_STEP) % 2**31
+    def seed_at(self, state: Mapping[str, Any], step: int, base_seed: int) -> int:
+        """The seed of the refresh at ``step`` (from ``base_seed`` at the first one); the caller
+        records ``base_seed`` as ``proj_seed`` then."""
+        current = int(state["proj_seed"]) if "proj_seed" in state else base_seed
+        return (current + step * _SEED_STEP) % 2**31
 
     def refresh_(self, state: dict[str, Any], grad_matrix: torch.Tensor, step: int, base_seed: int,
                  factor_dtype: torch.dtype, *, randn: Randn = philox_randn) -> None:
@@ -162,28 +163,52 @@ def refresh_projectors_(requests: list[RefreshRequest], *, randn: Randn = philox
     """Refresh many projectors at once: requests with the same settings, shape, device and dtype
     are stacked and their bases computed by one batched call per chunk (one GEMM, Cholesky and
     eigen-solve per chunk instead of per matrix). Same result as refreshing them one by one.
-    ``randn`` draws the sketches (the backend's Philox generator)."""
+    ``randn`` draws the sketches (the backend's Philox generator).
+
+    All-or-nothing: every new factor is computed before any state is written, so an error (e.g.
+    out of memory in a batched decomposition) leaves every projector as it was. A gradient with
+    NaN or Inf never becomes a subspace: that weight keeps its previous factors (or, at its first
+    refresh, gets the seeded random Gaussian factors) and a RuntimeWarning names it."""
+    writes: list[tuple[dict[str, Any], str, torch.Tensor]] = []
     classes: dict[tuple, list[tuple[RefreshRequest, int]]] = {}
     for request in requests:
-        seed = request.projector.next_seed(request.state, request.step, request.base_seed)
-        if request.projector.settings.projector == "random":
+        state, projector = request.state, request.projector
+        first = "proj_seed" not in state
+        seed = projector.seed_at(state, request.step, request.base_seed)
+        if projector.settings.projector == "random":
             # Only the seed changes; the factors are regenerated from it each step.
-            request.state["proj_seed"] = torch.tensor(seed, dtype=torch.int64)
+            writes.append((state, "proj_seed", torch.tensor(seed, dtype=torch.int64)))
             continue
-        if request.projector.settings.projector == "coordinates":  # new random rows or columns
-            projector = request.projector
+        if first:
+            writes.append((state, "proj_seed", torch.tensor(request.base_seed, dtype=torch.int64)))
+        if projector.settings.projector == "coordinates":  # new random rows or columns
             indices = random_coordinates(seed, side_length(projector.shape, projector.side), projector.rank)
-            request.state["proj_indices"] = indices.to(request.grad_matrix.device)
+            writes.append((state, "proj_indices", indices.to(request.grad_matrix.device)))
             continue
         grad = request.grad_matrix
-        key = (request.projector.settings, request.projector.shape, grad.device, grad.dtype, request.factor_dtype)
+        key = (projector.settings, projector.shape, grad.device, grad.dtype, request.factor_dtype)
         classes.setdefault(key, []).append((request, seed))
+    skipped: list[RefreshRequest] = []
     for (settings, (m, n), device, dtype, factor_dtype), members in classes.items():
         projector = members[0][0].projector
         chunk = max(1, _REFRESH_CHUNK_BYTES // (m * n * 4))
         for begin in range(0, len(members), chunk):
             part = members[begin:begin + chunk]
             grads = torch.stack([r.grad_matrix for r, _ in part])
+            finite = torch.isfinite(grads).flatten(1).all(1).tolist()  # one sync per chunk, on refresh steps
+            if not all(finite):
+                skipped += [request for (request, _), ok in zip(part, finite) if not ok]
+                for request, seed in (item for item, ok in zip(part, finite) if not ok):
+                    if request.state.get("proj_left") is None and request.state.get("proj_right") is None:
+                        left, right = random_basis(seed, projector.shape, projector.rank, projector.side, device,
+                                                   factor_dtype, randn=randn)
+                        writes += [(request.state, name, f) for name, f in (("proj_left", left), ("proj_right", right))
+                                   if f is not None]
+                keep = [index for index, ok in enumerate(finite) if ok]
+                part = [part[index] for index in keep]
+                grads = grads[keep]
+                if not part:
+                    continue
             seeds = torch.tensor([seed for _, seed in part], dtype=torch.int64, device=device)
             left, right = compute_bases(grads, projector.rank, projector.side, settings.projector, seeds=seeds,
                                         power_iters=settings.power_iters, oversample=settings.oversample, randn=randn)
@@ -191,5 +216,16 @@ def refresh_projectors_(requests: list[RefreshRequest], *, randn: Randn = philox
             for index, (request, _) in enumerate(part):
                 for name, factors in (("proj_left", left), ("proj_right", right)):
                     if factors is not None:  # an owned, contiguous copy: not a view of the batch
-                        request.state[name] = torch.empty(factors.shape[1:], dtype=factor_dtype,
-                                                          device=device).copy_(factors[index])
+                        writes.append((request.state, name, torch.empty(factors.shape[1:], dtype=factor_dtype,
+                                                                        device=device).copy_(factors[index])))
+    for state, name, value in writes:
+        state[name] = value
+    if skipped:
+        shapes = ", ".join(str(tuple(request.grad_matrix.shape)) for request in skipped[:5])
+        warnings.warn(
+            f"{len(skipped)} projector refresh(es) got a gradient with NaN or Inf (matrices {shapes}"
+            f"{', …' if len(skipped) > 5 else ''}): their previous subspace is kept (a seeded random one at the "
+            "first refresh); the update itself propagates the non-finite values as torch.optim does. "
+            "Pass skip_nonfinite=True to skip such steps instead.",
+            RuntimeWarning, stacklevel=3,
+        )

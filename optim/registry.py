@@ -84,7 +84,7 @@ def _galore_state_bytes(optimizer: GaLoreAdamW) -> int:
     total = 0
     for param, group in _stepped(optimizer):
         total += 8  # step
-        if group["rank"] is None or param.dim() < 2:
+        if optimizer._projector(param, group) is None:  # not projected (vectors, empty matrices)
             total += _moment_bytes(optimizer, param.numel(), param, group)
             continue
         m, n = param.shape[0], param[0].numel()
@@ -104,7 +104,7 @@ def _natural_galore_state_bytes(optimizer: NaturalGaLore) -> int:
     for param, group in _stepped(optimizer):
         moment_size = optimizer._state_dtype(param, group).itemsize
         total += 8  # step
-        if group["rank"] is None or param.dim() < 2:
+        if optimizer._projector(param, group) is None:  # not projected (vectors, empty matrices)
             total += 2 * param.numel() * moment_size
             continue
         if group["proj_type"] != "full" or group["projector"] == "random":
@@ -120,7 +120,7 @@ def _apollo_state_bytes(optimizer: APOLLO) -> int:
     max(m,n)·r, int64 step and seed, a stored factor only for proj="svd"/"randomized") plus the
     limiter's fp32 norm per projected weight unless disable_nl."""
     limited = sum(1 for param, group in _stepped(optimizer)
-                  if group["rank"] is not None and param.dim() >= 2 and not group["disable_nl"])
+                  if optimizer._projector(param, group) is not None and not group["disable_nl"])
     return _galore_state_bytes(optimizer) + 4 * limited
 
 

@@ -94,6 +94,11 @@ class ZerothOrderOptimizer(MemzooOptimizer):
 
     State: the base seed and the step count (in ``state_dict()["zeroth_order"]``), so a resumed
     run draws the same directions. ``state_bytes()`` counts tensors only.
+
+    Non-finite losses: by default a NaN/Inf loss propagates through the update into the parameters
+    (as a NaN gradient does in torch.optim); with ``skip_nonfinite=True`` the step puts the
+    parameters back to θ, applies no update, counts the skip in ``skipped_steps`` and moves on to
+    the next directions. An exception from the closure also puts the parameters back first.
     """
 
     family = "zeroth_order"
@@ -108,13 +113,14 @@ class ZerothOrderOptimizer(MemzooOptimizer):
         seed: int,
         process_group: Any = None,
         backend: Backend = "auto",
+        skip_nonfinite: bool = False,
     ) -> None:
         check_number("eps", eps)
         if not eps > 0 or math.isinf(eps):
             raise ValueError(f"Invalid eps: {eps} (must be a finite number > 0)")
         check_int("n_samples", n_samples, low=1, high=2**20)
         check_int("seed", seed, low=0, high=2**63)
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite)
         self.eps = float(eps)
         self.n_samples = n_samples
         self.process_group = process_group
@@ -265,6 +271,14 @@ class ZerothOrderOptimizer(MemzooOptimizer):
             raise
         losses = torch.stack(losses)  # (q, 2)
         projected = self._average_across_ranks((losses[:, 0] - losses[:, 1]) / (2.0 * self.eps))
+        if self.skip_nonfinite and not bool(torch.isfinite(projected).all()):
+            # A NaN/Inf loss (on any rank: the average carries it to all): back to θ, no update.
+            # The seed stream moves on, so the next step does not retry the same direction.
+            self._move(seeds[-1], -1, 0)
+            self._step_count += 1
+            self.skipped_steps += 1
+            self.last_projected_grads, self.last_losses = projected, losses
+            return losses.mean()
         projected = self._clip_projected(projected)
         # The last sample's direction goes with the restoring pass's seed; the others follow it.
         order = [len(seeds) - 1, *range(len(seeds) - 1)]
@@ -314,9 +328,11 @@ class MeZO(ZerothOrderOptimizer):
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0, *,
-                 n_samples: int = 1, seed: int = 0, process_group: Any = None, backend: Backend = "auto") -> None:
+                 n_samples: int = 1, seed: int = 0, process_group: Any = None, backend: Backend = "auto",
+                 skip_nonfinite: bool = False) -> None:
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay), eps=eps, n_samples=n_samples, seed=seed,
-                         process_group=process_group, backend=backend)
+                         process_group=process_group, backend=backend,
+                         skip_nonfinite=skip_nonfinite)
 
 
 # Tensors above this size get their threshold from a strided subsample of this many elements
@@ -359,7 +375,8 @@ class SparseMeZO(ZerothOrderOptimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
                  sparsity: float = 0.8, *, threshold_interval: int | None = None, mask_1d: bool = False,
-                 n_samples: int = 1, seed: int = 0, process_group: Any = None, backend: Backend = "auto") -> None:
+                 n_samples: int = 1, seed: int = 0, process_group: Any = None, backend: Backend = "auto",
+                 skip_nonfinite: bool = False) -> None:
         if threshold_interval is not None:
             check_int("threshold_interval", threshold_interval, low=1)
         if not isinstance(mask_1d, bool):
@@ -369,7 +386,8 @@ class SparseMeZO(ZerothOrderOptimizer):
         self._mask_buffers: dict[torch.device, torch.Tensor] = {}
         self._threshold_values: dict[int, float] = {}
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, sparsity=sparsity), eps=eps,
-                         n_samples=n_samples, seed=seed, process_group=process_group, backend=backend)
+                         n_samples=n_samples, seed=seed, process_group=process_group, backend=backend,
+                         skip_nonfinite=skip_nonfinite)
 
     def _validate_group(self, group: Mapping[str, Any], group_index: int) -> None:
         super()._validate_group(group, group_index)
@@ -469,14 +487,16 @@ class QZO(ZerothOrderOptimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-7, eps: float = 1e-3, weight_decay: float = 0.0, *,
                  clip_threshold: float | None = 100.0, scale_min: float = 1e-7, n_samples: int = 1, seed: int = 0,
-                 process_group: Any = None, backend: Backend = "auto") -> None:
+                 process_group: Any = None, backend: Backend = "auto",
+                 skip_nonfinite: bool = False) -> None:
         if clip_threshold is not None:
             check_number("clip_threshold", clip_threshold)
         check_number("scale_min", scale_min)
         self.clip_threshold = clip_threshold
         self.scale_min = float(scale_min)
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, scales=True), eps=eps, n_samples=n_samples,
-                         seed=seed, process_group=process_group, backend=backend)
+                         seed=seed, process_group=process_group, backend=backend,
+                         skip_nonfinite=skip_nonfinite)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         params = param_group["params"]

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["as_tensor_list", "check_parallel_lists", "compute_dtype", "is_dense"]
+__all__ = ["as_tensor_list", "check_parallel_lists", "compute_dtype", "is_dense", "sign"]
 
 
 def as_tensor_list(name: str, tensors: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -68,3 +68,9 @@ def is_dense(tensor: torch.Tensor) -> bool:
             return False
         expected *= size
     return True
+
+
+def sign(x: torch.Tensor) -> torch.Tensor:
+    """sign(x) with sign(0) = 0 and NaN kept NaN (``torch.sign`` maps NaN to 0, which would turn
+    a NaN gradient into a silent zero update while the momentum holds the NaN)."""
+    return torch.where(torch.isnan(x), x, torch.sign(x))

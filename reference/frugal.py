@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-from memzoo.reference.common import compute_dtype
+from memzoo.reference.common import compute_dtype, sign
 from memzoo.reference.galore import (
     FactorList,
     adamw_update_,
@@ -86,5 +86,5 @@ def frugal_apply_(
         w = w - step_size * project_back(update.to(dtype), left, right)  # the state-full part
         if residual_rule != "no":
             residual = g - project_back(project(g, left, right), left, right)  # E = G − up(down(G))
-            w = w - residual_step * (residual.sign() if residual_rule == "sign_sgd" else residual)
+            w = w - residual_step * (sign(residual) if residual_rule == "sign_sgd" else residual)
         param.copy_(w.reshape(param.shape))

@@ -12,10 +12,10 @@ then W ← W − lr·λ·W on the updated weight.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
-
 from memzoo.reference.common import as_tensor_list, check_parallel_lists, compute_dtype
 from memzoo.reference.projector import project, project_back
 
@@ -158,7 +158,11 @@ def natural_gradient(low_rank_grad: torch.Tensor, history: torch.Tensor, *, damp
         raise ValueError(f"history must be k×{g.numel()}, got {tuple(history.shape)}")
     inverse = 1.0 / damping
     system = torch.eye(h.shape[0], dtype=dtype, device=g.device) + inverse * (h @ h.T)
-    z = torch.cholesky_solve((h @ g).unsqueeze(1), torch.linalg.cholesky(system)).squeeze(1)
+    # S is symmetric positive definite for finite H; a NaN/Inf in H (a non-finite gradient in the
+    # history) makes the result NaN instead of raising mid-step (no host sync to decide).
+    factor, info = torch.linalg.cholesky_ex(system)
+    z = torch.cholesky_solve((h @ g).unsqueeze(1), factor).squeeze(1)
+    z = torch.where((info == 0) & torch.isfinite(h).all(), z, torch.full_like(z, math.nan))
     return (inverse * g - inverse * inverse * (h.T @ z)).reshape(low_rank_grad.shape)
 
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from memzoo.reference.common import as_tensor_list, check_parallel_lists, compute_dtype
+from memzoo.reference.common import as_tensor_list, check_parallel_lists, compute_dtype, sign
 
 __all__ = ["lion_update_"]
 
@@ -46,7 +46,7 @@ def lion_update_(
         m = exp_avg.to(dtype)
         p = param.to(dtype) * decay  # W ← W·(1 − lr·λ), decoupled decay
         c = m * beta1 + g * (1.0 - beta1)  # c = β1·m + (1 − β1)·g
-        p = p - lr * torch.sign(c)  # W ← W − lr·sign(c); sign(0) = 0
+        p = p - lr * sign(c)  # W ← W − lr·sign(c); sign(0) = 0, NaN propagates
         m = m * beta2 + g * (1.0 - beta2)  # m ← β2·m + (1 − β2)·g
         param.copy_(p)
         exp_avg.copy_(m)

@@ -87,7 +87,7 @@ def _split_update_kernel(
             g = -g
         residual = g - inside  # E = G − up(down(G))
         if RULE == 0:
-            residual = tl.where(residual > 0, 1.0, tl.where(residual < 0, -1.0, 0.0))  # sign(E)
+            residual = tl.where(residual > 0, 1.0, tl.where(residual < 0, -1.0, tl.where(residual == residual, 0.0, residual)))  # sign(E), NaN kept
         w = w - residual_step * residual
     tl.store(w_ptrs, to_storage(w, w_ptr.dtype.element_ty), mask=mask)
 

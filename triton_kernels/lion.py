@@ -46,7 +46,7 @@ def _lion_kernel(
         g = -g
     p = p * decay  # W ← W·(1 − lr·λ)
     c = m * beta1 + g * one_minus_beta1  # c = β1·m + (1 − β1)·g
-    direction = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))  # sign(c), sign(0) = 0
+    direction = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, tl.where(c == c, 0.0, c)))  # sign(c); sign(0) = 0, NaN kept
     p = p - lr * direction
     m = m * beta2 + g * one_minus_beta2  # m ← β2·m + (1 − β2)·g
     tl.store(p_base + p_offs, to_storage(p, p_base.dtype.element_ty), mask=mask)
