@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import pickle
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import ModuleType
-from typing import Any, ClassVar, Literal
+from typing import IO, Any, ClassVar, Literal
 
 import torch
 
@@ -403,6 +405,21 @@ class MemzooOptimizer(torch.optim.Optimizer):
         """Bring an older checkpoint to the current layout (subclasses add their own steps)."""
         return migrate_state_dict(state_dict)
 
+    def load_checkpoint(self, file: str | os.PathLike | IO[bytes]) -> None:
+        """Load a state_dict saved with ``torch.save(optimizer.state_dict(), file)``.
+
+        The file is read with ``torch.load(weights_only=True)`` (no code runs) onto the CPU; a
+        truncated or corrupted file, or one holding arbitrary pickled objects, raises a
+        ``ValueError`` naming it, and the optimizer is left unchanged, as it is by every check of
+        :meth:`load_state_dict`."""
+        try:
+            state_dict = torch.load(file, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError) as exc:
+            name = getattr(file, "name", file)
+            raise ValueError(f"cannot read the checkpoint {name!s}: it is truncated, corrupted, or holds objects "
+                             f"other than tensors and plain containers ({type(exc).__name__}: {exc})") from exc
+        self.load_state_dict(state_dict)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state_dict written by the same optimizer class, after checking every field.
 
@@ -422,6 +439,10 @@ class MemzooOptimizer(torch.optim.Optimizer):
         state_dict = self._migrate(state_dict)
         skipped = state_dict["memzoo"].get("skipped_steps")
         saved_groups = state_dict["param_groups"]
+        if not isinstance(state_dict["state"], Mapping) or not isinstance(saved_groups, (list, tuple)) or not all(
+                isinstance(g, Mapping) and isinstance(g.get("params"), (list, tuple)) for g in saved_groups):
+            raise ValueError(f"{name}.load_state_dict: malformed state_dict ('state' must be a dict and "
+                             "'param_groups' a list of dicts with a 'params' list)")
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(saved_groups)} param groups, the optimizer has {len(self.param_groups)}")
         saved_state = state_dict["state"]
@@ -447,6 +468,9 @@ class MemzooOptimizer(torch.optim.Optimizer):
                 spec = self._state_spec(param, merged)
                 entry = saved_state[param_id]
                 where = _describe(group_index, param_index, param)
+                if not isinstance(entry, Mapping):
+                    problems.append(f"state for {where} is a {type(entry).__name__}, expected a dict")
+                    continue
                 if set(entry) != set(spec):
                     problems.append(f"state for {where} has keys {sorted(entry)}, expected {sorted(spec)}")
                 for key, (shape, dtype) in spec.items():

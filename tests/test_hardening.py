@@ -354,3 +354,29 @@ def test_fuzz_layouts_shapes_dtypes(info, case) -> None:
     for p, q in zip(params, twin_params):
         assert torch.isfinite(p).all(), info.name
         assert torch.equal(p, q), info.name
+
+
+def test_checkpoint_files_that_are_truncated_or_hold_code_are_refused(tmp_path) -> None:
+    params = make_params()
+    optimizer = GaLoreAdamW(params, lr=0.1, rank=2, backend="torch")
+    set_grads(params, 0)
+    optimizer.step()
+    path = tmp_path / "optimizer.pt"
+    torch.save(optimizer.state_dict(), path)
+    snap = snapshot(optimizer, params)
+    resumed_params = make_params()
+    resumed = GaLoreAdamW(resumed_params, lr=0.1, rank=2, backend="torch")
+    resumed.load_checkpoint(path)
+    assert resumed.state_dict()["state"].keys() == snap[1]["state"].keys()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"cannot read the checkpoint .*truncated.pt"):
+        optimizer.load_checkpoint(truncated)
+    hostile = tmp_path / "hostile.pt"
+    torch.save({"state": {}, "param_groups": [], "memzoo": InjectedFailure("not a tensor")}, hostile)
+    with pytest.raises(ValueError, match="holds objects other than tensors"):
+        optimizer.load_checkpoint(hostile)
+    malformed = {**optimizer.state_dict(), "param_groups": [{"lr": 0.1}]}
+    with pytest.raises(ValueError, match="malformed state_dict"):
+        optimizer.load_state_dict(malformed)
+    assert_same(optimizer, params, snap)
