@@ -39,6 +39,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     The updates are the ordinary step's, parameter by parameter (seeded projections keep their
     per-weight seeds: the wrapper passes ``seed + position`` to optimizers with a ``seed``).
     ``param_groups`` are the inner optimizers' groups, so LR schedulers work unchanged.
+    ``skip_nonfinite=True`` (passed on to memzoo optimizers) skips per parameter: a parameter whose
+    gradient has NaN/Inf keeps its value and state while the others step, since no hook sees all
+    gradients. Under FSDP2 the hooks run on the reduced, sharded gradients, and each rank steps
+    its shards.
 
     What it cannot do, by construction (each gradient is applied and freed as soon as it exists):
 

@@ -151,6 +151,20 @@ _FSDP_SCRIPT = textwrap.dedent("""
         optimizer.step(lambda: torch.nn.functional.mse_loss(model(x), y))
     results["mezo:ignored"] = [p.detach().clone() for p in model[4].parameters()]
     results["mezo:moved"] = any(not torch.equal(a, b) for a, b in zip(before, model[4].parameters()))
+    # Layer-wise updates: FSDP2 runs the post-accumulate-grad hooks on the sharded gradients.
+    from memzoo.optim import LayerwiseOptimizer, Lion
+    model, reference_model = shard(make_model()), shard(make_model())
+    layerwise = LayerwiseOptimizer(model.parameters(), Lion, lr=1e-2, weight_decay=0.1)
+    plain = Lion(reference_model.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        x = torch.randn(8, 12, generator=generator)
+        model(x).square().mean().backward()
+        layerwise.step()
+        reference_model(x).square().mean().backward()
+        plain.step()
+        plain.zero_grad()
+    results["layerwise"] = all(torch.equal(a.full_tensor(), b.full_tensor())
+                               for a, b in zip(model.parameters(), reference_model.parameters()))
     torch.save(results, out + f".{rank}")
     dist.destroy_process_group()
 """)
@@ -177,6 +191,7 @@ def test_fsdp2_per_element_on_shards_low_rank_refuse(tmp_path) -> None:
         for a, b in zip(results[0][name]["params"], results[1][name]["params"]):
             assert torch.equal(a, b), name
     for result in results:
+        assert result["layerwise"]
         assert "optim_bits=32" in result["galore:8bit"]
         assert "ignored_params" in result["mezo:sharded"]
         assert result["mezo:moved"]

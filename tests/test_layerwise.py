@@ -122,3 +122,18 @@ def test_layerwise_lowers_peak_memory() -> None:
         del model, optimizer
     grads = 8 * (2048 * 2048 + 2048) * 4
     assert peaks["layerwise"] <= peaks["ordinary"] - 0.75 * grads
+
+
+def test_skip_nonfinite_skips_only_the_parameter_with_the_nonfinite_gradient() -> None:
+    from memzoo.optim import Lion
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    optimizer = LayerwiseOptimizer(model.parameters(), Lion, lr=0.1, skip_nonfinite=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    model[1].weight.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+    model(torch.randn(5, 4)).sum().backward()
+    optimizer.step()
+    after = list(model.parameters())
+    assert torch.equal(after[2], before[2])  # the NaN gradient's parameter did not move
+    assert not torch.equal(after[0], before[0]) and all(torch.isfinite(p).all() for p in after)
