@@ -385,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--seq-len", type=int, default=256)
     memory.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto")
     memory.add_argument("--seed", type=int, default=0)
+    memory.add_argument("--layerwise", action="store_true",
+                        help="also measure each optimizer as a LayerwiseOptimizer (create_optimizer(..., layerwise=True))")
     memory.add_argument("--json", metavar="PATH")
     memory.set_defaults(run=run_memory, default_optimizers=list(DEFAULT_MEMORY))
     return parser

@@ -73,7 +73,7 @@ for part in $parts; do
     zo)  # zeroth-order fine-tuning of the cached 60m checkpoint (pretrained here on first use)
         bench zo_60m zo --preset 60m --cache-dir /tmp/memzoo-cache "$@" ;;
     memory)
-        bench memory_350m memory --preset 350m "$@"
+        bench memory_350m memory --preset 350m --layerwise "$@"
         bench memory_1b memory --preset 1b --dtype bf16 "$@" ;;
     kernel-tests)  # one process per kernel: a CUDA error poisons its process, not the others' results
         for function in $(python3 -c "from memzoo.triton_kernels.registry import KERNELS; print(' '.join(p.function for p in KERNELS.values()))"); do

@@ -34,6 +34,10 @@ def analytic_state_bytes(name: str, optimizer: torch.optim.Optimizer) -> int:
     """The state bytes the algorithm needs (after every parameter has been stepped): the
     registry's formula for memzoo optimizers; for torch AdamW two moments of each parameter's
     dtype and a float32 step scalar."""
+    from memzoo.optim.layerwise import LayerwiseOptimizer
+
+    if isinstance(optimizer, LayerwiseOptimizer):
+        return sum(analytic_state_bytes(name, inner) for inner in optimizer.inner_optimizers)
     if name == "adamw":
         return sum(2 * p.numel() * p.element_size() + 4
                    for group in optimizer.param_groups for p in group["params"] if p in optimizer.state)
@@ -48,7 +52,8 @@ def memory_config(preset: str, seq_len: int) -> DecoderConfig:
                          heads=max(1, shape.hidden // 64), seq_len=seq_len, vocab=shape.vocab)
 
 
-def measure(name: str, config: DecoderConfig, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def measure(name: str, config: DecoderConfig, args: argparse.Namespace, device: torch.device,
+            layerwise: bool = False) -> dict[str, Any]:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -56,7 +61,8 @@ def measure(name: str, config: DecoderConfig, args: argparse.Namespace, device: 
     model = build_model(config, device, args.seed).to(DTYPES[args.dtype])
     params_bytes = sum(p.nbytes for p in model.parameters())
     before_optimizer = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-    optimizer = build_optimizer(name, model, TRAIN_SETTINGS[name].lr, 1000, args.backend)
+    optimizer = build_optimizer(name, model, TRAIN_SETTINGS[name].lr, 1000, args.backend,
+                                {"layerwise": True} if layerwise else None)
     tokens = torch.randint(0, config.vocab, (args.batch, config.seq_len + 1),
                            generator=torch.Generator().manual_seed(args.seed)).to(device)
 
@@ -66,7 +72,7 @@ def measure(name: str, config: DecoderConfig, args: argparse.Namespace, device: 
         optimizer.zero_grad(set_to_none=True)
 
     full_step()  # allocates the state
-    row: dict[str, Any] = {"optimizer": name, "params_mib": params_bytes / MIB,
+    row: dict[str, Any] = {"optimizer": f"{name} (layerwise)" if layerwise else name, "params_mib": params_bytes / MIB,
                            "state_analytic_mib": analytic_state_bytes(name, optimizer) / MIB,
                            "state_mib": optimizer_state_bytes(optimizer) / MIB}
     if device.type == "cuda":
@@ -84,7 +90,11 @@ def measure(name: str, config: DecoderConfig, args: argparse.Namespace, device: 
 def run_memory(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     config = memory_config(args.preset, args.seq_len)
-    rows = [measure(name, config, args, device) for name in ["adamw", *[n for n in args.optimizer if n != "adamw"]]]
+    rows = []
+    for name in ["adamw", *[n for n in args.optimizer if n != "adamw"]]:
+        rows.append(measure(name, config, args, device))
+        if args.layerwise:  # stepped during backward, each gradient freed: the peak drops by ~a gradient copy
+            rows.append(measure(name, config, args, device, layerwise=True))
     adamw = rows[0]
     for row in rows:
         row["vs_adamw_state"] = row["state_mib"] / adamw["state_mib"]

@@ -86,10 +86,16 @@ def _decay_groups(named: list[tuple[str, torch.nn.Parameter]], no_decay: str | S
 
 
 def _build(cls_path: str, **fixed: Any) -> Callable[..., torch.optim.Optimizer]:
-    """A builder of the class at ``cls_path`` (imported when called) with ``fixed`` keywords."""
-    def build(groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.Optimizer:
+    """A builder of the class at ``cls_path`` (imported when called) with ``fixed`` keywords;
+    ``layerwise=True`` wraps one instance per parameter in :class:`LayerwiseOptimizer`."""
+    def build(groups: list[dict[str, Any]], *, layerwise: bool = False, **kwargs: Any) -> torch.optim.Optimizer:
         module_name, _, attr = cls_path.rpartition(".")
-        return getattr(importlib.import_module(module_name), attr)(groups, **{**fixed, **kwargs})
+        cls = getattr(importlib.import_module(module_name), attr)
+        if layerwise:
+            from memzoo.optim.layerwise import LayerwiseOptimizer
+
+            return LayerwiseOptimizer(groups, cls, **{**fixed, **kwargs})
+        return cls(groups, **{**fixed, **kwargs})
 
     return build
 
@@ -134,6 +140,7 @@ def create_optimizer(
     target_modules: str | Sequence[str] | None = None,
     no_decay: str | Sequence[str] | None = None,
     train_unquantized: bool = False,
+    layerwise: bool = False,
     **kwargs: Any,
 ) -> torch.optim.Optimizer:
     """The optimizer ``name`` (case-insensitive; see :func:`list_optimizers`) over ``model``'s
@@ -149,6 +156,9 @@ def create_optimizer(
     - ``qzo`` trains the float scales of the model's bitsandbytes 4-bit layers
       (:func:`memzoo.optim.collect_quantization_scales`), plus the other trainable parameters by
       plain zeroth-order steps with ``train_unquantized=True``.
+    - ``layerwise=True`` returns a :class:`memzoo.optim.LayerwiseOptimizer` over the same groups:
+      each parameter is stepped during ``backward()`` and its gradient freed (not for the
+      zeroth-order methods, which take no gradients).
     - Every other keyword goes to the optimizer's constructor (``betas``, ``weight_decay``,
       ``backend``, ``update_proj_gap``, ...).
     """
@@ -158,6 +168,12 @@ def create_optimizer(
         raise ValueError(f"Unknown optimizer {name!r}; valid names: {', '.join(FACTORY_NAMES)}")
     key = name.lower()
     entry = FACTORY_NAMES[key]
+    if not isinstance(layerwise, bool):
+        raise TypeError(f"layerwise must be a bool, got {layerwise!r}")
+    if layerwise and entry.zeroth_order:
+        raise ValueError(f"{key} takes no gradients: layer-wise updates do not apply; use it without layerwise=True")
+    if layerwise:
+        kwargs["layerwise"] = True
     if lr is not None:
         kwargs["lr"] = lr
     weight_decay = kwargs.pop("weight_decay", None)

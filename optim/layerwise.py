@@ -147,6 +147,19 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 optimizer.load_state_dict(backup)
             raise
 
+    @property
+    def inner_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The per-parameter optimizers, in parameter order."""
+        return list(self._inner.values())
+
     def state_bytes(self) -> int:
-        """Bytes of optimizer state, summed over the parameters' optimizers."""
-        return sum(getattr(inner, "state_bytes", lambda: 0)() for inner in self._inner.values())
+        """Bytes of optimizer state, summed over the parameters' optimizers (torch.optim ones
+        counted by their state tensors)."""
+        total = 0
+        for inner in self._inner.values():
+            if hasattr(inner, "state_bytes"):
+                total += inner.state_bytes()
+            else:
+                total += sum(value.nbytes for state in inner.state.values() for value in state.values()
+                             if isinstance(value, torch.Tensor))
+        return total

@@ -137,6 +137,17 @@ def test_memory_analytic_state_equals_measured(tmp_path) -> None:
     assert rows["galore_adamw_8bit"]["state_mib"] < rows["galore_adamw"]["state_mib"]
 
 
+def test_memory_layerwise_rows(tmp_path) -> None:
+    path = tmp_path / "memory.json"
+    assert main(["memory", "--device", "cpu", "--preset", "tiny", "--batch", "1", "--seq-len", "16",
+                 "--optimizer", "lion", "--layerwise", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [row["optimizer"] for row in rows] == ["adamw", "adamw (layerwise)", "lion", "lion (layerwise)"]
+    for row in rows:
+        assert row["state_analytic_mib"] == row["state_mib"] > 0
+    assert rows[1]["state_mib"] == rows[0]["state_mib"] and rows[3]["state_mib"] == rows[2]["state_mib"]
+
+
 def test_train_rejects_unknown_names(capsys) -> None:
     assert main(["train", "--device", "cpu", "--optimizer", "mezo"]) == 2
     assert "no training setting" in capsys.readouterr().err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -165,3 +167,28 @@ def test_qzo_takes_the_scales_and_optionally_the_rest() -> None:
     assert [g["scales"] for g in with_rest.param_groups] == [True, False]
     with pytest.raises(ValueError, match="no bitsandbytes 4-bit layers"):
         create_optimizer(TinyLM(), "qzo")
+
+
+def test_layerwise_true_wraps_the_same_groups_in_a_layerwise_optimizer() -> None:
+    from memzoo.optim import LayerwiseOptimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
+    twin = copy.deepcopy(model)
+    layerwise = create_optimizer(model, "galore_adamw", lr=0.01, rank=2, update_proj_gap=2, backend="torch",
+                                 layerwise=True)
+    ordinary = create_optimizer(twin, "galore_adamw", lr=0.01, rank=2, update_proj_gap=2, backend="torch")
+    assert isinstance(layerwise, LayerwiseOptimizer)
+    # One group per parameter: the Linear weights are targets (a Sequential names no head).
+    assert [g["rank"] for g in layerwise.param_groups] == [2, 2, None, None, None, None]
+    x = torch.randn(4, 6)
+    for _ in range(3):
+        model(x).square().mean().backward()
+        layerwise.step()
+        twin(x).square().mean().backward()
+        ordinary.step()
+        ordinary.zero_grad()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="takes no gradients"):
+        create_optimizer(model, "mezo", layerwise=True)
