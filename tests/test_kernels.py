@@ -51,11 +51,15 @@ def test_kernel_matches_reference(pair: KernelPair, data) -> None:
 @pytest.mark.parametrize("pair", PAIRS, ids=lambda p: p.name)
 def test_kernel_awkward_shapes(pair: KernelPair, layout: str) -> None:
     """The awkward shapes (all in one call for multi-tensor kernels), every dtype combination and
-    every discrete choice."""
+    every discrete choice on contiguous tensors; on strided and transposed ones (where only the
+    addressing differs) the first and last combination of choices, which keeps the interpreted
+    suite within its time budget."""
     low, high = pair.shape_dims
     awkward = [s for s in AWKWARD_SHAPES if low <= len(s) <= high]
     groups = [awkward] if pair.max_tensors >= len(awkward) else [[s] for s in awkward]
     settings = [dict(zip(pair.choices, values)) for values in itertools.product(*pair.choices.values())]
+    if layout != "contiguous" and len(settings) > 2:
+        settings = [settings[0], settings[-1]]
     for param_dtype in pair.dtype_options["param"]:
         dtypes = {role: options[-1] for role, options in pair.dtype_options.items()}
         dtypes["param"] = param_dtype
