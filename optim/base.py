@@ -339,16 +339,23 @@ class MemzooOptimizer(torch.optim.Optimizer):
         """Whether every gradient is finite: one max-|g| reduction per tensor and one host sync
         per step. Sharded (DTensor) gradients are agreed on across ranks, so every rank makes the
         same decision (replicated ones, as under DDP, are identical already)."""
-        grads = [local_tensor(p.grad) for group in self.param_groups for p in group["params"]
-                 if p.grad is not None and p.grad.numel() > 0]
+        grads, sharded_device = [], None
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if sharded_device is None and is_dtensor(param.grad):
+                    sharded_device = param.grad.device
+                grad = local_tensor(param.grad)
+                if grad.numel() > 0:  # a rank's shard may be empty (uneven sharding)
+                    grads.append(grad)
         flags = []
         for (bucket,) in group_by_device(grads).values():
             norms = torch._foreach_norm(bucket, math.inf)
             flags.append(torch.stack([norm.float() for norm in norms]).isfinite().all())
         finite = torch.stack([flag.cpu() for flag in flags]).all() if flags else torch.tensor(True)
-        sharded = any(is_dtensor(p.grad) for group in self.param_groups for p in group["params"] if p.grad is not None)
-        if sharded and torch.distributed.is_initialized():
-            flag = finite.to(torch.int32).to(grads[0].device if grads else "cpu")
+        if sharded_device is not None and torch.distributed.is_initialized():
+            flag = finite.to(device=sharded_device, dtype=torch.int32)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
             finite = flag.bool()
         return bool(finite)

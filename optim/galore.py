@@ -177,7 +177,7 @@ class GaLoreAdamW(MemzooOptimizer):
                         raise ValueError(f"param {index}: {exc}") from None
 
     def _dtensor_problem(self, param: torch.Tensor, group: Mapping[str, Any]) -> str | None:
-        if self._settings_key(group) is not None and param.dim() >= 2:
+        if self._projector(param, group) is not None:
             return whole_matrix_problem(type(self).__name__)
         if group["optim_bits"] == 8:
             return "8-bit moments (optim_bits=8) are not supported for DTensor parameters; use optim_bits=32"

@@ -197,8 +197,10 @@ def refresh_projectors_(requests: list[RefreshRequest], *, randn: Randn = philox
             grads = torch.stack([r.grad_matrix for r, _ in part])
             finite = torch.isfinite(grads).flatten(1).all(1).tolist()  # one sync per chunk, on refresh steps
             if not all(finite):
-                skipped += [request for (request, _), ok in zip(part, finite) if not ok]
-                for request, seed in (item for item, ok in zip(part, finite) if not ok):
+                for (request, seed), ok in zip(part, finite):
+                    if ok:
+                        continue
+                    skipped.append(request)
                     if request.state.get("proj_left") is None and request.state.get("proj_right") is None:
                         left, right = random_basis(seed, projector.shape, projector.rank, projector.side, device,
                                                    factor_dtype, randn=randn)
