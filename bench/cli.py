@@ -406,11 +406,11 @@ def _parse_lrs(items: Sequence[str] | None) -> dict[str, float]:
     for item in items or []:
         name, sep, value = item.partition("=")
         try:
+            if not sep:
+                raise ValueError
             lrs[name.strip().lower()] = float(value)
         except ValueError:
             raise ValueError(f"--lr takes NAME=LR, got {item!r}") from None
-        if not sep:
-            raise ValueError(f"--lr takes NAME=LR, got {item!r}")
     return lrs
 
 

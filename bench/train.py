@@ -156,6 +156,25 @@ def evaluate(model: Decoder, windows: torch.Tensor, batch: int, device: torch.de
     return total / len(chunks)
 
 
+def _validation_windows(corpus: Corpus, preset: TrainPreset, seed: int) -> torch.Tensor:
+    """The fixed held-out windows every run of a command is evaluated on."""
+    return sample_windows(corpus.splits["heldout"], preset.eval_batches * preset.batch, preset.model.seq_len + 1,
+                          torch.Generator().manual_seed(seed + 2))
+
+
+def _train_step(model: Decoder, optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LRScheduler,
+                batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """One first-order step (clipped at norm 1, then the schedule); returns the loss, unsynced."""
+    with _autocast(device):
+        loss = model.loss(batch)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    schedule.step()
+    return loss
+
+
 def _batches(tokens: torch.Tensor, preset: TrainPreset, steps: int, seed: int) -> Iterator[torch.Tensor]:
     """The training batches, the same sequence for every run with the same seed."""
     generator = torch.Generator().manual_seed(seed)
@@ -181,14 +200,7 @@ def train_run(name: str, lr: float, preset: TrainPreset, corpus: Corpus, validat
             _sync(device)
             start = time.perf_counter()
         batch = batch.to(device, non_blocking=True)
-        with _autocast(device):
-            loss = model.loss(batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step()
-        pending.append(loss.detach())
+        pending.append(_train_step(model, optimizer, schedule, batch, device).detach())
         if step > 1:
             timed_tokens += batch.shape[0] * (batch.shape[1] - 1)
         if step % preset.eval_interval == 0 or step == steps:
@@ -242,8 +254,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     for name in names:
         if name not in TRAIN_SETTINGS:
             raise ValueError(f"no training setting for {name!r}; valid: {', '.join(TRAIN_SETTINGS)}")
-    validation = sample_windows(corpus.splits["heldout"], preset.eval_batches * preset.batch,
-                                preset.model.seq_len + 1, torch.Generator().manual_seed(args.seed + 2))
+    validation = _validation_windows(corpus, preset, args.seed)
     rows, runs = [], []
     for name in names:
         best, sweep = sweep_lrs(
@@ -299,13 +310,7 @@ def pretrained_checkpoint(preset_name: str, preset: TrainPreset, corpus: Corpus,
     optimizer = build_optimizer("adamw", model, TRAIN_SETTINGS["adamw"].lr, steps, "auto")
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(steps))
     for batch in _batches(corpus.splits["pretrain"], preset, steps, seed + 1):
-        with _autocast(device):
-            loss = model.loss(batch.to(device))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step()
+        _train_step(model, optimizer, schedule, batch.to(device), device)
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     cache_dir.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".tmp")
@@ -398,8 +403,7 @@ def run_zo(args: argparse.Namespace) -> dict[str, Any]:
     weights = pretrained_checkpoint(args.preset, preset, corpus, device, Path(args.cache_dir), args.seed,
                                     pretrain_steps)
     steps = args.steps or preset.zo_steps
-    heldout = sample_windows(corpus.splits["heldout"], preset.eval_batches * preset.batch,
-                             preset.model.seq_len + 1, torch.Generator().manual_seed(args.seed + 2))
+    heldout = _validation_windows(corpus, preset, args.seed)
     rows, runs = [], []
     for name in args.optimizer:
         centre = args.lr.get(name, ZO_SETTINGS[name].lr * (preset.zo_lr_multiplier if name != "adamw" else 1.0))
