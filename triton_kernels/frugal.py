@@ -35,7 +35,7 @@ from memzoo.triton_kernels.galore import (
     same_layout_batches,
     writable_matrix,
 )
-from memzoo.triton_kernels.multi_tensor import to_storage
+from memzoo.triton_kernels.multi_tensor import sign, to_storage
 
 __all__ = ["AUTO", "INTERPRETED", "adamw_update_", "frugal_apply_", "galore_adam_project_"]
 
@@ -87,7 +87,7 @@ def _split_update_kernel(
             g = -g
         residual = g - inside  # E = G − up(down(G))
         if RULE == 0:
-            residual = tl.where(residual > 0, 1.0, tl.where(residual < 0, -1.0, tl.where(residual == residual, 0.0, residual)))  # sign(E), NaN kept
+            residual = sign(residual)  # sign(E); NaN for a non-finite E
         w = w - residual_step * residual
     tl.store(w_ptrs, to_storage(w, w_ptr.dtype.element_ty), mask=mask)
 

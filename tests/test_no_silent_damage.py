@@ -1,0 +1,161 @@
+"""Issue 18 ("no silent damage"): values that used to corrupt an optimizer without a trace —
+sign(±Inf) as a finite step, overflowing Gram matrices, ill-conditioned natural-gradient
+solves, non-finite or out-of-range hyperparameters, signSGD on rounding noise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memzoo.optim import COSMOS, FRUGAL, GaLoreAdamW, Lion, NaturalGaLore
+from memzoo.reference.cosmos import cosmos_basis_init, cosmos_basis_update, newton_schulz5
+from memzoo.reference.galore import natural_gradient
+
+BACKENDS = ["torch", "triton"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These problems are tiny: LAPACK calls on a few-element matrix cost ~15 ms each with a
+    thread pool on a busy machine and well under 1 ms on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- sign-based updates: a non-finite input writes NaN, never a finite step -----------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lion_inf_gradient_is_a_nan_weight_not_a_permanent_drift(backend) -> None:
+    weight = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 8))
+    optimizer = Lion([weight], lr=0.1, backend=backend)
+    weight.grad = torch.ones(8)
+    weight.grad[2], weight.grad[5] = float("inf"), -float("inf")
+    optimizer.step()
+    hit = torch.zeros(8, dtype=torch.bool)
+    hit[[2, 5]] = True
+    assert torch.isnan(weight[hit]).all()  # before: ±lr, a finite step with an Inf momentum behind it
+    assert torch.isfinite(weight[~hit]).all()
+    # Later finite gradients pointing the other way: the damaged elements stay visibly NaN
+    # (before: they kept moving by lr in the direction of the old Inf, against these gradients).
+    for _ in range(3):
+        weight.grad = -torch.sign(torch.linspace(-1.0, 1.0, 8)) - 0.5
+        optimizer.step()
+    assert torch.isnan(weight[hit]).all() and torch.isfinite(weight[~hit]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frugal_signsgd_of_an_inf_residual_is_nan(backend) -> None:
+    # density 0: the whole gradient is the residual, so the Inf reaches signSGD alone (a projection
+    # would spread it as Inf·0 = NaN through the matrix products first).
+    weight = torch.nn.Parameter(torch.randn(6, 8, generator=torch.Generator().manual_seed(0)))
+    optimizer = FRUGAL([{"params": [weight], "density": 0.0}], lr=0.1, backend=backend)
+    weight.grad = torch.randn(6, 8, generator=torch.Generator().manual_seed(1))
+    weight.grad[0, 3], weight.grad[4, 1] = float("inf"), -float("inf")
+    optimizer.step()
+    hit = torch.zeros(6, 8, dtype=torch.bool)
+    hit[0, 3] = hit[4, 1] = True
+    assert torch.isnan(weight[hit]).all()  # before: a finite step of ±lr
+    assert torch.isfinite(weight[~hit]).all()
+
+
+# ---- COSMOS: a huge finite gradient must not write a NaN basis -------------------------------------
+
+def test_cosmos_subspace_tracking_is_scale_invariant() -> None:
+    generator = torch.Generator().manual_seed(3)
+    grad = torch.randn(9, 6, generator=generator)
+    basis, subspace = cosmos_basis_init(grad, 3, beta2=0.95)
+    huge_basis, huge_subspace = cosmos_basis_init(grad * 1e20, 3, beta2=0.95)  # GᵀG ≈ 1e40 > fp32's range
+    torch.testing.assert_close(huge_basis @ huge_basis.T, basis @ basis.T, atol=1e-5, rtol=0)
+    assert torch.isfinite(huge_subspace).all()  # S itself saturates at fp32's largest value
+    later = torch.randn(9, 6, generator=generator)
+    # float64 holds every intermediate of the huge fp32 case: it is the oracle.
+    expected, _ = cosmos_basis_update(later.double() * 1e20, basis.double(), subspace.double(), beta2=0.95)
+    huge_updated, huge_later_subspace = cosmos_basis_update(later * 1e20, basis, subspace, beta2=0.95)
+    torch.testing.assert_close(huge_updated.double() @ huge_updated.double().T, expected @ expected.T, atol=1e-5,
+                               rtol=0)
+    assert torch.isfinite(huge_later_subspace).all()
+    # Newton–Schulz's normalization: a huge complement is orthogonalized, not zeroed by ‖X‖ = Inf.
+    torch.testing.assert_close(newton_schulz5(grad * 1e20, dtype=torch.float32), newton_schulz5(grad, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cosmos_huge_finite_gradient_keeps_weights_basis_and_steps_finite(backend) -> None:
+    generator = torch.Generator().manual_seed(4)
+    weight = torch.nn.Parameter(torch.randn(6, 8, generator=generator))
+    lr, lr_ratio = 0.01, 0.5
+    optimizer = COSMOS([weight], lr=lr, lr_ratio=lr_ratio, rank=2, ns_dtype=torch.float32, backend=backend,
+                       skip_nonfinite=True)
+    for step in range(4):
+        weight.grad = torch.randn(6, 8, generator=generator) * (1e20 if step == 1 else 1.0)
+        before = weight.detach().clone()
+        optimizer.step()
+        state = optimizer.state[weight]
+        assert torch.isfinite(weight).all() and torch.isfinite(state["basis"]).all(), step  # before: NaN from step 1
+        assert torch.isfinite(state["subspace"]).all(), step
+        # Every COSMOS step has RMS lr·ρ (no decay here): a zeroed direction would not move at all.
+        rms = (weight.detach() - before).square().mean().sqrt().item()
+        assert rms == pytest.approx(lr * lr_ratio, rel=1e-3), step
+    assert optimizer.skipped_steps == 0  # the gradient was finite: nothing to skip
+
+
+@pytest.mark.parametrize("cls, kwargs", [(GaLoreAdamW, {"rank": 2}), (FRUGAL, {"density": 0.5})],
+                         ids=["galore", "frugal"])
+def test_other_low_rank_methods_stay_finite_on_a_huge_gradient(cls, kwargs) -> None:
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.nn.Parameter(torch.randn(6, 8, generator=generator))
+    optimizer = cls([{"params": [weight], **kwargs}], lr=0.01, update_proj_gap=2, backend="torch")
+    for step in range(4):  # the huge gradient lands on a refresh step (1, 3 with gap 2)
+        weight.grad = torch.randn(6, 8, generator=generator) * (1e20 if step == 2 else 1.0)
+        optimizer.step()
+        assert torch.isfinite(weight).all(), step
+        assert torch.isfinite(optimizer.state[weight]["proj_left"]).all(), step
+
+
+# ---- Natural GaLore: the Woodbury solve must not fail on ordinary gradient histories --------------
+
+def _collinear_history(seed: int) -> torch.Tensor:
+    """Five fp32 projected gradients as a few steps of training make them: nearly parallel, of
+    norm ≈ 100 (I + H·Hᵀ/λ at λ = 1e-3 then has condition ≈ 1e8; fp32 Cholesky failed on 62
+    of these 100)."""
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(4, generator=generator) * 100
+    return torch.stack([base * (1 + 0.01 * t) + 0.05 * torch.randn(4, generator=generator) for t in range(5)])
+
+
+def test_natural_gradient_is_accurate_on_ill_conditioned_histories() -> None:
+    for seed in range(100):
+        history = _collinear_history(seed)
+        result = natural_gradient(history[-1], history, damping=1e-3)
+        wide = history.double()
+        exact = torch.linalg.solve(1e-3 * torch.eye(4, dtype=torch.float64) + wide.T @ wide, wide[-1])
+        assert result.dtype == torch.float32
+        torch.testing.assert_close(result.double(), exact, rtol=1e-5, atol=0, msg=f"seed {seed}")
+    # Non-finite input still propagates (as NaN, decided without a host sync).
+    history[2, 1] = float("inf")
+    assert torch.isnan(natural_gradient(history[-1], history, damping=1e-3)).all()
+
+
+def test_natural_galore_keeps_a_small_regression_finite_over_many_seeds() -> None:
+    """The issue's experiment, small: a 10×5 weight and a bias, rank 2, lr 1e-3, 5 steps of a
+    summed squared error; fp32 Cholesky turned the weight into NaN in almost every seed."""
+    nonfinite = []
+    for seed in range(100):
+        generator = torch.Generator().manual_seed(seed)
+        weight = torch.nn.Parameter(torch.randn(10, 5, generator=generator))
+        bias = torch.nn.Parameter(torch.randn(10, generator=generator))
+        inputs, targets = torch.randn(32, 5, generator=generator), torch.randn(32, 10, generator=generator)
+        optimizer = NaturalGaLore([{"params": [weight], "rank": 2}, {"params": [bias]}], lr=1e-3, backend="torch")
+        losses = []
+        for _ in range(5):
+            optimizer.zero_grad()
+            loss = (inputs @ weight.T + bias - targets).square().sum()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        if not torch.isfinite(weight).all():
+            nonfinite.append(seed)
+        else:
+            assert losses[-1] < losses[0], seed  # and the natural-gradient steps descend
+    assert nonfinite == []
