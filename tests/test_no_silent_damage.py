@@ -4,10 +4,14 @@ solves, non-finite or out-of-range hyperparameters, signSGD on rounding noise.""
 
 from __future__ import annotations
 
+import copy
+import math
+
 import pytest
 import torch
 
-from memzoo.optim import COSMOS, FRUGAL, GaLoreAdamW, Lion, NaturalGaLore
+from memzoo.optim import COSMOS, FRUGAL, QZO, GaLoreAdamW, Lion, MeZO, NaturalGaLore
+from memzoo.optim.registry import OPTIMIZERS
 from memzoo.reference.cosmos import cosmos_basis_init, cosmos_basis_update, newton_schulz5
 from memzoo.reference.galore import natural_gradient
 
@@ -159,3 +163,60 @@ def test_natural_galore_keeps_a_small_regression_finite_over_many_seeds() -> Non
         else:
             assert losses[-1] < losses[0], seed  # and the natural-gradient steps descend
     assert nonfinite == []
+
+
+# ---- hyperparameters: finite, in range, checked again at every step --------------------------------
+
+def test_zeroth_order_constructor_numbers_must_be_finite() -> None:
+    params = [torch.nn.Parameter(torch.ones(3))]
+    with pytest.raises(ValueError, match="Invalid scale_min: inf"):
+        QZO(params, lr=1e-3, scale_min=math.inf)
+    with pytest.raises(ValueError, match="Invalid clip_threshold: inf"):
+        QZO(params, lr=1e-3, clip_threshold=math.inf)
+    with pytest.raises(ValueError, match="Invalid eps: an int of 1329 bits"):
+        MeZO(params, lr=1e-3, eps=10**400)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # it was called after
+@pytest.mark.parametrize("info", OPTIMIZERS.values(), ids=lambda info: info.name)
+def test_a_scheduler_that_makes_lr_nan_is_stopped_before_the_step_changes_anything(info) -> None:
+    generator = torch.Generator().manual_seed(6)
+    params = [torch.nn.Parameter(torch.randn(7, 5, generator=generator)),
+              torch.nn.Parameter(torch.randn(5, generator=generator))]
+    optimizer = info.cls(params, **info.sample_kwargs, backend="torch")
+
+    def step() -> None:
+        if info.zeroth_order:
+            optimizer.step(lambda: sum(p.square().sum() for p in params))
+            return
+        for param in params:
+            param.grad = torch.randn(param.shape, generator=generator)
+        optimizer.step()
+
+    step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: math.nan if epoch >= 1 else 1.0)
+    scheduler.step()
+    before = [p.detach().clone() for p in params], copy.deepcopy(optimizer.state_dict()["state"])
+    with pytest.raises(ValueError, match=r"param group 0: Invalid lr: nan .*scheduler.*modified nothing"):
+        step()  # before: the step ran, and the NaN surfaced only when the checkpoint was refused
+    for value, key in ((math.inf, "lr"), (-1.0, "weight_decay"), (math.inf, "weight_decay")):
+        optimizer.param_groups[0]["lr"] = 0.01
+        optimizer.param_groups[0][key] = value
+        with pytest.raises(ValueError, match=f"param group 0: Invalid {key}"):
+            step()
+    optimizer.param_groups[0]["weight_decay"] = 0.0
+    optimizer.param_groups[0]["lr"] = torch.tensor(math.nan)  # a 0-d tensor lr is held to the same rule
+    with pytest.raises((TypeError, ValueError), match="param group 0: Invalid lr"):
+        step()
+    optimizer.param_groups[0]["lr"] = 0.01
+    if "betas" in optimizer.param_groups[0]:  # OneCycleLR / CyclicLR write betas
+        optimizer.param_groups[0]["betas"] = (math.nan, 0.9)
+        with pytest.raises(ValueError, match="param group 0: Invalid beta parameter at index 0"):
+            step()
+    for param, saved in zip(params, before[0]):
+        assert torch.equal(param.detach(), saved)
+    after = optimizer.state_dict()["state"]
+    assert after.keys() == before[1].keys()
+    for key, entry in before[1].items():
+        for name, value in entry.items():
+            assert torch.equal(after[key][name], value), (key, name)
