@@ -220,3 +220,67 @@ def test_a_scheduler_that_makes_lr_nan_is_stopped_before_the_step_changes_anythi
     for key, entry in before[1].items():
         for name, value in entry.items():
             assert torch.equal(after[key][name], value), (key, name)
+
+
+# ---- FRUGAL: signSGD on a residual that is rounding noise ------------------------------------------
+
+def _rank_one_frugal_step(seed: int, backend: str = "torch", **kwargs) -> tuple[float, float, torch.Tensor]:
+    """One FRUGAL step on ½‖Wx − y‖² for one sample: G = (Wx − y)xᵀ has rank 1, so the rank-3
+    SVD subspace holds all of it and the residual is rounding noise. (loss before, after, W)."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.nn.Parameter(torch.randn(8, 6, generator=generator))
+    x, y = torch.randn(6, generator=generator), torch.randn(8, generator=generator)
+    optimizer = FRUGAL([{"params": [weight], "density": 0.5}], lr=1e-3, weight_decay=0.0, backend=backend, **kwargs)
+    before = 0.5 * (weight @ x - y).square().sum()
+    before.backward()
+    optimizer.step()
+    with torch.no_grad():
+        return before.item(), (0.5 * (weight @ x - y).square().sum()).item(), weight.detach()
+
+
+def test_frugal_takes_no_signsgd_step_on_a_residual_of_rounding_noise() -> None:
+    official_rises = 0
+    for seed in range(200):
+        before, after, _ = _rank_one_frugal_step(seed)
+        assert after < before, seed  # before the fix: the default rose in about a third of these runs
+        official_before, official_after, _ = _rank_one_frugal_step(seed, inactive_threshold=0.0)
+        official_rises += official_after > official_before
+    assert official_rises > 30  # the official update (still reachable) is the one that rose
+    # A genuine residual (a full-rank gradient, half of it outside the subspace) is untouched.
+    weights = []
+    for threshold in (1e-2, 0.0):
+        weight = torch.nn.Parameter(torch.randn(8, 6, generator=torch.Generator().manual_seed(7)))
+        optimizer = FRUGAL([{"params": [weight], "density": 0.5}], lr=1e-3, backend="torch",
+                           inactive_threshold=threshold)
+        weight.grad = torch.randn(8, 6, generator=torch.Generator().manual_seed(8))
+        optimizer.step()
+        weights.append(weight.detach())
+    assert torch.equal(weights[0], weights[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frugal_noise_threshold_drops_exactly_the_signsgd_term(backend) -> None:
+    # (The two backends' SVDs may pick different trailing singular vectors of a rank-1 G, so
+    # each backend is compared with itself: thresholded = no residual step at all.)
+    for seed in range(2):
+        _, _, thresholded = _rank_one_frugal_step(seed, backend)
+        _, _, without = _rank_one_frugal_step(seed, backend, inactive_threshold=0.0, inactive_lr_scale=0.0)
+        _, _, official = _rank_one_frugal_step(seed, backend, inactive_threshold=0.0)
+        assert torch.equal(thresholded, without)
+        moved = (official - without).abs() > 0.5e-3  # official: sign(noise) moves a coordinate by lr
+        assert moved.float().mean() > 0.5
+
+
+def test_frugal_checkpoint_from_before_the_threshold_resumes_with_the_official_update() -> None:
+    weight = torch.nn.Parameter(torch.randn(8, 6))
+    optimizer = FRUGAL([{"params": [weight], "density": 0.5}], lr=1e-3, backend="torch")
+    weight.grad = torch.randn(8, 6)
+    optimizer.step()
+    saved = optimizer.state_dict()
+    for group in saved["param_groups"]:
+        del group["inactive_threshold"]  # as written before the option existed
+    optimizer.load_state_dict(saved)
+    assert optimizer.param_groups[0]["inactive_threshold"] == 0.0
+    optimizer.step()
+    with pytest.raises(ValueError, match="Invalid inactive_threshold"):
+        FRUGAL([weight], density=0.5, inactive_threshold=1.0)
