@@ -6,12 +6,31 @@ APOLLO, FRUGAL, COSMOS, torch.optim's element-wise ones)."""
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
 __all__ = ["LayerwiseOptimizer"]
+
+# The LayerwiseOptimizer whose hooks update each parameter: a newer one over the same parameter
+# takes it over (Lightning's configure_optimizers on resume, a rebuilt optimizer), or both would
+# step it, the older one with its stale state.
+# Keyed by id (tensors compare by value), with a weak reference that drops the entry with the tensor.
+_OWNERS: dict[int, tuple[weakref.ref[torch.Tensor], LayerwiseOptimizer]] = {}
+
+
+def _owner(param: torch.Tensor) -> LayerwiseOptimizer | None:
+    entry = _OWNERS.get(id(param))
+    return entry[1] if entry is not None and entry[0]() is param else None
+
+
+def _set_owner(param: torch.Tensor, owner: LayerwiseOptimizer | None) -> None:
+    if owner is None:
+        _OWNERS.pop(id(param), None)
+    else:
+        _OWNERS[id(param)] = (weakref.ref(param, lambda _, key=id(param): _OWNERS.pop(key, None)), owner)
 
 
 def _groups(params: Iterable[Any]) -> list[dict[str, Any]]:
@@ -25,33 +44,72 @@ def _groups(params: Iterable[Any]) -> list[dict[str, Any]]:
 
 
 _FREED = (
-    "LayerwiseOptimizer applied this parameter's gradient during backward() and freed it, so there is no "
-    "gradient to read until the next backward(). Clipping by the global gradient norm "
-    "(torch.nn.utils.clip_grad_norm_, Hugging Face Trainer's max_grad_norm, accelerator.clip_grad_norm_, "
-    "Lightning's gradient_clip_val) needs every gradient at once: turn it off (TrainingArguments(max_grad_norm=0)) "
-    "and clip each parameter's gradient by its own norm with LayerwiseOptimizer(..., max_grad_norm=...) "
-    "(create_optimizer(..., layerwise=True, max_grad_norm=...)). A GradScaler (fp16 mixed precision) cannot "
-    "work either, since the updates ran on the scaled gradients: train in bf16 or float32, or use the ordinary "
-    "optimizer"
+    "LayerwiseOptimizer applied this parameter's gradient during backward() and freed it, so until step() "
+    "its .grad only answers for its norm (what torch.nn.utils.clip_grad_norm_ and trainers' grad-norm logging "
+    "read). A GradScaler (fp16 mixed precision) cannot work in layer-wise mode, since the updates ran on the "
+    "scaled gradients: train in bf16 or float32, or use the ordinary optimizer. To read a gradient, register a "
+    "hook that runs before the update (param.register_hook)"
 )
+_CLIP_TOO_LATE = (
+    "clipping by the global gradient norm would scale gradients that LayerwiseOptimizer already applied during "
+    "backward(){detail}: it needs every gradient at once. Turn the "
+    "trainer's global clip off (Hugging Face TrainingArguments(max_grad_norm=0), no accelerator.clip_grad_norm_ / "
+    "Lightning gradient_clip_val) and clip each parameter's gradient by its own norm, in the update, with "
+    "LayerwiseOptimizer(..., max_grad_norm=...) (create_optimizer(..., layerwise=True, max_grad_norm=...)); or "
+    "use the ordinary optimizer"
+)
+# Metadata that a stand-in gradient answers like the gradient (device, dtype, shape, ...).
+_METADATA = {"device", "dtype", "shape", "layout", "ndim", "is_sparse", "is_cuda", "is_meta", "is_nested",
+             "is_quantized", "is_mkldnn", "requires_grad", "is_leaf", "grad_fn", "names"}
+_METADATA_METHODS = {torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.is_floating_point,
+                     torch.Tensor.is_complex, torch.Tensor.__len__}
 
 
 class _AppliedGradient(torch.Tensor):
     """Stands in a parameter's ``.grad`` between its layer-wise update and ``step()``: a stride-0
-    view of one zero (no memory), on which any operation raises :data:`_FREED`, so that a
-    trainer's global-norm clip or GradScaler fails loudly instead of reading nothing (a norm of 0)."""
+    view of one zero (no memory) that keeps the 2-norm of the gradient that was applied. Norms are
+    answered from it (a trainer's grad-norm logging and ``clip_grad_norm_`` see the true global
+    norm, not 0); scaling by 1 (a clip that has nothing to clip) is a no-op; a clip that would
+    scale, and any other use, raise and say why, since the gradient is gone."""
+
+    applied_norm: torch.Tensor
 
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _METADATA_METHODS or (getattr(func, "__name__", "") == "__get__"
+                                         and getattr(getattr(func, "__self__", None), "__name__", "") in _METADATA):
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        if func is torch.linalg.vector_norm or func is torch._foreach_norm:
+            tensors = args[0] if func is torch._foreach_norm else [args[0]]
+            order = args[1] if len(args) > 1 else kwargs.get("ord", 2)
+            if order != 2 or kwargs.get("dim") is not None or len(args) > 2:
+                raise RuntimeError(f"{_FREED} (the norm kept is the whole tensor's 2-norm, not ord={order!r})")
+            with torch._C.DisableTorchFunctionSubclass():
+                norms = [t.applied_norm if isinstance(t, _AppliedGradient) else torch.linalg.vector_norm(t)
+                         for t in tensors]
+            dtype = kwargs.get("dtype")
+            norms = [norm.to(dtype) if dtype is not None else norm for norm in norms]
+            return norms if func is torch._foreach_norm else norms[0]
+        if func is torch.Tensor.mul_ or func is torch._foreach_mul_:
+            tensors, scale = (args[0], args[1]) if func is torch._foreach_mul_ else ([args[0]], args[1])
+            if not bool(torch.as_tensor(scale == 1).all()):
+                norm = torch.linalg.vector_norm(torch.stack([t.applied_norm for t in tensors
+                                                              if isinstance(t, _AppliedGradient)]))
+                raise RuntimeError(_CLIP_TOO_LATE.format(detail=f" (their global norm, {float(norm):.4g}, exceeds max_norm)"))
+            return args[0]
         raise RuntimeError(_FREED)
 
 
-def _applied_gradient(param: torch.Tensor) -> torch.Tensor | None:
+def _applied_gradient(param: torch.Tensor, norm: torch.Tensor) -> torch.Tensor | None:
     # Sharded (DTensor) and other tensor-subclass parameters take no stand-in: their grad is freed.
     if type(param.detach()) is not torch.Tensor:
         return None
     zero = torch.zeros((), dtype=param.dtype, device=param.device).expand(param.shape)
-    return torch.Tensor._make_subclass(_AppliedGradient, zero, False)
+    stand_in = torch.Tensor._make_subclass(_AppliedGradient, zero, False)
+    stand_in.applied_norm = norm
+    return stand_in
 
 
 def _unhooked_step(optimizer: torch.optim.Optimizer) -> None:
@@ -88,7 +146,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     ``skip_nonfinite=True`` (passed on to memzoo optimizers) skips per parameter: a parameter whose
     gradient has NaN/Inf keeps its value and state while the others step, since no hook sees all
     gradients. Under FSDP2 the hooks run on the reduced, sharded gradients, and each rank steps
-    its shards. If an update raises, the iteration is dropped (every gradient freed), so the next
+    its shards. A newer LayerwiseOptimizer over a parameter takes it over (this one's hooks on it
+    are removed), as when Lightning calls ``configure_optimizers`` again to resume. If an update raises, the iteration is dropped (every gradient freed), so the next
     ``backward()`` reports the real problem again.
 
     What it cannot do, by construction (each gradient is applied and freed as soon as it exists):
@@ -118,7 +177,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._optimizer_class = optimizer_class
         self._kwargs = kwargs
         self._inner: dict[torch.Tensor, torch.optim.Optimizer] = {}
-        self._handles: list[Any] = []
+        self._handles: dict[torch.Tensor, list[Any]] = {}
         self._applied: set[torch.Tensor] = set()
         self.max_grad_norm = max_grad_norm
         # torch.optim's __init__ calls add_param_group for every group (below), which builds the
@@ -145,8 +204,12 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         for param, inner in built.items():
             self._inner[param] = inner
             self.param_groups.append(inner.param_groups[0])
-            self._handles.append(param.register_hook(self._check_accumulation(param)))
-            self._handles.append(param.register_post_accumulate_grad_hook(self._apply))
+            previous = _owner(param)
+            if previous is not None and previous is not self:
+                previous._release(param)
+            _set_owner(param, self)
+            self._handles[param] = [param.register_hook(self._check_accumulation(param)),
+                                    param.register_post_accumulate_grad_hook(self._apply)]
         if not self.defaults and built:
             self.defaults.update(next(iter(built.values())).defaults)
 
@@ -175,12 +238,14 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._applied.add(param)
         try:
             if self.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_([param], self.max_grad_norm)
+                norm = torch.nn.utils.clip_grad_norm_([param], self.max_grad_norm)
+            else:
+                norm = torch.linalg.vector_norm(param.grad) if type(param.grad) is torch.Tensor else None
             _unhooked_step(self._inner[param])
         except BaseException:
             self._drop_iteration()  # the next backward starts clean and meets the real problem again
             raise
-        param.grad = _applied_gradient(param)
+        param.grad = None if norm is None else _applied_gradient(param, norm)
 
     def _drop_iteration(self) -> None:
         for param in self._applied:
@@ -205,13 +270,18 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._applied.clear()
 
     def clip_grad_norm_(self, *args: Any, **kwargs: Any) -> None:
-        raise RuntimeError(_FREED)
+        raise RuntimeError(_CLIP_TOO_LATE.format(detail=""))
 
     def remove_hooks(self) -> None:
         """Detach from the parameters (e.g. to switch back to an ordinary optimizer)."""
-        for handle in self._handles:
+        for param in list(self._handles):
+            self._release(param)
+
+    def _release(self, param: torch.Tensor) -> None:
+        for handle in self._handles.pop(param, ()):
             handle.remove()
-        self._handles = []
+        if _owner(param) is self:
+            _set_owner(param, None)
 
     def state_dict(self) -> dict[str, Any]:
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():

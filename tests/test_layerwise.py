@@ -167,13 +167,20 @@ def test_schedules_reach_the_updates_after_load_state_dict() -> None:
     assert all(inner.param_groups[0]["lr"] == pytest.approx(0.05) for inner in layerwise.inner_optimizers)
 
 
-def test_global_norm_clipping_and_grad_scaler_raise_instead_of_reading_freed_gradients() -> None:
-    model = _model()
+def test_global_norm_clipping_sees_the_true_norm_and_refuses_to_clip_too_late() -> None:
+    model, reference_model = _model(), _model()
     layerwise = LayerwiseOptimizer(model.parameters(), Lion, lr=1e-3)
     x, y = _batch(0)
+    torch.nn.functional.mse_loss(reference_model(x), y).backward()
+    true_norm = torch.nn.utils.clip_grad_norm_(reference_model.parameters(), float("inf"))
     torch.nn.functional.mse_loss(model(x), y).backward()
-    with pytest.raises(RuntimeError, match="applied this parameter's gradient.*max_grad_norm=0"):
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # was: returns 0.0, clips nothing
+    for foreach in (False, True):  # what Trainer logs as grad_norm (was 0.0), and a clip with nothing to clip
+        assert torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"), foreach=foreach) == true_norm
+        assert torch.nn.utils.clip_grad_norm_(model.parameters(), 2 * float(true_norm), foreach=foreach) == true_norm
+        with pytest.raises(RuntimeError, match=r"already applied.*global norm, [0-9.]+, exceeds.*max_grad_norm=0"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5 * float(true_norm), foreach=foreach)  # was: 0.0
+    with pytest.raises(RuntimeError, match="only answers for its norm"):
+        model[0].weight.grad.sum()
     layerwise.step()
     scaler = torch.amp.GradScaler("cpu")
     scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
@@ -261,3 +268,18 @@ def test_an_exception_in_an_update_is_raised_again_by_the_next_backward() -> Non
         _train_step(model, layerwise, 0)
     finally:
         _FailingSGD.fail = True
+
+
+def test_a_newer_layerwise_optimizer_takes_the_parameters_over() -> None:
+    # Lightning calls configure_optimizers again on resume; a user may rebuild the optimizer.
+    model = _model()
+    older = LayerwiseOptimizer(model.parameters(), torch.optim.SGD, lr=0.1)
+    newer = LayerwiseOptimizer(model.parameters(), torch.optim.SGD, lr=0.0, momentum=0.9)
+    before = [p.detach().clone() for p in model.parameters()]
+    _train_step(model, newer, 0)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))  # was: the older one stepped too
+    assert all(inner.state for inner in newer.inner_optimizers)  # momentum buffers: the newer one stepped
+    assert not any(inner.state for inner in older.inner_optimizers)
+    newer.remove_hooks()
+    torch.nn.functional.mse_loss(model(_batch(1)[0]), _batch(1)[1]).backward()
+    assert all(p.grad is not None and type(p.grad) is torch.Tensor for p in model.parameters())  # no hooks left
