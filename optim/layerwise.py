@@ -240,7 +240,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             if self.max_grad_norm is not None:
                 norm = torch.nn.utils.clip_grad_norm_([param], self.max_grad_norm)
             else:
-                norm = torch.linalg.vector_norm(param.grad) if type(param.grad) is torch.Tensor else None
+                norm = (torch.linalg.vector_norm(param.grad, dtype=torch.float32) if type(param.grad) is torch.Tensor
+                        else None)
             _unhooked_step(self._inner[param])
         except BaseException:
             self._drop_iteration()  # the next backward starts clean and meets the real problem again

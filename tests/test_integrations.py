@@ -110,6 +110,7 @@ def test_hf_trainer_trains_follows_the_schedule_and_resumes_exactly(tmp_path, na
     expected = [peak * min(step / warmup, (steps - step) / (steps - warmup)) for step in range(steps)]
     assert logged == pytest.approx(expected)
     assert _inner_lrs(optimizer) == pytest.approx([trainer.lr_scheduler.get_last_lr()[0]] * len(_inner_lrs(optimizer)))
+    assert all(entry["grad_norm"] > 0.1 for entry in trainer.state.log_history if "grad_norm" in entry)  # was 0.0
 
     resumed_model = _tiny_llama()
     resumed = _hf_trainer(tmp_path / "resumed", resumed_model, _optimizer(resumed_model, name, layerwise), steps,
@@ -136,7 +137,7 @@ def test_hf_trainer_clips_and_layerwise_refuses_its_global_clip_clearly(tmp_path
     assert max(norms_seen_by_the_step) == pytest.approx(0.05, rel=1e-4)  # ... and what the step got
 
     model = _tiny_llama()
-    trainer = _hf_trainer(tmp_path, model, _optimizer(model, "lion", True), 2, warmup=0, max_grad_norm=1.0)
+    trainer = _hf_trainer(tmp_path, model, _optimizer(model, "lion", True), 2, warmup=0, max_grad_norm=1e-3)
     with pytest.raises(RuntimeError, match=r"max_grad_norm=0.*LayerwiseOptimizer\(\.\.\., max_grad_norm="):
         trainer.train()  # was: grad_norm 0.0 logged, nothing clipped
 
