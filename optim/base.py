@@ -187,7 +187,7 @@ def check_number(name: str, value: Any, *, low: float = 0.0, high: float = math.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"Invalid {name}: expected a number, got {type(value).__name__} {value!r}")
     bracket = "]" if high_inclusive else ")"
-    expected = f"must be a finite number in [{low}, {high}{bracket}"
+    expected = f"must be a finite number ≥ {low}" if high == math.inf else f"must be a number in [{low}, {high}{bracket}"
     if isinstance(value, int) and not -INT64_LIMIT <= value < INT64_LIMIT:
         shown = f"an int of {value.bit_length()} bits" if value.bit_length() > 80 else f"{value}"
         raise ValueError(f"Invalid {name}: {shown} ({expected}; ints must fit in 64 bits)")
@@ -243,8 +243,10 @@ class MemzooOptimizer(torch.optim.Optimizer):
 
     Non-finite values: with ``skip_nonfinite=True`` a step whose gradients are not all finite
     returns before modifying anything and counts itself in ``skipped_steps`` (kept in the
-    state_dict); by default NaN/Inf propagate into the weights as in torch.optim, while the
-    subspace-tracking optimizers keep their projectors finite (see their docs).
+    state_dict); by default NaN/Inf propagate into the weights as in torch.optim (sign-based
+    steps write NaN for them, never a finite step: :func:`memzoo.reference.common.sign`), while
+    the subspace-tracking optimizers keep their projectors and bases finite (see their docs). The
+    whole policy, per optimizer, is in the README ("Bad input, non-finite values, failures").
     """
 
     family: ClassVar[str]
