@@ -48,6 +48,12 @@ _FREED = (
     "its .grad only answers for its norm (what torch.nn.utils.clip_grad_norm_ and trainers' grad-norm logging "
     "read). To read a gradient, register a hook that runs before the update (param.register_hook)"
 )
+_DATA_PARALLEL = (
+    "LayerwiseOptimizer on whole (unsharded) parameters with torch.distributed running on {world} ranks: its hooks "
+    "run on each rank's local gradient, before DistributedDataParallel averages it, so the ranks would step "
+    "apart. Shard the model with FSDP2 (torch.distributed.fsdp.fully_shard; its hooks see the reduced, sharded "
+    "gradients), or use the ordinary optimizer"
+)
 _UNKNOWN_SCALER = (
     "a GradScaler is unscaling gradients that LayerwiseOptimizer already applied during backward(), still "
     "scaled, since it was not told about the scaler: give it the scaler before the first backward(), "
@@ -133,6 +139,12 @@ def _applied_gradient(param: torch.Tensor, norm: torch.Tensor, found_inf: bool |
     return stand_in
 
 
+def _world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
 def _unhooked_step(optimizer: torch.optim.Optimizer) -> None:
     """``optimizer.step()`` without the global step hooks, which belong to the wrapper's step (they
     would otherwise fire once per parameter); the inner optimizer's own hooks still run."""
@@ -173,7 +185,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     ``skip_nonfinite=True`` (passed on to memzoo optimizers) skips per parameter: a parameter whose
     gradient has NaN/Inf keeps its value and state while the others step, since no hook sees all
     gradients. Under FSDP2 the hooks run on the reduced, sharded gradients, and each rank steps
-    its shards. A newer LayerwiseOptimizer over a parameter takes it over (this one's hooks on it
+    its shards; under DDP (whole parameters, several ranks) they would run before the averaging,
+    so the first update raises and says so. A newer LayerwiseOptimizer over a parameter takes it over (this one's hooks on it
     are removed), as when Lightning calls ``configure_optimizers`` again to resume. If an update raises, the iteration is dropped (every gradient freed), so the next
     ``backward()`` reports the real problem again.
 
@@ -265,6 +278,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._applied.add(param)
         found_inf = None
         try:
+            if type(param.detach()) is torch.Tensor and _world_size() > 1:
+                raise RuntimeError(_DATA_PARALLEL.format(world=_world_size()))
             if self.grad_scaler is not None and self.grad_scaler.is_enabled() and type(param.grad) is torch.Tensor:
                 found_inf = self._unscale(param.grad)
             if self.max_grad_norm is not None:
