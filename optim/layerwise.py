@@ -46,9 +46,20 @@ def _groups(params: Iterable[Any]) -> list[dict[str, Any]]:
 _FREED = (
     "LayerwiseOptimizer applied this parameter's gradient during backward() and freed it, so until step() "
     "its .grad only answers for its norm (what torch.nn.utils.clip_grad_norm_ and trainers' grad-norm logging "
-    "read). A GradScaler (fp16 mixed precision) cannot work in layer-wise mode, since the updates ran on the "
-    "scaled gradients: train in bf16 or float32, or use the ordinary optimizer. To read a gradient, register a "
-    "hook that runs before the update (param.register_hook)"
+    "read). To read a gradient, register a hook that runs before the update (param.register_hook)"
+)
+_DATA_PARALLEL = (
+    "LayerwiseOptimizer on whole (unsharded) parameters with torch.distributed running on {world} ranks: its hooks "
+    "run on each rank's local gradient, before DistributedDataParallel averages it, so the ranks would step "
+    "apart. Shard the model with FSDP2 (torch.distributed.fsdp.fully_shard; its hooks see the reduced, sharded "
+    "gradients), or use the ordinary optimizer"
+)
+_UNKNOWN_SCALER = (
+    "a GradScaler is unscaling gradients that LayerwiseOptimizer already applied during backward(), still "
+    "scaled, since it was not told about the scaler: give it the scaler before the first backward(), "
+    "LayerwiseOptimizer(..., grad_scaler=scaler) or optimizer.grad_scaler = scaler (Hugging Face Trainer: "
+    "trainer.accelerator.scaler; accelerate: accelerator.scaler; Lightning: trainer.precision_plugin.scaler); "
+    "each gradient is then unscaled in its update. Or train in bf16, which needs no scaler"
 )
 _CLIP_TOO_LATE = (
     "clipping by the global gradient norm would scale gradients that LayerwiseOptimizer already applied during "
@@ -69,10 +80,13 @@ class _AppliedGradient(torch.Tensor):
     """Stands in a parameter's ``.grad`` between its layer-wise update and ``step()``: a stride-0
     view of one zero (no memory) that keeps the 2-norm of the gradient that was applied. Norms are
     answered from it (a trainer's grad-norm logging and ``clip_grad_norm_`` see the true global
-    norm, not 0); scaling by 1 (a clip that has nothing to clip) is a no-op; a clip that would
-    scale, and any other use, raise and say why, since the gradient is gone."""
+    norm, not 0); scaling by 1 (a clip that has nothing to clip) is a no-op; a GradScaler's unscale
+    learns whether the (already unscaled) gradient had Inf/NaN; a clip that would scale, and any
+    other use, raise and say why, since the gradient is gone."""
 
     applied_norm: torch.Tensor
+    # None: no GradScaler unscaled it in the hook; else whether it had Inf/NaN (update skipped).
+    found_inf: bool | None
 
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -99,17 +113,36 @@ class _AppliedGradient(torch.Tensor):
                                                               if isinstance(t, _AppliedGradient)]))
                 raise RuntimeError(_CLIP_TOO_LATE.format(detail=f" (their global norm, {float(norm):.4g}, exceeds max_norm)"))
             return args[0]
+        if func is torch._amp_foreach_non_finite_check_and_unscale_:
+            tensors, found_inf = args[0], args[1]
+            applied = [t for t in tensors if isinstance(t, _AppliedGradient)]
+            if any(t.found_inf is None for t in applied):
+                raise RuntimeError(_UNKNOWN_SCALER)
+            with torch._C.DisableTorchFunctionSubclass():
+                plain = [t for t in tensors if not isinstance(t, _AppliedGradient)]
+                if plain:
+                    func(plain, *args[1:], **kwargs)
+                if any(t.found_inf for t in applied):
+                    found_inf.fill_(1.0)
+            return None
         raise RuntimeError(_FREED)
 
 
-def _applied_gradient(param: torch.Tensor, norm: torch.Tensor) -> torch.Tensor | None:
+def _applied_gradient(param: torch.Tensor, norm: torch.Tensor, found_inf: bool | None) -> torch.Tensor | None:
     # Sharded (DTensor) and other tensor-subclass parameters take no stand-in: their grad is freed.
     if type(param.detach()) is not torch.Tensor:
         return None
     zero = torch.zeros((), dtype=param.dtype, device=param.device).expand(param.shape)
     stand_in = torch.Tensor._make_subclass(_AppliedGradient, zero, False)
     stand_in.applied_norm = norm
+    stand_in.found_inf = found_inf
     return stand_in
+
+
+def _world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
 
 
 def _unhooked_step(optimizer: torch.optim.Optimizer) -> None:
@@ -143,10 +176,17 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     inner optimizer's (``OneCycleLR(cycle_momentum=True)`` finds ``betas``). ``add_param_group``
     adds parameters that train like the others. Step hooks (global and the wrapper's) run once per
     ``step()``, i.e. after the iteration's updates; state_dict hooks run as in torch.optim.
+    fp16 mixed precision: give the ``GradScaler`` (``grad_scaler=scaler`` or, once the trainer made
+    it, ``optimizer.grad_scaler = scaler``) and each update unscales its gradient first; a
+    parameter whose scaled gradient has Inf/NaN skips the update, and ``scaler.step`` /
+    ``scaler.update`` learn of it and back off the scale as usual. A scaler the wrapper was not
+    given raises at its first ``unscale_``/``step`` (the first iteration's updates ran on scaled
+    gradients: nothing in backward tells them apart).
     ``skip_nonfinite=True`` (passed on to memzoo optimizers) skips per parameter: a parameter whose
     gradient has NaN/Inf keeps its value and state while the others step, since no hook sees all
     gradients. Under FSDP2 the hooks run on the reduced, sharded gradients, and each rank steps
-    its shards. A newer LayerwiseOptimizer over a parameter takes it over (this one's hooks on it
+    its shards; under DDP (whole parameters, several ranks) they would run before the averaging,
+    so the first update raises and says so. A newer LayerwiseOptimizer over a parameter takes it over (this one's hooks on it
     are removed), as when Lightning calls ``configure_optimizers`` again to resume. If an update raises, the iteration is dropped (every gradient freed), so the next
     ``backward()`` reports the real problem again.
 
@@ -158,14 +198,12 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
       ``.grad`` is a stand-in that raises on any use, so ``torch.nn.utils.clip_grad_norm_`` (what
       Trainer, accelerate and Lightning call) raises and says what to do instead of returning 0:
       clip per parameter with ``max_grad_norm`` (each gradient's own norm, applied in the hook);
-    - a ``GradScaler`` (fp16 mixed precision): the updates would run on scaled gradients; it raises
-      at the scaler's first ``unscale_``/``step`` (after the first iteration's updates: nothing in
-      backward tells a scaled gradient apart); bf16 autocast needs no scaler and works;
     - zeroth-order optimizers (no gradients): use them directly.
     """
 
     def __init__(self, params: Iterable[Any], optimizer_class: Callable[..., torch.optim.Optimizer], *,
-                 max_grad_norm: float | None = None, **kwargs: Any) -> None:
+                 max_grad_norm: float | None = None, grad_scaler: torch.amp.GradScaler | None = None,
+                 **kwargs: Any) -> None:
         if getattr(optimizer_class, "family", None) == "zeroth_order":
             raise TypeError(f"{optimizer_class.__name__} takes no gradients; layer-wise updates do not apply to it")
         if max_grad_norm is not None and not max_grad_norm > 0:
@@ -180,6 +218,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._handles: dict[torch.Tensor, list[Any]] = {}
         self._applied: set[torch.Tensor] = set()
         self.max_grad_norm = max_grad_norm
+        self.grad_scaler = grad_scaler
+        self._inverse_scale: torch.Tensor | None = None  # this iteration's, read at its first update
         # torch.optim's __init__ calls add_param_group for every group (below), which builds the
         # inner optimizers; the defaults become theirs there.
         super().__init__(_groups(params), {})
@@ -236,22 +276,38 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def _apply(self, param: torch.Tensor) -> None:
         self._applied.add(param)
+        found_inf = None
         try:
+            if type(param.detach()) is torch.Tensor and _world_size() > 1:
+                raise RuntimeError(_DATA_PARALLEL.format(world=_world_size()))
+            if self.grad_scaler is not None and self.grad_scaler.is_enabled() and type(param.grad) is torch.Tensor:
+                found_inf = self._unscale(param.grad)
             if self.max_grad_norm is not None:
                 norm = torch.nn.utils.clip_grad_norm_([param], self.max_grad_norm)
             else:
                 norm = (torch.linalg.vector_norm(param.grad, dtype=torch.float32) if type(param.grad) is torch.Tensor
                         else None)
-            _unhooked_step(self._inner[param])
+            if not found_inf:  # an Inf/NaN scaled gradient: this parameter skips the step, the scaler backs off
+                _unhooked_step(self._inner[param])
         except BaseException:
             self._drop_iteration()  # the next backward starts clean and meets the real problem again
             raise
-        param.grad = None if norm is None else _applied_gradient(param, norm)
+        param.grad = None if norm is None else _applied_gradient(param, norm, found_inf)
+
+    def _unscale(self, grad: torch.Tensor) -> bool:
+        """Divide a GradScaler-scaled gradient by the scale, as ``GradScaler.unscale_`` would; True
+        if it has Inf/NaN."""
+        if self._inverse_scale is None:
+            self._inverse_scale = torch.full((1,), 1.0 / self.grad_scaler.get_scale(), dtype=torch.float32)
+        found_inf = torch.zeros(1, dtype=torch.float32, device=grad.device)
+        torch._amp_foreach_non_finite_check_and_unscale_([grad], found_inf, self._inverse_scale.to(grad.device))
+        return bool(found_inf)
 
     def _drop_iteration(self) -> None:
         for param in self._applied:
             param.grad = None
         self._applied.clear()
+        self._inverse_scale = None
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -269,6 +325,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         for param in self._inner:
             param.grad = None
         self._applied.clear()
+        self._inverse_scale = None
 
     def clip_grad_norm_(self, *args: Any, **kwargs: Any) -> None:
         raise RuntimeError(_CLIP_TOO_LATE.format(detail=""))

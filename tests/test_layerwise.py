@@ -283,3 +283,35 @@ def test_a_newer_layerwise_optimizer_takes_the_parameters_over() -> None:
     newer.remove_hooks()
     torch.nn.functional.mse_loss(model(_batch(1)[0]), _batch(1)[1]).backward()
     assert all(p.grad is not None and type(p.grad) is torch.Tensor for p in model.parameters())  # no hooks left
+
+
+def test_grad_scaler_unscales_each_gradient_in_its_update() -> None:
+    ordinary_model, layerwise_model = _model(), _model()
+    ordinary = Lion(ordinary_model.parameters(), lr=1e-3, backend="torch")
+    ordinary_scaler, scaler = torch.amp.GradScaler("cpu"), torch.amp.GradScaler("cpu")
+    layerwise = LayerwiseOptimizer(layerwise_model.parameters(), Lion, lr=1e-3, backend="torch", grad_scaler=scaler)
+    for step in range(3):
+        x, y = _batch(step)
+        for model, optimizer, step_scaler in ((ordinary_model, ordinary, ordinary_scaler),
+                                              (layerwise_model, layerwise, scaler)):
+            step_scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+            step_scaler.unscale_(optimizer)  # what a trainer's clip does first
+            assert float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))) < 100  # unscaled
+            step_scaler.step(optimizer)
+            step_scaler.update()
+            optimizer.zero_grad()
+    for a, b in zip(ordinary_model.parameters(), layerwise_model.parameters()):
+        assert torch.equal(a, b)
+    # An Inf in one scaled gradient: that parameter keeps its value, the scaler backs off.
+    before = [p.detach().clone() for p in layerwise_model.parameters()]
+    handle = layerwise_model[2].weight.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    scale = scaler.get_scale()
+    x, y = _batch(3)
+    scaler.scale(torch.nn.functional.mse_loss(layerwise_model(x), y)).backward()
+    scaler.step(layerwise)
+    scaler.update()
+    layerwise.zero_grad()
+    handle.remove()
+    assert scaler.get_scale() == scale / 2
+    moved = [not torch.equal(p, b) for p, b in zip(layerwise_model.parameters(), before)]
+    assert moved[2] is False and moved[0] is True
