@@ -261,6 +261,7 @@ class ZerothOrderOptimizer(MemzooOptimizer):
             )
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        self._check_changed_values()
         buckets = self._layout()
         if not buckets:
             return self._evaluate(closure)
