@@ -489,7 +489,7 @@ def collect_quantization_scales(model: torch.nn.Module) -> list[torch.Tensor]:
     module order — the tensors :class:`QZO` trains.
 
     The layers are made to keep reading these tensors: on CPUs with AVX512-BF16, bitsandbytes
-    (≥ 0.49) re-packs a ``Linear4bit`` at its first no-grad forward in eval mode and replaces its
+    (0.50) re-packs a ``Linear4bit`` at its first no-grad forward in eval mode and replaces its
     scales by a transposed bf16 copy — scales collected before would no longer be read, and bf16
     is too coarse for ε = 1e-3 perturbations and 1e-7 updates anyway. So this turns that re-pack
     off for the collected layers (``layer.support_avx512bf16_for_cpu = False``; set it back to

@@ -7,18 +7,15 @@ import math
 
 import pytest
 import torch
+from support import official_package
 
-from memzoo.bench.baselines import import_official
 from memzoo.optim import APOLLO
 from memzoo.reference.apollo import apollo_apply_, apollo_scales_
 
 
 def _official_apollo():
-    """apollo-torch 1.0.3 (installed by .ci/run without its dependencies), or a skip."""
-    try:
-        return import_official("apollo_torch")
-    except ValueError as exc:
-        pytest.skip(str(exc))
+    """apollo-torch 1.0.3 (tests/oracles.txt), or a skip."""
+    return official_package("apollo_torch")
 
 
 def _grads(shape, steps, seed, dtype=torch.float64):

@@ -6,18 +6,15 @@ import math
 
 import pytest
 import torch
+from support import official_package
 
-from memzoo.bench.baselines import import_galore_torch
 from memzoo.optim import GaLoreAdamW
 from memzoo.reference.projector import compute_basis, random_basis
 
 
 def _official_galore():
-    """galore_torch 1.0 (installed by .ci/run without its dependencies), or a skip."""
-    try:
-        return import_galore_torch()
-    except ValueError as exc:
-        pytest.skip(str(exc))
+    """galore_torch 1.0 (tests/oracles.txt), or a skip."""
+    return official_package("galore_torch")
 
 
 def _hf_adam_reference(param, grads, *, lr, betas, eps, weight_decay):
