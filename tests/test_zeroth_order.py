@@ -4,6 +4,7 @@ MeZO, Sparse-MeZO, QZO on bitsandbytes 4-bit layers, checkpoints and distributed
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import os
 import subprocess
@@ -365,6 +366,19 @@ def test_bad_closures_raise_with_parameters_restored(info, backend: str) -> None
     with pytest.raises(RuntimeError):  # backward inside the closure: no graph under no_grad
         optimizer.step(lambda: model(x).sum().backward())
     assert_restored()
+
+
+def test_defaults_are_the_official_examples() -> None:
+    """MeZO's OPT-13B full-parameter example (lr 1e-6, ε 1e-3, no decay, one direction), the
+    paper's sparsity 0.8, QZO's OPT-6.7B example (lr 1e-7, ε 1e-3) with its hard-coded DDC
+    threshold 100 and scale floor 1e-7: what a user of the official scripts gets by default."""
+    def defaults(cls):
+        return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()}
+
+    official = {"lr": 1e-6, "eps": 1e-3, "weight_decay": 0.0, "n_samples": 1}
+    assert official.items() <= defaults(MeZO).items()
+    assert {**official, "sparsity": 0.8}.items() <= defaults(SparseMeZO).items()
+    assert {**official, "lr": 1e-7, "clip_threshold": 100.0, "scale_min": 1e-7}.items() <= defaults(QZO).items()
 
 
 def test_bad_constructor_arguments() -> None:
