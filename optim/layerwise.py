@@ -87,10 +87,21 @@ class _AppliedGradient(torch.Tensor):
     applied_norm: torch.Tensor
     # None: no GradScaler unscaled it in the hook; else whether it had Inf/NaN (update skipped).
     found_inf: bool | None
+    owner: LayerwiseOptimizer
 
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
+        try:
+            return cls._answer(func, args, kwargs or {})
+        except RuntimeError:
+            # Any refusal ends the iteration (every stand-in cleared), so that what the caller does
+            # next (a trainer's teardown moving the model, a retry) meets ordinary None gradients.
+            for owner in {id(t.owner): t.owner for t in _stand_ins(args)}.values():
+                owner._drop_iteration()
+            raise
+
+    @classmethod
+    def _answer(cls, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         if func in _METADATA_METHODS or (getattr(func, "__name__", "") == "__get__"
                                          and getattr(getattr(func, "__self__", None), "__name__", "") in _METADATA):
             with torch._C.DisableTorchFunctionSubclass():
@@ -128,7 +139,18 @@ class _AppliedGradient(torch.Tensor):
         raise RuntimeError(_FREED)
 
 
-def _applied_gradient(param: torch.Tensor, norm: torch.Tensor, found_inf: bool | None) -> torch.Tensor | None:
+def _stand_ins(args: Any) -> list[_AppliedGradient]:
+    found = []
+    for arg in args:
+        if isinstance(arg, _AppliedGradient):
+            found.append(arg)
+        elif isinstance(arg, (list, tuple)):
+            found.extend(_stand_ins(arg))
+    return found
+
+
+def _applied_gradient(owner: LayerwiseOptimizer, param: torch.Tensor, norm: torch.Tensor,
+                      found_inf: bool | None) -> torch.Tensor | None:
     # Sharded (DTensor) and other tensor-subclass parameters take no stand-in: their grad is freed.
     if type(param.detach()) is not torch.Tensor:
         return None
@@ -136,6 +158,7 @@ def _applied_gradient(param: torch.Tensor, norm: torch.Tensor, found_inf: bool |
     stand_in = torch.Tensor._make_subclass(_AppliedGradient, zero, False)
     stand_in.applied_norm = norm
     stand_in.found_inf = found_inf
+    stand_in.owner = owner
     return stand_in
 
 
@@ -292,7 +315,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         except BaseException:
             self._drop_iteration()  # the next backward starts clean and meets the real problem again
             raise
-        param.grad = None if norm is None else _applied_gradient(param, norm, found_inf)
+        param.grad = None if norm is None else _applied_gradient(self, param, norm, found_inf)
 
     def _unscale(self, grad: torch.Tensor) -> bool:
         """Divide a GradScaler-scaled gradient by the scale, as ``GradScaler.unscale_`` would; True

@@ -273,6 +273,7 @@ class ZerothOrderOptimizer(MemzooOptimizer):
             )
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        self._check_changed_values()
         buckets = self._layout()
         if not buckets:
             if any(not _trained(p) for group in self.param_groups for p in group["params"]):
@@ -607,7 +608,7 @@ class QZO(ZerothOrderOptimizer):
             raise TypeError(f"Invalid scales: expected a bool, got {group['scales']!r}")
         if not group["scales"]:
             return
-        for index, param in enumerate(group["params"]):
+        for index, param in enumerate(group.get("params", ())):
             problem = ("is an nn.Parameter (a weight or bias; quantization scales are not parameters)"
                        if isinstance(param, torch.nn.Parameter)
                        else "has negative values (quantization scales are positive)"

@@ -217,6 +217,11 @@ class _LitLlama(lightning.LightningModule):
         self.make_optimizer = make_optimizer
         self.automatic_optimization = not manual
         self.losses: list[float] = []
+        self.clipped_norms: list[float] = []
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        self.clipped_norms.append(float(torch.nn.utils.clip_grad_norm_(self.parameters(), float("inf"))))
 
     def training_step(self, batch, batch_idx):
         if self.automatic_optimization:
@@ -234,10 +239,10 @@ class _LitLlama(lightning.LightningModule):
         return optimizer
 
 
-def _lightning_fit(module, steps: int, ckpt_path=None) -> lightning.Trainer:
+def _lightning_fit(module, steps: int, ckpt_path=None, gradient_clip_val=None) -> lightning.Trainer:
     trainer = lightning.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False,
                                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                                deterministic=True)
+                                deterministic=True, gradient_clip_val=gradient_clip_val)
     trainer.fit(module, torch.utils.data.DataLoader(_Counting(), batch_size=BATCH), ckpt_path=ckpt_path)
     return trainer
 
@@ -256,6 +261,15 @@ def test_lightning_layerwise_lion_trains_follows_the_schedule_and_resumes_exactl
     uninterrupted = _LitLlama(make)
     _lightning_fit(uninterrupted, 6)
     assert _same_weights(module.model, uninterrupted.model)
+
+
+def test_lightning_gradient_clip_val_clips_or_refuses_in_layerwise_mode() -> None:
+    module = _LitLlama(lambda model: _optimizer(model, "apollo", False))
+    _lightning_fit(module, 2, gradient_clip_val=0.05)
+    assert module.clipped_norms == pytest.approx([0.05, 0.05], rel=1e-4)
+    assert module.losses[-1] < module.losses[0]
+    with pytest.raises(RuntimeError, match="global norm, [0-9.]+, exceeds max_norm"):
+        _lightning_fit(_LitLlama(lambda model: _optimizer(model, "lion", True)), 1, gradient_clip_val=1e-3)
 
 
 def test_lightning_zeroth_order_manual_optimization_trains_and_automatic_is_refused() -> None:
