@@ -17,7 +17,7 @@ from memzoo.optim.frugal import FRUGAL
 from memzoo.optim.galore import GaLoreAdamW, NaturalGaLore
 from memzoo.optim.lion import Lion
 from memzoo.optim.zeroth_order import QZO, MeZO, SparseMeZO
-from memzoo.reference.projector import side_length
+from memzoo.reference.projector import SEEDED_METHODS, side_length
 
 __all__ = ["OPTIMIZERS", "BadInput", "OptimizerInfo", "get_optimizer_info"]
 
@@ -92,7 +92,7 @@ def _galore_state_bytes(optimizer: GaLoreAdamW) -> int:
         if group["proj_type"] != "std":
             raise NotImplementedError("the analytic count here covers proj_type='std'")
         total += _moment_bytes(optimizer, max(m, n) * r, param, group) + 8  # moments + proj_seed
-        if group["projector"] != "random":
+        if group["projector"] not in SEEDED_METHODS:
             total += r * min(m, n) * param.element_size()
     return total
 
@@ -107,7 +107,7 @@ def _natural_galore_state_bytes(optimizer: NaturalGaLore) -> int:
         if optimizer._projector(param, group) is None:  # not projected (vectors, empty matrices)
             total += 2 * param.numel() * moment_size
             continue
-        if group["proj_type"] != "full" or group["projector"] == "random":
+        if group["proj_type"] != "full" or group["projector"] in SEEDED_METHODS:
             raise NotImplementedError("the analytic count here covers proj_type='full' with stored factors")
         m, n = param.shape[0], param[0].numel()
         r = min(group["rank"], m, n)
@@ -153,7 +153,7 @@ def _cosmos_state_bytes(optimizer: COSMOS) -> int:
 
 def _frugal_state_bytes(optimizer: FRUGAL) -> int:
     """ALGORITHMS.md §4: per projected m×n weight, moments of the r-dimensional subspace (r =
-    round(ρ·n) columns, or ρ·m rows), a stored basis for svd/randomized (r values per row or
+    round(ρ·n) columns, or ρ·m rows; ⌊ρ·n⌋ for coordinates), a stored basis for svd/randomized (r values per row or
     column of the side) or the r int64 indices for coordinates, int64 step, adam_step and seed;
     torch-AdamW moments elsewhere."""
     total = 0
@@ -168,7 +168,7 @@ def _frugal_state_bytes(optimizer: FRUGAL) -> int:
         r = projector.rank
         total += 2 * (m * n // size) * r * optimizer._state_dtype(param, group).itemsize + 16  # moments, seed, adam_step
         method = projector.settings.projector
-        total += 8 * r if method == "coordinates" else 0 if method == "random" else r * size * param.element_size()
+        total += 8 * r if method == "coordinates" else 0 if method in SEEDED_METHODS else r * size * param.element_size()
     return total
 
 
