@@ -111,7 +111,8 @@ def _natural_galore_state_bytes(optimizer: NaturalGaLore) -> int:
             raise NotImplementedError("the analytic count here covers proj_type='full' with stored factors")
         m, n = param.shape[0], param[0].numel()
         r = min(group["rank"], m, n)
-        total += (m + n) * r * param.element_size() + (2 + group["natural_history"]) * r * r * moment_size + 16
+        history = group["natural_history"] if group["natural"] else 0  # natural=False: no history, no count
+        total += (m + n) * r * param.element_size() + (2 + history) * r * r * moment_size + (16 if history else 8)
     return total
 
 
@@ -266,9 +267,11 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
             sample_kwargs={"lr": 0.1, "weight_decay": 0.1, "rank": 2, "update_proj_gap": 2, "scale": 0.5,
                            "natural_history": 3},
             expected_state_bytes=_natural_galore_state_bytes,
-            variants=({}, {"projector": "svd"}, {"state_dtype": torch.float32}),
+            variants=({}, {"projector": "randomized"}, {"state_dtype": torch.float32}),
             bad_inputs=_COMMON_BAD_INPUTS + (
                 BadInput("rank 0", {"rank": 0}, ValueError, "Invalid rank"),
+                BadInput("online subspace", {"proj_type": "online_natural_galore"}, ValueError, "not implemented"),
+                BadInput("amsgrad", {"amsgrad": True}, ValueError, "not implemented"),
                 BadInput("history 0", {"natural_history": 0}, ValueError, "natural_history"),
                 BadInput("zero damping", {"damping": 0.0}, ValueError, "damping"),
             ),
