@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -65,12 +66,6 @@ def _from_official(settings: dict[str, Any]) -> dict[str, Any]:
     if "block_order" in out:
         raise ValueError("block_order: the official block variant (BlockAdamW) is not implemented")
     return out
-
-
-_SUBSPACE_DEFAULTS = {"update_proj_gap": 200, "projector": "svd", "proj_type": "std"}
-_OURS_KWARGS = ("density", "update_proj_gap", "projector", "proj_type", "reset_statistics", "inactive_update_rule",
-                "inactive_lr_scale", "proj_params_lr_scale", "correct_bias", "power_iters", "oversample",
-                "state_dtype", "seed", "maximize", "backend", "skip_nonfinite")
 
 
 def _split_proj_params(params: Iterable[Any], proj_params: Iterable[torch.Tensor]) -> list[dict[str, Any]]:
@@ -169,9 +164,10 @@ class FRUGAL(GaLoreAdamW):
         skip_nonfinite: bool = False,
         **official: Any,
     ) -> None:
+        signature = inspect.signature(FRUGAL.__init__).parameters
         for name in official:
             if name not in _OFFICIAL_KWARGS:
-                close = difflib.get_close_matches(name, (*_OFFICIAL_KWARGS, *_OURS_KWARGS), n=1)
+                close = difflib.get_close_matches(name, (*_OFFICIAL_KWARGS, *signature), n=1)
                 raise TypeError(f"FRUGAL got an unexpected keyword argument {name!r}"
                                 + (f" (did you mean {close[0]!r}?)" if close else ""))
         proj_params = official.pop("proj_params", None)
@@ -182,7 +178,7 @@ class FRUGAL(GaLoreAdamW):
             official["proj_type"], proj_type = proj_type, "std"
         ours = dict(update_proj_gap=update_proj_gap, projector=projector, proj_type=proj_type)
         for name, value in _from_official(official).items():
-            if ours[name] != _SUBSPACE_DEFAULTS[name] and ours[name] != value:
+            if ours[name] != signature[name].default and ours[name] != value:
                 raise ValueError(f"{name}={ours[name]!r} contradicts the official keyword arguments "
                                  f"({sorted(official)}), which set it to {value!r}; give one")
             ours[name] = value
