@@ -106,10 +106,12 @@ class _AppliedGradient(torch.Tensor):
                                          and getattr(getattr(func, "__self__", None), "__name__", "") in _METADATA):
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
-        if func is torch.linalg.vector_norm or func is torch._foreach_norm:
+        if getattr(func, "__name__", "") == "__get__" and getattr(func.__self__, "__name__", "") == "data":
+            return args[0]  # ``grad.data`` is the stand-in again (Lightning's grad_norm reads p.grad.data.norm())
+        if func is torch.linalg.vector_norm or func is torch._foreach_norm or func in (torch.Tensor.norm, torch.norm):
             tensors = args[0] if func is torch._foreach_norm else [args[0]]
-            order = args[1] if len(args) > 1 else kwargs.get("ord", 2)
-            if order != 2 or kwargs.get("dim") is not None or len(args) > 2:
+            order = args[1] if len(args) > 1 else kwargs.get("p" if func in (torch.Tensor.norm, torch.norm) else "ord", 2)
+            if order not in (2, "fro") or kwargs.get("dim") is not None or len(args) > 2:
                 raise RuntimeError(f"{_FREED} (the norm kept is the whole tensor's 2-norm, not ord={order!r})")
             with torch._C.DisableTorchFunctionSubclass():
                 norms = [t.applied_norm if isinstance(t, _AppliedGradient) else torch.linalg.vector_norm(t)
