@@ -142,9 +142,13 @@ def test_hf_trainer_clips_and_layerwise_refuses_its_global_clip_clearly(tmp_path
         trainer.train()  # was: grad_norm 0.0 logged, nothing clipped
 
 
+def _lora_llama() -> torch.nn.Module:
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    return peft.get_peft_model(_tiny_llama(), config)
+
+
 def test_peft_lora_with_layerwise_natural_galore_under_the_hf_trainer(tmp_path) -> None:
-    model = peft.get_peft_model(_tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                                lora_dropout=0.0))
+    model = _lora_llama()
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     optimizer = _optimizer(model, "natural_galore", True, max_grad_norm=1.0)
@@ -155,7 +159,13 @@ def test_peft_lora_with_layerwise_natural_galore_under_the_hf_trainer(tmp_path) 
     assert losses[-1] < losses[0]
     named = dict(model.named_parameters())
     assert all(torch.equal(named[n], before) for n, before in frozen.items())
-    assert any(not torch.equal(named[n], before) for n, before in lora.items())
+    assert all(not torch.equal(named[n], before) for n, before in lora.items())
+
+    resumed_model = _lora_llama()
+    resumed = _hf_trainer(tmp_path / "resumed", resumed_model,
+                          _optimizer(resumed_model, "natural_galore", True, max_grad_norm=1.0), 6, warmup=1)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    assert _same_weights(model, resumed_model)
 
 
 # ---- accelerate ----------------------------------------------------------------------------------
