@@ -228,6 +228,7 @@ class _LitLlama(lightning.LightningModule):
         self.automatic_optimization = not manual
         self.losses: list[float] = []
         self.clipped_norms: list[float] = []
+        self.lrs_read: list[list[float]] = []  # at each step, the lr every update reads
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
@@ -235,6 +236,7 @@ class _LitLlama(lightning.LightningModule):
 
     def training_step(self, batch, batch_idx):
         if self.automatic_optimization:
+            self.lrs_read.append(_inner_lrs(self.trainer.optimizers[0]))
             loss = self.model(**batch).loss
         else:  # zeroth-order: the optimizer runs the forward passes through the closure
             loss = self.optimizers().step(closure=lambda: self.model(**batch).loss)
@@ -244,7 +246,7 @@ class _LitLlama(lightning.LightningModule):
     def configure_optimizers(self):
         optimizer = self.make_optimizer(self.model)
         if self.automatic_optimization:
-            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 3))
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.85**step)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
         return optimizer
 
@@ -263,10 +265,11 @@ def test_lightning_layerwise_lion_trains_follows_the_schedule_and_resumes_exactl
 
     module = _LitLlama(make)
     _lightning_fit(module, 3).save_checkpoint(str(tmp_path / "three.ckpt"))
-    trainer = _lightning_fit(module, 6, ckpt_path=str(tmp_path / "three.ckpt"))
+    _lightning_fit(module, 6, ckpt_path=str(tmp_path / "three.ckpt"))
     assert module.losses[-1] < module.losses[0] - 0.05
-    optimizer = trainer.optimizers[0]
-    assert _inner_lrs(optimizer) == pytest.approx([SMALL_LR["lion"]] * len(_inner_lrs(optimizer)))
+    for step, lrs in enumerate(module.lrs_read):  # across the resume too
+        assert lrs == pytest.approx([SMALL_LR["lion"] * 0.85**step] * len(lrs))
+    assert len(module.lrs_read) == 6
 
     uninterrupted = _LitLlama(make)
     _lightning_fit(uninterrupted, 6)
