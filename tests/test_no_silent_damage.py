@@ -246,16 +246,19 @@ def test_frugal_takes_no_signsgd_step_on_a_residual_of_rounding_noise() -> None:
         official_before, official_after, _ = _rank_one_frugal_step(seed, inactive_threshold=0.0)
         official_rises += official_after > official_before
     assert official_rises > 30  # the official update (still reachable) is the one that rose
-    # A genuine residual (a full-rank gradient, half of it outside the subspace) is untouched.
-    weights = []
-    for threshold in (1e-2, 0.0):
-        weight = torch.nn.Parameter(torch.randn(8, 6, generator=torch.Generator().manual_seed(7)))
-        optimizer = FRUGAL([{"params": [weight], "density": 0.5}], lr=1e-3, backend="torch",
-                           inactive_threshold=threshold)
-        weight.grad = torch.randn(8, 6, generator=torch.Generator().manual_seed(8))
-        optimizer.step()
-        weights.append(weight.detach())
-    assert torch.equal(weights[0], weights[1])
+    # A genuine residual (a full-rank gradient, half of it outside the subspace) is untouched, for
+    # orthonormal and for Gaussian (not orthonormal) subspaces alike.
+    for projector in ("svd", "random"):
+        weights = []
+        for threshold in (1e-2, 0.0):
+            weight = torch.nn.Parameter(torch.randn(8, 6, generator=torch.Generator().manual_seed(7)))
+            optimizer = FRUGAL([{"params": [weight], "density": 0.5}], lr=1e-3, projector=projector, backend="torch",
+                               inactive_threshold=threshold)
+            for seed in range(3):
+                weight.grad = torch.randn(8, 6, generator=torch.Generator().manual_seed(8 + seed))
+                optimizer.step()
+            weights.append(weight.detach())
+        assert torch.equal(weights[0], weights[1]), projector
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
