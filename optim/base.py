@@ -392,6 +392,8 @@ class MemzooOptimizer(torch.optim.Optimizer):
                 value = group.get(key)
                 if key not in group or (type(value) is float and 0.0 <= value < math.inf):  # the fast path
                     continue
+                if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+                    value = value.item()  # a tensor lr (as torch.optim accepts): its value is checked
                 try:
                     check_number(key, value)
                 except (TypeError, ValueError) as exc:

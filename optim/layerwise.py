@@ -87,18 +87,31 @@ class _AppliedGradient(torch.Tensor):
     applied_norm: torch.Tensor
     # None: no GradScaler unscaled it in the hook; else whether it had Inf/NaN (update skipped).
     found_inf: bool | None
+    owner: LayerwiseOptimizer
 
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
+        try:
+            return cls._answer(func, args, kwargs or {})
+        except RuntimeError:
+            # Any refusal ends the iteration (every stand-in cleared), so that what the caller does
+            # next (a trainer's teardown moving the model, a retry) meets ordinary None gradients.
+            for owner in {id(t.owner): t.owner for t in _stand_ins(args)}.values():
+                owner._drop_iteration()
+            raise
+
+    @classmethod
+    def _answer(cls, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         if func in _METADATA_METHODS or (getattr(func, "__name__", "") == "__get__"
                                          and getattr(getattr(func, "__self__", None), "__name__", "") in _METADATA):
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
-        if func is torch.linalg.vector_norm or func is torch._foreach_norm:
+        if getattr(func, "__name__", "") == "__get__" and getattr(func.__self__, "__name__", "") == "data":
+            return args[0]  # ``grad.data`` is the stand-in again (Lightning's grad_norm reads p.grad.data.norm())
+        if func is torch.linalg.vector_norm or func is torch._foreach_norm or func in (torch.Tensor.norm, torch.norm):
             tensors = args[0] if func is torch._foreach_norm else [args[0]]
-            order = args[1] if len(args) > 1 else kwargs.get("ord", 2)
-            if order != 2 or kwargs.get("dim") is not None or len(args) > 2:
+            order = args[1] if len(args) > 1 else kwargs.get("p" if func in (torch.Tensor.norm, torch.norm) else "ord", 2)
+            if order not in (2, "fro") or kwargs.get("dim") is not None or len(args) > 2:
                 raise RuntimeError(f"{_FREED} (the norm kept is the whole tensor's 2-norm, not ord={order!r})")
             with torch._C.DisableTorchFunctionSubclass():
                 norms = [t.applied_norm if isinstance(t, _AppliedGradient) else torch.linalg.vector_norm(t)
@@ -128,7 +141,18 @@ class _AppliedGradient(torch.Tensor):
         raise RuntimeError(_FREED)
 
 
-def _applied_gradient(param: torch.Tensor, norm: torch.Tensor, found_inf: bool | None) -> torch.Tensor | None:
+def _stand_ins(args: Any) -> list[_AppliedGradient]:
+    found = []
+    for arg in args:
+        if isinstance(arg, _AppliedGradient):
+            found.append(arg)
+        elif isinstance(arg, (list, tuple)):
+            found.extend(_stand_ins(arg))
+    return found
+
+
+def _applied_gradient(owner: LayerwiseOptimizer, param: torch.Tensor, norm: torch.Tensor,
+                      found_inf: bool | None) -> torch.Tensor | None:
     # Sharded (DTensor) and other tensor-subclass parameters take no stand-in: their grad is freed.
     if type(param.detach()) is not torch.Tensor:
         return None
@@ -136,6 +160,7 @@ def _applied_gradient(param: torch.Tensor, norm: torch.Tensor, found_inf: bool |
     stand_in = torch.Tensor._make_subclass(_AppliedGradient, zero, False)
     stand_in.applied_norm = norm
     stand_in.found_inf = found_inf
+    stand_in.owner = owner
     return stand_in
 
 
@@ -292,7 +317,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         except BaseException:
             self._drop_iteration()  # the next backward starts clean and meets the real problem again
             raise
-        param.grad = None if norm is None else _applied_gradient(param, norm, found_inf)
+        param.grad = None if norm is None else _applied_gradient(self, param, norm, found_inf)
 
     def _unscale(self, grad: torch.Tensor) -> bool:
         """Divide a GradScaler-scaled gradient by the scale, as ``GradScaler.unscale_`` would; True
