@@ -33,13 +33,19 @@ def _set_owner(param: torch.Tensor, owner: LayerwiseOptimizer | None) -> None:
         _OWNERS[id(param)] = (weakref.ref(param, lambda _, key=id(param): _OWNERS.pop(key, None)), owner)
 
 
+def _tensors(items: Iterable[Any]) -> list[Any]:
+    """Parameters, from tensors or from ``named_parameters()`` pairs (whose names are dropped)."""
+    return [item[1] if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) else item
+            for item in items]
+
+
 def _groups(params: Iterable[Any]) -> list[dict[str, Any]]:
     params = list(params)
     if not params:
         raise ValueError("LayerwiseOptimizer got an empty parameter list")
-    if all(isinstance(p, torch.Tensor) for p in params):
-        return [{"params": params}]
-    return [{**g, "params": [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])}
+    if not any(isinstance(p, dict) for p in params):
+        return [{"params": _tensors(params)}]
+    return [{**g, "params": [g["params"]] if isinstance(g["params"], torch.Tensor) else _tensors(g["params"])}
             for g in params]
 
 
