@@ -215,6 +215,8 @@ def test_added_param_group_trains_like_the_others() -> None:
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="appears twice"):
         layerwise.add_param_group({"params": [layerwise_model[first].weight]})
+    named = LayerwiseOptimizer(_model().named_parameters(), Lion)  # torch >= 2.6 accepts named parameters
+    assert len(named.param_groups) == len(list(_model().parameters()))
     frozen = torch.nn.Parameter(torch.ones(2), requires_grad=False)
     with pytest.raises(ValueError, match="does not require grad"):
         layerwise.add_param_group({"params": [frozen]})
