@@ -335,3 +335,16 @@ def test_coordinates_projector_selects_one_side_and_refuses_full_at_construction
     assert state["proj_indices"].shape == (3,) and "proj_right" not in state
     with pytest.raises(ValueError, match="coordinates projector selects rows or columns"):
         GaLoreAdamW([weight], rank=3, projector="coordinates", proj_type="full")
+
+
+def test_galore_torch_positional_call_runs_unchanged() -> None:
+    """galore_torch.GaLoreAdamW(params, lr, betas, eps, weight_decay, correct_bias,
+    no_deprecation_warning) with its group keys."""
+    weight = torch.nn.Parameter(torch.randn(6, 5))
+    groups = [{"params": [weight], "rank": 2, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}]
+    optimizer = GaLoreAdamW(groups, 1e-3, (0.9, 0.999), 1e-6, 0.0, True, True)
+    weight.grad = torch.randn(6, 5)
+    optimizer.step()
+    assert optimizer.state[weight]["exp_avg"].shape == (6, 2)
+    with pytest.raises(TypeError, match="no_deprecation_warning"):
+        GaLoreAdamW(groups, no_deprecation_warning="yes")
