@@ -589,6 +589,11 @@ class MemzooOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{name}.load_state_dict: the state_dict does not match this optimizer "
                              f"({len(problems)} mismatches):\n  " + "\n  ".join(problems))
         super().load_state_dict(state_dict)
+        # A group key added in a later version is missing from older checkpoints: the group takes
+        # this optimizer's default for it (as torch.optim's __setstate__ does for new flags).
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
         self.skipped_steps = skipped
         # torch.optim casts floating state to the parameter's dtype; put the saved dtype back
         # from the original tensor (a cast back would have lost bits). torch.optim also keeps the

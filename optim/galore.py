@@ -94,6 +94,8 @@ class GaLoreAdamW(MemzooOptimizer):
         params: parameters or param groups.
         lr, betas, eps, weight_decay, correct_bias: as ``galore_torch.GaLoreAdamW`` (lr 1e-3,
             (0.9, 0.999), 1e-6, 0.0, True).
+        no_deprecation_warning: galore-torch's switch for its deprecation warning, accepted (in
+            its position) so its calls run unchanged; memzoo has no such warning.
         rank: default rank for groups that do not set one; None (default) = plain AdamW.
         update_proj_gap, scale, proj_type: the official projector settings (200, 1.0, "std").
         projector, power_iters, oversample: see above ("randomized", 2, 8).
@@ -122,6 +124,7 @@ class GaLoreAdamW(MemzooOptimizer):
         eps: float = 1e-6,
         weight_decay: float = 0.0,
         correct_bias: bool = True,
+        no_deprecation_warning: bool = False,
         *,
         rank: int | None = None,
         update_proj_gap: int = 200,
@@ -139,6 +142,8 @@ class GaLoreAdamW(MemzooOptimizer):
         backend: Backend = "auto",
         skip_nonfinite: bool = False,
     ) -> None:
+        if not isinstance(no_deprecation_warning, bool):
+            raise TypeError(f"Invalid no_deprecation_warning: expected a bool, got {no_deprecation_warning!r}")
         check_int("seed", seed, low=0, high=2**31)
         self.seed = seed
         # param → (settings tuple, Projector): built once, not on every step.
