@@ -215,6 +215,30 @@ def test_step_applies_the_mezo_update() -> None:
     assert optimizer.last_losses.shape == (3, 2) and optimizer.last_projected_grads.shape == (3,)
 
 
+def test_qzo_steps_follow_the_official_update() -> None:
+    """Three QZO steps by hand, as the official zo_step / zo_update (q = 1): ĝ = (L₊ − L₋)/(2ε)
+    clipped to [−C, C] (DDC), then Δ ← max(Δ − η ĝ z, 1e-7) — the clip and the floor both act."""
+    a, b, theta = _least_squares(seed=2)
+    start = theta.abs() + 0.05  # positive, as scales are
+    scale = start.clone()
+    loss = lambda: 0.5 * (a @ scale - b).square().sum()  # noqa: E731
+    lr, eps, clip = 0.2, 1e-3, 20.0
+    optimizer = QZO([scale], lr=lr, eps=eps, clip_threshold=clip, seed=4, backend="torch")
+    expected, clipped, floored = start.clone(), 0, 0
+    for step in range(3):
+        optimizer.step(loss)
+        z = zo_normals(sample_seed(4, step, 0), torch.arange(theta.numel())).double()
+        plus = 0.5 * (a @ (expected + eps * z) - b).square().sum()
+        minus = 0.5 * (a @ (expected - eps * z) - b).square().sum()
+        estimate = (plus - minus) / (2 * eps)
+        clipped += int(estimate.abs() > clip)
+        moved = expected - lr * estimate.clamp(-clip, clip) * z
+        floored += int((moved < 1e-7).sum())
+        expected = moved.clamp_min(1e-7)
+        torch.testing.assert_close(scale, expected, rtol=1e-6, atol=1e-9)
+    assert clipped and floored
+
+
 def _mlp(seed: int, dtype=torch.float32):
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).to(dtype)
