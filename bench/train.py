@@ -1,8 +1,8 @@
 """``memzoo-bench train`` and ``memzoo-bench zo``: real training runs on the standard-library corpus.
 
 train: every chosen optimizer and AdamW train the same LLaMA-style byte-level decoder from the
-same initialization on the same batches for the same number of steps, each at its base lr × ``--lr-factors``, extended past
-an edge of that grid while the best lr sits there (``bracket_lr``); the best lr is rerun at
+same initialization on the same batches for the same number of steps, each at its base lr ×
+``--lr-factors``, extended past an edge of that grid while the best lr sits there (``bracket_lr``); the best lr is rerun at
 ``--seeds`` seeds and the mean final validation loss (with its spread) is reported with tokens/s,
 peak memory and optimizer-state MiB; the loss curves go to JSON (and a PNG with matplotlib).
 With ``--out DIR`` every finished run is kept on disk and a rerun skips it (``RunStore``).
@@ -605,7 +605,8 @@ def plot_report(report: dict[str, Any], path: str) -> str | None:
         curves = [(f"{row['optimizer']} (lr {row['lr']:.3g}, {row.get('seeds', 1)} seeds)",
                    [s for s, _ in row["val_curve"]], [v for _, v in row["val_curve"]]) for row in report["rows"]]
         return plot_curves(path, curves, xlabel="step",
-                           title=f"memzoo-bench train --preset {report['preset']}: validation loss (best lr, seed mean)")
+                           title=f"memzoo-bench train --preset {report['preset']}: "
+                                 "validation loss (best lr, seed mean)")
     if report.get("command") == "train":  # a report written before rows carried their curves
         best = {(row["optimizer"], row["lr"]) for row in report["rows"]}
         curves = [(f"{run['optimizer']} (lr {run['lr']:.3g})", [s for s, _ in run["val_curve"]],

@@ -106,7 +106,8 @@ def test_sweep_runs_the_best_lr_at_every_seed_and_reports_mean_and_spread() -> N
     assert best["loss"] == pytest.approx(0.06) and best["loss_std"] == pytest.approx(0.01)
     assert (best["loss_min"], best["loss_max"]) == pytest.approx((0.05, 0.07))
     assert [step for step, _ in best["val_curve"]] == [0, 10]  # the seeds' curves averaged
-    assert [loss for _, loss in best["val_curve"]] == pytest.approx([11.0, 0.06]) and best["tokens_per_s"] == pytest.approx(106)
+    assert [loss for _, loss in best["val_curve"]] == pytest.approx([11.0, 0.06])
+    assert best["tokens_per_s"] == pytest.approx(106)
     assert best["lr_sweep"]["1"] == pytest.approx(0.05)  # the sweep itself is at the first seed
 
 
