@@ -33,6 +33,7 @@ from memzoo.bench.presets import DTYPES, PRESETS, make_named_parameters
 from memzoo.bench.timing import copy_bandwidth, median, optimizer_state_bytes, time_call
 from memzoo.bench.train import DEFAULT_TRAIN, DEFAULT_ZO, TRAIN_PRESETS, plot_report, run_train, run_zo
 from memzoo.bench.zeroth_order import OfficialMeZO, time_zeroth_order
+from memzoo.optim.base import BACKENDS
 
 __all__ = ["main"]
 
@@ -221,7 +222,7 @@ def _parse_settings(items: Sequence[str]) -> dict[str, Any]:
 
 def run_step(args: argparse.Namespace) -> dict[str, Any]:
     from memzoo.bench.baselines import make_baseline
-    from memzoo.optim.base import resolve_backend
+    from memzoo.optim.base import backend_name, resolve_backend
     from memzoo.optim.registry import get_optimizer_info
 
     device = torch.device(args.device)
@@ -233,8 +234,7 @@ def run_step(args: argparse.Namespace) -> dict[str, Any]:
         if info.zeroth_order:  # forward passes only: forward time and optimizer overhead apart
             def make_zo(tensors, info=info):
                 optimizer = info.cls(tensors, **{**info.sample_kwargs, **settings}, backend=args.backend)
-                module = resolve_backend(args.backend, device, info.cls.family)
-                return optimizer, "triton" if module.__name__.startswith("memzoo.triton_kernels") else "torch"
+                return optimizer, backend_name(resolve_backend(args.backend, device, info.cls.family))
 
             rows.append(time_zeroth_order(label, make_zo, info.name == "qzo", args, device))
             continue
@@ -245,8 +245,7 @@ def run_step(args: argparse.Namespace) -> dict[str, Any]:
             else:  # the paper's setting on the preset (ranks, which matrices are projected)
                 hyper = {k: v for k, v in info.sample_kwargs.items() if k in ("lr", "weight_decay")}
                 optimizer = info.cls(info.bench_groups(named), **{**hyper, **settings}, backend=args.backend)
-            module = resolve_backend(args.backend, device, info.cls.family)
-            return optimizer, "triton" if module.__name__.startswith("memzoo.triton_kernels") else "torch"
+            return optimizer, backend_name(resolve_backend(args.backend, device, info.cls.family))
 
         rows.append(_time_optimizer(label, make, args, device))
     for name in args.baseline or []:
@@ -333,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     step = sub.add_parser("step", help="optimizer step time and state memory against torch AdamW")
     common(step)
     step.add_argument("--optimizer", action="append", help="registered optimizer name (repeatable; default lion)")
-    step.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto")
+    step.add_argument("--backend", choices=BACKENDS, default="auto")
     step.add_argument("--profile", action="store_true",
                       help="print torch.profiler's top kernels for one steady step of each optimizer")
     step.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -353,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--lr", action="append", metavar="NAME=LR", help="an optimizer's (centre) learning rate")
         p.add_argument("--lr-factors", default="0.3,1,3",
                        help="the sweep: multiples of each optimizer's centre lr (the best final loss is reported)")
-        p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto")
+        p.add_argument("--backend", choices=BACKENDS, default="auto")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--plot", metavar="PNG", help="loss curves to this PNG (needs matplotlib)")
         p.add_argument("--json", metavar="PATH", help="also write the results (with every curve) as JSON")
@@ -383,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="parameter dtype")
     memory.add_argument("--batch", type=int, default=4)
     memory.add_argument("--seq-len", type=int, default=256)
-    memory.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto")
+    memory.add_argument("--backend", choices=BACKENDS, default="auto")
     memory.add_argument("--seed", type=int, default=0)
     memory.add_argument("--layerwise", action="store_true",
                         help="also measure each optimizer as a LayerwiseOptimizer (create_optimizer(..., layerwise=True))")
