@@ -1,9 +1,11 @@
 """GaLore's math on the ``"torch"`` backend; twin of :mod:`memzoo.reference.galore`.
 
 Rewritten here: :func:`adamw_update_` (the dense AdamW branch of every low-rank family: chunked
-multi-tensor passes, about one read and one write of each tensor). The projection functions
-(:func:`galore_adam_project_`, :func:`galore_apply_`, :func:`project`, :func:`natural_gradient`)
-are the reference's own: one matrix product per matrix, no per-element Python work.
+multi-tensor passes, about one read and one write of each tensor) and :func:`galore_apply_` (the
+back-projection accumulated straight into the weight by one ``addmm_`` per matrix, BLAS's
+C ← C + α·A·B: no m×n temporary for float32 weights). :func:`galore_adam_project_`,
+:func:`project` and :func:`natural_gradient` are the reference's own (their full-size work is one
+matrix product per matrix; the rest is on r-sized tensors).
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ from collections.abc import Sequence
 import torch
 
 from memzoo.reference import galore as reference
-from memzoo.reference.common import as_tensor_list, check_parallel_lists
+from memzoo.reference.common import as_tensor_list, check_parallel_lists, compute_dtype
 from memzoo.reference.galore import (
+    FactorList,
     as_matrix,
     check_low_rank_shapes,
     galore_adam_project_,
-    galore_apply_,
     low_rank_lists,
     natural_gradient,
     project,
@@ -73,3 +75,54 @@ def adamw_update_(
 
     for_each_chunk(tuple(lists.values()), update, lambda group: reference.adamw_update_(*group, **hparams),
                    buffers=5)
+
+
+def _as_weight_matrix(param: torch.Tensor) -> torch.Tensor | None:
+    """``param`` as its (shape[0], rest) matrix view sharing storage, or None when no such view
+    exists (a non-dense layout)."""
+    try:
+        return param.view(param.shape[0], -1)
+    except RuntimeError:
+        return None
+
+
+@torch.no_grad()
+def galore_apply_(
+    params: torch.Tensor | Sequence[torch.Tensor],
+    updates: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    lefts: FactorList,
+    rights: FactorList,
+    step_size: float,
+    scale: float,
+    lr: float,
+    weight_decay: float,
+) -> None:
+    """Same contract as :func:`memzoo.reference.galore.galore_apply_`: W ← W − step_size·scale·
+    left·N·right (the product accumulated into W), then W ← W − lr·λ·W. Weights in another dtype
+    than the update's compute dtype go through one float32 copy; non-dense weights through the
+    reference."""
+    (params, updates), lefts, rights = low_rank_lists("params", params=params, updates=updates, lefts=lefts,
+                                                      rights=rights)
+    coefficient = step_size * scale
+    decay = lr * weight_decay
+    for param, update, left, right in zip(params, updates, lefts, rights):
+        check_low_rank_shapes(param.shape, left, right, update=update)
+        dtype = compute_dtype(param.dtype, update.dtype)
+        matrix = _as_weight_matrix(param)
+        if matrix is None or (left is None and right is None) or param.numel() == 0:
+            reference.galore_apply_(param, update, lefts=left, rights=right, step_size=step_size, scale=scale,
+                                    lr=lr, weight_decay=weight_decay)
+            continue
+        work = matrix if param.dtype == dtype else matrix.to(dtype)
+        n = update.to(dtype)
+        if left is not None and right is not None:
+            work.addmm_(left.to(dtype) @ n, right.to(dtype), alpha=-coefficient)
+        elif left is not None:
+            work.addmm_(left.to(dtype), n, alpha=-coefficient)
+        else:
+            work.addmm_(n, right.to(dtype), alpha=-coefficient)
+        if decay != 0.0:
+            work.add_(work, alpha=-decay)  # W ← W − lr·λ·W (after the update, as GaLore)
+        if work is not matrix:
+            matrix.copy_(work)
