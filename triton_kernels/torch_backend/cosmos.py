@@ -14,8 +14,22 @@ from memzoo.reference.cosmos import (
     cosmos_basis_update,
     cosmos_directions_,
     cosmos_update_,
+    frobenius_normalize,
     newton_schulz5,
     orthogonalize_,
+    power_of_two_scale,
 )
 
-__all__ = ["NS_COEFFICIENTS", "NS_DTYPES", "cosmos_apply_", "cosmos_basis_init", "cosmos_basis_update", "cosmos_directions_", "cosmos_update_", "newton_schulz5", "orthogonalize_"]
+__all__ = [
+    "NS_COEFFICIENTS",
+    "NS_DTYPES",
+    "cosmos_apply_",
+    "cosmos_basis_init",
+    "cosmos_basis_update",
+    "cosmos_directions_",
+    "cosmos_update_",
+    "frobenius_normalize",
+    "newton_schulz5",
+    "orthogonalize_",
+    "power_of_two_scale",
+]

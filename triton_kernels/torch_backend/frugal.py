@@ -10,8 +10,16 @@ from memzoo.reference.frugal import (
     RESIDUAL_RULES,
     frugal_apply_,
     galore_adam_project_,
+    residual_kept,
     split_update_lists,
 )
 from memzoo.triton_kernels.torch_backend.galore import adamw_update_
 
-__all__ = ["RESIDUAL_RULES", "adamw_update_", "frugal_apply_", "galore_adam_project_", "split_update_lists"]
+__all__ = [
+    "RESIDUAL_RULES",
+    "adamw_update_",
+    "frugal_apply_",
+    "galore_adam_project_",
+    "residual_kept",
+    "split_update_lists",
+]
