@@ -77,6 +77,23 @@ def test_adamw_chunks_match_the_reference(small_chunks, dtype, decay_first) -> N
     _assert_same_outputs((params, exp_avgs, exp_avg_sqs), expected)
 
 
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_projected_adam_chunks_match_the_reference(small_chunks, state_dtype) -> None:
+    generator = torch.Generator().manual_seed(2)
+    grads = [torch.randn(40, 30, generator=generator), torch.randn(9, 50, generator=generator)]
+    rights = [torch.linalg.qr(torch.randn(g.shape[1], 7, generator=generator))[0].T.contiguous() for g in grads]
+    moments = [[torch.randn(g.shape[0], 7, generator=generator).to(state_dtype) for g in grads] for _ in range(2)]
+    moments[1] = [v.abs() for v in moments[1]]
+    updates = [torch.empty(g.shape[0], 7, dtype=state_dtype) for g in grads]
+    expected = [[t.clone() for t in ts] for ts in (*moments, updates)]
+    hparams = dict(lefts=None, rights=rights, beta1=0.9, beta2=0.999, eps=1e-6, maximize=True)
+    reference_galore.galore_adam_project_(grads, *expected, **hparams)
+    torch_galore.galore_adam_project_(grads, *moments, updates, **hparams)
+    for actual, wanted in zip((*moments, updates), expected):
+        for a, e in zip(actual, wanted):
+            assert_close(a, e, 1e-5 if state_dtype == torch.float32 else 0.0, what="moments")
+
+
 def test_chunked_pass_needs_no_full_size_temporary() -> None:
     """Scratch is a few chunks whatever the tensor size (the reference's temporaries are
     full-size)."""

@@ -1,11 +1,11 @@
 """GaLore's math on the ``"torch"`` backend; twin of :mod:`memzoo.reference.galore`.
 
-Rewritten here: :func:`adamw_update_` (the dense AdamW branch of every low-rank family: chunked
-multi-tensor passes, about one read and one write of each tensor) and :func:`galore_apply_` (the
+Rewritten here: :func:`adamw_update_` (the dense AdamW branch of every low-rank family) and the
+Adam moments of :func:`galore_adam_project_` as chunked multi-tensor passes (about one read and
+one write of each tensor, no temporaries of a tensor's size), and :func:`galore_apply_` (the
 back-projection accumulated straight into the weight by one ``addmm_`` per matrix, BLAS's
-C ← C + α·A·B: no m×n temporary for float32 weights). :func:`galore_adam_project_`,
-:func:`project` and :func:`natural_gradient` are the reference's own (their full-size work is one
-matrix product per matrix; the rest is on r-sized tensors).
+C ← C + α·A·B: no m×n temporary for float32 weights). :func:`project` and
+:func:`natural_gradient` are the reference's own.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from memzoo.reference.galore import (
     FactorList,
     as_matrix,
     check_low_rank_shapes,
-    galore_adam_project_,
     low_rank_lists,
     natural_gradient,
     project,
@@ -29,6 +28,65 @@ from memzoo.triton_kernels.torch_backend.elementwise import Scratch, for_each_ch
 
 __all__ = ["adamw_update_", "as_matrix", "check_low_rank_shapes", "galore_adam_project_", "galore_apply_",
            "low_rank_lists", "natural_gradient", "project"]
+
+
+def _adam_moments(scratch: Scratch, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
+                  beta1: float, beta2: float, sign_g: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk's m ← β1·m + (1 − β1)·g, v ← β2·v + (1 − β2)·g² in the compute dtype (buffers
+    1 and 2 when the moments are stored in another dtype), unrounded."""
+    m = scratch.load(1, exp_avg).mul_(beta1).add_(g, alpha=sign_g * (1.0 - beta1))
+    v = scratch.load(2, exp_avg_sq).mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    return m, v
+
+
+@torch.no_grad()
+def galore_adam_project_(
+    grads: torch.Tensor | Sequence[torch.Tensor],
+    exp_avgs: torch.Tensor | Sequence[torch.Tensor],
+    exp_avg_sqs: torch.Tensor | Sequence[torch.Tensor],
+    updates: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    lefts: FactorList,
+    rights: FactorList,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    maximize: bool = False,
+) -> None:
+    """Same contract as :func:`memzoo.reference.galore.galore_adam_project_`: R = project(G) (one
+    matrix product per matrix, r-sized), then the moments and N = m/(√v+ε) in chunked passes."""
+    (grads, exp_avgs, exp_avg_sqs, updates), lefts, rights = low_rank_lists(
+        "grads", grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, updates=updates, lefts=lefts, rights=rights)
+    projected = []
+    for grad, exp_avg, exp_avg_sq, update, left, right in zip(grads, exp_avgs, exp_avg_sqs, updates, lefts, rights):
+        check_low_rank_shapes(grad.shape, left, right, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, update=update)
+        dtype = compute_dtype(grad.dtype, exp_avg.dtype)
+        if left is None and right is None:
+            projected.append(grad)
+            continue
+        factor = lambda f: None if f is None else f.to(dtype)  # noqa: E731
+        projected.append(project(as_matrix(grad.to(dtype), grad.shape[0]), factor(left), factor(right)))
+    sign_g = -1.0 if maximize else 1.0
+
+    def update_chunk(scratch: Scratch, chunk: tuple[torch.Tensor, ...]) -> None:
+        low_rank, exp_avg, exp_avg_sq, update = chunk
+        m, v = _adam_moments(scratch, scratch.load(0, low_rank), exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2,
+                             sign_g=sign_g)
+        denominator = torch.sqrt(v, out=scratch.take(3, v.numel())).add_(eps)
+        if update.dtype == scratch.dtype:
+            torch.div(m, denominator, out=update)  # N = m / (√v + ε), from the unrounded moments
+        else:
+            update.copy_(torch.div(m, denominator, out=denominator))
+        for out, value in ((exp_avg, m), (exp_avg_sq, v)):
+            if value is not out:
+                out.copy_(value)
+
+    def whole(group: tuple[torch.Tensor, ...]) -> None:  # non-dense or mismatched layouts
+        reference.galore_adam_project_(*group, lefts=None, rights=None, beta1=beta1, beta2=beta2, eps=eps,
+                                       maximize=maximize)
+
+    # R already has the moments' shape; the reference applies no factor to it again.
+    for_each_chunk((projected, exp_avgs, exp_avg_sqs, updates), update_chunk, whole, buffers=4)
 
 
 @torch.no_grad()
@@ -59,9 +117,8 @@ def adamw_update_(
 
     def update(scratch: Scratch, chunk: tuple[torch.Tensor, ...]) -> None:
         param, grad, exp_avg, exp_avg_sq = chunk
-        g = scratch.load(0, grad)
-        m = scratch.load(1, exp_avg).mul_(beta1).add_(g, alpha=sign_g * (1.0 - beta1))  # m ← β1·m + (1 − β1)·g
-        v = scratch.load(2, exp_avg_sq).mul_(beta2).addcmul_(g, g, value=1.0 - beta2)  # v ← β2·v + (1 − β2)·g²
+        m, v = _adam_moments(scratch, scratch.load(0, grad), exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2,
+                             sign_g=sign_g)
         w = scratch.load(3, param)
         if decay_first and decay != 0.0:
             w.mul_(1.0 - decay)
