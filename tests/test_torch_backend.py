@@ -108,3 +108,20 @@ def test_backend_dispatch_rule() -> None:
     assert resolve_backend("auto", cpu, "lion") is torch_lion  # no silent fall back to the slow path
     with pytest.raises(ValueError, match="Invalid backend"):
         resolve_backend("fast", cpu, "lion")
+
+
+@pytest.mark.parametrize("seed", [0, 12345, 2**32 + 7, 2**63 - 1])
+def test_philox_words_equal_the_reference(small_chunks, seed) -> None:
+    """The int64 wrap-around products give exactly the reference's words (and so the same
+    normals), across chunks and at the counter extremes."""
+    from memzoo.reference import random as reference_random
+    from memzoo.triton_kernels.torch_backend import random as torch_random
+
+    generator = torch.Generator().manual_seed(seed % 1000)
+    offsets = torch.cat([torch.randint(0, 2**62, (200,), generator=generator),
+                         torch.tensor([0, 1, 2**32 - 1, 2**32, 2**63 - 1])]).view(5, 41)
+    for ours, theirs in zip(torch_random.philox_words4(seed, offsets), reference_random.philox_words4(seed, offsets)):
+        assert ours.dtype == theirs.dtype == torch.int32 and torch.equal(ours, theirs)
+    assert torch.equal(torch_random.philox_randn(seed, offsets), reference_random.philox_randn(seed, offsets))
+    seeds = torch.tensor([[seed % 2**62], [3]])  # several streams at once
+    assert torch.equal(torch_random.philox_randn(seeds, offsets[0]), reference_random.philox_randn(seeds, offsets[0]))
