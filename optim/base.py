@@ -7,6 +7,7 @@ and raises when an explicit request cannot be honoured, as torch.optim does for 
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import math
 import os
@@ -182,6 +183,19 @@ def whole_matrix_problem(optimizer: str) -> str:
     )
 
 
+# Keys that torch and training frameworks put in param groups, accepted by every memzoo optimizer
+# although no memzoo rule reads them (any other key a rule does not know is refused, see
+# MemzooOptimizer.add_param_group):
+FOREIGN_GROUP_KEYS: frozenset[str] = frozenset({
+    "initial_lr",  # every torch.optim.lr_scheduler (LRScheduler.__init__ sets it)
+    "max_lr", "min_lr", "base_momentum", "max_momentum",  # torch's OneCycleLR / CyclicLR
+    "swa_lr",  # torch.optim.swa_utils.SWALR
+    "param_names",  # torch's named-parameter groups (Optimizer(model.named_parameters()))
+    "name",  # a group's label: Lightning's LearningRateMonitor, users' own code
+    "lr_scale",  # timm's layer-wise learning-rate decay groups (read by timm's schedulers)
+})
+
+
 _SET_ERROR = ("{where} must be an ordered collection (a list), not a set: the order decides which saved state "
               "goes with which parameter when a checkpoint loads")
 
@@ -266,6 +280,9 @@ class MemzooOptimizer(torch.optim.Optimizer):
     """
 
     family: ClassVar[str]
+    # Group keys of the official code that :meth:`_translate_group` maps to ours: known keys
+    # (never refused as unknown), offered as suggestions for a misspelled key.
+    official_group_keys: ClassVar[frozenset[str]] = frozenset()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -304,9 +321,41 @@ class MemzooOptimizer(torch.optim.Optimizer):
         """Shape and dtype of each state tensor that ``param`` has once it has been stepped."""
         raise NotImplementedError
 
+    def _translate_group(self, group: dict[str, Any]) -> dict[str, Any]:
+        """A param group in the official code's format (keys in :attr:`official_group_keys`)
+        rewritten with our keys, before any check; ``group`` is the caller's copy, free to change.
+        Raises ValueError for official settings that are not implemented."""
+        return group
+
+    def _check_group_keys(self, group: Mapping[str, Any]) -> None:
+        """Refuse a key that no rule of this optimizer reads (a misspelling would otherwise be
+        ignored silently: ``{"rnak": 8}`` would train with the default), naming the closest
+        valid key."""
+        known = set(self.defaults) | {"params"} | FOREIGN_GROUP_KEYS
+        unknown = [key for key in group if key not in known]
+        if not unknown:
+            return
+        key = unknown[0]
+        names = sorted(known | self.official_group_keys)
+        close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        options = sorted((set(self.defaults) | self.official_group_keys) - {"params"})
+        raise ValueError(
+            f"unknown key {key!r}{hint}; {type(self).__name__} param groups take 'params' and {options}, "
+            f"plus keys torch and trainers add ({sorted(FOREIGN_GROUP_KEYS)})"
+        )
+
     # -- parameters -----------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group_index = len(self.param_groups)
+        if not isinstance(param_group, Mapping) or "params" not in param_group:
+            raise TypeError(f"param group {group_index} must be a dict with a 'params' entry, got "
+                            f"{type(param_group).__name__}")
+        try:
+            param_group = self._translate_group(dict(param_group))
+            self._check_group_keys(param_group)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"param group {group_index}: {exc}") from None
         params = param_group["params"]
         if isinstance(params, (set, frozenset)):
             raise TypeError(_SET_ERROR.format(where=f"param group {group_index}: params"))
@@ -359,6 +408,8 @@ class MemzooOptimizer(torch.optim.Optimizer):
                 value = group.get(key)
                 if key not in group or (type(value) is float and 0.0 <= value < math.inf):  # the fast path
                     continue
+                if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+                    value = value.item()  # a tensor lr (as torch.optim accepts): its value is checked
                 try:
                     check_number(key, value)
                 except (TypeError, ValueError) as exc:
@@ -554,6 +605,11 @@ class MemzooOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{name}.load_state_dict: the state_dict does not match this optimizer "
                              f"({len(problems)} mismatches):\n  " + "\n  ".join(problems))
         super().load_state_dict(state_dict)
+        # A group key added in a later version is missing from older checkpoints: the group takes
+        # this optimizer's default for it (as torch.optim's __setstate__ does for new flags).
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
         self.skipped_steps = skipped
         # torch.optim casts floating state to the parameter's dtype; put the saved dtype back
         # from the original tensor (a cast back would have lost bits). torch.optim also keeps the

@@ -2,10 +2,31 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 import torch
 from hypothesis import strategies as st
 
+from memzoo.bench.baselines import import_official
+
 from memzoo.triton_kernels.registry import KernelPair, as_list, clone_case
+
+# How to get the official packages the trajectory tests compare against (pinned in that file).
+ORACLE_INSTALL = "pip install --no-deps -r tests/oracles.txt"
+# The start of the reason of every test skipped for a missing official package (the run's
+# summary counts them: tests/conftest.py).
+ORACLE_SKIP = "official package not installed:"
+
+
+def official_package(module: str) -> Any:
+    """The official optimizer package ``module`` (``galore_torch``, ``apollo_torch``), or a skip
+    that says how to install it."""
+    try:
+        return import_official(module)
+    except ValueError:
+        pytest.skip(f"{ORACLE_SKIP} {module} (for the comparison with the official code: {ORACLE_INSTALL})")
+
 
 # Relative tolerance per storage dtype: one unit in the last place (results are rounded once
 # from fp32 math, and an implementation may differ from another by one rounding).
