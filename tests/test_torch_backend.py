@@ -94,11 +94,20 @@ def test_projected_adam_chunks_match_the_reference(small_chunks, state_dtype) ->
             assert_close(a, e, 1e-5 if state_dtype == torch.float32 else 0.0, what="moments")
 
 
-def test_chunked_pass_needs_no_full_size_temporary() -> None:
-    """Scratch is a few chunks whatever the tensor size (the reference's temporaries are
-    full-size)."""
-    scratch = elementwise.Scratch(4, torch.float32, torch.device("cpu"))
-    assert sum(b.numel() for b in scratch.buffers) == 4 * elementwise.CHUNK
+def test_chunked_pass_needs_no_full_size_temporary(small_chunks) -> None:
+    """Updates see chunks of at most CHUNK elements and scratch buffers of that size, whatever
+    the tensor size (the reference's temporaries are full-size)."""
+    seen = []
+
+    def update(scratch, chunk):
+        seen.append((chunk[0].numel(), [b.numel() for b in scratch.buffers]))
+        chunk[0].add_(1.0)
+
+    tensor = torch.zeros(300)
+    elementwise.for_each_chunk(([tensor],), update, lambda group: None, buffers=2)
+    assert [size for size, _ in seen] == [64, 64, 64, 64, 44]
+    assert all(buffers == [64, 64] for _, buffers in seen) and torch.equal(tensor, torch.ones(300))
+    assert elementwise.chunk_size(torch.device("meta")) == elementwise.DEVICE_CHUNK
 
 
 def test_backend_dispatch_rule() -> None:

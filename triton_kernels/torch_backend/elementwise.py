@@ -5,8 +5,9 @@ each group of parallel tensors (a parameter, its gradient, its moments) is cut i
 :data:`CHUNK` elements in memory order, and the update runs chunk by chunk in preallocated
 float32 (float64) scratch buffers: the chunk's operands stay in cache between the operations, so
 memory sees about one read of each input and one write of each output, and the extra memory is a
-few chunks (``CHUNK`` elements × the update's buffer count × 4 bytes, 512 KiB each in float32),
-never a tensor's size.
+few chunks (:data:`CHUNK` elements × the update's buffer count, 512 KiB each in float32 on a
+CPU; :data:`DEVICE_CHUNK` elsewhere), never more than the largest tensor. No step synchronizes
+with the host.
 """
 
 from __future__ import annotations
@@ -17,11 +18,21 @@ import torch
 
 from memzoo.reference.common import compute_dtype, is_dense
 
-__all__ = ["CHUNK", "Scratch", "for_each_chunk", "memory_order_view"]
+__all__ = ["CHUNK", "DEVICE_CHUNK", "Scratch", "chunk_size", "for_each_chunk", "memory_order_view"]
 
-# Elements per chunk: 2^17 (512 KiB in float32). Timed on a 2-core Xeon (bench/RESULTS.md, CPU):
-# 2^16 to 2^18 were within a few percent, 2^14 paid Python overhead, 2^20 fell out of L2.
+# Elements per chunk on CPUs: 2^17 (512 KiB in float32), so that a chunk's operands stay in L2
+# (2 MiB per core on the Xeon of bench/RESULTS.md, where 2^16 to 2^18 chunks were within a few
+# percent and 2^14 paid Python overhead).
 CHUNK = 1 << 17
+# On accelerators there is no cache to stay in, and each op of a chunk is a kernel launch: chunks
+# of 2^24 elements (64 MiB in float32) keep launches few and the scratch below the reference's
+# full-size temporaries.
+DEVICE_CHUNK = 1 << 24
+
+
+def chunk_size(device: torch.device) -> int:
+    """Elements per chunk on ``device``."""
+    return CHUNK if device.type == "cpu" else DEVICE_CHUNK
 
 
 def memory_order_view(tensor: torch.Tensor) -> torch.Tensor:
@@ -30,10 +41,10 @@ def memory_order_view(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class Scratch:
-    """Reusable 1-D buffers of one compute dtype and device, at most :data:`CHUNK` elements each."""
+    """Reusable 1-D buffers of one compute dtype and device, ``size`` elements each."""
 
-    def __init__(self, count: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.buffers = [torch.empty(CHUNK, dtype=dtype, device=device) for _ in range(count)]
+    def __init__(self, count: int, dtype: torch.dtype, device: torch.device, size: int) -> None:
+        self.buffers = [torch.empty(size, dtype=dtype, device=device) for _ in range(count)]
         self.dtype = dtype
 
     def take(self, index: int, size: int) -> torch.Tensor:
@@ -76,12 +87,14 @@ def for_each_chunk(
             fallback(group)
             continue
         dtype = compute_dtype(*(t.dtype for t in group))
-        key = (dtype, group[0].device)
-        scratch = scratches.get(key)
+        device = group[0].device
+        size = chunk_size(device)
+        scratch = scratches.get((dtype, device))
         if scratch is None:
-            scratch = scratches[key] = Scratch(buffers, dtype, group[0].device)
+            largest = max(t.numel() for t in lists[0] if t.device == device)
+            scratch = scratches[(dtype, device)] = Scratch(buffers, dtype, device, min(size, largest))
         flats = [memory_order_view(t) for t in group]
         numel = flats[0].numel()
-        for start in range(0, numel, CHUNK):
-            stop = min(numel, start + CHUNK)
+        for start in range(0, numel, size):
+            stop = min(numel, start + size)
             update(scratch, tuple(flat[start:stop] for flat in flats))

@@ -3,14 +3,13 @@
 Per chunk, in float32 (float64 for float64 inputs), one rounding to the storage dtype at the end:
 c = β1·m + (1 − β1)·g, W ← W·(1 − lr·λ) − lr·sign(c), m ← β2·m + (1 − β2)·g. The products and
 sums may be contracted into fused multiply-adds (as the Triton kernel's are), so results agree
-with the reference to within its rounding, not bit for bit. A chunk whose c is not all finite
-(a NaN or Inf gradient or momentum) runs the reference on that chunk, so non-finite values
-propagate exactly as the reference makes them.
+with the reference to within its rounding, not bit for bit. sign(c) follows memzoo's rule for
+non-finite inputs (:func:`memzoo.reference.common.sign`: NaN for NaN and ±Inf) as
+sign(c) + (c − c), which is sign(c) for finite c and NaN otherwise, without a host sync.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -48,13 +47,12 @@ def lion_update_(
         g = scratch.load(1, grad)
         m = scratch.load(2, exp_avg)
         c = torch.mul(m, beta1, out=scratch.take(0, m.numel())).add_(g, alpha=sign_g * (1.0 - beta1))
-        if not math.isfinite(c.sum()):  # NaN / Inf: the reference's propagation, exactly
-            reference.lion_update_(param, grad, exp_avg, **hparams)
-            return
+        not_finite = torch.sub(c, c, out=scratch.take(4, c.numel()))  # 0, or NaN where c is NaN or ±Inf
+        direction = c.sign_().add_(not_finite)  # sign(c), sign(0) = 0, NaN for a non-finite c
         p = scratch.load(3, param)
         if decay != 1.0:
             p.mul_(decay)  # W ← W·(1 − lr·λ)
-        p.add_(c.sign_(), alpha=-lr)  # W ← W − lr·sign(c); sign(0) = 0 (c is finite here)
+        p.add_(direction, alpha=-lr)  # W ← W − lr·sign(c)
         m.mul_(beta2).add_(g, alpha=sign_g * (1.0 - beta2))  # m ← β2·m + (1 − β2)·g
         if p is not param:
             param.copy_(p)
@@ -62,4 +60,4 @@ def lion_update_(
             exp_avg.copy_(m)
 
     for_each_chunk((params, grads, exp_avgs), update, lambda group: reference.lion_update_(*group, **hparams),
-                   buffers=4)
+                   buffers=5)

@@ -69,7 +69,7 @@ def philox_words4(seed: int | torch.Tensor,
     check_seed_offsets(seed, offsets)
     flat = offsets.reshape(-1).to(torch.int64)
     words = [torch.empty(flat.numel(), dtype=torch.int32, device=flat.device) for _ in range(4)]
-    size = min(elementwise.CHUNK, flat.numel())
+    size = max(1, min(elementwise.chunk_size(flat.device), flat.numel()))
     buffers = [torch.empty(size, dtype=torch.int64, device=flat.device) for _ in range(6)]
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     for start in range(0, flat.numel(), size):
