@@ -77,9 +77,10 @@ class COSMOS(MemzooOptimizer):
         max_rows: matrices with more rows go to the AdamW branch (official 10000).
         maximize: maximize the objective.
         ns_dtype: dtype of the Newton–Schulz products (bf16 as the official code).
-        backend: "auto", "triton" or "torch". The Triton backend runs the Newton–Schulz
+        backend: "auto", "triton", "torch" or "reference" (see
+            :func:`memzoo.optim.resolve_backend`). The Triton backend runs the Newton–Schulz
             iteration as batched GEMM kernels (symmetric X·Xᵀ, the combination in the epilogue);
-            "auto" keeps the reference until those kernels have been checked on a GPU.
+            "auto" keeps the "torch" path until those kernels have been checked on a GPU.
     """
 
     family = "cosmos"

@@ -361,7 +361,7 @@ class MeZO(ZerothOrderOptimizer):
         n_samples: q, directions averaged per step (2q forward passes).
         seed: base seed of the directions (rank 0's is used by every rank).
         process_group: the group whose ranks average their estimates (default: the world).
-        backend: "auto", "triton" or "torch".
+        backend: "auto", "triton", "torch" or "reference" (see :func:`memzoo.optim.resolve_backend`).
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0, *,

@@ -156,10 +156,10 @@ def test_rank_above_the_matrix_is_truncated_unless_strict() -> None:
         GaLoreAdamW([param], rank=64, strict_rank=True)
 
 
-def test_auto_keeps_galore_on_the_reference_until_its_kernels_are_validated_on_a_gpu() -> None:
+def test_auto_keeps_galore_on_the_torch_path_until_its_kernels_are_validated_on_a_gpu() -> None:
     from memzoo.optim import resolve_backend
 
-    assert resolve_backend("auto", torch.device("cuda"), "galore").__name__ == "memzoo.reference.galore"
+    assert resolve_backend("auto", torch.device("cuda"), "galore").__name__ == "memzoo.triton_kernels.torch_backend.galore"
     assert resolve_backend("triton", torch.device("cpu"), "galore").__name__ == "memzoo.triton_kernels.galore"
 
 

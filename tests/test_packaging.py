@@ -36,6 +36,9 @@ def test_non_editable_install_imports_from_another_directory(tmp_path: Path) -> 
     script = (
         "import memzoo, memzoo.optim, memzoo.bench.cli\n"
         "from memzoo.optim import Lion\n"
+        "import torch\n"
+        "p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3)\n"
+        "Lion([p], backend='torch').step()  # the torch backend's subpackage is installed\n"
         "print(memzoo.__file__)\n"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, env=env,
