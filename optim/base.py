@@ -215,6 +215,47 @@ def check_betas(betas: Any, count: int) -> None:
         check_number(f"beta parameter at index {index}", beta, high=1.0, high_inclusive=False)
 
 
+def check_lr(value: Any) -> None:
+    """Raise unless ``value`` is a learning rate: a number ≥ 0 or, as torch.optim accepts (e.g.
+    for schedules under torch.compile), a one-element floating-point Tensor holding one. The
+    step reads a Tensor lr as a Python float (:meth:`MemzooOptimizer._numeric_groups`)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TypeError(f"Invalid lr: a Tensor lr must be floating point, got {value.dtype}")
+        if value.requires_grad:
+            raise ValueError("lr as a Tensor that requires grad is not supported (memzoo steps are not "
+                             "differentiable); pass lr.detach()")
+        if value.device.type == "meta":  # no value to check
+            return
+        value = value.item()
+    check_number("lr", value)
+
+
+# torch.optim's implementation flags and the only values memzoo accepts (their torch defaults),
+# with why another value cannot be honoured. The implementation is chosen with ``backend``.
+_IMPLEMENTATION_FLAGS: dict[str, tuple[Any, str]] = {
+    "foreach": (None, "memzoo chooses its implementation with backend= ('torch': PyTorch, 'triton': fused "
+                      "multi-tensor kernels, 'auto': Triton where validated); leave foreach=None"),
+    "fused": (None, "fused kernels are backend='triton' (backend='auto' picks them where they are validated); "
+                    "leave fused=None"),
+    "capturable": (False, "a memzoo step decides on the host (step counts, projector refreshes), so it cannot "
+                          "be captured in a CUDA graph; leave capturable=False"),
+    "differentiable": (False, "memzoo steps update in place under no_grad (and in Triton kernels), so autograd "
+                              "cannot differentiate through them; leave differentiable=False"),
+}
+
+
+def check_implementation_flags(**flags: Any) -> None:
+    """Raise a ValueError that says why for a torch.optim implementation flag (``foreach``,
+    ``fused``, ``capturable``, ``differentiable``) set to anything but its torch default."""
+    for name, value in flags.items():
+        default, reason = _IMPLEMENTATION_FLAGS[name]
+        if value is not default:
+            raise ValueError(f"{name}={value!r} is not supported: {reason}")
+
+
 class MemzooOptimizer(torch.optim.Optimizer):
     """Base of every memzoo optimizer.
 
@@ -245,14 +286,22 @@ class MemzooOptimizer(torch.optim.Optimizer):
             fenced._memzoo_fenced = True
             cls.step = fenced
 
+    # Attributes that only cache what param_groups and state determine, with the factory of
+    # their empty value: created empty by __init__, left out of pickles and deep copies (a
+    # copy rebuilds them), and emptied when a state_dict loads.
+    _CACHES: ClassVar[dict[str, Callable[[], Any]]] = {}
+
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, backend: Backend = "auto",
-                 skip_nonfinite: bool = False) -> None:
+                 skip_nonfinite: bool = False, foreach: bool | None = None, fused: bool | None = None,
+                 capturable: bool = False, differentiable: bool = False) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}; expected one of {BACKENDS}")
         if not isinstance(skip_nonfinite, bool):
             raise TypeError(f"Invalid skip_nonfinite: expected a bool, got {skip_nonfinite!r}")
+        check_implementation_flags(foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable)
         if isinstance(params, (set, frozenset)):
             raise TypeError(_SET_ERROR.format(where="params"))
+        self._reset_caches()
         self.backend: Backend = backend
         self.skip_nonfinite = skip_nonfinite
         # Steps skipped because of non-finite values (skip_nonfinite=True); in the state_dict.
@@ -261,6 +310,28 @@ class MemzooOptimizer(torch.optim.Optimizer):
         # Fail at construction, not at the first step, when an explicit backend cannot run.
         for device in {p.device for group in self.param_groups for p in group["params"]}:
             resolve_backend(backend, device, self.family)
+
+    # -- copies ---------------------------------------------------------------------------
+    def _reset_caches(self) -> None:
+        for name, empty in self._CACHES.items():
+            setattr(self, name, empty())
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy`` and ``pickle`` keep: every attribute (torch.optim keeps only
+        defaults, state and param_groups, and a copy then lacks ``backend``, ``skip_nonfinite``,
+        …) except the caches and, as in torch.optim, the registered hooks."""
+        return {name: value for name, value in self.__dict__.items()
+                if name not in self._CACHES and not (name.startswith("_optimizer_") and name.endswith("hooks"))}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # torch.optim's __setstate__ (also run by load_state_dict) adds "differentiable" to
+        # defaults, from where add_param_group would copy it into new groups: memzoo has no such
+        # hyperparameter (see check_implementation_flags).
+        added = "differentiable" not in self.__dict__.get("defaults", state.get("defaults", {}))
+        super().__setstate__(state)
+        if added:
+            self.defaults.pop("differentiable", None)
+        self._reset_caches()
 
     # -- hooks for subclasses -------------------------------------------------------------
     def _validate_group(self, group: Mapping[str, Any], group_index: int) -> None:
@@ -280,16 +351,33 @@ class MemzooOptimizer(torch.optim.Optimizer):
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         if not params:
             raise ValueError(f"param group {group_index} has no parameters; leave the group out or give it some")
+        # Named parameters ((name, tensor) pairs, e.g. model.named_parameters()), as torch ≥ 2.6:
+        # the names are kept in the group's "param_names" and in the state_dict.
+        if any(isinstance(item, tuple) for item in params):
+            if not all(isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) for item in params):
+                raise ValueError(f"param group {group_index}: all optimizer params should be with/without names. "
+                                 "Some param names are missing (give every parameter as a (name, tensor) pair, "
+                                 "or none)")
+            param_group = {**param_group, "params": [item[1] for item in params],
+                           "param_names": [item[0] for item in params]}
+            params = param_group["params"]
+        names = param_group.get("param_names")
+        if names is not None and (not isinstance(names, (list, tuple)) or len(names) != len(params)
+                                  or not all(isinstance(name, str) for name in names)):
+            raise ValueError(f"param group {group_index}: param_names must be a list of {len(params)} strings, "
+                             f"one per parameter, got {names!r}")
         # Where each parameter already is: a parameter in two places would be stepped twice.
         seen = {id(p): (g, i) for g, group in enumerate(self.param_groups) for i, p in enumerate(group["params"])}
         for param_index, param in enumerate(params):
             if not isinstance(param, torch.Tensor):
                 raise TypeError(f"param group {group_index}, param {param_index}: expected a Tensor, got {type(param).__name__}")
             if id(param) in seen:
+                # torch.optim only warns for a duplicate inside a group; it would be stepped twice.
                 first_group, first_index = seen[id(param)]
+                where = "some parameters appear in more than one parameter group: " if first_group != group_index else ""
                 raise ValueError(
-                    f"{_describe(group_index, param_index, param)} is the same tensor as param group {first_group}, "
-                    f"param {first_index}; each parameter may appear once (remove the duplicate)"
+                    f"{where}{_describe(group_index, param_index, param)} is the same tensor as param group "
+                    f"{first_group}, param {first_index}; each parameter may appear once (remove the duplicate)"
                 )
             seen[id(param)] = (group_index, param_index)
             if not param.is_leaf:
@@ -375,6 +463,14 @@ class MemzooOptimizer(torch.optim.Optimizer):
         """Why this DTensor parameter cannot be stepped with ``group``'s settings and what to do
         instead; None when it can (per-element math runs on the local shard)."""
         return None
+
+    def _numeric_groups(self) -> list[dict[str, Any]]:
+        """The param groups as a step reads them: a Tensor lr (accepted as torch.optim does)
+        becomes a Python float here, at the boundary, because the kernels take scalars (one host
+        read per group and step when it lives on a GPU). Other groups are returned as they are."""
+        return [{**group, "lr": group["lr"].item()}
+                if isinstance(group["lr"], torch.Tensor) and group["lr"].device.type != "meta" else group
+                for group in self.param_groups]
 
     def _kernels(self, device: torch.device) -> ModuleType:
         """The reference or Triton module that computes this optimizer's math on ``device``."""
@@ -484,6 +580,11 @@ class MemzooOptimizer(torch.optim.Optimizer):
                     if key not in entry:
                         continue
                     value = entry[key]
+                    if (not shape and not dtype.is_floating_point and isinstance(value, int)
+                            and not isinstance(value, bool) and value >= 0):
+                        # A count saved as a Python int (torch.optim loads such older checkpoints);
+                        # kept on the CPU, as torch.optim keeps its step counts.
+                        value = torch.tensor(value, dtype=dtype)
                     if not isinstance(value, torch.Tensor) or value.shape != shape or value.dtype != dtype:
                         got = (f"{tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor)
                                else type(value).__name__)
@@ -493,6 +594,11 @@ class MemzooOptimizer(torch.optim.Optimizer):
         if problems:
             raise ValueError(f"{name}.load_state_dict: the state_dict does not match this optimizer "
                              f"({len(problems)} mismatches):\n  " + "\n  ".join(problems))
+        # Group keys an older state_dict lacks keep the optimizer's current values, the ones
+        # validated above (torch.optim's optimizers fill them in __setstate__).
+        state_dict = {**state_dict, "param_groups": [
+            {**{key: value for key, value in group.items() if key != "params"}, **saved}
+            for saved, group in zip(saved_groups, self.param_groups)]}
         super().load_state_dict(state_dict)
         self.skipped_steps = skipped
         # torch.optim casts floating state to the parameter's dtype; put the saved dtype back
@@ -502,5 +608,7 @@ class MemzooOptimizer(torch.optim.Optimizer):
         # place. Every loaded tensor is this optimizer's own.
         for param, key, value in restore:
             loaded = self.state[param][key]
-            if loaded.dtype != value.dtype or loaded is value:
+            if not isinstance(loaded, torch.Tensor):  # a count saved as an int: its tensor, made above
+                self.state[param][key] = value
+            elif loaded.dtype != value.dtype or loaded is value:
                 self.state[param][key] = value.to(device=param.device, copy=True)

@@ -15,6 +15,7 @@ from memzoo.optim.base import (
     StateSpec,
     check_betas,
     check_int,
+    check_lr,
     check_number,
     group_by_device,
     local_tensor,
@@ -74,6 +75,8 @@ class COSMOS(MemzooOptimizer):
         backend: "auto", "triton" or "torch". The Triton backend runs the Newton–Schulz
             iteration as batched GEMM kernels (symmetric X·Xᵀ, the combination in the epilogue);
             "auto" keeps the reference until those kernels have been checked on a GPU.
+        foreach, fused, capturable, differentiable: torch.optim's implementation flags, accepted only
+            at their defaults (None, None, False, False); see README "torch.optim conventions".
     """
 
     family = "cosmos"
@@ -94,13 +97,18 @@ class COSMOS(MemzooOptimizer):
         ns_dtype: torch.dtype = torch.bfloat16,
         backend: Backend = "auto",
         skip_nonfinite: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, lr_ratio=lr_ratio, rank=rank, weight_decay=weight_decay,
                         gamma=gamma, max_rows=max_rows, maximize=maximize, ns_dtype=ns_dtype)
-        super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite)
+        super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite, foreach=foreach, fused=fused,
+                         capturable=capturable, differentiable=differentiable)
 
     def _validate_group(self, group: Mapping[str, Any], group_index: int) -> None:
-        check_number("lr", group["lr"])
+        check_lr(group["lr"])
         check_betas(group["betas"], 2)
         check_number("eps", group["eps"])
         check_number("weight_decay", group["weight_decay"])
@@ -156,7 +164,7 @@ class COSMOS(MemzooOptimizer):
         grad = param.grad
         finite = torch.isfinite(grad).all()
         if int(state["step"]) == 0:
-            if not bool(finite):  # one sync, at a weight's first step only
+            if grad.device.type != "meta" and not bool(finite):  # one sync, at a weight's first step only
                 grad = torch.zeros_like(grad)
             return kernels.cosmos_basis_init(grad, state["basis"].shape[1], beta2=beta2)
         basis, subspace = kernels.cosmos_basis_update(grad, state["basis"], state["subspace"], beta2=beta2)
@@ -185,7 +193,7 @@ class COSMOS(MemzooOptimizer):
         # writing state; phase 2 writes. An error in phase 1 (out of memory in eigh/QR) modifies
         # nothing.
         plans = []
-        for group in self.param_groups:
+        for group in self._numeric_groups():
             beta2 = group["betas"][1]
             adam_items, matrices = [], []
             for param in group["params"]:

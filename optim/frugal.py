@@ -58,7 +58,8 @@ class FRUGAL(GaLoreAdamW):
 
     Args:
         density: default ρ for groups that do not set one; None (default) = AdamW only.
-        state_dtype, power_iters, oversample, seed, maximize, backend: as :class:`GaLoreAdamW`.
+        state_dtype, power_iters, oversample, seed, maximize, backend, foreach, fused, capturable,
+            differentiable: as :class:`GaLoreAdamW`.
     """
 
     family = "frugal"
@@ -86,6 +87,10 @@ class FRUGAL(GaLoreAdamW):
         maximize: bool = False,
         backend: Backend = "auto",
         skip_nonfinite: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
         self._frugal_defaults = dict(density=density, reset_statistics=reset_statistics,
                                      inactive_update_rule=inactive_update_rule, inactive_lr_scale=inactive_lr_scale,
@@ -93,7 +98,8 @@ class FRUGAL(GaLoreAdamW):
         super().__init__(params, lr, betas, eps, weight_decay, True, update_proj_gap=update_proj_gap,
                          projector=projector, proj_type=proj_type, power_iters=power_iters, oversample=oversample,
                          state_dtype=state_dtype, seed=seed, maximize=maximize, backend=backend,
-                         skip_nonfinite=skip_nonfinite)
+                         skip_nonfinite=skip_nonfinite, foreach=foreach, fused=fused, capturable=capturable,
+                         differentiable=differentiable)
 
     def _extra_defaults(self) -> dict[str, Any]:
         return self._frugal_defaults

@@ -14,6 +14,7 @@ from memzoo.optim.base import (
     StateSpec,
     check_betas,
     check_int,
+    check_lr,
     check_number,
     local_tensor,
     resolve_backend,
@@ -107,9 +108,20 @@ class GaLoreAdamW(MemzooOptimizer):
         maximize: maximize the objective.
         backend: "auto" (the reference until GaLore's kernels are validated on a GPU), "triton"
             or "torch".
+        foreach, fused, capturable, differentiable: torch.optim's implementation flags, accepted only
+            at their defaults (None, None, False, False); see README "torch.optim conventions".
     """
 
     family = "galore"
+
+    _CACHES = {
+        # param → (settings tuple, Projector): built once, not on every step.
+        "_projectors": dict,
+        # id(state dict) → (step tensor, its value after this step, its version after this step)
+        "_step_ints": dict,
+    }
+    _projectors: dict[torch.Tensor, tuple[tuple, Projector]]
+    _step_ints: dict[int, tuple[torch.Tensor, int, int]]
 
     def __init__(
         self,
@@ -135,20 +147,21 @@ class GaLoreAdamW(MemzooOptimizer):
         maximize: bool = False,
         backend: Backend = "auto",
         skip_nonfinite: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
         check_int("seed", seed, low=0, high=2**31)
         self.seed = seed
-        # param → (settings tuple, Projector): built once, not on every step.
-        self._projectors: dict[torch.Tensor, tuple[tuple, Projector]] = {}
-        # id(state dict) → (step tensor, its value after this step, its version after this step)
-        self._step_ints: dict[int, tuple[torch.Tensor, int, int]] = {}
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
                         rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
                         projector=projector, power_iters=power_iters, oversample=oversample,
                         strict_rank=strict_rank, state_dtype=state_dtype, optim_bits=optim_bits,
                         min_8bit_size=min_8bit_size, maximize=maximize)
         defaults.update(self._extra_defaults())
-        super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite)
+        super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite, foreach=foreach, fused=fused,
+                         capturable=capturable, differentiable=differentiable)
 
     def _extra_defaults(self) -> dict[str, Any]:
         """Group defaults a subclass adds to GaLore's."""
@@ -156,7 +169,7 @@ class GaLoreAdamW(MemzooOptimizer):
 
     # -- validation and state layout ------------------------------------------------------
     def _validate_group(self, group: Mapping[str, Any], group_index: int) -> None:
-        check_number("lr", group["lr"])
+        check_lr(group["lr"])
         check_betas(group["betas"], 2)
         check_number("eps", group["eps"])
         check_number("weight_decay", group["weight_decay"])
@@ -290,7 +303,7 @@ class GaLoreAdamW(MemzooOptimizer):
         index = 0
         plans = []
         refreshes: list[RefreshRequest] = []
-        for group in self.param_groups:
+        for group in self._numeric_groups():
             # (device, step) → params, grads, m, v, and the 8-bit states to encode afterwards
             dense: dict[tuple[torch.device, int], tuple[list, list, list, list, list]] = {}
             projected: list[tuple[torch.Tensor, Projector, dict[str, Any], int, bool]] = []
@@ -333,7 +346,8 @@ class GaLoreAdamW(MemzooOptimizer):
             hyper = dict(beta1=beta1, beta2=beta2, eps=group["eps"])
             for state, quantized in refreshed:
                 self._on_refresh(group, state, quantized)
-            torch._foreach_add_(step_counts, 1)  # one call for the group's step counters
+            if step_counts:  # a group whose parameters have no gradient (frozen, unused) is left as it is
+                torch._foreach_add_(step_counts, 1)  # one call for the group's step counters
             if self._preconditions:
                 for item in projected:
                     self._update_projected(group, [item], hyper)

@@ -12,6 +12,7 @@ from memzoo.optim.base import (
     MemzooOptimizer,
     StateSpec,
     check_betas,
+    check_lr,
     check_number,
     group_by_device,
     local_tensor,
@@ -51,6 +52,8 @@ class Lion(MemzooOptimizer):
         backend: "auto" (Triton for CUDA tensors when it imports, else the reference),
             "triton" or "torch". The Triton step is one fused multi-tensor launch per
             (device, dtypes) bucket of each param group.
+        foreach, fused, capturable, differentiable: torch.optim's implementation flags, accepted only
+            at their defaults (None, None, False, False); see README "torch.optim conventions".
     """
 
     family = "lion"
@@ -66,13 +69,18 @@ class Lion(MemzooOptimizer):
         momentum_dtype: torch.dtype | str | None = None,
         backend: Backend = "auto",
         skip_nonfinite: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
                         momentum_dtype=momentum_dtype)
-        super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite)
+        super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite, foreach=foreach, fused=fused,
+                         capturable=capturable, differentiable=differentiable)
 
     def _validate_group(self, group: Mapping[str, Any], group_index: int) -> None:
-        check_number("lr", group["lr"])
+        check_lr(group["lr"])
         check_betas(group["betas"], 2)
         check_number("weight_decay", group["weight_decay"])
         if not isinstance(group["maximize"], bool):
@@ -91,7 +99,7 @@ class Lion(MemzooOptimizer):
         loss = self._run_closure(closure)
         if not self._check_grads():  # skip_nonfinite: nothing is modified this step
             return loss
-        for group in self.param_groups:
+        for group in self._numeric_groups():
             params = [param for param in group["params"] if param.grad is not None]
             grads = [param.grad for param in params]
             exp_avgs = []

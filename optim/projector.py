@@ -195,7 +195,9 @@ def refresh_projectors_(requests: list[RefreshRequest], *, randn: Randn = philox
         for begin in range(0, len(members), chunk):
             part = members[begin:begin + chunk]
             grads = torch.stack([r.grad_matrix for r, _ in part])
-            finite = torch.isfinite(grads).flatten(1).all(1).tolist()  # one sync per chunk, on refresh steps
+            # One sync per chunk, on refresh steps; meta tensors (shape-only runs) have no values to check.
+            finite = ([True] * len(part) if device.type == "meta"
+                      else torch.isfinite(grads).flatten(1).all(1).tolist())
             if not all(finite):
                 for (request, seed), ok in zip(part, finite):
                     if ok:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from memzoo.optim.base import Backend, MemzooOptimizer, StateSpec, check_int, check_number
+from memzoo.optim.base import Backend, MemzooOptimizer, StateSpec, check_int, check_lr, check_number
 from memzoo.reference.zeroth_order import CHUNK, MASK_BYTES_PER_CHUNK
 
 __all__ = ["QZO", "MeZO", "SparseMeZO", "ZerothOrderOptimizer", "collect_quantization_scales"]
@@ -135,7 +135,7 @@ class ZerothOrderOptimizer(MemzooOptimizer):
 
     # -- hooks for subclasses -------------------------------------------------------------
     def _validate_group(self, group: Mapping[str, Any], group_index: int) -> None:
-        check_number("lr", group["lr"])
+        check_lr(group["lr"])
         check_number("weight_decay", group["weight_decay"])
 
     def _state_spec(self, param: torch.Tensor, group: Mapping[str, Any]) -> StateSpec:
@@ -204,7 +204,7 @@ class ZerothOrderOptimizer(MemzooOptimizer):
             update = {}
             if coefficients is not None:
                 update = dict(coefficients=coefficients[bucket.group_index].to(bucket.device),
-                              earlier_seeds=earlier_seeds, decay=1.0 - group["lr"] * group["weight_decay"],
+                              earlier_seeds=earlier_seeds, decay=1.0 - float(group["lr"]) * group["weight_decay"],
                               clamp_min=self._clamp_min(group))
             self._kernels(bucket.device).zo_apply_(
                 bucket.params, bucket.stream_offsets, seed=seed, eps=self.eps, from_sign=from_sign, to_sign=to_sign,
@@ -283,7 +283,7 @@ class ZerothOrderOptimizer(MemzooOptimizer):
         # The last sample's direction goes with the restoring pass's seed; the others follow it.
         order = [len(seeds) - 1, *range(len(seeds) - 1)]
         weights = projected[order] / len(seeds)
-        coefficients = [(group["lr"] * weights).to(torch.float32) for group in self.param_groups]
+        coefficients = [(float(group["lr"]) * weights).to(torch.float32) for group in self.param_groups]
         self._move(seeds[-1], -1, 0, coefficients=coefficients, earlier_seeds=tuple(seeds[:-1]))
         self._step_count += 1
         self.last_projected_grads, self.last_losses = projected, losses
