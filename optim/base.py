@@ -7,6 +7,7 @@ an explicit request cannot be honoured, as torch.optim does for ``fused=True``.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import math
 import os
@@ -166,6 +167,19 @@ def whole_matrix_problem(optimizer: str) -> str:
     )
 
 
+# Keys that torch and training frameworks put in param groups, accepted by every memzoo optimizer
+# although no memzoo rule reads them (any other key a rule does not know is refused, see
+# MemzooOptimizer.add_param_group):
+FOREIGN_GROUP_KEYS: frozenset[str] = frozenset({
+    "initial_lr",  # every torch.optim.lr_scheduler (LRScheduler.__init__ sets it)
+    "max_lr", "min_lr", "base_momentum", "max_momentum",  # torch's OneCycleLR / CyclicLR
+    "swa_lr",  # torch.optim.swa_utils.SWALR
+    "param_names",  # torch's named-parameter groups (Optimizer(model.named_parameters()))
+    "name",  # a group's label: Lightning's LearningRateMonitor, users' own code
+    "lr_scale",  # timm's layer-wise learning-rate decay groups (read by timm's schedulers)
+})
+
+
 _SET_ERROR = ("{where} must be an ordered collection (a list), not a set: the order decides which saved state "
               "goes with which parameter when a checkpoint loads")
 
@@ -174,22 +188,37 @@ def _describe(group_index: int, param_index: int, param: torch.Tensor) -> str:
     return f"param group {group_index}, param {param_index} (shape {tuple(param.shape)}, {param.dtype})"
 
 
+# Ints must fit in 64 bits: kernels and state take integer scalars as int64.
+INT64_LIMIT = 2**63
+
+
 def check_number(name: str, value: Any, *, low: float = 0.0, high: float = math.inf,
                  high_inclusive: bool = True) -> None:
-    """Raise unless ``value`` is a real number in ``[low, high]`` (or ``[low, high)``)."""
+    """Raise unless ``value`` is a finite real number in ``[low, high]`` (or ``[low, high)``).
+
+    Never Inf or NaN, whatever ``high``; an int must fit in 64 bits (kernels take scalars as
+    int64 or double). The value is read through ``float()``, which also serves a 0-d tensor."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"Invalid {name}: expected a number, got {type(value).__name__} {value!r}")
-    upper_ok = value <= high if high_inclusive else value < high
-    if math.isnan(value) or value < low or not upper_ok:
-        bracket = "]" if high_inclusive else ")"
-        raise ValueError(f"Invalid {name}: {value} (must be in [{low}, {high}{bracket})")
+    bracket = "]" if high_inclusive else ")"
+    expected = f"must be a finite number ≥ {low}" if high == math.inf else f"must be a number in [{low}, {high}{bracket}"
+    if isinstance(value, int) and not -INT64_LIMIT <= value < INT64_LIMIT:
+        shown = f"an int of {value.bit_length()} bits" if value.bit_length() > 80 else f"{value}"
+        raise ValueError(f"Invalid {name}: {shown} ({expected}; ints must fit in 64 bits)")
+    number = float(value)
+    upper_ok = number <= high if high_inclusive else number < high
+    if not math.isfinite(number) or number < low or not upper_ok:
+        raise ValueError(f"Invalid {name}: {number} ({expected})")
 
 
 def check_int(name: str, value: Any, *, low: int, high: int | None = None) -> None:
-    """Raise unless ``value`` is an int (not a bool) in [low, high) (no upper bound when None)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value >= high):
-        bound = f"≥ {low}" if high is None else f"in [{low}, {high})"
-        raise ValueError(f"Invalid {name}: {value!r} (expected an int {bound})")
+    """Raise unless ``value`` is an int (not a bool) in [low, high); no bound given means
+    2**63 (ints must fit in 64 bits)."""
+    high = INT64_LIMIT if high is None else high
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or value >= high:
+        shown = f"an int of {value.bit_length()} bits" if isinstance(value, int) and value.bit_length() > 80 else repr(value)
+        upper = "2**63" if high == INT64_LIMIT else str(high)
+        raise ValueError(f"Invalid {name}: {shown} (expected an int in [{low}, {upper}))")
 
 
 _DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -269,11 +298,16 @@ class MemzooOptimizer(torch.optim.Optimizer):
 
     Non-finite values: with ``skip_nonfinite=True`` a step whose gradients are not all finite
     returns before modifying anything and counts itself in ``skipped_steps`` (kept in the
-    state_dict); by default NaN/Inf propagate into the weights as in torch.optim, while the
-    subspace-tracking optimizers keep their projectors finite (see their docs).
+    state_dict); by default NaN/Inf propagate into the weights as in torch.optim (sign-based
+    steps write NaN for them, never a finite step: :func:`memzoo.reference.common.sign`), while
+    the subspace-tracking optimizers keep their projectors and bases finite (see their docs). The
+    whole policy, per optimizer, is in the README ("Bad input, non-finite values, failures").
     """
 
     family: ClassVar[str]
+    # Group keys of the official code that :meth:`_translate_group` maps to ours: known keys
+    # (never refused as unknown), offered as suggestions for a misspelled key.
+    official_group_keys: ClassVar[frozenset[str]] = frozenset()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -342,9 +376,41 @@ class MemzooOptimizer(torch.optim.Optimizer):
         """Shape and dtype of each state tensor that ``param`` has once it has been stepped."""
         raise NotImplementedError
 
+    def _translate_group(self, group: dict[str, Any]) -> dict[str, Any]:
+        """A param group in the official code's format (keys in :attr:`official_group_keys`)
+        rewritten with our keys, before any check; ``group`` is the caller's copy, free to change.
+        Raises ValueError for official settings that are not implemented."""
+        return group
+
+    def _check_group_keys(self, group: Mapping[str, Any]) -> None:
+        """Refuse a key that no rule of this optimizer reads (a misspelling would otherwise be
+        ignored silently: ``{"rnak": 8}`` would train with the default), naming the closest
+        valid key."""
+        known = set(self.defaults) | {"params"} | FOREIGN_GROUP_KEYS
+        unknown = [key for key in group if key not in known]
+        if not unknown:
+            return
+        key = unknown[0]
+        names = sorted(known | self.official_group_keys)
+        close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        options = sorted((set(self.defaults) | self.official_group_keys) - {"params"})
+        raise ValueError(
+            f"unknown key {key!r}{hint}; {type(self).__name__} param groups take 'params' and {options}, "
+            f"plus keys torch and trainers add ({sorted(FOREIGN_GROUP_KEYS)})"
+        )
+
     # -- parameters -----------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group_index = len(self.param_groups)
+        if not isinstance(param_group, Mapping) or "params" not in param_group:
+            raise TypeError(f"param group {group_index} must be a dict with a 'params' entry, got "
+                            f"{type(param_group).__name__}")
+        try:
+            param_group = self._translate_group(dict(param_group))
+            self._check_group_keys(param_group)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"param group {group_index}: {exc}") from None
         params = param_group["params"]
         if isinstance(params, (set, frozenset)):
             raise TypeError(_SET_ERROR.format(where=f"param group {group_index}: params"))
@@ -403,10 +469,39 @@ class MemzooOptimizer(torch.optim.Optimizer):
         self._check_dtensors(params, merged, group_index)
         super().add_param_group(param_group)
 
+    def _check_changed_values(self) -> None:
+        """Check, at every step, the group values that code outside the optimizer changes
+        between steps (LR schedulers write ``lr``, OneCycleLR / CyclicLR also ``betas``; some
+        schedules ``weight_decay``): a NaN, Inf or negative value raises a ValueError naming
+        the group before anything is modified, instead of stepping on silently. A few type
+        checks per group when the values are plain floats."""
+        for group_index, group in enumerate(self.param_groups):
+            for key in ("lr", "weight_decay"):
+                value = group.get(key)
+                if key not in group or (type(value) is float and 0.0 <= value < math.inf):  # the fast path
+                    continue
+                if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+                    value = value.item()  # a tensor lr (as torch.optim accepts): its value is checked
+                try:
+                    check_number(key, value)
+                except (TypeError, ValueError) as exc:
+                    raise type(exc)(f"param group {group_index}: {exc}. It was valid when the group was added, so "
+                                    "it was changed since (an LR scheduler?); this step modified nothing") from None
+            betas = group.get("betas")
+            if betas is not None and not (type(betas) is tuple and len(betas) == len(self.defaults["betas"])
+                                          and all(type(b) is float and 0.0 <= b < 1.0 for b in betas)):
+                try:
+                    check_betas(betas, len(self.defaults["betas"]))
+                except (TypeError, ValueError) as exc:
+                    raise type(exc)(f"param group {group_index}: {exc}; this step modified nothing") from None
+
     def _check_grads(self) -> bool:
-        """Reject what no memzoo step can use, before any parameter or state is modified.
-        Returns False when the step is to be skipped (``skip_nonfinite`` and a gradient with NaN
-        or Inf); the skip is counted in ``skipped_steps``."""
+        """Reject what no memzoo step can use, before any parameter or state is modified:
+        group values changed into invalid ones since they were checked
+        (:meth:`_check_changed_values`), sparse gradients. Returns False when the step is to be
+        skipped (``skip_nonfinite`` and a gradient with NaN or Inf); the skip is counted in
+        ``skipped_steps``."""
+        self._check_changed_values()
         for group_index, group in enumerate(self.param_groups):
             grads = [param.grad for param in group["params"]]
             if set(grad.layout for grad in grads if grad is not None) <= {torch.strided}:

@@ -4,6 +4,7 @@ equivalence, state accounting) by adding a record here."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ from memzoo.optim.frugal import FRUGAL
 from memzoo.optim.galore import GaLoreAdamW, NaturalGaLore
 from memzoo.optim.lion import Lion
 from memzoo.optim.zeroth_order import QZO, MeZO, SparseMeZO
-from memzoo.reference.projector import side_length
+from memzoo.reference.projector import SEEDED_METHODS, side_length
 
 __all__ = ["OPTIMIZERS", "BadInput", "OptimizerInfo", "get_optimizer_info"]
 
@@ -92,7 +93,7 @@ def _galore_state_bytes(optimizer: GaLoreAdamW) -> int:
         if group["proj_type"] != "std":
             raise NotImplementedError("the analytic count here covers proj_type='std'")
         total += _moment_bytes(optimizer, max(m, n) * r, param, group) + 8  # moments + proj_seed
-        if group["projector"] != "random":
+        if group["projector"] not in SEEDED_METHODS:
             total += r * min(m, n) * param.element_size()
     return total
 
@@ -107,11 +108,12 @@ def _natural_galore_state_bytes(optimizer: NaturalGaLore) -> int:
         if optimizer._projector(param, group) is None:  # not projected (vectors, empty matrices)
             total += 2 * param.numel() * moment_size
             continue
-        if group["proj_type"] != "full" or group["projector"] == "random":
+        if group["proj_type"] != "full" or group["projector"] in SEEDED_METHODS:
             raise NotImplementedError("the analytic count here covers proj_type='full' with stored factors")
         m, n = param.shape[0], param[0].numel()
         r = min(group["rank"], m, n)
-        total += (m + n) * r * param.element_size() + (2 + group["natural_history"]) * r * r * moment_size + 16
+        history = group["natural_history"] if group["natural"] else 0  # natural=False: no history, no count
+        total += (m + n) * r * param.element_size() + (2 + history) * r * r * moment_size + (16 if history else 8)
     return total
 
 
@@ -153,7 +155,7 @@ def _cosmos_state_bytes(optimizer: COSMOS) -> int:
 
 def _frugal_state_bytes(optimizer: FRUGAL) -> int:
     """ALGORITHMS.md §4: per projected m×n weight, moments of the r-dimensional subspace (r =
-    round(ρ·n) columns, or ρ·m rows), a stored basis for svd/randomized (r values per row or
+    round(ρ·n) columns, or ρ·m rows; ⌊ρ·n⌋ for coordinates), a stored basis for svd/randomized (r values per row or
     column of the side) or the r int64 indices for coordinates, int64 step, adam_step and seed;
     torch-AdamW moments elsewhere."""
     total = 0
@@ -168,7 +170,7 @@ def _frugal_state_bytes(optimizer: FRUGAL) -> int:
         r = projector.rank
         total += 2 * (m * n // size) * r * optimizer._state_dtype(param, group).itemsize + 16  # moments, seed, adam_step
         method = projector.settings.projector
-        total += 8 * r if method == "coordinates" else 0 if method == "random" else r * size * param.element_size()
+        total += 8 * r if method == "coordinates" else 0 if method in SEEDED_METHODS else r * size * param.element_size()
     return total
 
 
@@ -217,6 +219,10 @@ _COMMON_BAD_INPUTS = (
     BadInput("lr given as a string", {"lr": "0.1"}, TypeError, "Invalid lr"),
     BadInput("negative weight decay", {"weight_decay": -0.1}, ValueError, "Invalid weight_decay"),
     BadInput("unknown backend", {"backend": "cuda"}, ValueError, "Invalid backend"),
+    BadInput("infinite lr", {"lr": math.inf}, ValueError, "Invalid lr: inf"),
+    BadInput("lr beyond the float range", {"lr": 10**400}, ValueError, "Invalid lr: an int of 1329 bits"),
+    BadInput("int lr beyond 64 bits", {"lr": 2**64}, ValueError, "Invalid lr: .*fit in 64 bits"),
+    BadInput("infinite weight decay", {"weight_decay": math.inf}, ValueError, "Invalid weight_decay: inf"),
 )
 
 OPTIMIZERS: dict[str, OptimizerInfo] = {
@@ -255,6 +261,12 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
                 BadInput("eps below zero", {"eps": -1e-8}, ValueError, "Invalid eps"),
                 BadInput("beta2 = 1", {"betas": (0.9, 1.0)}, ValueError, "beta parameter at index 1"),
                 BadInput("int8 state", {"state_dtype": torch.int8}, ValueError, "state_dtype"),
+                BadInput("infinite eps", {"eps": math.inf}, ValueError, "Invalid eps: inf"),
+                BadInput("infinite scale", {"scale": math.inf}, ValueError, "Invalid scale: inf"),
+                BadInput("power_iters that never ends", {"power_iters": 2**70}, ValueError, "Invalid power_iters"),
+                BadInput("rank beyond 64 bits", {"rank": 2**64}, ValueError, "Invalid rank"),
+                BadInput("update_proj_gap beyond 64 bits", {"update_proj_gap": 2**63}, ValueError,
+                         "Invalid update_proj_gap"),
             ),
             position_seeded=True,
             bench_groups=_galore_bench_groups,
@@ -266,11 +278,15 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
             sample_kwargs={"lr": 0.1, "weight_decay": 0.1, "rank": 2, "update_proj_gap": 2, "scale": 0.5,
                            "natural_history": 3},
             expected_state_bytes=_natural_galore_state_bytes,
-            variants=({}, {"projector": "svd"}, {"state_dtype": torch.float32}),
+            variants=({}, {"projector": "randomized"}, {"state_dtype": torch.float32}),
             bad_inputs=_COMMON_BAD_INPUTS + (
                 BadInput("rank 0", {"rank": 0}, ValueError, "Invalid rank"),
+                BadInput("online subspace", {"proj_type": "online_natural_galore"}, ValueError, "not implemented"),
+                BadInput("amsgrad", {"amsgrad": True}, ValueError, "not implemented"),
                 BadInput("history 0", {"natural_history": 0}, ValueError, "natural_history"),
                 BadInput("zero damping", {"damping": 0.0}, ValueError, "damping"),
+                BadInput("infinite damping", {"damping": math.inf}, ValueError, "Invalid damping: inf"),
+                BadInput("history of 2**70 gradients", {"natural_history": 2**70}, ValueError, "natural_history"),
             ),
             position_seeded=True,
             bench_groups=_galore_bench_groups,
@@ -290,6 +306,8 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
                 BadInput("unknown proj", {"proj": "qr"}, ValueError, "Invalid proj"),
                 BadInput("growth limit below 1", {"growth_limit": 0.5}, ValueError, "growth_limit"),
                 BadInput("disable_nl not a bool", {"disable_nl": "yes"}, TypeError, "disable_nl"),
+                BadInput("infinite growth limit", {"growth_limit": math.inf}, ValueError, "Invalid growth_limit: inf"),
+                BadInput("infinite scale", {"scale": math.inf}, ValueError, "Invalid scale: inf"),
             ),
             position_seeded=True,
             bench_groups=_apollo_bench_groups,
@@ -321,6 +339,8 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
                 BadInput("unknown inactive rule", {"inactive_update_rule": "same"}, ValueError, "inactive_update_rule"),
                 BadInput("unknown projector", {"projector": "qr"}, ValueError, "projector"),
                 BadInput("reset_statistics not a bool", {"reset_statistics": 1}, TypeError, "reset_statistics"),
+                BadInput("infinite inactive_lr_scale", {"inactive_lr_scale": math.inf}, ValueError,
+                         "Invalid inactive_lr_scale: inf"),
             ),
             position_seeded=True,
             bench_groups=_frugal_bench_groups,
@@ -345,6 +365,9 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
                 BadInput("negative lr_ratio", {"lr_ratio": -1.0}, ValueError, "lr_ratio"),
                 BadInput("max_rows 0", {"max_rows": 0}, ValueError, "max_rows"),
                 BadInput("fp16 Newton–Schulz", {"ns_dtype": torch.float16}, ValueError, "ns_dtype"),
+                BadInput("infinite gamma", {"gamma": math.inf}, ValueError, "Invalid gamma: inf"),
+                BadInput("infinite eps", {"eps": math.inf}, ValueError, "Invalid eps: inf"),
+                BadInput("rank beyond 64 bits", {"rank": 2**64}, ValueError, "Invalid rank"),
             ),
             bench_groups=lambda named: [{"params": [p for _, p in named], "rank": 64}],
         ),
