@@ -458,8 +458,8 @@ class NaturalGaLore(GaLoreAdamW):
     weight_decay 0.0 (applied after the update, GaLore's convention), history 20, damping
     λ = 1e-3 (hard-coded there, an argument here), correct_bias True; the positional order
     (params, lr, betas, eps, weight_decay, natural_history, amsgrad) is the official one.
-    ``amsgrad``, ``capturable`` and ``differentiable`` are accepted as False only (the
-    official code allocates an AMSGrad buffer it never reads). Parameters outside rank groups,
+    ``amsgrad`` is accepted as False only (the official code allocates an AMSGrad buffer it never
+    reads); ``capturable`` and ``differentiable`` as False only, as every memzoo optimizer's. Parameters outside rank groups,
     and 1-D ones inside (the official code would project those too), get plain AdamW.
     Everything else is :class:`GaLoreAdamW`'s.
     """
@@ -471,15 +471,14 @@ class NaturalGaLore(GaLoreAdamW):
                  capturable: bool = False, differentiable: bool = False, correct_bias: bool = True,
                  damping: float = 1e-3, natural: bool = True, proj_type: str = "full", projector: str = "svd",
                  **kwargs: Any) -> None:
-        for name, value in (("amsgrad", amsgrad), ("capturable", capturable), ("differentiable", differentiable)):
-            if value is not False:
-                raise ValueError(f"{name}={value!r} is not implemented (the official SubSpaceAdamW's {name} "
-                                 "does not change its update either); leave it False")
+        if amsgrad is not False:
+            raise ValueError(f"amsgrad={amsgrad!r} is not implemented (the official SubSpaceAdamW's amsgrad "
+                             "does not change its update either); leave it False")
         official = self._translate_group({"proj_type": proj_type})  # the official values of proj_type
         proj_type, natural = official["proj_type"], official.get("natural", natural)
         self._natural_defaults = dict(natural_history=natural_history, damping=damping, natural=natural)
         super().__init__(params, lr, betas, eps, weight_decay, correct_bias, proj_type=proj_type, projector=projector,
-                         **kwargs)
+                         capturable=capturable, differentiable=differentiable, **kwargs)
 
     _preconditions = True
 

@@ -135,15 +135,6 @@ INAPPLICABLE: dict[str, str] = {
                                         "devices where one exists",
 }
 
-# Covered tests that fail today for a reason another issue owns: expected to fail (not strictly,
-# so that the fix shows as XPASS), never skipped.
-KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    (name, test): "Natural GaLore turns weights into NaN from finite gradients (an fp32 Woodbury solve on an "
-                  "ill-conditioned history): issue 18, item 8"
-    for name in ("natural_galore",)
-    for test in ("test_goes_right_direction", "test_param_groups_weight_decay", "test_param_groups_lr")
-}
-
 # Entries of torch's error inputs (get_error_inputs_for_all_optims) where memzoo deliberately differs.
 ERROR_INPUT_DIFFERENCES: dict[str, str] = {
     "a param group cannot have duplicate parameters": (
@@ -187,12 +178,8 @@ def _without_param_names(state_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.fixture(autouse=True)
-def _seeded(request: pytest.FixtureRequest) -> None:
+def _seeded() -> None:
     torch.manual_seed(0)
-    callspec = getattr(request.node, "callspec", None)
-    reason = KNOWN_FAILURES.get((callspec.params.get("name") if callspec else None, request.node.originalname))
-    if reason:
-        request.applymarker(pytest.mark.xfail(reason=reason, strict=False))
 
 
 def _assert_same(actual: Any, expected: Any) -> None:
@@ -710,3 +697,20 @@ def test_tensor_lr_every_registered_optimizer(name: str) -> None:
         info.cls(params, **{**info.sample_kwargs, "lr": torch.zeros(2)})
     with pytest.raises(ValueError, match="lr as a Tensor that requires grad is not supported"):
         info.cls(params, **{**info.sample_kwargs, "lr": torch.tensor(lr, requires_grad=True)})
+
+
+@pytest.mark.parametrize("name", ["lion", "galore_adamw"])
+def test_tensor_lr_reaches_triton_kernels_as_a_float(name: str) -> None:
+    """backend='triton' (interpreted on CPU tensors in CI): the kernels take scalars, and a
+    Tensor lr is converted at the step's boundary, giving the float lr's parameters."""
+    info = OPTIMIZERS[name]
+    params = [Parameter(torch.randn(6, 4)), Parameter(torch.randn(6))]
+    twins = [Parameter(p.detach().clone()) for p in params]
+    kwargs = {**info.sample_kwargs, "backend": "triton"}
+    optimizer = info.cls(params, **kwargs)
+    tensor_optimizer = info.cls(twins, **{**kwargs, "lr": torch.tensor(info.sample_kwargs["lr"])})
+    for _ in range(2):
+        _registered_step(info, optimizer, params)
+        _registered_step(info, tensor_optimizer, twins)
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(q, p)
