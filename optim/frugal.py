@@ -62,6 +62,7 @@ class FRUGAL(GaLoreAdamW):
     """
 
     family = "frugal"
+    _layout_keys = (*GaLoreAdamW._layout_keys, "density")
 
     def __init__(
         self,
