@@ -94,6 +94,7 @@ EDITS = [
     ("galore_adamw", {"projector": "svd"}, _edit_group(projector="random"), "rebuilt"),
     ("galore_adamw", {}, _edit_group(state_dtype=torch.bfloat16), "cast"),
     ("galore_adamw", {}, _edit_dtype(torch.bfloat16), "cast"),
+    ("galore_adamw", {"min_8bit_size": 1}, _edit_group(optim_bits=8), "restarted"),
     ("natural_galore", {}, _edit_group(natural_history=5), "rebuilt"),
     ("apollo", {}, _edit_group(disable_nl=True), "rebuilt"),
     ("apollo", {"disable_nl": True}, _edit_group(disable_nl=False), None),  # the limiter starts recording
