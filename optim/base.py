@@ -252,22 +252,37 @@ def _describe(group_index: int, param_index: int, param: torch.Tensor) -> str:
     return f"param group {group_index}, param {param_index} (shape {tuple(param.shape)}, {param.dtype})"
 
 
+# Ints must fit in 64 bits: kernels and state take integer scalars as int64.
+INT64_LIMIT = 2**63
+
+
 def check_number(name: str, value: Any, *, low: float = 0.0, high: float = math.inf,
                  high_inclusive: bool = True) -> None:
-    """Raise unless ``value`` is a real number in ``[low, high]`` (or ``[low, high)``)."""
+    """Raise unless ``value`` is a finite real number in ``[low, high]`` (or ``[low, high)``).
+
+    Never Inf or NaN, whatever ``high``; an int must fit in 64 bits (kernels take scalars as
+    int64 or double). The value is read through ``float()``, which also serves a 0-d tensor."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"Invalid {name}: expected a number, got {type(value).__name__} {value!r}")
-    upper_ok = value <= high if high_inclusive else value < high
-    if math.isnan(value) or value < low or not upper_ok:
-        bracket = "]" if high_inclusive else ")"
-        raise ValueError(f"Invalid {name}: {value} (must be in [{low}, {high}{bracket})")
+    bracket = "]" if high_inclusive else ")"
+    expected = f"must be a finite number ≥ {low}" if high == math.inf else f"must be a number in [{low}, {high}{bracket}"
+    if isinstance(value, int) and not -INT64_LIMIT <= value < INT64_LIMIT:
+        shown = f"an int of {value.bit_length()} bits" if value.bit_length() > 80 else f"{value}"
+        raise ValueError(f"Invalid {name}: {shown} ({expected}; ints must fit in 64 bits)")
+    number = float(value)
+    upper_ok = number <= high if high_inclusive else number < high
+    if not math.isfinite(number) or number < low or not upper_ok:
+        raise ValueError(f"Invalid {name}: {number} ({expected})")
 
 
 def check_int(name: str, value: Any, *, low: int, high: int | None = None) -> None:
-    """Raise unless ``value`` is an int (not a bool) in [low, high) (no upper bound when None)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value >= high):
-        bound = f"≥ {low}" if high is None else f"in [{low}, {high})"
-        raise ValueError(f"Invalid {name}: {value!r} (expected an int {bound})")
+    """Raise unless ``value`` is an int (not a bool) in [low, high); no bound given means
+    2**63 (ints must fit in 64 bits)."""
+    high = INT64_LIMIT if high is None else high
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or value >= high:
+        shown = f"an int of {value.bit_length()} bits" if isinstance(value, int) and value.bit_length() > 80 else repr(value)
+        upper = "2**63" if high == INT64_LIMIT else str(high)
+        raise ValueError(f"Invalid {name}: {shown} (expected an int in [{low}, {upper}))")
 
 
 _DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -306,8 +321,10 @@ class MemzooOptimizer(torch.optim.Optimizer):
 
     Non-finite values: with ``skip_nonfinite=True`` a step whose gradients are not all finite
     returns before modifying anything and counts itself in ``skipped_steps`` (kept in the
-    state_dict); by default NaN/Inf propagate into the weights as in torch.optim, while the
-    subspace-tracking optimizers keep their projectors finite (see their docs).
+    state_dict); by default NaN/Inf propagate into the weights as in torch.optim (sign-based
+    steps write NaN for them, never a finite step: :func:`memzoo.reference.common.sign`), while
+    the subspace-tracking optimizers keep their projectors and bases finite (see their docs). The
+    whole policy, per optimizer, is in the README ("Bad input, non-finite values, failures").
     """
 
     family: ClassVar[str]
@@ -482,10 +499,37 @@ class MemzooOptimizer(torch.optim.Optimizer):
         self._check_dtensors(params, merged, group_index)
         super().add_param_group(param_group)
 
+    def _check_changed_values(self) -> None:
+        """Check, at every step, the group values that code outside the optimizer changes
+        between steps (LR schedulers write ``lr``, OneCycleLR / CyclicLR also ``betas``; some
+        schedules ``weight_decay``): a NaN, Inf or negative value raises a ValueError naming
+        the group before anything is modified, instead of stepping on silently. A few type
+        checks per group when the values are plain floats."""
+        for group_index, group in enumerate(self.param_groups):
+            for key in ("lr", "weight_decay"):
+                value = group.get(key)
+                if key not in group or (type(value) is float and 0.0 <= value < math.inf):  # the fast path
+                    continue
+                try:
+                    check_number(key, value)
+                except (TypeError, ValueError) as exc:
+                    raise type(exc)(f"param group {group_index}: {exc}. It was valid when the group was added, so "
+                                    "it was changed since (an LR scheduler?); this step modified nothing") from None
+            betas = group.get("betas")
+            if betas is not None and not (type(betas) is tuple and len(betas) == len(self.defaults["betas"])
+                                          and all(type(b) is float and 0.0 <= b < 1.0 for b in betas)):
+                try:
+                    check_betas(betas, len(self.defaults["betas"]))
+                except (TypeError, ValueError) as exc:
+                    raise type(exc)(f"param group {group_index}: {exc}; this step modified nothing") from None
+
     def _check_grads(self) -> bool:
-        """Reject what no memzoo step can use, before any parameter or state is modified.
-        Returns False when the step is to be skipped (``skip_nonfinite`` and a gradient with NaN
-        or Inf); the skip is counted in ``skipped_steps``."""
+        """Reject what no memzoo step can use, before any parameter or state is modified:
+        group values changed into invalid ones since they were checked
+        (:meth:`_check_changed_values`), sparse gradients. Returns False when the step is to be
+        skipped (``skip_nonfinite`` and a gradient with NaN or Inf); the skip is counted in
+        ``skipped_steps``."""
+        self._check_changed_values()
         for group_index, group in enumerate(self.param_groups):
             grads = [param.grad for param in group["params"]]
             if set(grad.layout for grad in grads if grad is not None) <= {torch.strided}:

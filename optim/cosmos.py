@@ -148,18 +148,24 @@ class COSMOS(MemzooOptimizer):
     def _new_basis(self, param: torch.Tensor, state: dict[str, Any], beta2: float) -> tuple[torch.Tensor, torch.Tensor]:
         """This step's (basis U, subspace S) of an eligible weight, not yet stored. The subspace
         tracking sees G only through GᵀG and (G·U)ᵀ(G·U): the sign of G (maximize) cancels
-        exactly, so no negated copy is made for it. A gradient with NaN or Inf never enters U or
-        S: the previous ones are kept (decided on the device, without a host sync); at the first
-        step the subspace is then that of a zero gradient."""
+        exactly, so no negated copy is made for it. It is scale-safe (a finite G of any size
+        gives a finite U and S; see :func:`memzoo.reference.cosmos.cosmos_basis_update`). A
+        gradient with NaN or Inf never enters U or S, nor does a non-finite result: the previous
+        ones are kept (decided on the device, without a host sync); at the first step the
+        subspace is then that of a zero gradient."""
         kernels = self._kernels(param.device)
         grad = param.grad
         finite = torch.isfinite(grad).all()
-        if int(state["step"]) == 0:
-            if not bool(finite):  # one sync, at a weight's first step only
-                grad = torch.zeros_like(grad)
-            return kernels.cosmos_basis_init(grad, state["basis"].shape[1], beta2=beta2)
+        if int(state["step"]) == 0:  # one sync per check below, at a weight's first step only
+            rank = state["basis"].shape[1]
+            basis, subspace = kernels.cosmos_basis_init(grad if bool(finite) else torch.zeros_like(grad), rank,
+                                                        beta2=beta2)
+            if not bool(torch.isfinite(basis).all() & torch.isfinite(subspace).all()):
+                basis, subspace = kernels.cosmos_basis_init(torch.zeros_like(grad), rank, beta2=beta2)
+            return basis, subspace
         basis, subspace = kernels.cosmos_basis_update(grad, state["basis"], state["subspace"], beta2=beta2)
-        return torch.where(finite, basis, state["basis"]), torch.where(finite, subspace, state["subspace"])
+        keep_new = finite & torch.isfinite(basis).all() & torch.isfinite(subspace).all()
+        return torch.where(keep_new, basis, state["basis"]), torch.where(keep_new, subspace, state["subspace"])
 
     def _finish(self, pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]],
                 group: Mapping[str, Any]) -> None:

@@ -46,18 +46,29 @@ class FRUGAL(GaLoreAdamW):
     ``inactive_lr_scale`` and φ = sign (``inactive_update_rule="sign_sgd"``), identity
     (``"sgd"``) or 0 (``"no"``). When the subspace changes the moments are zeroed and t restarts
     (``reset_statistics=True``, the paper's rule), or kept (False, GaLore's behaviour).
-    ρ = 0 gives pure signSGD; coordinates with ρ = 1 give AdamW. Names follow memzoo's GaLore
-    where the concept is shared (official FRUGAL: ``update_gap`` = ``update_proj_gap``,
+    ρ = 0 gives pure signSGD; coordinates with ρ = 1 give AdamW.
+
+    signSGD on rounding noise: when the subspace holds the whole gradient (rank(G) ≤ r with an
+    SVD subspace, e.g. a batch of one), the residual G − up(R) is rounding noise, and its sign
+    moves every coordinate by the full lr·κ in a random direction (in about one small run in
+    three the loss rose). By default (``inactive_threshold=1e-2``) a matrix whose residual is
+    at most 1% of its gradient's norm (1e-4 of its energy) takes no signSGD step that step;
+    ``inactive_threshold=0`` is the official update. Only ``sign_sgd`` is affected (SGD moves
+    by the residual itself, so noise moves it by noise).
+
+    Names follow memzoo's GaLore where the concept is shared (official FRUGAL: ``update_gap`` = ``update_proj_gap``,
     ``proj_type`` = ``projector``, ``proj_side`` = ``proj_type``).
 
     Defaults are the official class's: lr 1e-3, betas (0.9, 0.999), eps 1e-8 (torch-Adam form),
     weight_decay 0.01 (decoupled, applied first, to every parameter), gap 200, "svd",
     reset_statistics True, sign_sgd, inactive_lr_scale 1.0 (the README uses 0.1 for
-    fine-tuning), proj_params_lr_scale 1.0. The official pretraining scripts use the block
+    fine-tuning), proj_params_lr_scale 1.0 — except ``inactive_threshold`` (1e-2; official: 0). The official pretraining scripts use the block
     variant (whole tensors as the subspace), which is not implemented here.
 
     Args:
         density: default ρ for groups that do not set one; None (default) = AdamW only.
+        inactive_threshold: τ in [0, 1): a matrix whose residual has ‖E‖_F ≤ τ·‖G‖_F takes
+            no signSGD step (0: always, as the official code). Reliable for τ ≳ 1e-3.
         state_dtype, power_iters, oversample, seed, maximize, backend: as :class:`GaLoreAdamW`.
     """
 
@@ -79,6 +90,7 @@ class FRUGAL(GaLoreAdamW):
         reset_statistics: bool = True,
         inactive_update_rule: str = "sign_sgd",
         inactive_lr_scale: float = 1.0,
+        inactive_threshold: float = 1e-2,
         proj_params_lr_scale: float = 1.0,
         power_iters: int = 2,
         oversample: int = 8,
@@ -90,7 +102,7 @@ class FRUGAL(GaLoreAdamW):
     ) -> None:
         self._frugal_defaults = dict(density=density, reset_statistics=reset_statistics,
                                      inactive_update_rule=inactive_update_rule, inactive_lr_scale=inactive_lr_scale,
-                                     proj_params_lr_scale=proj_params_lr_scale)
+                                     inactive_threshold=inactive_threshold, proj_params_lr_scale=proj_params_lr_scale)
         super().__init__(params, lr, betas, eps, weight_decay, True, update_proj_gap=update_proj_gap,
                          projector=projector, proj_type=proj_type, power_iters=power_iters, oversample=oversample,
                          state_dtype=state_dtype, seed=seed, maximize=maximize, backend=backend,
@@ -98,6 +110,17 @@ class FRUGAL(GaLoreAdamW):
 
     def _extra_defaults(self) -> dict[str, Any]:
         return self._frugal_defaults
+
+    def _migrate(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+        """Checkpoints written before ``inactive_threshold`` existed resume with the update they
+        were trained with, the official one (threshold 0)."""
+        state_dict = super()._migrate(state_dict)
+        groups = state_dict["param_groups"]
+        if isinstance(groups, (list, tuple)) and any(isinstance(g, Mapping) and "inactive_threshold" not in g
+                                                     for g in groups):
+            state_dict = {**state_dict, "param_groups": [
+                {"inactive_threshold": 0.0, **g} if isinstance(g, Mapping) else g for g in groups]}
+        return state_dict
 
     def _validate_group(self, group: Mapping[str, Any], group_index: int) -> None:
         if group["rank"] is not None or group["optim_bits"] != 32:
@@ -117,6 +140,7 @@ class FRUGAL(GaLoreAdamW):
             raise ValueError(f"Invalid inactive_update_rule: {group['inactive_update_rule']!r}; "
                              f"expected one of {RESIDUAL_RULES}")
         check_number("inactive_lr_scale", group["inactive_lr_scale"])
+        check_number("inactive_threshold", group["inactive_threshold"], high=1.0, high_inclusive=False)
         check_number("proj_params_lr_scale", group["proj_params_lr_scale"])
 
     @staticmethod
@@ -198,4 +222,5 @@ class FRUGAL(GaLoreAdamW):
             kernels.frugal_apply_(params, grads, updates, lefts=lefts, rights=rights, step_size=step_size,
                                   residual_step=lr_p * group["inactive_lr_scale"],
                                   residual_rule=group["inactive_update_rule"],
-                                  decay=group["lr"] * group["weight_decay"], maximize=group["maximize"])
+                                  decay=group["lr"] * group["weight_decay"], maximize=group["maximize"],
+                                  residual_threshold=group["inactive_threshold"])

@@ -452,7 +452,8 @@ class NaturalGaLore(GaLoreAdamW):
 
     def _validate_group(self, group: Mapping[str, Any], group_index: int) -> None:
         super()._validate_group(group, group_index)
-        check_int("natural_history", group["natural_history"], low=1)
+        # It sizes a (history × r²) state tensor and a k×k solve per step (the official 20).
+        check_int("natural_history", group["natural_history"], low=1, high=2**16)
         check_number("damping", group["damping"])
         if group["damping"] <= 0:
             raise ValueError(f"Invalid damping: {group['damping']} (must be > 0)")

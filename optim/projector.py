@@ -37,6 +37,9 @@ from memzoo.reference.random import philox_randn
 
 __all__ = ["Projector", "ProjectorSettings", "RefreshRequest", "compute_refreshes", "refresh_projectors_"]
 
+# Most power iterations a randomized refresh may run (2 is the default, 1–4 the usual range).
+MAX_POWER_ITERS = 64
+
 # Golden-ratio increment: consecutive refreshes get well-separated seeds.
 _SEED_STEP = 0x9E3779B1
 
@@ -68,7 +71,9 @@ class ProjectorSettings:
             raise ValueError(f"Invalid proj_type: {self.proj_type!r}; expected one of {PROJ_TYPES}")
         if self.projector not in METHODS:
             raise ValueError(f"Invalid projector: {self.projector!r}; expected one of {METHODS}")
-        check_int("power_iters", self.power_iters, low=0)
+        # Each iteration is two products and a QR of the whole weight: beyond this many a
+        # refresh would run for hours (2**70 ran forever) and gains nothing in fp32.
+        check_int("power_iters", self.power_iters, low=0, high=MAX_POWER_ITERS + 1)
         check_int("oversample", self.oversample, low=0)
         if not isinstance(self.strict_rank, bool):
             raise ValueError(f"Invalid strict_rank: {self.strict_rank!r} (expected a bool)")

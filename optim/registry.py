@@ -4,6 +4,7 @@ equivalence, state accounting) by adding a record here."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -217,6 +218,10 @@ _COMMON_BAD_INPUTS = (
     BadInput("lr given as a string", {"lr": "0.1"}, TypeError, "Invalid lr"),
     BadInput("negative weight decay", {"weight_decay": -0.1}, ValueError, "Invalid weight_decay"),
     BadInput("unknown backend", {"backend": "cuda"}, ValueError, "Invalid backend"),
+    BadInput("infinite lr", {"lr": math.inf}, ValueError, "Invalid lr: inf"),
+    BadInput("lr beyond the float range", {"lr": 10**400}, ValueError, "Invalid lr: an int of 1329 bits"),
+    BadInput("int lr beyond 64 bits", {"lr": 2**64}, ValueError, "Invalid lr: .*fit in 64 bits"),
+    BadInput("infinite weight decay", {"weight_decay": math.inf}, ValueError, "Invalid weight_decay: inf"),
 )
 
 OPTIMIZERS: dict[str, OptimizerInfo] = {
@@ -255,6 +260,12 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
                 BadInput("eps below zero", {"eps": -1e-8}, ValueError, "Invalid eps"),
                 BadInput("beta2 = 1", {"betas": (0.9, 1.0)}, ValueError, "beta parameter at index 1"),
                 BadInput("int8 state", {"state_dtype": torch.int8}, ValueError, "state_dtype"),
+                BadInput("infinite eps", {"eps": math.inf}, ValueError, "Invalid eps: inf"),
+                BadInput("infinite scale", {"scale": math.inf}, ValueError, "Invalid scale: inf"),
+                BadInput("power_iters that never ends", {"power_iters": 2**70}, ValueError, "Invalid power_iters"),
+                BadInput("rank beyond 64 bits", {"rank": 2**64}, ValueError, "Invalid rank"),
+                BadInput("update_proj_gap beyond 64 bits", {"update_proj_gap": 2**63}, ValueError,
+                         "Invalid update_proj_gap"),
             ),
             position_seeded=True,
             bench_groups=_galore_bench_groups,
@@ -271,6 +282,8 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
                 BadInput("rank 0", {"rank": 0}, ValueError, "Invalid rank"),
                 BadInput("history 0", {"natural_history": 0}, ValueError, "natural_history"),
                 BadInput("zero damping", {"damping": 0.0}, ValueError, "damping"),
+                BadInput("infinite damping", {"damping": math.inf}, ValueError, "Invalid damping: inf"),
+                BadInput("history of 2**70 gradients", {"natural_history": 2**70}, ValueError, "natural_history"),
             ),
             position_seeded=True,
             bench_groups=_galore_bench_groups,
@@ -290,6 +303,8 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
                 BadInput("unknown proj", {"proj": "qr"}, ValueError, "Invalid proj"),
                 BadInput("growth limit below 1", {"growth_limit": 0.5}, ValueError, "growth_limit"),
                 BadInput("disable_nl not a bool", {"disable_nl": "yes"}, TypeError, "disable_nl"),
+                BadInput("infinite growth limit", {"growth_limit": math.inf}, ValueError, "Invalid growth_limit: inf"),
+                BadInput("infinite scale", {"scale": math.inf}, ValueError, "Invalid scale: inf"),
             ),
             position_seeded=True,
             bench_groups=_apollo_bench_groups,
@@ -321,6 +336,8 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
                 BadInput("unknown inactive rule", {"inactive_update_rule": "same"}, ValueError, "inactive_update_rule"),
                 BadInput("unknown projector", {"projector": "qr"}, ValueError, "projector"),
                 BadInput("reset_statistics not a bool", {"reset_statistics": 1}, TypeError, "reset_statistics"),
+                BadInput("infinite inactive_lr_scale", {"inactive_lr_scale": math.inf}, ValueError,
+                         "Invalid inactive_lr_scale: inf"),
             ),
             position_seeded=True,
             bench_groups=_frugal_bench_groups,
@@ -345,6 +362,9 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
                 BadInput("negative lr_ratio", {"lr_ratio": -1.0}, ValueError, "lr_ratio"),
                 BadInput("max_rows 0", {"max_rows": 0}, ValueError, "max_rows"),
                 BadInput("fp16 Newton–Schulz", {"ns_dtype": torch.float16}, ValueError, "ns_dtype"),
+                BadInput("infinite gamma", {"gamma": math.inf}, ValueError, "Invalid gamma: inf"),
+                BadInput("infinite eps", {"eps": math.inf}, ValueError, "Invalid eps: inf"),
+                BadInput("rank beyond 64 bits", {"rank": 2**64}, ValueError, "Invalid rank"),
             ),
             bench_groups=lambda named: [{"params": [p for _, p in named], "rank": 64}],
         ),

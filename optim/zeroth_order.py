@@ -80,7 +80,9 @@ class ZerothOrderOptimizer(MemzooOptimizer):
     (a scalar tensor or a number). It is run under ``torch.no_grad()``, 2q times per step, at the
     perturbed points; it must not call ``backward``, and the model should be in eval mode (both
     evaluations must see the same function: dropout would make them differ). A closure that
-    raises, or returns something other than a scalar, leaves the parameters where they were.
+    raises, or returns something other than a scalar, leaves the parameters where they were; one
+    that runs ``backward()`` (PyTorch Lightning's automatic optimization) raises and says to use
+    manual optimization.
 
     Every element of every tensor in the param groups is perturbed (put what you train in the
     groups, e.g. biases and norms in a group with ``weight_decay=0`` as the official code
@@ -263,8 +265,23 @@ class ZerothOrderOptimizer(MemzooOptimizer):
         )
 
     def _evaluate(self, closure: Callable[[], Any]) -> torch.Tensor:
+        gradless = [p for group in self.param_groups for p in group["params"] if p.grad is None]
         with torch.no_grad():
-            return _scalar_loss(closure())
+            loss = _scalar_loss(closure())
+        backpropagated = [p for p in gradless if p.grad is not None]
+        if backpropagated:
+            # A closure that re-enables autograd and runs backward() (PyTorch Lightning's automatic
+            # optimization does) would silently cost a first-order step per evaluation.
+            for param in backpropagated:
+                param.grad = None
+            raise RuntimeError(
+                f"{type(self).__name__}: the closure ran backward() (parameters got gradients); a zeroth-order "
+                "step needs forward passes only, and a backward per evaluation costs first-order memory and time. "
+                "The closure must only compute the loss. Under PyTorch Lightning, use manual optimization: set "
+                "self.automatic_optimization = False in the LightningModule and, in training_step, call "
+                "self.optimizers().step(closure=lambda: self.compute_loss(batch))"
+            )
+        return loss
 
     def _sync_seed(self, device: torch.device) -> None:
         """Distributed: every rank takes rank 0's base seed before the first step."""
@@ -294,6 +311,7 @@ class ZerothOrderOptimizer(MemzooOptimizer):
             )
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        self._check_changed_values()
         buckets = self._layout()
         if not buckets:
             return self._evaluate(closure)

@@ -71,6 +71,12 @@ def is_dense(tensor: torch.Tensor) -> bool:
 
 
 def sign(x: torch.Tensor) -> torch.Tensor:
-    """sign(x) with sign(0) = 0 and NaN kept NaN (``torch.sign`` maps NaN to 0, which would turn
-    a NaN gradient into a silent zero update while the momentum holds the NaN)."""
-    return torch.where(torch.isnan(x), x, torch.sign(x))
+    """sign(x) with sign(0) = 0 and NaN for a non-finite x (NaN, +Inf, −Inf).
+
+    This is memzoo's non-finite rule for sign-based updates (Lion's sign(c), FRUGAL's signSGD;
+    every backend, and any fast path added later, must follow it): a sign-based step whose input
+    is not finite writes NaN into that element of the weight. ``torch.sign`` maps NaN to 0 and
+    ±Inf to ±1; either would hide the problem — a NaN gradient would become a zero step, and an
+    Inf one a finite step of exactly lr while Lion's momentum stays Inf, moving the weight the
+    same way on every later step whatever the gradients say."""
+    return torch.where(torch.isfinite(x), torch.sign(x), x - x)  # x − x: NaN for NaN and ±Inf

@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 __all__ = ["NS_COEFFICIENTS", "NS_DTYPES", "cosmos_apply_", "cosmos_basis_init", "cosmos_basis_update",
-           "cosmos_directions_", "cosmos_update_", "newton_schulz5", "orthogonalize_"]
+           "cosmos_directions_", "cosmos_update_", "frobenius_normalize", "newton_schulz5", "orthogonalize_",
+           "power_of_two_scale"]
 
 NS_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
 Orthogonalize = Callable[..., None]
@@ -32,8 +33,7 @@ def newton_schulz5(matrix: torch.Tensor, *, steps: int = 5, eps: float = 1e-7,
     if matrix.dim() != 2:
         raise ValueError(f"newton_schulz5 takes a matrix, got shape {tuple(matrix.shape)}")
     a, b, c = NS_COEFFICIENTS
-    x = matrix.to(dtype)
-    x = x / (x.norm() + eps)
+    x = frobenius_normalize(matrix.to(dtype), eps=eps)
     transposed = x.shape[0] > x.shape[1]
     if transposed:
         x = x.T
@@ -42,6 +42,19 @@ def newton_schulz5(matrix: torch.Tensor, *, steps: int = 5, eps: float = 1e-7,
         product = gram @ x
         x = a * x + b * product + c * (gram @ product)
     return x.T if transposed else x
+
+
+def frobenius_normalize(matrices: torch.Tensor, *, eps: float, dim: tuple[int, int] | None = None) -> torch.Tensor:
+    """X/(‖X‖_F + eps), of the whole tensor or per matrix over ``dim`` (batched), in X's dtype,
+    without overflow: X is first scaled by :func:`power_of_two_scale` (exact), and eps with it,
+    so the result is the same while ‖X‖² would overflow for |x| ≳ 1e19 (fp32/bf16) and turn a
+    large finite input into a zero. Empty input is returned as it is."""
+    if matrices.numel() == 0:
+        return matrices
+    scale = power_of_two_scale(matrices, dim=dim)
+    scaled = matrices * scale
+    norm = torch.linalg.vector_norm(scaled) if dim is None else torch.linalg.vector_norm(scaled, dim=dim, keepdim=True)
+    return scaled / (norm + eps * scale)
 
 
 def check_orthogonalize_arguments(matrices: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor],
@@ -70,29 +83,71 @@ def orthogonalize_(matrices: Sequence[torch.Tensor], outputs: Sequence[torch.Ten
         output.copy_(newton_schulz5(matrix, steps=steps, eps=eps, dtype=output.dtype))
 
 
+def power_of_two_scale(tensor: torch.Tensor, *, dim: tuple[int, ...] | None = None) -> torch.Tensor:
+    """2^−e with 2^e the power of two just above max|tensor| (over ``dim``, keepdims; the whole
+    tensor when None), as a tensor of ``tensor``'s dtype and device, no host sync. Multiplying
+    by it is exact (barring subnormals) and brings the largest magnitude into [0.5, 1), so sums
+    of squares of the scaled tensor cannot overflow. |e| is clamped so that the factor stays a
+    normal number; an all-zero tensor gets 1; a non-finite one a factor whose product is
+    non-finite too (left to the caller's guard)."""
+    magnitude = tensor.abs().amax() if dim is None else tensor.abs().amax(dim=dim, keepdim=True)
+    _, exponent = torch.frexp(magnitude)
+    limit = math.frexp(torch.finfo(tensor.dtype).max)[1] - 2  # 126 for fp32, 1022 for fp64
+    return torch.ldexp(torch.ones_like(magnitude), -exponent.clamp(-limit, limit))
+
+
+def _scaled_gram_ema(previous: torch.Tensor | None, projected: torch.Tensor, scale: torch.Tensor,
+                     beta2: float) -> torch.Tensor:
+    """previous + (1 − β2)·(Xᵀ·X)/s² for X = G·s·U (the projected, scaled gradient), combined
+    in float64 so that neither 1/s² nor the sum overflows, then rounded to X's dtype with
+    saturation: a subspace whose true value exceeds the dtype's range is held at its largest
+    finite value (the closest one) instead of becoming Inf. ``previous`` is the already decayed
+    earlier term (β2·TᵀST), or None."""
+    scale = scale.to(torch.float64)
+    gram = (projected.T @ projected).to(torch.float64) / scale / scale
+    total = (1.0 - beta2) * gram
+    if previous is not None:
+        total = total + previous.to(torch.float64)
+    limit = torch.finfo(projected.dtype).max
+    return total.clamp(-limit, limit).to(projected.dtype)
+
+
 def cosmos_basis_init(grad: torch.Tensor, rank: int, *, beta2: float) -> tuple[torch.Tensor, torch.Tensor]:
     """First step: U = the r leading eigenvectors of GᵀG (n×r, the input side of an m×n G) and
-    S = (1 − β2)·(G·U)ᵀ(G·U) (r×r). Computed in float32 (float64 for float64 G)."""
+    S = (1 − β2)·(G·U)ᵀ(G·U) (r×r). Computed in float32 (float64 for float64 G).
+
+    Scale-safe: U comes from the Gram of G·s, s = :func:`power_of_two_scale` (G), the same
+    eigenvectors (exactly scaled matrix), so a finite G never overflows GᵀG (|g| ≈ 1e20 in fp32
+    did, and wrote a NaN basis); S is formed in float64 and saturates at the dtype's range."""
     dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
     g = grad.to(dtype)
+    scale = power_of_two_scale(g)
+    g = g * scale
     _, vectors = torch.linalg.eigh(g.T @ g)  # ascending eigenvalues
     basis = vectors.flip(-1)[:, :rank].contiguous()
-    projected = g @ basis
-    return basis, (1.0 - beta2) * (projected.T @ projected)
+    return basis, _scaled_gram_ema(None, g @ basis, scale, beta2)
 
 
 def cosmos_basis_update(grad: torch.Tensor, basis: torch.Tensor, subspace: torch.Tensor, *,
                         beta2: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Later steps: one power iteration on the EMA of GᵀG represented as U·S·Uᵀ:
     Ũ = β2·U·S + (1 − β2)·Gᵀ(G·U); U' = QR(Ũ).Q; with T = Uᵀ·U',
-    S' = β2·Tᵀ·S·T + (1 − β2)·(G·U')ᵀ(G·U'). In the basis's dtype (float32/float64)."""
-    g = grad.to(basis.dtype)
-    iterate = beta2 * (basis @ subspace) + (1.0 - beta2) * (g.T @ (g @ basis))
+    S' = β2·Tᵀ·S·T + (1 − β2)·(G·U')ᵀ(G·U'). In the basis's dtype (float32/float64).
+
+    Scale-safe as :func:`cosmos_basis_init`: the m×n products use G·s (s a power of two), the
+    two terms of Ũ are combined in float64 and Ũ is rescaled by a power of two before the QR
+    (which a positive scale does not change), and S' saturates at the dtype's range."""
+    dtype = basis.dtype
+    scale = power_of_two_scale(grad.to(dtype))
+    g = grad.to(dtype) * scale
+    wide_scale = scale.to(torch.float64)
+    gram_part = (g.T @ (g @ basis)).to(torch.float64) / wide_scale / wide_scale  # = Gᵀ(G·U)
+    iterate = beta2 * (basis.to(torch.float64) @ subspace.to(torch.float64)) + (1.0 - beta2) * gram_part
+    iterate = (iterate * power_of_two_scale(iterate)).to(dtype)
     new_basis, _ = torch.linalg.qr(iterate, mode="reduced")
     rotation = basis.T @ new_basis
-    projected = g @ new_basis
-    new_subspace = beta2 * (rotation.T @ subspace @ rotation) + (1.0 - beta2) * (projected.T @ projected)
-    return new_basis, new_subspace
+    decayed = beta2 * (rotation.T.to(torch.float64) @ subspace.to(torch.float64) @ rotation.to(torch.float64))
+    return new_basis, _scaled_gram_ema(decayed, g @ new_basis, scale, beta2)
 
 
 def _check_shapes(param: torch.Tensor, named: tuple[tuple[str, torch.Tensor | None, tuple[int, int]], ...]) -> None:

@@ -15,6 +15,14 @@ form, η_t = lr·√(1−β2^t)/(1−β1^t) and ε′ = ε·√(1−β2^t), whic
 A zero-rank factor (an r = 0 subspace: density 0) makes the state-full part vanish and the
 update pure signSGD; coordinate factors covering every coordinate make the residual vanish and
 the update Adam's.
+
+signSGD on rounding noise: when the subspace holds the whole gradient (rank(G) ≤ r with an SVD
+subspace, e.g. a batch of one), E is rounding noise of size ≈ 1e-7·‖G‖, and sign(E) moves every
+coordinate by the full residual step in a random direction (the official code does so; the
+loss then rose in about one small run in three). With ``residual_threshold`` τ > 0, a matrix
+whose residual is at most τ·‖G‖_F (judged as ‖G‖² − ‖R‖² ≤ τ²·‖G‖², exact for the orthonormal
+subspaces FRUGAL uses, in float64 from float32 norms: reliable for τ ≳ 1e-3) takes no signSGD
+step; τ = 0 is the official update.
 """
 
 from __future__ import annotations
@@ -34,18 +42,21 @@ from memzoo.reference.galore import (
 )
 from memzoo.reference.projector import project, project_back
 
-__all__ = ["RESIDUAL_RULES", "adamw_update_", "frugal_apply_", "galore_adam_project_", "split_update_lists"]
+__all__ = ["RESIDUAL_RULES", "adamw_update_", "frugal_apply_", "galore_adam_project_", "residual_kept",
+           "split_update_lists"]
 
 RESIDUAL_RULES: tuple[str, ...] = ("sign_sgd", "sgd", "no")
 
 
 def split_update_lists(params: torch.Tensor | Sequence[torch.Tensor], grads: torch.Tensor | Sequence[torch.Tensor],
                        updates: torch.Tensor | Sequence[torch.Tensor], lefts: FactorList, rights: FactorList,
-                       residual_rule: str) -> tuple[list, list, list, list, list]:
+                       residual_rule: str, residual_threshold: float = 0.0) -> tuple[list, list, list, list, list]:
     """The arguments of :func:`frugal_apply_` as checked lists (params, grads, updates, lefts,
     rights); ValueError naming the first problem, before anything is written."""
     if residual_rule not in RESIDUAL_RULES:
         raise ValueError(f"Invalid residual_rule: {residual_rule!r}; expected one of {RESIDUAL_RULES}")
+    if not 0.0 <= residual_threshold < 1.0:
+        raise ValueError(f"Invalid residual_threshold: {residual_threshold!r} (expected a number in [0, 1))")
     (params, grads, updates), lefts, rights = low_rank_lists("params", params=params, grads=grads, updates=updates,
                                                              lefts=lefts, rights=rights)
     for index, (param, grad, update, left, right) in enumerate(zip(params, grads, updates, lefts, rights)):
@@ -55,6 +66,16 @@ def split_update_lists(params: torch.Tensor | Sequence[torch.Tensor], grads: tor
             raise ValueError(f"FRUGAL projects one side: matrix {index} needs exactly one of a left or right factor")
         check_low_rank_shapes(param.shape, left, right, update=update)
     return params, grads, updates, lefts, rights
+
+
+def residual_kept(grad: torch.Tensor, inside: torch.Tensor, threshold: float) -> torch.Tensor:
+    """1.0, or 0.0 when the residual E = G − up(R) of matrix G with R = down(G) (``inside``) is
+    at most ``threshold``·‖G‖_F: ‖G‖² − ‖R‖² ≤ threshold²·‖G‖² (orthonormal subspaces). A 0-d
+    float32 tensor on G's device, decided there (no host sync); the multiplier of the signSGD
+    step, so a NaN/Inf residual still propagates (0·NaN = NaN)."""
+    total = torch.linalg.vector_norm(grad, dtype=compute_dtype(grad.dtype)).double().square()
+    held = torch.linalg.vector_norm(inside, dtype=compute_dtype(inside.dtype)).double().square()
+    return (total - held > threshold * threshold * total).to(torch.float32)
 
 
 @torch.no_grad()
@@ -70,11 +91,15 @@ def frugal_apply_(
     residual_rule: str,
     decay: float,
     maximize: bool = False,
+    residual_threshold: float = 0.0,
 ) -> None:
     """For each matrix (W read as (shape[0], rest)): W ← W·(1 − decay) − step_size·up(N)
     − residual_step·φ(G − up(down(G))), G negated when maximizing. ``updates`` hold N (the
-    low-rank shape); the factors are one-sided (left m×r or right r×n, r may be 0)."""
-    params, grads, updates, lefts, rights = split_update_lists(params, grads, updates, lefts, rights, residual_rule)
+    low-rank shape); the factors are one-sided (left m×r or right r×n, r may be 0). With
+    ``residual_threshold`` > 0 and φ = sign, a matrix whose residual is below it relative to
+    ‖G‖ (:func:`residual_kept`) takes no signSGD step (see the module's docstring)."""
+    params, grads, updates, lefts, rights = split_update_lists(params, grads, updates, lefts, rights, residual_rule,
+                                                               residual_threshold)
     for param, grad, update, left, right in zip(params, grads, updates, lefts, rights):
         dtype = compute_dtype(param.dtype, grad.dtype, update.dtype)
         left = None if left is None else left.to(dtype)
@@ -85,6 +110,11 @@ def frugal_apply_(
         w = as_matrix(param, param.shape[0]).to(dtype) * (1.0 - decay)  # W·(1 − lr·λ)
         w = w - step_size * project_back(update.to(dtype), left, right)  # the state-full part
         if residual_rule != "no":
-            residual = g - project_back(project(g, left, right), left, right)  # E = G − up(down(G))
-            w = w - residual_step * (sign(residual) if residual_rule == "sign_sgd" else residual)
+            inside = project(g, left, right)  # R = down(G)
+            residual = g - project_back(inside, left, right)  # E = G − up(down(G))
+            if residual_rule == "sign_sgd":
+                kept = residual_kept(g, inside, residual_threshold) if residual_threshold > 0 else 1.0
+                w = w - residual_step * (sign(residual) * kept)
+            else:
+                w = w - residual_step * residual
         param.copy_(w.reshape(param.shape))

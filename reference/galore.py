@@ -143,27 +143,36 @@ def _factor(factor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
 
 @torch.no_grad()
 def natural_gradient(low_rank_grad: torch.Tensor, history: torch.Tensor, *, damping: float) -> torch.Tensor:
-    """Natural GaLore's preconditioned gradient g̃ = (λI + H Hᵀ)⁻¹ g (Das 2024, §3).
+    """Natural GaLore's preconditioned gradient g̃ = (λI + HᵀH)⁻¹ g (Das 2024, §3).
 
     ``history`` is k×d (k ≤ the history length), one flattened past projected gradient per row,
     the current one included; ``low_rank_grad`` has d elements. Through Woodbury's identity only
-    a k×k system is solved: S = I + λ⁻¹·H·Hᵀ, S·z = H·g, g̃ = λ⁻¹·g − λ⁻²·Hᵀ·z, so the d×d Fisher
-    is never formed. Runs in float32 (float64 for float64 inputs): Cholesky has no bf16 kernel.
-    The result has ``low_rank_grad``'s shape.
+    a k×k system is solved: (λI + H·Hᵀ)·y = H·g, g̃ = λ⁻¹·(g − Hᵀ·y), so the d×d Fisher is never
+    formed. The result has ``low_rank_grad``'s shape and dtype.
+
+    Stable for every finite H: the system is solved through R from the QR factorization of the
+    (d + k)×k matrix [Hᵀ; √λ·I] (RᵀR = λI + H·Hᵀ, so H·Hᵀ, whose condition number is the
+    square of that one, is never formed; R's singular values are ≥ √λ, so the triangular solves
+    cannot fail), in float64, where the subtraction g − Hᵀ·y keeps its accuracy. (The float32
+    Cholesky of I + H·Hᵀ/λ this replaces failed on ordinary gradient histories, condition
+    ≈ 4e7, and the step wrote NaN.) A NaN/Inf in H or g gives an all-NaN result, decided on the
+    device without a host sync: non-finite input propagates into the weights, as everywhere.
     """
-    dtype = compute_dtype(low_rank_grad.dtype, history.dtype)
-    g = low_rank_grad.reshape(-1).to(dtype)
-    h = history.to(dtype)
+    g = low_rank_grad.reshape(-1).to(torch.float64)
+    h = history.to(torch.float64)
     if h.dim() != 2 or h.shape[1] != g.numel():
         raise ValueError(f"history must be k×{g.numel()}, got {tuple(history.shape)}")
-    inverse = 1.0 / damping
-    system = torch.eye(h.shape[0], dtype=dtype, device=g.device) + inverse * (h @ h.T)
-    # S is symmetric positive definite for finite H; a NaN/Inf in H (a non-finite gradient in the
-    # history) makes the result NaN instead of raising mid-step (no host sync to decide).
-    factor, info = torch.linalg.cholesky_ex(system)
-    z = torch.cholesky_solve((h @ g).unsqueeze(1), factor).squeeze(1)
-    z = torch.where((info == 0) & torch.isfinite(h).all(), z, torch.full_like(z, math.nan))
-    return (inverse * g - inverse * inverse * (h.T @ z)).reshape(low_rank_grad.shape)
+    finite = torch.isfinite(h).all() & torch.isfinite(g).all()
+    h = torch.where(finite, h, torch.zeros_like(h))  # LAPACK is never handed a NaN
+    g_safe = torch.where(finite, g, torch.zeros_like(g))
+    k = h.shape[0]
+    root_damping = math.sqrt(damping) * torch.eye(k, dtype=h.dtype, device=h.device)
+    _, r = torch.linalg.qr(torch.cat([h.T, root_damping]), mode="r")  # RᵀR = λI + H·Hᵀ
+    rhs = (h @ g_safe).unsqueeze(1)
+    y = torch.linalg.solve_triangular(r, torch.linalg.solve_triangular(r.T, rhs, upper=False), upper=True)
+    result = (g_safe - h.T @ y.squeeze(1)) / damping
+    result = torch.where(finite, result, torch.full_like(result, math.nan))
+    return result.to(compute_dtype(low_rank_grad.dtype, history.dtype)).reshape(low_rank_grad.shape)
 
 
 @torch.no_grad()

@@ -2,6 +2,12 @@
 
 Math in float32 (float64 when the inputs are float64), one rounding to the storage dtype at the
 end, exactly as the Triton kernel does.
+
+Non-finite values (every backend, including any fast path): an element whose c = β1·m + (1−β1)·g
+is NaN or ±Inf gets a NaN weight (:func:`memzoo.reference.common.sign`), never a finite step
+of ±lr; its momentum keeps the non-finite value, so the weight stays NaN. A NaN/Inf gradient
+therefore shows up in the weights at the step it arrives (use ``skip_nonfinite=True`` on the
+optimizer to skip such steps instead).
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ def lion_update_(
         m = exp_avg.to(dtype)
         p = param.to(dtype) * decay  # W ← W·(1 − lr·λ), decoupled decay
         c = m * beta1 + g * (1.0 - beta1)  # c = β1·m + (1 − β1)·g
-        p = p - lr * sign(c)  # W ← W − lr·sign(c); sign(0) = 0, NaN propagates
+        p = p - lr * sign(c)  # W ← W − lr·sign(c); sign(0) = 0, NaN for a non-finite c
         m = m * beta2 + g * (1.0 - beta2)  # m ← β2·m + (1 − β2)·g
         param.copy_(p)
         exp_avg.copy_(m)

@@ -37,6 +37,15 @@ _SCRIPT = textwrap.dedent("""
             torch.nn.functional.mse_loss(model(x), y).backward()
             optimizer.step()
         results[name] = [p.detach().clone() for p in model.parameters()]
+    # Layer-wise hooks would run before DDP averages the gradients: refused at the first update.
+    from memzoo.optim import LayerwiseOptimizer, Lion
+    layerwise = LayerwiseOptimizer(model.parameters(), Lion, lr=1e-2)
+    try:
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        results["layerwise"] = "accepted"
+    except RuntimeError as error:
+        results["layerwise"] = str(error)
+    results["layerwise:unchanged"] = all(torch.equal(a, b) for a, b in zip(results[names[-1]], model.parameters()))
     torch.save(results, out + f".{rank}")
     dist.destroy_process_group()
 """)
@@ -63,6 +72,9 @@ def test_ddp_ranks_stay_bit_identical(tmp_path) -> None:
     for name in names:
         for a, b in zip(results[0][name], results[1][name]):
             assert torch.equal(a, b), name
+    for result in results:  # was: each rank stepped on its own gradient, silently
+        assert "before DistributedDataParallel averages it" in result["layerwise"] and "fully_shard" in result["layerwise"]
+        assert result["layerwise:unchanged"]
 
 
 _FSDP_SCRIPT = textwrap.dedent("""

@@ -338,6 +338,17 @@ def test_bad_closures_raise_with_parameters_restored(info, backend: str) -> None
         optimizer.step(lambda: model(x).sum().backward())
     assert_restored()
 
+    @torch.enable_grad()
+    def backpropagates():  # what PyTorch Lightning's automatic optimization closure does
+        loss = model(x).sum()
+        loss.backward()
+        return loss.detach()
+
+    with pytest.raises(RuntimeError, match="ran backward.*automatic_optimization = False"):
+        optimizer.step(backpropagates)
+    assert_restored()
+    assert all(p.grad is None for p in params)
+
 
 def test_bad_constructor_arguments() -> None:
     params = [torch.nn.Parameter(torch.randn(3))]

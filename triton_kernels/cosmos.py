@@ -37,6 +37,7 @@ from memzoo.reference.cosmos import (
     cosmos_basis_init,
     cosmos_basis_update,
     cosmos_directions_,
+    frobenius_normalize,
 )
 from memzoo.reference.cosmos import _check_shapes as _reference_check
 from memzoo.reference.cosmos import cosmos_update_ as _reference_update_
@@ -183,8 +184,8 @@ def orthogonalize_(matrices: Sequence[torch.Tensor], outputs: Sequence[torch.Ten
             output.zero_()
     for (shape, dtype, device), indices in batches.items():
         x = torch.stack([matrices[i].to(device=device, dtype=dtype) for i in indices])
-        # X / (‖X‖_F + eps) in the iteration dtype, as the reference (norm and division by torch).
-        x = x / (torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True) + eps)
+        # X / (‖X‖_F + eps) in the iteration dtype, as the reference (the same overflow-safe torch code).
+        x = frobenius_normalize(x, eps=eps, dim=(1, 2))
         transposed = shape[0] > shape[1]
         if transposed:
             x = x.transpose(1, 2)

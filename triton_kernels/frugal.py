@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memzoo.reference.frugal import RESIDUAL_RULES, split_update_lists
+from memzoo.reference.frugal import RESIDUAL_RULES, residual_kept, split_update_lists
 from memzoo.reference.galore import FactorList, as_matrix
 from memzoo.reference.projector import project
 from memzoo.triton_kernels.galore import (
@@ -35,7 +35,7 @@ from memzoo.triton_kernels.galore import (
     same_layout_batches,
     writable_matrix,
 )
-from memzoo.triton_kernels.multi_tensor import to_storage
+from memzoo.triton_kernels.multi_tensor import sign, to_storage
 
 __all__ = ["AUTO", "INTERPRETED", "adamw_update_", "frugal_apply_", "galore_adam_project_"]
 
@@ -46,20 +46,22 @@ _RULE_CODES = {rule: code for code, rule in enumerate(RESIDUAL_RULES)}  # sign_s
 
 @triton.jit
 def _split_update_kernel(
-    a1_ptr, b1_ptr, a2_ptr, b2_ptr, w_ptr, g_ptr, offsets, num_matrices, M, N, K,
+    a1_ptr, b1_ptr, a2_ptr, b2_ptr, w_ptr, g_ptr, kept_ptr, offsets, num_matrices, M, N, K,
     stride_a1m, stride_a1k, stride_b1k, stride_b1n, stride_a2m, stride_a2k, stride_b2k, stride_b2n,
     stride_wm, stride_wn, stride_gm, stride_gn,
     step_size, residual_step, keep,
-    RULE: tl.constexpr, MAXIMIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    RULE: tl.constexpr, MAXIMIZE: tl.constexpr, THRESHOLD: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """W ← keep·W − step_size·(A1·B1) − residual_step·φ(G − A2·B2) on this program's tile."""
+    """W ← keep·W − step_size·(A1·B1) − residual_step·φ(G − A2·B2) on this program's tile
+    (with THRESHOLD, the signSGD term times the matrix's 0/1 ``kept`` flag)."""
     a1_ptr = matrix_pointer(a1_ptr, offsets, num_matrices, 0)
     b1_ptr = matrix_pointer(b1_ptr, offsets, num_matrices, 1)
     a2_ptr = matrix_pointer(a2_ptr, offsets, num_matrices, 2)
     b2_ptr = matrix_pointer(b2_ptr, offsets, num_matrices, 3)
     w_ptr = matrix_pointer(w_ptr, offsets, num_matrices, 4)
     g_ptr = matrix_pointer(g_ptr, offsets, num_matrices, 5)
+    kept_ptr = matrix_pointer(kept_ptr, offsets, num_matrices, 6)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
@@ -87,7 +89,9 @@ def _split_update_kernel(
             g = -g
         residual = g - inside  # E = G − up(down(G))
         if RULE == 0:
-            residual = tl.where(residual > 0, 1.0, tl.where(residual < 0, -1.0, tl.where(residual == residual, 0.0, residual)))  # sign(E), NaN kept
+            residual = sign(residual)  # sign(E); NaN for a non-finite E
+            if THRESHOLD:
+                residual = residual * tl.load(kept_ptr)  # 0 when E is below the threshold
         w = w - residual_step * residual
     tl.store(w_ptrs, to_storage(w, w_ptr.dtype.element_ty), mask=mask)
 
@@ -105,10 +109,13 @@ def frugal_apply_(
     residual_rule: str,
     decay: float,
     maximize: bool = False,
+    residual_threshold: float = 0.0,
 ) -> None:
     """Same contract as :func:`memzoo.reference.frugal.frugal_apply_`: one launch per group of
     same-shaped matrices; ≥3-D weights that cannot be viewed as matrices go through a copy."""
-    params, grads, updates, lefts, rights = split_update_lists(params, grads, updates, lefts, rights, residual_rule)
+    params, grads, updates, lefts, rights = split_update_lists(params, grads, updates, lefts, rights, residual_rule,
+                                                               residual_threshold)
+    threshold = residual_threshold > 0 and residual_rule == "sign_sgd"
     fused, copies = [], []
     for param, grad, update, left, right in zip(params, grads, updates, lefts, rights):
         m = param.shape[0]
@@ -119,14 +126,16 @@ def frugal_apply_(
         inside = project(signed, factor if left is not None else None, factor if right is not None else None)
         n_low = update.to(torch.float32)
         weight = writable_matrix(param, copies)
+        # The same decision as the reference's, from the same R; unused (W as a stand-in) without a threshold.
+        kept = residual_kept(signed, inside, residual_threshold) if threshold else weight
         if right is not None:  # up(X) = X·P: A = N or R (m×r), B = P (r×n)
-            fused.append((n_low, factor, inside, factor, weight, g))
+            fused.append((n_low, factor, inside, factor, weight, g, kept))
         else:  # up(X) = P·X: A = P (m×r), B = N or R (r×n)
-            fused.append((factor, n_low, factor, inside, weight, g))
+            fused.append((factor, n_low, factor, inside, weight, g, kept))
     for operands in same_layout_batches(fused):
-        a1, b1, a2, b2, weight, g = (tensors[0] for tensors in operands)
+        a1, b1, a2, b2, weight, g, _ = (tensors[0] for tensors in operands)
         strides = (*a1.stride(), *b1.stride(), *a2.stride(), *b2.stride(), *weight.stride(), *g.stride())
         launch_batched(_split_update_kernel, APPLY_TILES, operands, weight.shape[0], weight.shape[1], a1.shape[1],
                        strides, (step_size, residual_step, 1.0 - decay), RULE=_RULE_CODES[residual_rule],
-                       MAXIMIZE=maximize)
+                       MAXIMIZE=maximize, THRESHOLD=threshold)
     copy_back(copies)

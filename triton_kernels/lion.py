@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from memzoo.triton_kernels.multi_tensor import launch_elementwise, tensor_block, to_storage
+from memzoo.triton_kernels.multi_tensor import launch_elementwise, sign, tensor_block, to_storage
 
 __all__ = ["AUTO", "INTERPRETED", "lion_update_"]
 
@@ -46,8 +46,7 @@ def _lion_kernel(
         g = -g
     p = p * decay  # W ← W·(1 − lr·λ)
     c = m * beta1 + g * one_minus_beta1  # c = β1·m + (1 − β1)·g
-    direction = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, tl.where(c == c, 0.0, c)))  # sign(c); sign(0) = 0, NaN kept
-    p = p - lr * direction
+    p = p - lr * sign(c)  # W ← W − lr·sign(c); sign(0) = 0, NaN for a non-finite c
     m = m * beta2 + g * one_minus_beta2  # m ← β2·m + (1 − β2)·g
     tl.store(p_base + p_offs, to_storage(p, p_base.dtype.element_ty), mask=mask)
     tl.store(m_base + m_offs, to_storage(m, m_base.dtype.element_ty), mask=mask)

@@ -31,7 +31,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from memzoo.reference.common import as_tensor_list, check_parallel_lists, is_dense
 
-__all__ = ["MultiTensorLaunch", "operand_offsets", "ceil_div", "is_dense", "launch_elementwise", "plan_launches", "tensor_block", "to_storage",
+__all__ = ["MultiTensorLaunch", "operand_offsets", "ceil_div", "is_dense", "launch_elementwise", "plan_launches", "sign", "tensor_block", "to_storage",
            "values_tensor"]
 
 # 16-byte alignment lets the compiler use 128-bit loads and stores.
@@ -80,6 +80,14 @@ def _to_storage_native(x, dtype: tl.constexpr):
 # Kernels store through ``to_storage``: the hardware cast when compiled (one instruction), the
 # integer rounding under the interpreter. tests/test_multi_tensor.py checks both against torch.
 to_storage = _to_storage_exact if isinstance(_to_storage_exact, InterpretedFunction) else _to_storage_native
+
+
+@triton.jit
+def sign(x):
+    """sign(x) with sign(0) = 0 and NaN for a non-finite x: the rule of
+    :func:`memzoo.reference.common.sign` (a sign-based step of a NaN/Inf input writes NaN)."""
+    direction = tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
+    return tl.where(tl.abs(x) < float("inf"), direction, x - x)  # x − x: NaN for NaN and ±Inf
 
 
 @dataclass
