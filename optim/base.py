@@ -8,6 +8,7 @@ an explicit request cannot be honoured, as torch.optim does for ``fused=True``.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import importlib
 import math
@@ -41,7 +42,7 @@ Backend = Literal["auto", "triton", "torch"]
 BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
 
 # Version of the layout written by MemzooOptimizer.state_dict under the "memzoo" key.
-STATE_FORMAT = 2
+STATE_FORMAT = 3
 
 
 def _format_1_to_2(state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -49,9 +50,16 @@ def _format_1_to_2(state_dict: dict[str, Any]) -> dict[str, Any]:
     return {**state_dict, "memzoo": {**state_dict["memzoo"], "format": 2, "skipped_steps": 0}}
 
 
+def _format_2_to_3(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Format 3 groups carry every group key of their optimizer, and a group missing one is
+    refused as damaged. Format 2 groups may lack keys added since they were written:
+    :meth:`MemzooOptimizer._migrate` gives those the optimizer's defaults."""
+    return {**state_dict, "memzoo": {**state_dict["memzoo"], "format": 3}}
+
+
 # Migrations of the state_dict layout, format k → k + 1, applied in order when an older
 # checkpoint loads (each returns a new dict; the caller's is never modified).
-STATE_MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _format_1_to_2}
+STATE_MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _format_1_to_2, 2: _format_2_to_3}
 
 
 def migrate_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -244,6 +252,19 @@ def whole_matrix_problem(optimizer: str) -> str:
     )
 
 
+# Keys that torch and training frameworks put in param groups, accepted by every memzoo optimizer
+# although no memzoo rule reads them (any other key a rule does not know is refused, see
+# MemzooOptimizer.add_param_group):
+FOREIGN_GROUP_KEYS: frozenset[str] = frozenset({
+    "initial_lr",  # every torch.optim.lr_scheduler (LRScheduler.__init__ sets it)
+    "max_lr", "min_lr", "base_momentum", "max_momentum",  # torch's OneCycleLR / CyclicLR
+    "swa_lr",  # torch.optim.swa_utils.SWALR
+    "param_names",  # torch's named-parameter groups (Optimizer(model.named_parameters()))
+    "name",  # a group's label: Lightning's LearningRateMonitor, users' own code
+    "lr_scale",  # timm's layer-wise learning-rate decay groups (read by timm's schedulers)
+})
+
+
 _SET_ERROR = ("{where} must be an ordered collection (a list), not a set: the order decides which saved state "
               "goes with which parameter when a checkpoint loads")
 
@@ -328,6 +349,9 @@ class MemzooOptimizer(torch.optim.Optimizer):
     """
 
     family: ClassVar[str]
+    # Group keys of the official code that :meth:`_translate_group` maps to ours: known keys
+    # (never refused as unknown), offered as suggestions for a misspelled key.
+    official_group_keys: ClassVar[frozenset[str]] = frozenset()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -455,9 +479,41 @@ class MemzooOptimizer(torch.optim.Optimizer):
                 f"{type(self).__name__}: state that no longer matched its param group's settings or its parameter's "
                 "dtype was adapted before this step: " + "; ".join(notes[:5]) + more, RuntimeWarning, stacklevel=3)
 
+    def _translate_group(self, group: dict[str, Any]) -> dict[str, Any]:
+        """A param group in the official code's format (keys in :attr:`official_group_keys`)
+        rewritten with our keys, before any check; ``group`` is the caller's copy, free to change.
+        Raises ValueError for official settings that are not implemented."""
+        return group
+
+    def _check_group_keys(self, group: Mapping[str, Any]) -> None:
+        """Refuse a key that no rule of this optimizer reads (a misspelling would otherwise be
+        ignored silently: ``{"rnak": 8}`` would train with the default), naming the closest
+        valid key."""
+        known = set(self.defaults) | {"params"} | FOREIGN_GROUP_KEYS
+        unknown = [key for key in group if key not in known]
+        if not unknown:
+            return
+        key = unknown[0]
+        names = sorted(known | self.official_group_keys)
+        close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        options = sorted((set(self.defaults) | self.official_group_keys) - {"params"})
+        raise ValueError(
+            f"unknown key {key!r}{hint}; {type(self).__name__} param groups take 'params' and {options}, "
+            f"plus keys torch and trainers add ({sorted(FOREIGN_GROUP_KEYS)})"
+        )
+
     # -- parameters -----------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group_index = len(self.param_groups)
+        if not isinstance(param_group, Mapping) or "params" not in param_group:
+            raise TypeError(f"param group {group_index} must be a dict with a 'params' entry, got "
+                            f"{type(param_group).__name__}")
+        try:
+            param_group = self._translate_group(dict(param_group))
+            self._check_group_keys(param_group)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"param group {group_index}: {exc}") from None
         params = param_group["params"]
         if isinstance(params, (set, frozenset)):
             raise TypeError(_SET_ERROR.format(where=f"param group {group_index}: params"))
@@ -510,6 +566,8 @@ class MemzooOptimizer(torch.optim.Optimizer):
                 value = group.get(key)
                 if key not in group or (type(value) is float and 0.0 <= value < math.inf):  # the fast path
                     continue
+                if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+                    value = value.item()  # a tensor lr (as torch.optim accepts): its value is checked
                 try:
                     check_number(key, value)
                 except (TypeError, ValueError) as exc:
@@ -626,8 +684,17 @@ class MemzooOptimizer(torch.optim.Optimizer):
         return state_dict
 
     def _migrate(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
-        """Bring an older checkpoint to the current layout (subclasses add their own steps)."""
-        return migrate_state_dict(state_dict)
+        """Bring an older checkpoint to the current layout (subclasses add their own steps).
+
+        A group key added in a later version is missing from checkpoints written before format 3:
+        their groups take this optimizer's default for it (as torch.optim's ``__setstate__`` does
+        for new flags). From format 3 on, a missing key is damage, and refused."""
+        migrated = migrate_state_dict(state_dict)
+        groups = migrated["param_groups"]
+        if state_dict["memzoo"]["format"] < 3 and isinstance(groups, (list, tuple)):
+            migrated["param_groups"] = [{**self.defaults, **group} if isinstance(group, Mapping) else group
+                                        for group in groups]
+        return migrated
 
     def save_checkpoint(self, file: str | os.PathLike | IO[bytes]) -> None:
         """``torch.save`` the state_dict with its SHA-256 digest beside it (key ``memzoo_digest``,

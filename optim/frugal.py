@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -18,6 +20,66 @@ from memzoo.reference.projector import matrix_shape, projection_side, side_lengt
 __all__ = ["FRUGAL"]
 
 _SUBSPACE_FIELDS = ("update_proj_gap", "proj_type", "projector", "power_iters", "oversample")
+_PROJECTORS = ("svd", "randomized", "random", "coordinates")
+
+# The official FRUGAL's density for projected groups that do not set one.
+OFFICIAL_DENSITY = 0.25
+# Its projections (GaloreAdamW's proj_type) and coordinate choices (CoordAdamW's coord_choice),
+# in our names.
+_OFFICIAL_PROJECTORS = {"svd": "svd", "random": "random", "randperm": "coordinates"}
+_COORD_CHOICES = {"columns": "right", "rows": "left"}
+# Official keyword arguments that are not ours (mapped by _from_official, or the proj_params split).
+_OFFICIAL_KWARGS = ("update_gap", "proj_side", "coord_choice", "proj_params", "_example_state_init",
+                    "no_deprecation_warning", "block_order")
+
+
+def _from_official(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` (keyword arguments or a param group) with the official FRUGAL's names in ours:
+    ``update_gap`` → ``update_proj_gap``; ``proj_type`` "svd" / "random" / "randperm" (its kind of
+    projection) → ``projector`` "svd" / "random" / "coordinates"; ``proj_side`` → ``proj_type``
+    (the side); ``coord_choice`` "columns" / "rows" → ``projector="coordinates"`` on the right /
+    left side; ``_example_state_init`` and ``no_deprecation_warning`` (a state-allocation detail
+    and a warning switch there) dropped."""
+    out = dict(settings)
+
+    def move(official: str, ours: str, value: Any) -> None:
+        if ours in out and out[ours] != value:
+            raise ValueError(f"both {official!r} (the official FRUGAL's name) and {ours!r} are given; give one")
+        out[ours] = value
+
+    if "update_gap" in out:
+        move("update_gap", "update_proj_gap", out.pop("update_gap"))
+    if isinstance(out.get("proj_type"), str) and out["proj_type"] in _OFFICIAL_PROJECTORS:
+        move("proj_type", "projector", _OFFICIAL_PROJECTORS[out.pop("proj_type")])
+    if "proj_side" in out:
+        move("proj_side", "proj_type", out.pop("proj_side"))
+    if "coord_choice" in out:
+        choice = out.pop("coord_choice")
+        if choice not in _COORD_CHOICES:
+            raise ValueError(f"Invalid coord_choice: {choice!r}; 'columns' and 'rows' are implemented (RandK on "
+                             "individual entries is not)")
+        move("coord_choice", "projector", "coordinates")
+        move("coord_choice", "proj_type", _COORD_CHOICES[choice])
+    for flag in ("_example_state_init", "no_deprecation_warning"):
+        if flag in out and not isinstance(out.pop(flag), bool):
+            raise TypeError(f"Invalid {flag}: expected a bool")
+    if "block_order" in out:
+        raise ValueError("block_order: the official block variant (BlockAdamW) is not implemented")
+    return out
+
+
+def _split_proj_params(params: Iterable[Any], proj_params: Iterable[torch.Tensor]) -> list[dict[str, Any]]:
+    """The official ``proj_params=`` form: ``params`` (all parameters) split into an AdamW group
+    and a projected group of ``proj_params``."""
+    params = [params] if isinstance(params, torch.Tensor) else list(params)
+    if any(isinstance(param, Mapping) for param in params):
+        raise ValueError("proj_params= takes plain parameters in params; with param groups, mark the projected "
+                         "group {'is_proj_params': True} instead")
+    projected = [proj_params] if isinstance(proj_params, torch.Tensor) else list(proj_params)
+    chosen = {id(param) for param in projected}
+    regular = [param for param in params if id(param) not in chosen]
+    groups = [{"params": regular, "is_proj_params": False}] if regular else []
+    return groups + [{"params": projected, "is_proj_params": True}]
 
 
 class FRUGAL(GaLoreAdamW):
@@ -28,12 +90,14 @@ class FRUGAL(GaLoreAdamW):
     A group with a ``density`` ρ projects its ≥2-D weights (read as (shape[0], rest)); every
     other parameter gets torch's AdamW (FRUGAL's "regular" parameters). For an m×n weight, on
     the side GaLore's rule picks (``proj_type="std"``: columns when m ≥ n), the subspace has
-    r = round(ρ·n) dimensions (round(ρ·m) for rows) and is recomputed every ``update_proj_gap``
-    steps from the current gradient, by ``projector``:
+    r = round(ρ·n) dimensions (round(ρ·m) for rows; ⌊ρ·n⌋ for ``"coordinates"``, as the
+    official CoordAdamW truncates) and is recomputed every ``update_proj_gap`` steps from the
+    current gradient, by ``projector``:
 
     - ``"svd"`` (the official default) / ``"randomized"``: GaLore's top-r singular vectors;
     - ``"coordinates"``: r random columns (rows), FRUGAL's RandK ("columns"/"rows");
-    - ``"random"``: a seeded Gaussian, regenerated from its seed (not orthonormal).
+    - ``"random"``: a uniformly random orthonormal basis (the official ``proj_type="random"``),
+      regenerated from its seed every step (nothing stored).
 
     Each step, with R = down(G) and up(·) its back-projection (FRUGAL's template):
 
@@ -48,6 +112,15 @@ class FRUGAL(GaLoreAdamW):
     (``reset_statistics=True``, the paper's rule), or kept (False, GaLore's behaviour).
     ρ = 0 gives pure signSGD; coordinates with ρ = 1 give AdamW.
 
+    The official code's names are accepted, as keyword arguments and in param groups, and mapped
+    to ours (one name inside, memzoo's GaLore's where the concept is shared): ``update_gap`` →
+    ``update_proj_gap``; ``proj_type="svd"|"random"|"randperm"`` (its kind of projection) →
+    ``projector="svd"|"random"|"coordinates"``; ``proj_side`` → ``proj_type`` (the side);
+    ``coord_choice="columns"|"rows"`` → ``projector="coordinates"`` on the right|left side;
+    ``proj_params=`` (the projected subset of ``params``); the group flag ``is_proj_params``
+    (True: projected with the group's density, else ``density``, else the official 0.25;
+    False: AdamW); ``_example_state_init`` and ``no_deprecation_warning`` change nothing here.
+
     signSGD on rounding noise: when the subspace holds the whole gradient (rank(G) ≤ r with an
     SVD subspace, e.g. a batch of one), the residual G − up(R) is rounding noise, and its sign
     moves every coordinate by the full lr·κ in a random direction (in about one small run in
@@ -56,20 +129,22 @@ class FRUGAL(GaLoreAdamW):
     ``inactive_threshold=0`` is the official update. Only ``sign_sgd`` is affected (SGD moves
     by the residual itself, so noise moves it by noise).
 
-    Names follow memzoo's GaLore where the concept is shared (official FRUGAL: ``update_gap`` = ``update_proj_gap``,
-    ``proj_type`` = ``projector``, ``proj_side`` = ``proj_type``).
-
     Defaults are the official class's: lr 1e-3, betas (0.9, 0.999), eps 1e-8 (torch-Adam form),
     weight_decay 0.01 (decoupled, applied first, to every parameter), gap 200, "svd",
     reset_statistics True, sign_sgd, inactive_lr_scale 1.0 (the README uses 0.1 for
-    fine-tuning), proj_params_lr_scale 1.0 — except ``inactive_threshold`` (1e-2; official: 0). The official pretraining scripts use the block
-    variant (whole tensors as the subspace), which is not implemented here.
+    fine-tuning), proj_params_lr_scale 1.0, correct_bias True — except ``inactive_threshold``
+    (1e-2; official: 0); density 0.25 in official-format groups (``density=None``, our default,
+    leaves plain parameter lists on AdamW). Not implemented: the block variant (BlockAdamW, the
+    official pretraining scripts' choice) and RandK on individual entries (CoordAdamW's other
+    ``coord_choice``).
 
     Args:
         density: default ρ for groups that do not set one; None (default) = AdamW only.
         inactive_threshold: τ in [0, 1): a matrix whose residual has ‖E‖_F ≤ τ·‖G‖_F takes
             no signSGD step (0: always, as the official code). Reliable for τ ≳ 1e-3.
+        correct_bias: Adam's bias correction (both parts, as the official AdamW's).
         state_dtype, power_iters, oversample, seed, maximize, backend: as :class:`GaLoreAdamW`.
+        **official: the official keyword arguments above.
     """
 
     family = "frugal"
@@ -92,6 +167,7 @@ class FRUGAL(GaLoreAdamW):
         inactive_lr_scale: float = 1.0,
         inactive_threshold: float = 1e-2,
         proj_params_lr_scale: float = 1.0,
+        correct_bias: bool = True,
         power_iters: int = 2,
         oversample: int = 8,
         state_dtype: torch.dtype | str | None = None,
@@ -99,14 +175,51 @@ class FRUGAL(GaLoreAdamW):
         maximize: bool = False,
         backend: Backend = "auto",
         skip_nonfinite: bool = False,
+        **official: Any,
     ) -> None:
+        signature = inspect.signature(FRUGAL.__init__).parameters
+        for name in official:
+            if name not in _OFFICIAL_KWARGS:
+                close = difflib.get_close_matches(name, (*_OFFICIAL_KWARGS, *signature), n=1)
+                raise TypeError(f"FRUGAL got an unexpected keyword argument {name!r}"
+                                + (f" (did you mean {close[0]!r}?)" if close else ""))
+        proj_params = official.pop("proj_params", None)
+        if proj_params is not None:
+            params = _split_proj_params(params, proj_params)
+        # Official names given as keyword arguments; ours keep their defaults unless set.
+        if proj_type in _OFFICIAL_PROJECTORS:
+            official["proj_type"], proj_type = proj_type, "std"
+        ours = dict(update_proj_gap=update_proj_gap, projector=projector, proj_type=proj_type)
+        for name, value in _from_official(official).items():
+            if ours[name] != signature[name].default and ours[name] != value:
+                raise ValueError(f"{name}={ours[name]!r} contradicts the official keyword arguments "
+                                 f"({sorted(official)}), which set it to {value!r}; give one")
+            ours[name] = value
         self._frugal_defaults = dict(density=density, reset_statistics=reset_statistics,
                                      inactive_update_rule=inactive_update_rule, inactive_lr_scale=inactive_lr_scale,
                                      inactive_threshold=inactive_threshold, proj_params_lr_scale=proj_params_lr_scale)
-        super().__init__(params, lr, betas, eps, weight_decay, True, update_proj_gap=update_proj_gap,
-                         projector=projector, proj_type=proj_type, power_iters=power_iters, oversample=oversample,
-                         state_dtype=state_dtype, seed=seed, maximize=maximize, backend=backend,
-                         skip_nonfinite=skip_nonfinite)
+        super().__init__(params, lr, betas, eps, weight_decay, correct_bias, power_iters=power_iters,
+                         oversample=oversample, state_dtype=state_dtype, seed=seed, maximize=maximize,
+                         backend=backend, skip_nonfinite=skip_nonfinite, **ours)
+
+    # Group keys of the official format: mapped by _translate_group.
+    official_group_keys = frozenset({"is_proj_params", "update_gap", "proj_side", "coord_choice",
+                                     "_example_state_init"})
+
+    def _translate_group(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The official group format: ``is_proj_params`` True means projected with the group's
+        density, else the constructor's, else the official 0.25; False means AdamW."""
+        group = _from_official(group)
+        if "is_proj_params" in group:
+            projected = group.pop("is_proj_params")
+            if not isinstance(projected, bool):
+                raise TypeError(f"Invalid is_proj_params: expected a bool, got {projected!r}")
+            if projected:
+                default = self.defaults["density"]
+                group.setdefault("density", OFFICIAL_DENSITY if default is None else default)
+            elif group.setdefault("density", None) is not None:
+                raise ValueError("is_proj_params=False (AdamW) contradicts the group's density; give one")
+        return group
 
     def _extra_defaults(self) -> dict[str, Any]:
         return self._frugal_defaults
@@ -114,25 +227,26 @@ class FRUGAL(GaLoreAdamW):
     def _migrate(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
         """Checkpoints written before ``inactive_threshold`` existed resume with the update they
         were trained with, the official one (threshold 0)."""
-        state_dict = super()._migrate(state_dict)
         groups = state_dict["param_groups"]
         if isinstance(groups, (list, tuple)) and any(isinstance(g, Mapping) and "inactive_threshold" not in g
                                                      for g in groups):
             state_dict = {**state_dict, "param_groups": [
                 {"inactive_threshold": 0.0, **g} if isinstance(g, Mapping) else g for g in groups]}
-        return state_dict
+        return super()._migrate(state_dict)  # after: its defaults must not fill this key first
 
     def _validate_group(self, group: Mapping[str, Any], group_index: int) -> None:
         if group["rank"] is not None or group["optim_bits"] != 32:
             raise ValueError("FRUGAL sizes its subspace with density (not rank) and keeps 32-bit moments")
+        if group["projector"] == "identity":
+            raise ValueError("Invalid projector: 'identity' (use projector='coordinates' with density=1)")
+        if group["projector"] not in _PROJECTORS:
+            raise ValueError(f"Invalid projector: {group['projector']!r}; expected one of {_PROJECTORS}")
         super()._validate_group(group, group_index)
         density = group["density"]
         if density is not None:
             check_number("density", density, high=1.0)
             if group["proj_type"] == "full":
                 raise ValueError("Invalid proj_type: 'full'; FRUGAL projects one side (std, reverse_std, left, right)")
-            if group["projector"] == "identity":
-                raise ValueError("Invalid projector: 'identity' (use projector='coordinates' with density=1)")
             self._settings(1, group).validate()
         if not isinstance(group["reset_statistics"], bool):
             raise TypeError(f"Invalid reset_statistics: expected a bool, got {group['reset_statistics']!r}")
@@ -145,8 +259,11 @@ class FRUGAL(GaLoreAdamW):
 
     @staticmethod
     def _settings(rank: int, group: Mapping[str, Any]) -> ProjectorSettings:
-        # A zero-dimensional subspace is an empty coordinate selection.
-        projector = group["projector"] if rank > 0 else "coordinates"
+        # A zero-dimensional subspace is an empty coordinate selection. FRUGAL's "random" is an
+        # orthonormal basis (the official torch.nn.init.orthogonal_): up(down(G)) must be the
+        # projection onto the subspace for G − up(down(G)) to be the rest.
+        projector = {"random": "random_orthonormal"}.get(group["projector"], group["projector"])
+        projector = projector if rank > 0 else "coordinates"
         return ProjectorSettings(rank=rank, update_proj_gap=group["update_proj_gap"], scale=1.0,
                                  proj_type=group["proj_type"], projector=projector, power_iters=group["power_iters"],
                                  oversample=group["oversample"], strict_rank=False)
@@ -164,7 +281,9 @@ class FRUGAL(GaLoreAdamW):
         cached = self._projectors.get(param)
         if cached is None or cached[0] != key:
             shape = matrix_shape(param.shape)
-            rank = round(group["density"] * side_length(shape, projection_side(shape, group["proj_type"])))
+            size = side_length(shape, projection_side(shape, group["proj_type"]))
+            # The official counts: CoordAdamW truncates (int(n·ρ)), the SVD / random projector rounds.
+            rank = int(size * group["density"]) if group["projector"] == "coordinates" else round(size * group["density"])
             cached = self._projectors[param] = (key, Projector(self._settings(rank, group), param.shape))
         return cached[1]
 
@@ -183,7 +302,10 @@ class FRUGAL(GaLoreAdamW):
 
     @staticmethod
     def _adam_form(group: Mapping[str, Any], step: int, lr: float) -> tuple[float, float]:
-        """torch-Adam at step t = step + 1 in GaLore's form: (lr·√bc2/bc1, ε·√bc2)."""
+        """torch-Adam at step t = step + 1 in GaLore's form: (lr·√bc2/bc1, ε·√bc2); (lr, ε)
+        without bias correction (``correct_bias=False``)."""
+        if not group["correct_bias"]:
+            return lr, group["eps"]
         beta1, beta2 = group["betas"]
         t = step + 1
         root = math.sqrt(1.0 - beta2**t)

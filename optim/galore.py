@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -66,7 +66,8 @@ class GaLoreAdamW(MemzooOptimizer):
     "rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}``) projects its ≥2-D
     weights; every other parameter (groups without ``rank``, and 1-D/0-D tensors even inside a
     rank group) gets plain AdamW. Weights with more than two dimensions are projected as the
-    (shape[0], prod(shape[1:])) matrix. Defaults are the official class's.
+    (shape[0], prod(shape[1:])) matrix. Defaults are the official class's except the projector:
+    ours is ``"randomized"``; ``projector="svd"`` is the official one (see below).
 
     For a projected m×n weight, with t the step count and P the projector refreshed from the
     current gradient on steps 1, T+1, 2T+1, … (T = ``update_proj_gap``):
@@ -94,6 +95,8 @@ class GaLoreAdamW(MemzooOptimizer):
         params: parameters or param groups.
         lr, betas, eps, weight_decay, correct_bias: as ``galore_torch.GaLoreAdamW`` (lr 1e-3,
             (0.9, 0.999), 1e-6, 0.0, True).
+        no_deprecation_warning: galore-torch's switch for its deprecation warning, accepted (in
+            its position) so its calls run unchanged; memzoo has no such warning.
         rank: default rank for groups that do not set one; None (default) = plain AdamW.
         update_proj_gap, scale, proj_type: the official projector settings (200, 1.0, "std").
         projector, power_iters, oversample: see above ("randomized", 2, 8).
@@ -113,6 +116,8 @@ class GaLoreAdamW(MemzooOptimizer):
     family = "galore"
     _layout_keys = ("rank", "proj_type", "projector", "state_dtype", "optim_bits", "min_8bit_size")
     _rebuilt_units = (("proj_seed", "proj_left", "proj_right", "proj_indices"),)
+    # Signs of the computed singular vectors: galore-torch keeps torch.linalg.svd's.
+    _signs: ClassVar[str] = "raw"
 
     def __init__(
         self,
@@ -122,6 +127,7 @@ class GaLoreAdamW(MemzooOptimizer):
         eps: float = 1e-6,
         weight_decay: float = 0.0,
         correct_bias: bool = True,
+        no_deprecation_warning: bool = False,
         *,
         rank: int | None = None,
         update_proj_gap: int = 200,
@@ -139,6 +145,8 @@ class GaLoreAdamW(MemzooOptimizer):
         backend: Backend = "auto",
         skip_nonfinite: bool = False,
     ) -> None:
+        if not isinstance(no_deprecation_warning, bool):
+            raise TypeError(f"Invalid no_deprecation_warning: expected a bool, got {no_deprecation_warning!r}")
         check_int("seed", seed, low=0, high=2**31)
         self.seed = seed
         # param → (settings tuple, Projector): built once, not on every step.
@@ -194,7 +202,8 @@ class GaLoreAdamW(MemzooOptimizer):
         key = self._settings_key(group) if key is None else key
         cached = self._projectors.get(param)
         if cached is None or cached[0] != key:
-            cached = self._projectors[param] = (key, Projector(ProjectorSettings.from_group(group), param.shape))
+            settings = ProjectorSettings.from_group(group, signs=self._signs)
+            cached = self._projectors[param] = (key, Projector(settings, param.shape))
         return cached[1]
 
     @staticmethod
@@ -202,7 +211,7 @@ class GaLoreAdamW(MemzooOptimizer):
         """What the group's projectors depend on (None for a group that projects nothing)."""
         if group["rank"] is None:
             return None
-        return tuple(group[name] for name in ProjectorSettings.__dataclass_fields__)
+        return tuple(group[name] for name in ProjectorSettings.GROUP_KEYS)
 
     def _state_dtype(self, param: torch.Tensor, group: Mapping[str, Any]) -> torch.dtype:
         return resolve_state_dtype("state_dtype", group["state_dtype"], _STATE_DTYPES) or param.dtype
@@ -418,37 +427,85 @@ class GaLoreAdamW(MemzooOptimizer):
         return None
 
 
+# The official SubSpaceAdamW's group values of proj_type: (our proj_type, natural preconditioning).
+_OFFICIAL_NATURAL_PROJ_TYPES = {"natural_galore": ("full", True), "galore": ("full", False)}
+
+
 class NaturalGaLore(GaLoreAdamW):
     r"""Natural GaLore (Das 2024): GaLore whose low-rank gradient is preconditioned by the
-    inverse empirical Fisher of its recent history before Adam.
+    inverse empirical Fisher of its recent history before Adam; a drop-in for the official
+    ``natural_galore.SubSpaceAdamW``.
 
     Each step the projected gradient g (flattened, d elements) joins a history of the last
     ``natural_history`` projected gradients H (k×d, the current one included; kept across
     projector refreshes, as the official code does), and Adam receives
 
-    .. math:: 	ilde g = (\lambda I + H^	op H)^{-1} g
-              = \lambda^{-1} g - \lambda^{-2} H^	op (I + \lambda^{-1} H H^	op)^{-1} H g
+    .. math:: \tilde g = (\lambda I + H^\top H)^{-1} g
+              = \lambda^{-1} g - \lambda^{-2} H^\top (I + \lambda^{-1} H H^\top)^{-1} H g
 
-    computed through Woodbury's identity with a k×k Cholesky solve (no d×d matrix). Defaults
-    are the official ``SubSpaceAdamW``'s: two-sided projection (``proj_type="full"``, r×r
-    moments: its Tucker factors of a matrix are the top-r singular vectors), history 20,
-    damping λ = 1e-3 (hard-coded there, an argument here), eps 1e-6. Parameters outside rank
-    groups get plain AdamW. Everything else is :class:`GaLoreAdamW`'s.
+    computed through Woodbury's identity with a k×k Cholesky solve (no d×d matrix).
+
+    The subspace is the official one: two-sided (``proj_type="full"``, r×r moments; the
+    official Tucker factors of a matrix are its top-r singular vectors) and each singular
+    vector signed as tensorly's SVD signs it (its entry of largest magnitude positive, the first
+    on a tie; :func:`memzoo.reference.projector.canonical_signs`). The sign matters here: the
+    moments and the gradient history are carried across refreshes, and a basis vector whose
+    sign flips at a refresh turns them against the new subspace; with the sign fixed by the
+    subspace they keep their meaning. (GaLoreAdamW keeps torch.linalg.svd's raw signs, as
+    galore-torch does.) The default ``projector="svd"`` follows the official trajectory;
+    ``"randomized"`` (a seeded range finder, much cheaper to refresh, GaLoreAdamW's default)
+    gets the same signs.
+
+    Official group keys: ``{"rank": r, "update_proj_gap": T, "scale": α, "proj_type":
+    "natural_galore", "natural_history": s}`` (the official example's); ``proj_type="galore"``
+    is the same without the natural-gradient step (group key ``natural=False``);
+    ``"online_galore"`` / ``"online_natural_galore"`` (factors trained by gradient descent) are
+    not implemented. Our proj_type values (``"full"``, ``"std"``, …) are accepted too.
+
+    Other defaults are the official class's: lr 1e-3, betas (0.9, 0.999), eps 1e-6,
+    weight_decay 0.0 (applied after the update, GaLore's convention), history 20, damping
+    λ = 1e-3 (hard-coded there, an argument here), correct_bias True; the positional order
+    (params, lr, betas, eps, weight_decay, natural_history, amsgrad) is the official one.
+    ``amsgrad``, ``capturable`` and ``differentiable`` are accepted as False only (the
+    official code allocates an AMSGrad buffer it never reads). Parameters outside rank groups,
+    and 1-D ones inside (the official code would project those too), get plain AdamW.
+    Everything else is :class:`GaLoreAdamW`'s.
     """
 
+    _signs: ClassVar[str] = "canonical"
+
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-6, weight_decay: float = 0.0, correct_bias: bool = True, *,
-                 natural_history: int = 20, damping: float = 1e-3, proj_type: str = "full",
+                 eps: float = 1e-6, weight_decay: float = 0.0, natural_history: int = 20, amsgrad: bool = False, *,
+                 capturable: bool = False, differentiable: bool = False, correct_bias: bool = True,
+                 damping: float = 1e-3, natural: bool = True, proj_type: str = "full", projector: str = "svd",
                  **kwargs: Any) -> None:
-        self._natural_defaults = dict(natural_history=natural_history, damping=damping)
-        super().__init__(params, lr, betas, eps, weight_decay, correct_bias, proj_type=proj_type, **kwargs)
+        for name, value in (("amsgrad", amsgrad), ("capturable", capturable), ("differentiable", differentiable)):
+            if value is not False:
+                raise ValueError(f"{name}={value!r} is not implemented (the official SubSpaceAdamW's {name} "
+                                 "does not change its update either); leave it False")
+        official = self._translate_group({"proj_type": proj_type})  # the official values of proj_type
+        proj_type, natural = official["proj_type"], official.get("natural", natural)
+        self._natural_defaults = dict(natural_history=natural_history, damping=damping, natural=natural)
+        super().__init__(params, lr, betas, eps, weight_decay, correct_bias, proj_type=proj_type, projector=projector,
+                         **kwargs)
 
     _preconditions = True
-    _layout_keys = (*GaLoreAdamW._layout_keys, "natural_history")
+    _layout_keys = (*GaLoreAdamW._layout_keys, "natural_history", "natural")
     _rebuilt_units = (*GaLoreAdamW._rebuilt_units, ("nat_history", "nat_count"))
 
     def _extra_defaults(self) -> dict[str, Any]:
         return self._natural_defaults
+
+    def _translate_group(self, group: dict[str, Any]) -> dict[str, Any]:
+        proj_type = group.get("proj_type")
+        if isinstance(proj_type, str) and proj_type.startswith("online_"):
+            raise ValueError(f"proj_type {proj_type!r} (online subspace updates) is not implemented; use "
+                             "'natural_galore' or 'galore'")
+        if isinstance(proj_type, str) and proj_type in _OFFICIAL_NATURAL_PROJ_TYPES:
+            group["proj_type"], natural = _OFFICIAL_NATURAL_PROJ_TYPES[proj_type]
+            if group.setdefault("natural", natural) != natural:
+                raise ValueError(f"proj_type {proj_type!r} contradicts natural={group['natural']!r}; give one")
+        return group
 
     def _validate_group(self, group: Mapping[str, Any], group_index: int) -> None:
         super()._validate_group(group, group_index)
@@ -457,11 +514,13 @@ class NaturalGaLore(GaLoreAdamW):
         check_number("damping", group["damping"])
         if group["damping"] <= 0:
             raise ValueError(f"Invalid damping: {group['damping']} (must be > 0)")
+        if not isinstance(group["natural"], bool):
+            raise TypeError(f"Invalid natural: expected a bool, got {group['natural']!r}")
 
     def _state_spec(self, param: torch.Tensor, group: Mapping[str, Any]) -> StateSpec:
         spec = super()._state_spec(param, group)
         projector = self._projector(param, group)
-        if projector:
+        if projector and group["natural"]:
             size = math.prod(projector.low_rank_shape)
             spec["nat_history"] = (torch.Size((group["natural_history"], size)), self._state_dtype(param, group))
             spec["nat_count"] = (torch.Size(()), torch.int64)
@@ -474,6 +533,8 @@ class NaturalGaLore(GaLoreAdamW):
                                    None if right is None else right.to(dtype))
         if group["maximize"]:
             low_rank = -low_rank
+        if not group["natural"]:  # the official proj_type="galore": GaLore on the same factors
+            return low_rank
         if "nat_history" not in state:
             state["nat_history"] = torch.zeros((group["natural_history"], low_rank.numel()),
                                                dtype=self._state_dtype(grad, group),

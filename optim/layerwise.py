@@ -33,13 +33,19 @@ def _set_owner(param: torch.Tensor, owner: LayerwiseOptimizer | None) -> None:
         _OWNERS[id(param)] = (weakref.ref(param, lambda _, key=id(param): _OWNERS.pop(key, None)), owner)
 
 
+def _tensors(items: Iterable[Any]) -> list[Any]:
+    """Parameters, from tensors or from ``named_parameters()`` pairs (whose names are dropped)."""
+    return [item[1] if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) else item
+            for item in items]
+
+
 def _groups(params: Iterable[Any]) -> list[dict[str, Any]]:
     params = list(params)
     if not params:
         raise ValueError("LayerwiseOptimizer got an empty parameter list")
-    if all(isinstance(p, torch.Tensor) for p in params):
-        return [{"params": params}]
-    return [{**g, "params": [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])}
+    if not any(isinstance(p, dict) for p in params):
+        return [{"params": _tensors(params)}]
+    return [{**g, "params": [g["params"]] if isinstance(g["params"], torch.Tensor) else _tensors(g["params"])}
             for g in params]
 
 
@@ -87,18 +93,32 @@ class _AppliedGradient(torch.Tensor):
     applied_norm: torch.Tensor
     # None: no GradScaler unscaled it in the hook; else whether it had Inf/NaN (update skipped).
     found_inf: bool | None
+    owner: LayerwiseOptimizer
 
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
+        try:
+            return cls._answer(func, args, kwargs or {})
+        except RuntimeError:
+            # Any refusal ends the iteration (every stand-in cleared), so that what the caller does
+            # next (a trainer's teardown moving the model, a retry) meets ordinary None gradients.
+            for owner in {id(t.owner): t.owner for t in _stand_ins(args)}.values():
+                owner._drop_iteration()
+            raise
+
+    @classmethod
+    def _answer(cls, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         if func in _METADATA_METHODS or (getattr(func, "__name__", "") == "__get__"
                                          and getattr(getattr(func, "__self__", None), "__name__", "") in _METADATA):
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
-        if func is torch.linalg.vector_norm or func is torch._foreach_norm:
+        if getattr(func, "__name__", "") == "__get__" and getattr(func.__self__, "__name__", "") == "data":
+            return args[0]  # ``grad.data`` is the stand-in again (Lightning's grad_norm reads p.grad.data.norm())
+        if func is torch.linalg.vector_norm or func is torch._foreach_norm or func in (torch.Tensor.norm, torch.norm):
             tensors = args[0] if func is torch._foreach_norm else [args[0]]
-            order = args[1] if len(args) > 1 else kwargs.get("ord", 2)
-            if order != 2 or kwargs.get("dim") is not None or len(args) > 2:
+            order_key = "p" if func in (torch.Tensor.norm, torch.norm) else "ord"
+            order = args[1] if len(args) > 1 else kwargs.get(order_key, 2)
+            if order not in (2, "fro") or kwargs.get("dim") is not None or len(args) > 2:
                 raise RuntimeError(f"{_FREED} (the norm kept is the whole tensor's 2-norm, not ord={order!r})")
             with torch._C.DisableTorchFunctionSubclass():
                 norms = [t.applied_norm if isinstance(t, _AppliedGradient) else torch.linalg.vector_norm(t)
@@ -111,7 +131,8 @@ class _AppliedGradient(torch.Tensor):
             if not bool(torch.as_tensor(scale == 1).all()):
                 norm = torch.linalg.vector_norm(torch.stack([t.applied_norm for t in tensors
                                                               if isinstance(t, _AppliedGradient)]))
-                raise RuntimeError(_CLIP_TOO_LATE.format(detail=f" (their global norm, {float(norm):.4g}, exceeds max_norm)"))
+                detail = f" (their global norm, {float(norm):.4g}, exceeds max_norm)"
+                raise RuntimeError(_CLIP_TOO_LATE.format(detail=detail))
             return args[0]
         if func is torch._amp_foreach_non_finite_check_and_unscale_:
             tensors, found_inf = args[0], args[1]
@@ -128,14 +149,31 @@ class _AppliedGradient(torch.Tensor):
         raise RuntimeError(_FREED)
 
 
-def _applied_gradient(param: torch.Tensor, norm: torch.Tensor, found_inf: bool | None) -> torch.Tensor | None:
+def _stand_ins(args: Any) -> list[_AppliedGradient]:
+    found = []
+    for arg in args:
+        if isinstance(arg, _AppliedGradient):
+            found.append(arg)
+        elif isinstance(arg, (list, tuple)):
+            found.extend(_stand_ins(arg))
+    return found
+
+
+_ZEROS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _applied_gradient(owner: LayerwiseOptimizer, param: torch.Tensor, norm: torch.Tensor,
+                      found_inf: bool | None) -> torch.Tensor | None:
     # Sharded (DTensor) and other tensor-subclass parameters take no stand-in: their grad is freed.
     if type(param.detach()) is not torch.Tensor:
         return None
-    zero = torch.zeros((), dtype=param.dtype, device=param.device).expand(param.shape)
-    stand_in = torch.Tensor._make_subclass(_AppliedGradient, zero, False)
+    key = (param.dtype, param.device)
+    if key not in _ZEROS:  # one shared, never written zero per dtype and device
+        _ZEROS[key] = torch.zeros((), dtype=param.dtype, device=param.device)
+    stand_in = torch.Tensor._make_subclass(_AppliedGradient, _ZEROS[key].expand(param.shape), False)
     stand_in.applied_norm = norm
     stand_in.found_inf = found_inf
+    stand_in.owner = owner
     return stand_in
 
 
@@ -186,9 +224,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     gradient has NaN/Inf keeps its value and state while the others step, since no hook sees all
     gradients. Under FSDP2 the hooks run on the reduced, sharded gradients, and each rank steps
     its shards; under DDP (whole parameters, several ranks) they would run before the averaging,
-    so the first update raises and says so. A newer LayerwiseOptimizer over a parameter takes it over (this one's hooks on it
-    are removed), as when Lightning calls ``configure_optimizers`` again to resume. If an update raises, the iteration is dropped (every gradient freed), so the next
-    ``backward()`` reports the real problem again.
+    so the first update raises and says so. A newer LayerwiseOptimizer over a parameter takes it
+    over (this one's hooks on it are removed), as when Lightning calls ``configure_optimizers``
+    again to resume. If an update raises, the iteration is dropped (every gradient freed), so the
+    next ``backward()`` reports the real problem again.
 
     What it cannot do, by construction (each gradient is applied and freed as soon as it exists):
 
@@ -292,7 +331,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         except BaseException:
             self._drop_iteration()  # the next backward starts clean and meets the real problem again
             raise
-        param.grad = None if norm is None else _applied_gradient(param, norm, found_inf)
+        param.grad = None if norm is None else _applied_gradient(self, param, norm, found_inf)
 
     def _unscale(self, grad: torch.Tensor) -> bool:
         """Divide a GradScaler-scaled gradient by the scale, as ``GradScaler.unscale_`` would; True

@@ -5,8 +5,8 @@ through ``state_dict`` and loads with ``torch.load(weights_only=True)``:
 
 - ``proj_seed``: int64 scalar; seeds the randomized range finder and the random projection.
 - ``proj_left`` (m×r) and/or ``proj_right`` (r×n): stored factors, in the parameter's dtype as the
-  official code keeps them. The ``random`` method stores none: it regenerates its factors from
-  the seed on every step.
+  official code keeps them. The ``random`` and ``random_orthonormal`` methods store none: they
+  regenerate their factors from the seed on every step.
 - ``proj_indices`` (r,) int64: the ``coordinates`` method's selected rows (left) or columns
   (right); its 0/1 factors are built from them when used.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -24,12 +24,15 @@ from memzoo.optim.base import StateSpec, check_int, check_number
 from memzoo.reference.projector import (
     METHODS,
     PROJ_TYPES,
+    SEEDED_METHODS,
+    SIGN_CONVENTIONS,
     Randn,
     compute_bases,
     matrix_shape,
     projection_side,
     random_basis,
     random_coordinates,
+    random_orthonormal_basis,
     selection_factor,
     side_length,
 )
@@ -46,7 +49,9 @@ _SEED_STEP = 0x9E3779B1
 
 @dataclass(frozen=True)
 class ProjectorSettings:
-    """Projection settings of one param group (the official GaLore group keys plus ours)."""
+    """Projection settings of one param group (the official GaLore group keys plus ours), and
+    the sign convention of computed singular vectors, which the optimizer fixes (``signs``:
+    "raw" for GaLore as galore-torch, "canonical" for Natural GaLore as its official code)."""
 
     rank: int
     update_proj_gap: int
@@ -56,10 +61,15 @@ class ProjectorSettings:
     power_iters: int
     oversample: int
     strict_rank: bool
+    signs: str = "raw"
+
+    # The fields read from a param group (``signs`` is the optimizer's, not a group key).
+    GROUP_KEYS: ClassVar[tuple[str, ...]] = ("rank", "update_proj_gap", "scale", "proj_type", "projector",
+                                             "power_iters", "oversample", "strict_rank")
 
     @classmethod
-    def from_group(cls, group: Mapping[str, Any]) -> ProjectorSettings:
-        settings = cls(**{name: group[name] for name in cls.__dataclass_fields__})
+    def from_group(cls, group: Mapping[str, Any], *, signs: str = "raw") -> ProjectorSettings:
+        settings = cls(**{name: group[name] for name in cls.GROUP_KEYS}, signs=signs)
         settings.validate()
         return settings
 
@@ -77,6 +87,8 @@ class ProjectorSettings:
         check_int("oversample", self.oversample, low=0)
         if not isinstance(self.strict_rank, bool):
             raise ValueError(f"Invalid strict_rank: {self.strict_rank!r} (expected a bool)")
+        if self.signs not in SIGN_CONVENTIONS:
+            raise ValueError(f"Invalid signs: {self.signs!r}; expected one of {SIGN_CONVENTIONS}")
 
 
 class Projector:
@@ -115,7 +127,7 @@ class Projector:
         spec: StateSpec = {"proj_seed": (torch.Size(()), torch.int64)}
         if self.settings.projector == "coordinates":
             spec["proj_indices"] = (torch.Size((self.rank,)), torch.int64)
-        elif self.settings.projector != "random":
+        elif self.settings.projector not in SEEDED_METHODS:
             for name, shape in self._factor_shapes.items():
                 if shape is not None:
                     spec[name] = (torch.Size(shape), factor_dtype)
@@ -139,8 +151,9 @@ class Projector:
     def factors(self, state: Mapping[str, Any], device: torch.device, dtype: torch.dtype, *,
                 randn: Randn = philox_randn) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The factors (left, right), stored or regenerated from the seed with ``randn``."""
-        if self.settings.projector == "random":
-            return random_basis(int(state["proj_seed"]), self.shape, self.rank, self.side, device, dtype, randn=randn)
+        if self.settings.projector in SEEDED_METHODS:
+            draw = random_basis if self.settings.projector == "random" else random_orthonormal_basis
+            return draw(int(state["proj_seed"]), self.shape, self.rank, self.side, device, dtype, randn=randn)
         if self.settings.projector == "coordinates":
             factor = selection_factor(state["proj_indices"].to(device), side_length(self.shape, self.side), self.side,
                                       dtype)
@@ -191,7 +204,7 @@ def compute_refreshes(requests: list[RefreshRequest], *, randn: Randn = philox_r
         state, projector = request.state, request.projector
         first = "proj_seed" not in state
         seed = projector.seed_at(state, request.step, request.base_seed)
-        if projector.settings.projector == "random":
+        if projector.settings.projector in SEEDED_METHODS:
             # Only the seed changes; the factors are regenerated from it each step.
             writes.append((state, "proj_seed", torch.tensor(seed, dtype=torch.int64)))
             continue
@@ -229,7 +242,8 @@ def compute_refreshes(requests: list[RefreshRequest], *, randn: Randn = philox_r
                     continue
             seeds = torch.tensor([seed for _, seed in part], dtype=torch.int64, device=device)
             left, right = compute_bases(grads, projector.rank, projector.side, settings.projector, seeds=seeds,
-                                        power_iters=settings.power_iters, oversample=settings.oversample, randn=randn)
+                                        power_iters=settings.power_iters, oversample=settings.oversample,
+                                        signs=settings.signs, randn=randn)
             del grads
             for index, (request, _) in enumerate(part):
                 for name, factors in (("proj_left", left), ("proj_right", right)):

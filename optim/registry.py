@@ -18,7 +18,7 @@ from memzoo.optim.frugal import FRUGAL
 from memzoo.optim.galore import GaLoreAdamW, NaturalGaLore
 from memzoo.optim.lion import Lion
 from memzoo.optim.zeroth_order import QZO, MeZO, SparseMeZO
-from memzoo.reference.projector import side_length
+from memzoo.reference.projector import SEEDED_METHODS, side_length
 
 __all__ = ["OPTIMIZERS", "BadInput", "OptimizerInfo", "get_optimizer_info"]
 
@@ -93,7 +93,7 @@ def _galore_state_bytes(optimizer: GaLoreAdamW) -> int:
         if group["proj_type"] != "std":
             raise NotImplementedError("the analytic count here covers proj_type='std'")
         total += _moment_bytes(optimizer, max(m, n) * r, param, group) + 8  # moments + proj_seed
-        if group["projector"] != "random":
+        if group["projector"] not in SEEDED_METHODS:
             total += r * min(m, n) * param.element_size()
     return total
 
@@ -108,11 +108,12 @@ def _natural_galore_state_bytes(optimizer: NaturalGaLore) -> int:
         if optimizer._projector(param, group) is None:  # not projected (vectors, empty matrices)
             total += 2 * param.numel() * moment_size
             continue
-        if group["proj_type"] != "full" or group["projector"] == "random":
+        if group["proj_type"] != "full" or group["projector"] in SEEDED_METHODS:
             raise NotImplementedError("the analytic count here covers proj_type='full' with stored factors")
         m, n = param.shape[0], param[0].numel()
         r = min(group["rank"], m, n)
-        total += (m + n) * r * param.element_size() + (2 + group["natural_history"]) * r * r * moment_size + 16
+        history = group["natural_history"] if group["natural"] else 0  # natural=False: no history, no count
+        total += (m + n) * r * param.element_size() + (2 + history) * r * r * moment_size + (16 if history else 8)
     return total
 
 
@@ -154,7 +155,7 @@ def _cosmos_state_bytes(optimizer: COSMOS) -> int:
 
 def _frugal_state_bytes(optimizer: FRUGAL) -> int:
     """ALGORITHMS.md §4: per projected m×n weight, moments of the r-dimensional subspace (r =
-    round(ρ·n) columns, or ρ·m rows), a stored basis for svd/randomized (r values per row or
+    round(ρ·n) columns, or ρ·m rows; ⌊ρ·n⌋ for coordinates), a stored basis for svd/randomized (r values per row or
     column of the side) or the r int64 indices for coordinates, int64 step, adam_step and seed;
     torch-AdamW moments elsewhere."""
     total = 0
@@ -169,7 +170,7 @@ def _frugal_state_bytes(optimizer: FRUGAL) -> int:
         r = projector.rank
         total += 2 * (m * n // size) * r * optimizer._state_dtype(param, group).itemsize + 16  # moments, seed, adam_step
         method = projector.settings.projector
-        total += 8 * r if method == "coordinates" else 0 if method == "random" else r * size * param.element_size()
+        total += 8 * r if method == "coordinates" else 0 if method in SEEDED_METHODS else r * size * param.element_size()
     return total
 
 
@@ -277,9 +278,11 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
             sample_kwargs={"lr": 0.1, "weight_decay": 0.1, "rank": 2, "update_proj_gap": 2, "scale": 0.5,
                            "natural_history": 3},
             expected_state_bytes=_natural_galore_state_bytes,
-            variants=({}, {"projector": "svd"}, {"state_dtype": torch.float32}),
+            variants=({}, {"projector": "randomized"}, {"state_dtype": torch.float32}),
             bad_inputs=_COMMON_BAD_INPUTS + (
                 BadInput("rank 0", {"rank": 0}, ValueError, "Invalid rank"),
+                BadInput("online subspace", {"proj_type": "online_natural_galore"}, ValueError, "not implemented"),
+                BadInput("amsgrad", {"amsgrad": True}, ValueError, "not implemented"),
                 BadInput("history 0", {"natural_history": 0}, ValueError, "natural_history"),
                 BadInput("zero damping", {"damping": 0.0}, ValueError, "damping"),
                 BadInput("infinite damping", {"damping": math.inf}, ValueError, "Invalid damping: inf"),

@@ -20,8 +20,8 @@ signSGD on rounding noise: when the subspace holds the whole gradient (rank(G) �
 subspace, e.g. a batch of one), E is rounding noise of size ≈ 1e-7·‖G‖, and sign(E) moves every
 coordinate by the full residual step in a random direction (the official code does so; the
 loss then rose in about one small run in three). With ``residual_threshold`` τ > 0, a matrix
-whose residual is at most τ·‖G‖_F (judged as ‖G‖² − ‖R‖² ≤ τ²·‖G‖², exact for the orthonormal
-subspaces FRUGAL uses, in float64 from float32 norms: reliable for τ ≳ 1e-3) takes no signSGD
+whose residual is at most τ·‖G‖_F (‖E‖² formed from G's norm and the small R,
+:func:`residual_kept`, in float64 from float32 math: reliable for τ ≳ 1e-3) takes no signSGD
 step; τ = 0 is the official update.
 """
 
@@ -68,14 +68,25 @@ def split_update_lists(params: torch.Tensor | Sequence[torch.Tensor], grads: tor
     return params, grads, updates, lefts, rights
 
 
-def residual_kept(grad: torch.Tensor, inside: torch.Tensor, threshold: float) -> torch.Tensor:
-    """1.0, or 0.0 when the residual E = G − up(R) of matrix G with R = down(G) (``inside``) is
-    at most ``threshold``·‖G‖_F: ‖G‖² − ‖R‖² ≤ threshold²·‖G‖² (orthonormal subspaces). A 0-d
-    float32 tensor on G's device, decided there (no host sync); the multiplier of the signSGD
-    step, so a NaN/Inf residual still propagates (0·NaN = NaN)."""
+def residual_kept(grad: torch.Tensor, inside: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None,
+                  threshold: float) -> torch.Tensor:
+    """1.0, or 0.0 when the residual E = G − up(R) of matrix G, with R = down(G) (``inside``)
+    for the one-sided factor ``left`` (m×r) or ``right`` (r×n), is at most ``threshold``·‖G‖_F.
+
+    ‖E‖² is formed without E: ‖G‖² − 2‖R‖² + ⟨R, R·PPᵀ⟩ (right; ⟨R, PᵀP·R⟩ left), exact for any
+    factor (= ‖G‖² − ‖R‖² for an orthonormal one), in float64 from norms of float32 (float64)
+    math. A 0-d float32 tensor on G's device, decided there (no host sync); the multiplier of the
+    signSGD step, so a NaN/Inf residual still propagates (0·NaN = NaN)."""
     total = torch.linalg.vector_norm(grad, dtype=compute_dtype(grad.dtype)).double().square()
-    held = torch.linalg.vector_norm(inside, dtype=compute_dtype(inside.dtype)).double().square()
-    return (total - held > threshold * threshold * total).to(torch.float32)
+    r = inside.double()
+    if right is not None:
+        factor = right.double()
+        back = r @ (factor @ factor.T)  # R·PPᵀ
+    else:
+        factor = left.double()
+        back = (factor.T @ factor) @ r  # PᵀP·R
+    residual = total - 2.0 * r.square().sum() + (r * back).sum()
+    return (residual > threshold * threshold * total).to(torch.float32)
 
 
 @torch.no_grad()
@@ -113,7 +124,7 @@ def frugal_apply_(
             inside = project(g, left, right)  # R = down(G)
             residual = g - project_back(inside, left, right)  # E = G − up(down(G))
             if residual_rule == "sign_sgd":
-                kept = residual_kept(g, inside, residual_threshold) if residual_threshold > 0 else 1.0
+                kept = residual_kept(g, inside, left, right, residual_threshold) if residual_threshold > 0 else 1.0
                 w = w - residual_step * (sign(residual) * kept)
             else:
                 w = w - residual_step * residual

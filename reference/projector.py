@@ -26,6 +26,9 @@ from memzoo.reference.random import philox_randn
 __all__ = [
     "METHODS",
     "PROJ_TYPES",
+    "SEEDED_METHODS",
+    "SIGN_CONVENTIONS",
+    "canonical_signs",
     "compute_basis",
     "compute_bases",
     "matrix_shape",
@@ -33,6 +36,7 @@ __all__ = [
     "project_back",
     "projection_side",
     "random_basis",
+    "random_orthonormal_basis",
     "side_length",
     "random_coordinates",
     "selection_factor",
@@ -40,7 +44,11 @@ __all__ = [
 
 Side = Literal["left", "right", "full"]
 PROJ_TYPES: tuple[str, ...] = ("std", "reverse_std", "left", "right", "full")
-METHODS: tuple[str, ...] = ("svd", "randomized", "random", "identity", "coordinates")
+METHODS: tuple[str, ...] = ("svd", "randomized", "random", "random_orthonormal", "identity", "coordinates")
+# Signs of computed singular vectors: as returned, or tensorly's convention (canonical_signs).
+SIGN_CONVENTIONS: tuple[str, ...] = ("raw", "canonical")
+# Methods whose factors are regenerated from the seed on every use (nothing stored).
+SEEDED_METHODS: tuple[str, ...] = ("random", "random_orthonormal")
 
 
 def matrix_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
@@ -109,6 +117,42 @@ def random_basis(seed: int, shape: tuple[int, int], rank: int, side: Side, devic
     return left, right
 
 
+def random_orthonormal_basis(seed: int, shape: tuple[int, int], rank: int, side: Side, device: torch.device | str,
+                             dtype: torch.dtype = torch.float32, *,
+                             randn: Randn = philox_randn) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Orthonormal factors spanning a uniformly random rank-``rank`` subspace (left: orthonormal
+    columns, right: orthonormal rows), regenerated from ``seed``: :func:`random_basis`'s Gaussian
+    orthonormalized (QR with a positive triangular diagonal, so the subspace is Haar-distributed,
+    as ``torch.nn.init.orthogonal_`` draws the official FRUGAL's; Householder, not Cholesky-QR:
+    the factor is regenerated every step and one small QR is cheaper than a batched Cholesky). With them up(down(G)) is the
+    orthogonal projection of G onto the subspace, and G − up(down(G)) its complement."""
+    left, right = random_basis(seed, shape, rank, side, device, compute_dtype(dtype), randn=randn)
+    if left is not None:
+        left = _haar_columns(left).to(dtype)
+    if right is not None:
+        right = _haar_columns(right.T).T.to(dtype)
+    return left, right
+
+
+def _haar_columns(gaussian: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns from a Gaussian (k×r, k ≥ r): Householder QR with R's diagonal made
+    positive (Q·sign(diag R)), which makes the result Haar-distributed."""
+    q, r = torch.linalg.qr(gaussian, mode="reduced")
+    signs = torch.diagonal(r).sign()
+    return q * torch.where(signs == 0, torch.ones_like(signs), signs)
+
+
+def canonical_signs(factor: torch.Tensor, dim: int) -> torch.Tensor:
+    """``factor`` with each basis vector (its entries run along ``dim``) multiplied by ±1 so that
+    its entry of largest magnitude (the first one on a tie) is positive: tensorly's ``svd_flip``
+    convention, which the official Natural GaLore's Tucker factors follow (each factor on its
+    own). A singular vector's sign is arbitrary; fixing it makes the basis a function of the
+    subspace, so moments carried across a refresh keep their meaning."""
+    index = factor.abs().argmax(dim=dim, keepdim=True)
+    signs = factor.gather(dim, index).sign()
+    return factor * torch.where(signs == 0, torch.ones_like(signs), signs)
+
+
 def random_coordinates(seed: int, size: int, count: int) -> torch.Tensor:
     """``count`` distinct coordinates out of ``size``, sorted (int64, on the CPU): the first
     ``count`` of a permutation drawn by a CPU generator seeded with ``seed`` (the same on every
@@ -146,10 +190,14 @@ def _range_basis(matrices: torch.Tensor, rank: int, seeds: torch.Tensor, power_i
 
 
 def compute_bases(matrices: torch.Tensor, rank: int, side: Side, method: str, *, seeds: torch.Tensor | None = None,
-                  power_iters: int = 2, oversample: int = 8,
+                  power_iters: int = 2, oversample: int = 8, signs: str = "raw",
                   randn: Randn = philox_randn) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Batched :func:`compute_basis`: ``matrices`` is (B, m, n), ``seeds`` an int64 tensor of B
-    seeds (the ``randomized`` and ``random`` methods); factors come back with a leading B."""
+    seeds (the ``randomized`` and ``random*`` methods); factors come back with a leading B.
+    ``signs`` of the ``svd``/``randomized`` singular vectors: ``"raw"`` as the decomposition
+    returns them (torch.linalg.svd's, galore-torch's), ``"canonical"`` by :func:`canonical_signs`."""
+    if signs not in SIGN_CONVENTIONS:
+        raise ValueError(f"Invalid signs: {signs!r}; expected one of {SIGN_CONVENTIONS}")
     batch, m, n = matrices.shape
     work = matrices.to(compute_dtype(matrices.dtype))
     uses_left, uses_right = side in ("left", "full"), side in ("right", "full")
@@ -160,11 +208,12 @@ def compute_bases(matrices: torch.Tensor, rank: int, side: Side, method: str, *,
         raise ValueError(f"rank must be in [1, {min(m, n)}] for a {m}×{n} matrix, got {rank}")
     if method not in METHODS:
         raise ValueError(f"Invalid projector method: {method!r}; expected one of {METHODS}")
-    if method in ("randomized", "random") and (seeds is None or seeds.shape != (batch,)):
+    if method in ("randomized", *SEEDED_METHODS) and (seeds is None or seeds.shape != (batch,)):
         raise ValueError(f"the {method!r} projector needs one seed per matrix ({batch})")
     left = right = None
-    if method == "random":
-        pairs = [random_basis(int(seed), (m, n), rank, side, matrices.device, work.dtype, randn=randn)
+    if method in SEEDED_METHODS:
+        draw = random_basis if method == "random" else random_orthonormal_basis
+        pairs = [draw(int(seed), (m, n), rank, side, matrices.device, work.dtype, randn=randn)
                  for seed in seeds.tolist()]
         stack = lambda factors: torch.stack(factors) if factors[0] is not None else None  # noqa: E731
         return stack([p[0] for p in pairs]), stack([p[1] for p in pairs])
@@ -178,17 +227,22 @@ def compute_bases(matrices: torch.Tensor, rank: int, side: Side, method: str, *,
             left = _range_basis(work, rank, seeds, power_iters, oversample, randn)
         if uses_right:
             right = _range_basis(work.mT, rank, seeds, power_iters, oversample, randn).mT
-    return (left if uses_left else None, right if uses_right else None)
+    left, right = (left if uses_left else None, right if uses_right else None)
+    if signs == "canonical":
+        left = None if left is None else canonical_signs(left, dim=-2)
+        right = None if right is None else canonical_signs(right, dim=-1)
+    return left, right
 
 
 def compute_basis(matrix: torch.Tensor, rank: int, side: Side, method: str, *, seed: int = 0,
-                  power_iters: int = 2, oversample: int = 8) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                  power_iters: int = 2, oversample: int = 8,
+                  signs: str = "raw") -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Factors (left m×r or None, right r×n or None) that span the top-``rank`` subspace of
     ``matrix`` (m×n) on ``side``. ``rank`` must be ≤ min(m, n); ``identity`` ignores it and
     returns identity factors (a test device: the projection then changes nothing)."""
     seeds = torch.tensor([seed], dtype=torch.int64, device=matrix.device)
     left, right = compute_bases(matrix.unsqueeze(0), rank, side, method, seeds=seeds, power_iters=power_iters,
-                                oversample=oversample)
+                                oversample=oversample, signs=signs)
     return (None if left is None else left[0], None if right is None else right[0])
 
 

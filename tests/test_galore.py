@@ -209,21 +209,102 @@ def test_natural_galore_matches_an_independent_float64_implementation() -> None:
     assert int(optimizer.state[param]["nat_count"]) == len(grads)
 
 
-def test_natural_galore_with_huge_damping_is_galore() -> None:
-    """λ → ∞: g̃ → g/λ, and Adam with ε = 0 is scale-invariant, so the update is GaLore's."""
+def test_natural_galore_with_huge_damping_is_its_galore_mode() -> None:
+    """λ → ∞: g̃ → g/λ, and Adam with ε = 0 is scale-invariant, so the update is the official
+    proj_type="galore" one (the same subspace and signs, no natural step); until the first
+    re-projection that is GaLoreAdamW's (whose raw SVD signs only matter across a refresh)."""
     from memzoo.optim import NaturalGaLore
 
-    kwargs = dict(lr=0.02, eps=0.0, weight_decay=0.1, rank=3, update_proj_gap=2, projector="svd", proj_type="full")
+    kwargs = dict(lr=0.02, eps=0.0, weight_decay=0.1, rank=3, projector="svd")
     start = torch.randn(9, 7, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    natural, plain = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
-    natural_optimizer = NaturalGaLore([natural], damping=1e12, **kwargs)
-    plain_optimizer = GaLoreAdamW([plain], **kwargs)
-    for grad in _grads((9, 7), 5, seed=4):
-        natural.grad, plain.grad = grad.clone(), grad.clone()
+    natural, plain, galore = (torch.nn.Parameter(start.clone()) for _ in range(3))
+    natural_optimizer = NaturalGaLore([natural], damping=1e12, update_proj_gap=2, **kwargs)
+    plain_optimizer = NaturalGaLore([plain], proj_type="galore", update_proj_gap=2, **kwargs)
+    assert plain_optimizer.param_groups[0]["natural"] is False and "nat_history" not in plain_optimizer._state_spec(
+        plain, plain_optimizer.param_groups[0])
+    galore_optimizer = GaLoreAdamW([galore], proj_type="full", update_proj_gap=100, **kwargs)
+    for step, grad in enumerate(_grads((9, 7), 5, seed=4)):
+        natural.grad, plain.grad, galore.grad = grad.clone(), grad.clone(), grad.clone()
         natural_optimizer.step()
         plain_optimizer.step()
+        galore_optimizer.step()
+        if step < 2:
+            torch.testing.assert_close(plain.detach(), galore.detach(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(natural.detach(), plain.detach(), rtol=1e-8, atol=1e-10)
     assert not torch.equal(natural.detach(), start)
+
+
+def _tensorly_signed(factor: torch.Tensor) -> torch.Tensor:
+    """Each column with its largest-magnitude entry positive (the first on a tie): tensorly's
+    svd_flip, which the official Tucker factors go through."""
+    index = factor.abs().argmax(dim=0)
+    return factor * factor[index, torch.arange(factor.shape[1])].sign()
+
+
+def test_natural_galore_follows_the_official_algorithm_across_refreshes() -> None:
+    """The official SubSpaceAdamW with its example's groups (proj_type="natural_galore"),
+    written out in float64: on steps 0, 15, 30 (its iter, counted before the increment) the
+    Tucker factors of G, i.e. its top-r left and right singular vectors U, V, each signed as
+    tensorly signs them; R = UᵀGV; the last s projected gradients H (kept across refreshes);
+    g̃ = (λI + HᵀH)⁻¹·vec(R); HF Adam on g̃ (ε added to √v, bias correction in the step size);
+    W ← W − η_t·α·U·N·Vᵀ, then W ← W − lr·λ_w·W; unprojected parameters plain HF AdamW. Moments
+    and history cross each refresh, so a basis whose signs flip leaves this trajectory at the
+    second refresh (step 16)."""
+    from memzoo.optim import NaturalGaLore
+
+    rank, gap, history, damping, steps = 8, 15, 20, 1e-3, 40
+    lr, betas, eps, weight_decay, scale = 0.01, (0.9, 0.999), 1e-6, 0.01, 0.25
+    generator = torch.Generator().manual_seed(0)
+    target = torch.randn(24, 16, generator=generator, dtype=torch.float64)
+    noises = [0.5 * torch.randn(24, 16, generator=generator, dtype=torch.float64) for _ in range(steps)]
+    start, bias_start = torch.randn(24, 16, generator=generator, dtype=torch.float64), torch.zeros(16, dtype=torch.float64)
+    weight, bias = torch.nn.Parameter(start.clone()), torch.nn.Parameter(bias_start.clone())
+    groups = [{"params": [bias]},  # the official example's, unchanged
+              {"params": [weight], "rank": rank, "update_proj_gap": gap, "scale": scale,
+               "proj_type": "natural_galore", "natural_history": history}]
+    optimizer = NaturalGaLore(groups, lr=lr, weight_decay=weight_decay)
+
+    w, b = start.clone(), bias_start.clone()
+    m, v = torch.zeros(rank * rank, dtype=torch.float64), torch.zeros(rank * rank, dtype=torch.float64)
+    mb, vb = torch.zeros(16, dtype=torch.float64), torch.zeros(16, dtype=torch.float64)
+    past: list[torch.Tensor] = []
+    for t in range(1, steps + 1):
+        grad, bias_grad = w - target + noises[t - 1], b - target.mean(0)
+        weight.grad, bias.grad = grad.clone(), bias_grad.clone()
+        optimizer.step()
+
+        if (t - 1) % gap == 0:
+            u_full, _, vh_full = torch.linalg.svd(grad, full_matrices=False)
+            u, vt = _tensorly_signed(u_full[:, :rank]), _tensorly_signed(vh_full[:rank].T)
+        g = (u.T @ grad @ vt).reshape(-1)
+        past = (past + [g])[-history:]
+        h = torch.stack(past)
+        natural = torch.linalg.solve(damping * torch.eye(g.numel(), dtype=torch.float64) + h.T @ h, g)
+        step_size = lr * math.sqrt(1 - betas[1] ** t) / (1 - betas[0] ** t)
+        m = betas[0] * m + (1 - betas[0]) * natural
+        v = betas[1] * v + (1 - betas[1]) * natural**2
+        w = w - step_size * scale * (u @ (m / (v.sqrt() + eps)).reshape(rank, rank) @ vt.T)
+        w = w - lr * weight_decay * w
+        mb = betas[0] * mb + (1 - betas[0]) * bias_grad
+        vb = betas[1] * vb + (1 - betas[1]) * bias_grad**2
+        b = b - step_size * mb / (vb.sqrt() + eps)
+        b = b - lr * weight_decay * b
+        torch.testing.assert_close(weight.detach(), w, rtol=1e-7, atol=1e-9, msg=lambda text: f"step {t}: {text}")
+        torch.testing.assert_close(bias.detach(), b, rtol=1e-9, atol=1e-12)
+    assert (w - start).norm() > 0.1  # it moved
+
+
+def test_natural_galore_official_arguments() -> None:
+    from memzoo.optim import NaturalGaLore
+
+    weight = torch.nn.Parameter(torch.randn(6, 5))
+    optimizer = NaturalGaLore([weight], 1e-3, (0.9, 0.999), 1e-6, 0.0, 7, False, rank=2, proj_type="natural_galore")
+    group = optimizer.param_groups[0]
+    assert (group["natural_history"], group["proj_type"], group["natural"], group["projector"]) == (7, "full", True, "svd")
+    with pytest.raises(ValueError, match="amsgrad=True is not implemented"):
+        NaturalGaLore([weight], amsgrad=True)
+    with pytest.raises(ValueError, match="param group 0: proj_type 'online_galore' .* not implemented"):
+        NaturalGaLore([{"params": [weight], "rank": 2, "proj_type": "online_galore"}])
 
 
 def test_8bit_moments_follow_the_32bit_run_in_a_quarter_of_the_memory() -> None:
@@ -254,3 +335,16 @@ def test_coordinates_projector_selects_one_side_and_refuses_full_at_construction
     assert state["proj_indices"].shape == (3,) and "proj_right" not in state
     with pytest.raises(ValueError, match="coordinates projector selects rows or columns"):
         GaLoreAdamW([weight], rank=3, projector="coordinates", proj_type="full")
+
+
+def test_galore_torch_positional_call_runs_unchanged() -> None:
+    """galore_torch.GaLoreAdamW(params, lr, betas, eps, weight_decay, correct_bias,
+    no_deprecation_warning) with its group keys."""
+    weight = torch.nn.Parameter(torch.randn(6, 5))
+    groups = [{"params": [weight], "rank": 2, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}]
+    optimizer = GaLoreAdamW(groups, 1e-3, (0.9, 0.999), 1e-6, 0.0, True, True)
+    weight.grad = torch.randn(6, 5)
+    optimizer.step()
+    assert optimizer.state[weight]["exp_avg"].shape == (6, 2)
+    with pytest.raises(TypeError, match="no_deprecation_warning"):
+        GaLoreAdamW(groups, no_deprecation_warning="yes")

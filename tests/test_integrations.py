@@ -142,9 +142,13 @@ def test_hf_trainer_clips_and_layerwise_refuses_its_global_clip_clearly(tmp_path
         trainer.train()  # was: grad_norm 0.0 logged, nothing clipped
 
 
+def _lora_llama() -> torch.nn.Module:
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    return peft.get_peft_model(_tiny_llama(), config)
+
+
 def test_peft_lora_with_layerwise_natural_galore_under_the_hf_trainer(tmp_path) -> None:
-    model = peft.get_peft_model(_tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                                lora_dropout=0.0))
+    model = _lora_llama()
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     optimizer = _optimizer(model, "natural_galore", True, max_grad_norm=1.0)
@@ -155,7 +159,13 @@ def test_peft_lora_with_layerwise_natural_galore_under_the_hf_trainer(tmp_path) 
     assert losses[-1] < losses[0]
     named = dict(model.named_parameters())
     assert all(torch.equal(named[n], before) for n, before in frozen.items())
-    assert any(not torch.equal(named[n], before) for n, before in lora.items())
+    assert all(not torch.equal(named[n], before) for n, before in lora.items())
+
+    resumed_model = _lora_llama()
+    resumed = _hf_trainer(tmp_path / "resumed", resumed_model,
+                          _optimizer(resumed_model, "natural_galore", True, max_grad_norm=1.0), 6, warmup=1)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    assert _same_weights(model, resumed_model)
 
 
 # ---- accelerate ----------------------------------------------------------------------------------
@@ -217,9 +227,16 @@ class _LitLlama(lightning.LightningModule):
         self.make_optimizer = make_optimizer
         self.automatic_optimization = not manual
         self.losses: list[float] = []
+        self.clipped_norms: list[float] = []
+        self.lrs_read: list[list[float]] = []  # at each step, the lr every update reads
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        self.clipped_norms.append(float(torch.nn.utils.clip_grad_norm_(self.parameters(), float("inf"))))
 
     def training_step(self, batch, batch_idx):
         if self.automatic_optimization:
+            self.lrs_read.append(_inner_lrs(self.trainer.optimizers[0]))
             loss = self.model(**batch).loss
         else:  # zeroth-order: the optimizer runs the forward passes through the closure
             loss = self.optimizers().step(closure=lambda: self.model(**batch).loss)
@@ -229,15 +246,15 @@ class _LitLlama(lightning.LightningModule):
     def configure_optimizers(self):
         optimizer = self.make_optimizer(self.model)
         if self.automatic_optimization:
-            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 3))
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.85**step)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
         return optimizer
 
 
-def _lightning_fit(module, steps: int, ckpt_path=None) -> lightning.Trainer:
+def _lightning_fit(module, steps: int, ckpt_path=None, gradient_clip_val=None) -> lightning.Trainer:
     trainer = lightning.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False,
                                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                                deterministic=True)
+                                deterministic=True, gradient_clip_val=gradient_clip_val)
     trainer.fit(module, torch.utils.data.DataLoader(_Counting(), batch_size=BATCH), ckpt_path=ckpt_path)
     return trainer
 
@@ -248,14 +265,24 @@ def test_lightning_layerwise_lion_trains_follows_the_schedule_and_resumes_exactl
 
     module = _LitLlama(make)
     _lightning_fit(module, 3).save_checkpoint(str(tmp_path / "three.ckpt"))
-    trainer = _lightning_fit(module, 6, ckpt_path=str(tmp_path / "three.ckpt"))
+    _lightning_fit(module, 6, ckpt_path=str(tmp_path / "three.ckpt"))
     assert module.losses[-1] < module.losses[0] - 0.05
-    optimizer = trainer.optimizers[0]
-    assert _inner_lrs(optimizer) == pytest.approx([SMALL_LR["lion"]] * len(_inner_lrs(optimizer)))
+    for step, lrs in enumerate(module.lrs_read):  # across the resume too
+        assert lrs == pytest.approx([SMALL_LR["lion"] * 0.85**step] * len(lrs))
+    assert len(module.lrs_read) == 6
 
     uninterrupted = _LitLlama(make)
     _lightning_fit(uninterrupted, 6)
     assert _same_weights(module.model, uninterrupted.model)
+
+
+def test_lightning_gradient_clip_val_clips_or_refuses_in_layerwise_mode() -> None:
+    module = _LitLlama(lambda model: _optimizer(model, "apollo", False))
+    _lightning_fit(module, 2, gradient_clip_val=0.05)
+    assert module.clipped_norms == pytest.approx([0.05, 0.05], rel=1e-4)
+    assert module.losses[-1] < module.losses[0]
+    with pytest.raises(RuntimeError, match="global norm, [0-9.]+, exceeds max_norm"):
+        _lightning_fit(_LitLlama(lambda model: _optimizer(model, "lion", True)), 1, gradient_clip_val=1e-3)
 
 
 def test_lightning_zeroth_order_manual_optimization_trains_and_automatic_is_refused() -> None:

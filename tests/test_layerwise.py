@@ -177,10 +177,16 @@ def test_global_norm_clipping_sees_the_true_norm_and_refuses_to_clip_too_late() 
     for foreach in (False, True):  # what Trainer logs as grad_norm (was 0.0), and a clip with nothing to clip
         assert torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"), foreach=foreach) == true_norm
         assert torch.nn.utils.clip_grad_norm_(model.parameters(), 2 * float(true_norm), foreach=foreach) == true_norm
-        with pytest.raises(RuntimeError, match=r"already applied.*global norm, [0-9.]+, exceeds.*max_grad_norm=0"):
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5 * float(true_norm), foreach=foreach)  # was: 0.0
+    reference_norms = [torch.linalg.vector_norm(p.grad) for p in reference_model.parameters()]
+    assert [p.grad.data.norm(2) for p in model.parameters()] == reference_norms  # Lightning's grad_norm()
+    with pytest.raises(RuntimeError, match=r"already applied.*global norm, [0-9.]+, exceeds.*max_grad_norm=0"):
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5 * float(true_norm))  # was: 0.0, nothing clipped
+    assert all(p.grad is None for p in model.parameters())  # a refusal ends the iteration
+    layerwise.step()
+    torch.nn.functional.mse_loss(model(x), y).backward()
     with pytest.raises(RuntimeError, match="only answers for its norm"):
         model[0].weight.grad.sum()
+    model.cpu()  # e.g. a trainer's teardown after the error
     layerwise.step()
     scaler = torch.amp.GradScaler("cpu")
     scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
@@ -209,6 +215,8 @@ def test_added_param_group_trains_like_the_others() -> None:
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="appears twice"):
         layerwise.add_param_group({"params": [layerwise_model[first].weight]})
+    named = LayerwiseOptimizer(_model().named_parameters(), Lion)  # torch >= 2.6 accepts named parameters
+    assert len(named.param_groups) == len(list(_model().parameters()))
     frozen = torch.nn.Parameter(torch.ones(2), requires_grad=False)
     with pytest.raises(ValueError, match="does not require grad"):
         layerwise.add_param_group({"params": [frozen]})

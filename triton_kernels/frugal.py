@@ -127,7 +127,8 @@ def frugal_apply_(
         n_low = update.to(torch.float32)
         weight = writable_matrix(param, copies)
         # The same decision as the reference's, from the same R; unused (W as a stand-in) without a threshold.
-        kept = residual_kept(signed, inside, residual_threshold) if threshold else weight
+        kept = (residual_kept(signed, inside, factor if left is not None else None,
+                              factor if right is not None else None, residual_threshold) if threshold else weight)
         if right is not None:  # up(X) = X·P: A = N or R (m×r), B = P (r×n)
             fused.append((n_low, factor, inside, factor, weight, g, kept))
         else:  # up(X) = P·X: A = P (m×r), B = N or R (r×n)
