@@ -1,8 +1,8 @@
 """Shared machinery of every memzoo optimizer: backend dispatch, validation, state accounting.
 
-The one documented choice of implementation lives in :func:`resolve_backend`. It falls back to
-the reference silently only when the user asked for nothing (``backend="auto"``) and raises when
-an explicit request cannot be honoured, as torch.optim does for ``fused=True``.
+The one documented choice of implementation lives in :func:`resolve_backend`. It falls back from
+Triton to the fast PyTorch path silently only when the user asked for nothing (``backend="auto"``)
+and raises when an explicit request cannot be honoured, as torch.optim does for ``fused=True``.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ __all__ = [
     "MemzooOptimizer",
     "deferred_interrupts",
     "StateSpec",
+    "backend_name",
     "group_by_device",
     "is_dtensor",
     "local_tensor",
@@ -38,8 +39,8 @@ __all__ = [
     "state_digest",
 ]
 
-Backend = Literal["auto", "triton", "torch"]
-BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
+Backend = Literal["auto", "triton", "torch", "reference"]
+BACKENDS: tuple[str, ...] = ("auto", "triton", "torch", "reference")
 
 # Version of the layout written by MemzooOptimizer.state_dict under the "memzoo" key.
 STATE_FORMAT = 3
@@ -150,26 +151,33 @@ StateSpec = dict[str, tuple[torch.Size, torch.dtype]]
 
 
 def resolve_backend(requested: str, device: torch.device, family: str) -> ModuleType:
-    """Return the module (``memzoo.reference.<family>`` or ``memzoo.triton_kernels.<family>``)
-    whose functions compute ``family``'s math for tensors on ``device``.
+    """Return the module whose functions compute ``family``'s math for tensors on ``device``:
+    ``memzoo.reference.<family>``, ``memzoo.triton_kernels.torch_backend.<family>`` or
+    ``memzoo.triton_kernels.<family>`` (same function names and signatures in all three).
 
-    - ``"torch"``: always the reference.
-    - ``"auto"``: Triton for CUDA tensors when Triton imports and the family's kernels are
-      marked ``AUTO = True`` (validated on a GPU), otherwise the reference.
-    - ``"triton"``: Triton, or a ``ValueError`` saying why it cannot run here. CPU tensors run
-      only through Triton's interpreter, which must be enabled (``TRITON_INTERPRET=1``) before
-      the kernel module is first imported, because Triton fixes the mode when it decorates.
+    - ``"reference"``: the per-tensor reference, the truth the others are tested against (slow).
+    - ``"torch"``: the fast pure-PyTorch path (chunked multi-tensor passes, batched matrix
+      products); runs on every device.
+    - ``"auto"``: Triton for CUDA tensors when Triton imports and the family's kernels are marked
+      ``AUTO = True`` (validated on a GPU), otherwise ``"torch"``. Falls back silently: the user
+      asked for nothing in particular.
+    - ``"triton"``: Triton, or a ``ValueError`` saying why it cannot run here (an explicit request
+      is never silently replaced). CPU tensors run only through Triton's interpreter, which must
+      be enabled (``TRITON_INTERPRET=1``) before the kernel module is first imported, because
+      Triton fixes the mode when it decorates.
     """
     if requested not in BACKENDS:
         raise ValueError(f"Invalid backend: {requested!r}; expected one of {BACKENDS}")
-    if requested == "torch" or (requested == "auto" and device.type != "cuda"):
+    if requested == "reference":
         return importlib.import_module(f"memzoo.reference.{family}")
+    if requested == "torch":
+        return importlib.import_module(f"memzoo.triton_kernels.torch_backend.{family}")
     if requested == "auto":
-        if has_family(family) and triton_import_error() is None:
+        if device.type == "cuda" and has_family(family) and triton_import_error() is None:
             kernels = load_family(family)
             if getattr(kernels, "AUTO", False):
                 return kernels
-        return importlib.import_module(f"memzoo.reference.{family}")
+        return importlib.import_module(f"memzoo.triton_kernels.torch_backend.{family}")
     if not has_family(family):
         raise ValueError(f"backend='triton': {family} has no Triton kernels yet; use backend='torch' or 'auto'")
     error = triton_import_error()
@@ -193,6 +201,14 @@ def resolve_backend(requested: str, device: torch.device, family: str) -> Module
             f"{hint}, or use backend='torch'"
         )
     return kernels
+
+
+def backend_name(module: ModuleType) -> str:
+    """Which backend a module returned by :func:`resolve_backend` is: "reference", "torch" or
+    "triton" (what ``"auto"`` chose, for reports)."""
+    if module.__name__.startswith("memzoo.reference."):
+        return "reference"
+    return "torch" if module.__name__.startswith("memzoo.triton_kernels.torch_backend.") else "triton"
 
 
 def group_by_device(*tensor_lists: Sequence[torch.Tensor]) -> dict[torch.device, tuple[list[torch.Tensor], ...]]:
@@ -646,7 +662,7 @@ class MemzooOptimizer(torch.optim.Optimizer):
         return None
 
     def _kernels(self, device: torch.device) -> ModuleType:
-        """The reference or Triton module that computes this optimizer's math on ``device``."""
+        """The reference, torch or Triton module that computes this optimizer's math on ``device``."""
         return resolve_backend(self.backend, device, self.family)
 
     def _run_closure(self, closure: Callable[[], Any] | None) -> Any:

@@ -64,17 +64,24 @@ class COSMOS(MemzooOptimizer):
 
     Args:
         params: parameters or param groups (``lr``, ``betas``, ``eps``, ``weight_decay``,
-            ``rank``, ``lr_ratio``, ``gamma``, ``max_rows``, ``maximize``, ``ns_dtype`` per group).
+            ``rank``, ``lr_ratio``, ``gamma``, ``max_rows``, ``maximize``, ``ns_dtype``,
+            ``nesterov``, ``amsgrad`` per group).
         lr, betas, eps, weight_decay: as torch.optim.AdamW (defaults the official ones).
         lr_ratio: ρ, the eligible matrices' step relative to lr (official default 0.1).
         rank: r, the subspace dimension (official 64); None puts the group on AdamW. Clamped to n.
         gamma: γ, the weight of the Muon part (hard-coded 0.2 in the official code).
+        nesterov: the momentum mix Ĝ above (also taken as ``nestrov=``, the official spelling);
+            only True, the official default, is implemented: the official False branch ignores
+            the momentum (it steps along G/b1), so False raises.
+        amsgrad: accepted for the official signature; only False (the official default) is
+            implemented.
         max_rows: matrices with more rows go to the AdamW branch (official 10000).
         maximize: maximize the objective.
         ns_dtype: dtype of the Newton–Schulz products (bf16 as the official code).
-        backend: "auto", "triton" or "torch". The Triton backend runs the Newton–Schulz
+        backend: "auto", "triton", "torch" or "reference" (see
+            :func:`memzoo.optim.resolve_backend`). The Triton backend runs the Newton–Schulz
             iteration as batched GEMM kernels (symmetric X·Xᵀ, the combination in the epilogue);
-            "auto" keeps the reference until those kernels have been checked on a GPU.
+            "auto" keeps the "torch" path until those kernels have been checked on a GPU.
     """
 
     family = "cosmos"
@@ -90,15 +97,23 @@ class COSMOS(MemzooOptimizer):
         rank: int | None = 64,
         weight_decay: float = 0.0,
         gamma: float = 0.2,
+        nesterov: bool | None = None,
+        amsgrad: bool = False,
         *,
+        nestrov: bool | None = None,
         max_rows: int = 10000,
         maximize: bool = False,
         ns_dtype: torch.dtype = torch.bfloat16,
         backend: Backend = "auto",
         skip_nonfinite: bool = False,
     ) -> None:
+        # The official keyword is spelled "nestrov"; both spellings are taken, one value.
+        if nesterov is not None and nestrov is not None and nesterov != nestrov:
+            raise ValueError(f"nesterov={nesterov!r} and nestrov={nestrov!r} (the official spelling) disagree; give one")
+        nesterov = next((value for value in (nesterov, nestrov) if value is not None), True)
         defaults = dict(lr=lr, betas=betas, eps=eps, lr_ratio=lr_ratio, rank=rank, weight_decay=weight_decay,
-                        gamma=gamma, max_rows=max_rows, maximize=maximize, ns_dtype=ns_dtype)
+                        gamma=gamma, nesterov=nesterov, amsgrad=amsgrad, max_rows=max_rows, maximize=maximize,
+                        ns_dtype=ns_dtype)
         super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite)
 
     def _validate_group(self, group: Mapping[str, Any], group_index: int) -> None:
@@ -111,8 +126,19 @@ class COSMOS(MemzooOptimizer):
         if group["rank"] is not None:
             check_int("rank", group["rank"], low=0)
         check_int("max_rows", group["max_rows"], low=1)
-        if not isinstance(group["maximize"], bool):
-            raise TypeError(f"Invalid maximize: expected a bool, got {group['maximize']!r}")
+        for flag in ("maximize", "nesterov", "amsgrad"):
+            if not isinstance(group[flag], bool):
+                raise TypeError(f"Invalid {flag}: expected a bool, got {group[flag]!r}")
+        if not group["nesterov"]:
+            raise ValueError(
+                "nesterov=False is not implemented: the official code's non-Nesterov branch steps along G/b1 and "
+                "never reads the momentum it accumulates; use the official default nesterov=True"
+            )
+        if group["amsgrad"]:
+            raise ValueError(
+                "amsgrad=True is not implemented (officially it changes only the AdamW branch, for vectors, "
+                "embeddings and heads); use amsgrad=False, the official default"
+            )
         if group["ns_dtype"] not in _NS_DTYPES:
             raise ValueError(f"Invalid ns_dtype: {group['ns_dtype']!r}; expected one of {_NS_DTYPES}")
 

@@ -109,8 +109,9 @@ class GaLoreAdamW(MemzooOptimizer):
             1e-2: pass them) and whose bitsandbytes update adds ε after bias correction.
         seed: base seed of the projector streams (each weight gets seed + its index).
         maximize: maximize the objective.
-        backend: "auto" (the reference until GaLore's kernels are validated on a GPU), "triton"
-            or "torch".
+        backend: "auto" ("torch" until GaLore's kernels are validated on a GPU), "triton",
+            "torch" (the fast PyTorch path, every device) or "reference" (the per-tensor truth);
+            see :func:`memzoo.optim.resolve_backend`.
     """
 
     family = "galore"

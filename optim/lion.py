@@ -49,9 +49,10 @@ class Lion(MemzooOptimizer):
         momentum_dtype: dtype of ``exp_avg``: None (the parameter's dtype, as the official
             code), torch.float32 (recommended for bf16 parameters: small (1 − β2)·g increments
             are lost in a bf16 momentum), torch.bfloat16 (half the state) or torch.float16.
-        backend: "auto" (Triton for CUDA tensors when it imports, else the reference),
-            "triton" or "torch". The Triton step is one fused multi-tensor launch per
-            (device, dtypes) bucket of each param group.
+        backend: "auto" (Triton for CUDA tensors when it imports, else "torch"), "triton",
+            "torch" (chunked multi-tensor PyTorch, every device) or "reference" (the per-tensor
+            truth, slow); see :func:`memzoo.optim.resolve_backend`. The Triton step is one fused
+            multi-tensor launch per (device, dtypes) bucket of each param group.
     """
 
     family = "lion"

@@ -11,11 +11,13 @@ the update into the third pass over the parameters (see :mod:`memzoo.reference.z
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from memzoo.optim.base import Backend, MemzooOptimizer, StateSpec, check_int, check_number, deferred_interrupts
 from memzoo.reference.zeroth_order import CHUNK, MASK_BYTES_PER_CHUNK
@@ -53,6 +55,12 @@ def _chunks(numel: int) -> int:
     return -(-numel // CHUNK)
 
 
+def _trained(param: torch.Tensor) -> bool:
+    """False for a frozen parameter (an nn.Parameter with requires_grad=False): the official
+    trainers perturb and update ``[p for p in model.parameters() if p.requires_grad]`` only."""
+    return param.requires_grad or not isinstance(param, torch.nn.Parameter)
+
+
 def _scalar_loss(value: Any) -> torch.Tensor:
     """The closure's loss as a 0-d float64 tensor, or a clear error."""
     if isinstance(value, torch.Tensor):
@@ -86,7 +94,11 @@ class ZerothOrderOptimizer(MemzooOptimizer):
 
     Every element of every tensor in the param groups is perturbed (put what you train in the
     groups, e.g. biases and norms in a group with ``weight_decay=0`` as the official code
-    excludes them from decay). The estimate and the losses of the last step are kept in
+    excludes them from decay), except frozen parameters: an ``nn.Parameter`` with
+    ``requires_grad=False`` (e.g. the base weights of a LoRA model) is skipped — neither
+    perturbed nor updated, nor decayed — as the official trainers select the parameters with
+    ``requires_grad`` only; plain tensors are trained as given. Freezing or unfreezing between
+    steps takes effect at the next step; a step with every parameter frozen raises. The estimate and the losses of the last step are kept in
     ``last_projected_grads`` (q,) and ``last_losses`` (q, 2) (device tensors; ``.tolist()`` them
     for logging). ``step`` returns the mean of the 2q losses.
 
@@ -200,14 +212,14 @@ class ZerothOrderOptimizer(MemzooOptimizer):
     def _layout(self) -> list[_Bucket]:
         """Buckets of (group, device) with stream offsets over all groups in order (each tensor's
         offset a multiple of CHUNK) and per-device mask offsets; rebuilt when the groups change."""
-        key = tuple((id(p), p.numel(), p.device) for group in self.param_groups for p in group["params"])
+        key = tuple((id(p), p.numel(), p.device, _trained(p)) for group in self.param_groups for p in group["params"])
         if key == self._layout_key:
             return self._buckets
         buckets: dict[tuple[int, torch.device], _Bucket] = {}
         stream, mask_bytes = 0, {}
         for group_index, group in enumerate(self.param_groups):
             for param in group["params"]:
-                if param.numel() == 0:
+                if param.numel() == 0 or not _trained(param):
                     continue
                 bucket = buckets.setdefault((group_index, param.device),
                                             _Bucket(group_index, param.device, [], [], []))
@@ -314,6 +326,13 @@ class ZerothOrderOptimizer(MemzooOptimizer):
         self._check_changed_values()
         buckets = self._layout()
         if not buckets:
+            if any(not _trained(p) for group in self.param_groups for p in group["params"]):
+                raise ValueError(
+                    f"{type(self).__name__}: every parameter in the param groups is frozen (an nn.Parameter with "
+                    "requires_grad=False), so there is nothing to train; zeroth-order optimizers, as the official "
+                    "trainers, perturb and update only parameters with requires_grad=True (unfreeze what you "
+                    "train: param.requires_grad_(True))"
+                )
             return self._evaluate(closure)
         device = buckets[0].device
         self._sync_seed(device)
@@ -403,7 +422,7 @@ class MeZO(ZerothOrderOptimizer):
         n_samples: q, directions averaged per step (2q forward passes).
         seed: base seed of the directions (rank 0's is used by every rank).
         process_group: the group whose ranks average their estimates (default: the world).
-        backend: "auto", "triton" or "torch".
+        backend: "auto", "triton", "torch" or "reference" (see :func:`memzoo.optim.resolve_backend`).
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0, *,
@@ -485,6 +504,8 @@ class SparseMeZO(ZerothOrderOptimizer):
         self._step_thresholds: dict[int, tuple[torch.Tensor, float, bool]] = {}
         for group in self.param_groups:
             for param in group["params"]:
+                if not _trained(param):
+                    continue
                 state = self.state.get(param) or {}
                 if refresh or "threshold" not in state:
                     value = magnitude_threshold(param, group["sparsity"]) if self._masked(param) else math.inf
@@ -520,20 +541,59 @@ class SparseMeZO(ZerothOrderOptimizer):
         return super().state_bytes() + sum(buffer.numel() for buffer in self._mask_buffers.values())
 
 
+# The layer each collected scale tensor belongs to (weakly held: neither keeps the other alive),
+# so that QZO can check at every step that the model still reads the tensor it trains.
+_SCALE_LAYERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+@dataclass(frozen=True)
+class _ScaleLayer:
+    name: str
+    layer: weakref.ReferenceType
+
+
+def _unpack_cpu_inference_layout(name: str, layer: torch.nn.Module) -> None:
+    """Undo bitsandbytes' CPU inference re-pack of a ``Linear4bit`` (AVX512-BF16 CPUs, done at the
+    layer's first no-grad forward in eval mode): the packed weight back to the standard layout and
+    the scales back to one float32 per block in block order (0.50's own inverse leaves them as the
+    transposed bf16 copy). The model then computes with the same scales, rounded to bf16 once."""
+    try:
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    except ImportError as exc:  # pragma: no cover - present wherever the re-pack exists
+        raise ValueError(
+            f"layer {name!r} was re-packed by bitsandbytes for CPU inference (bf16 scales) and this bitsandbytes "
+            "cannot undo it; collect the scales before the model's first forward in eval mode"
+        ) from exc
+    weight = layer.weight
+    data, state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+    weight.data = data
+    if not state.nested and state.absmax.dim() == 2:
+        state.absmax = state.absmax.t().reshape(-1).to(torch.float32)
+    weight.quant_state = state
+
+
 def collect_quantization_scales(model: torch.nn.Module) -> list[torch.Tensor]:
     """The continuous quantization scales of a bitsandbytes 4-bit model (``Linear4bit``, NF4 or
     FP4): each layer's ``weight.quant_state.absmax`` (float32, one per block of weights), in
     module order — the tensors :class:`QZO` trains.
 
+    The layers are made to keep reading these tensors: on CPUs with AVX512-BF16, bitsandbytes
+    (0.50) re-packs a ``Linear4bit`` at its first no-grad forward in eval mode and replaces its
+    scales by a transposed bf16 copy — scales collected before would no longer be read, and bf16
+    is too coarse for ε = 1e-3 perturbations and 1e-7 updates anyway. So this turns that re-pack
+    off for the collected layers (``layer.support_avx512bf16_for_cpu = False``; set it back to
+    True after fine-tuning for the faster CPU kernel) and undoes one already done.
+
     Collect them after the model is on its final device (moving a 4-bit layer re-creates its
-    quantization state). Raises ValueError when the model has no 4-bit layers, or when its
-    scales are double-quantized (8-bit absmax), which cannot be perturbed meaningfully.
+    quantization state; :class:`QZO` raises if a layer stops reading its collected scales).
+    Raises ValueError when the model has no 4-bit layers, or when its scales are
+    double-quantized (8-bit absmax), which cannot be perturbed meaningfully.
     """
     try:
         import bitsandbytes as bnb
     except ImportError as exc:  # pragma: no cover - bitsandbytes is a dependency
         raise ImportError("QZO needs bitsandbytes (pip install bitsandbytes)") from exc
-    scales = []
+    layers = []
     for name, module in model.named_modules():
         if not isinstance(module, bnb.nn.Linear4bit):
             continue
@@ -541,19 +601,29 @@ def collect_quantization_scales(model: torch.nn.Module) -> list[torch.Tensor]:
         if state is None:
             raise ValueError(f"layer {name!r} is not quantized yet: move the model to its device "
                              "(which quantizes Linear4bit weights) before collecting the scales")
-        if state.nested or state.absmax.dtype == torch.uint8:
+        packed = getattr(state, "packing_format_for_cpu", False)
+        if (state.nested and not packed) or getattr(state, "original_nested", False) or state.absmax.dtype == torch.uint8:
             raise ValueError(
                 f"layer {name!r} has double-quantized scales (8-bit absmax): QZO perturbs float scales. "
                 "Load the model with BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_use_double_quant=False) "
                 "or build the layers with bnb.nn.Linear4bit(..., compress_statistics=False)"
             )
-        scales.append(state.absmax)
-    if not scales:
+        layers.append((name, module, packed))
+    if not layers:
         raise ValueError(
             "the model has no bitsandbytes 4-bit layers (bnb.nn.Linear4bit): quantize it first, e.g. "
             "from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True, "
             "bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=False))"
         )
+    scales = []
+    for name, module, packed in layers:  # every layer checked before any is changed
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+        if packed:
+            _unpack_cpu_inference_layout(name, module)
+        absmax = module.weight.quant_state.absmax
+        _SCALE_LAYERS[absmax] = _ScaleLayer(name, weakref.ref(module))
+        scales.append(absmax)
     return scales
 
 
@@ -565,26 +635,31 @@ class QZO(ZerothOrderOptimizer):
     ĝ ← clip(ĝ, −C, C) with C = ``clip_threshold`` (the official code's 100; None disables), and
     the update keeps scales positive, Δ ← max(Δ − η ĝ z, ``scale_min``) (the code's 1e-7).
 
-    ``params`` are the scales from :func:`collect_quantization_scales` (or groups of them).
-    Other trainable tensors (norms, biases, an unquantized head) may be added as a group with
+    ``params`` are the scales from :func:`collect_quantization_scales` (or groups of them); at
+    every step QZO checks that each layer still reads the scale tensor it trains, and raises
+    otherwise (the layer was moved or re-quantized after collection). Other tensors given as
+    scales (e.g. the scale buffers of another 4-bit format) are trained as given; an
+    ``nn.Parameter`` (a weight or bias: quantization scales are not parameters) or a tensor with
+    negative values is refused. Other trainable tensors (norms, biases, an unquantized head) go in a group with
     ``"scales": False``: they get plain MeZO (decay, no clamp), the official
     ``--train_unquantized`` option. Scale groups get no weight decay unless asked for.
 
-    Args: as :class:`MeZO`, plus ``clip_threshold`` and ``scale_min``. Defaults: lr 1e-7,
-    ε 1e-3 (the official OPT-6.7B example).
+    Args: as :class:`MeZO`, plus ``clip_threshold``, ``scale_min`` and ``scales`` (the default of
+    the group key: False trains every group as plain MeZO with DDC). Defaults: lr 1e-7, ε 1e-3
+    (the official OPT-6.7B example).
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-7, eps: float = 1e-3, weight_decay: float = 0.0, *,
-                 clip_threshold: float | None = 100.0, scale_min: float = 1e-7, n_samples: int = 1, seed: int = 0,
-                 process_group: Any = None, backend: Backend = "auto",
+                 clip_threshold: float | None = 100.0, scale_min: float = 1e-7, scales: bool = True,
+                 n_samples: int = 1, seed: int = 0, process_group: Any = None, backend: Backend = "auto",
                  skip_nonfinite: bool = False) -> None:
         if clip_threshold is not None:
             check_number("clip_threshold", clip_threshold)
         check_number("scale_min", scale_min)
         self.clip_threshold = clip_threshold
         self.scale_min = float(scale_min)
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, scales=True), eps=eps, n_samples=n_samples,
-                         seed=seed, process_group=process_group, backend=backend,
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, scales=scales), eps=eps,
+                         n_samples=n_samples, seed=seed, process_group=process_group, backend=backend,
                          skip_nonfinite=skip_nonfinite)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -602,6 +677,48 @@ class QZO(ZerothOrderOptimizer):
         super()._validate_group(group, group_index)
         if not isinstance(group["scales"], bool):
             raise TypeError(f"Invalid scales: expected a bool, got {group['scales']!r}")
+        if not group["scales"]:
+            return
+        for index, param in enumerate(group.get("params", ())):
+            problem = ("is an nn.Parameter (a weight or bias; quantization scales are not parameters)"
+                       if isinstance(param, torch.nn.Parameter)
+                       else "has negative values (quantization scales are positive)"
+                       if param.is_floating_point() and bool((param < 0).any()) else None)
+            if problem:
+                raise ValueError(
+                    f"param {index} (shape {tuple(param.shape)}, {param.dtype}) {problem}: QZO trains the "
+                    "4-bit quantization scales from memzoo.optim.collect_quantization_scales(model); train "
+                    "other tensors (biases, norms) by plain MeZO in a group with \"scales\": False"
+                )
+
+    def _check_scales_read(self, when: str) -> None:
+        """Raise unless every collected scale tensor is still the one its layer reads."""
+        for group in self.param_groups:
+            if not group["scales"]:
+                continue
+            for param in group["params"]:
+                owner = _SCALE_LAYERS.get(param)
+                if owner is None:
+                    continue
+                layer = owner.layer()
+                state = None if layer is None else getattr(layer.weight, "quant_state", None)
+                if state is not None and state.absmax is not param:
+                    raise RuntimeError(
+                        f"QZO: layer {owner.name!r} no longer reads the scale tensor this optimizer trains "
+                        f"({when}): bitsandbytes replaced weight.quant_state.absmax (the model was moved to another "
+                        "device, re-quantized, or re-packed for CPU inference after "
+                        "layer.support_avx512bf16_for_cpu was set back to True). Collect the scales again with "
+                        "collect_quantization_scales(model) once the model is on its final device, and build "
+                        "the optimizer from them"
+                    )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor:  # type: ignore[override]
+        """One QZO step (2q closure evaluations); raises if a layer stopped reading its scales."""
+        self._check_scales_read("before this step")
+        loss = super().step(closure)
+        self._check_scales_read("during this step; its perturbation may be left in the layer's new scales")
+        return loss
 
     def _clip_projected(self, projected: torch.Tensor) -> torch.Tensor:
         if self.clip_threshold is None:
@@ -610,4 +727,3 @@ class QZO(ZerothOrderOptimizer):
 
     def _clamp_min(self, group: Mapping[str, Any]) -> float | None:
         return self.scale_min if group["scales"] else None
-
