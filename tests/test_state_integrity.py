@@ -61,7 +61,7 @@ def test_a_failing_first_cosmos_basis_creates_no_state(monkeypatch) -> None:
     import memzoo.reference.cosmos as cosmos_reference
 
     params = make_params()
-    optimizer = COSMOS(params, **OPTIMIZERS["cosmos"].sample_kwargs, backend="torch")
+    optimizer = COSMOS(params, **OPTIMIZERS["cosmos"].sample_kwargs, backend="reference")
     set_grads(params, 0)
     monkeypatch.setattr(cosmos_reference, "cosmos_basis_init", _fail_on_call(cosmos_reference.cosmos_basis_init, 2))
     with pytest.raises(InjectedFailure):
@@ -298,10 +298,10 @@ def _interrupt_on_call(original, failing_calls, *, real_signal: bool):
     return wrapper
 
 
-def _zo(name, params):
+def _zo(name, params, backend):
     info = OPTIMIZERS[name]
     return info.cls([{"params": params[:2]}, {"params": params[2:], "lr": 2e-3}], **info.sample_kwargs,
-                    n_samples=2, backend="torch")
+                    n_samples=2, backend=backend)
 
 
 def _loss(params):
@@ -322,12 +322,17 @@ def _assert_restored(params, before, eps) -> None:
     assert exact >= 0.9 * total
 
 
-@pytest.mark.parametrize("name", ["mezo", "sparse_mezo"])
-def test_zeroth_order_steps_interrupted_anywhere_are_undone_or_completed(name, monkeypatch) -> None:
-    import memzoo.reference.zeroth_order as zo_reference
+@pytest.mark.parametrize("name, backend, module", [
+    ("mezo", "reference", "memzoo.reference.zeroth_order"),
+    ("sparse_mezo", "reference", "memzoo.reference.zeroth_order"),
+    ("mezo", "torch", "memzoo.triton_kernels.torch_backend.zeroth_order"),
+])
+def test_zeroth_order_steps_interrupted_anywhere_are_undone_or_completed(name, backend, module, monkeypatch) -> None:
+    import importlib
 
+    zo_reference = importlib.import_module(module)
     params = make_params()
-    optimizer = _zo(name, params)
+    optimizer = _zo(name, params, backend)
     optimizer.step(_loss(params))
     before_params, before = snapshot(optimizer, params)
     eps = optimizer.eps
@@ -355,7 +360,7 @@ def test_zeroth_order_steps_interrupted_anywhere_are_undone_or_completed(name, m
                 p.copy_(q)
     # A Ctrl-C while the update is written is held until the step is complete: fully after.
     twin_params = [p.detach().clone() for p in params]
-    twin = _zo(name, twin_params)
+    twin = _zo(name, twin_params, backend)
     twin.load_state_dict(optimizer.state_dict())
     twin.step(_loss(twin_params))
     monkeypatch.setattr(zo_reference, "zo_apply_", _interrupt_on_call(zo_reference.zo_apply_, {11}, real_signal=True))
@@ -379,9 +384,9 @@ def test_a_ctrl_c_while_a_first_order_step_writes_is_held_until_the_step_is_comp
     info = OPTIMIZERS[name]
     params, twin_params = make_params(), make_params()
     optimizer = info.cls([{"params": params[:2]}, {"params": params[2:], "lr": 0.05}], **info.sample_kwargs,
-                         backend="torch")
+                         backend="reference")
     twin = info.cls([{"params": twin_params[:2]}, {"params": twin_params[2:], "lr": 0.05}], **info.sample_kwargs,
-                    backend="torch")
+                    backend="reference")
     for seed in range(3):
         set_grads(params, seed)
         set_grads(twin_params, seed)
