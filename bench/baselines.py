@@ -72,6 +72,21 @@ def _lion_pytorch(named: Named, use_triton: bool) -> torch.optim.Optimizer:
     return lion.Lion([p for _, p in named], lr=1e-4, weight_decay=0.1, use_triton=use_triton)
 
 
+def _pytorch_optimizer(name: str, named: Named) -> torch.optim.Optimizer:
+    """pytorch-optimizer's Lion, SOAP or Muon with their documented defaults. Muon takes the
+    hidden matrices (attention, MLP); embeddings, head and vectors go to its AdamW groups."""
+    module = _require("pytorch_optimizer")
+    params = [p for _, p in named]
+    if name == "Lion":
+        return module.Lion(params, lr=1e-4, weight_decay=0.1)
+    if name == "SOAP":
+        return module.SOAP(params, lr=3e-3)
+    hidden = [p for n, p in named if p.dim() == 2 and "embed" not in n and "lm_head" not in n]
+    hidden_ids = {id(p) for p in hidden}
+    rest = [p for p in params if id(p) not in hidden_ids]
+    return module.Muon([{"params": hidden, "use_muon": True}, {"params": rest, "use_muon": False}], lr=0.02)
+
+
 def _bnb(name: str, named: Named, **kwargs: Any) -> torch.optim.Optimizer:
     optim = _require("bitsandbytes.optim")
     return getattr(optim, name)([p for _, p in named], **kwargs)
@@ -80,6 +95,9 @@ def _bnb(name: str, named: Named, **kwargs: Any) -> torch.optim.Optimizer:
 BASELINES: dict[str, Callable[[Named], torch.optim.Optimizer]] = {
     "lion_pytorch": lambda named: _lion_pytorch(named, use_triton=False),
     "lion_pytorch_triton": lambda named: _lion_pytorch(named, use_triton=True),
+    "pytorch_optimizer_lion": lambda named: _pytorch_optimizer("Lion", named),
+    "pytorch_optimizer_soap": lambda named: _pytorch_optimizer("SOAP", named),
+    "pytorch_optimizer_muon": lambda named: _pytorch_optimizer("Muon", named),
     "bnb_adamw8bit": lambda named: _bnb("AdamW8bit", named, lr=1e-3, weight_decay=0.01),
     "bnb_lion8bit": lambda named: _bnb("Lion8bit", named, lr=1e-4, weight_decay=0.1),
     # The official GaLore on the paper's groups (rank by width, scale 0.25, gap 200, std).

@@ -3,8 +3,9 @@
     memzoo-bench kernels [--preset P] [--dtype D] [--json PATH]
     memzoo-bench step --optimizer lion [--preset 350m] [--set KEY=VALUE] [--baseline NAME] [--json PATH]
     memzoo-bench step --optimizer mezo,sparse_mezo,qzo --baseline mezo_official
-    memzoo-bench train [--preset tiny|60m|130m] [--optimizer lion,galore_adamw,...] [--plot PNG] [--json PATH]
-    memzoo-bench zo [--preset tiny|60m|130m] [--optimizer mezo,sparse_mezo,qzo,adamw] [--plot PNG]
+    memzoo-bench train [--preset tiny|small|60m|130m] [--optimizer lion,galore_adamw,...] [--plot PNG] [--json PATH]
+    memzoo-bench zo [--preset tiny|small|60m|130m] [--optimizer mezo,sparse_mezo,qzo,adamw] [--plot PNG]
+        train and zo: [--seeds N] [--out DIR] (resumable: a rerun skips the runs kept in DIR)
     memzoo-bench memory [--preset tiny..1b] [--optimizer ...] [--json PATH]
 
 Every command prints a table and can write JSON. Defaults finish in about a minute on a CPU
@@ -30,9 +31,11 @@ import torch
 from memzoo.bench.baselines import BASELINES
 from memzoo.bench.memory import DEFAULT_MEMORY, run_memory
 from memzoo.bench.presets import DTYPES, PRESETS, make_named_parameters
-from memzoo.bench.timing import copy_bandwidth, median, optimizer_state_bytes, time_call
+from memzoo.bench.timing import Contender, copy_bandwidth, median, optimizer_state_bytes, time_call, time_interleaved
 from memzoo.bench.train import DEFAULT_TRAIN, DEFAULT_ZO, TRAIN_PRESETS, plot_report, run_train, run_zo
-from memzoo.bench.zeroth_order import OfficialMeZO, time_zeroth_order
+from memzoo.bench.zeroth_order import OfficialMeZO, prepare_zeroth_order
+from memzoo.optim.base import BACKENDS
+from memzoo.optim.factory import list_optimizers
 
 __all__ = ["main"]
 
@@ -123,35 +126,42 @@ def _make_adamw(named: list[tuple[str, torch.nn.Parameter]]) -> tuple[torch.opti
         return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, foreach=True), "foreach"
 
 
-def _time_optimizer(label: str,
-                    make: Callable[[list[tuple[str, torch.nn.Parameter]]], tuple[torch.optim.Optimizer, str]],
-                    args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def _prepare_optimizer(label: str,
+                       make: Callable[[list[tuple[str, torch.nn.Parameter]]], tuple[torch.optim.Optimizer, str]],
+                       args: argparse.Namespace, device: torch.device) -> Contender:
+    """A first-order contender on its own copy of the preset's parameters (same values and
+    gradients for every contender)."""
     named = make_named_parameters(args.preset, DTYPES[args.dtype], device)
     params = [p for _, p in named]
     optimizer, backend = make(named)
-    first, times = time_call(optimizer.step, device, warmup=args.warmup, iters=args.iters)
-    refresh_ms = _refresh_step_ms(optimizer, device)
-    if args.profile:
-        _print_profile(label, optimizer.step, device)
-        with _every_projector_refreshing(optimizer) as has_projectors:
-            if has_projectors:
-                _print_profile(f"{label}, refresh step", optimizer.step, device)
-    peak_extra_mib = None
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        optimizer.step()
-        torch.cuda.synchronize(device)
-        peak_extra_mib = (torch.cuda.max_memory_allocated(device) - before) / MIB
-    row = {"optimizer": label, "backend": backend, "dtype": args.dtype, "params": sum(p.numel() for p in params),
-           "first_ms": first * 1e3, "ms": median(times) * 1e3, "min_ms": min(times) * 1e3, "refresh_ms": refresh_ms,
-           "state_mib": optimizer_state_bytes(optimizer) / MIB, "peak_extra_mib": peak_extra_mib}
-    del optimizer, params, named
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return row
+
+    def finish(first: float, times: list[float]) -> dict[str, Any]:
+        nonlocal optimizer, params, named
+        refresh_ms = _refresh_step_ms(optimizer, device)
+        if args.profile:
+            _print_profile(label, optimizer.step, device)
+            with _every_projector_refreshing(optimizer) as has_projectors:
+                if has_projectors:
+                    _print_profile(f"{label}, refresh step", optimizer.step, device)
+        peak_extra_mib = None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            optimizer.step()
+            torch.cuda.synchronize(device)
+            peak_extra_mib = (torch.cuda.max_memory_allocated(device) - before) / MIB
+        row = {"optimizer": label, "backend": backend, "dtype": args.dtype, "params": sum(p.numel() for p in params),
+               "first_ms": first * 1e3, "ms": median(times) * 1e3, "min_ms": min(times) * 1e3,
+               "refresh_ms": refresh_ms, "state_mib": optimizer_state_bytes(optimizer) / MIB,
+               "peak_extra_mib": peak_extra_mib}
+        optimizer = params = named = None  # freed before the next row is finished
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return row
+
+    return Contender(label, optimizer.step, finish)
 
 
 def _print_profile(label: str, step: Callable[[], object], device: torch.device, rows: int = 15) -> None:
@@ -219,55 +229,89 @@ def _parse_settings(items: Sequence[str]) -> dict[str, Any]:
     return settings
 
 
+def _resolve_step_names(names: Sequence[str]) -> list[tuple[str, Any, dict[str, Any]]]:
+    """(label, registry record, fixed keywords) for each ``--optimizer`` name: every
+    :func:`~memzoo.optim.list_optimizers` name (``galore_adamw_8bit`` is GaLoreAdamW with
+    ``optim_bits=8``); ``adamw`` is the reference row every table has."""
+    from memzoo.optim.factory import factory_class_and_settings
+    from memzoo.optim.registry import OPTIMIZERS
+
+    resolved = []
+    for name in names:
+        key = name.lower()
+        if key == "adamw":
+            continue
+        if key in OPTIMIZERS:
+            resolved.append((key, OPTIMIZERS[key], {}))
+            continue
+        cls, fixed = factory_class_and_settings(key)
+        info = next(info for info in OPTIMIZERS.values() if info.cls is cls)
+        resolved.append((key, info, fixed))
+    return resolved
+
+
+def _preset_note(preset: str, device: torch.device) -> str | None:
+    """What the preset measures on this device, for a reader of the table."""
+    if device.type == "cpu" and preset == "tiny":
+        return ("preset tiny (0.2M parameters) times Python and dispatch overhead, not memory traffic; "
+                "--preset 60m (58M) is the CPU comparison in bench/RESULTS.md")
+    return None
+
+
 def run_step(args: argparse.Namespace) -> dict[str, Any]:
     from memzoo.bench.baselines import make_baseline
-    from memzoo.optim.base import resolve_backend
-    from memzoo.optim.registry import get_optimizer_info
+    from memzoo.optim.base import backend_name, resolve_backend
 
     device = torch.device(args.device)
-    infos = [get_optimizer_info(name) for name in args.optimizer]
     settings = _parse_settings(args.set or [])
-    rows = [_time_optimizer("adamw (torch)", _make_adamw, args, device)]
-    for info in infos:
-        label = info.name + "".join(f" {k}={v}" for k, v in settings.items())
+    contenders = [_prepare_optimizer("adamw (torch)", _make_adamw, args, device)]
+    for label, info, fixed in _resolve_step_names(args.optimizer):
+        label += "".join(f" {k}={v}" for k, v in settings.items())
         if info.zeroth_order:  # forward passes only: forward time and optimizer overhead apart
-            def make_zo(tensors, info=info):
-                optimizer = info.cls(tensors, **{**info.sample_kwargs, **settings}, backend=args.backend)
-                module = resolve_backend(args.backend, device, info.cls.family)
-                return optimizer, "triton" if module.__name__.startswith("memzoo.triton_kernels") else "torch"
+            def make_zo(tensors, info=info, fixed=fixed):
+                optimizer = info.cls(tensors, **{**info.sample_kwargs, **fixed, **settings}, backend=args.backend)
+                return optimizer, backend_name(resolve_backend(args.backend, device, info.cls.family))
 
-            rows.append(time_zeroth_order(label, make_zo, info.name == "qzo", args, device))
+            contenders.append(prepare_zeroth_order(label, make_zo, info.name == "qzo", args, device))
             continue
 
-        def make(named, info=info):
+        def make(named, info=info, fixed=fixed):
             if info.bench_groups is None:
-                optimizer = info.cls([p for _, p in named], **{**info.sample_kwargs, **settings}, backend=args.backend)
+                optimizer = info.cls([p for _, p in named], **{**info.sample_kwargs, **fixed, **settings},
+                                     backend=args.backend)
             else:  # the paper's setting on the preset (ranks, which matrices are projected)
                 hyper = {k: v for k, v in info.sample_kwargs.items() if k in ("lr", "weight_decay")}
-                optimizer = info.cls(info.bench_groups(named), **{**hyper, **settings}, backend=args.backend)
-            module = resolve_backend(args.backend, device, info.cls.family)
-            return optimizer, "triton" if module.__name__.startswith("memzoo.triton_kernels") else "torch"
+                optimizer = info.cls(info.bench_groups(named), **{**hyper, **fixed, **settings}, backend=args.backend)
+            return optimizer, backend_name(resolve_backend(args.backend, device, info.cls.family))
 
-        rows.append(_time_optimizer(label, make, args, device))
+        contenders.append(_prepare_optimizer(label, make, args, device))
+    missing = []
     for name in args.baseline or []:
         if name == "mezo_official":
-            rows.append(time_zeroth_order(name, lambda tensors: (OfficialMeZO(tensors), "baseline"), False,
-                                          args, device))
+            contenders.append(prepare_zeroth_order(name, lambda tensors: (OfficialMeZO(tensors), "baseline"), False,
+                                                   args, device))
             continue
         try:
-            rows.append(_time_optimizer(name, lambda named, name=name: (make_baseline(name, named), "baseline"),
-                                        args, device))
+            contenders.append(_prepare_optimizer(
+                name, lambda named, name=name: (make_baseline(name, named), "baseline"), args, device))
         except ValueError as exc:  # not installed: say so in the table, time the rest
-            rows.append({"optimizer": name, "backend": "baseline", "dtype": args.dtype, "ms": None,
-                         "state_mib": None, "note": str(exc)})
+            missing.append({"optimizer": name, "backend": "baseline", "dtype": args.dtype, "ms": None,
+                            "state_mib": None, "note": str(exc)})
+    rows = time_interleaved(contenders, device, warmup=args.warmup, iters=args.iters) + missing
     baseline = rows[0]
     for row in rows:
         if row["ms"] is not None:
             row["vs_adamw_time"] = row["ms"] / baseline["ms"]
         if row["state_mib"] is not None and baseline["state_mib"]:
             row["vs_adamw_state"] = row["state_mib"] / baseline["state_mib"]
-    return {"command": "step", "preset": args.preset, "preset_params": PRESETS[args.preset].numel(),
-            **_environment(device), "rows": rows}
+    report = {"command": "step", "preset": args.preset, "preset_params": PRESETS[args.preset].numel(),
+              "threads": torch.get_num_threads() if device.type == "cpu" else None,
+              "timing": f"interleaved rounds: {args.warmup} warm-up + {args.iters} timed; ms = median, min_ms = min",
+              **_environment(device), "rows": rows}
+    note = _preset_note(args.preset, device)
+    if note:
+        report["note"] = note
+    return report
 
 
 # ---- output -------------------------------------------------------------------------------
@@ -281,6 +325,9 @@ def _format(value: Any) -> str:
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """The rows as an aligned text table of ``columns``, leaving out the columns that no row has
+    a value for (zeroth-order columns in a first-order comparison, refresh times without projectors)."""
+    columns = [c for c in columns if any(row.get(c) is not None for row in rows)]
     cells = [list(columns)] + [[_format(row.get(c)) for c in columns] for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in cells]
@@ -294,16 +341,19 @@ COLUMNS = {
     # ms: median steady step; refresh_ms: a steady step in which every projector is recomputed.
     # Zeroth-order rows: forward_ms (one closure), overhead_ms (step − 2q·forward), pass_ms (one
     # perturbation pass over all trainable tensors), peak_over_inference_mib (CUDA).
-    "train": ["optimizer", "lr", "val_loss", "vs_adamw_loss", "tokens_per_s", "vs_adamw_speed", "peak_mib",
-              "state_mib", "vs_adamw_state"],
-    "zo": ["method", "lr", "initial_loss", "final_loss", "steps", "forward_passes", "steps_to_mezo_final",
+    # val_loss / final_loss: the mean over the seeds at the best lr (_std: their sample standard
+    # deviation); lr_edge: low/high when the best lr stayed at an edge of the (extended) sweep.
+    "train": ["optimizer", "lr", "lr_edge", "seeds", "val_loss", "val_loss_std", "vs_adamw_loss", "tokens_per_s",
+              "vs_adamw_speed", "peak_mib", "state_mib", "vs_adamw_state"],
+    "zo": ["method", "lr", "lr_edge", "seeds", "initial_loss", "final_loss", "final_loss_std", "steps",
+           "forward_passes", "steps_to_mezo_final",
            "fraction_of_mezo_steps", "seconds", "peak_mib", "peak_over_inference", "state_mib"],
     "plot": [],
     "memory": ["optimizer", "params_mib", "state_analytic_mib", "state_mib", "state_allocated_mib", "allocated_mib",
                "peak_step_mib", "vs_adamw_state", "vs_adamw_peak"],
-    "step": ["optimizer", "backend", "dtype", "first_ms", "ms", "refresh_ms", "state_mib", "peak_extra_mib",
-             "forward_ms", "overhead_ms", "pass_ms", "peak_over_inference_mib", "vs_adamw_time", "vs_adamw_state",
-             "note"],
+    "step": ["optimizer", "backend", "dtype", "first_ms", "min_ms", "ms", "refresh_ms", "state_mib",
+             "peak_extra_mib", "forward_ms", "overhead_ms", "pass_ms", "peak_over_inference_mib", "vs_adamw_time",
+             "vs_adamw_state", "note"],
 }
 
 
@@ -332,8 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     step = sub.add_parser("step", help="optimizer step time and state memory against torch AdamW")
     common(step)
-    step.add_argument("--optimizer", action="append", help="registered optimizer name (repeatable; default lion)")
-    step.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto")
+    step.add_argument("--optimizer", action="append",
+                      help="optimizer names (repeatable, comma-separated; default lion): " + ", ".join(list_optimizers()))
+    step.add_argument("--backend", choices=BACKENDS, default="auto")
     step.add_argument("--profile", action="store_true",
                       help="print torch.profiler's top kernels for one steady step of each optimizer")
     step.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -353,8 +404,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--lr", action="append", metavar="NAME=LR", help="an optimizer's (centre) learning rate")
         p.add_argument("--lr-factors", default="0.3,1,3",
                        help="the sweep: multiples of each optimizer's centre lr (the best final loss is reported)")
-        p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto")
+        p.add_argument("--backend", choices=BACKENDS, default="auto")
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seeds", type=int, default=None,
+                       help="runs at the best lr (seeds SEED, SEED+1, …; mean and spread reported; "
+                            "default: the preset's, 2 for small)")
+        p.add_argument("--max-lr-extensions", type=int, default=2,
+                       help="while the best lr is at an edge of the sweep, try one more beyond it, at most this often")
+        p.add_argument("--out", metavar="DIR",
+                       help="keep every finished run in DIR/runs (a rerun of the same command skips them: an "
+                            "interrupted sweep continues) and the table so far in DIR/report.json and DIR/table.md")
+        p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
         p.add_argument("--plot", metavar="PNG", help="loss curves to this PNG (needs matplotlib)")
         p.add_argument("--json", metavar="PATH", help="also write the results (with every curve) as JSON")
         p.set_defaults(default_optimizers=list(defaults))
@@ -383,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="parameter dtype")
     memory.add_argument("--batch", type=int, default=4)
     memory.add_argument("--seq-len", type=int, default=256)
-    memory.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto")
+    memory.add_argument("--backend", choices=BACKENDS, default="auto")
     memory.add_argument("--seed", type=int, default=0)
     memory.add_argument("--layerwise", action="store_true",
                         help="also measure each optimizer as a LayerwiseOptimizer (create_optimizer(..., layerwise=True))")
@@ -431,12 +491,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("train", "zo"):
             args.lr = _parse_lrs(args.lr)
             args.lr_factors = [float(f) for f in args.lr_factors.split(",") if f]
+            if not args.lr_factors or min(args.lr_factors) <= 0:
+                raise ValueError(f"--lr-factors takes positive numbers, got {args.lr_factors}")
+            if (args.seeds is not None and args.seeds < 1) or args.max_lr_extensions < 0 or \
+                    (args.threads is not None and args.threads < 1):
+                raise ValueError(f"--seeds and --threads must be >= 1 and --max-lr-extensions >= 0, got "
+                                 f"{args.seeds}, {args.threads} and {args.max_lr_extensions}")
         report = args.run(args)
     except (ValueError, TypeError) as exc:  # bad names, settings or combinations
         print(f"memzoo-bench: {exc}", file=sys.stderr)
         return 2
-    header = {k: v for k, v in report.items() if not isinstance(v, (list, dict))}
+    prose = ("timing", "note")  # sentences: a line each
+    header = {k: v for k, v in report.items() if not isinstance(v, (list, dict)) and k not in prose}
     print(" ".join(f"{k}={_format(v)}" for k, v in header.items()))
+    for key in prose:
+        if report.get(key):
+            print(f"{key}: {report[key]}")
     if report["rows"]:
         print(format_table(report["rows"], COLUMNS[report["command"]]))
     if getattr(args, "json", None):

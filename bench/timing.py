@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-__all__ = ["copy_bandwidth", "optimizer_state_bytes", "time_call"]
+__all__ = ["Contender", "copy_bandwidth", "optimizer_state_bytes", "time_call", "time_interleaved"]
 
 
 def _sync(device: torch.device) -> None:
@@ -39,6 +41,49 @@ def time_call(fn: Callable[[], object], device: torch.device, *, warmup: int, it
             fn()
             times.append(time.perf_counter() - begin)
     return first, times
+
+
+@dataclass
+class Contender:
+    """One row of an interleaved timing: ``step`` is timed; ``finish(first, times)`` measures
+    what is measured alone (refresh step, memory), builds the row and frees the contender."""
+
+    label: str
+    step: Callable[[], object]
+    finish: Callable[[float, list[float]], dict[str, Any]]
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / 1e3
+    begin = time.perf_counter()
+    fn()
+    return time.perf_counter() - begin
+
+
+def time_interleaved(contenders: Sequence[Contender], device: torch.device, *, warmup: int,
+                     iters: int) -> list[dict[str, Any]]:
+    """Each contender's first step, then ``warmup`` untimed rounds, then ``iters`` timed rounds,
+    every round stepping each contender once in turn: a load that comes and goes (other
+    processes on a shared CPU) lands on all of them alike instead of on whichever ran then."""
+    firsts = []
+    for contender in contenders:
+        _sync(device)
+        firsts.append(_timed(contender.step, device))
+    for _ in range(warmup):
+        for contender in contenders:
+            contender.step()
+    times: list[list[float]] = [[] for _ in contenders]
+    for _ in range(iters):
+        for contender, record in zip(contenders, times):
+            _sync(device)
+            record.append(_timed(contender.step, device))
+    return [contender.finish(first, record) for contender, first, record in zip(contenders, firsts, times)]
 
 
 def median(values: list[float]) -> float:

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from memzoo.bench.presets import DTYPES, make_named_parameters
-from memzoo.bench.timing import median, time_call
+from memzoo.bench.timing import Contender, median, time_call
 
-__all__ = ["OfficialMeZO", "time_zeroth_order"]
+__all__ = ["OfficialMeZO", "prepare_zeroth_order"]
 
 MIB = 2**20
 Named = list[tuple[str, torch.nn.Parameter]]
@@ -120,10 +120,11 @@ def _quantized_closure(layers: list[torch.nn.Module], dtype: torch.dtype,
     return closure
 
 
-def time_zeroth_order(label: str, make: Callable[[list[torch.Tensor]], tuple[Any, str]], quantized: bool,
-                      args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """One table row: ``make(tensors)`` returns (optimizer, backend) over the trainable tensors
-    (the preset's parameters, or the scales of its 4-bit layers when ``quantized``)."""
+def prepare_zeroth_order(label: str, make: Callable[[list[torch.Tensor]], tuple[Any, str]], quantized: bool,
+                         args: argparse.Namespace, device: torch.device) -> Contender:
+    """A contender whose ``make(tensors)`` returns (optimizer, backend) over the trainable tensors
+    (the preset's parameters, or the scales of its 4-bit layers when ``quantized``); its row
+    adds the forward and one-pass times, measured alone after the interleaved rounds."""
     dtype = DTYPES[args.dtype]
     named = make_named_parameters(args.preset, dtype, device)
     for _, param in named:
@@ -136,34 +137,38 @@ def time_zeroth_order(label: str, make: Callable[[list[torch.Tensor]], tuple[Any
         tensors = [param for _, param in named]
         closure = _probe_closure(tensors)
     optimizer, backend = make(tensors)
-    samples = getattr(optimizer, "n_samples", 1)
-    first, times = time_call(lambda: optimizer.step(closure), device, warmup=args.warmup, iters=args.iters)
-    _, forward_times = time_call(closure, device, warmup=1, iters=args.iters)
-    if isinstance(optimizer, OfficialMeZO):
-        one_pass = lambda: optimizer.perturb(-2)  # noqa: E731
-    else:
-        one_pass = lambda: optimizer._move(0, 1, -1)  # noqa: E731
-    _, pass_times = time_call(one_pass, device, warmup=1, iters=args.iters)
-    peak = None
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        closure()
-        torch.cuda.synchronize(device)
-        inference = torch.cuda.max_memory_allocated(device) - before
-        torch.cuda.reset_peak_memory_stats(device)
-        optimizer.step(closure)
-        torch.cuda.synchronize(device)
-        peak = (torch.cuda.max_memory_allocated(device) - before - inference) / MIB
-    step_ms, forward_ms = median(times) * 1e3, median(forward_times) * 1e3
-    state = optimizer.state_bytes() if hasattr(optimizer, "state_bytes") else 0
-    row = {"optimizer": label, "backend": backend, "dtype": args.dtype, "params": sum(t.numel() for t in tensors),
-           "first_ms": first * 1e3, "ms": step_ms, "min_ms": min(times) * 1e3, "forward_ms": forward_ms,
-           "overhead_ms": step_ms - 2 * samples * forward_ms, "pass_ms": median(pass_times) * 1e3,
-           "state_mib": state / MIB, "peak_over_inference_mib": peak}
-    optimizer = tensors = closure = one_pass = None  # freed before the next row is measured
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return row
+
+    def finish(first: float, times: list[float]) -> dict[str, Any]:
+        nonlocal optimizer, tensors, closure
+        samples = getattr(optimizer, "n_samples", 1)
+        _, forward_times = time_call(closure, device, warmup=1, iters=args.iters)
+        if isinstance(optimizer, OfficialMeZO):
+            one_pass = lambda: optimizer.perturb(-2)  # noqa: E731
+        else:
+            one_pass = lambda: optimizer._move(0, 1, -1)  # noqa: E731
+        _, pass_times = time_call(one_pass, device, warmup=1, iters=args.iters)
+        peak = None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            closure()
+            torch.cuda.synchronize(device)
+            inference = torch.cuda.max_memory_allocated(device) - before
+            torch.cuda.reset_peak_memory_stats(device)
+            optimizer.step(closure)
+            torch.cuda.synchronize(device)
+            peak = (torch.cuda.max_memory_allocated(device) - before - inference) / MIB
+        step_ms, forward_ms = median(times) * 1e3, median(forward_times) * 1e3
+        state = optimizer.state_bytes() if hasattr(optimizer, "state_bytes") else 0
+        row = {"optimizer": label, "backend": backend, "dtype": args.dtype,
+               "params": sum(t.numel() for t in tensors), "first_ms": first * 1e3, "ms": step_ms,
+               "min_ms": min(times) * 1e3, "forward_ms": forward_ms, "overhead_ms": step_ms - 2 * samples * forward_ms,
+               "pass_ms": median(pass_times) * 1e3, "state_mib": state / MIB, "peak_over_inference_mib": peak}
+        optimizer = tensors = closure = one_pass = None  # freed before the next row is finished
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return row
+
+    return Contender(label, lambda: optimizer.step(closure), finish)

@@ -63,6 +63,8 @@ class APOLLO(GaLoreAdamW):
     """
 
     family = "apollo"
+    _layout_keys = (*GaLoreAdamW._layout_keys, "disable_nl")
+    _rebuilt_units = (*GaLoreAdamW._rebuilt_units, ("limiter_norm",))
 
     def __init__(
         self,
@@ -94,11 +96,28 @@ class APOLLO(GaLoreAdamW):
                          backend=backend, **kwargs)
 
     @classmethod
-    def mini(cls, params: Iterable[Any], lr: float = 1e-3, *, rank: int = 1, scale: float = 128.0,
+    def mini(cls, params: Iterable[Any], lr: float = 1e-3, *, rank: int | None = None, scale: float = 128.0,
              scale_type: str = "tensor", **kwargs: Any) -> APOLLO:
-        """APOLLO-Mini: rank 1, one tensor-wise scaling factor, scale 128 (the paper's
-        settings). Every ≥2-D parameter in a group without its own ``rank`` is projected: put
-        embeddings and the head in a group with ``"rank": None`` to keep them on AdamW."""
+        """APOLLO-Mini: rank 1, one tensor-wise scaling factor, scale 128 (the paper's settings).
+
+        Param groups mean what they mean in apollo-torch: a group carrying ``rank`` is projected
+        (Mini's scale and scale_type unless the group sets them), a group without one — e.g.
+        embeddings, head, norms in apollo-torch's ``{"params": non_lowrank_params}`` — gets
+        AdamW. A plain iterable of tensors is one group that is projected at rank 1 (every ≥2-D
+        tensor). ``rank=`` projects the groups without a rank at that rank. Groups none of which
+        is projected raise: that would be AdamW, not APOLLO-Mini.
+        """
+        params = list(params)
+        grouped = any(isinstance(item, Mapping) for item in params)
+        if rank is None and not grouped:
+            rank = 1
+        if rank is None and not any(group.get("rank") is not None for group in params if isinstance(group, Mapping)):
+            raise ValueError(
+                "APOLLO.mini: no param group carries a 'rank', so nothing would be projected (as in apollo-torch, "
+                "groups without 'rank' get AdamW); add \"rank\": 1 to the groups to project, e.g. "
+                "[{\"params\": non_lowrank_params}, {\"params\": lowrank_params, \"rank\": 1}], or pass rank=1 "
+                "to project every group without one"
+            )
         return cls(params, lr, rank=rank, scale=scale, scale_type=scale_type, **kwargs)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ from memzoo.optim.base import (
     check_int,
     check_lr,
     check_number,
+    deferred_interrupts,
     group_by_device,
     local_tensor,
     resolve_backend,
@@ -64,22 +65,30 @@ class COSMOS(MemzooOptimizer):
 
     Args:
         params: parameters or param groups (``lr``, ``betas``, ``eps``, ``weight_decay``,
-            ``rank``, ``lr_ratio``, ``gamma``, ``max_rows``, ``maximize``, ``ns_dtype`` per group).
+            ``rank``, ``lr_ratio``, ``gamma``, ``max_rows``, ``maximize``, ``ns_dtype``,
+            ``nesterov``, ``amsgrad`` per group).
         lr, betas, eps, weight_decay: as torch.optim.AdamW (defaults the official ones).
         lr_ratio: ρ, the eligible matrices' step relative to lr (official default 0.1).
         rank: r, the subspace dimension (official 64); None puts the group on AdamW. Clamped to n.
         gamma: γ, the weight of the Muon part (hard-coded 0.2 in the official code).
+        nesterov: the momentum mix Ĝ above (also taken as ``nestrov=``, the official spelling);
+            only True, the official default, is implemented: the official False branch ignores
+            the momentum (it steps along G/b1), so False raises.
+        amsgrad: accepted for the official signature; only False (the official default) is
+            implemented.
         max_rows: matrices with more rows go to the AdamW branch (official 10000).
         maximize: maximize the objective.
         ns_dtype: dtype of the Newton–Schulz products (bf16 as the official code).
-        backend: "auto", "triton" or "torch". The Triton backend runs the Newton–Schulz
+        backend: "auto", "triton", "torch" or "reference" (see
+            :func:`memzoo.optim.resolve_backend`). The Triton backend runs the Newton–Schulz
             iteration as batched GEMM kernels (symmetric X·Xᵀ, the combination in the epilogue);
-            "auto" keeps the reference until those kernels have been checked on a GPU.
+            "auto" keeps the "torch" path until those kernels have been checked on a GPU.
         foreach, fused, capturable, differentiable: torch.optim's implementation flags, accepted only
             at their defaults (None, None, False, False); see README "torch.optim conventions".
     """
 
     family = "cosmos"
+    _layout_keys = ("rank", "max_rows")
 
     def __init__(
         self,
@@ -91,7 +100,10 @@ class COSMOS(MemzooOptimizer):
         rank: int | None = 64,
         weight_decay: float = 0.0,
         gamma: float = 0.2,
+        nesterov: bool | None = None,
+        amsgrad: bool = False,
         *,
+        nestrov: bool | None = None,
         max_rows: int = 10000,
         maximize: bool = False,
         ns_dtype: torch.dtype = torch.bfloat16,
@@ -102,8 +114,13 @@ class COSMOS(MemzooOptimizer):
         capturable: bool = False,
         differentiable: bool = False,
     ) -> None:
+        # The official keyword is spelled "nestrov"; both spellings are taken, one value.
+        if nesterov is not None and nestrov is not None and nesterov != nestrov:
+            raise ValueError(f"nesterov={nesterov!r} and nestrov={nestrov!r} (the official spelling) disagree; give one")
+        nesterov = next((value for value in (nesterov, nestrov) if value is not None), True)
         defaults = dict(lr=lr, betas=betas, eps=eps, lr_ratio=lr_ratio, rank=rank, weight_decay=weight_decay,
-                        gamma=gamma, max_rows=max_rows, maximize=maximize, ns_dtype=ns_dtype)
+                        gamma=gamma, nesterov=nesterov, amsgrad=amsgrad, max_rows=max_rows, maximize=maximize,
+                        ns_dtype=ns_dtype)
         super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite, foreach=foreach, fused=fused,
                          capturable=capturable, differentiable=differentiable)
 
@@ -117,8 +134,19 @@ class COSMOS(MemzooOptimizer):
         if group["rank"] is not None:
             check_int("rank", group["rank"], low=0)
         check_int("max_rows", group["max_rows"], low=1)
-        if not isinstance(group["maximize"], bool):
-            raise TypeError(f"Invalid maximize: expected a bool, got {group['maximize']!r}")
+        for flag in ("maximize", "nesterov", "amsgrad"):
+            if not isinstance(group[flag], bool):
+                raise TypeError(f"Invalid {flag}: expected a bool, got {group[flag]!r}")
+        if not group["nesterov"]:
+            raise ValueError(
+                "nesterov=False is not implemented: the official code's non-Nesterov branch steps along G/b1 and "
+                "never reads the momentum it accumulates; use the official default nesterov=True"
+            )
+        if group["amsgrad"]:
+            raise ValueError(
+                "amsgrad=True is not implemented (officially it changes only the AdamW branch, for vectors, "
+                "embeddings and heads); use amsgrad=False, the official default"
+            )
         if group["ns_dtype"] not in _NS_DTYPES:
             raise ValueError(f"Invalid ns_dtype: {group['ns_dtype']!r}; expected one of {_NS_DTYPES}")
 
@@ -147,12 +175,9 @@ class COSMOS(MemzooOptimizer):
         spec["subspace"] = (torch.Size((rank, rank)), self._factor_dtype(param))
         return spec
 
-    def _init_state(self, param: torch.Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
-        state = self.state[param]
-        if not state:
-            for name, (shape, dtype) in self._state_spec(param, group).items():
-                state[name] = (torch.zeros((), dtype=dtype) if name == "step" else zeros_state(param, shape, dtype))
-        return state
+    def _init_state(self, param: torch.Tensor, group: Mapping[str, Any], state: dict[str, Any]) -> None:
+        for name, (shape, dtype) in self._state_spec(param, group).items():
+            state[name] = (torch.zeros((), dtype=dtype) if name == "step" else zeros_state(param, shape, dtype))
 
     def _new_basis(self, param: torch.Tensor, state: dict[str, Any], beta2: float) -> tuple[torch.Tensor, torch.Tensor]:
         """This step's (basis U, subspace S) of an eligible weight, not yet stored. The subspace
@@ -200,18 +225,33 @@ class COSMOS(MemzooOptimizer):
         # writing state; phase 2 writes. An error in phase 1 (out of memory in eigh/QR) modifies
         # nothing.
         plans = []
-        for group in self._numeric_groups():
+        # States created or reconciled (after a group edit) in phase 1, installed in phase 2.
+        staged: list[tuple[torch.Tensor, dict[str, Any], Mapping[str, Any]]] = []
+        notes: list[str] = []
+        for group_index, group in enumerate(self._numeric_groups()):
             beta2 = group["betas"][1]
             adam_items, matrices = [], []
-            for param in group["params"]:
+            for param_index, param in enumerate(group["params"]):
                 if param.grad is None:
                     continue
-                state = self._init_state(param, group)
+                stored = self.state.get(param)
+                state = self._reconciled_state(param, group, stored, (group_index, param_index), notes)
+                if not state:
+                    self._init_state(param, group, state)
+                if state is not stored:
+                    staged.append((param, state, group))
                 if self._rank(param, group) is None:
                     adam_items.append((param, state))
                     continue
                 matrices.append((param, state, *self._new_basis(param, state, beta2)))
             plans.append((group, adam_items, matrices))
+        with deferred_interrupts():  # the writes: an interrupt lands before or after them, not between
+            self._install_states(staged, notes)
+            self._write(plans)
+        return loss
+
+    def _write(self, plans: list[tuple]) -> None:
+        """Phase 2: the writes of a planned step (state, then weights)."""
         for group, adam_items, matrices in plans:
             beta1, beta2 = group["betas"]
             adam: dict[tuple[torch.device, int], list[tuple[torch.Tensor, dict[str, Any]]]] = defaultdict(list)
@@ -249,4 +289,3 @@ class COSMOS(MemzooOptimizer):
                     beta1=beta1, beta2=beta2, eps=group["eps"] * root_bc2, lr=group["lr"],
                     weight_decay=group["weight_decay"], maximize=group["maximize"], decay_first=True,
                 )
-        return loss

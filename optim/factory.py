@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["FACTORY_NAMES", "create_optimizer", "list_optimizers", "target_parameters"]
+__all__ = ["FACTORY_NAMES", "create_optimizer", "factory_class_and_settings", "list_optimizers", "target_parameters"]
 
 # The module names an output head usually has; excluded from the default targets (as PEFT's and
 # Hugging Face's "all-linear" exclude the output layer).
@@ -22,7 +22,7 @@ _HEAD_NAMES = ("lm_head", "head", "output", "classifier", "score")
 @dataclass(frozen=True)
 class _Entry:
     summary: str
-    build: Callable[..., torch.optim.Optimizer]
+    build: _Builder
     # The group key that switches a group's projection on (None: not a low-rank method).
     switch: str | None = None
     # Its value for the target matrices when the caller gives none (the paper's setting).
@@ -85,19 +85,30 @@ def _decay_groups(named: list[tuple[str, torch.nn.Parameter]], no_decay: str | S
     return groups
 
 
-def _build(cls_path: str, **fixed: Any) -> Callable[..., torch.optim.Optimizer]:
-    """A builder of the class at ``cls_path`` (imported when called) with ``fixed`` keywords;
+@dataclass(frozen=True)
+class _Builder:
+    """Builds the class at ``cls_path`` (imported when called) with ``fixed`` keywords;
     ``layerwise=True`` wraps one instance per parameter in :class:`LayerwiseOptimizer`."""
-    def build(groups: list[dict[str, Any]], *, layerwise: bool = False, **kwargs: Any) -> torch.optim.Optimizer:
-        module_name, _, attr = cls_path.rpartition(".")
-        cls = getattr(importlib.import_module(module_name), attr)
+
+    cls_path: str
+    fixed: Mapping[str, Any]
+
+    def optimizer_class(self) -> type[torch.optim.Optimizer]:
+        module_name, _, attr = self.cls_path.rpartition(".")
+        return getattr(importlib.import_module(module_name), attr)
+
+    def __call__(self, groups: list[dict[str, Any]], *, layerwise: bool = False,
+                 **kwargs: Any) -> torch.optim.Optimizer:
+        cls = self.optimizer_class()
         if layerwise:
             from memzoo.optim.layerwise import LayerwiseOptimizer
 
-            return LayerwiseOptimizer(groups, cls, **{**fixed, **kwargs})
-        return cls(groups, **{**fixed, **kwargs})
+            return LayerwiseOptimizer(groups, cls, **{**self.fixed, **kwargs})
+        return cls(groups, **{**self.fixed, **kwargs})
 
-    return build
+
+def _build(cls_path: str, **fixed: Any) -> _Builder:
+    return _Builder(cls_path, fixed)
 
 
 FACTORY_NAMES: dict[str, _Entry] = {
@@ -130,6 +141,15 @@ FACTORY_NAMES: dict[str, _Entry] = {
 def list_optimizers() -> dict[str, str]:
     """Every name :func:`create_optimizer` takes, with a one-line description."""
     return {name: entry.summary for name, entry in FACTORY_NAMES.items()}
+
+
+def factory_class_and_settings(name: str) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    """The class that :func:`create_optimizer` builds for ``name`` and the keywords the name
+    fixes (``galore_adamw_8bit`` → GaLoreAdamW, ``optim_bits=8``); ValueError for unknown names."""
+    entry = FACTORY_NAMES.get(name.lower())
+    if entry is None:
+        raise ValueError(f"Unknown optimizer {name!r}; valid names: {', '.join(FACTORY_NAMES)}")
+    return entry.build.optimizer_class(), dict(entry.build.fixed)
 
 
 def create_optimizer(

@@ -159,13 +159,18 @@ def _stand_ins(args: Any) -> list[_AppliedGradient]:
     return found
 
 
+_ZEROS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
 def _applied_gradient(owner: LayerwiseOptimizer, param: torch.Tensor, norm: torch.Tensor,
                       found_inf: bool | None) -> torch.Tensor | None:
     # Sharded (DTensor) and other tensor-subclass parameters take no stand-in: their grad is freed.
     if type(param.detach()) is not torch.Tensor:
         return None
-    zero = torch.zeros((), dtype=param.dtype, device=param.device).expand(param.shape)
-    stand_in = torch.Tensor._make_subclass(_AppliedGradient, zero, False)
+    key = (param.dtype, param.device)
+    if key not in _ZEROS:  # one shared, never written zero per dtype and device
+        _ZEROS[key] = torch.zeros((), dtype=param.dtype, device=param.device)
+    stand_in = torch.Tensor._make_subclass(_AppliedGradient, _ZEROS[key].expand(param.shape), False)
     stand_in.applied_norm = norm
     stand_in.found_inf = found_inf
     stand_in.owner = owner

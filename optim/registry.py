@@ -398,7 +398,9 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
             name="qzo",
             cls=QZO,
             summary="QZO (Shang et al. 2025): zeroth-order fine-tuning of 4-bit models through their scales",
-            sample_kwargs={"lr": 1e-3, "eps": 1e-3},
+            # The shared tests step plain parameters: as QZO's non-scale groups (MeZO with DDC); the
+            # scales themselves are tested on bitsandbytes layers in tests/test_zeroth_order.py.
+            sample_kwargs={"lr": 1e-3, "eps": 1e-3, "scales": False},
             expected_state_bytes=_no_state_bytes,
             bad_inputs=_COMMON_BAD_INPUTS + (
                 BadInput("scales flag not a bool", {"scales": "yes"}, TypeError, "scales"),

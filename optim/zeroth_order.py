@@ -11,13 +11,16 @@ the update into the third pass over the parameters (see :mod:`memzoo.reference.z
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
-from memzoo.optim.base import Backend, MemzooOptimizer, StateSpec, check_int, check_lr, check_number
+from memzoo.optim.base import (Backend, MemzooOptimizer, StateSpec, check_int, check_lr, check_number,
+                               deferred_interrupts)
 from memzoo.reference.zeroth_order import CHUNK, MASK_BYTES_PER_CHUNK
 
 __all__ = ["QZO", "MeZO", "SparseMeZO", "ZerothOrderOptimizer", "collect_quantization_scales"]
@@ -53,6 +56,12 @@ def _chunks(numel: int) -> int:
     return -(-numel // CHUNK)
 
 
+def _trained(param: torch.Tensor) -> bool:
+    """False for a frozen parameter (an nn.Parameter with requires_grad=False): the official
+    trainers perturb and update ``[p for p in model.parameters() if p.requires_grad]`` only."""
+    return param.requires_grad or not isinstance(param, torch.nn.Parameter)
+
+
 def _scalar_loss(value: Any) -> torch.Tensor:
     """The closure's loss as a 0-d float64 tensor, or a clear error."""
     if isinstance(value, torch.Tensor):
@@ -86,7 +95,11 @@ class ZerothOrderOptimizer(MemzooOptimizer):
 
     Every element of every tensor in the param groups is perturbed (put what you train in the
     groups, e.g. biases and norms in a group with ``weight_decay=0`` as the official code
-    excludes them from decay). The estimate and the losses of the last step are kept in
+    excludes them from decay), except frozen parameters: an ``nn.Parameter`` with
+    ``requires_grad=False`` (e.g. the base weights of a LoRA model) is skipped — neither
+    perturbed nor updated, nor decayed — as the official trainers select the parameters with
+    ``requires_grad`` only; plain tensors are trained as given. Freezing or unfreezing between
+    steps takes effect at the next step; a step with every parameter frozen raises. The estimate and the losses of the last step are kept in
     ``last_projected_grads`` (q,) and ``last_losses`` (q, 2) (device tensors; ``.tolist()`` them
     for logging). ``step`` returns the mean of the 2q losses.
 
@@ -101,9 +114,34 @@ class ZerothOrderOptimizer(MemzooOptimizer):
     (as a NaN gradient does in torch.optim); with ``skip_nonfinite=True`` the step puts the
     parameters back to θ, applies no update, counts the skip in ``skipped_steps`` and moves on to
     the next directions. An exception from the closure also puts the parameters back first.
+
+    All-or-nothing (any BaseException: an error, KeyboardInterrupt, SystemExit). The step keeps
+    ``position``, the perturbation the parameters carry (0 or ±ε·z of the current sample), and
+    sets it inside the same :func:`~memzoo.optim.base.deferred_interrupts` block as the pass that
+    changes it, so a Ctrl-C lands between passes, never inside one or between a pass and its
+    bookkeeping. An exception while the parameters are perturbed (in the closure, between passes,
+    in the estimate) runs one recovering pass from ``position`` to θ and propagates; a pass that
+    fails after some groups moved moves them back first. The update pass, the thresholds
+    Sparse-MeZO prepared and the step count are written together as one block: a Ctrl-C there is
+    delivered once the step is complete. Only an error raised by a kernel in the middle of
+    writing the update (no interrupt can cause one) leaves the groups before it updated and puts
+    the others back. A chunked fast path does the same per pass: its chunks are one pass.
+
+    How exactly θ comes back. A recovering pass computes round(x − s·ε·z) from the stored
+    x = round(θ + s·ε·z): bitwise θ wherever that rounding kept θ's bits, which is every element
+    whose perturbed value stays in θ's binade or a finer one. Where it crossed into a coarser
+    binade (|θ + εz| > |θ| across a power of two, or |εz| ≫ |θ|), the stored value no longer
+    determines θ and the recovered value is the nearest one consistent with it: within one unit
+    in the last place of |θ| + |εz| per perturbation undone (two for θ → θ+εz → θ−εz → θ),
+    without bias. No memory is kept for those bits: an exact restore would have to store them for
+    every such element, and they are many (11 % of N(0, 0.02²) fp32 weights at ε = 1e-3, 8 % in
+    bf16): a sparse copy (index + value) of about 0.9 byte per fp32 element, a fifth of the
+    weights — against the method's promise of inference memory. The tests hold the restore to
+    this bound (and ≥ 90 % of the elements bitwise).
     """
 
     family = "zeroth_order"
+    _extra_state_dict_keys = ("zeroth_order",)
 
     def __init__(
         self,
@@ -159,7 +197,11 @@ class ZerothOrderOptimizer(MemzooOptimizer):
         return None
 
     def _before_step(self) -> None:
-        """Prepare per-step data from the unperturbed parameters (Sparse-MeZO's thresholds)."""
+        """Prepare per-step data from the unperturbed parameters (Sparse-MeZO's thresholds),
+        without writing state: :meth:`_commit_step` stores it with the update."""
+
+    def _commit_step(self) -> None:
+        """Store what :meth:`_before_step` prepared; runs with the update, as one write."""
 
     def _clip_projected(self, projected: torch.Tensor) -> torch.Tensor:
         return projected
@@ -171,14 +213,14 @@ class ZerothOrderOptimizer(MemzooOptimizer):
     def _layout(self) -> list[_Bucket]:
         """Buckets of (group, device) with stream offsets over all groups in order (each tensor's
         offset a multiple of CHUNK) and per-device mask offsets; rebuilt when the groups change."""
-        key = tuple((id(p), p.numel(), p.device) for group in self.param_groups for p in group["params"])
+        key = tuple((id(p), p.numel(), p.device, _trained(p)) for group in self.param_groups for p in group["params"])
         if key == self._layout_key:
             return self._buckets
         buckets: dict[tuple[int, torch.device], _Bucket] = {}
         stream, mask_bytes = 0, {}
         for group_index, group in enumerate(self.param_groups):
             for param in group["params"]:
-                if param.numel() == 0:
+                if param.numel() == 0 or not _trained(param):
                     continue
                 bucket = buckets.setdefault((group_index, param.device),
                                             _Bucket(group_index, param.device, [], [], []))
@@ -198,21 +240,42 @@ class ZerothOrderOptimizer(MemzooOptimizer):
     def _move(self, seed: int, from_sign: int, to_sign: int, *, first: bool = False,
               coefficients: list[torch.Tensor] | None = None, earlier_seeds: tuple[int, ...] = ()) -> None:
         """One pass over every bucket of the layout ``step`` computed (``_layout`` is called once
-        per step, not per pass: its key walks every parameter)."""
-        for bucket in self._buckets:
-            group = self.param_groups[bucket.group_index]
-            thresholds = self._thresholds(bucket)
-            masked = thresholds is not None
-            update = {}
-            if coefficients is not None:
-                update = dict(coefficients=coefficients[bucket.group_index].to(bucket.device),
-                              earlier_seeds=earlier_seeds, decay=1.0 - float(group["lr"]) * group["weight_decay"],
-                              clamp_min=self._clamp_min(group))
-            self._kernels(bucket.device).zo_apply_(
-                bucket.params, bucket.stream_offsets, seed=seed, eps=self.eps, from_sign=from_sign, to_sign=to_sign,
-                thresholds=thresholds, mask_bits=self._mask_buffer(bucket.device) if masked else None,
-                mask_offsets=bucket.mask_offsets if masked else None, write_mask=masked and first, **update,
-            )
+        per step, not per pass: its key walks every parameter), all-or-nothing: a SIGINT is held
+        until the pass ends, and an error raised while a perturbation pass (no update) is under
+        way moves the buckets already moved back before it propagates. An update cannot be undone:
+        an error raised by the update pass (the kernel writing a group's tensors) leaves the
+        groups before it updated and puts the others back at θ."""
+        moved = 0
+        with deferred_interrupts():
+            try:
+                for bucket in self._buckets:
+                    self._move_bucket(bucket, seed, from_sign, to_sign, first, coefficients, earlier_seeds)
+                    moved += 1
+            except BaseException:
+                if coefficients is None:
+                    for bucket in self._buckets[:moved]:
+                        self._move_bucket(bucket, seed, to_sign, from_sign, False, None, ())
+                else:
+                    for bucket in self._buckets[moved:]:
+                        self._move_bucket(bucket, seed, from_sign, 0, False, None, ())
+                raise
+
+    def _move_bucket(self, bucket: _Bucket, seed: int, from_sign: int, to_sign: int, first: bool,
+                     coefficients: list[torch.Tensor] | None, earlier_seeds: tuple[int, ...]) -> None:
+        """One pass over one bucket (one group's tensors on one device)."""
+        group = self.param_groups[bucket.group_index]
+        thresholds = self._thresholds(bucket)
+        masked = thresholds is not None
+        update = {}
+        if coefficients is not None:
+            update = dict(coefficients=coefficients[bucket.group_index].to(bucket.device),
+                          earlier_seeds=earlier_seeds, decay=1.0 - float(group["lr"]) * group["weight_decay"],
+                          clamp_min=self._clamp_min(group))
+        self._kernels(bucket.device).zo_apply_(
+            bucket.params, bucket.stream_offsets, seed=seed, eps=self.eps, from_sign=from_sign, to_sign=to_sign,
+            thresholds=thresholds, mask_bits=self._mask_buffer(bucket.device) if masked else None,
+            mask_offsets=bucket.mask_offsets if masked else None, write_mask=masked and first, **update,
+        )
 
     def _evaluate(self, closure: Callable[[], Any]) -> torch.Tensor:
         gradless = [p for group in self.param_groups for p in group["params"] if p.grad is None]
@@ -264,47 +327,65 @@ class ZerothOrderOptimizer(MemzooOptimizer):
         self._check_changed_values()
         buckets = self._layout()
         if not buckets:
+            if any(not _trained(p) for group in self.param_groups for p in group["params"]):
+                raise ValueError(
+                    f"{type(self).__name__}: every parameter in the param groups is frozen (an nn.Parameter with "
+                    "requires_grad=False), so there is nothing to train; zeroth-order optimizers, as the official "
+                    "trainers, perturb and update only parameters with requires_grad=True (unfreeze what you "
+                    "train: param.requires_grad_(True))"
+                )
             return self._evaluate(closure)
         device = buckets[0].device
         self._sync_seed(device)
         self._before_step()
         seeds = [sample_seed(self._base_seed, self._step_count, k) for k in range(self.n_samples)]
         losses = []
-        seed, sign = seeds[0], 0
+        # The perturbation the parameters carry: position · ε·z(seed). Each pass sets it as it
+        # ends, inside the pass's deferred_interrupts block, so the except clause always knows
+        # where the parameters are.
+        seed, position = seeds[0], 0
         try:
             for k, seed in enumerate(seeds):
-                self._move(seed, 0, 1, first=k == 0)
-                sign = 1
+                with deferred_interrupts():
+                    self._move(seed, 0, 1, first=k == 0)
+                    position = 1
                 plus = self._evaluate(closure)
-                self._move(seed, 1, -1)
-                sign = -1
+                with deferred_interrupts():
+                    self._move(seed, 1, -1)
+                    position = -1
                 minus = self._evaluate(closure)
                 losses.append(torch.stack([plus.to(device), minus.to(device)]))
                 if k < len(seeds) - 1:
-                    self._move(seed, -1, 0)
-                    sign = 0
+                    with deferred_interrupts():
+                        self._move(seed, -1, 0)
+                        position = 0
+            losses = torch.stack(losses)  # (q, 2)
+            projected = self._average_across_ranks((losses[:, 0] - losses[:, 1]) / (2.0 * self.eps))
+            skip = self.skip_nonfinite and not bool(torch.isfinite(projected).all())
+            if not skip:
+                projected = self._clip_projected(projected)
+                # The last sample's direction goes with the restoring pass's seed; the others follow it.
+                order = [len(seeds) - 1, *range(len(seeds) - 1)]
+                weights = projected[order] / len(seeds)
+                coefficients = [(float(group["lr"]) * weights).to(torch.float32) for group in self.param_groups]
+            with deferred_interrupts():  # the update and the step's bookkeeping, as one
+                if skip:
+                    # A NaN/Inf loss (on any rank: the average carries it to all): back to θ, no
+                    # update. The seed stream moves on, so the next step does not retry the same
+                    # direction.
+                    self._move(seeds[-1], -1, 0)
+                    self.skipped_steps += 1
+                else:
+                    position = 0  # the update pass puts back what it does not update if it fails
+                    self._move(seeds[-1], -1, 0, coefficients=coefficients, earlier_seeds=tuple(seeds[:-1]))
+                position = 0
+                self._commit_step()
+                self._step_count += 1
+                self.last_projected_grads, self.last_losses = projected, losses
         except BaseException:
-            if sign:
-                self._move(seed, sign, 0)  # back to θ, then let the error through
+            if position:
+                self._move(seed, position, 0)  # back to θ, then let the error through
             raise
-        losses = torch.stack(losses)  # (q, 2)
-        projected = self._average_across_ranks((losses[:, 0] - losses[:, 1]) / (2.0 * self.eps))
-        if self.skip_nonfinite and not bool(torch.isfinite(projected).all()):
-            # A NaN/Inf loss (on any rank: the average carries it to all): back to θ, no update.
-            # The seed stream moves on, so the next step does not retry the same direction.
-            self._move(seeds[-1], -1, 0)
-            self._step_count += 1
-            self.skipped_steps += 1
-            self.last_projected_grads, self.last_losses = projected, losses
-            return losses.mean()
-        projected = self._clip_projected(projected)
-        # The last sample's direction goes with the restoring pass's seed; the others follow it.
-        order = [len(seeds) - 1, *range(len(seeds) - 1)]
-        weights = projected[order] / len(seeds)
-        coefficients = [(float(group["lr"]) * weights).to(torch.float32) for group in self.param_groups]
-        self._move(seeds[-1], -1, 0, coefficients=coefficients, earlier_seeds=tuple(seeds[:-1]))
-        self._step_count += 1
-        self.last_projected_grads, self.last_losses = projected, losses
         return losses.mean()
 
     # -- memory and checkpoints -------------------------------------------------------------
@@ -342,7 +423,7 @@ class MeZO(ZerothOrderOptimizer):
         n_samples: q, directions averaged per step (2q forward passes).
         seed: base seed of the directions (rank 0's is used by every rank).
         process_group: the group whose ranks average their estimates (default: the world).
-        backend: "auto", "triton" or "torch".
+        backend: "auto", "triton", "torch" or "reference" (see :func:`memzoo.optim.resolve_backend`).
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0, *,
@@ -420,18 +501,30 @@ class SparseMeZO(ZerothOrderOptimizer):
     def _before_step(self) -> None:
         refresh = self._step_count == 0 or (self.threshold_interval is not None
                                             and self._step_count % self.threshold_interval == 0)
+        # id(param) → (param, this step's threshold, whether it is new): stored by _commit_step.
+        self._step_thresholds: dict[int, tuple[torch.Tensor, float, bool]] = {}
         for group in self.param_groups:
             for param in group["params"]:
-                state = self.state[param]
+                if not _trained(param):
+                    continue
+                state = self.state.get(param) or {}
                 if refresh or "threshold" not in state:
                     value = magnitude_threshold(param, group["sparsity"]) if self._masked(param) else math.inf
-                    state["threshold"] = torch.tensor(value, dtype=torch.float32, device=param.device)
-                    self._threshold_values[id(param)] = value
-                elif id(param) not in self._threshold_values:  # loaded from a state_dict
-                    self._threshold_values[id(param)] = float(state["threshold"].item())
+                    self._step_thresholds[id(param)] = (param, value, True)
+                else:
+                    value = self._threshold_values.get(id(param))
+                    if value is None:  # loaded from a state_dict
+                        value = float(state["threshold"].item())
+                    self._step_thresholds[id(param)] = (param, value, False)
+
+    def _commit_step(self) -> None:
+        for param, value, new in self._step_thresholds.values():
+            if new:
+                self.state[param]["threshold"] = torch.tensor(value, dtype=torch.float32, device=param.device)
+            self._threshold_values[id(param)] = value
 
     def _thresholds(self, bucket: _Bucket) -> list[float]:
-        return [self._threshold_values[id(param)] for param in bucket.params]
+        return [self._step_thresholds[id(param)][1] for param in bucket.params]
 
     def _mask_buffer(self, device: torch.device) -> torch.Tensor:
         size = self._mask_bytes[device]
@@ -449,20 +542,59 @@ class SparseMeZO(ZerothOrderOptimizer):
         return super().state_bytes() + sum(buffer.numel() for buffer in self._mask_buffers.values())
 
 
+# The layer each collected scale tensor belongs to (weakly held: neither keeps the other alive),
+# so that QZO can check at every step that the model still reads the tensor it trains.
+_SCALE_LAYERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+@dataclass(frozen=True)
+class _ScaleLayer:
+    name: str
+    layer: weakref.ReferenceType
+
+
+def _unpack_cpu_inference_layout(name: str, layer: torch.nn.Module) -> None:
+    """Undo bitsandbytes' CPU inference re-pack of a ``Linear4bit`` (AVX512-BF16 CPUs, done at the
+    layer's first no-grad forward in eval mode): the packed weight back to the standard layout and
+    the scales back to one float32 per block in block order (0.50's own inverse leaves them as the
+    transposed bf16 copy). The model then computes with the same scales, rounded to bf16 once."""
+    try:
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    except ImportError as exc:  # pragma: no cover - present wherever the re-pack exists
+        raise ValueError(
+            f"layer {name!r} was re-packed by bitsandbytes for CPU inference (bf16 scales) and this bitsandbytes "
+            "cannot undo it; collect the scales before the model's first forward in eval mode"
+        ) from exc
+    weight = layer.weight
+    data, state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+    weight.data = data
+    if not state.nested and state.absmax.dim() == 2:
+        state.absmax = state.absmax.t().reshape(-1).to(torch.float32)
+    weight.quant_state = state
+
+
 def collect_quantization_scales(model: torch.nn.Module) -> list[torch.Tensor]:
     """The continuous quantization scales of a bitsandbytes 4-bit model (``Linear4bit``, NF4 or
     FP4): each layer's ``weight.quant_state.absmax`` (float32, one per block of weights), in
     module order — the tensors :class:`QZO` trains.
 
+    The layers are made to keep reading these tensors: on CPUs with AVX512-BF16, bitsandbytes
+    (0.50) re-packs a ``Linear4bit`` at its first no-grad forward in eval mode and replaces its
+    scales by a transposed bf16 copy — scales collected before would no longer be read, and bf16
+    is too coarse for ε = 1e-3 perturbations and 1e-7 updates anyway. So this turns that re-pack
+    off for the collected layers (``layer.support_avx512bf16_for_cpu = False``; set it back to
+    True after fine-tuning for the faster CPU kernel) and undoes one already done.
+
     Collect them after the model is on its final device (moving a 4-bit layer re-creates its
-    quantization state). Raises ValueError when the model has no 4-bit layers, or when its
-    scales are double-quantized (8-bit absmax), which cannot be perturbed meaningfully.
+    quantization state; :class:`QZO` raises if a layer stops reading its collected scales).
+    Raises ValueError when the model has no 4-bit layers, or when its scales are
+    double-quantized (8-bit absmax), which cannot be perturbed meaningfully.
     """
     try:
         import bitsandbytes as bnb
     except ImportError as exc:  # pragma: no cover - bitsandbytes is a dependency
         raise ImportError("QZO needs bitsandbytes (pip install bitsandbytes)") from exc
-    scales = []
+    layers = []
     for name, module in model.named_modules():
         if not isinstance(module, bnb.nn.Linear4bit):
             continue
@@ -470,19 +602,29 @@ def collect_quantization_scales(model: torch.nn.Module) -> list[torch.Tensor]:
         if state is None:
             raise ValueError(f"layer {name!r} is not quantized yet: move the model to its device "
                              "(which quantizes Linear4bit weights) before collecting the scales")
-        if state.nested or state.absmax.dtype == torch.uint8:
+        packed = getattr(state, "packing_format_for_cpu", False)
+        if (state.nested and not packed) or getattr(state, "original_nested", False) or state.absmax.dtype == torch.uint8:
             raise ValueError(
                 f"layer {name!r} has double-quantized scales (8-bit absmax): QZO perturbs float scales. "
                 "Load the model with BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_use_double_quant=False) "
                 "or build the layers with bnb.nn.Linear4bit(..., compress_statistics=False)"
             )
-        scales.append(state.absmax)
-    if not scales:
+        layers.append((name, module, packed))
+    if not layers:
         raise ValueError(
             "the model has no bitsandbytes 4-bit layers (bnb.nn.Linear4bit): quantize it first, e.g. "
             "from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True, "
             "bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=False))"
         )
+    scales = []
+    for name, module, packed in layers:  # every layer checked before any is changed
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+        if packed:
+            _unpack_cpu_inference_layout(name, module)
+        absmax = module.weight.quant_state.absmax
+        _SCALE_LAYERS[absmax] = _ScaleLayer(name, weakref.ref(module))
+        scales.append(absmax)
     return scales
 
 
@@ -494,26 +636,31 @@ class QZO(ZerothOrderOptimizer):
     ĝ ← clip(ĝ, −C, C) with C = ``clip_threshold`` (the official code's 100; None disables), and
     the update keeps scales positive, Δ ← max(Δ − η ĝ z, ``scale_min``) (the code's 1e-7).
 
-    ``params`` are the scales from :func:`collect_quantization_scales` (or groups of them).
-    Other trainable tensors (norms, biases, an unquantized head) may be added as a group with
+    ``params`` are the scales from :func:`collect_quantization_scales` (or groups of them); at
+    every step QZO checks that each layer still reads the scale tensor it trains, and raises
+    otherwise (the layer was moved or re-quantized after collection). Other tensors given as
+    scales (e.g. the scale buffers of another 4-bit format) are trained as given; an
+    ``nn.Parameter`` (a weight or bias: quantization scales are not parameters) or a tensor with
+    negative values is refused. Other trainable tensors (norms, biases, an unquantized head) go in a group with
     ``"scales": False``: they get plain MeZO (decay, no clamp), the official
     ``--train_unquantized`` option. Scale groups get no weight decay unless asked for.
 
-    Args: as :class:`MeZO`, plus ``clip_threshold`` and ``scale_min``. Defaults: lr 1e-7,
-    ε 1e-3 (the official OPT-6.7B example).
+    Args: as :class:`MeZO`, plus ``clip_threshold``, ``scale_min`` and ``scales`` (the default of
+    the group key: False trains every group as plain MeZO with DDC). Defaults: lr 1e-7, ε 1e-3
+    (the official OPT-6.7B example).
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-7, eps: float = 1e-3, weight_decay: float = 0.0, *,
-                 clip_threshold: float | None = 100.0, scale_min: float = 1e-7, n_samples: int = 1, seed: int = 0,
-                 process_group: Any = None, backend: Backend = "auto",
+                 clip_threshold: float | None = 100.0, scale_min: float = 1e-7, scales: bool = True,
+                 n_samples: int = 1, seed: int = 0, process_group: Any = None, backend: Backend = "auto",
                  skip_nonfinite: bool = False) -> None:
         if clip_threshold is not None:
             check_number("clip_threshold", clip_threshold)
         check_number("scale_min", scale_min)
         self.clip_threshold = clip_threshold
         self.scale_min = float(scale_min)
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, scales=True), eps=eps, n_samples=n_samples,
-                         seed=seed, process_group=process_group, backend=backend,
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, scales=scales), eps=eps,
+                         n_samples=n_samples, seed=seed, process_group=process_group, backend=backend,
                          skip_nonfinite=skip_nonfinite)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -531,6 +678,48 @@ class QZO(ZerothOrderOptimizer):
         super()._validate_group(group, group_index)
         if not isinstance(group["scales"], bool):
             raise TypeError(f"Invalid scales: expected a bool, got {group['scales']!r}")
+        if not group["scales"]:
+            return
+        for index, param in enumerate(group.get("params", ())):
+            problem = ("is an nn.Parameter (a weight or bias; quantization scales are not parameters)"
+                       if isinstance(param, torch.nn.Parameter)
+                       else "has negative values (quantization scales are positive)"
+                       if param.is_floating_point() and bool((param < 0).any()) else None)
+            if problem:
+                raise ValueError(
+                    f"param {index} (shape {tuple(param.shape)}, {param.dtype}) {problem}: QZO trains the "
+                    "4-bit quantization scales from memzoo.optim.collect_quantization_scales(model); train "
+                    "other tensors (biases, norms) by plain MeZO in a group with \"scales\": False"
+                )
+
+    def _check_scales_read(self, when: str) -> None:
+        """Raise unless every collected scale tensor is still the one its layer reads."""
+        for group in self.param_groups:
+            if not group["scales"]:
+                continue
+            for param in group["params"]:
+                owner = _SCALE_LAYERS.get(param)
+                if owner is None:
+                    continue
+                layer = owner.layer()
+                state = None if layer is None else getattr(layer.weight, "quant_state", None)
+                if state is not None and state.absmax is not param:
+                    raise RuntimeError(
+                        f"QZO: layer {owner.name!r} no longer reads the scale tensor this optimizer trains "
+                        f"({when}): bitsandbytes replaced weight.quant_state.absmax (the model was moved to another "
+                        "device, re-quantized, or re-packed for CPU inference after "
+                        "layer.support_avx512bf16_for_cpu was set back to True). Collect the scales again with "
+                        "collect_quantization_scales(model) once the model is on its final device, and build "
+                        "the optimizer from them"
+                    )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor:  # type: ignore[override]
+        """One QZO step (2q closure evaluations); raises if a layer stopped reading its scales."""
+        self._check_scales_read("before this step")
+        loss = super().step(closure)
+        self._check_scales_read("during this step; its perturbation may be left in the layer's new scales")
+        return loss
 
     def _clip_projected(self, projected: torch.Tensor) -> torch.Tensor:
         if self.clip_threshold is None:
@@ -539,4 +728,3 @@ class QZO(ZerothOrderOptimizer):
 
     def _clamp_min(self, group: Mapping[str, Any]) -> float | None:
         return self.scale_min if group["scales"] else None
-

@@ -2,10 +2,31 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 import torch
 from hypothesis import strategies as st
 
+from memzoo.bench.baselines import import_official
+
 from memzoo.triton_kernels.registry import KernelPair, as_list, clone_case
+
+# How to get the official packages the trajectory tests compare against (pinned in that file).
+ORACLE_INSTALL = "pip install --no-deps -r tests/oracles.txt"
+# The start of the reason of every test skipped for a missing official package (the run's
+# summary counts them: tests/conftest.py).
+ORACLE_SKIP = "official package not installed:"
+
+
+def official_package(module: str) -> Any:
+    """The official optimizer package ``module`` (``galore_torch``, ``apollo_torch``), or a skip
+    that says how to install it."""
+    try:
+        return import_official(module)
+    except ValueError:
+        pytest.skip(f"{ORACLE_SKIP} {module} (for the comparison with the official code: {ORACLE_INSTALL})")
+
 
 # Relative tolerance per storage dtype: one unit in the last place (results are rounded once
 # from fp32 math, and an implementation may differ from another by one rounding).
@@ -52,19 +73,22 @@ def log_uniform(low: float, high: float):
     return st.floats(math.log(low), math.log(high)).map(math.exp)
 
 
-def check_pair(pair: KernelPair, shape_list, dtypes, hparams, layout, device, seed) -> None:
-    """Run the reference and the Triton kernel on copies of one case; compare the outputs under
-    dtype tolerances (widened where the math is discontinuous) and check inputs are untouched."""
+def check_pair(pair: KernelPair, shape_list, dtypes, hparams, layout, device, seed,
+               backend: str = "triton") -> None:
+    """Run the reference and ``backend``'s twin ("triton" or "torch") on copies of one case;
+    compare the outputs under dtype tolerances (widened where the math is discontinuous) and
+    check inputs are untouched."""
     generator = torch.Generator().manual_seed(seed)
     case = pair.make_case(shape_list, dtypes, device, generator, hparams, layout)
     expected, actual = clone_case(case), clone_case(case)
     extra = pair.extra_tolerance(case)
     pair.reference()(*expected.args, **expected.kwargs)
-    pair.triton()(*actual.args, **actual.kwargs)
+    pair.implementation(backend)(*actual.args, **actual.kwargs)
     for slot, output in enumerate(case.outputs):
         for index, (a, e) in enumerate(zip(as_list(actual.args[output]), as_list(expected.args[output]))):
             assert a.stride() == e.stride()
-            assert_close(a, e, extra[slot][index], what=f"{pair.name} output {output}[{index}] {dtypes} {layout}",
+            assert_close(a, e, extra[slot][index],
+                         what=f"{pair.name} ({backend}) output {output}[{index}] {dtypes} {layout}",
                          extra_rtol=pair.extra_rtol)
     # Inputs that are not outputs must be left exactly as they were.
     for position, (before, after) in enumerate(zip(case.args, actual.args)):

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
 import torch
+from support import official_package
 
-from memzoo.bench.baselines import import_official
 from memzoo.optim import APOLLO
 from memzoo.reference.apollo import apollo_apply_, apollo_scales_
 
 
 def _official_apollo():
-    """apollo-torch 1.0.3 (installed by .ci/run without its dependencies), or a skip."""
-    try:
-        return import_official("apollo_torch")
-    except ValueError as exc:
-        pytest.skip(str(exc))
+    """apollo-torch 1.0.3 (tests/oracles.txt), or a skip."""
+    return official_package("apollo_torch")
 
 
 def _grads(shape, steps, seed, dtype=torch.float64):
@@ -181,7 +179,7 @@ def test_random_projection_is_regenerated_and_reseeded_every_gap() -> None:
 def test_mini_defaults_and_its_state_is_two_vectors_per_matrix() -> None:
     weights = [torch.nn.Parameter(torch.randn(64, 16)), torch.nn.Parameter(torch.randn(16, 48))]
     bias = torch.nn.Parameter(torch.randn(64))
-    optimizer = APOLLO.mini([{"params": weights}, {"params": [bias], "rank": None}])
+    optimizer = APOLLO.mini([{"params": weights, "rank": 1}, {"params": [bias]}])
     group = optimizer.param_groups[0]
     assert (group["rank"], group["scale_type"], group["scale"], group["projector"]) == (1, "tensor", 128.0, "random")
     for weight in weights:
@@ -206,3 +204,67 @@ def test_official_group_keys_and_clear_errors() -> None:
     with pytest.raises(ValueError, match="projects one side"):
         APOLLO([weight], rank=2, proj_type="full")
     assert torch.equal(weight, before)
+
+
+def _readme_mini_groups(lowrank, regular, proj="random", update_proj_gap=200):
+    """The param groups of apollo-torch's README (APOLLO-Mini), unchanged but for proj and gap."""
+    return [{"params": regular},
+            {"params": lowrank, "rank": 1, "proj": proj, "scale_type": "tensor", "scale": 128,
+             "update_proj_gap": update_proj_gap, "proj_type": "std"}]
+
+
+@pytest.mark.parametrize("build", ["APOLLO", "APOLLO.mini"])
+def test_mini_with_apollo_torch_groups_follows_the_official_trajectory(build) -> None:
+    """apollo-torch's README groups, given to APOLLO or APOLLO.mini, mean what they mean there:
+    the group without a rank (embedding, norm) is AdamW, not projected at rank 1. With
+    proj="svd" (deterministic) every parameter follows the official trajectory across
+    projection refreshes (gap 3: steps 1, 4, 7)."""
+    official = _official_apollo()
+    generator = torch.Generator().manual_seed(5)
+    starts = [torch.randn(shape, generator=generator) for shape in ((12, 8), (20, 6), (6,))]
+    ours = APOLLO.mini if build == "APOLLO.mini" else APOLLO
+    runs = []
+    for make in (lambda groups: official.APOLLOAdamW(groups, lr=0.01, weight_decay=0.01),
+                 lambda groups: ours(groups, lr=0.01, weight_decay=0.01, backend="torch")):
+        params = [torch.nn.Parameter(start.clone()) for start in starts]  # weight; embedding, norm
+        optimizer = make(_readme_mini_groups([params[0]], params[1:], proj="svd", update_proj_gap=3))
+        trajectory = []
+        for grads in zip(*(_grads(p.shape, 8, seed=10 + i, dtype=torch.float32) for i, p in enumerate(params))):
+            for param, grad in zip(params, grads):
+                param.grad = grad.clone()
+            optimizer.step()
+            trajectory.append([p.detach().clone() for p in params])
+        runs.append(trajectory)
+    for theirs, ours in zip(*runs):
+        for their_param, our_param in zip(theirs, ours):
+            torch.testing.assert_close(our_param, their_param, rtol=1e-5, atol=1e-6)
+
+
+def test_official_readme_configurations_build_unchanged() -> None:
+    """The README's code (groups, keyword arguments) builds our optimizer, and every keyword
+    argument both share has the official default."""
+    official = _official_apollo()
+    lowrank = [torch.nn.Parameter(torch.randn(16, 8))]
+    regular = [torch.nn.Parameter(torch.randn(8))]
+    for optimizer in (APOLLO(_readme_mini_groups(lowrank, regular), lr=0.01),
+                      APOLLO.mini(_readme_mini_groups(lowrank, regular), lr=0.01)):
+        regular_group, projected = optimizer.param_groups
+        assert regular_group["rank"] is None and projected["rank"] == 1
+        assert (projected["projector"], projected["scale_type"], projected["scale"]) == ("random", "tensor", 128)
+        for param in lowrank + regular:
+            param.grad = torch.randn_like(param)
+        optimizer.step()
+    theirs = inspect.signature(official.APOLLOAdamW.__init__).parameters
+    ours = inspect.signature(APOLLO.__init__).parameters
+    shared = [name for name in theirs if name in ours and theirs[name].default is not inspect.Parameter.empty]
+    assert len(shared) >= 7, shared
+    for name in shared:
+        assert ours[name].default == theirs[name].default, name
+
+
+def test_mini_refuses_groups_that_project_nothing() -> None:
+    weight, bias = torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(6))
+    with pytest.raises(ValueError, match="no param group carries a 'rank'.*\"rank\": 1"):
+        APOLLO.mini([{"params": [weight]}, {"params": [bias], "rank": None}])
+    assert APOLLO.mini([weight, bias]).param_groups[0]["rank"] == 1  # a plain list: one projected group
+    assert APOLLO.mini([{"params": [weight]}], rank=2).param_groups[0]["rank"] == 2

@@ -38,6 +38,39 @@ def test_step_reports_lion_against_adamw(tmp_path, capsys) -> None:
     assert "lion" in capsys.readouterr().out
 
 
+def test_step_interleaves_says_what_it_measures_and_shows_only_applicable_columns(capsys) -> None:
+    """Every list_optimizers() name is accepted (galore_adamw_8bit was refused); the contenders are
+    timed round by round; the table has no zeroth-order or refresh columns for Lion alone."""
+    assert main(["step", "--device", "cpu", "--preset", "tiny", "--warmup", "0", "--iters", "2",
+                 "--optimizer", "lion,galore_adamw_8bit"]) == 0
+    out = capsys.readouterr().out
+    assert "timing: interleaved rounds" in out and "note: preset tiny" in out
+    assert "galore_adamw_8bit" in out and "min_ms" in out
+    capsys.readouterr()
+    assert main(["step", "--device", "cpu", "--preset", "tiny", "--warmup", "0", "--iters", "1"]) == 0
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("optimizer"))
+    assert "forward_ms" not in header and "refresh_ms" not in header and "ms" in header.split()
+
+
+def test_step_help_lists_every_optimizer_name(capsys) -> None:
+    from memzoo.optim import list_optimizers
+
+    with pytest.raises(SystemExit):
+        main(["step", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(name in text for name in list_optimizers())
+
+
+def test_time_interleaved_alternates_the_contenders() -> None:
+    from memzoo.bench.timing import Contender, time_interleaved
+
+    calls = []
+    contenders = [Contender(name, lambda name=name: calls.append(name), lambda first, times: {"n": len(times)})
+                  for name in "ab"]
+    rows = time_interleaved(contenders, torch.device("cpu"), warmup=1, iters=2)
+    assert calls == ["a", "b"] * 4 and rows == [{"n": 2}, {"n": 2}]
+
+
 def test_step_runs_galore_with_paper_groups(tmp_path) -> None:
     path = tmp_path / "step.json"
     assert main(["step", "--device", "cpu", "--preset", "60m", "--warmup", "0", "--iters", "1",

@@ -207,3 +207,90 @@ def test_optimizer_step_is_the_reference_step_per_weight() -> None:
         optimizer.step()
     for param, twin in zip(params, twins):
         assert torch.equal(param.detach(), twin)
+
+
+def _official_newton_schulz5(matrix: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """The official zeropower_via_newtonschulz5, written out (in the input's dtype, not bf16)."""
+    x = matrix / (matrix.norm() + eps)
+    tall = matrix.shape[0] > matrix.shape[1]
+    if tall:
+        x = x.T
+    for _ in range(steps):
+        a = x @ x.T
+        b = a @ x
+        x = 3.4445 * x - 4.7750 * b + 2.0315 * a @ b
+    return x.T if tall else x
+
+
+def _official_cosmos_run(start, grads, *, lr, betas, eps, lr_ratio, rank, weight_decay, gamma=0.2):
+    """COSMOS_optim.py (lliu606/COSMOS at 61de180, nestrov=True) on one eligible m×n weight,
+    written out step by step: the trajectory of the weight."""
+    beta1, beta2 = betas
+    weight = start.clone()
+    m, n = weight.shape
+    momentum, second = torch.zeros_like(weight), torch.zeros(m, rank, dtype=weight.dtype)
+    trajectory = []
+    for step, grad in enumerate(grads, start=1):
+        momentum = beta1 * momentum + grad
+        b1 = (1 - beta1**step) / (1 - beta1)
+        b2 = 1 - beta2**step
+        if step == 1:
+            basis = torch.linalg.svd(grad.T @ grad)[0][:, :rank]
+            subspace = (1 - beta2) * (grad @ basis).T @ (grad @ basis)
+        else:
+            previous = basis
+            basis = torch.linalg.qr(beta2 * basis @ subspace + (1 - beta2) * grad.T @ (grad @ basis)).Q
+            turn = previous.T @ basis
+            subspace = beta2 * turn.T @ subspace @ turn + (1 - beta2) * (grad @ basis).T @ (grad @ basis)
+        low_rank = grad @ basis
+        second = beta2 * second + (1 - beta2) * low_rank * low_rank
+        mixed = (grad + beta1 * momentum) / (1 + beta1 * b1)
+        projected = mixed @ basis
+        soap = (projected / (second.sqrt() / math.sqrt(b2) + eps)) @ basis.T
+        muon = _official_newton_schulz5(mixed - projected @ basis.T)
+        scale = math.sqrt(m * n)
+        direction = soap + gamma * scale * muon / (muon.norm() + eps)
+        weight = weight * (1 - lr * weight_decay)
+        weight = weight - scale * lr_ratio * lr * direction / (direction.norm() + eps)
+        trajectory.append(weight)
+    return trajectory
+
+
+@pytest.mark.parametrize("shape", [(8, 12), (12, 7)])
+def test_follows_the_official_update_written_out_across_basis_updates(shape) -> None:
+    """The official README settings (lr 2e-3, betas (0.95, 0.95), nestrov=True, weight_decay 0.1,
+    lr_ratio 0.2), rank 3: every step — the exact basis at step 1, then 4 power-iteration + QR
+    basis updates — against the official step written out, in float64 with Newton–Schulz in
+    float64 (the official code runs it in bf16: ns_dtype=torch.bfloat16, our default)."""
+    settings = dict(lr=2e-3, betas=(0.95, 0.95), weight_decay=0.1, lr_ratio=0.2)
+    start = _random(shape, 70)
+    grads = [_random(shape, 71 + t) * (1 + 0.3 * t) for t in range(5)]
+    expected = _official_cosmos_run(start, grads, eps=1e-8, rank=3, **settings)
+    weight = torch.nn.Parameter(start.clone())
+    optimizer = COSMOS([weight], nestrov=True, rank=3, ns_dtype=torch.float64, backend="torch", **settings)
+    for grad, official in zip(grads, expected):
+        weight.grad = grad.clone()
+        optimizer.step()
+        torch.testing.assert_close(weight.detach(), official, rtol=1e-10, atol=1e-12)
+
+
+def test_official_readme_call_and_signature_build_unchanged() -> None:
+    """The official README's call, positional arguments in the official order, both spellings
+    of nesterov; what is not implemented is refused with the reason, nothing modified."""
+    weight = torch.nn.Parameter(_random((6, 5), 80))
+    before = weight.detach().clone()
+    readme = COSMOS([weight], lr=2e-3, betas=(0.95, 0.95), nestrov=True, weight_decay=0.1, lr_ratio=0.2)
+    positional = COSMOS([weight], 1e-3, (0.9, 0.999), 1e-8, 0.1, 64, 0, 0.2, True, False)
+    for optimizer in (readme, positional, COSMOS([weight], nesterov=True, amsgrad=False)):
+        group = optimizer.param_groups[0]
+        assert group["nesterov"] is True and group["amsgrad"] is False
+    assert (readme.param_groups[0]["lr_ratio"], positional.param_groups[0]["rank"]) == (0.2, 64)
+    with pytest.raises(ValueError, match="nesterov=False is not implemented.*never reads the momentum"):
+        COSMOS([weight], nestrov=False)
+    with pytest.raises(ValueError, match="amsgrad=True is not implemented"):
+        COSMOS([weight], amsgrad=True)
+    with pytest.raises(ValueError, match="param group 0: amsgrad=True"):
+        COSMOS([{"params": [weight], "amsgrad": True}])
+    with pytest.raises(ValueError, match="disagree"):
+        COSMOS([weight], nesterov=True, nestrov=False)
+    assert torch.equal(weight, before)

@@ -6,18 +6,15 @@ import math
 
 import pytest
 import torch
+from support import official_package
 
-from memzoo.bench.baselines import import_galore_torch
 from memzoo.optim import GaLoreAdamW
 from memzoo.reference.projector import compute_basis, random_basis
 
 
 def _official_galore():
-    """galore_torch 1.0 (installed by .ci/run without its dependencies), or a skip."""
-    try:
-        return import_galore_torch()
-    except ValueError as exc:
-        pytest.skip(str(exc))
+    """galore_torch 1.0 (tests/oracles.txt), or a skip."""
+    return official_package("galore_torch")
 
 
 def _hf_adam_reference(param, grads, *, lr, betas, eps, weight_decay):
@@ -159,10 +156,10 @@ def test_rank_above_the_matrix_is_truncated_unless_strict() -> None:
         GaLoreAdamW([param], rank=64, strict_rank=True)
 
 
-def test_auto_keeps_galore_on_the_reference_until_its_kernels_are_validated_on_a_gpu() -> None:
+def test_auto_keeps_galore_on_the_torch_path_until_its_kernels_are_validated_on_a_gpu() -> None:
     from memzoo.optim import resolve_backend
 
-    assert resolve_backend("auto", torch.device("cuda"), "galore").__name__ == "memzoo.reference.galore"
+    assert resolve_backend("auto", torch.device("cuda"), "galore").__name__ == "memzoo.triton_kernels.torch_backend.galore"
     assert resolve_backend("triton", torch.device("cpu"), "galore").__name__ == "memzoo.triton_kernels.galore"
 
 
@@ -335,3 +332,37 @@ def test_coordinates_projector_selects_one_side_and_refuses_full_at_construction
     assert state["proj_indices"].shape == (3,) and "proj_right" not in state
     with pytest.raises(ValueError, match="coordinates projector selects rows or columns"):
         GaLoreAdamW([weight], rank=3, projector="coordinates", proj_type="full")
+
+
+def test_galore_torch_positional_call_runs_unchanged() -> None:
+    """galore_torch.GaLoreAdamW(params, lr, betas, eps, weight_decay, correct_bias,
+    no_deprecation_warning) with its group keys."""
+    weight = torch.nn.Parameter(torch.randn(6, 5))
+    groups = [{"params": [weight], "rank": 2, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}]
+    optimizer = GaLoreAdamW(groups, 1e-3, (0.9, 0.999), 1e-6, 0.0, True, True)
+    weight.grad = torch.randn(6, 5)
+    optimizer.step()
+    assert optimizer.state[weight]["exp_avg"].shape == (6, 2)
+    with pytest.raises(TypeError, match="no_deprecation_warning"):
+        GaLoreAdamW(groups, no_deprecation_warning="yes")
+
+
+def test_natural_galore_signs_its_randomized_factors_and_galore_keeps_raw_svd_signs() -> None:
+    """Natural GaLore's randomized factors follow the official sign convention too; GaLoreAdamW's
+    SVD factors are torch.linalg.svd's, unsigned (galore-torch's)."""
+    from memzoo.optim import NaturalGaLore
+
+    grad = torch.randn(20, 12, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    natural, plain = torch.nn.Parameter(torch.zeros(20, 12, dtype=torch.float64)), torch.nn.Parameter(
+        torch.zeros(20, 12, dtype=torch.float64))
+    natural_optimizer = NaturalGaLore([natural], rank=4, projector="randomized")
+    plain_optimizer = GaLoreAdamW([plain], rank=4, projector="svd", proj_type="full")
+    natural.grad, plain.grad = grad.clone(), grad.clone()
+    natural_optimizer.step()
+    plain_optimizer.step()
+    left, right = natural_optimizer.state[natural]["proj_left"], natural_optimizer.state[natural]["proj_right"]
+    torch.testing.assert_close(left, _tensorly_signed(left), rtol=0, atol=0)
+    torch.testing.assert_close(right.T, _tensorly_signed(right.T), rtol=0, atol=0)
+    u, _, vh = torch.linalg.svd(grad, full_matrices=False)
+    torch.testing.assert_close(plain_optimizer.state[plain]["proj_left"], u[:, :4])
+    torch.testing.assert_close(plain_optimizer.state[plain]["proj_right"], vh[:4])

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.gpu
 
 def test_auto_picks_triton_for_cuda_tensors() -> None:
     assert resolve_backend("auto", torch.device("cuda"), "lion").__name__ == "memzoo.triton_kernels.lion"
-    assert resolve_backend("auto", torch.device("cpu"), "lion").__name__ == "memzoo.reference.lion"
+    assert resolve_backend("auto", torch.device("cpu"), "lion").__name__ == "memzoo.triton_kernels.torch_backend.lion"
 
 
 @pytest.mark.parametrize("dtypes", [{"param": torch.float32, "state": None},

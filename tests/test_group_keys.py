@@ -49,3 +49,23 @@ def test_keys_torch_and_trainers_add_are_accepted(info) -> None:
     # A scheduler that adds its own keys, and a rebuild from the groups it left (as trainers do).
     torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=10, cycle_momentum=False)
     info.cls([dict(optimizer.param_groups[0])])
+
+
+def test_a_checkpoint_from_before_a_group_key_existed_takes_its_default() -> None:
+    """Natural GaLore's group key ``natural`` is new: a state_dict saved without it loads, and the
+    group gets the default (the behaviour it was saved with) instead of a KeyError at the next step."""
+    from memzoo.optim import NaturalGaLore
+
+    weight = torch.nn.Parameter(torch.randn(6, 5))
+    optimizer = NaturalGaLore([weight], rank=2, update_proj_gap=2)
+    weight.grad = torch.randn(6, 5)
+    optimizer.step()
+    saved = optimizer.state_dict()
+    saved["memzoo"]["format"] = 2  # as written before the key existed (format 3 saves every key)
+    for group in saved["param_groups"]:
+        del group["natural"]
+    restored = NaturalGaLore([weight], rank=2, update_proj_gap=2)
+    restored.load_state_dict(saved)
+    assert restored.param_groups[0]["natural"] is True
+    restored.step()
+    assert int(restored.state[weight]["nat_count"]) == 2

@@ -1,13 +1,16 @@
-"""Every registered Triton kernel against its reference (through the interpreter on CPU)."""
+"""Every registered Triton kernel (through the interpreter on CPU) and its ``"torch"`` backend
+twin against the reference."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import itertools
 
 import pytest
 import torch
 from conftest import KERNEL_DEVICE
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import AWKWARD_SHAPES, check_pair, log_uniform, shapes
 
@@ -30,9 +33,13 @@ def _dtypes(pair: KernelPair):
     return st.fixed_dictionaries({role: st.sampled_from(options) for role, options in pair.dtype_options.items()})
 
 
-@pytest.mark.parametrize("pair", PAIRS, ids=lambda p: p.name)
-@given(data=st.data())
-def test_kernel_matches_reference(pair: KernelPair, data) -> None:
+def _skip_if_torch_twin_is_the_reference(pair: KernelPair, backend: str) -> None:
+    if backend == "torch" and pair.torch_path() is pair.reference():
+        pytest.skip(f"backend='torch' runs the reference's own {pair.name}")
+
+
+def _check_drawn_case(pair: KernelPair, data, backend: str) -> None:
+    _skip_if_torch_twin_is_the_reference(pair, backend)
     low, high = pair.shape_dims
     shape_list = data.draw(st.lists(shapes(min_dims=low, max_dims=high), min_size=1, max_size=pair.max_tensors),
                            label="shapes")
@@ -44,21 +51,38 @@ def test_kernel_matches_reference(pair: KernelPair, data) -> None:
         data.draw(st.sampled_from(LAYOUTS), label="layout"),
         KERNEL_DEVICE,
         data.draw(st.integers(0, 2**31 - 1), label="seed"),
+        backend,
     )
 
 
+@pytest.mark.parametrize("pair", PAIRS, ids=lambda p: p.name)
+@given(data=st.data())
+def test_kernel_matches_reference(pair: KernelPair, data) -> None:
+    _check_drawn_case(pair, data, "triton")
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=lambda p: p.name)
+@settings(max_examples=15)
+@given(data=st.data())
+def test_torch_path_matches_reference(pair: KernelPair, data) -> None:
+    """The "torch" backend's twin under the same draws and tolerances as the kernel."""
+    _check_drawn_case(pair, data, "torch")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("pair", PAIRS, ids=lambda p: p.name)
-def test_kernel_awkward_shapes(pair: KernelPair, layout: str) -> None:
+def test_kernel_awkward_shapes(pair: KernelPair, layout: str, backend: str) -> None:
     """The awkward shapes (all in one call for multi-tensor kernels), every dtype combination and
     every discrete choice on contiguous tensors; on strided and transposed ones (where only the
     addressing differs) the first and last combination of choices, which keeps the interpreted
-    suite within its time budget."""
+    suite within its time budget (the "torch" twins run every combination on every layout)."""
+    _skip_if_torch_twin_is_the_reference(pair, backend)
     low, high = pair.shape_dims
     awkward = [s for s in AWKWARD_SHAPES if low <= len(s) <= high]
     groups = [awkward] if pair.max_tensors >= len(awkward) else [[s] for s in awkward]
     settings = [dict(zip(pair.choices, values)) for values in itertools.product(*pair.choices.values())]
-    if layout != "contiguous" and len(settings) > 2:
+    if backend == "triton" and layout != "contiguous" and len(settings) > 2:
         settings = [settings[0], settings[-1]]
     for param_dtype in pair.dtype_options["param"]:
         dtypes = {role: options[-1] for role, options in pair.dtype_options.items()}
@@ -68,7 +92,7 @@ def test_kernel_awkward_shapes(pair: KernelPair, layout: str) -> None:
             if "lr" in hparams:
                 hparams["lr"] = 0.05
             for shape_list in groups:
-                check_pair(pair, shape_list, dtypes, hparams, layout, KERNEL_DEVICE, seed=1234)
+                check_pair(pair, shape_list, dtypes, hparams, layout, KERNEL_DEVICE, seed=1234, backend=backend)
 
 
 @pytest.mark.parametrize("pair", PAIRS, ids=lambda p: p.name)
@@ -83,6 +107,20 @@ def test_kernel_rejects_mismatched_shapes(pair: KernelPair) -> None:
     args = list(case.args)
     wrong = lambda t: torch.zeros(t.shape[0] + 1, 7, dtype=t.dtype, device=t.device)  # noqa: E731
     args[1] = wrong(args[1]) if isinstance(args[1], torch.Tensor) else [wrong(t) for t in args[1]]
-    for fn in (pair.reference(), pair.triton()):
+    for fn in (pair.reference(), pair.triton(), pair.torch_path()):
         with pytest.raises(ValueError, match="shape"):
             fn(*args, **case.kwargs)
+
+
+@pytest.mark.parametrize("family", sorted({pair.family for pair in PAIRS} | {"random"}))
+def test_torch_path_has_the_reference_names_and_signatures(family: str) -> None:
+    """backend="torch" swaps the module: every reference function must be there, same signature."""
+    reference = importlib.import_module(f"memzoo.reference.{family}")
+    fast = importlib.import_module(f"memzoo.triton_kernels.torch_backend.{family}")
+    assert set(reference.__all__) <= set(fast.__all__)
+    for name in reference.__all__:
+        ours, theirs = getattr(fast, name), getattr(reference, name)
+        if callable(theirs):
+            assert inspect.signature(ours) == inspect.signature(theirs), name
+        else:
+            assert ours == theirs, name

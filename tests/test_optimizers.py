@@ -276,17 +276,26 @@ def test_sparse_gradient_is_rejected_before_any_change(info, variant, backend, d
     assert_unchanged(optimizer, params, snap)
 
 
-@pytest.mark.parametrize("info,variant,backend,dtype", [c for c in cases() if c.values[2] == "triton"])
-def test_triton_and_torch_backends_follow_the_same_trajectory(info, variant, backend, dtype) -> None:
-    torch_params, triton_params = make_params(dtype), make_params(dtype)
-    on_torch = make_optimizer(info, variant, "torch", torch_params)
-    on_triton = make_optimizer(info, variant, "triton", triton_params)
-    run_steps(on_torch, torch_params, 5, seed=3)
-    run_steps(on_triton, triton_params, 5, seed=3)
-    for p, q in zip(triton_params, torch_params):
+def _trajectory_cases():
+    """Every Triton case; the torch path (fast to run) on every variant in fp32 and on the first
+    variant in every dtype."""
+    return [c for c in cases() if c.values[2] == "triton" or c.values[3] == torch.float32
+            or c.values[1] == c.values[0].variants[0]]
+
+
+@pytest.mark.parametrize("info,variant,backend,dtype", _trajectory_cases())
+def test_backends_follow_the_reference_trajectory(info, variant, backend, dtype) -> None:
+    """backend="torch" and "triton" against backend="reference" over five steps: parameters and
+    every state tensor within the dtype's rounding."""
+    reference_params, params = make_params(dtype), make_params(dtype)
+    on_reference = make_optimizer(info, variant, "reference", reference_params)
+    optimizer = make_optimizer(info, variant, backend, params)
+    run_steps(on_reference, reference_params, 5, seed=3)
+    run_steps(optimizer, params, 5, seed=3)
+    for p, q in zip(params, reference_params):
         assert_close(p.detach(), q.detach(), info.trajectory_atol, what="param")
-        for key, value in on_torch.state[q].items():
-            other = on_triton.state[p][key]
+        for key, value in on_reference.state[q].items():
+            other = optimizer.state[p][key]
             if value.dtype == torch.uint8:  # 8-bit codes: a rounding difference may cross one code boundary
                 assert (other.int() - value.int()).abs().max() <= 1, key
             elif not value.is_floating_point():  # counters and seeds
@@ -295,11 +304,15 @@ def test_triton_and_torch_backends_follow_the_same_trajectory(info, variant, bac
                 assert_close(other, value, what=key)
 
 
-@pytest.mark.parametrize("info", [i for i in OPTIMIZERS.values() if "triton" in i.backends and not i.zeroth_order],
-                         ids=lambda i: i.name)
-@pytest.mark.parametrize("written_on,resumed_on", [("triton", "torch"), ("torch", "triton")])
+RESUME_PAIRS = [("triton", "torch"), ("torch", "triton"), ("reference", "torch"), ("torch", "reference")]
+
+
+@pytest.mark.parametrize("info", [i for i in OPTIMIZERS.values() if not i.zeroth_order], ids=lambda i: i.name)
+@pytest.mark.parametrize("written_on,resumed_on", RESUME_PAIRS)
 def test_checkpoint_resumes_on_the_other_backend(info, written_on, resumed_on) -> None:
-    """A state_dict written on one backend loads on the other and continues the same trajectory."""
+    """A state_dict written on one backend loads on another and continues the same trajectory."""
+    if {written_on, resumed_on} - {"reference"} - set(info.backends):
+        pytest.skip(f"{info.name} runs on {info.backends}")
     params, moved_params = make_params(torch.float32), make_params(torch.float32)
     optimizer = make_optimizer(info, {}, written_on, params)
     run_steps(optimizer, params, 2, seed=0)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -35,6 +36,9 @@ def test_non_editable_install_imports_from_another_directory(tmp_path: Path) -> 
     script = (
         "import memzoo, memzoo.optim, memzoo.bench.cli\n"
         "from memzoo.optim import Lion\n"
+        "import torch\n"
+        "p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3)\n"
+        "Lion([p], backend='torch').step()  # the torch backend's subpackage is installed\n"
         "print(memzoo.__file__)\n"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, env=env,
@@ -44,3 +48,25 @@ def test_non_editable_install_imports_from_another_directory(tmp_path: Path) -> 
     help_text = subprocess.run([sys.executable, "-m", "memzoo.bench", "--help"], cwd=elsewhere, env=env,
                                capture_output=True, text=True, timeout=300)
     assert help_text.returncode == 0 and "kernels" in help_text.stdout and "step" in help_text.stdout
+
+
+
+def test_the_run_says_which_comparisons_with_the_official_code_it_skipped() -> None:
+    """A missing official package shows as one `s` among hundreds of dots: the run's summary
+    (tests/conftest.py) names it and the command that installs the oracles."""
+    import conftest
+    from support import official_package
+
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        official_package("no_such_official_package")
+    report = SimpleNamespace(longrepr=("test_x.py", 1, f"Skipped: {skipped.value.msg}"))
+    other = SimpleNamespace(longrepr=("test_y.py", 2, "Skipped: needs a CUDA device"))
+    lines: list[str] = []
+    reporter = SimpleNamespace(stats={"skipped": [report, report, other]},
+                               write_sep=lambda sep, title, **kwargs: lines.append(title),
+                               write_line=lines.append)
+    conftest.pytest_terminal_summary(reporter, 0, None)
+    assert lines == ["comparisons with the official code skipped",
+                     "2 tests skipped: no_such_official_package is not installed",
+                     "run them after: pip install --no-deps -r tests/oracles.txt"]
+    assert (ROOT / "tests" / "oracles.txt").read_text().count("==") == 2  # the pinned official packages

@@ -403,8 +403,11 @@ def test_state_dict_deterministic(name: str, named0: bool, named1: bool) -> None
 
 @pytest.mark.parametrize("name", NAMES)
 def test_can_load_older_state_dict(name: str) -> None:
-    """A state_dict without a hyperparameter added since (torch deletes maximize, foreach,
-    differentiable, capturable) loads, and the optimizer keeps stepping with its current value."""
+    """torch deletes the flags added after the optimizer's first release (its
+    ``not_og_supported_flags``) and loads. memzoo's equivalent is the state format: a checkpoint
+    of an older format without a group key added since (here maximize, and torch's flags, which
+    memzoo never stores) loads with the key's default and steps; the current format (3) requires
+    every key, as a missing one means a damaged checkpoint (tests/test_hardening.py)."""
     for kwargs in CONFORMANCE[name].inputs():
         model = _conv_model()
         inpt = torch.rand(1, 4, 16, 16)
@@ -414,11 +417,12 @@ def test_can_load_older_state_dict(name: str) -> None:
             model(inpt).sum().backward()
             optimizer.step()
         old = copy.deepcopy(optimizer.state_dict())
+        assert not {"foreach", "differentiable", "capturable", "fused"} & set(old["param_groups"][0])
+        old["memzoo"]["format"] = 2
         for group in old["param_groups"]:
-            for flag in ("foreach", "differentiable", "maximize", "capturable"):
-                group.pop(flag, None)
+            del group["maximize"]
         optimizer.load_state_dict(old)
-        assert optimizer.param_groups[0]["maximize"] == kwargs.get("maximize", False)
+        assert optimizer.param_groups[0]["maximize"] is False
         optimizer.zero_grad()
         model(inpt).sum().backward()
         optimizer.step()

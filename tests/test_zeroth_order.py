@@ -4,6 +4,7 @@ MeZO, Sparse-MeZO, QZO on bitsandbytes 4-bit layers, checkpoints and distributed
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import os
 import subprocess
@@ -214,6 +215,30 @@ def test_step_applies_the_mezo_update() -> None:
     assert optimizer.last_losses.shape == (3, 2) and optimizer.last_projected_grads.shape == (3,)
 
 
+def test_qzo_steps_follow_the_official_update() -> None:
+    """Three QZO steps by hand, as the official zo_step / zo_update (q = 1): ĝ = (L₊ − L₋)/(2ε)
+    clipped to [−C, C] (DDC), then Δ ← max(Δ − η ĝ z, 1e-7) — the clip and the floor both act."""
+    a, b, theta = _least_squares(seed=2)
+    start = theta.abs() + 0.05  # positive, as scales are
+    scale = start.clone()
+    loss = lambda: 0.5 * (a @ scale - b).square().sum()  # noqa: E731
+    lr, eps, clip = 0.2, 1e-3, 20.0
+    optimizer = QZO([scale], lr=lr, eps=eps, clip_threshold=clip, seed=4, backend="torch")
+    expected, clipped, floored = start.clone(), 0, 0
+    for step in range(3):
+        optimizer.step(loss)
+        z = zo_normals(sample_seed(4, step, 0), torch.arange(theta.numel())).double()
+        plus = 0.5 * (a @ (expected + eps * z) - b).square().sum()
+        minus = 0.5 * (a @ (expected - eps * z) - b).square().sum()
+        estimate = (plus - minus) / (2 * eps)
+        clipped += int(estimate.abs() > clip)
+        moved = expected - lr * estimate.clamp(-clip, clip) * z
+        floored += int((moved < 1e-7).sum())
+        expected = moved.clamp_min(1e-7)
+        torch.testing.assert_close(scale, expected, rtol=1e-6, atol=1e-9)
+    assert clipped and floored
+
+
 def _mlp(seed: int, dtype=torch.float32):
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).to(dtype)
@@ -238,6 +263,34 @@ def test_zeroth_order_lowers_the_loss_of_a_small_model(cls, kwargs) -> None:
     for _ in range(250):
         optimizer.step(closure)
     assert closure().item() < 0.6 * initial
+
+
+@pytest.mark.parametrize("cls,kwargs", [(MeZO, {}), (SparseMeZO, {"sparsity": 0.5})], ids=["mezo", "sparse_mezo"])
+def test_frozen_parameters_are_neither_perturbed_nor_updated(cls, kwargs) -> None:
+    """A LoRA-style model (frozen base layer) given whole: as the official trainers, only the
+    parameters with requires_grad move — the same trajectory as an optimizer given those only."""
+    x, y = _regression_task()
+    runs = []
+    for select in (False, True):
+        model = _mlp(0)
+        model[0].requires_grad_(False)
+        frozen = [p.detach().clone() for p in model[0].parameters()]
+
+        def closure():
+            assert all(torch.equal(p, f) for p, f in zip(model[0].parameters(), frozen))  # never perturbed
+            return torch.nn.functional.mse_loss(model(x), y)
+
+        params = [p for p in model.parameters() if p.requires_grad] if select else model.parameters()
+        optimizer = cls(params, lr=0.02, weight_decay=0.1, seed=3, backend="torch", **kwargs)
+        for _ in range(3):
+            optimizer.step(closure)
+        assert all(torch.equal(p, f) for p, f in zip(model[0].parameters(), frozen))
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert not torch.equal(runs[0][2], _mlp(0)[2].weight)
+    model = _mlp(0).requires_grad_(False)
+    with pytest.raises(ValueError, match="every parameter .* is frozen"):
+        cls(model.parameters(), backend="torch", **kwargs).step(lambda: model(x).sum())
 
 
 def test_sparse_mezo_with_every_weight_selected_equals_mezo() -> None:
@@ -282,17 +335,18 @@ def test_magnitude_threshold_selects_the_fraction() -> None:
 
 
 @pytest.mark.parametrize("info", ZO_INFOS, ids=lambda i: i.name)
-def test_triton_and_torch_backends_follow_the_same_trajectory(info) -> None:
+def test_backends_follow_the_same_trajectory(info) -> None:
     x, y = _regression_task()
     results = []
-    for backend in BACKENDS:
+    for backend in ("reference", *BACKENDS):
         model = _mlp(0).to(KERNEL_DEVICE)
         optimizer = info.cls(model.parameters(), **{**info.sample_kwargs, "lr": 0.01}, n_samples=2, backend=backend)
         for _ in range(3):
             optimizer.step(lambda: torch.nn.functional.mse_loss(model(x.to(KERNEL_DEVICE)), y.to(KERNEL_DEVICE)))
         results.append([p.detach().cpu() for p in model.parameters()])
-    for a, b in zip(*results):
-        assert_close(a, b, 1e-5, what=info.name)
+    for result in results[1:]:
+        for a, b in zip(result, results[0]):
+            assert_close(a, b, 1e-5, what=info.name)
 
 
 # ---- closure protocol, bad input ---------------------------------------------------------------
@@ -348,6 +402,19 @@ def test_bad_closures_raise_with_parameters_restored(info, backend: str) -> None
         optimizer.step(backpropagates)
     assert_restored()
     assert all(p.grad is None for p in params)
+
+
+def test_defaults_are_the_official_examples() -> None:
+    """MeZO's OPT-13B full-parameter example (lr 1e-6, ε 1e-3, no decay, one direction), the
+    paper's sparsity 0.8, QZO's OPT-6.7B example (lr 1e-7, ε 1e-3) with its hard-coded DDC
+    threshold 100 and scale floor 1e-7: what a user of the official scripts gets by default."""
+    def defaults(cls):
+        return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()}
+
+    official = {"lr": 1e-6, "eps": 1e-3, "weight_decay": 0.0, "n_samples": 1}
+    assert official.items() <= defaults(MeZO).items()
+    assert {**official, "sparsity": 0.8}.items() <= defaults(SparseMeZO).items()
+    assert {**official, "lr": 1e-7, "clip_threshold": 100.0, "scale_min": 1e-7}.items() <= defaults(QZO).items()
 
 
 def test_bad_constructor_arguments() -> None:
@@ -421,15 +488,15 @@ def test_state_bytes_matches_analytic_count(info) -> None:
 
 # ---- QZO -------------------------------------------------------------------------------------------
 
-def _quantized_pair(quant_type: str, compress_statistics: bool = False):
+def _quantized_pair(quant_type: str, compress_statistics: bool = False, outputs: int = 16):
     bnb = pytest.importorskip("bitsandbytes")
     torch.manual_seed(0)
-    teacher = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16))
+    teacher = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, outputs))
     student = torch.nn.Sequential(
         bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, compress_statistics=compress_statistics,
                           quant_type=quant_type),
         torch.nn.ReLU(),
-        bnb.nn.Linear4bit(64, 16, compute_dtype=torch.float32, compress_statistics=compress_statistics,
+        bnb.nn.Linear4bit(64, outputs, compute_dtype=torch.float32, compress_statistics=compress_statistics,
                           quant_type=quant_type),
     )
     student.load_state_dict(teacher.state_dict())
@@ -482,6 +549,76 @@ def test_qzo_trains_unquantized_tensors_with_plain_mezo() -> None:
     x = torch.randn(8, 64)
     optimizer.step(lambda: student(x).square().mean())
     assert all(not torch.equal(b, o) for b, o in zip(biases, before))
+
+
+def _mis_scaled_eval_task(student, teacher):
+    """Collected scales mis-scaled for QZO to repair, and the closure of a regression on the
+    teacher; the student in eval mode, as the README asks."""
+    student.eval()
+    scales = collect_quantization_scales(student)
+    with torch.no_grad():
+        for scale in scales:
+            scale.mul_(torch.linspace(0.6, 1.4, scale.numel()))
+        x = torch.randn(64, 64, generator=torch.Generator().manual_seed(1))
+        y = teacher(x)
+    return scales, lambda: torch.nn.functional.mse_loss(student(x), y)
+
+
+def test_qzo_trains_the_scales_an_eval_mode_model_reads() -> None:
+    """In eval mode, bitsandbytes (CPUs with AVX512-BF16) re-packs a Linear4bit at its first
+    no-grad forward and replaces its scales by a bf16 copy: the collected scales must stay the
+    ones the layers read, or QZO moves tensors nothing reads (projected gradient 0, no progress).
+    (The re-pack needs layers of a multiple of 32 outputs.)"""
+    teacher, student = _quantized_pair("nf4", outputs=32)
+    scales, closure = _mis_scaled_eval_task(student, teacher)
+    optimizer = QZO(scales, lr=0.03, eps=1e-3, seed=1, backend="torch")
+    initial = closure().item()
+    for _ in range(12):
+        optimizer.step(closure)
+        assert optimizer.last_projected_grads.abs().max() > 0
+    assert closure().item() < 0.95 * initial
+    for index, scale in zip((0, 2), scales):
+        assert student[index].weight.quant_state.absmax is scale and scale.dtype == torch.float32
+
+
+def test_collecting_after_an_eval_forward_undoes_the_cpu_repack() -> None:
+    _, student = _quantized_pair("nf4", outputs=32)
+    student.eval()
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = student(x)  # re-packs the layers where the CPU has AVX512-BF16
+    scales = collect_quantization_scales(student)
+    assert [(s.dtype, s.shape) for s in scales] == [(torch.float32, (64,)), (torch.float32, (32,))]
+    with torch.no_grad():
+        after = student(x)
+        torch.testing.assert_close(after, before, rtol=0, atol=0.02 * before.abs().max().item())
+        scales[0].mul_(1.5)  # the model reads the collected tensors
+        assert not torch.allclose(student(x), after, atol=1e-3)
+
+
+def test_qzo_raises_when_a_layer_stops_reading_its_scales() -> None:
+    _, student = _quantized_pair("nf4")
+    scales = collect_quantization_scales(student)
+    optimizer = QZO(scales, lr=1e-3, backend="torch")
+    x = torch.randn(4, 64)
+    optimizer.step(lambda: student(x).square().mean())
+    state = student[2].weight.quant_state
+    state.absmax = state.absmax.clone()  # what a move to another device does
+    with pytest.raises(RuntimeError, match="layer '2' no longer reads the scale tensor.*collect_quantization_scales"):
+        optimizer.step(lambda: student(x).square().mean())
+
+
+def test_qzo_refuses_tensors_that_are_not_quantization_scales() -> None:
+    model = _mlp(0)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="param group 0: param 0 .*nn.Parameter.*\"scales\": False"):
+        QZO(model.parameters())
+    with pytest.raises(ValueError, match="param group 1: param 0 .*negative values"):
+        QZO([{"params": [torch.rand(4)]}, {"params": [torch.randn(64)]}])
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    plain = QZO([{"params": model.parameters(), "scales": False}], lr=1e-2, backend="torch")  # MeZO with DDC
+    plain.step(lambda: model(torch.ones(2, 8)).square().sum())
+    assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
 def test_collect_quantization_scales_explains_what_it_needs() -> None:

@@ -1,5 +1,7 @@
 """The one table of kernel/reference pairs. The equivalence tests and ``memzoo-bench kernels``
-iterate over it, so a new kernel is tested and benchmarked by adding a record here.
+iterate over it, so a new kernel is tested and benchmarked by adding a record here; the same
+records hold the ``"torch"`` backend's twins (:mod:`memzoo.triton_kernels.torch_backend`) to the
+reference.
 
 Importing this module does not import Triton: :meth:`KernelPair.triton` loads the kernel module
 on demand.
@@ -79,7 +81,7 @@ def make_tensor(shape: Sequence[int], dtype: torch.dtype, device: torch.device |
 
 @dataclass(frozen=True)
 class KernelPair:
-    """A reference function and its Triton twin (same name in both family modules)."""
+    """A reference function and its twins, Triton and torch (same name in every family module)."""
 
     family: str
     function: str
@@ -114,6 +116,14 @@ class KernelPair:
 
     def triton(self) -> Callable[..., None]:
         return getattr(load_family(self.family), self.function)
+
+    def torch_path(self) -> Callable[..., None]:
+        """The ``"torch"`` backend's twin (:mod:`memzoo.triton_kernels.torch_backend`)."""
+        return getattr(importlib.import_module(f"memzoo.triton_kernels.torch_backend.{self.family}"), self.function)
+
+    def implementation(self, backend: str) -> Callable[..., None]:
+        """The function of ``backend``: "reference", "torch" or "triton"."""
+        return {"reference": self.reference, "torch": self.torch_path, "triton": self.triton}[backend]()
 
 
 # ---- Lion ---------------------------------------------------------------------------------

@@ -1,0 +1,136 @@
+"""The "torch" backend's chunked passes: chunk boundaries, non-finite values, the dispatch rule.
+
+The registry suite (tests/test_kernels.py, tests/test_optimizers.py) holds every torch twin to
+the reference on small tensors; these tests make tensors span several chunks (a small CHUNK) and
+put NaN/Inf in some chunks only.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from support import assert_close
+
+from memzoo.optim.base import resolve_backend
+from memzoo.reference import galore as reference_galore
+from memzoo.reference import lion as reference_lion
+from memzoo.triton_kernels.torch_backend import elementwise
+from memzoo.triton_kernels.torch_backend import galore as torch_galore
+from memzoo.triton_kernels.torch_backend import lion as torch_lion
+
+SHAPES = [(300,), (17, 33), (5, 1, 7)]
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(elementwise, "CHUNK", 64)
+
+
+def _tensors(dtype, seed, count, transposed=False):
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        group = [torch.randn(s, generator=generator).to(dtype) for s in SHAPES]
+        if transposed:  # dense but not contiguous: chunks follow memory order
+            group[1] = torch.randn(33, 17, generator=generator).to(dtype).t()
+        out.append(group)
+    return out
+
+
+def _assert_same_outputs(actual, expected):
+    for a_list, e_list in zip(actual, expected):
+        for a, e in zip(a_list, e_list):
+            assert torch.equal(a.isnan(), e.isnan())  # NaN exactly where the reference has it
+            finite = ~e.isnan()
+            assert_close(a[finite], e[finite], what="output")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("poison", [None, "nan_grad", "inf_grad", "inf_momentum"])
+def test_lion_chunks_match_the_reference(small_chunks, dtype, poison) -> None:
+    params, grads, exp_avgs = _tensors(dtype, 0, 3, transposed=True)
+    if poison == "nan_grad":
+        grads[0][70] = float("nan")  # second chunk of the first tensor
+    elif poison == "inf_grad":
+        grads[1][3, 4] = float("-inf")
+    elif poison == "inf_momentum":
+        exp_avgs[2].view(-1)[1] = float("inf")
+        grads[2].view(-1)[1] = float("inf")
+    expected = [[t.clone() for t in ts] for ts in (params, exp_avgs)]
+    hparams = dict(lr=0.01, beta1=0.9, beta2=0.99, weight_decay=0.1, maximize=True)
+    reference_lion.lion_update_(expected[0], grads, expected[1], **hparams)
+    torch_lion.lion_update_(params, grads, exp_avgs, **hparams)
+    _assert_same_outputs((params, exp_avgs), expected)
+
+
+@pytest.mark.parametrize("decay_first", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adamw_chunks_match_the_reference(small_chunks, dtype, decay_first) -> None:
+    params, grads, exp_avgs, exp_avg_sqs = _tensors(dtype, 1, 4, transposed=True)
+    exp_avg_sqs = [v.abs() for v in exp_avg_sqs]
+    grads[0][100] = float("inf")
+    expected = [[t.clone() for t in ts] for ts in (params, exp_avgs, exp_avg_sqs)]
+    hparams = dict(step_size=0.01, beta1=0.9, beta2=0.999, eps=1e-6, lr=0.01, weight_decay=0.1,
+                   decay_first=decay_first)
+    reference_galore.adamw_update_(expected[0], grads, expected[1], expected[2], **hparams)
+    torch_galore.adamw_update_(params, grads, exp_avgs, exp_avg_sqs, **hparams)
+    _assert_same_outputs((params, exp_avgs, exp_avg_sqs), expected)
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_projected_adam_chunks_match_the_reference(small_chunks, state_dtype) -> None:
+    generator = torch.Generator().manual_seed(2)
+    grads = [torch.randn(40, 30, generator=generator), torch.randn(9, 50, generator=generator)]
+    rights = [torch.linalg.qr(torch.randn(g.shape[1], 7, generator=generator))[0].T.contiguous() for g in grads]
+    moments = [[torch.randn(g.shape[0], 7, generator=generator).to(state_dtype) for g in grads] for _ in range(2)]
+    moments[1] = [v.abs() for v in moments[1]]
+    updates = [torch.empty(g.shape[0], 7, dtype=state_dtype) for g in grads]
+    expected = [[t.clone() for t in ts] for ts in (*moments, updates)]
+    hparams = dict(lefts=None, rights=rights, beta1=0.9, beta2=0.999, eps=1e-6, maximize=True)
+    reference_galore.galore_adam_project_(grads, *expected, **hparams)
+    torch_galore.galore_adam_project_(grads, *moments, updates, **hparams)
+    for actual, wanted in zip((*moments, updates), expected):
+        for a, e in zip(actual, wanted):
+            assert_close(a, e, 1e-5 if state_dtype == torch.float32 else 0.0, what="moments")
+
+
+def test_chunked_pass_needs_no_full_size_temporary(small_chunks) -> None:
+    """Updates see chunks of at most CHUNK elements and scratch buffers of that size, whatever
+    the tensor size (the reference's temporaries are full-size)."""
+    seen = []
+
+    def update(scratch, chunk):
+        seen.append((chunk[0].numel(), [b.numel() for b in scratch.buffers]))
+        chunk[0].add_(1.0)
+
+    tensor = torch.zeros(300)
+    elementwise.for_each_chunk(([tensor],), update, lambda group: None, buffers=2)
+    assert [size for size, _ in seen] == [64, 64, 64, 64, 44]
+    assert all(buffers == [64, 64] for _, buffers in seen) and torch.equal(tensor, torch.ones(300))
+    assert elementwise.chunk_size(torch.device("meta")) == elementwise.DEVICE_CHUNK
+
+
+def test_backend_dispatch_rule() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_backend("reference", cpu, "lion") is reference_lion
+    assert resolve_backend("torch", cpu, "lion") is torch_lion
+    assert resolve_backend("auto", cpu, "lion") is torch_lion  # no silent fall back to the slow path
+    with pytest.raises(ValueError, match="Invalid backend"):
+        resolve_backend("fast", cpu, "lion")
+
+
+@pytest.mark.parametrize("seed", [0, 12345, 2**32 + 7, 2**63 - 1])
+def test_philox_words_equal_the_reference(small_chunks, seed) -> None:
+    """The int64 wrap-around products give exactly the reference's words (and so the same
+    normals), across chunks and at the counter extremes."""
+    from memzoo.reference import random as reference_random
+    from memzoo.triton_kernels.torch_backend import random as torch_random
+
+    generator = torch.Generator().manual_seed(seed % 1000)
+    offsets = torch.cat([torch.randint(0, 2**62, (200,), generator=generator),
+                         torch.tensor([0, 1, 2**32 - 1, 2**32, 2**63 - 1])]).view(5, 41)
+    for ours, theirs in zip(torch_random.philox_words4(seed, offsets), reference_random.philox_words4(seed, offsets)):
+        assert ours.dtype == theirs.dtype == torch.int32 and torch.equal(ours, theirs)
+    assert torch.equal(torch_random.philox_randn(seed, offsets), reference_random.philox_randn(seed, offsets))
+    seeds = torch.tensor([[seed % 2**62], [3]])  # several streams at once
+    assert torch.equal(torch_random.philox_randn(seeds, offsets[0]), reference_random.philox_randn(seeds, offsets[0]))

@@ -1,0 +1,185 @@
+"""GaLore's math on the ``"torch"`` backend; twin of :mod:`memzoo.reference.galore`.
+
+Rewritten here: :func:`adamw_update_` (the dense AdamW branch of every low-rank family) and the
+Adam moments of :func:`galore_adam_project_` as chunked multi-tensor passes (about one read and
+one write of each tensor, no temporaries of a tensor's size), and :func:`galore_apply_` (the
+back-projection accumulated straight into the weight by one ``addmm_`` per matrix, BLAS's
+C ← C + α·A·B: no m×n temporary for float32 weights). :func:`project` and
+:func:`natural_gradient` are the reference's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from memzoo.reference import galore as reference
+from memzoo.reference.common import as_tensor_list, check_parallel_lists, compute_dtype
+from memzoo.reference.galore import (
+    FactorList,
+    as_matrix,
+    check_low_rank_shapes,
+    low_rank_lists,
+    natural_gradient,
+    project,
+)
+from memzoo.triton_kernels.torch_backend.elementwise import Scratch, for_each_chunk
+
+__all__ = ["adamw_update_", "as_matrix", "check_low_rank_shapes", "galore_adam_project_", "galore_apply_",
+           "low_rank_lists", "natural_gradient", "project"]
+
+
+def _adam_moments(scratch: Scratch, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
+                  beta1: float, beta2: float, sign_g: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk's m ← β1·m + (1 − β1)·g, v ← β2·v + (1 − β2)·g² in the compute dtype (buffers
+    1 and 2 when the moments are stored in another dtype), unrounded."""
+    m = scratch.load(1, exp_avg).mul_(beta1).add_(g, alpha=sign_g * (1.0 - beta1))
+    v = scratch.load(2, exp_avg_sq).mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    return m, v
+
+
+@torch.no_grad()
+def galore_adam_project_(
+    grads: torch.Tensor | Sequence[torch.Tensor],
+    exp_avgs: torch.Tensor | Sequence[torch.Tensor],
+    exp_avg_sqs: torch.Tensor | Sequence[torch.Tensor],
+    updates: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    lefts: FactorList,
+    rights: FactorList,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    maximize: bool = False,
+) -> None:
+    """Same contract as :func:`memzoo.reference.galore.galore_adam_project_`: R = project(G) (one
+    matrix product per matrix, r-sized), then the moments and N = m/(√v+ε) in chunked passes."""
+    (grads, exp_avgs, exp_avg_sqs, updates), lefts, rights = low_rank_lists(
+        "grads", grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, updates=updates, lefts=lefts, rights=rights)
+    projected = []
+    for grad, exp_avg, exp_avg_sq, update, left, right in zip(grads, exp_avgs, exp_avg_sqs, updates, lefts, rights):
+        check_low_rank_shapes(grad.shape, left, right, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, update=update)
+        dtype = compute_dtype(grad.dtype, exp_avg.dtype)
+        if left is None and right is None:
+            projected.append(grad)
+            continue
+        factor = lambda f: None if f is None else f.to(dtype)  # noqa: E731
+        projected.append(project(as_matrix(grad.to(dtype), grad.shape[0]), factor(left), factor(right)))
+    sign_g = -1.0 if maximize else 1.0
+
+    def update_chunk(scratch: Scratch, chunk: tuple[torch.Tensor, ...]) -> None:
+        low_rank, exp_avg, exp_avg_sq, update = chunk
+        m, v = _adam_moments(scratch, scratch.load(0, low_rank), exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2,
+                             sign_g=sign_g)
+        denominator = torch.sqrt(v, out=scratch.take(3, v.numel())).add_(eps)
+        if update.dtype == scratch.dtype:
+            torch.div(m, denominator, out=update)  # N = m / (√v + ε), from the unrounded moments
+        else:
+            update.copy_(torch.div(m, denominator, out=denominator))
+        for out, value in ((exp_avg, m), (exp_avg_sq, v)):
+            if value is not out:
+                out.copy_(value)
+
+    def whole(group: tuple[torch.Tensor, ...]) -> None:  # non-dense or mismatched layouts
+        reference.galore_adam_project_(*group, lefts=None, rights=None, beta1=beta1, beta2=beta2, eps=eps,
+                                       maximize=maximize)
+
+    # R already has the moments' shape; the reference applies no factor to it again.
+    for_each_chunk((projected, exp_avgs, exp_avg_sqs, updates), update_chunk, whole, buffers=4)
+
+
+@torch.no_grad()
+def adamw_update_(
+    params: torch.Tensor | Sequence[torch.Tensor],
+    grads: torch.Tensor | Sequence[torch.Tensor],
+    exp_avgs: torch.Tensor | Sequence[torch.Tensor],
+    exp_avg_sqs: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    step_size: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    lr: float,
+    weight_decay: float,
+    maximize: bool = False,
+    decay_first: bool = False,
+) -> None:
+    """Same contract as :func:`memzoo.reference.galore.adamw_update_`, chunk by chunk; products
+    and sums may be contracted into fused multiply-adds (within the reference's rounding)."""
+    lists = {name: as_tensor_list(name, tensors) for name, tensors in
+             (("params", params), ("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs))}
+    check_parallel_lists(**lists)
+    hparams = dict(step_size=step_size, beta1=beta1, beta2=beta2, eps=eps, lr=lr, weight_decay=weight_decay,
+                   maximize=maximize, decay_first=decay_first)
+    sign_g = -1.0 if maximize else 1.0
+    decay = lr * weight_decay
+
+    def update(scratch: Scratch, chunk: tuple[torch.Tensor, ...]) -> None:
+        param, grad, exp_avg, exp_avg_sq = chunk
+        m, v = _adam_moments(scratch, scratch.load(0, grad), exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2,
+                             sign_g=sign_g)
+        w = scratch.load(3, param)
+        if decay_first and decay != 0.0:
+            w.mul_(1.0 - decay)
+        denominator = torch.sqrt(v, out=scratch.take(4, v.numel())).add_(eps)
+        w.addcdiv_(m, denominator, value=-step_size)  # W ← W − step_size·m/(√v + ε)
+        if decay != 0.0 and not decay_first:
+            w.add_(w, alpha=-decay)  # W ← W − lr·λ·W (GaLore's order)
+        for out, value in ((exp_avg, m), (exp_avg_sq, v), (param, w)):
+            if value is not out:
+                out.copy_(value)
+
+    for_each_chunk(tuple(lists.values()), update, lambda group: reference.adamw_update_(*group, **hparams),
+                   buffers=5)
+
+
+def _as_weight_matrix(param: torch.Tensor) -> torch.Tensor | None:
+    """``param`` as its (shape[0], rest) matrix view sharing storage, or None when no such view
+    exists (a non-dense layout)."""
+    try:
+        return param.view(param.shape[0], -1)
+    except RuntimeError:
+        return None
+
+
+@torch.no_grad()
+def galore_apply_(
+    params: torch.Tensor | Sequence[torch.Tensor],
+    updates: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    lefts: FactorList,
+    rights: FactorList,
+    step_size: float,
+    scale: float,
+    lr: float,
+    weight_decay: float,
+) -> None:
+    """Same contract as :func:`memzoo.reference.galore.galore_apply_`: W ← W − step_size·scale·
+    left·N·right (the product accumulated into W), then W ← W − lr·λ·W. Weights in another dtype
+    than the update's compute dtype go through one float32 copy; non-dense weights through the
+    reference."""
+    (params, updates), lefts, rights = low_rank_lists("params", params=params, updates=updates, lefts=lefts,
+                                                      rights=rights)
+    coefficient = step_size * scale
+    decay = lr * weight_decay
+    for param, update, left, right in zip(params, updates, lefts, rights):
+        check_low_rank_shapes(param.shape, left, right, update=update)
+        dtype = compute_dtype(param.dtype, update.dtype)
+        matrix = _as_weight_matrix(param)
+        if matrix is None or (left is None and right is None) or param.numel() == 0:
+            reference.galore_apply_(param, update, lefts=left, rights=right, step_size=step_size, scale=scale,
+                                    lr=lr, weight_decay=weight_decay)
+            continue
+        work = matrix if param.dtype == dtype else matrix.to(dtype)
+        n = update.to(dtype)
+        if left is not None and right is not None:
+            work.addmm_(left.to(dtype) @ n, right.to(dtype), alpha=-coefficient)
+        elif left is not None:
+            work.addmm_(left.to(dtype), n, alpha=-coefficient)
+        else:
+            work.addmm_(n, right.to(dtype), alpha=-coefficient)
+        if decay != 0.0:
+            work.add_(work, alpha=-decay)  # W ← W − lr·λ·W (after the update, as GaLore)
+        if work is not matrix:
+            matrix.copy_(work)
