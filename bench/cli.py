@@ -3,8 +3,9 @@
     memzoo-bench kernels [--preset P] [--dtype D] [--json PATH]
     memzoo-bench step --optimizer lion [--preset 350m] [--set KEY=VALUE] [--baseline NAME] [--json PATH]
     memzoo-bench step --optimizer mezo,sparse_mezo,qzo --baseline mezo_official
-    memzoo-bench train [--preset tiny|60m|130m] [--optimizer lion,galore_adamw,...] [--plot PNG] [--json PATH]
-    memzoo-bench zo [--preset tiny|60m|130m] [--optimizer mezo,sparse_mezo,qzo,adamw] [--plot PNG]
+    memzoo-bench train [--preset tiny|small|60m|130m] [--optimizer lion,galore_adamw,...] [--plot PNG] [--json PATH]
+    memzoo-bench zo [--preset tiny|small|60m|130m] [--optimizer mezo,sparse_mezo,qzo,adamw] [--plot PNG]
+        train and zo: [--seeds N] [--out DIR] (resumable: a rerun skips the runs kept in DIR)
     memzoo-bench memory [--preset tiny..1b] [--optimizer ...] [--json PATH]
 
 Every command prints a table and can write JSON. Defaults finish in about a minute on a CPU
@@ -340,9 +341,12 @@ COLUMNS = {
     # ms: median steady step; refresh_ms: a steady step in which every projector is recomputed.
     # Zeroth-order rows: forward_ms (one closure), overhead_ms (step − 2q·forward), pass_ms (one
     # perturbation pass over all trainable tensors), peak_over_inference_mib (CUDA).
-    "train": ["optimizer", "lr", "val_loss", "vs_adamw_loss", "tokens_per_s", "vs_adamw_speed", "peak_mib",
-              "state_mib", "vs_adamw_state"],
-    "zo": ["method", "lr", "initial_loss", "final_loss", "steps", "forward_passes", "steps_to_mezo_final",
+    # val_loss / final_loss: the mean over the seeds at the best lr (_std: their sample standard
+    # deviation); lr_edge: low/high when the best lr stayed at an edge of the (extended) sweep.
+    "train": ["optimizer", "lr", "lr_edge", "seeds", "val_loss", "val_loss_std", "vs_adamw_loss", "tokens_per_s",
+              "vs_adamw_speed", "peak_mib", "state_mib", "vs_adamw_state"],
+    "zo": ["method", "lr", "lr_edge", "seeds", "initial_loss", "final_loss", "final_loss_std", "steps",
+           "forward_passes", "steps_to_mezo_final",
            "fraction_of_mezo_steps", "seconds", "peak_mib", "peak_over_inference", "state_mib"],
     "plot": [],
     "memory": ["optimizer", "params_mib", "state_analytic_mib", "state_mib", "state_allocated_mib", "allocated_mib",
@@ -402,6 +406,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the sweep: multiples of each optimizer's centre lr (the best final loss is reported)")
         p.add_argument("--backend", choices=BACKENDS, default="auto")
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seeds", type=int, default=None,
+                       help="runs at the best lr (seeds SEED, SEED+1, …; mean and spread reported; "
+                            "default: the preset's, 2 for small)")
+        p.add_argument("--max-lr-extensions", type=int, default=2,
+                       help="while the best lr is at an edge of the sweep, try one more beyond it, at most this often")
+        p.add_argument("--out", metavar="DIR",
+                       help="keep every finished run in DIR/runs (a rerun of the same command skips them: an "
+                            "interrupted sweep continues) and the table so far in DIR/report.json and DIR/table.md")
+        p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
         p.add_argument("--plot", metavar="PNG", help="loss curves to this PNG (needs matplotlib)")
         p.add_argument("--json", metavar="PATH", help="also write the results (with every curve) as JSON")
         p.set_defaults(default_optimizers=list(defaults))
@@ -478,6 +491,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("train", "zo"):
             args.lr = _parse_lrs(args.lr)
             args.lr_factors = [float(f) for f in args.lr_factors.split(",") if f]
+            if not args.lr_factors or min(args.lr_factors) <= 0:
+                raise ValueError(f"--lr-factors takes positive numbers, got {args.lr_factors}")
+            if (args.seeds is not None and args.seeds < 1) or args.max_lr_extensions < 0 or \
+                    (args.threads is not None and args.threads < 1):
+                raise ValueError(f"--seeds and --threads must be >= 1 and --max-lr-extensions >= 0, got "
+                                 f"{args.seeds}, {args.threads} and {args.max_lr_extensions}")
         report = args.run(args)
     except (ValueError, TypeError) as exc:  # bad names, settings or combinations
         print(f"memzoo-bench: {exc}", file=sys.stderr)

@@ -1,9 +1,11 @@
 """``memzoo-bench train`` and ``memzoo-bench zo``: real training runs on the standard-library corpus.
 
 train: every chosen optimizer and AdamW train the same LLaMA-style byte-level decoder from the
-same initialization on the same batches for the same number of steps, each at 3 learning rates
-(its base lr × ``--lr-factors``); the best final validation loss is reported with tokens/s, peak
-memory and optimizer-state MiB, and the loss curves go to JSON (and a PNG with matplotlib).
+same initialization on the same batches for the same number of steps, each at its base lr ×
+``--lr-factors``, extended past an edge of that grid while the best lr sits there (``bracket_lr``); the best lr is rerun at
+``--seeds`` seeds and the mean final validation loss (with its spread) is reported with tokens/s,
+peak memory and optimizer-state MiB; the loss curves go to JSON (and a PNG with matplotlib).
+With ``--out DIR`` every finished run is kept on disk and a rerun skips it (``RunStore``).
 
 zo: a checkpoint pretrained with AdamW on the "pretrain" files (cached), fine-tuned on the
 "finetune" files with MeZO, Sparse-MeZO, QZO (after NF4 quantization with bitsandbytes) and a
@@ -15,7 +17,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import json
 import math
+import os
+import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +34,7 @@ from memzoo.bench.corpus import Corpus, load_corpus, sample_windows
 from memzoo.bench.model import Decoder, DecoderConfig
 from memzoo.bench.timing import optimizer_state_bytes
 
-__all__ = ["TRAIN_PRESETS", "TRAIN_SETTINGS", "TrainPreset", "run_train", "run_zo"]
+__all__ = ["TRAIN_PRESETS", "TRAIN_SETTINGS", "RunStore", "TrainPreset", "bracket_lr", "run_train", "run_zo"]
 
 MIB = 2**20
 
@@ -45,12 +51,21 @@ class TrainPreset:
     # zo: the zeroth-order lrs (ZO_SETTINGS, set on tiny) times this; a stable ZO step shrinks
     # as the model grows (the estimate's variance grows with the dimension).
     zo_lr_multiplier: float = 1.0
+    # Projector refresh gap of the low-rank methods (None: steps/10 between 10 and 200).
+    update_proj_gap: int | None = None
+    seeds: int = 1  # runs at the best lr, each with its own initialization and batch order
 
 
 TRAIN_PRESETS: dict[str, TrainPreset] = {
     # About 1.5 minutes on a 2-core CPU for AdamW and the 7 first-order optimizers at 3 lrs each.
     "tiny": TrainPreset(DecoderConfig(hidden=64, intermediate=172, layers=2, heads=4, seq_len=64),
                         batch=16, steps=64, eval_interval=16, eval_batches=4, pretrain_steps=400, zo_steps=400),
+    # The tiny model trained long enough for the methods to separate on a 2-core CPU: 1200 steps
+    # with the papers' refresh gap 200 (6 subspaces per run), about 1–2 minutes a run with one
+    # thread; the whole table (8 optimizers, lr sweep bracketed, 2 seeds) in about an hour.
+    "small": TrainPreset(DecoderConfig(hidden=64, intermediate=172, layers=2, heads=4, seq_len=64),
+                         batch=16, steps=1200, eval_interval=100, eval_batches=8, pretrain_steps=1200,
+                         zo_steps=1000, update_proj_gap=200, seeds=2),
     # GaLore's LLaMA-60M shape (byte-level vocabulary: the blocks are the same, the embeddings small).
     "60m": TrainPreset(DecoderConfig(hidden=512, intermediate=1376, layers=8, heads=8, seq_len=256),
                        batch=32, steps=600, eval_interval=50, eval_batches=8, pretrain_steps=1500, zo_steps=1000,
@@ -114,9 +129,10 @@ def build_model(config: DecoderConfig, device: torch.device, seed: int) -> Decod
 
 
 def build_optimizer(name: str, model: Decoder, lr: float, steps: int, backend: str,
-                    extra: dict[str, Any] | None = None) -> torch.optim.Optimizer:
+                    extra: dict[str, Any] | None = None, update_proj_gap: int | None = None) -> torch.optim.Optimizer:
     """``name`` through ``memzoo.create_optimizer`` with its training setting (weight decay 0 for
-    all, projector refresh every steps/10, between 10 and 200 as GaLore's 200 of 10k steps)."""
+    all, projector refresh every ``update_proj_gap`` steps; by default steps/10, between 10 and
+    200 as GaLore's 200 of 10k steps)."""
     from memzoo.optim import create_optimizer
 
     if name not in TRAIN_SETTINGS:
@@ -126,7 +142,7 @@ def build_optimizer(name: str, model: Decoder, lr: float, steps: int, backend: s
     if setting.rank_fraction is not None:
         kwargs["rank"] = max(1, round(setting.rank_fraction * model.config.hidden))
     if setting.refreshes:
-        kwargs["update_proj_gap"] = max(10, min(200, steps // 10))
+        kwargs["update_proj_gap"] = update_proj_gap or max(10, min(200, steps // 10))
     if name != "adamw":
         kwargs["backend"] = backend
     return create_optimizer(model, name, lr=lr, **{**kwargs, **(extra or {})})
@@ -187,7 +203,7 @@ def train_run(name: str, lr: float, preset: TrainPreset, corpus: Corpus, validat
               extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """One training run; returns its curves and measurements."""
     model = build_model(preset.model, device, seed)
-    optimizer = build_optimizer(name, model, lr, steps, backend, extra)
+    optimizer = build_optimizer(name, model, lr, steps, backend, extra, preset.update_proj_gap)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(steps))
     _reset_peak(device)
     train_losses: list[float] = []
@@ -233,50 +249,185 @@ def _environment_args(args: argparse.Namespace) -> tuple[TrainPreset, torch.devi
     return preset, torch.device(args.device), corpus
 
 
-def sweep_lrs(name: str, centre: float, factors: Sequence[float], run: Callable[[float], dict[str, Any]],
-              loss_key: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Run ``run(lr)`` at centre × each factor; (the run with the lowest final loss, all runs),
-    each run with its sweep's final losses under ``lr_sweep``."""
-    runs = []
-    for factor in factors:
-        result = run(centre * factor)
-        print(f"  {name} lr={result['lr']:.3g} {loss_key}={result[loss_key]:.4f}", flush=True)
+class RunStore:
+    """Finished runs on disk, one JSON file per run, so that an interrupted sweep continues where
+    it stopped: ``run(key, measure)`` returns the stored result of ``key`` when there is one and
+    otherwise measures it and writes it (atomically: a file is whole or absent). ``directory``
+    None keeps nothing. ``context`` is everything the runs of a command share (preset, steps,
+    corpus, …); it is part of every run's identity, so a changed command never reuses a run."""
+
+    def __init__(self, directory: str | Path | None, context: dict[str, Any]) -> None:
+        self.directory = None if directory is None else Path(directory)
+        self.context = context
+        self.measured = 0  # runs measured (not read back) by this store
+
+    def path(self, key: dict[str, Any]) -> Path | None:
+        if self.directory is None:
+            return None
+        identity = json.dumps({**self.context, **key}, sort_keys=True, default=str)
+        digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
+        label = "-".join(f"{name}{value:.4g}" if isinstance(value, float) else f"{name}{value}"
+                         for name, value in key.items())
+        return self.directory / "runs" / f"{label}-{digest}.json"
+
+    def run(self, key: dict[str, Any], measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        path = self.path(key)
+        if path is not None and path.exists():
+            return json.loads(path.read_text())["result"]
+        result = measure()
+        self.measured += 1
+        if path is not None:
+            write_json_atomic(path, {"key": key, "context": self.context, "result": result,
+                                     "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        return result
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """``value`` as JSON at ``path``, through a temporary file renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(json.dumps(value, indent=1))
+    os.replace(partial, path)
+
+
+def _mean_curve(runs: Sequence[dict[str, Any]]) -> list[tuple[int, float]]:
+    """The seeds' validation curves averaged point by point (over the steps all of them reached)."""
+    length = min(len(run["val_curve"]) for run in runs)
+    return [(runs[0]["val_curve"][i][0], statistics.fmean(run["val_curve"][i][1] for run in runs))
+            for i in range(length)]
+
+
+def bracket_lr(name: str, centre: float, factors: Sequence[float], run: Callable[[float, int], dict[str, Any]],
+               loss_key: str, *, seed: int = 0, seeds: int = 1, max_extensions: int = 2) -> tuple[dict[str, Any],
+                                                                                               list[dict[str, Any]]]:
+    """The lr sweep of one optimizer; returns (its row, every run).
+
+    ``run(lr, seed)`` at centre × each factor (seed ``seed``); while the lowest final loss sits
+    at an edge of the lrs tried, one more lr beyond that edge (the grid's spacing there), at most
+    ``max_extensions`` times; ``lr_edge`` is "low"/"high" when the best stayed at an edge (the
+    optimum is not bracketed), else None. The best lr is then run at ``seeds`` seeds in all
+    (``seed``, ``seed + 1``, …): the row's ``loss_key`` is their mean, with ``…_std`` (sample
+    standard deviation), ``…_min``/``…_max``, the per-seed values and the mean curve.
+    """
+    if seeds < 1 or max_extensions < 0:
+        raise ValueError(f"seeds must be >= 1 and max_extensions >= 0, got {seeds} and {max_extensions}")
+    runs: list[dict[str, Any]] = []
+    by_lr: dict[float, dict[str, Any]] = {}
+
+    def measure(lr: float, run_seed: int) -> dict[str, Any]:
+        result = run(lr, run_seed)
+        print(f"  {name} lr={lr:.3g} seed={run_seed} {loss_key}={result[loss_key]:.4f}", flush=True)
         runs.append(result)
-    best = min(runs, key=lambda result: result[loss_key])
-    sweep = {f"{result['lr']:.3g}": result[loss_key] for result in runs}
-    return {**best, "lr_sweep": sweep}, runs
+        return result
+
+    for factor in sorted(set(factors)):
+        by_lr[centre * factor] = measure(centre * factor, seed)
+    edge = None
+    for extension in range(max_extensions + 1):
+        lrs = sorted(by_lr)
+        if len(lrs) < 2:
+            break  # a single lr: no bracket was asked for
+        best_lr = min(lrs, key=lambda lr: (by_lr[lr][loss_key], lr))
+        edge = "low" if best_lr == lrs[0] else "high" if best_lr == lrs[-1] else None
+        if edge is None or extension == max_extensions:
+            break
+        new_lr = lrs[0] * lrs[0] / lrs[1] if edge == "low" else lrs[-1] * lrs[-1] / lrs[-2]
+        by_lr[new_lr] = measure(new_lr, seed)
+    best_lr = min(by_lr, key=lambda lr: (by_lr[lr][loss_key], lr))
+    seed_runs = [by_lr[best_lr]] + [measure(best_lr, seed + k) for k in range(1, seeds)]
+    losses = [result[loss_key] for result in seed_runs]
+    finite = all(math.isfinite(loss) for loss in losses)
+    row = {**by_lr[best_lr], loss_key: statistics.fmean(losses) if finite else math.inf,
+           f"{loss_key}_std": statistics.stdev(losses) if finite and len(losses) > 1 else 0.0 if finite else None,
+           f"{loss_key}_min": min(losses), f"{loss_key}_max": max(losses), "seed_losses": losses,
+           "seeds": len(seed_runs), "lr_edge": edge,
+           "lr_sweep": {f"{lr:.3g}": by_lr[lr][loss_key] for lr in sorted(by_lr)}}
+    if all("val_curve" in result for result in seed_runs):
+        row["val_curve"] = _mean_curve(seed_runs)
+    speeds = [result.get("tokens_per_s") for result in seed_runs]
+    if all(speed is not None for speed in speeds):
+        row["tokens_per_s"] = statistics.fmean(speeds)
+    return row, runs
+
+
+@contextlib.contextmanager
+def _threads(args: argparse.Namespace) -> Iterator[None]:
+    """Within: torch's intra-op threads as ``--threads`` asks (restored after)."""
+    saved = torch.get_num_threads()
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _progress(args: argparse.Namespace, report: dict[str, Any], pending: Sequence[str]) -> None:
+    """The table so far in ``--out`` (report.json and table.md), rewritten after each optimizer."""
+    if not getattr(args, "out", None):
+        return
+    from memzoo.bench.cli import COLUMNS, format_table
+
+    out = Path(args.out)
+    partial = {**report, "partial": bool(pending), "pending": list(pending)}
+    write_json_atomic(out / "report.json", partial)
+    header = " ".join(f"{k}={v}" for k, v in partial.items() if not isinstance(v, (list, dict)))
+    text = f"{header}\npending: {', '.join(pending) or 'none'}\n\n"
+    text += format_table(report["rows"], COLUMNS[report["command"]]) + "\n" if report["rows"] else ""
+    partial_table = out / "table.md.tmp"
+    partial_table.write_text(text)
+    os.replace(partial_table, out / "table.md")
 
 
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
+    with _threads(args):
+        return _run_train(args)
+
+
+def _run_train(args: argparse.Namespace) -> dict[str, Any]:
     preset, device, corpus = _environment_args(args)
     steps = args.steps or preset.steps
+    seeds = args.seeds or preset.seeds
     names = ["adamw", *[n for n in args.optimizer if n != "adamw"]]
     for name in names:
         if name not in TRAIN_SETTINGS:
             raise ValueError(f"no training setting for {name!r}; valid: {', '.join(TRAIN_SETTINGS)}")
     validation = _validation_windows(corpus, preset, args.seed)
-    rows, runs = [], []
-    for name in names:
-        best, sweep = sweep_lrs(
-            name, args.lr.get(name, TRAIN_SETTINGS[name].lr), args.lr_factors,
-            lambda lr, name=name: train_run(name, lr, preset, corpus, validation, steps=steps, device=device,
-                                            backend=args.backend, seed=args.seed),
-            "val_loss")
-        runs.extend(sweep)
-        rows.append({key: best[key] for key in ("optimizer", "lr", "val_loss", "tokens_per_s", "peak_mib",
-                                                "state_mib", "lr_sweep")})
+    store = RunStore(args.out, {"command": "train", "preset": repr(preset), "steps": steps, "corpus": corpus.sha256,
+                                "validation_seed": args.seed, "device": device.type, "backend": args.backend})
+    report = {"command": "train", "preset": args.preset, "model_params": preset.model.numel(), "steps": steps,
+              "batch": preset.batch, "seq_len": preset.model.seq_len, "corpus_sha256": corpus.sha256,
+              "update_proj_gap": preset.update_proj_gap or max(10, min(200, steps // 10)), "seeds": seeds,
+              "lr_factors": list(args.lr_factors), "max_lr_extensions": args.max_lr_extensions,
+              "torch_threads": torch.get_num_threads(), "rows": [], "runs": []}
+    for index, name in enumerate(names):
+        setting = TRAIN_SETTINGS[name]
+
+        def run(lr: float, seed: int, name: str = name) -> dict[str, Any]:
+            key = {"optimizer": name, "lr": lr, "seed": seed, "setting": repr(TRAIN_SETTINGS[name])}
+            return store.run(key, lambda: {**train_run(name, lr, preset, corpus, validation, steps=steps,
+                                                       device=device, backend=args.backend, seed=seed), "seed": seed})
+
+        best, sweep = bracket_lr(name, args.lr.get(name, setting.lr), args.lr_factors, run, "val_loss",
+                                 seed=args.seed, seeds=seeds, max_extensions=args.max_lr_extensions)
+        report["runs"].extend(sweep)
+        report["rows"].append({key: best.get(key) for key in (
+            "optimizer", "lr", "val_loss", "val_loss_std", "val_loss_min", "val_loss_max", "seed_losses", "seeds",
+            "lr_edge", "tokens_per_s", "peak_mib", "state_mib", "lr_sweep", "val_curve")})
+        _compare_to_adamw(report["rows"])
+        _progress(args, report, names[index + 1:])
+    if args.plot:
+        report["plot"] = plot_report(report, args.plot)
+    return report
+
+
+def _compare_to_adamw(rows: list[dict[str, Any]]) -> None:
     adamw = rows[0]
     for row in rows:
         row["vs_adamw_loss"] = row["val_loss"] / adamw["val_loss"]
         row["vs_adamw_state"] = row["state_mib"] / adamw["state_mib"] if adamw["state_mib"] else None
         if row["tokens_per_s"] and adamw["tokens_per_s"]:
             row["vs_adamw_speed"] = row["tokens_per_s"] / adamw["tokens_per_s"]
-    report = {"command": "train", "preset": args.preset, "model_params": preset.model.numel(), "steps": steps,
-              "batch": preset.batch, "seq_len": preset.model.seq_len, "corpus_sha256": corpus.sha256,
-              "lr_factors": list(args.lr_factors), "rows": rows, "runs": runs}
-    if args.plot:
-        report["plot"] = plot_report(report, args.plot)
-    return report
 
 
 # ---- zo -------------------------------------------------------------------------------------------
@@ -395,6 +546,11 @@ def steps_to_reach(curve: Sequence[tuple[int, float]], target: float) -> int | N
 
 
 def run_zo(args: argparse.Namespace) -> dict[str, Any]:
+    with _threads(args):
+        return _run_zo(args)
+
+
+def _run_zo(args: argparse.Namespace) -> dict[str, Any]:
     preset, device, corpus = _environment_args(args)
     for name in args.optimizer:
         if name not in ZO_SETTINGS:
@@ -403,36 +559,55 @@ def run_zo(args: argparse.Namespace) -> dict[str, Any]:
     weights = pretrained_checkpoint(args.preset, preset, corpus, device, Path(args.cache_dir), args.seed,
                                     pretrain_steps)
     steps = args.steps or preset.zo_steps
+    seeds = args.seeds or preset.seeds
     heldout = _validation_windows(corpus, preset, args.seed)
-    rows, runs = [], []
-    for name in args.optimizer:
-        centre = args.lr.get(name, ZO_SETTINGS[name].lr * (preset.zo_lr_multiplier if name != "adamw" else 1.0))
-        best, sweep = sweep_lrs(
-            name, centre, args.lr_factors,
-            lambda lr, name=name: zo_run(name, weights, preset, corpus, heldout, steps=steps, lr=lr, device=device,
-                                         backend=args.backend, seed=args.seed),
-            "final_loss")
-        runs.extend(sweep)
-        rows.append(best)
-    mezo = next((row for row in rows if row["method"] == "mezo"), None)
-    for row in rows:
-        if mezo is not None and mezo["final_loss"] < mezo["initial_loss"]:
-            # Sparse-MeZO's claim: MeZO's final loss in at most half of MeZO's steps.
-            reached = steps_to_reach(row["val_curve"], mezo["final_loss"])
-            row["steps_to_mezo_final"] = reached
-            row["fraction_of_mezo_steps"] = reached / mezo["steps"] if reached is not None else None
+    store = RunStore(args.out, {"command": "zo", "preset": repr(preset), "steps": steps, "corpus": corpus.sha256,
+                                "pretrain_steps": pretrain_steps, "checkpoint_seed": args.seed,
+                                "device": device.type, "backend": args.backend})
     report = {"command": "zo", "preset": args.preset, "model_params": preset.model.numel(), "steps": steps,
-              "pretrain_steps": pretrain_steps, "corpus_sha256": corpus.sha256,
-              "lr_factors": list(args.lr_factors), "rows": rows, "runs": runs}
+              "pretrain_steps": pretrain_steps, "corpus_sha256": corpus.sha256, "seeds": seeds,
+              "lr_factors": list(args.lr_factors), "max_lr_extensions": args.max_lr_extensions,
+              "torch_threads": torch.get_num_threads(), "rows": [], "runs": []}
+    for index, name in enumerate(args.optimizer):
+        centre = args.lr.get(name, ZO_SETTINGS[name].lr * (preset.zo_lr_multiplier if name != "adamw" else 1.0))
+
+        def run(lr: float, seed: int, name: str = name) -> dict[str, Any]:
+            key = {"method": name, "lr": lr, "seed": seed, "setting": repr(ZO_SETTINGS[name])}
+            return store.run(key, lambda: {**zo_run(name, weights, preset, corpus, heldout, steps=steps, lr=lr,
+                                                    device=device, backend=args.backend, seed=seed), "seed": seed})
+
+        best, sweep = bracket_lr(name, centre, args.lr_factors, run, "final_loss", seed=args.seed, seeds=seeds,
+                                 max_extensions=args.max_lr_extensions)
+        report["runs"].extend(sweep)
+        report["rows"].append(best)
+        _compare_to_mezo(report["rows"])
+        _progress(args, report, args.optimizer[index + 1:])
     if args.plot:
         report["plot"] = plot_report(report, args.plot)
     return report
 
 
+def _compare_to_mezo(rows: list[dict[str, Any]]) -> None:
+    """Sparse-MeZO's claim: MeZO's final loss in at most half of MeZO's steps (seed-mean curves)."""
+    mezo = next((row for row in rows if row["method"] == "mezo"), None)
+    if mezo is None or not mezo["final_loss"] < mezo["initial_loss"]:
+        return
+    for row in rows:
+        reached = steps_to_reach(row["val_curve"], mezo["final_loss"])
+        row["steps_to_mezo_final"] = reached
+        row["fraction_of_mezo_steps"] = reached / mezo["steps"] if reached is not None else None
+
+
 def plot_report(report: dict[str, Any], path: str) -> str | None:
     """The PNG of a ``train`` or ``zo`` JSON report (e.g. one measured on a machine without
     matplotlib): the best-lr curve of each optimizer."""
-    if report.get("command") == "train":
+    if report.get("command") == "train" and all("val_curve" in row for row in report["rows"]):
+        curves = [(f"{row['optimizer']} (lr {row['lr']:.3g}, {row.get('seeds', 1)} seeds)",
+                   [s for s, _ in row["val_curve"]], [v for _, v in row["val_curve"]]) for row in report["rows"]]
+        return plot_curves(path, curves, xlabel="step",
+                           title=f"memzoo-bench train --preset {report['preset']}: "
+                                 "validation loss (best lr, seed mean)")
+    if report.get("command") == "train":  # a report written before rows carried their curves
         best = {(row["optimizer"], row["lr"]) for row in report["rows"]}
         curves = [(f"{run['optimizer']} (lr {run['lr']:.3g})", [s for s, _ in run["val_curve"]],
                    [v for _, v in run["val_curve"]]) for run in report["runs"] if (run["optimizer"], run["lr"]) in best]

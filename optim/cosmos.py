@@ -16,6 +16,7 @@ from memzoo.optim.base import (
     check_betas,
     check_int,
     check_number,
+    deferred_interrupts,
     group_by_device,
     local_tensor,
     resolve_backend,
@@ -84,6 +85,7 @@ class COSMOS(MemzooOptimizer):
     """
 
     family = "cosmos"
+    _layout_keys = ("rank", "max_rows")
 
     def __init__(
         self,
@@ -165,12 +167,9 @@ class COSMOS(MemzooOptimizer):
         spec["subspace"] = (torch.Size((rank, rank)), self._factor_dtype(param))
         return spec
 
-    def _init_state(self, param: torch.Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
-        state = self.state[param]
-        if not state:
-            for name, (shape, dtype) in self._state_spec(param, group).items():
-                state[name] = (torch.zeros((), dtype=dtype) if name == "step" else zeros_state(param, shape, dtype))
-        return state
+    def _init_state(self, param: torch.Tensor, group: Mapping[str, Any], state: dict[str, Any]) -> None:
+        for name, (shape, dtype) in self._state_spec(param, group).items():
+            state[name] = (torch.zeros((), dtype=dtype) if name == "step" else zeros_state(param, shape, dtype))
 
     def _new_basis(self, param: torch.Tensor, state: dict[str, Any], beta2: float) -> tuple[torch.Tensor, torch.Tensor]:
         """This step's (basis U, subspace S) of an eligible weight, not yet stored. The subspace
@@ -217,18 +216,33 @@ class COSMOS(MemzooOptimizer):
         # writing state; phase 2 writes. An error in phase 1 (out of memory in eigh/QR) modifies
         # nothing.
         plans = []
-        for group in self.param_groups:
+        # States created or reconciled (after a group edit) in phase 1, installed in phase 2.
+        staged: list[tuple[torch.Tensor, dict[str, Any], Mapping[str, Any]]] = []
+        notes: list[str] = []
+        for group_index, group in enumerate(self.param_groups):
             beta2 = group["betas"][1]
             adam_items, matrices = [], []
-            for param in group["params"]:
+            for param_index, param in enumerate(group["params"]):
                 if param.grad is None:
                     continue
-                state = self._init_state(param, group)
+                stored = self.state.get(param)
+                state = self._reconciled_state(param, group, stored, (group_index, param_index), notes)
+                if not state:
+                    self._init_state(param, group, state)
+                if state is not stored:
+                    staged.append((param, state, group))
                 if self._rank(param, group) is None:
                     adam_items.append((param, state))
                     continue
                 matrices.append((param, state, *self._new_basis(param, state, beta2)))
             plans.append((group, adam_items, matrices))
+        with deferred_interrupts():  # the writes: an interrupt lands before or after them, not between
+            self._install_states(staged, notes)
+            self._write(plans)
+        return loss
+
+    def _write(self, plans: list[tuple]) -> None:
+        """Phase 2: the writes of a planned step (state, then weights)."""
         for group, adam_items, matrices in plans:
             beta1, beta2 = group["betas"]
             adam: dict[tuple[torch.device, int], list[tuple[torch.Tensor, dict[str, Any]]]] = defaultdict(list)
@@ -266,4 +280,3 @@ class COSMOS(MemzooOptimizer):
                     beta1=beta1, beta2=beta2, eps=group["eps"] * root_bc2, lr=group["lr"],
                     weight_decay=group["weight_decay"], maximize=group["maximize"], decay_first=True,
                 )
-        return loss

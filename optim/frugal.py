@@ -148,6 +148,7 @@ class FRUGAL(GaLoreAdamW):
     """
 
     family = "frugal"
+    _layout_keys = (*GaLoreAdamW._layout_keys, "density")
 
     def __init__(
         self,
@@ -226,13 +227,12 @@ class FRUGAL(GaLoreAdamW):
     def _migrate(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
         """Checkpoints written before ``inactive_threshold`` existed resume with the update they
         were trained with, the official one (threshold 0)."""
-        state_dict = super()._migrate(state_dict)
         groups = state_dict["param_groups"]
         if isinstance(groups, (list, tuple)) and any(isinstance(g, Mapping) and "inactive_threshold" not in g
                                                      for g in groups):
             state_dict = {**state_dict, "param_groups": [
                 {"inactive_threshold": 0.0, **g} if isinstance(g, Mapping) else g for g in groups]}
-        return state_dict
+        return super()._migrate(state_dict)  # after: its defaults must not fill this key first
 
     def _validate_group(self, group: Mapping[str, Any], group_index: int) -> None:
         if group["rank"] is not None or group["optim_bits"] != 32:

@@ -15,13 +15,14 @@ from memzoo.optim.base import (
     check_betas,
     check_int,
     check_number,
+    deferred_interrupts,
     local_tensor,
     resolve_backend,
     resolve_state_dtype,
     whole_matrix_problem,
     zeros_state,
 )
-from memzoo.optim.projector import Projector, ProjectorSettings, RefreshRequest, refresh_projectors_
+from memzoo.optim.projector import Projector, ProjectorSettings, RefreshRequest, compute_refreshes
 from memzoo.optim.quantized_state import MIN_8BIT_SIZE, QuantizedMoment
 from memzoo.reference.common import compute_dtype
 
@@ -114,6 +115,8 @@ class GaLoreAdamW(MemzooOptimizer):
     """
 
     family = "galore"
+    _layout_keys = ("rank", "proj_type", "projector", "state_dtype", "optim_bits", "min_8bit_size")
+    _rebuilt_units = (("proj_seed", "proj_left", "proj_right", "proj_indices"),)
     # Signs of the computed singular vectors: galore-torch keeps torch.linalg.svd's.
     _signs: ClassVar[str] = "raw"
 
@@ -300,23 +303,29 @@ class GaLoreAdamW(MemzooOptimizer):
         index = 0
         plans = []
         refreshes: list[RefreshRequest] = []
-        for group in self.param_groups:
+        # States created or reconciled while planning, installed only once every refresh succeeded.
+        staged: list[tuple[torch.Tensor, dict[str, Any], Mapping[str, Any]]] = []
+        notes: list[str] = []
+        for group_index, group in enumerate(self.param_groups):
             # (device, step) → params, grads, m, v, and the 8-bit states to encode afterwards
             dense: dict[tuple[torch.device, int], tuple[list, list, list, list, list]] = {}
             projected: list[tuple[torch.Tensor, Projector, dict[str, Any], int, bool]] = []
             refreshed: list[tuple[dict[str, Any], bool]] = []
             step_counts: list[torch.Tensor] = []
             settings_key = self._settings_key(group)
-            for param in group["params"]:
+            for param_index, param in enumerate(group["params"]):
                 index += 1
                 if param.grad is None:
                     continue
                 projector = self._projector(param, group, settings_key)
                 shape = self._moment_shape(param, projector)
                 quantized = self._quantized(shape, group)
-                state = self.state[param]
+                stored = self.state.get(param)
+                state = self._reconciled_state(param, group, stored, (group_index, param_index), notes)
                 if not state:
                     self._init_state(param, group, state, shape, quantized)
+                if state is not stored:
+                    staged.append((param, state, group))
                 step = self._step_count(state)
                 step_counts.append(state["step"])
                 if projector is None:
@@ -336,8 +345,17 @@ class GaLoreAdamW(MemzooOptimizer):
                 projected.append((param, projector, state, step, quantized))
             plans.append((group, dense, projected, refreshed, step_counts))
         # All projectors due this step at once: same-shaped matrices share batched calls.
-        refresh_projectors_(refreshes, randn=self._randn)
+        refresh_writes = compute_refreshes(refreshes, randn=self._randn)
         del refreshes
+        with deferred_interrupts():  # the writes: an interrupt lands before or after them, not between
+            self._install_states(staged, notes)
+            for state, name, value in refresh_writes:
+                state[name] = value
+            self._write(plans)
+        return loss
+
+    def _write(self, plans: list[tuple]) -> None:
+        """The writes of a planned step: refresh hooks, step counters, projected and dense updates."""
         for group, dense, projected, refreshed, step_counts in plans:
             beta1, beta2 = group["betas"]
             hyper = dict(beta1=beta1, beta2=beta2, eps=group["eps"])
@@ -358,7 +376,6 @@ class GaLoreAdamW(MemzooOptimizer):
                 self._update_dense(group, device, step, (params, grads, exp_avgs, exp_avg_sqs), hyper)
                 for state, moments in to_encode:
                     self._store_moments(state, moments)
-        return loss
 
     def _update_dense(self, group: Mapping[str, Any], device: torch.device, step: int, lists: tuple[list, ...],
                       hyper: dict[str, float]) -> None:
@@ -474,6 +491,8 @@ class NaturalGaLore(GaLoreAdamW):
                          **kwargs)
 
     _preconditions = True
+    _layout_keys = (*GaLoreAdamW._layout_keys, "natural_history", "natural")
+    _rebuilt_units = (*GaLoreAdamW._rebuilt_units, ("nat_history", "nat_count"))
 
     def _extra_defaults(self) -> dict[str, Any]:
         return self._natural_defaults

@@ -13,6 +13,7 @@ from memzoo.optim.base import (
     StateSpec,
     check_betas,
     check_number,
+    deferred_interrupts,
     group_by_device,
     local_tensor,
     resolve_state_dtype,
@@ -55,6 +56,7 @@ class Lion(MemzooOptimizer):
     """
 
     family = "lion"
+    _layout_keys = ("momentum_dtype",)
 
     def __init__(
         self,
@@ -92,18 +94,34 @@ class Lion(MemzooOptimizer):
         loss = self._run_closure(closure)
         if not self._check_grads():  # skip_nonfinite: nothing is modified this step
             return loss
-        for group in self.param_groups:
-            params = [param for param in group["params"] if param.grad is not None]
-            grads = [param.grad for param in params]
-            exp_avgs = []
-            for param in params:
-                state = self.state[param]
-                exp_avg = state.get("exp_avg")
-                if exp_avg is None:
-                    exp_avg = state["exp_avg"] = torch.zeros_like(
+        staged: list[tuple[torch.Tensor, dict[str, Any], Mapping[str, Any]]] = []
+        notes: list[str] = []
+        plans = []
+        for group_index, group in enumerate(self.param_groups):
+            params, exp_avgs = [], []
+            for param_index, param in enumerate(group["params"]):
+                if param.grad is None:
+                    continue
+                stored = self.state.get(param)
+                state = self._reconciled_state(param, group, stored, (group_index, param_index), notes)
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(
                         param, dtype=self._momentum_dtype(param, group), memory_format=torch.preserve_format
                     )
-                exp_avgs.append(exp_avg)
+                if state is not stored:
+                    staged.append((param, state, group))
+                params.append(param)
+                exp_avgs.append(state["exp_avg"])
+            plans.append((group, params, exp_avgs))
+        with deferred_interrupts():  # the writes: an interrupt lands before or after them, not between
+            self._install_states(staged, notes)
+            self._write(plans)
+        return loss
+
+    def _write(self, plans: list[tuple]) -> None:
+        """The writes of a planned step: one update per (group, device)."""
+        for group, params, exp_avgs in plans:
+            grads = [param.grad for param in params]
             beta1, beta2 = group["betas"]
             for device, lists in group_by_device(params, grads, exp_avgs).items():
                 ps, gs, ms = ([local_tensor(t) for t in ts] for ts in lists)  # FSDP2: each rank its shards
@@ -111,4 +129,3 @@ class Lion(MemzooOptimizer):
                     ps, gs, ms, lr=group["lr"], beta1=beta1, beta2=beta2,
                     weight_decay=group["weight_decay"], maximize=group["maximize"],
                 )
-        return loss

@@ -5,6 +5,7 @@ equal the measured ones)."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch
 from memzoo.bench.cli import main
 from memzoo.bench.corpus import load_corpus, split_of, stdlib_files
 from memzoo.bench.model import Decoder, DecoderConfig
-from memzoo.bench.train import DEFAULT_TRAIN, lr_lambda, steps_to_reach, sweep_lrs
+from memzoo.bench.train import DEFAULT_TRAIN, RunStore, bracket_lr, lr_lambda, steps_to_reach
 
 TINY = DecoderConfig(hidden=32, intermediate=48, layers=2, heads=2, seq_len=16)
 
@@ -67,10 +68,69 @@ def test_lr_schedule_warms_up_then_decays_to_a_tenth() -> None:
 
 
 def test_sweep_picks_the_lowest_final_loss() -> None:
-    best, runs = sweep_lrs("x", 1.0, [0.5, 1.0, 2.0], lambda lr: {"lr": lr, "loss": (lr - 1.1) ** 2}, "loss")
+    best, runs = bracket_lr("x", 1.0, [0.5, 1.0, 2.0], lambda lr, seed: {"lr": lr, "loss": (lr - 1.1) ** 2}, "loss")
     assert best["lr"] == 1.0 and len(runs) == 3 and set(best["lr_sweep"]) == {"0.5", "1", "2"}
+    assert best["lr_edge"] is None and best["seeds"] == 1 and best["loss_std"] == 0.0
     assert steps_to_reach([(0, 3.0), (10, 2.5), (20, 2.0)], 2.4) == 20
     assert steps_to_reach([(0, 3.0)], 2.0) is None
+
+
+def _quadratic_in_log_lr(optimum: float, calls: list[tuple[float, int]]):
+    """A deterministic fake run: final loss (log10 lr − log10 optimum)² + 0.01·seed, a curve."""
+    def run(lr: float, seed: int) -> dict:
+        calls.append((lr, seed))
+        loss = (math.log10(lr) - math.log10(optimum)) ** 2 + 0.01 * seed
+        return {"lr": lr, "loss": loss, "val_curve": [(0, 5.0 + seed), (10, loss)], "tokens_per_s": 100.0 + seed}
+    return run
+
+
+@pytest.mark.parametrize("optimum, expected_lr, edge, extra_runs", [
+    (2e-2, 1e-2, None, 1),  # best at the top of 1e-4..1e-2: one more lr (1e-1) brackets it
+    (1e-8, 1e-6, "low", 2),  # far below: two extensions (1e-5, 1e-6), still at the edge, marked
+    (1e-3, 1e-3, None, 0),  # interior from the start: nothing added
+])
+def test_sweep_extends_past_an_edge_until_bracketed_and_marks_what_stayed(optimum, expected_lr, edge,
+                                                                         extra_runs) -> None:
+    calls: list[tuple[float, int]] = []
+    best, runs = bracket_lr("x", 1e-3, [0.1, 1.0, 10.0], _quadratic_in_log_lr(optimum, calls), "loss",
+                            seed=0, seeds=1, max_extensions=2)
+    assert len(calls) == 3 + extra_runs and len(runs) == len(calls)
+    assert best["lr"] == pytest.approx(expected_lr) and best["lr_edge"] == edge
+
+
+def test_sweep_runs_the_best_lr_at_every_seed_and_reports_mean_and_spread() -> None:
+    calls: list[tuple[float, int]] = []
+    best, runs = bracket_lr("x", 1.0, [0.1, 1.0, 10.0], _quadratic_in_log_lr(1.0, calls), "loss", seed=5, seeds=3)
+    assert calls == [(0.1, 5), (1.0, 5), (10.0, 5), (1.0, 6), (1.0, 7)]
+    assert best["seed_losses"] == pytest.approx([0.05, 0.06, 0.07]) and best["seeds"] == 3
+    assert best["loss"] == pytest.approx(0.06) and best["loss_std"] == pytest.approx(0.01)
+    assert (best["loss_min"], best["loss_max"]) == pytest.approx((0.05, 0.07))
+    assert [step for step, _ in best["val_curve"]] == [0, 10]  # the seeds' curves averaged
+    assert [loss for _, loss in best["val_curve"]] == pytest.approx([11.0, 0.06])
+    assert best["tokens_per_s"] == pytest.approx(106)
+    assert best["lr_sweep"]["1"] == pytest.approx(0.05)  # the sweep itself is at the first seed
+
+
+def test_run_store_keeps_finished_runs_and_keys_them_by_command(tmp_path) -> None:
+    calls: list[tuple[float, int]] = []
+    fake = _quadratic_in_log_lr(1.0, calls)
+
+    def sweep(store: RunStore) -> dict:
+        return bracket_lr("x", 1.0, [0.1, 1.0, 10.0],
+                          lambda lr, seed: store.run({"lr": lr, "seed": seed}, lambda: fake(lr, seed)),
+                          "loss", seeds=2)[0]
+
+    first = sweep(RunStore(tmp_path, {"steps": 10}))
+    assert len(calls) == 4 and len(list((tmp_path / "runs").glob("*.json"))) == 4
+    assert not list(tmp_path.rglob("*.tmp"))  # written through a rename: whole or absent
+    again = RunStore(tmp_path, {"steps": 10})
+    assert sweep(again) == first and len(calls) == 4 and again.measured == 0  # nothing rerun
+    next(iter(sorted((tmp_path / "runs").glob("*seed1*.json")))).unlink()  # as if interrupted there
+    resumed = RunStore(tmp_path, {"steps": 10})
+    assert sweep(resumed) == first and resumed.measured == 1 and calls[-1] == (1.0, 1)
+    other = RunStore(tmp_path, {"steps": 20})  # another command: nothing is reused
+    sweep(other)
+    assert other.measured == 4
 
 
 def test_train_every_optimizer_lowers_the_loss(tmp_path) -> None:
@@ -91,6 +151,30 @@ def test_train_every_optimizer_lowers_the_loss(tmp_path) -> None:
     assert states["galore_adamw"] < states["adamw"] and states["apollo_mini"] < states["apollo"]
 
 
+def test_train_sweep_resumes_from_its_directory(tmp_path) -> None:
+    out, path = tmp_path / "sweep", tmp_path / "train.json"
+    argv = ["train", "--device", "cpu", "--steps", "2", "--optimizer", "lion", "--lr-factors", "1,3",
+            "--max-lr-extensions", "1", "--seeds", "2", "--threads", "1", "--out", str(out), "--json", str(path)]
+    threads = torch.get_num_threads()
+    assert main(argv) == 0
+    assert torch.get_num_threads() == threads  # --threads holds for the command only
+    first = json.loads(path.read_text())
+    files = sorted((out / "runs").glob("*.json"))
+    assert len(files) == len(first["runs"]) >= 2 * 3  # per optimizer: 2 lrs, ≤ 1 extension, 1 more seed
+    for row in first["rows"]:
+        assert row["seeds"] == 2 and len(row["seed_losses"]) == 2 and row["val_loss_std"] is not None
+        assert len(row["lr_sweep"]) in (2, 3) and row["lr_edge"] in (None, "low", "high")
+    table = json.loads((out / "report.json").read_text())
+    assert table["partial"] is False and table["rows"] == first["rows"] and (out / "table.md").exists()
+    written = {file: file.stat().st_mtime_ns for file in files[1:]}
+    files[0].unlink()  # as if the sweep had been killed before that run finished
+    assert main(argv) == 0
+    resumed = json.loads(path.read_text())
+    # Only the missing run was trained again (same batches and initialization: same loss).
+    assert files[0].exists() and {file: file.stat().st_mtime_ns for file in files[1:]} == written
+    assert [row["val_loss"] for row in resumed["rows"]] == pytest.approx([row["val_loss"] for row in first["rows"]])
+
+
 def test_train_plot_is_written_when_matplotlib_is_present(tmp_path) -> None:
     pytest.importorskip("matplotlib")
     path, report = tmp_path / "curves.png", tmp_path / "train.json"
@@ -106,7 +190,7 @@ def test_zo_fine_tunes_from_a_cached_checkpoint(tmp_path, capsys) -> None:
     path = tmp_path / "zo.json"
     argv = ["zo", "--device", "cpu", "--steps", "40", "--pretrain-steps", "60", "--lr-factors", "1",
             "--cache-dir", str(tmp_path / "cache"), "--lr", "mezo=3e-4", "--lr", "sparse_mezo=1e-3",
-            "--lr", "qzo=3e-4", "--json", str(path)]
+            "--lr", "qzo=3e-4", "--seeds", "2", "--json", str(path)]
     assert main(argv) == 0
     report = json.loads(path.read_text())
     assert [row["method"] for row in report["rows"]] == ["mezo", "sparse_mezo", "qzo", "adamw"]
@@ -115,6 +199,8 @@ def test_zo_fine_tunes_from_a_cached_checkpoint(tmp_path, capsys) -> None:
                 "val_curve"} <= row.keys()
         assert row["final_loss"] < row["initial_loss"], row["method"]
         assert row["forward_passes"] == 40 * (1 if row["method"] == "adamw" else 2)
+        assert row["seeds"] == 2 and row["final_loss"] == pytest.approx(sum(row["seed_losses"]) / 2)
+        assert row["val_curve"][-1][1] == pytest.approx(row["final_loss"])  # the seeds' mean curve
     rows = {row["method"]: row for row in report["rows"]}
     assert rows["mezo"]["state_mib"] == 0 and rows["qzo"]["initial_loss"] != rows["mezo"]["initial_loss"]
     assert list((tmp_path / "cache").glob("zo-tiny-*-60-0.pt"))
@@ -154,3 +240,9 @@ def test_train_rejects_unknown_names(capsys) -> None:
     assert main(["zo", "--device", "cpu", "--optimizer", "lion"]) == 2
     assert "zo fine-tunes with" in capsys.readouterr().err
     assert main(["train", "--device", "cpu", "--lr", "lion"]) == 2
+    for bad, message in ((["--seeds", "0"], "--seeds and --threads must be >= 1"),
+                         (["--threads", "0"], "--seeds and --threads must be >= 1"),
+                         (["--max-lr-extensions", "-1"], "--max-lr-extensions >= 0"),
+                         (["--lr-factors", "1,-3"], "--lr-factors takes positive numbers")):
+        assert main(["train", "--device", "cpu", *bad]) == 2, bad
+        assert message in capsys.readouterr().err, bad
