@@ -63,6 +63,8 @@ class APOLLO(GaLoreAdamW):
     """
 
     family = "apollo"
+    _layout_keys = (*GaLoreAdamW._layout_keys, "disable_nl")
+    _rebuilt_units = (*GaLoreAdamW._rebuilt_units, ("limiter_norm",))
 
     def __init__(
         self,

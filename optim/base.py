@@ -7,13 +7,18 @@ and raises when an explicit request cannot be honoured, as torch.optim does for 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import hashlib
 import importlib
 import math
 import os
 import pickle
+import signal
+import threading
+import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import ModuleType
 from typing import IO, Any, ClassVar, Literal
 
@@ -24,19 +29,21 @@ from memzoo.triton_kernels import has_family, interpret_mode_requested, load_fam
 __all__ = [
     "BACKENDS",
     "MemzooOptimizer",
+    "deferred_interrupts",
     "StateSpec",
     "backend_name",
     "group_by_device",
     "is_dtensor",
     "local_tensor",
     "resolve_backend",
+    "state_digest",
 ]
 
 Backend = Literal["auto", "triton", "torch", "reference"]
 BACKENDS: tuple[str, ...] = ("auto", "triton", "torch", "reference")
 
 # Version of the layout written by MemzooOptimizer.state_dict under the "memzoo" key.
-STATE_FORMAT = 2
+STATE_FORMAT = 3
 
 
 def _format_1_to_2(state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -44,9 +51,16 @@ def _format_1_to_2(state_dict: dict[str, Any]) -> dict[str, Any]:
     return {**state_dict, "memzoo": {**state_dict["memzoo"], "format": 2, "skipped_steps": 0}}
 
 
+def _format_2_to_3(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Format 3 groups carry every group key of their optimizer, and a group missing one is
+    refused as damaged. Format 2 groups may lack keys added since they were written:
+    :meth:`MemzooOptimizer._migrate` gives those the optimizer's defaults."""
+    return {**state_dict, "memzoo": {**state_dict["memzoo"], "format": 3}}
+
+
 # Migrations of the state_dict layout, format k → k + 1, applied in order when an older
 # checkpoint loads (each returns a new dict; the caller's is never modified).
-STATE_MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _format_1_to_2}
+STATE_MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _format_1_to_2, 2: _format_2_to_3}
 
 
 def migrate_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -60,6 +74,77 @@ def migrate_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
         state_dict = STATE_MIGRATIONS[version](state_dict)
         version = state_dict["memzoo"]["format"]
     return state_dict
+
+# Where save_checkpoint stores the digest of the state_dict, beside its entries.
+DIGEST_KEY = "memzoo_digest"
+# Group keys a saved group may carry or not: torch.optim records the names of named parameters.
+_OPTIONAL_GROUP_KEYS = frozenset({"param_names"})
+# State tensors that are counts or seeds (never negative) and ones that are never negative.
+_COUNTERS = ("step", "adam_step", "nat_count", "proj_seed")
+_NONNEGATIVE = ("exp_avg_sq", "exp_avg_absmax", "limiter_norm")
+
+
+def state_digest(state_dict: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of a state_dict's contents: every key and value in a canonical order,
+    tensors by dtype, shape and bytes (a DTensor by its local shard), numbers by their exact
+    repr. Equal for a state_dict and its ``torch.save`` / ``torch.load`` round trip."""
+    digest = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = local_tensor(value).detach().cpu().contiguous().reshape(-1)
+            digest.update(f"T{tensor.dtype}{tuple(local_tensor(value).shape)}:".encode())
+            digest.update(tensor.view(torch.uint8).numpy())  # the bytes, without a copy
+        elif isinstance(value, Mapping):
+            digest.update(f"D{len(value)}:".encode())
+            for key in sorted(value, key=repr):
+                feed(key)
+                feed(value[key])
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"{type(value).__name__}{len(value)}:".encode())
+            for item in value:
+                feed(item)
+        else:
+            digest.update(f"{type(value).__name__}:{value!r};".encode())
+
+    feed(state_dict)
+    return digest.hexdigest()
+
+
+_deferring = False
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold a SIGINT (Ctrl-C) that arrives inside the block and deliver it when the block ends.
+
+    A step's writes (the weight updates, installing new state, a zeroth-order pass over the
+    parameters) run inside it, so an interrupt lands before them or after them, never between
+    two tensors or two groups: the step stays all-or-nothing. The previous handler then runs
+    as it would have (Python's raises KeyboardInterrupt). Signals reach only the main thread,
+    so elsewhere, and nested, this does nothing; it costs two ``signal.signal`` calls."""
+    global _deferring
+    if _deferring or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None:  # a handler not installed from Python: leave it alone
+        yield
+        return
+    received: list[Any] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
+    _deferring = True
+    try:
+        yield
+    finally:
+        _deferring = False
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            if callable(previous):
+                previous(signal.SIGINT, received[0])
+            elif previous == signal.SIG_DFL:
+                signal.raise_signal(signal.SIGINT)
+
 
 # (shape, dtype) every per-parameter state tensor must have; checked when a state_dict loads.
 StateSpec = dict[str, tuple[torch.Size, torch.dtype]]
@@ -260,6 +345,47 @@ def check_betas(betas: Any, count: int) -> None:
         check_number(f"beta parameter at index {index}", beta, high=1.0, high_inclusive=False)
 
 
+def check_lr(value: Any) -> None:
+    """Raise unless ``value`` is a learning rate: a number ≥ 0 or, as torch.optim accepts (e.g.
+    for schedules under torch.compile), a one-element floating-point Tensor holding one. The
+    step reads a Tensor lr as a Python float (:meth:`MemzooOptimizer._numeric_groups`)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TypeError(f"Invalid lr: a Tensor lr must be floating point, got {value.dtype}")
+        if value.requires_grad:
+            raise ValueError("lr as a Tensor that requires grad is not supported (memzoo steps are not "
+                             "differentiable); pass lr.detach()")
+        if value.device.type == "meta":  # no value to check
+            return
+        value = value.item()
+    check_number("lr", value)
+
+
+# torch.optim's implementation flags and the only values memzoo accepts (their torch defaults),
+# with why another value cannot be honoured. The implementation is chosen with ``backend``.
+_IMPLEMENTATION_FLAGS: dict[str, tuple[Any, str]] = {
+    "foreach": (None, "memzoo chooses its implementation with backend= ('torch': PyTorch, 'triton': fused "
+                      "multi-tensor kernels, 'auto': Triton where validated); leave foreach=None"),
+    "fused": (None, "fused kernels are backend='triton' (backend='auto' picks them where they are validated); "
+                    "leave fused=None"),
+    "capturable": (False, "a memzoo step decides on the host (step counts, projector refreshes), so it cannot "
+                          "be captured in a CUDA graph; leave capturable=False"),
+    "differentiable": (False, "memzoo steps update in place under no_grad (and in Triton kernels), so autograd "
+                              "cannot differentiate through them; leave differentiable=False"),
+}
+
+
+def check_implementation_flags(**flags: Any) -> None:
+    """Raise a ValueError that says why for a torch.optim implementation flag (``foreach``,
+    ``fused``, ``capturable``, ``differentiable``) set to anything but its torch default."""
+    for name, value in flags.items():
+        default, reason = _IMPLEMENTATION_FLAGS[name]
+        if value is not default:
+            raise ValueError(f"{name}={value!r} is not supported: {reason}")
+
+
 class MemzooOptimizer(torch.optim.Optimizer):
     """Base of every memzoo optimizer.
 
@@ -295,22 +421,54 @@ class MemzooOptimizer(torch.optim.Optimizer):
             fenced._memzoo_fenced = True
             cls.step = fenced
 
+    # Attributes that only cache what param_groups and state determine, with the factory of
+    # their empty value: created empty by __init__, left out of pickles and deep copies (a
+    # copy rebuilds them), and emptied when a state_dict loads.
+    _CACHES: ClassVar[dict[str, Callable[[], Any]]] = {}
+
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, backend: Backend = "auto",
-                 skip_nonfinite: bool = False) -> None:
+                 skip_nonfinite: bool = False, foreach: bool | None = None, fused: bool | None = None,
+                 capturable: bool = False, differentiable: bool = False) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}; expected one of {BACKENDS}")
         if not isinstance(skip_nonfinite, bool):
             raise TypeError(f"Invalid skip_nonfinite: expected a bool, got {skip_nonfinite!r}")
+        check_implementation_flags(foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable)
         if isinstance(params, (set, frozenset)):
             raise TypeError(_SET_ERROR.format(where="params"))
+        self._reset_caches()
         self.backend: Backend = backend
         self.skip_nonfinite = skip_nonfinite
         # Steps skipped because of non-finite values (skip_nonfinite=True); in the state_dict.
         self.skipped_steps = 0
+        # param → _layout_key under which its state was last checked (see _reconciled_state).
+        self._layouts: dict[torch.Tensor, tuple] = {}
         super().__init__(params, defaults)
         # Fail at construction, not at the first step, when an explicit backend cannot run.
         for device in {p.device for group in self.param_groups for p in group["params"]}:
             resolve_backend(backend, device, self.family)
+
+    # -- copies ---------------------------------------------------------------------------
+    def _reset_caches(self) -> None:
+        for name, empty in self._CACHES.items():
+            setattr(self, name, empty())
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy`` and ``pickle`` keep: every attribute (torch.optim keeps only
+        defaults, state and param_groups, and a copy then lacks ``backend``, ``skip_nonfinite``,
+        …) except the caches and, as in torch.optim, the registered hooks."""
+        return {name: value for name, value in self.__dict__.items()
+                if name not in self._CACHES and not (name.startswith("_optimizer_") and name.endswith("hooks"))}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # torch.optim's __setstate__ (also run by load_state_dict) adds "differentiable" to
+        # defaults, from where add_param_group would copy it into new groups: memzoo has no such
+        # hyperparameter (see check_implementation_flags).
+        added = "differentiable" not in self.__dict__.get("defaults", state.get("defaults", {}))
+        super().__setstate__(state)
+        if added:
+            self.defaults.pop("differentiable", None)
+        self._reset_caches()
 
     # -- hooks for subclasses -------------------------------------------------------------
     def _validate_group(self, group: Mapping[str, Any], group_index: int) -> None:
@@ -320,6 +478,93 @@ class MemzooOptimizer(torch.optim.Optimizer):
     def _state_spec(self, param: torch.Tensor, group: Mapping[str, Any]) -> StateSpec:
         """Shape and dtype of each state tensor that ``param`` has once it has been stepped."""
         raise NotImplementedError
+
+    # Group keys that the shapes and dtypes of a parameter's state depend on (beside the
+    # parameter's own shape and dtype): an edit of one between steps is reconciled by
+    # _reconciled_state before the step writes anything.
+    _layout_keys: ClassVar[tuple[str, ...]] = ()
+    # Sets of state keys that the step rebuilds itself when they are absent (a projector, which
+    # is then refreshed; a history, which starts over): an edit that invalidates one of them
+    # drops the set instead of restarting the whole state.
+    _rebuilt_units: ClassVar[tuple[tuple[str, ...], ...]] = ()
+
+    # -- state across group edits -----------------------------------------------------------
+    def _layout_key(self, param: torch.Tensor, group: Mapping[str, Any]) -> tuple:
+        return (param.dtype, param.shape, *(group[key] for key in self._layout_keys))
+
+    def _reconciled_state(self, param: torch.Tensor, group: Mapping[str, Any], stored: dict[str, Any] | None,
+                          where: tuple[int, int], notes: list[str]) -> dict[str, Any]:
+        """``param``'s state as this step must see it, computed without modifying the stored one.
+
+        The stored dict itself when it matches the group's current settings and the parameter's
+        dtype and shape (checked once per change of :meth:`_layout_key`, so the common step costs
+        one tuple comparison). Otherwise a new dict, which the step installs with
+        :meth:`_install_states` only once nothing can fail, after a group edit or a dtype change
+        (``model.bfloat16()``) between steps:
+
+        - a floating-point state tensor whose dtype changed is cast (``state_dtype``,
+          ``momentum_dtype``, the parameter's dtype);
+        - a rebuilt unit (:attr:`_rebuilt_units`: a projector, Natural GaLore's history, APOLLO's
+          limiter norm) that no longer fits is dropped, and the step rebuilds it;
+        - anything else that no longer fits (a moment of another shape: ``rank``, ``proj_type``,
+          ``density``, COSMOS ``rank``; 8-bit ↔ 32-bit moments) restarts the state: an empty
+          dict, which the step fills as at the parameter's first step.
+
+        Each change is described in ``notes`` (the step warns once). A new parameter (no state)
+        gets an empty dict."""
+        if not stored:
+            return {}
+        if self._layouts.get(param) == self._layout_key(param, group):
+            return stored
+        spec = self._state_spec(param, group)
+        units = {name: unit for unit in self._rebuilt_units for name in unit}
+        state, changes, dropped, restart = dict(stored), [], set(), None
+        for name in sorted(stored.keys() | spec.keys()):
+            value, expected = stored.get(name), spec.get(name)
+            if expected is None or value is None:
+                problem = f"'{name}' is no longer used" if expected is None else f"'{name}' is missing"
+            elif not isinstance(value, torch.Tensor):
+                problem = f"'{name}' is a {type(value).__name__}"
+            elif value.shape != expected[0]:
+                problem = f"'{name}' is {tuple(value.shape)}, now {tuple(expected[0])}"
+            elif value.dtype != expected[1]:
+                if value.is_floating_point() and expected[1].is_floating_point:
+                    state[name] = value.to(expected[1])
+                    changes.append(f"'{name}' cast from {value.dtype} to {expected[1]}")
+                    continue
+                problem = f"'{name}' is {value.dtype}, now {expected[1]}"
+            else:
+                continue
+            if name in units:
+                dropped.add(units[name])
+            elif restart is None:
+                restart = problem
+        if restart is not None:
+            state, changes = {}, [f"restarted as at a first step ({restart})"]
+        else:
+            for unit in sorted(dropped):
+                present = [name for name in unit if state.pop(name, None) is not None]
+                if present:
+                    changes.append(f"{', '.join(map(repr, present))} rebuilt")
+        if not changes:
+            self._layouts[param] = self._layout_key(param, group)
+            return stored
+        group_index, param_index = where
+        notes.append(f"{_describe(group_index, param_index, param)}: " + "; ".join(changes))
+        return state
+
+    def _install_states(self, staged: Sequence[tuple[torch.Tensor, dict[str, Any], Mapping[str, Any]]],
+                        notes: Sequence[str]) -> None:
+        """Install the states a step staged (new ones, or reconciled by :meth:`_reconciled_state`);
+        called once every fallible computation that precedes the writes has succeeded."""
+        for param, state, group in staged:
+            self.state[param] = state
+            self._layouts[param] = self._layout_key(param, group)
+        if notes:
+            more = f"; and {len(notes) - 5} more" if len(notes) > 5 else ""
+            warnings.warn(
+                f"{type(self).__name__}: state that no longer matched its param group's settings or its parameter's "
+                "dtype was adapted before this step: " + "; ".join(notes[:5]) + more, RuntimeWarning, stacklevel=3)
 
     def _translate_group(self, group: dict[str, Any]) -> dict[str, Any]:
         """A param group in the official code's format (keys in :attr:`official_group_keys`)
@@ -362,16 +607,33 @@ class MemzooOptimizer(torch.optim.Optimizer):
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         if not params:
             raise ValueError(f"param group {group_index} has no parameters; leave the group out or give it some")
+        # Named parameters ((name, tensor) pairs, e.g. model.named_parameters()), as torch ≥ 2.6:
+        # the names are kept in the group's "param_names" and in the state_dict.
+        if any(isinstance(item, tuple) for item in params):
+            if not all(isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) for item in params):
+                raise ValueError(f"param group {group_index}: all optimizer params should be with/without names. "
+                                 "Some param names are missing (give every parameter as a (name, tensor) pair, "
+                                 "or none)")
+            param_group = {**param_group, "params": [item[1] for item in params],
+                           "param_names": [item[0] for item in params]}
+            params = param_group["params"]
+        names = param_group.get("param_names")
+        if names is not None and (not isinstance(names, (list, tuple)) or len(names) != len(params)
+                                  or not all(isinstance(name, str) for name in names)):
+            raise ValueError(f"param group {group_index}: param_names must be a list of {len(params)} strings, "
+                             f"one per parameter, got {names!r}")
         # Where each parameter already is: a parameter in two places would be stepped twice.
         seen = {id(p): (g, i) for g, group in enumerate(self.param_groups) for i, p in enumerate(group["params"])}
         for param_index, param in enumerate(params):
             if not isinstance(param, torch.Tensor):
                 raise TypeError(f"param group {group_index}, param {param_index}: expected a Tensor, got {type(param).__name__}")
             if id(param) in seen:
+                # torch.optim only warns for a duplicate inside a group; it would be stepped twice.
                 first_group, first_index = seen[id(param)]
+                where = "some parameters appear in more than one parameter group: " if first_group != group_index else ""
                 raise ValueError(
-                    f"{_describe(group_index, param_index, param)} is the same tensor as param group {first_group}, "
-                    f"param {first_index}; each parameter may appear once (remove the duplicate)"
+                    f"{where}{_describe(group_index, param_index, param)} is the same tensor as param group "
+                    f"{first_group}, param {first_index}; each parameter may appear once (remove the duplicate)"
                 )
             seen[id(param)] = (group_index, param_index)
             if not param.is_leaf:
@@ -487,6 +749,14 @@ class MemzooOptimizer(torch.optim.Optimizer):
         instead; None when it can (per-element math runs on the local shard)."""
         return None
 
+    def _numeric_groups(self) -> list[dict[str, Any]]:
+        """The param groups as a step reads them: a Tensor lr (accepted as torch.optim does)
+        becomes a Python float here, at the boundary, because the kernels take scalars (one host
+        read per group and step when it lives on a GPU). Other groups are returned as they are."""
+        return [{**group, "lr": group["lr"].item()}
+                if isinstance(group["lr"], torch.Tensor) and group["lr"].device.type != "meta" else group
+                for group in self.param_groups]
+
     def _kernels(self, device: torch.device) -> ModuleType:
         """The reference, torch or Triton module that computes this optimizer's math on ``device``."""
         return resolve_backend(self.backend, device, self.family)
@@ -513,39 +783,99 @@ class MemzooOptimizer(torch.optim.Optimizer):
         return total
 
     # -- checkpoints ----------------------------------------------------------------------
+    # Top-level entries of a state_dict besides state, param_groups and memzoo (a subclass's own).
+    _extra_state_dict_keys: ClassVar[tuple[str, ...]] = ()
+
+    def _meta(self) -> dict[str, Any]:
+        """The state_dict's "memzoo" entry."""
+        return {"optimizer": type(self).__name__, "format": STATE_FORMAT, "skipped_steps": self.skipped_steps}
+
     def state_dict(self) -> dict[str, Any]:
         state_dict = super().state_dict()
-        state_dict["memzoo"] = {"optimizer": type(self).__name__, "format": STATE_FORMAT,
-                                "skipped_steps": self.skipped_steps}
+        state_dict["memzoo"] = self._meta()
         return state_dict
 
     def _migrate(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
-        """Bring an older checkpoint to the current layout (subclasses add their own steps)."""
-        return migrate_state_dict(state_dict)
+        """Bring an older checkpoint to the current layout (subclasses add their own steps).
 
-    def load_checkpoint(self, file: str | os.PathLike | IO[bytes]) -> None:
-        """Load a state_dict saved with ``torch.save(optimizer.state_dict(), file)``.
+        A group key added in a later version is missing from checkpoints written before format 3:
+        their groups take this optimizer's default for it (as torch.optim's ``__setstate__`` does
+        for new flags). From format 3 on, a missing key is damage, and refused."""
+        migrated = migrate_state_dict(state_dict)
+        groups = migrated["param_groups"]
+        if state_dict["memzoo"]["format"] < 3 and isinstance(groups, (list, tuple)):
+            migrated["param_groups"] = [{**self.defaults, **group} if isinstance(group, Mapping) else group
+                                        for group in groups]
+        return migrated
+
+    def save_checkpoint(self, file: str | os.PathLike | IO[bytes]) -> None:
+        """``torch.save`` the state_dict with its SHA-256 digest beside it (key ``memzoo_digest``,
+        see :func:`state_digest`), so that :meth:`load_checkpoint` notices any change of a value
+        since (a flipped bit in a hyperparameter or a moment), not only changes of structure."""
+        state_dict = self.state_dict()
+        torch.save({**state_dict, DIGEST_KEY: state_digest(state_dict)}, file)
+
+    def load_checkpoint(self, file: str | os.PathLike | IO[bytes], *, require_digest: bool = False) -> None:
+        """Load a state_dict saved with :meth:`save_checkpoint` or ``torch.save(optimizer.state_dict(), file)``.
 
         The file is read with ``torch.load(weights_only=True)`` (no code runs) onto the CPU; a
         truncated or corrupted file, or one holding arbitrary pickled objects, raises a
         ``ValueError`` naming it, and the optimizer is left unchanged, as it is by every check of
-        :meth:`load_state_dict`."""
+        :meth:`load_state_dict`. A file written by :meth:`save_checkpoint` carries a digest of
+        its contents, checked here: a changed value raises a ``ValueError`` too.
+        ``require_digest=True`` refuses files without one."""
+        name = getattr(file, "name", file)
         try:
             state_dict = torch.load(file, map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError) as exc:
-            name = getattr(file, "name", file)
+        except Exception as exc:  # a damaged file trips the unpickler in many ways (KeyError, IndexError, …)
             raise ValueError(f"cannot read the checkpoint {name!s}: it is truncated, corrupted, or holds objects "
                              f"other than tensors and plain containers ({type(exc).__name__}: {exc})") from exc
+        if isinstance(state_dict, Mapping) and DIGEST_KEY in state_dict:
+            state_dict = dict(state_dict)
+            digest = state_dict.pop(DIGEST_KEY)
+            if not isinstance(digest, str) or digest != state_digest(state_dict):
+                raise ValueError(f"the checkpoint {name!s} does not match its digest ('{DIGEST_KEY}'): its contents "
+                                 "changed after save_checkpoint wrote it (a damaged file?)")
+        elif require_digest:
+            raise ValueError(f"the checkpoint {name!s} has no digest ('{DIGEST_KEY}'); write it with "
+                             "optimizer.save_checkpoint(file), or pass require_digest=False")
         self.load_state_dict(state_dict)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state_dict written by the same optimizer class, after checking every field.
 
-        Older formats are migrated first. Every mismatch (param counts, hyperparameters, state
-        keys, shapes, dtypes) is reported in one ``ValueError``, field by field, and nothing is
-        modified when there is one. Unlike torch.optim, state tensors keep their saved dtype
-        (e.g. fp32 momentum of bf16 parameters); they move to their parameter's device.
+        Older formats are migrated first. Every mismatch (param counts, hyperparameters and
+        group keys, state keys, shapes, dtypes, impossible values such as a negative step) is
+        reported in one ``ValueError``, field by field, and nothing is modified when there is
+        one; a state_dict too malformed to be checked field by field raises a ``ValueError``
+        too. Unlike torch.optim, state tensors keep their saved dtype (e.g. fp32 momentum of
+        bf16 parameters); they move to their parameter's device.
         """
+        try:
+            state_dict, skipped, restore = self._checked_state_dict(state_dict)
+        except ValueError:
+            raise
+        except Exception as exc:  # untrusted input: report whatever check its structure tripped
+            raise ValueError(f"{type(self).__name__}.load_state_dict: malformed state_dict "
+                             f"({type(exc).__name__}: {exc})") from exc
+        super().load_state_dict(state_dict)
+        self.skipped_steps = skipped
+        self._layouts.clear()  # loaded states are checked against the groups at the next step
+        # torch.optim casts floating state to the parameter's dtype; put the saved dtype back
+        # from the original tensor (a cast back would have lost bits). torch.optim also keeps the
+        # given tensor itself where no cast or move is needed (step counters, same-dtype moments):
+        # loaded from another live optimizer's state_dict, both would then update one tensor in
+        # place. Every loaded tensor is this optimizer's own.
+        for param, key, value in restore:
+            loaded = self.state[param][key]
+            if not isinstance(loaded, torch.Tensor):  # a count saved as an int: its tensor, made when checked
+                self.state[param][key] = value
+            elif loaded.dtype != value.dtype or loaded is value:
+                self.state[param][key] = value.to(device=param.device, copy=True)
+
+    def _checked_state_dict(self, state_dict: Any) -> tuple[dict[str, Any], int, list]:
+        """The migrated state_dict, its skipped-step count and the (param, key, tensor) state to
+        restore; ValueError listing every problem."""
         name = type(self).__name__
         if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= state_dict.keys():
             raise ValueError(f"{name}.load_state_dict expects a dict with 'state' and 'param_groups'")
@@ -555,6 +885,14 @@ class MemzooOptimizer(torch.optim.Optimizer):
         if meta.get("optimizer") != name:
             raise ValueError(f"This state_dict was written by {meta.get('optimizer')!r}, not {name!r}")
         state_dict = self._migrate(state_dict)
+        problems: list[str] = []
+        unknown = set(state_dict) - {"state", "param_groups", "memzoo", *self._extra_state_dict_keys}
+        if unknown:
+            problems.append(f"unknown top-level entries {sorted(map(repr, unknown))}")
+        meta_keys = set(self._meta())
+        if set(state_dict["memzoo"]) != meta_keys:
+            problems.append(f"'memzoo' has keys {sorted(map(repr, state_dict['memzoo']))}, "
+                            f"expected {sorted(map(repr, meta_keys))}")
         skipped = state_dict["memzoo"].get("skipped_steps")
         saved_groups = state_dict["param_groups"]
         if not isinstance(state_dict["state"], Mapping) or not isinstance(saved_groups, (list, tuple)) or not all(
@@ -564,7 +902,13 @@ class MemzooOptimizer(torch.optim.Optimizer):
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(saved_groups)} param groups, the optimizer has {len(self.param_groups)}")
         saved_state = state_dict["state"]
-        problems: list[str] = []
+        saved_ids = [param_id for saved in saved_groups for param_id in saved["params"]]
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in saved_ids) or len(set(saved_ids)) != len(saved_ids):
+            raise ValueError(f"{name}.load_state_dict: malformed state_dict (the groups' 'params' must be "
+                             f"distinct ints, got {saved_ids[:20]!r})")
+        stray = [key for key in saved_state if key not in set(saved_ids)]
+        if stray:
+            problems.append(f"'state' has entries {stray[:5]!r} for no parameter of the param groups")
         if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
             problems.append(f"skipped_steps is {skipped!r}, expected an int ≥ 0")
         restore: list[tuple[torch.Tensor, str, torch.Tensor]] = []
@@ -572,6 +916,14 @@ class MemzooOptimizer(torch.optim.Optimizer):
             if len(saved["params"]) != len(group["params"]):
                 problems.append(f"param group {group_index} has {len(group['params'])} params, "
                                 f"the state_dict's has {len(saved['params'])}")
+                continue
+            expected_keys = set(group) - {"params"}
+            missing = expected_keys - set(saved) - _OPTIONAL_GROUP_KEYS
+            extra = set(saved) - expected_keys - {"params"} - _OPTIONAL_GROUP_KEYS
+            if missing or extra:
+                problems.append(f"state_dict param group {group_index}: " + "; ".join(
+                    [f"missing {', '.join(map(repr, sorted(missing)))}"] * bool(missing)
+                    + [f"unknown {', '.join(map(repr, sorted(map(str, extra))))}"] * bool(extra)))
                 continue
             merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
             try:
@@ -590,33 +942,38 @@ class MemzooOptimizer(torch.optim.Optimizer):
                     problems.append(f"state for {where} is a {type(entry).__name__}, expected a dict")
                     continue
                 if set(entry) != set(spec):
-                    problems.append(f"state for {where} has keys {sorted(entry)}, expected {sorted(spec)}")
+                    problems.append(f"state for {where} has keys {sorted(map(repr, entry))}, expected {sorted(spec)}")
+                    continue
+                shapes_ok = True
                 for key, (shape, dtype) in spec.items():
-                    if key not in entry:
-                        continue
                     value = entry[key]
+                    if (not shape and not dtype.is_floating_point and isinstance(value, int)
+                            and not isinstance(value, bool) and value >= 0):
+                        # A count saved as a Python int (torch.optim loads such older checkpoints);
+                        # kept on the CPU, as torch.optim keeps its step counts.
+                        value = torch.tensor(value, dtype=dtype)
                     if not isinstance(value, torch.Tensor) or value.shape != shape or value.dtype != dtype:
                         got = (f"{tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor)
                                else type(value).__name__)
                         problems.append(f"state '{key}' for {where} is {got}, expected {tuple(shape)} {dtype}")
+                        shapes_ok = False
                         continue
                     restore.append((param, key, value))
+                if shapes_ok:
+                    problems += [f"state {problem} for {where}" for problem in self._implausible_state(param, merged, entry)]
         if problems:
             raise ValueError(f"{name}.load_state_dict: the state_dict does not match this optimizer "
                              f"({len(problems)} mismatches):\n  " + "\n  ".join(problems))
-        super().load_state_dict(state_dict)
-        # A group key added in a later version is missing from older checkpoints: the group takes
-        # this optimizer's default for it (as torch.optim's __setstate__ does for new flags).
-        for group in self.param_groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
-        self.skipped_steps = skipped
-        # torch.optim casts floating state to the parameter's dtype; put the saved dtype back
-        # from the original tensor (a cast back would have lost bits). torch.optim also keeps the
-        # given tensor itself where no cast or move is needed (step counters, same-dtype moments):
-        # loaded from another live optimizer's state_dict, both would then update one tensor in
-        # place. Every loaded tensor is this optimizer's own.
-        for param, key, value in restore:
-            loaded = self.state[param][key]
-            if loaded.dtype != value.dtype or loaded is value:
-                self.state[param][key] = value.to(device=param.device, copy=True)
+        return state_dict, skipped, restore
+
+    def _implausible_state(self, param: torch.Tensor, group: Mapping[str, Any], entry: Mapping[str, torch.Tensor]) -> list[str]:
+        """Values no step can have written, in a state of the right shapes and dtypes (a
+        negative step count, a negative second moment …), each as "'key' is …"."""
+        problems = []
+        for key, value in entry.items():
+            value = local_tensor(value)
+            if key in _COUNTERS and int(value) < 0:
+                problems.append(f"'{key}' is {int(value)}, expected ≥ 0")
+            elif key in _NONNEGATIVE and value.numel() and bool((value < 0).any()):
+                problems.append(f"'{key}' has negative values ({float(value.min())}), expected ≥ 0")
+        return problems

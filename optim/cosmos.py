@@ -15,7 +15,9 @@ from memzoo.optim.base import (
     StateSpec,
     check_betas,
     check_int,
+    check_lr,
     check_number,
+    deferred_interrupts,
     group_by_device,
     local_tensor,
     resolve_backend,
@@ -81,9 +83,12 @@ class COSMOS(MemzooOptimizer):
             :func:`memzoo.optim.resolve_backend`). The Triton backend runs the Newton–Schulz
             iteration as batched GEMM kernels (symmetric X·Xᵀ, the combination in the epilogue);
             "auto" keeps the "torch" path until those kernels have been checked on a GPU.
+        foreach, fused, capturable, differentiable: torch.optim's implementation flags, accepted only
+            at their defaults (None, None, False, False); see README "torch.optim conventions".
     """
 
     family = "cosmos"
+    _layout_keys = ("rank", "max_rows")
 
     def __init__(
         self,
@@ -104,6 +109,10 @@ class COSMOS(MemzooOptimizer):
         ns_dtype: torch.dtype = torch.bfloat16,
         backend: Backend = "auto",
         skip_nonfinite: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
         # The official keyword is spelled "nestrov"; both spellings are taken, one value.
         if nesterov is not None and nestrov is not None and nesterov != nestrov:
@@ -112,10 +121,11 @@ class COSMOS(MemzooOptimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, lr_ratio=lr_ratio, rank=rank, weight_decay=weight_decay,
                         gamma=gamma, nesterov=nesterov, amsgrad=amsgrad, max_rows=max_rows, maximize=maximize,
                         ns_dtype=ns_dtype)
-        super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite)
+        super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite, foreach=foreach, fused=fused,
+                         capturable=capturable, differentiable=differentiable)
 
     def _validate_group(self, group: Mapping[str, Any], group_index: int) -> None:
-        check_number("lr", group["lr"])
+        check_lr(group["lr"])
         check_betas(group["betas"], 2)
         check_number("eps", group["eps"])
         check_number("weight_decay", group["weight_decay"])
@@ -165,12 +175,9 @@ class COSMOS(MemzooOptimizer):
         spec["subspace"] = (torch.Size((rank, rank)), self._factor_dtype(param))
         return spec
 
-    def _init_state(self, param: torch.Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
-        state = self.state[param]
-        if not state:
-            for name, (shape, dtype) in self._state_spec(param, group).items():
-                state[name] = (torch.zeros((), dtype=dtype) if name == "step" else zeros_state(param, shape, dtype))
-        return state
+    def _init_state(self, param: torch.Tensor, group: Mapping[str, Any], state: dict[str, Any]) -> None:
+        for name, (shape, dtype) in self._state_spec(param, group).items():
+            state[name] = (torch.zeros((), dtype=dtype) if name == "step" else zeros_state(param, shape, dtype))
 
     def _new_basis(self, param: torch.Tensor, state: dict[str, Any], beta2: float) -> tuple[torch.Tensor, torch.Tensor]:
         """This step's (basis U, subspace S) of an eligible weight, not yet stored. The subspace
@@ -185,9 +192,10 @@ class COSMOS(MemzooOptimizer):
         finite = torch.isfinite(grad).all()
         if int(state["step"]) == 0:  # one sync per check below, at a weight's first step only
             rank = state["basis"].shape[1]
-            basis, subspace = kernels.cosmos_basis_init(grad if bool(finite) else torch.zeros_like(grad), rank,
+            meta = grad.device.type == "meta"  # a shape-only run: no values to check
+            basis, subspace = kernels.cosmos_basis_init(grad if meta or bool(finite) else torch.zeros_like(grad), rank,
                                                         beta2=beta2)
-            if not bool(torch.isfinite(basis).all() & torch.isfinite(subspace).all()):
+            if not meta and not bool(torch.isfinite(basis).all() & torch.isfinite(subspace).all()):
                 basis, subspace = kernels.cosmos_basis_init(torch.zeros_like(grad), rank, beta2=beta2)
             return basis, subspace
         basis, subspace = kernels.cosmos_basis_update(grad, state["basis"], state["subspace"], beta2=beta2)
@@ -217,18 +225,33 @@ class COSMOS(MemzooOptimizer):
         # writing state; phase 2 writes. An error in phase 1 (out of memory in eigh/QR) modifies
         # nothing.
         plans = []
-        for group in self.param_groups:
+        # States created or reconciled (after a group edit) in phase 1, installed in phase 2.
+        staged: list[tuple[torch.Tensor, dict[str, Any], Mapping[str, Any]]] = []
+        notes: list[str] = []
+        for group_index, group in enumerate(self._numeric_groups()):
             beta2 = group["betas"][1]
             adam_items, matrices = [], []
-            for param in group["params"]:
+            for param_index, param in enumerate(group["params"]):
                 if param.grad is None:
                     continue
-                state = self._init_state(param, group)
+                stored = self.state.get(param)
+                state = self._reconciled_state(param, group, stored, (group_index, param_index), notes)
+                if not state:
+                    self._init_state(param, group, state)
+                if state is not stored:
+                    staged.append((param, state, group))
                 if self._rank(param, group) is None:
                     adam_items.append((param, state))
                     continue
                 matrices.append((param, state, *self._new_basis(param, state, beta2)))
             plans.append((group, adam_items, matrices))
+        with deferred_interrupts():  # the writes: an interrupt lands before or after them, not between
+            self._install_states(staged, notes)
+            self._write(plans)
+        return loss
+
+    def _write(self, plans: list[tuple]) -> None:
+        """Phase 2: the writes of a planned step (state, then weights)."""
         for group, adam_items, matrices in plans:
             beta1, beta2 = group["betas"]
             adam: dict[tuple[torch.device, int], list[tuple[torch.Tensor, dict[str, Any]]]] = defaultdict(list)
@@ -266,4 +289,3 @@ class COSMOS(MemzooOptimizer):
                     beta1=beta1, beta2=beta2, eps=group["eps"] * root_bc2, lr=group["lr"],
                     weight_decay=group["weight_decay"], maximize=group["maximize"], decay_first=True,
                 )
-        return loss

@@ -143,11 +143,13 @@ class FRUGAL(GaLoreAdamW):
         inactive_threshold: τ in [0, 1): a matrix whose residual has ‖E‖_F ≤ τ·‖G‖_F takes
             no signSGD step (0: always, as the official code). Reliable for τ ≳ 1e-3.
         correct_bias: Adam's bias correction (both parts, as the official AdamW's).
-        state_dtype, power_iters, oversample, seed, maximize, backend: as :class:`GaLoreAdamW`.
+        state_dtype, power_iters, oversample, seed, maximize, backend, foreach, fused, capturable,
+            differentiable: as :class:`GaLoreAdamW`.
         **official: the official keyword arguments above.
     """
 
     family = "frugal"
+    _layout_keys = (*GaLoreAdamW._layout_keys, "density")
 
     def __init__(
         self,
@@ -174,6 +176,10 @@ class FRUGAL(GaLoreAdamW):
         maximize: bool = False,
         backend: Backend = "auto",
         skip_nonfinite: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
         **official: Any,
     ) -> None:
         signature = inspect.signature(FRUGAL.__init__).parameters
@@ -199,7 +205,8 @@ class FRUGAL(GaLoreAdamW):
                                      inactive_threshold=inactive_threshold, proj_params_lr_scale=proj_params_lr_scale)
         super().__init__(params, lr, betas, eps, weight_decay, correct_bias, power_iters=power_iters,
                          oversample=oversample, state_dtype=state_dtype, seed=seed, maximize=maximize,
-                         backend=backend, skip_nonfinite=skip_nonfinite, **ours)
+                         backend=backend, skip_nonfinite=skip_nonfinite, foreach=foreach, fused=fused,
+                         capturable=capturable, differentiable=differentiable, **ours)
 
     # Group keys of the official format: mapped by _translate_group.
     official_group_keys = frozenset({"is_proj_params", "update_gap", "proj_side", "coord_choice",
@@ -226,13 +233,12 @@ class FRUGAL(GaLoreAdamW):
     def _migrate(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
         """Checkpoints written before ``inactive_threshold`` existed resume with the update they
         were trained with, the official one (threshold 0)."""
-        state_dict = super()._migrate(state_dict)
         groups = state_dict["param_groups"]
         if isinstance(groups, (list, tuple)) and any(isinstance(g, Mapping) and "inactive_threshold" not in g
                                                      for g in groups):
             state_dict = {**state_dict, "param_groups": [
                 {"inactive_threshold": 0.0, **g} if isinstance(g, Mapping) else g for g in groups]}
-        return state_dict
+        return super()._migrate(state_dict)  # after: its defaults must not fill this key first
 
     def _validate_group(self, group: Mapping[str, Any], group_index: int) -> None:
         if group["rank"] is not None or group["optim_bits"] != 32:

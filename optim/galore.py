@@ -14,14 +14,16 @@ from memzoo.optim.base import (
     StateSpec,
     check_betas,
     check_int,
+    check_lr,
     check_number,
+    deferred_interrupts,
     local_tensor,
     resolve_backend,
     resolve_state_dtype,
     whole_matrix_problem,
     zeros_state,
 )
-from memzoo.optim.projector import Projector, ProjectorSettings, RefreshRequest, refresh_projectors_
+from memzoo.optim.projector import Projector, ProjectorSettings, RefreshRequest, compute_refreshes
 from memzoo.optim.quantized_state import MIN_8BIT_SIZE, QuantizedMoment
 from memzoo.reference.common import compute_dtype
 
@@ -111,11 +113,24 @@ class GaLoreAdamW(MemzooOptimizer):
         backend: "auto" ("torch" until GaLore's kernels are validated on a GPU), "triton",
             "torch" (the fast PyTorch path, every device) or "reference" (the per-tensor truth);
             see :func:`memzoo.optim.resolve_backend`.
+        foreach, fused, capturable, differentiable: torch.optim's implementation flags, accepted only
+            at their defaults (None, None, False, False); see README "torch.optim conventions".
     """
 
     family = "galore"
+    _layout_keys = ("rank", "proj_type", "projector", "state_dtype", "optim_bits", "min_8bit_size")
+    _rebuilt_units = (("proj_seed", "proj_left", "proj_right", "proj_indices"),)
     # Signs of the computed singular vectors: galore-torch keeps torch.linalg.svd's.
     _signs: ClassVar[str] = "raw"
+
+    _CACHES = {
+        # param → (settings tuple, Projector): built once, not on every step.
+        "_projectors": dict,
+        # id(state dict) → (step tensor, its value after this step, its version after this step)
+        "_step_ints": dict,
+    }
+    _projectors: dict[torch.Tensor, tuple[tuple, Projector]]
+    _step_ints: dict[int, tuple[torch.Tensor, int, int]]
 
     def __init__(
         self,
@@ -142,22 +157,23 @@ class GaLoreAdamW(MemzooOptimizer):
         maximize: bool = False,
         backend: Backend = "auto",
         skip_nonfinite: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
         if not isinstance(no_deprecation_warning, bool):
             raise TypeError(f"Invalid no_deprecation_warning: expected a bool, got {no_deprecation_warning!r}")
         check_int("seed", seed, low=0, high=2**31)
         self.seed = seed
-        # param → (settings tuple, Projector): built once, not on every step.
-        self._projectors: dict[torch.Tensor, tuple[tuple, Projector]] = {}
-        # id(state dict) → (step tensor, its value after this step, its version after this step)
-        self._step_ints: dict[int, tuple[torch.Tensor, int, int]] = {}
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
                         rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
                         projector=projector, power_iters=power_iters, oversample=oversample,
                         strict_rank=strict_rank, state_dtype=state_dtype, optim_bits=optim_bits,
                         min_8bit_size=min_8bit_size, maximize=maximize)
         defaults.update(self._extra_defaults())
-        super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite)
+        super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite, foreach=foreach, fused=fused,
+                         capturable=capturable, differentiable=differentiable)
 
     def _extra_defaults(self) -> dict[str, Any]:
         """Group defaults a subclass adds to GaLore's."""
@@ -165,7 +181,7 @@ class GaLoreAdamW(MemzooOptimizer):
 
     # -- validation and state layout ------------------------------------------------------
     def _validate_group(self, group: Mapping[str, Any], group_index: int) -> None:
-        check_number("lr", group["lr"])
+        check_lr(group["lr"])
         check_betas(group["betas"], 2)
         check_number("eps", group["eps"])
         check_number("weight_decay", group["weight_decay"])
@@ -300,23 +316,29 @@ class GaLoreAdamW(MemzooOptimizer):
         index = 0
         plans = []
         refreshes: list[RefreshRequest] = []
-        for group in self.param_groups:
+        # States created or reconciled while planning, installed only once every refresh succeeded.
+        staged: list[tuple[torch.Tensor, dict[str, Any], Mapping[str, Any]]] = []
+        notes: list[str] = []
+        for group_index, group in enumerate(self._numeric_groups()):
             # (device, step) → params, grads, m, v, and the 8-bit states to encode afterwards
             dense: dict[tuple[torch.device, int], tuple[list, list, list, list, list]] = {}
             projected: list[tuple[torch.Tensor, Projector, dict[str, Any], int, bool]] = []
             refreshed: list[tuple[dict[str, Any], bool]] = []
             step_counts: list[torch.Tensor] = []
             settings_key = self._settings_key(group)
-            for param in group["params"]:
+            for param_index, param in enumerate(group["params"]):
                 index += 1
                 if param.grad is None:
                     continue
                 projector = self._projector(param, group, settings_key)
                 shape = self._moment_shape(param, projector)
                 quantized = self._quantized(shape, group)
-                state = self.state[param]
+                stored = self.state.get(param)
+                state = self._reconciled_state(param, group, stored, (group_index, param_index), notes)
                 if not state:
                     self._init_state(param, group, state, shape, quantized)
+                if state is not stored:
+                    staged.append((param, state, group))
                 step = self._step_count(state)
                 step_counts.append(state["step"])
                 if projector is None:
@@ -336,14 +358,24 @@ class GaLoreAdamW(MemzooOptimizer):
                 projected.append((param, projector, state, step, quantized))
             plans.append((group, dense, projected, refreshed, step_counts))
         # All projectors due this step at once: same-shaped matrices share batched calls.
-        refresh_projectors_(refreshes, randn=self._randn)
+        refresh_writes = compute_refreshes(refreshes, randn=self._randn)
         del refreshes
+        with deferred_interrupts():  # the writes: an interrupt lands before or after them, not between
+            self._install_states(staged, notes)
+            for state, name, value in refresh_writes:
+                state[name] = value
+            self._write(plans)
+        return loss
+
+    def _write(self, plans: list[tuple]) -> None:
+        """The writes of a planned step: refresh hooks, step counters, projected and dense updates."""
         for group, dense, projected, refreshed, step_counts in plans:
             beta1, beta2 = group["betas"]
             hyper = dict(beta1=beta1, beta2=beta2, eps=group["eps"])
             for state, quantized in refreshed:
                 self._on_refresh(group, state, quantized)
-            torch._foreach_add_(step_counts, 1)  # one call for the group's step counters
+            if step_counts:  # a group whose parameters have no gradient (frozen, unused) is left as it is
+                torch._foreach_add_(step_counts, 1)  # one call for the group's step counters
             if self._preconditions:
                 for item in projected:
                     self._update_projected(group, [item], hyper)
@@ -358,7 +390,6 @@ class GaLoreAdamW(MemzooOptimizer):
                 self._update_dense(group, device, step, (params, grads, exp_avgs, exp_avg_sqs), hyper)
                 for state, moments in to_encode:
                     self._store_moments(state, moments)
-        return loss
 
     def _update_dense(self, group: Mapping[str, Any], device: torch.device, step: int, lists: tuple[list, ...],
                       hyper: dict[str, float]) -> None:
@@ -450,8 +481,8 @@ class NaturalGaLore(GaLoreAdamW):
     weight_decay 0.0 (applied after the update, GaLore's convention), history 20, damping
     λ = 1e-3 (hard-coded there, an argument here), correct_bias True; the positional order
     (params, lr, betas, eps, weight_decay, natural_history, amsgrad) is the official one.
-    ``amsgrad``, ``capturable`` and ``differentiable`` are accepted as False only (the
-    official code allocates an AMSGrad buffer it never reads). Parameters outside rank groups,
+    ``amsgrad`` is accepted as False only (the official code allocates an AMSGrad buffer it never
+    reads); ``capturable`` and ``differentiable`` as False only, as every memzoo optimizer's. Parameters outside rank groups,
     and 1-D ones inside (the official code would project those too), get plain AdamW.
     Everything else is :class:`GaLoreAdamW`'s.
     """
@@ -463,17 +494,18 @@ class NaturalGaLore(GaLoreAdamW):
                  capturable: bool = False, differentiable: bool = False, correct_bias: bool = True,
                  damping: float = 1e-3, natural: bool = True, proj_type: str = "full", projector: str = "svd",
                  **kwargs: Any) -> None:
-        for name, value in (("amsgrad", amsgrad), ("capturable", capturable), ("differentiable", differentiable)):
-            if value is not False:
-                raise ValueError(f"{name}={value!r} is not implemented (the official SubSpaceAdamW's {name} "
-                                 "does not change its update either); leave it False")
+        if amsgrad is not False:
+            raise ValueError(f"amsgrad={amsgrad!r} is not implemented (the official SubSpaceAdamW's amsgrad "
+                             "does not change its update either); leave it False")
         official = self._translate_group({"proj_type": proj_type})  # the official values of proj_type
         proj_type, natural = official["proj_type"], official.get("natural", natural)
         self._natural_defaults = dict(natural_history=natural_history, damping=damping, natural=natural)
         super().__init__(params, lr, betas, eps, weight_decay, correct_bias, proj_type=proj_type, projector=projector,
-                         **kwargs)
+                         capturable=capturable, differentiable=differentiable, **kwargs)
 
     _preconditions = True
+    _layout_keys = (*GaLoreAdamW._layout_keys, "natural_history", "natural")
+    _rebuilt_units = (*GaLoreAdamW._rebuilt_units, ("nat_history", "nat_count"))
 
     def _extra_defaults(self) -> dict[str, Any]:
         return self._natural_defaults

@@ -12,7 +12,9 @@ from memzoo.optim.base import (
     MemzooOptimizer,
     StateSpec,
     check_betas,
+    check_lr,
     check_number,
+    deferred_interrupts,
     group_by_device,
     local_tensor,
     resolve_state_dtype,
@@ -52,9 +54,12 @@ class Lion(MemzooOptimizer):
             "torch" (chunked multi-tensor PyTorch, every device) or "reference" (the per-tensor
             truth, slow); see :func:`memzoo.optim.resolve_backend`. The Triton step is one fused
             multi-tensor launch per (device, dtypes) bucket of each param group.
+        foreach, fused, capturable, differentiable: torch.optim's implementation flags, accepted only
+            at their defaults (None, None, False, False); see README "torch.optim conventions".
     """
 
     family = "lion"
+    _layout_keys = ("momentum_dtype",)
 
     def __init__(
         self,
@@ -67,13 +72,18 @@ class Lion(MemzooOptimizer):
         momentum_dtype: torch.dtype | str | None = None,
         backend: Backend = "auto",
         skip_nonfinite: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
                         momentum_dtype=momentum_dtype)
-        super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite)
+        super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite, foreach=foreach, fused=fused,
+                         capturable=capturable, differentiable=differentiable)
 
     def _validate_group(self, group: Mapping[str, Any], group_index: int) -> None:
-        check_number("lr", group["lr"])
+        check_lr(group["lr"])
         check_betas(group["betas"], 2)
         check_number("weight_decay", group["weight_decay"])
         if not isinstance(group["maximize"], bool):
@@ -92,18 +102,34 @@ class Lion(MemzooOptimizer):
         loss = self._run_closure(closure)
         if not self._check_grads():  # skip_nonfinite: nothing is modified this step
             return loss
-        for group in self.param_groups:
-            params = [param for param in group["params"] if param.grad is not None]
-            grads = [param.grad for param in params]
-            exp_avgs = []
-            for param in params:
-                state = self.state[param]
-                exp_avg = state.get("exp_avg")
-                if exp_avg is None:
-                    exp_avg = state["exp_avg"] = torch.zeros_like(
+        staged: list[tuple[torch.Tensor, dict[str, Any], Mapping[str, Any]]] = []
+        notes: list[str] = []
+        plans = []
+        for group_index, group in enumerate(self._numeric_groups()):
+            params, exp_avgs = [], []
+            for param_index, param in enumerate(group["params"]):
+                if param.grad is None:
+                    continue
+                stored = self.state.get(param)
+                state = self._reconciled_state(param, group, stored, (group_index, param_index), notes)
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(
                         param, dtype=self._momentum_dtype(param, group), memory_format=torch.preserve_format
                     )
-                exp_avgs.append(exp_avg)
+                if state is not stored:
+                    staged.append((param, state, group))
+                params.append(param)
+                exp_avgs.append(state["exp_avg"])
+            plans.append((group, params, exp_avgs))
+        with deferred_interrupts():  # the writes: an interrupt lands before or after them, not between
+            self._install_states(staged, notes)
+            self._write(plans)
+        return loss
+
+    def _write(self, plans: list[tuple]) -> None:
+        """The writes of a planned step: one update per (group, device)."""
+        for group, params, exp_avgs in plans:
+            grads = [param.grad for param in params]
             beta1, beta2 = group["betas"]
             for device, lists in group_by_device(params, grads, exp_avgs).items():
                 ps, gs, ms = ([local_tensor(t) for t in ts] for ts in lists)  # FSDP2: each rank its shards
@@ -111,4 +137,3 @@ class Lion(MemzooOptimizer):
                     ps, gs, ms, lr=group["lr"], beta1=beta1, beta2=beta2,
                     weight_decay=group["weight_decay"], maximize=group["maximize"],
                 )
-        return loss

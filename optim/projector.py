@@ -38,7 +38,7 @@ from memzoo.reference.projector import (
 )
 from memzoo.reference.random import philox_randn
 
-__all__ = ["Projector", "ProjectorSettings", "RefreshRequest", "refresh_projectors_"]
+__all__ = ["Projector", "ProjectorSettings", "RefreshRequest", "compute_refreshes", "refresh_projectors_"]
 
 # Most power iterations a randomized refresh may run (2 is the default, 1–4 the usual range).
 MAX_POWER_ITERS = 64
@@ -177,8 +177,19 @@ class RefreshRequest:
 _REFRESH_CHUNK_BYTES = 256 * 2**20
 
 
+# A computed refresh not yet stored: (per-parameter state, key, new tensor).
+RefreshWrite = tuple[dict[str, Any], str, torch.Tensor]
+
+
 def refresh_projectors_(requests: list[RefreshRequest], *, randn: Randn = philox_randn) -> None:
-    """Refresh many projectors at once: requests with the same settings, shape, device and dtype
+    """Refresh many projectors at once (:func:`compute_refreshes`, then the writes)."""
+    for state, name, value in compute_refreshes(requests, randn=randn):
+        state[name] = value
+
+
+def compute_refreshes(requests: list[RefreshRequest], *, randn: Randn = philox_randn) -> list[RefreshWrite]:
+    """The new projector state of many projectors, computed without writing any (the caller
+    stores each (state, key, tensor) as part of its step's writes): requests with the same settings, shape, device and dtype
     are stacked and their bases computed by one batched call per chunk (one GEMM, Cholesky and
     eigen-solve per chunk instead of per matrix). Same result as refreshing them one by one.
     ``randn`` draws the sketches (the backend's Philox generator).
@@ -187,7 +198,7 @@ def refresh_projectors_(requests: list[RefreshRequest], *, randn: Randn = philox
     out of memory in a batched decomposition) leaves every projector as it was. A gradient with
     NaN or Inf never becomes a subspace: that weight keeps its previous factors (or, at its first
     refresh, gets the seeded random Gaussian factors) and a RuntimeWarning names it."""
-    writes: list[tuple[dict[str, Any], str, torch.Tensor]] = []
+    writes: list[RefreshWrite] = []
     classes: dict[tuple, list[tuple[RefreshRequest, int]]] = {}
     for request in requests:
         state, projector = request.state, request.projector
@@ -213,7 +224,9 @@ def refresh_projectors_(requests: list[RefreshRequest], *, randn: Randn = philox
         for begin in range(0, len(members), chunk):
             part = members[begin:begin + chunk]
             grads = torch.stack([r.grad_matrix for r, _ in part])
-            finite = torch.isfinite(grads).flatten(1).all(1).tolist()  # one sync per chunk, on refresh steps
+            # One sync per chunk, on refresh steps; meta tensors (shape-only runs) have no values to check.
+            finite = ([True] * len(part) if device.type == "meta"
+                      else torch.isfinite(grads).flatten(1).all(1).tolist())
             if not all(finite):
                 for (request, seed), ok in zip(part, finite):
                     if ok:
@@ -239,8 +252,6 @@ def refresh_projectors_(requests: list[RefreshRequest], *, randn: Randn = philox
                     if factors is not None:  # an owned, contiguous copy: not a view of the batch
                         writes.append((request.state, name, torch.empty(factors.shape[1:], dtype=factor_dtype,
                                                                         device=device).copy_(factors[index])))
-    for state, name, value in writes:
-        state[name] = value
     if skipped:
         shapes = ", ".join(str(tuple(request.grad_matrix.shape)) for request in skipped[:5])
         warnings.warn(
@@ -250,3 +261,4 @@ def refresh_projectors_(requests: list[RefreshRequest], *, randn: Randn = philox
             "Pass skip_nonfinite=True to skip such steps instead.",
             RuntimeWarning, stacklevel=3,
         )
+    return writes

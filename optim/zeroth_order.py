@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from memzoo.optim.base import Backend, MemzooOptimizer, StateSpec, check_int, check_number
+from memzoo.optim.base import (Backend, MemzooOptimizer, StateSpec, check_int, check_lr, check_number,
+                               deferred_interrupts)
 from memzoo.reference.zeroth_order import CHUNK, MASK_BYTES_PER_CHUNK
 
 __all__ = ["QZO", "MeZO", "SparseMeZO", "ZerothOrderOptimizer", "collect_quantization_scales"]
@@ -113,9 +114,34 @@ class ZerothOrderOptimizer(MemzooOptimizer):
     (as a NaN gradient does in torch.optim); with ``skip_nonfinite=True`` the step puts the
     parameters back to θ, applies no update, counts the skip in ``skipped_steps`` and moves on to
     the next directions. An exception from the closure also puts the parameters back first.
+
+    All-or-nothing (any BaseException: an error, KeyboardInterrupt, SystemExit). The step keeps
+    ``position``, the perturbation the parameters carry (0 or ±ε·z of the current sample), and
+    sets it inside the same :func:`~memzoo.optim.base.deferred_interrupts` block as the pass that
+    changes it, so a Ctrl-C lands between passes, never inside one or between a pass and its
+    bookkeeping. An exception while the parameters are perturbed (in the closure, between passes,
+    in the estimate) runs one recovering pass from ``position`` to θ and propagates; a pass that
+    fails after some groups moved moves them back first. The update pass, the thresholds
+    Sparse-MeZO prepared and the step count are written together as one block: a Ctrl-C there is
+    delivered once the step is complete. Only an error raised by a kernel in the middle of
+    writing the update (no interrupt can cause one) leaves the groups before it updated and puts
+    the others back. A chunked fast path does the same per pass: its chunks are one pass.
+
+    How exactly θ comes back. A recovering pass computes round(x − s·ε·z) from the stored
+    x = round(θ + s·ε·z): bitwise θ wherever that rounding kept θ's bits, which is every element
+    whose perturbed value stays in θ's binade or a finer one. Where it crossed into a coarser
+    binade (|θ + εz| > |θ| across a power of two, or |εz| ≫ |θ|), the stored value no longer
+    determines θ and the recovered value is the nearest one consistent with it: within one unit
+    in the last place of |θ| + |εz| per perturbation undone (two for θ → θ+εz → θ−εz → θ),
+    without bias. No memory is kept for those bits: an exact restore would have to store them for
+    every such element, and they are many (11 % of N(0, 0.02²) fp32 weights at ε = 1e-3, 8 % in
+    bf16): a sparse copy (index + value) of about 0.9 byte per fp32 element, a fifth of the
+    weights — against the method's promise of inference memory. The tests hold the restore to
+    this bound (and ≥ 90 % of the elements bitwise).
     """
 
     family = "zeroth_order"
+    _extra_state_dict_keys = ("zeroth_order",)
 
     def __init__(
         self,
@@ -149,7 +175,7 @@ class ZerothOrderOptimizer(MemzooOptimizer):
 
     # -- hooks for subclasses -------------------------------------------------------------
     def _validate_group(self, group: Mapping[str, Any], group_index: int) -> None:
-        check_number("lr", group["lr"])
+        check_lr(group["lr"])
         check_number("weight_decay", group["weight_decay"])
 
     def _state_spec(self, param: torch.Tensor, group: Mapping[str, Any]) -> StateSpec:
@@ -171,7 +197,11 @@ class ZerothOrderOptimizer(MemzooOptimizer):
         return None
 
     def _before_step(self) -> None:
-        """Prepare per-step data from the unperturbed parameters (Sparse-MeZO's thresholds)."""
+        """Prepare per-step data from the unperturbed parameters (Sparse-MeZO's thresholds),
+        without writing state: :meth:`_commit_step` stores it with the update."""
+
+    def _commit_step(self) -> None:
+        """Store what :meth:`_before_step` prepared; runs with the update, as one write."""
 
     def _clip_projected(self, projected: torch.Tensor) -> torch.Tensor:
         return projected
@@ -210,21 +240,42 @@ class ZerothOrderOptimizer(MemzooOptimizer):
     def _move(self, seed: int, from_sign: int, to_sign: int, *, first: bool = False,
               coefficients: list[torch.Tensor] | None = None, earlier_seeds: tuple[int, ...] = ()) -> None:
         """One pass over every bucket of the layout ``step`` computed (``_layout`` is called once
-        per step, not per pass: its key walks every parameter)."""
-        for bucket in self._buckets:
-            group = self.param_groups[bucket.group_index]
-            thresholds = self._thresholds(bucket)
-            masked = thresholds is not None
-            update = {}
-            if coefficients is not None:
-                update = dict(coefficients=coefficients[bucket.group_index].to(bucket.device),
-                              earlier_seeds=earlier_seeds, decay=1.0 - group["lr"] * group["weight_decay"],
-                              clamp_min=self._clamp_min(group))
-            self._kernels(bucket.device).zo_apply_(
-                bucket.params, bucket.stream_offsets, seed=seed, eps=self.eps, from_sign=from_sign, to_sign=to_sign,
-                thresholds=thresholds, mask_bits=self._mask_buffer(bucket.device) if masked else None,
-                mask_offsets=bucket.mask_offsets if masked else None, write_mask=masked and first, **update,
-            )
+        per step, not per pass: its key walks every parameter), all-or-nothing: a SIGINT is held
+        until the pass ends, and an error raised while a perturbation pass (no update) is under
+        way moves the buckets already moved back before it propagates. An update cannot be undone:
+        an error raised by the update pass (the kernel writing a group's tensors) leaves the
+        groups before it updated and puts the others back at θ."""
+        moved = 0
+        with deferred_interrupts():
+            try:
+                for bucket in self._buckets:
+                    self._move_bucket(bucket, seed, from_sign, to_sign, first, coefficients, earlier_seeds)
+                    moved += 1
+            except BaseException:
+                if coefficients is None:
+                    for bucket in self._buckets[:moved]:
+                        self._move_bucket(bucket, seed, to_sign, from_sign, False, None, ())
+                else:
+                    for bucket in self._buckets[moved:]:
+                        self._move_bucket(bucket, seed, from_sign, 0, False, None, ())
+                raise
+
+    def _move_bucket(self, bucket: _Bucket, seed: int, from_sign: int, to_sign: int, first: bool,
+                     coefficients: list[torch.Tensor] | None, earlier_seeds: tuple[int, ...]) -> None:
+        """One pass over one bucket (one group's tensors on one device)."""
+        group = self.param_groups[bucket.group_index]
+        thresholds = self._thresholds(bucket)
+        masked = thresholds is not None
+        update = {}
+        if coefficients is not None:
+            update = dict(coefficients=coefficients[bucket.group_index].to(bucket.device),
+                          earlier_seeds=earlier_seeds, decay=1.0 - float(group["lr"]) * group["weight_decay"],
+                          clamp_min=self._clamp_min(group))
+        self._kernels(bucket.device).zo_apply_(
+            bucket.params, bucket.stream_offsets, seed=seed, eps=self.eps, from_sign=from_sign, to_sign=to_sign,
+            thresholds=thresholds, mask_bits=self._mask_buffer(bucket.device) if masked else None,
+            mask_offsets=bucket.mask_offsets if masked else None, write_mask=masked and first, **update,
+        )
 
     def _evaluate(self, closure: Callable[[], Any]) -> torch.Tensor:
         gradless = [p for group in self.param_groups for p in group["params"] if p.grad is None]
@@ -289,41 +340,52 @@ class ZerothOrderOptimizer(MemzooOptimizer):
         self._before_step()
         seeds = [sample_seed(self._base_seed, self._step_count, k) for k in range(self.n_samples)]
         losses = []
-        seed, sign = seeds[0], 0
+        # The perturbation the parameters carry: position · ε·z(seed). Each pass sets it as it
+        # ends, inside the pass's deferred_interrupts block, so the except clause always knows
+        # where the parameters are.
+        seed, position = seeds[0], 0
         try:
             for k, seed in enumerate(seeds):
-                self._move(seed, 0, 1, first=k == 0)
-                sign = 1
+                with deferred_interrupts():
+                    self._move(seed, 0, 1, first=k == 0)
+                    position = 1
                 plus = self._evaluate(closure)
-                self._move(seed, 1, -1)
-                sign = -1
+                with deferred_interrupts():
+                    self._move(seed, 1, -1)
+                    position = -1
                 minus = self._evaluate(closure)
                 losses.append(torch.stack([plus.to(device), minus.to(device)]))
                 if k < len(seeds) - 1:
-                    self._move(seed, -1, 0)
-                    sign = 0
+                    with deferred_interrupts():
+                        self._move(seed, -1, 0)
+                        position = 0
+            losses = torch.stack(losses)  # (q, 2)
+            projected = self._average_across_ranks((losses[:, 0] - losses[:, 1]) / (2.0 * self.eps))
+            skip = self.skip_nonfinite and not bool(torch.isfinite(projected).all())
+            if not skip:
+                projected = self._clip_projected(projected)
+                # The last sample's direction goes with the restoring pass's seed; the others follow it.
+                order = [len(seeds) - 1, *range(len(seeds) - 1)]
+                weights = projected[order] / len(seeds)
+                coefficients = [(float(group["lr"]) * weights).to(torch.float32) for group in self.param_groups]
+            with deferred_interrupts():  # the update and the step's bookkeeping, as one
+                if skip:
+                    # A NaN/Inf loss (on any rank: the average carries it to all): back to θ, no
+                    # update. The seed stream moves on, so the next step does not retry the same
+                    # direction.
+                    self._move(seeds[-1], -1, 0)
+                    self.skipped_steps += 1
+                else:
+                    position = 0  # the update pass puts back what it does not update if it fails
+                    self._move(seeds[-1], -1, 0, coefficients=coefficients, earlier_seeds=tuple(seeds[:-1]))
+                position = 0
+                self._commit_step()
+                self._step_count += 1
+                self.last_projected_grads, self.last_losses = projected, losses
         except BaseException:
-            if sign:
-                self._move(seed, sign, 0)  # back to θ, then let the error through
+            if position:
+                self._move(seed, position, 0)  # back to θ, then let the error through
             raise
-        losses = torch.stack(losses)  # (q, 2)
-        projected = self._average_across_ranks((losses[:, 0] - losses[:, 1]) / (2.0 * self.eps))
-        if self.skip_nonfinite and not bool(torch.isfinite(projected).all()):
-            # A NaN/Inf loss (on any rank: the average carries it to all): back to θ, no update.
-            # The seed stream moves on, so the next step does not retry the same direction.
-            self._move(seeds[-1], -1, 0)
-            self._step_count += 1
-            self.skipped_steps += 1
-            self.last_projected_grads, self.last_losses = projected, losses
-            return losses.mean()
-        projected = self._clip_projected(projected)
-        # The last sample's direction goes with the restoring pass's seed; the others follow it.
-        order = [len(seeds) - 1, *range(len(seeds) - 1)]
-        weights = projected[order] / len(seeds)
-        coefficients = [(group["lr"] * weights).to(torch.float32) for group in self.param_groups]
-        self._move(seeds[-1], -1, 0, coefficients=coefficients, earlier_seeds=tuple(seeds[:-1]))
-        self._step_count += 1
-        self.last_projected_grads, self.last_losses = projected, losses
         return losses.mean()
 
     # -- memory and checkpoints -------------------------------------------------------------
@@ -439,20 +501,30 @@ class SparseMeZO(ZerothOrderOptimizer):
     def _before_step(self) -> None:
         refresh = self._step_count == 0 or (self.threshold_interval is not None
                                             and self._step_count % self.threshold_interval == 0)
+        # id(param) → (param, this step's threshold, whether it is new): stored by _commit_step.
+        self._step_thresholds: dict[int, tuple[torch.Tensor, float, bool]] = {}
         for group in self.param_groups:
             for param in group["params"]:
                 if not _trained(param):
                     continue
-                state = self.state[param]
+                state = self.state.get(param) or {}
                 if refresh or "threshold" not in state:
                     value = magnitude_threshold(param, group["sparsity"]) if self._masked(param) else math.inf
-                    state["threshold"] = torch.tensor(value, dtype=torch.float32, device=param.device)
-                    self._threshold_values[id(param)] = value
-                elif id(param) not in self._threshold_values:  # loaded from a state_dict
-                    self._threshold_values[id(param)] = float(state["threshold"].item())
+                    self._step_thresholds[id(param)] = (param, value, True)
+                else:
+                    value = self._threshold_values.get(id(param))
+                    if value is None:  # loaded from a state_dict
+                        value = float(state["threshold"].item())
+                    self._step_thresholds[id(param)] = (param, value, False)
+
+    def _commit_step(self) -> None:
+        for param, value, new in self._step_thresholds.values():
+            if new:
+                self.state[param]["threshold"] = torch.tensor(value, dtype=torch.float32, device=param.device)
+            self._threshold_values[id(param)] = value
 
     def _thresholds(self, bucket: _Bucket) -> list[float]:
-        return [self._threshold_values[id(param)] for param in bucket.params]
+        return [self._step_thresholds[id(param)][1] for param in bucket.params]
 
     def _mask_buffer(self, device: torch.device) -> torch.Tensor:
         size = self._mask_bytes[device]

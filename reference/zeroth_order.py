@@ -35,12 +35,15 @@ last one fusing the update of all q samples (MeZO's fourth pass folded into the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from memzoo.reference.common import as_tensor_list, compute_dtype, is_dense
 from memzoo.reference.random import check_seed_offsets, normal_pairs_from_words, philox_words4
+
+# Draws the four Philox words of (seed, counters): philox_words4's contract.
+Words4 = Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
 
 __all__ = ["CHUNK", "MASK_BYTES_PER_CHUNK", "check_zo_arguments", "mask_bit_positions", "pack_mask", "unpack_mask",
            "zo_apply_", "zo_normals"]
@@ -63,19 +66,21 @@ def zo_normals(seed: int, indices: torch.Tensor) -> torch.Tensor:
     return torch.where(lane == 0, n0, torch.where(lane == 1, n1, torch.where(lane == 2, n2, n3)))
 
 
-def _four_normals(seed: int, counters: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _four_normals(seed: int, counters: torch.Tensor,
+                  words4: Words4 = philox_words4) -> tuple[torch.Tensor, ...]:
     """``tl.randn4x(seed, counters)``: one Philox call, two Box–Muller pairs."""
-    w0, w1, w2, w3 = philox_words4(seed, counters)
+    w0, w1, w2, w3 = words4(seed, counters)
     return (*normal_pairs_from_words(w0, w1), *normal_pairs_from_words(w2, w3))
 
 
-def _chunk_normals(seed: int, chunk_ranges: list[tuple[int, int]], device: torch.device) -> list[torch.Tensor]:
+def _chunk_normals(seed: int, chunk_ranges: list[tuple[int, int]], device: torch.device,
+                   words4: Words4 = philox_words4) -> list[torch.Tensor]:
     """z for the elements of each range of whole chunks (first chunk, number of chunks), in element
     order: one Philox call per counter, its four normals spread over the chunk's four quarters.
     All ranges share one call (a pass over many small tensors is a few dozen ops, not per tensor)."""
     counters = torch.cat([torch.arange(first * QUARTER, (first + count) * QUARTER, device=device)
                           for first, count in chunk_ranges])
-    chunks = torch.stack([n.view(-1, QUARTER) for n in _four_normals(seed, counters)], dim=1)  # (chunk, lane, k)
+    chunks = torch.stack([n.view(-1, QUARTER) for n in _four_normals(seed, counters, words4)], dim=1)  # (chunk, lane, k)
     return [piece.reshape(-1) for piece in chunks.split([count for _, count in chunk_ranges])]
 
 
@@ -197,6 +202,20 @@ def zo_apply_(
         mask_bits, mask_offsets: the packed mask (uint8) and each tensor's first byte in it.
         write_mask: compute the mask from the (unperturbed) values and store it; otherwise read it.
     """
+    zo_passes_(params, stream_offsets, philox_words4, seed=seed, eps=eps, from_sign=from_sign, to_sign=to_sign,
+               coefficients=coefficients, earlier_seeds=earlier_seeds, decay=decay, clamp_min=clamp_min,
+               thresholds=thresholds, mask_bits=mask_bits, mask_offsets=mask_offsets, write_mask=write_mask)
+
+
+
+def zo_passes_(params: torch.Tensor | Sequence[torch.Tensor], stream_offsets: Sequence[int], words4: Words4, *,
+               seed: int, eps: float, from_sign: int, to_sign: int, coefficients: torch.Tensor | None,
+               earlier_seeds: Sequence[int], decay: float, clamp_min: float | None,
+               thresholds: Sequence[float] | None, mask_bits: torch.Tensor | None,
+               mask_offsets: Sequence[int] | None, write_mask: bool) -> None:
+    """:func:`zo_apply_` with the Philox words drawn by ``words4`` (the reference's
+    :func:`~memzoo.reference.random.philox_words4`, or an implementation of the same stream: the
+    ``"torch"`` backend passes its faster one)."""
     params = as_tensor_list("params", params)
     check_zo_arguments(params, stream_offsets, seed=seed, from_sign=from_sign, to_sign=to_sign,
                        coefficients=coefficients, earlier_seeds=earlier_seeds, thresholds=thresholds,
@@ -214,7 +233,7 @@ def zo_apply_(
         following = pieces[item_index + 1] if item_index + 1 < len(pieces) else None
         if (following is None or size + following[2] > _SLICE
                 or params[following[0]].device != params[item[0]].device):
-            _apply_batch(params, works, batch, stream_offsets, seed=seed, eps=eps, from_sign=from_sign,
+            _apply_batch(params, works, batch, stream_offsets, words4, seed=seed, eps=eps, from_sign=from_sign,
                          to_sign=to_sign, coefficients=coefficients, earlier_seeds=earlier_seeds, decay=decay,
                          clamp_min=clamp_min, thresholds=thresholds, mask_bits=mask_bits, mask_offsets=mask_offsets,
                          write_mask=write_mask)
@@ -225,16 +244,16 @@ def zo_apply_(
 
 
 def _apply_batch(params: list[torch.Tensor], works: list[torch.Tensor], batch: list[tuple[int, int, int]],
-                 stream_offsets: Sequence[int], *, seed: int, eps: float, from_sign: int, to_sign: int,
+                 stream_offsets: Sequence[int], words4: Words4, *, seed: int, eps: float, from_sign: int, to_sign: int,
                  coefficients: torch.Tensor | None, earlier_seeds: Sequence[int], decay: float,
                  clamp_min: float | None, thresholds: Sequence[float] | None, mask_bits: torch.Tensor | None,
                  mask_offsets: Sequence[int] | None, write_mask: bool) -> None:
     """One pass over pieces (tensor index, first element, count) of tensors on one device."""
     device = params[batch[0][0]].device
     ranges = [((stream_offsets[index] + start) // CHUNK, -(-count // CHUNK)) for index, start, count in batch]
-    streams = {seed: _chunk_normals(seed, ranges, device)}
+    streams = {seed: _chunk_normals(seed, ranges, device, words4)}
     if coefficients is not None:
-        streams.update((seed_k, _chunk_normals(seed_k, ranges, device)) for seed_k in earlier_seeds)
+        streams.update((seed_k, _chunk_normals(seed_k, ranges, device, words4)) for seed_k in earlier_seeds)
     for position, ((index, start, count), (_, num_chunks)) in enumerate(zip(batch, ranges)):
         param = params[index]
         piece = _memory_order_view(works[index])[start:start + count]

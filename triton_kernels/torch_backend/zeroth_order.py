@@ -1,9 +1,16 @@
-"""The zeroth-order passes" math on the ``"torch"`` backend; twin of :mod:`memzoo.reference.zeroth_order`.
+"""The zeroth-order passes on the ``"torch"`` backend; twin of :mod:`memzoo.reference.zeroth_order`.
 
-Not rewritten yet: every function is the reference"s own.
+:func:`zo_apply_` is the reference's pass (same slices, same Box–Muller, same rounding stages)
+with the Philox words drawn by :func:`memzoo.triton_kernels.torch_backend.random.philox_words4`
+(the same words, bit for bit, at about half the integer operations). The other functions are
+the reference's own.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
 
 from memzoo.reference.zeroth_order import (
     CHUNK,
@@ -12,8 +19,34 @@ from memzoo.reference.zeroth_order import (
     mask_bit_positions,
     pack_mask,
     unpack_mask,
-    zo_apply_,
     zo_normals,
+    zo_passes_,
 )
+from memzoo.triton_kernels.torch_backend.random import philox_words4
 
-__all__ = ["CHUNK", "MASK_BYTES_PER_CHUNK", "check_zo_arguments", "mask_bit_positions", "pack_mask", "unpack_mask", "zo_apply_", "zo_normals"]
+__all__ = ["CHUNK", "MASK_BYTES_PER_CHUNK", "check_zo_arguments", "mask_bit_positions", "pack_mask", "unpack_mask",
+           "zo_apply_", "zo_normals"]
+
+
+@torch.no_grad()
+def zo_apply_(
+    params: torch.Tensor | Sequence[torch.Tensor],
+    stream_offsets: Sequence[int],
+    *,
+    seed: int,
+    eps: float,
+    from_sign: int,
+    to_sign: int,
+    coefficients: torch.Tensor | None = None,
+    earlier_seeds: Sequence[int] = (),
+    decay: float = 1.0,
+    clamp_min: float | None = None,
+    thresholds: Sequence[float] | None = None,
+    mask_bits: torch.Tensor | None = None,
+    mask_offsets: Sequence[int] | None = None,
+    write_mask: bool = False,
+) -> None:
+    """Same contract as :func:`memzoo.reference.zeroth_order.zo_apply_`."""
+    zo_passes_(params, stream_offsets, philox_words4, seed=seed, eps=eps, from_sign=from_sign, to_sign=to_sign,
+               coefficients=coefficients, earlier_seeds=earlier_seeds, decay=decay, clamp_min=clamp_min,
+               thresholds=thresholds, mask_bits=mask_bits, mask_offsets=mask_offsets, write_mask=write_mask)
