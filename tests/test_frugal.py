@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -247,3 +249,64 @@ def test_correct_bias_false_is_the_official_uncorrected_adam() -> None:
     optimizer.step()
     m, v = (1 - betas[0]) * grad, (1 - betas[1]) * grad * grad
     torch.testing.assert_close(weight.detach(), start - lr * m / (v.sqrt() + eps), rtol=1e-13, atol=1e-15)
+
+
+# -- the official algorithm, written out -----------------------------------------------------------
+
+def _official_frugal_svd(weight, grads, *, lr, betas, eps, weight_decay, density, gap, kappa, reset_statistics):
+    """The official GaloreAdamW (FRUGAL, ``proj_type="svd"``, ``proj_side="std"``,
+    ``inactive_update_rule="sign_sgd"``) written out in float64 for one m×n weight: a subspace
+    switch when the step counter is missing or a multiple of ``gap`` (top-r right singular vectors of
+    the current gradient for m ≥ n, left ones otherwise; r = round(ρ·side)); moments zeroed and the
+    counter restarted at a switch when ``reset_statistics``; decoupled decay first; torch-Adam on
+    R = down(G) (ε after dividing √v by √(1−β2^t)); signSGD on E = G − up(down(G))."""
+    m, n = weight.shape
+    right = m >= n
+    rank = round((n if right else m) * density)
+    beta1, beta2 = betas
+    state: dict = {}
+    trajectory = []
+    for grad in grads:
+        if "step" not in state or state["step"] % gap == 0:
+            u, _, vh = torch.linalg.svd(grad, full_matrices=False)
+            state["P"] = vh[:rank] if right else u[:, :rank]
+            if reset_statistics or "exp_avg" not in state:
+                shape = (m, rank) if right else (rank, n)
+                state["exp_avg"] = torch.zeros(shape, dtype=grad.dtype)
+                state["exp_avg_sq"] = torch.zeros(shape, dtype=grad.dtype)
+                state["step"] = 0
+        P = state["P"]
+        down = (lambda x: x @ P.T) if right else (lambda x: P.T @ x)
+        up = (lambda x: x @ P) if right else (lambda x: P @ x)
+        weight = weight * (1 - lr * weight_decay)
+        state["step"] += 1
+        t = state["step"]
+        low = down(grad)
+        state["exp_avg"] = beta1 * state["exp_avg"] + (1 - beta1) * low
+        state["exp_avg_sq"] = beta2 * state["exp_avg_sq"] + (1 - beta2) * low * low
+        denom = state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** t) + eps
+        update = up(-(lr / (1 - beta1 ** t)) * state["exp_avg"] / denom)
+        update = update - lr * kappa * torch.sign(grad - up(down(grad)))
+        weight = weight + update
+        trajectory.append(weight.clone())
+    return trajectory
+
+
+@pytest.mark.parametrize("shape", [(9, 6), (6, 9)])
+@pytest.mark.parametrize("reset_statistics", [True, False])
+def test_svd_subspace_follows_the_official_algorithm_across_refreshes(shape, reset_statistics) -> None:
+    """14 steps with subspace switches at steps 1, 6 and 11 (gap 5): every step's weight equals the
+    official GaloreAdamW's, written out above, on both sides and with or without the statistics
+    reset (``inactive_threshold=0`` is the official signSGD on every residual)."""
+    hyper = dict(lr=0.01, betas=(0.8, 0.95), eps=1e-8, weight_decay=0.1)
+    start = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    grads = _grads(shape, 14, seed=11)
+    expected = _official_frugal_svd(start.clone(), grads, density=0.5, gap=5, kappa=0.3,
+                                    reset_statistics=reset_statistics, **hyper)
+    weight = torch.nn.Parameter(start.clone())
+    optimizer = FRUGAL([weight], density=0.5, projector="svd", update_proj_gap=5, inactive_lr_scale=0.3,
+                       inactive_threshold=0.0, reset_statistics=reset_statistics, backend="torch", **hyper)
+    for step, (grad, official) in enumerate(zip(grads, expected), start=1):
+        weight.grad = grad.clone()
+        optimizer.step()
+        torch.testing.assert_close(weight.detach(), official, rtol=1e-10, atol=1e-12, msg=f"step {step}")
