@@ -10,7 +10,6 @@ import torch
 from memzoo.bench.cli import main
 from memzoo.bench.presets import PRESETS
 from memzoo.optim.factory import FACTORY_NAMES
-from memzoo.optim.registry import OPTIMIZERS
 from memzoo.triton_kernels.registry import KERNELS
 
 
