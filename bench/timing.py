@@ -27,20 +27,7 @@ def time_call(fn: Callable[[], object], device: torch.device, *, warmup: int, it
     first = time.perf_counter() - start
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end) / 1e3)
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - begin)
-    return first, times
+    return first, [_timed(fn, device) for _ in range(iters)]
 
 
 @dataclass

@@ -22,7 +22,13 @@ from __future__ import annotations
 import torch
 
 from memzoo.reference import random as reference
-from memzoo.reference.random import (
+from memzoo.reference.random import (  # the Philox-4x32-10 constants: one definition, the reference's
+    _KEY_A,
+    _KEY_B,
+    _MASK32,
+    _ROUND_A,
+    _ROUND_B,
+    _ROUNDS,
     check_seed_offsets,
     normal_pairs_from_words,
     normals_from_words,
@@ -31,11 +37,6 @@ from memzoo.triton_kernels.torch_backend import elementwise
 
 __all__ = ["check_seed_offsets", "normal_pairs_from_words", "normals_from_words", "philox_randn", "philox_words",
            "philox_words4"]
-
-_MASK32 = 0xFFFFFFFF
-_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
-_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
-_ROUNDS = 10
 
 
 def _words4_chunk(k0: int, k1: int, counters: torch.Tensor, out: list[torch.Tensor],
