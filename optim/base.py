@@ -670,10 +670,11 @@ class MemzooOptimizer(torch.optim.Optimizer):
                 value = group.get(key)
                 if key not in group or (type(value) is float and 0.0 <= value < math.inf):  # the fast path
                     continue
-                if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
-                    value = value.item()  # a tensor lr (as torch.optim accepts): its value is checked
                 try:
-                    check_number(key, value)
+                    if key == "lr":
+                        check_lr(value)  # reads a tensor lr (as torch.optim accepts) by its value
+                    else:
+                        check_number(key, value)
                 except (TypeError, ValueError) as exc:
                     raise type(exc)(f"param group {group_index}: {exc}. It was valid when the group was added, so "
                                     "it was changed since (an LR scheduler?); this step modified nothing") from None
