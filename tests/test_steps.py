@@ -1,0 +1,190 @@
+"""Whole steps held to the truth: each low-rank optimizer's step of every weight equals its
+whole-step reference function (reference/<family>.py ``*_step``) applied to a copy of the weight
+and of its state before the step.
+
+The optimizers are driven only through their public classes and ``optimizer.state[p]``, so these
+tests hold any rewrite of optim/ to the same steps. Every case runs 5 steps with
+``update_proj_gap=2`` (projector refreshes on steps 1, 3 and 5) and non-zero weight decay, in
+fp32 and bf16, over a group holding an m ≥ n weight, a transposed (non-contiguous) m < n weight
+and a vector (the dense branch inside a projected group), and a group without projection.
+
+Comparisons:
+- backend="reference": bitwise (torch.equal). The optimizer calls the same per-kernel reference
+  functions on the same inputs (its batches by shape hold one matrix each here), so the step
+  function reproduces every rounding; any difference is a different composition.
+- backend="torch": within the storage dtype's rounding (tests/support.assert_close: about one
+  unit in the last place, 1e-6 absolute near zero). Its kernels sum in another order
+  (batched bmm, chunked passes), so the fp32 math differs in the last bits and the stored
+  result by at most one rounding. Counters, seeds and indices are compared exactly.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import pytest
+import torch
+from support import assert_close
+
+from memzoo.optim import APOLLO, FRUGAL, GaLoreAdamW, NaturalGaLore
+from memzoo.reference.apollo import apollo_step
+from memzoo.reference.frugal import frugal_step
+from memzoo.reference.galore import galore_step, natural_galore_step
+
+STEPS = 5
+GAP = 2
+SEED = 5  # the optimizers' base seed: weight i's projector seed is SEED + i
+HYPER = dict(lr=0.05, betas=(0.9, 0.99), weight_decay=0.5)
+
+
+def make_params(dtype: torch.dtype) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """(projected group, unprojected group): a 6×4 weight (m ≥ n), a 3×7 one stored transposed
+    (m < n, non-contiguous), a vector; and a 4×3 weight in a group without projection."""
+    generator = torch.Generator().manual_seed(0)
+    randn = lambda *shape: torch.randn(shape, generator=generator).to(dtype)  # noqa: E731
+    projected = [torch.nn.Parameter(randn(6, 4)), torch.nn.Parameter(randn(7, 3).t()), torch.nn.Parameter(randn(5))]
+    return projected, [torch.nn.Parameter(randn(4, 3))]
+
+
+# Each method: (name, optimizer factory (projected, dense, backend, maximize), step function).
+Make = Callable[[list, list, str, bool], torch.optim.Optimizer]
+
+
+def galore(**settings) -> Make:
+    return lambda projected, dense, backend, maximize: GaLoreAdamW(
+        [{"params": projected, "rank": 2, "update_proj_gap": GAP, "scale": 0.25, **settings}, {"params": dense}],
+        **HYPER, seed=SEED, maximize=maximize, backend=backend)
+
+
+def natural_galore(**settings) -> Make:
+    return lambda projected, dense, backend, maximize: NaturalGaLore(
+        [{"params": projected, "rank": 2, "update_proj_gap": GAP, "scale": 0.25, **settings}, {"params": dense}],
+        **HYPER, natural_history=3, seed=SEED, maximize=maximize, backend=backend)
+
+
+def apollo(mini: bool = False, **settings) -> Make:
+    def make(projected, dense, backend, maximize):
+        if mini:  # APOLLO.mini's settings (rank 1, tensor-wise, scale 128) on the group carrying a rank
+            return APOLLO.mini([{"params": projected, "rank": 1}, {"params": dense}], **HYPER,
+                               update_proj_gap=GAP, seed=SEED, maximize=maximize, backend=backend)
+        return APOLLO([{"params": projected, "rank": 2, "update_proj_gap": GAP, "scale": 4.0, **settings},
+                       {"params": dense}], **HYPER, seed=SEED, maximize=maximize, backend=backend)
+    return make
+
+
+def frugal(**settings) -> Make:
+    return lambda projected, dense, backend, maximize: FRUGAL(
+        [{"params": projected, "density": 0.5, **settings}, {"params": dense}], **HYPER, update_proj_gap=GAP,
+        inactive_lr_scale=0.5, seed=SEED, maximize=maximize, backend=backend)
+
+
+METHODS = [
+    *[(f"galore-{projector}-{proj_type}", galore(projector=projector, proj_type=proj_type), galore_step)
+      for projector in ("svd", "randomized", "random") for proj_type in ("std", "left", "full")],
+    ("natural_galore", natural_galore(), natural_galore_step),
+    ("natural_galore-randomized", natural_galore(projector="randomized"), natural_galore_step),
+    ("natural_galore-unpreconditioned", natural_galore(natural=False), natural_galore_step),
+    *[(f"apollo-{scale_type}-{proj}-{'nl' if not disable_nl else 'no_nl'}",
+       apollo(scale_type=scale_type, proj=proj, disable_nl=disable_nl), apollo_step)
+      for scale_type in ("channel", "tensor") for proj in ("random", "svd") for disable_nl in (False, True)],
+    ("apollo-scale_front", apollo(scale_front=True, proj="randomized"), apollo_step),
+    ("apollo_mini", apollo(mini=True), apollo_step),
+    *[(f"frugal-{projector}-{'reset' if reset else 'keep'}-{rule}",
+       frugal(projector=projector, reset_statistics=reset, inactive_update_rule=rule), frugal_step)
+      for projector in ("svd", "coordinates", "random") for reset in (True, False) for rule in ("sign_sgd", "sgd")],
+]
+
+
+def group_hyper(step: Callable, group: dict) -> dict:
+    """The keyword arguments ``step`` takes from a param group: all of its keywords but ``seed``,
+    each of which the group must carry (a renamed group key fails here, not silently)."""
+    names = [name for name, p in inspect.signature(step).parameters.items()
+             if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "seed"]
+    missing = [name for name in names if name not in group]
+    assert not missing, f"{step.__name__} takes {missing}, which the param group does not carry"
+    assert group.get("optim_bits", 32) == 32, "the step functions keep 32-bit moments"
+    return {name: group[name] for name in names}
+
+
+def assert_same(actual: torch.Tensor, expected: torch.Tensor, exact: bool, what: str) -> None:
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, (what, actual.dtype, expected.dtype)
+    if exact or not expected.is_floating_point():
+        assert torch.equal(actual, expected), f"{what}: differs (max |Δ| {(actual.double() - expected.double()).abs().max()})"
+    else:
+        assert_close(actual, expected, what=what)
+
+
+def check_steps(make: Make, step: Callable, dtype: torch.dtype, backend: str, maximize: bool, *,
+                keywords_of: Callable | None = None) -> None:
+    """Step the optimizer STEPS times; after each step every weight and its state must equal
+    ``step`` applied to copies of them taken before the step (exactly on backend="reference").
+    ``step`` takes the group keys that ``keywords_of`` (default: ``step``) names."""
+    projected, dense = make_params(dtype)
+    params = projected + dense
+    optimizer = make(projected, dense, backend, maximize)
+    group_of = {param: group for group in optimizer.param_groups for param in group["params"]}
+    generator = torch.Generator().manual_seed(1)
+    for count in range(STEPS):
+        for param in params:
+            param.grad = torch.randn(param.shape, generator=generator).to(dtype)
+        before = [(param.detach().clone(), {k: v.clone() for k, v in optimizer.state[param].items()})
+                  for param in params]
+        optimizer.step()
+        for index, (param, (weight, state)) in enumerate(zip(params, before)):
+            where = f"step {count + 1}, param {index} {tuple(param.shape)}"
+            expected_weight, expected_state = step(weight, param.grad, state, seed=SEED + index,
+                                                   **group_hyper(keywords_of or step, group_of[param]))
+            assert torch.equal(weight, before[index][0]), f"{where}: the step function changed its input"
+            actual_state = optimizer.state[param]
+            assert set(actual_state) == set(expected_state), (where, sorted(actual_state), sorted(expected_state))
+            exact = backend == "reference"
+            assert_same(param.detach(), expected_weight, exact, f"{where}: weight")
+            for key, value in expected_state.items():
+                assert_same(actual_state[key], value, exact, f"{where}: state {key!r}")
+
+
+# backend="reference" minimizing and maximizing; backend="torch" maximizing (its sign handling is
+# the reference's, the same code on both paths).
+BACKENDS = [("reference", False), ("reference", True), ("torch", True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend,maximize", BACKENDS, ids=[f"{b}-{'max' if m else 'min'}" for b, m in BACKENDS])
+@pytest.mark.parametrize("name,make,step", METHODS, ids=[m[0] for m in METHODS])
+def test_optimizer_steps_are_the_whole_step_reference(name, make, step, backend, maximize, dtype) -> None:
+    check_steps(make, step, dtype, backend, maximize)
+
+
+# Negative controls: the comparison above fails for a step function that is wrong in a sign, in
+# the order of decay and update, or in the projector schedule (checked on backend="torch", the
+# tolerant comparison, in fp32: a decay-order error of lr·λ·η_t·|update| ≈ 4e-4 is below bf16's
+# resolution of weights of size 1).
+def flipped_sign(step: Callable) -> Callable:
+    return lambda *args, maximize, **kwargs: step(*args, maximize=not maximize, **kwargs)
+
+
+def decay_reordered(step: Callable) -> Callable:
+    """The decay on the other side of the update: W·(1 − lr·λ) before it for GaLore / APOLLO
+    (theirs is after), after it for FRUGAL (theirs is before)."""
+    def wrong(param, grad, state, *, lr, weight_decay, **kwargs):
+        if step is frugal_step:
+            new, new_state = step(param, grad, state, lr=lr, weight_decay=0.0, **kwargs)
+            return new * (1.0 - lr * weight_decay), new_state
+        return step(param * (1.0 - lr * weight_decay), grad, state, lr=lr, weight_decay=0.0, **kwargs)
+    return wrong
+
+
+def stale_projector(step: Callable) -> Callable:
+    return lambda *args, update_proj_gap, **kwargs: step(*args, update_proj_gap=10**6, **kwargs)
+
+
+@pytest.mark.parametrize("perturb", [flipped_sign, decay_reordered, stale_projector], ids=lambda f: f.__name__)
+CONTROLS = [method for method in METHODS
+            if method[0] in ("galore-svd-std", "natural_galore", "apollo-channel-random-nl", "frugal-svd-reset-sign_sgd")]
+
+
+@pytest.mark.parametrize("name,make,step", CONTROLS, ids=[m[0] for m in CONTROLS])
+def test_a_wrong_step_function_fails_the_comparison(name, make, step, perturb) -> None:
+    with pytest.raises(AssertionError):
+        check_steps(make, perturb(step), torch.float32, "torch", maximize=True, keywords_of=step)
