@@ -20,10 +20,12 @@ from collections.abc import Sequence
 import torch
 
 from memzoo.reference import adam_mini as reference
+from memzoo.reference.adam_mini import RULES, BlockPartition, block_rule, check_block_lists, decays, partition
 from memzoo.reference.common import as_tensor_list, compute_dtype
 from memzoo.triton_kernels.torch_backend.elementwise import Scratch, chunk_size
 
-__all__ = ["adam_mini_update_"]
+# The partition and the checks are the reference's own.
+__all__ = ["RULES", "BlockPartition", "adam_mini_update_", "block_rule", "check_block_lists", "decays", "partition"]
 
 # Scratch buffers: g, m, p in the compute dtype, and g² (or a block's partial sums).
 _BUFFERS = 4
@@ -49,7 +51,7 @@ def adam_mini_update_(
     grads = as_tensor_list("grads", grads)
     exp_avgs = as_tensor_list("exp_avgs", exp_avgs)
     exp_avg_sqs = as_tensor_list("exp_avg_sqs", exp_avg_sqs)
-    reference.check_block_lists(params, grads, exp_avgs, exp_avg_sqs, step)
+    check_block_lists(params, grads, exp_avgs, exp_avg_sqs, step)
     hparams = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step, maximize=maximize)
     coefficients = _Coefficients(
         decay=1.0 - lr * weight_decay,
