@@ -220,10 +220,10 @@ def apollo_step(param: torch.Tensor, grad: torch.Tensor, state: Mapping[str, tor
                                      oversample=oversample, signs="raw", maximize=maximize, dtype=param.dtype)
     exp_avg, exp_avg_sq = moments_(state, low_rank_shape(shape, left, right), state_dtype or param.dtype, param.device)
     m, n = shape
-    # One factor per channel (a row of G for a right projection, a column for a left one), or one per tensor;
-    # float32, as the optimizer keeps them.
+    # One factor per channel (a row of G for a right projection, a column for a left one), or one per tensor,
+    # in the math's dtype (float64 for float64 weights).
     scales = torch.empty((1, 1) if scale_type == "tensor" else (m, 1) if side == "right" else (1, n),
-                         dtype=torch.float32, device=param.device)
+                         dtype=compute_dtype(param.dtype), device=param.device)
     # R = P(G); m, v ← β·(m, v) + (1 − β)·(R, R²); eq. 6: s = ‖N‖/‖R‖ per channel, N = m/(√v + ε)
     apollo_scales_(grad, exp_avg, exp_avg_sq, scales, lefts=left, rights=right, beta1=betas[0], beta2=betas[1],
                    eps=eps, maximize=maximize)

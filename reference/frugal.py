@@ -189,9 +189,9 @@ def frugal_step(param: torch.Tensor, grad: torch.Tensor, state: Mapping[str, tor
                 oversample: int, reset_statistics: bool, inactive_update_rule: str, inactive_lr_scale: float,
                 inactive_threshold: float, proj_params_lr_scale: float, state_dtype: torch.dtype | None,
                 maximize: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One FRUGAL step of one weight (Zmushko et al. 2024, Algorithm 1 with AdamW state-full and
-    signSGD / SGD state-free parts): the new weight and state. Unprojected weights:
-    :func:`frugal_dense_step`."""
+    """One FRUGAL step of one weight (Zmushko et al. 2024; AdamW on the state-full part, signSGD
+    or SGD on the state-free rest, in the official code's template, the module docstring's
+    three lines): the new weight and state. Unprojected weights: :func:`frugal_dense_step`."""
     if not is_projected(param, density):
         return frugal_dense_step(param, grad, state, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                  correct_bias=correct_bias, state_dtype=state_dtype, maximize=maximize)

@@ -223,7 +223,8 @@ def adamw_update_(
 # group's key names), plus ``seed``: the weight's projector seed (the optimizer's ``seed`` + the
 # weight's index over all its parameters). It returns the new weight and the new state and
 # leaves its inputs untouched. It is composed from the per-kernel functions above, which write
-# into copies: the math is theirs, only the composition is written here. These functions are
+# into copies: the math is theirs, only the composition is written here. Moments are 32-bit
+# (``optim_bits=8``'s blockwise codes are not modelled). These functions are
 # not in ``__all__``, which lists what every backend module provides (a step has one
 # implementation to be held to them: the optimizer's); tests/test_steps.py compares the two.
 
@@ -357,7 +358,7 @@ def _galore_projected_step(param: torch.Tensor, grad: torch.Tensor, state: Mappi
     exp_avg, exp_avg_sq = moments_(state, low_rank_shape(shape, left, right), state_dtype or param.dtype, param.device)
     update = torch.empty(exp_avg.shape, dtype=dtype, device=param.device)
     hyper = dict(beta1=betas[0], beta2=betas[1], eps=eps)
-    if not natural_galore:  # GaLore: Alg. 2, R_t = P_tᵀG_t; m, v ← β·(m, v) + (1 − β)·(R, R²); N_t = m/(√v + ε)
+    if not natural_galore:  # Alg. 2: R_t = P_tᵀG_t; m, v ← β·(m, v) + (1 − β)·(R, R²); N_t = m/(√v + ε)
         galore_adam_project_(g, exp_avg, exp_avg_sq, update, lefts=left, rights=right, maximize=maximize, **hyper)
     else:  # Natural GaLore: g = AᵀGBᵀ (−G when maximizing), preconditioned, then Adam on it
         low_rank = project(g.to(dtype), _factor(left, dtype), _factor(right, dtype))
@@ -374,7 +375,7 @@ def _galore_projected_step(param: torch.Tensor, grad: torch.Tensor, state: Mappi
                                         damping=damping)  # §3: g̃ = (λI + HᵀH)⁻¹g
         galore_adam_project_(low_rank, exp_avg, exp_avg_sq, update, lefts=None, rights=None, **hyper)
     # Alg. 2: W ← W − η_t·α·P_t·N_t; then W ← W − lr·λ·W (decay after, on the updated weight)
-    galore_apply_(param, update, lefts=left, rights=right, step_size=hf_adam_step_size(lr, betas, correct_bias,
-                                                                                         step + 1),
-                  scale=scale, lr=lr, weight_decay=weight_decay)
+    step_size = hf_adam_step_size(lr, betas, correct_bias, step + 1)
+    galore_apply_(param, update, lefts=left, rights=right, step_size=step_size, scale=scale, lr=lr,
+                  weight_decay=weight_decay)
     return param, state

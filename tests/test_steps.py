@@ -4,7 +4,8 @@ and of its state before the step.
 
 The optimizers are driven only through their public classes and ``optimizer.state[p]``, so these
 tests hold any rewrite of optim/ to the same steps. Every case runs 5 steps with
-``update_proj_gap=2`` (projector refreshes on steps 1, 3 and 5) and non-zero weight decay, in
+``update_proj_gap=2`` (projector refreshes on steps 1, 3 and 5), non-zero weight decay (another
+value in the second group) and a learning rate lowered before every step (a schedule), in
 fp32 and bf16, over a group holding an m ≥ n weight, a transposed (non-contiguous) m < n weight
 and a vector (the dense branch inside a projected group), and a group without projection.
 
@@ -37,6 +38,7 @@ STEPS = 5
 GAP = 2
 SEED = 5  # the optimizers' base seed: weight i's projector seed is SEED + i
 HYPER = dict(lr=0.05, betas=(0.9, 0.99), weight_decay=0.5)
+DENSE = dict(weight_decay=0.1)  # the group without projection
 
 
 def make_params(dtype: torch.dtype) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
@@ -59,29 +61,29 @@ Make = Callable[[list, list, str, bool], torch.optim.Optimizer]
 
 def galore(**settings) -> Make:
     return lambda projected, dense, backend, maximize: GaLoreAdamW(
-        [{"params": projected, "rank": 2, "update_proj_gap": GAP, "scale": 0.25, **settings}, {"params": dense}],
-        **HYPER, seed=SEED, maximize=maximize, backend=backend)
+        [{"params": projected, "rank": 2, "update_proj_gap": GAP, "scale": 0.25, **settings},
+         {"params": dense, **DENSE}], **HYPER, seed=SEED, maximize=maximize, backend=backend)
 
 
 def natural_galore(**settings) -> Make:
     return lambda projected, dense, backend, maximize: NaturalGaLore(
-        [{"params": projected, "rank": 2, "update_proj_gap": GAP, "scale": 0.25, **settings}, {"params": dense}],
-        **HYPER, natural_history=3, seed=SEED, maximize=maximize, backend=backend)
+        [{"params": projected, "rank": 2, "update_proj_gap": GAP, "scale": 0.25, **settings},
+         {"params": dense, **DENSE}], **HYPER, natural_history=3, seed=SEED, maximize=maximize, backend=backend)
 
 
 def apollo(mini: bool = False, **settings) -> Make:
     def make(projected, dense, backend, maximize):
         if mini:  # APOLLO.mini's settings (rank 1, tensor-wise, scale 128) on the group carrying a rank
-            return APOLLO.mini([{"params": projected, "rank": 1}, {"params": dense}], **HYPER,
+            return APOLLO.mini([{"params": projected, "rank": 1}, {"params": dense, **DENSE}], **HYPER,
                                update_proj_gap=GAP, seed=SEED, maximize=maximize, backend=backend)
         return APOLLO([{"params": projected, "rank": 2, "update_proj_gap": GAP, "scale": 4.0, **settings},
-                       {"params": dense}], **HYPER, seed=SEED, maximize=maximize, backend=backend)
+                       {"params": dense, **DENSE}], **HYPER, seed=SEED, maximize=maximize, backend=backend)
     return make
 
 
 def frugal(**settings) -> Make:
     return lambda projected, dense, backend, maximize: FRUGAL(
-        [{"params": projected, "density": 0.5, **settings}, {"params": dense}], **HYPER, update_proj_gap=GAP,
+        [{"params": projected, "density": 0.5, **settings}, {"params": dense, **DENSE}], **HYPER, update_proj_gap=GAP,
         inactive_lr_scale=0.5, seed=SEED, maximize=maximize, backend=backend)
 
 
@@ -149,6 +151,8 @@ def check_steps(make: Make, step: Callable, dtype: torch.dtype, backend: str, ma
     group_of = {param: group for group in optimizer.param_groups for param in group["params"]}
     generator = torch.Generator().manual_seed(1)
     for count in range(STEPS):
+        for group in optimizer.param_groups:  # a schedule: the step reads the group's lr of the moment
+            group["lr"] *= 0.8
         for index, param in enumerate(params):
             param.grad = None if index == FROZEN else torch.randn(param.shape, generator=generator).to(dtype)
             if (count, index) in (poison or {}):
@@ -187,6 +191,23 @@ def test_optimizer_steps_are_the_whole_step_reference(name, make, step, backend,
     check_steps(make, step, dtype, backend, maximize)
 
 
+# BUG (open, in optim/apollo.py, not fixed here): APOLLO keeps the scaling factors of every weight
+# in float32 (``batch_views(shapes, torch.float32, ...)`` in APOLLO._update_projected), so a float64
+# weight's update is only float32-accurate (|Δ| ≈ 5e-9 after one step) where the library's math is
+# float64 for float64 tensors (GaLore's and FRUGAL's low-rank updates are). The strict xfail turns
+# into a failure once fixed: then drop the mark.
+APOLLO_FLOAT64_BUG = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "BUG: APOLLO rounds the scaling factors of float64 weights to float32 (optim/apollo.py)"))
+
+
+@pytest.mark.parametrize("name,make,step", [
+    pytest.param(*method, marks=[APOLLO_FLOAT64_BUG] if method[2] is apollo_step else [], id=method[0])
+    for method in METHODS])
+def test_float64_weights_step_in_float64(name, make, step) -> None:
+    """The math of float64 weights is float64 throughout (bitwise the step function's)."""
+    check_steps(make, step, torch.float64, "reference", maximize=True)
+
+
 # Negative controls: the comparison above fails for a step function that is wrong in a sign, in
 # the order of decay and update, or in the projector schedule (checked on backend="torch", the
 # tolerant comparison, in fp32: a decay-order error of lr·λ·η_t·|update| ≈ 4e-4 is below bf16's
@@ -210,8 +231,8 @@ def stale_projector(step: Callable) -> Callable:
     return lambda *args, update_proj_gap, **kwargs: step(*args, update_proj_gap=10**6, **kwargs)
 
 
-CONTROLS = [method for method in METHODS
-            if method[0] in ("galore-svd-std", "natural_galore", "apollo-channel-random-nl", "frugal-svd-reset-sign_sgd")]
+CONTROLS = [method for method in METHODS if method[0] in (
+    "galore-svd-std", "natural_galore", "apollo-channel-random-nl", "frugal-svd-reset-sign_sgd")]
 
 
 @pytest.mark.parametrize("perturb", [flipped_sign, decay_reordered, stale_projector], ids=lambda f: f.__name__)
