@@ -10,6 +10,7 @@ import torch
 from memzoo.optim.base import Backend, StateSpec, check_number
 from memzoo.optim.lowrank import LowRankOptimizer, LowRankRule, WeightStep, adam_step_size, batch_views
 from memzoo.optim.projector import Projector
+from memzoo.reference.common import compute_dtype
 
 __all__ = ["APOLLO", "ApolloRule"]
 
@@ -59,7 +60,8 @@ class ApolloRule(LowRankRule):
         for item in items:
             m, n = item.projector.shape
             shapes.append((1, 1) if tensor_wise else (m, 1) if item.projector.side == "right" else (1, n))
-        scales = batch_views(shapes, torch.float32, device)
+        # fp32 factors (float64 for float64 weights: their update keeps float64 accuracy).
+        scales = batch_views(shapes, compute_dtype(items[0].param.dtype), device)
         factors = [engine.factors(item) for item in items]
         moments = [engine.moment_values(item) for item in items]
         beta1, beta2 = group["betas"]
