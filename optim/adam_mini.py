@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -18,7 +18,7 @@ from memzoo.optim.base import (
     check_number,
     deferred_interrupts,
 )
-from memzoo.reference.adam_mini import BlockPartition, decays, partition
+from memzoo.reference.adam_mini import BlockPartition, block_rule, decays, partition
 
 __all__ = ["AdamMini"]
 
@@ -123,6 +123,37 @@ class AdamMini(MemzooOptimizer):
             for group_index, name, rule, blocks in self.block_partitions():
                 print(f"Adam-mini: param group {group_index}, {name}: {blocks} block(s) ({rule})")
 
+    # Attributes of a model's config that hold dim, n_heads and n_kv_heads (Hugging Face's first,
+    # then other common spellings: nanoGPT, Meta's LLaMA, memzoo-bench's Decoder).
+    _CONFIG_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "dim": ("hidden_size", "n_embd", "d_model", "dim", "hidden"),
+        "n_heads": ("num_attention_heads", "n_head", "n_heads", "heads"),
+        "n_kv_heads": ("num_key_value_heads", "n_kv_heads"),
+    }
+
+    @classmethod
+    def settings_from_model(cls, model: torch.nn.Module, given: Mapping[str, Any]) -> dict[str, int]:
+        """``dim``, ``n_heads`` and ``n_kv_heads`` read from ``model.config`` for those not in
+        ``given`` (what :func:`memzoo.optim.create_optimizer` passes on). A ValueError asks for
+        them when the model has query / key weights (blocks per head) and they are neither given
+        nor in its config: 1.1.1's defaults (2048, 32) fit few models."""
+        config = getattr(model, "config", None)
+        found: dict[str, int] = {}
+        for key, fields in cls._CONFIG_FIELDS.items():
+            if key in given:
+                continue
+            value = next((getattr(config, f) for f in fields if isinstance(getattr(config, f, None), int)), None)
+            if value is not None:
+                found[key] = value
+        missing = [key for key in ("dim", "n_heads") if key not in given and key not in found]
+        heads = [name for name, p in model.named_parameters() if p.requires_grad and block_rule(name) == "head"]
+        if missing and heads:
+            raise ValueError(
+                f"adam_mini cuts query and key weights ({heads[0]}, …) into one block per attention head, and "
+                f"{type(model).__name__} has no config giving {' and '.join(missing)}: pass "
+                + ", ".join(f"{key}=" for key in missing) + " (the hidden size and the number of attention heads)")
+        return found
+
     # -- validation -----------------------------------------------------------------------
     def _validate_group(self, group: Mapping[str, Any], group_index: int) -> None:
         check_lr(group["lr"])
@@ -154,7 +185,7 @@ class AdamMini(MemzooOptimizer):
                 warnings.warn(
                     f"AdamMini: param group {len(self.param_groups) - 1} has matrices without names (params {shown}): "
                     "each is one block (Adam-mini's rule for names it does not know), not one per attention head or "
-                    "neuron; give model.named_parameters() for the official partition", UserWarning, stacklevel=3)
+                    "neuron; give model.named_parameters() for the official partition", UserWarning, stacklevel=5)
 
     # -- partition --------------------------------------------------------------------------
     def _partition(self, param: torch.Tensor, group: Mapping[str, Any]) -> tuple[BlockPartition, bool]:

@@ -366,3 +366,26 @@ def test_named_checkpoint_resumes_bit_identically() -> None:
     assert names["model.embed_tokens.weight"] == ("row", VOCAB)
     assert optimizer.state_bytes() == sum(8 + p.numel() * 4 + 4 * optimizer._partition(p, g)[0].blocks
                                           for g in optimizer.param_groups for p in g["params"])
+
+
+def test_layerwise_keeps_the_names_and_the_partition() -> None:
+    from memzoo.optim import LayerwiseOptimizer, create_optimizer
+
+    torch.manual_seed(0)
+    model = TinyLlama()
+    twin = copy.deepcopy(model)
+    settings_ = {key: value for key, value in OFFICIAL_SETTINGS.items() if key != "weight_decay"}
+    layerwise = create_optimizer(model, "adam_mini", layerwise=True, backend="torch", **settings_)
+    ordinary = create_optimizer(twin, "adam_mini", backend="torch", **settings_)
+    assert isinstance(layerwise, LayerwiseOptimizer)
+    assert [rule for inner in layerwise.inner_optimizers for _, _, rule, _ in inner.block_partitions()] == [
+        rule for _, _, rule, _ in ordinary.block_partitions()]
+    tokens = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(1))
+    for _ in range(2):
+        model(tokens).square().mean().backward()
+        layerwise.step()
+        twin(tokens).square().mean().backward()
+        ordinary.step()
+        ordinary.zero_grad()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
