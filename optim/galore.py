@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from memzoo.optim.base import Backend, StateSpec, check_int, check_number
+from memzoo.optim.base import Backend, StateSpec, check_int, check_number, local_tensor
 from memzoo.optim.lowrank import (
     LowRankOptimizer,
     LowRankRule,
@@ -29,22 +29,37 @@ class GaLoreRule(LowRankRule):
 
     family = "galore"
 
+    def sharded_problem(self, projector: Projector, group: Mapping[str, Any]) -> str | None:
+        return None  # every side and projector (see update)
+
     def update(self, engine: LowRankOptimizer, group: Mapping[str, Any], items: list[WeightStep]) -> None:
+        """On row shards: a right projection is local rows (R_k = G_k·Qᵀ, its moments, N_k·Q);
+        with a left factor R = Σ_k P_kᵀ·G_k(·Qᵀ) is all-reduced, Adam runs on the replicated R
+        and each rank applies its rows P_k·N(·Q)."""
         kernels = engine.kernels(items[0].param.device)
         beta1, beta2 = group["betas"]
         updates = low_rank_updates(items)
         factors = [engine.factors(item) for item in items]
         moments = [engine.moment_values(item) for item in items]
-        kernels.galore_adam_project_(
-            [item.param.grad.reshape(item.projector.shape) for item in items], [m[0] for m in moments],
-            [m[1] for m in moments], updates, lefts=[f[0] for f in factors], rights=[f[1] for f in factors],
-            beta1=beta1, beta2=beta2, eps=group["eps"], maximize=group["maximize"])
+        if items[0].reduces:  # projected and summed over the shards: Adam on R itself
+            grads, lefts, rights = engine.reduced_projections(items, factors), None, None
+        else:
+            grads, lefts, rights = [engine.local_grad(item) for item in items], [f[0] for f in factors], \
+                [f[1] for f in factors]
+        # An empty row shard (uneven sharding) has nothing to update.
+        live = [index for index, item in enumerate(items) if item.shard is None or item.shard.rows]
+        if items[0].reduces or len(live) == len(items):
+            kernels.galore_adam_project_(
+                grads, [local_tensor(m[0]) for m in moments], [local_tensor(m[1]) for m in moments], updates,
+                lefts=lefts, rights=rights, beta1=beta1, beta2=beta2, eps=group["eps"], maximize=group["maximize"])
         for item, values in zip(items, moments):
             engine.store_moments(item, values)
-        kernels.galore_apply_(
-            [item.param for item in items], updates, lefts=[f[0] for f in factors], rights=[f[1] for f in factors],
-            step_size=adam_step_size(group["lr"], group["betas"], items[0].step, group["correct_bias"]),
-            scale=group["scale"], lr=group["lr"], weight_decay=group["weight_decay"])
+        if live:
+            kernels.galore_apply_(
+                [local_tensor(items[i].param) for i in live], [updates[i] for i in live],
+                lefts=[factors[i][0] for i in live], rights=[factors[i][1] for i in live],
+                step_size=adam_step_size(group["lr"], group["betas"], items[0].step, group["correct_bias"]),
+                scale=group["scale"], lr=group["lr"], weight_decay=group["weight_decay"])
 
 
 class GaLoreAdamW(LowRankOptimizer):

@@ -20,7 +20,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from memzoo.optim.base import StateSpec, check_int, check_number
+from memzoo.optim.base import StateSpec, check_int, check_number, local_tensor
+from memzoo.optim.sharded import RowShard, sharded_bases
 from memzoo.reference.projector import (
     METHODS,
     PROJ_TYPES,
@@ -149,16 +150,29 @@ class Projector:
         refresh_projectors_([RefreshRequest(self, state, grad_matrix, step, base_seed, factor_dtype)], randn=randn)
 
     def factors(self, state: Mapping[str, Any], device: torch.device, dtype: torch.dtype, *,
-                randn: Randn = philox_randn) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The factors (left, right), stored or regenerated from the seed with ``randn``."""
-        if self.settings.projector in SEEDED_METHODS:
-            draw = random_basis if self.settings.projector == "random" else random_orthonormal_basis
-            return draw(int(state["proj_seed"]), self.shape, self.rank, self.side, device, dtype, randn=randn)
-        if self.settings.projector == "coordinates":
+                randn: Randn = philox_randn,
+                rows: range | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The factors (left, right), stored or regenerated from the seed with ``randn``.
+        ``rows``: a row shard's, whose rows of the left factor are returned (the right factor is
+        always whole); a stored left factor is then a DTensor sharded like the weight."""
+        method = self.settings.projector
+        if method == "random":
+            return random_basis(int(state["proj_seed"]), self.shape, self.rank, self.side, device, dtype, randn=randn,
+                                rows=rows)
+        if method == "random_orthonormal":
+            # The Haar QR needs the whole m×r Gaussian: each rank draws it (no communication).
+            left, right = random_orthonormal_basis(int(state["proj_seed"]), self.shape, self.rank, self.side, device,
+                                                   dtype, randn=randn)
+        elif method == "coordinates":
             factor = selection_factor(state["proj_indices"].to(device), side_length(self.shape, self.side), self.side,
                                       dtype)
-            return (None, factor) if self.side == "right" else (factor, None)
-        return state.get("proj_left"), state.get("proj_right")
+            left, right = (None, factor) if self.side == "right" else (factor, None)
+        else:
+            left, right = state.get("proj_left"), state.get("proj_right")
+            return (None if left is None else local_tensor(left)), right
+        if rows is not None and left is not None:
+            left = left[rows.start: rows.stop]
+        return left, right
 
 
 @dataclass
@@ -171,6 +185,8 @@ class RefreshRequest:
     step: int
     base_seed: int
     factor_dtype: torch.dtype
+    # For a row-sharded weight: its rows (``grad_matrix`` holds only those).
+    shard: RowShard | None = None
 
 
 # Refreshes of same-shaped matrices are batched, a chunk's stacked gradients kept under this size.
@@ -215,18 +231,26 @@ def compute_refreshes(requests: list[RefreshRequest], *, randn: Randn = philox_r
             writes.append((state, "proj_indices", indices.to(request.grad_matrix.device)))
             continue
         grad = request.grad_matrix
-        key = (projector.settings, projector.shape, grad.device, grad.dtype, request.factor_dtype)
+        shard_key = None if request.shard is None else request.shard.key
+        key = (projector.settings, projector.shape, grad.device, grad.dtype, request.factor_dtype, shard_key)
         classes.setdefault(key, []).append((request, seed))
     skipped: list[RefreshRequest] = []
-    for (settings, (m, n), device, dtype, factor_dtype), members in classes.items():
+    for (settings, (m, n), device, dtype, factor_dtype, _), members in classes.items():
         projector = members[0][0].projector
+        shard = members[0][0].shard
         chunk = max(1, _REFRESH_CHUNK_BYTES // (m * n * 4))
         for begin in range(0, len(members), chunk):
             part = members[begin:begin + chunk]
             grads = torch.stack([r.grad_matrix for r, _ in part])
             # One sync per chunk, on refresh steps; meta tensors (shape-only runs) have no values to check.
-            finite = ([True] * len(part) if device.type == "meta"
-                      else torch.isfinite(grads).flatten(1).all(1).tolist())
+            if device.type == "meta":
+                finite = [True] * len(part)
+            elif shard is None:
+                finite = torch.isfinite(grads).flatten(1).all(1).tolist()
+            else:  # every rank decides from every shard
+                bad = (~torch.isfinite(grads)).flatten(1).sum(1, dtype=torch.int64) if grads.numel() else \
+                    torch.zeros(len(part), dtype=torch.int64, device=device)
+                finite = (shard.all_reduce_(bad) == 0).tolist()
             if not all(finite):
                 for (request, seed), ok in zip(part, finite):
                     if ok:
@@ -234,7 +258,10 @@ def compute_refreshes(requests: list[RefreshRequest], *, randn: Randn = philox_r
                     skipped.append(request)
                     if request.state.get("proj_left") is None and request.state.get("proj_right") is None:
                         left, right = random_basis(seed, projector.shape, projector.rank, projector.side, device,
-                                                   factor_dtype, randn=randn)
+                                                   factor_dtype, randn=randn,
+                                                   rows=None if shard is None else shard.index)
+                        if left is not None and shard is not None:
+                            left = shard.distribute(left, (m, left.shape[1]))
                         writes += [(request.state, name, f) for name, f in (("proj_left", left), ("proj_right", right))
                                    if f is not None]
                 keep = [index for index, ok in enumerate(finite) if ok]
@@ -243,15 +270,22 @@ def compute_refreshes(requests: list[RefreshRequest], *, randn: Randn = philox_r
                 if not part:
                     continue
             seeds = torch.tensor([seed for _, seed in part], dtype=torch.int64, device=device)
-            left, right = compute_bases(grads, projector.rank, projector.side, settings.projector, seeds=seeds,
-                                        power_iters=settings.power_iters, oversample=settings.oversample,
-                                        signs=settings.signs, randn=randn)
+            if shard is None:
+                left, right = compute_bases(grads, projector.rank, projector.side, settings.projector, seeds=seeds,
+                                            power_iters=settings.power_iters, oversample=settings.oversample,
+                                            signs=settings.signs, randn=randn)
+            else:
+                left, right = sharded_bases(grads, shard, n, projector.rank, projector.side, settings.projector,
+                                            seeds=seeds, power_iters=settings.power_iters,
+                                            oversample=settings.oversample, signs=settings.signs, randn=randn)
             del grads
             for index, (request, _) in enumerate(part):
                 for name, factors in (("proj_left", left), ("proj_right", right)):
                     if factors is not None:  # an owned, contiguous copy: not a view of the batch
-                        writes.append((request.state, name, torch.empty(factors.shape[1:], dtype=factor_dtype,
-                                                                        device=device).copy_(factors[index])))
+                        value = torch.empty(factors.shape[1:], dtype=factor_dtype, device=device).copy_(factors[index])
+                        if name == "proj_left" and shard is not None:  # its rows: sharded like the weight
+                            value = shard.distribute(value, (m, value.shape[1]))
+                        writes.append((request.state, name, value))
     if skipped:
         shapes = ", ".join(str(tuple(request.grad_matrix.shape)) for request in skipped[:5])
         warnings.warn(

@@ -105,16 +105,19 @@ Randn = Callable[[int | torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def random_basis(seed: int, shape: tuple[int, int], rank: int, side: Side, device: torch.device | str,
-                 dtype: torch.dtype = torch.float32, *,
-                 randn: Randn = philox_randn) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                 dtype: torch.dtype = torch.float32, *, randn: Randn = philox_randn,
+                 rows: range | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Gaussian factors with N(0, 1/r) entries (so E[PᵀP] = I), regenerated from ``seed``:
     element (i, j) of the left factor (m×r) has offset i·r + j, of the right factor (r×n)
-    offset m·r + i·n + j (left first when both exist)."""
+    offset m·r + i·n + j (left first when both exist). ``rows``: only those rows of the left
+    factor (a row shard's), drawn from their own offsets."""
     m, n = shape
     left = right = None
     scale = 1.0 / math.sqrt(rank)
     if side in ("left", "full"):
-        left = randn(seed, torch.arange(m * rank, device=device)).view(m, rank).mul_(scale).to(dtype)
+        rows = range(m) if rows is None else rows
+        offsets = torch.arange(rows.start * rank, rows.stop * rank, device=device)
+        left = randn(seed, offsets).view(len(rows), rank).mul_(scale).to(dtype)
     if side in ("right", "full"):
         start = m * rank if side == "full" else 0
         offsets = torch.arange(start, start + rank * n, device=device)

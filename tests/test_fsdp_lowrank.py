@@ -1,0 +1,109 @@
+"""Low-rank optimizers on FSDP2 row shards (gloo, CPU): 2 and 3 processes, uneven shards, every
+projector side; the sharded run against one process stepping whole tensors on the same
+gradients, over steps that cross projector refreshes; per-rank state sharded like the weights."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+_SCRIPT = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    from memzoo.optim import APOLLO, FRUGAL, GaLoreAdamW, NaturalGaLore
+    rank, world, store, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world)
+    torch.set_num_threads(1)
+
+    def canonical(cls):
+        # The optimizer with its singular vectors signed canonically, as on row shards (raw
+        # LAPACK signs cannot be reproduced from shards).
+        rule = type("CanonicalRule", (type(cls.rule),), {"signs": "canonical"})()
+        return type("Canonical" + cls.__name__, (cls,), {"rule": rule})
+
+    def make_model():
+        torch.manual_seed(0)
+        # 16×12 (right side under "std"), 7×16 (left: 7 rows, uneven on 2 and 3 ranks), 2×7
+        # (an empty shard on 3 ranks), conv 8×3×2×2 (a 3-D weight read as 8×12).
+        return torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 7),
+                                   torch.nn.Tanh(), torch.nn.Linear(7, 2))
+
+    def shard(model):
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        return fully_shard(model)
+
+    CASES = {
+        "galore:randomized": (GaLoreAdamW, canonical(GaLoreAdamW), dict(rank=3)),
+        "galore:randomized:full": (GaLoreAdamW, canonical(GaLoreAdamW), dict(rank=2, proj_type="full")),
+        "galore:randomized:reverse": (GaLoreAdamW, canonical(GaLoreAdamW), dict(rank=2, proj_type="reverse_std", maximize=True)),
+        "galore:svd": (GaLoreAdamW, canonical(GaLoreAdamW), dict(rank=3, projector="svd")),
+        "galore:random": (GaLoreAdamW, GaLoreAdamW, dict(rank=3, projector="random", proj_type="full")),
+        "natural_galore": (NaturalGaLore, NaturalGaLore, dict(rank=2, natural_history=3)),
+        "apollo": (APOLLO, APOLLO, dict(rank=3, scale=4.0)),
+        "apollo:svd": (APOLLO, canonical(APOLLO), dict(rank=2, proj="svd", scale_front=True)),
+        "apollo_mini": (APOLLO, APOLLO, dict(rank=1, scale=128.0, scale_type="tensor")),
+        "frugal": (FRUGAL, canonical(FRUGAL), dict(density=0.5, inactive_threshold=0.3)),
+        "frugal:random": (FRUGAL, FRUGAL, dict(density=0.25, projector="random", proj_type="reverse_std")),
+        "frugal:coordinates": (FRUGAL, FRUGAL, dict(density=0.5, projector="coordinates", proj_type="left")),
+        "frugal:coordinates:right": (FRUGAL, FRUGAL, dict(density=0.5, projector="coordinates",
+                                                          inactive_update_rule="sgd")),
+    }
+    names = sys.argv[5].split(",") if len(sys.argv) > 5 else list(CASES)
+    results = {}
+    for name in names:
+        cls, reference_cls, options = CASES[name]
+        kwargs = dict(lr=0.02, weight_decay=0.1, update_proj_gap=2, backend="torch", **options)
+        model, replica = shard(make_model()), make_model()
+        optimizer, reference = cls(model.parameters(), **kwargs), reference_cls(replica.parameters(), **kwargs)
+        generator = torch.Generator().manual_seed(100 + rank)
+        for _ in range(4):  # refreshes on steps 1 and 3
+            x = torch.randn(8, 12, generator=generator)
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            for whole, sharded in zip(replica.parameters(), model.parameters()):
+                whole.grad = sharded.grad.full_tensor()
+            optimizer.step()
+            reference.step()
+        params = [(p.full_tensor(), q.detach().clone()) for p, q in zip(model.parameters(), replica.parameters())]
+        states = []
+        for p, q in zip(model.parameters(), replica.parameters()):
+            for key, value in optimizer.state[p].items():
+                whole = reference.state[q][key]
+                states.append(dict(key=key, shape=tuple(p.shape), sharded=isinstance(value, DTensor),
+                                   same_shape=tuple(value.shape) == tuple(whole.shape),
+                                   local=value.to_local().nbytes if isinstance(value, DTensor) else value.nbytes,
+                                   whole=whole.nbytes))
+        results[name] = dict(params=params, states=states, bytes=(optimizer.state_bytes(), reference.state_bytes()))
+    torch.save(results, out + f".{rank}")
+    dist.destroy_process_group()
+""")
+
+
+def run_ranks(world: int, tmp_path, names: list[str] | None = None) -> list[dict]:
+    script = tmp_path / "script.py"
+    script.write_text(_SCRIPT)
+    store, out = tmp_path / "store", tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    extra = [",".join(names)] if names else []
+    procs = [subprocess.Popen([sys.executable, str(script), str(rank), str(world), str(store), str(out), *extra],
+                              env=env, stderr=subprocess.PIPE, text=True) for rank in range(world)]
+    errors = [proc.communicate(timeout=600)[1] for proc in procs]
+    for proc, err in zip(procs, errors):
+        assert proc.returncode == 0, err[-4000:]
+    return [torch.load(f"{out}.{rank}", weights_only=False) for rank in range(world)]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_low_rank_on_fsdp2_row_shards_equals_whole_tensors(world, tmp_path) -> None:
+    results = run_ranks(world, tmp_path)
+    for name, result in results[0].items():
+        for sharded, whole in result["params"]:
+            assert torch.allclose(sharded, whole, rtol=0, atol=1e-5), (name, (sharded - whole).abs().max())
