@@ -194,14 +194,25 @@ class NaturalGaLoreRule(LowRankRule):
         return {"nat_history": (torch.Size((group["natural_history"], shape.numel())), state_dtype),
                 "nat_count": (torch.Size(()), torch.int64)}
 
+    def sharded_problem(self, projector: Projector, group: Mapping[str, Any]) -> str | None:
+        if projector.side == "right" and group["natural"]:
+            return ("Natural GaLore's gradient history of a right projection (m×r) would be sharded by rows and "
+                    "its k×k solve need all of it; use proj_type 'full' (the default) or 'left'")
+        return None
+
     def update(self, engine: LowRankOptimizer, group: Mapping[str, Any], items: list[WeightStep]) -> None:
+        """On row shards (left or two-sided projections): R = Σ_k A_kᵀ·G_k·Bᵀ all-reduced, then
+        everything but the back-projection A_k·N·B runs on the replicated R."""
         (item,) = items
         kernels = engine.kernels(item.param.device)
-        grad = item.param.grad.reshape(item.projector.shape)
-        dtype = compute_dtype(grad.dtype)
         left, right = engine.factors(item)
-        low_rank = kernels.project(grad.to(dtype), None if left is None else left.to(dtype),
-                                   None if right is None else right.to(dtype))
+        if item.reduces:
+            (low_rank,) = engine.reduced_projections([item], [(left, right)])
+        else:
+            grad = engine.local_grad(item)
+            dtype = compute_dtype(grad.dtype)
+            low_rank = kernels.project(grad.to(dtype), None if left is None else left.to(dtype),
+                                       None if right is None else right.to(dtype))
         if group["maximize"]:
             low_rank = -low_rank
         if group["natural"]:  # else the official proj_type="galore": GaLore on the same factors
@@ -213,13 +224,15 @@ class NaturalGaLoreRule(LowRankRule):
             low_rank = kernels.natural_gradient(low_rank, rows, damping=group["damping"])
         beta1, beta2 = group["betas"]
         (update,) = low_rank_updates(items)
-        moments = engine.moment_values(item)
+        moments = [local_tensor(moment) for moment in engine.moment_values(item)]
         # Adam on the already projected (and preconditioned) gradient.
         kernels.galore_adam_project_([low_rank], [moments[0]], [moments[1]], [update], lefts=None, rights=None,
                                      beta1=beta1, beta2=beta2, eps=group["eps"])
         engine.store_moments(item, moments)
+        if item.shard is not None and not item.shard.rows:
+            return  # an empty row shard: nothing to update
         kernels.galore_apply_(
-            [item.param], [update], lefts=[left], rights=[right],
+            [local_tensor(item.param)], [update], lefts=[left], rights=[right],
             step_size=adam_step_size(group["lr"], group["betas"], item.step, group["correct_bias"]),
             scale=group["scale"], lr=group["lr"], weight_decay=group["weight_decay"])
 

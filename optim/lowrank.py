@@ -398,7 +398,7 @@ class LowRankOptimizer(MemzooOptimizer):
         """The gradient as the projector reads it: the (rows × n) matrix of this rank's rows
         (the whole m×n matrix when not sharded)."""
         grad = local_tensor(item.param.grad)
-        return grad.reshape(grad.shape[0], -1) if item.projector is not None else grad
+        return grad.reshape(grad.shape[0], item.projector.shape[1]) if item.projector is not None else grad
 
     def reduced_projections(self, items: list[WeightStep],
                             factors: list[tuple[torch.Tensor | None, torch.Tensor | None]]) -> list[torch.Tensor]:

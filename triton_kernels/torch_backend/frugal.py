@@ -11,6 +11,7 @@ from memzoo.reference.frugal import (
     RESIDUAL_RULES,
     frugal_apply_,
     residual_kept,
+    residual_squares,
     split_update_lists,
 )
 from memzoo.triton_kernels.torch_backend.galore import adamw_update_, galore_adam_project_
@@ -21,5 +22,6 @@ __all__ = [
     "frugal_apply_",
     "galore_adam_project_",
     "residual_kept",
+    "residual_squares",
     "split_update_lists",
 ]
