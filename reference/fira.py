@@ -12,7 +12,7 @@ Two halves, as GaLore's:
    :func:`~memzoo.reference.apollo.limit_norm_growth`), then W ← W − η_t·(α·P(N) + S) and
    W ← W − lr·λ·W (decay after, with the plain lr, as the official code).
 
-:func:`fira_step_` is one whole step of one weight (refresh, both halves, or the dense HF-Adam
+:func:`fira_step` is one whole step of one weight (refresh, both halves, or the dense HF-Adam
 of weights outside the rank groups): what the optimizer composes, held to the official ``fira``
 1.0.2 package by tests/test_fira.py.
 
@@ -33,8 +33,7 @@ official code crashes on it unless r equals m).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -46,13 +45,20 @@ from memzoo.reference.galore import (
     as_matrix,
     check_low_rank_shapes,
     galore_adam_project_,
+    galore_dense_step,
     hf_adam_step_size,
+    is_projected,
     low_rank_lists,
-    refresh_projector_,
+    low_rank_setup,
+    low_rank_shape,
+    moments_,
+    next_step_,
+    step_copies,
 )
+from memzoo.reference.projector import step_projector_
 from memzoo.reference.projector import project, project_back
 
-__all__ = ["NORM_EPS", "adamw_update_", "channel_granularity", "fira_apply_", "fira_apply_lists", "fira_step_",
+__all__ = ["NORM_EPS", "adamw_update_", "channel_granularity", "fira_apply_", "fira_apply_lists",
            "galore_adam_project_"]
 
 
@@ -128,57 +134,43 @@ def fira_apply_(
         param.copy_(w.reshape(param.shape))
 
 
-@torch.no_grad()
-def fira_step_(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    state: dict[str, Any],
-    *,
-    lr: float,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-6,
-    weight_decay: float = 0.0,
-    correct_bias: bool = True,
-    rank: int | None = None,
-    update_proj_gap: int = 200,
-    scale: float = 1.0,
-    proj_type: str = "std",
-    growth_limit: float = 1.01,
-    maximize: bool = False,
-) -> None:
-    """One whole Fira step of one weight, state created on the first call (``state`` is a dict,
-    empty at first): ``step`` (int64), ``exp_avg`` and ``exp_avg_sq`` (R's shape), and for a
-    projected weight ``proj_left`` / ``proj_right`` (the exact SVD's top-``rank`` singular
-    vectors of G, refreshed on steps 1, T+1, 2T+1, …, in G's dtype) and ``limiter_norm``.
+# -- Whole step: one weight's step as the optimizer composes it (the truth for optim/) -------
+# (The conventions of reference/galore.py's whole-step section.)
 
-    ``rank`` None, or a weight with fewer than 2 dimensions: the official code's dense HF-Adam
-    (as for the parameters of groups without ``rank``). Arguments are the official ones
-    (``alpha`` is ``scale``), plus ``growth_limit`` (γ, 1.01 officially) and ``maximize``."""
-    beta1, beta2 = betas
-    step = int(state.get("step", 0))
-    step_size = hf_adam_step_size(lr, beta1, beta2, step + 1, correct_bias)
-    if rank is None or param.dim() < 2:
-        if "exp_avg" not in state:
-            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(param), torch.zeros_like(param)
-        adamw_update_(param, grad, state["exp_avg"], state["exp_avg_sq"], step_size=step_size, beta1=beta1,
-                      beta2=beta2, eps=eps, lr=lr, weight_decay=weight_decay, maximize=maximize)
-        state["step"] = torch.tensor(step + 1, dtype=torch.int64)
-        return
+
+@torch.no_grad()
+def fira_step(param: torch.Tensor, grad: torch.Tensor, state: Mapping[str, torch.Tensor], *, seed: int, lr: float,
+              betas: tuple[float, float], eps: float, weight_decay: float, correct_bias: bool, rank: int | None,
+              update_proj_gap: int, scale: float, proj_type: str, projector: str, power_iters: int, oversample: int,
+              strict_rank: bool, state_dtype: torch.dtype | None, growth_limit: float,
+              maximize: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One Fira step of one weight (Chen et al. 2024, Algorithm 1), 32-bit moments: the new weight
+    and state. ``scale`` is the official ``alpha``. Unprojected weights: GaLore's dense branch
+    (:func:`~memzoo.reference.galore.galore_dense_step`, the official code's HF-Adam)."""
+    hyper = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
+    if not is_projected(param, rank):
+        return galore_dense_step(param, grad, state, state_dtype=state_dtype, maximize=maximize, **hyper)
     if proj_type == "full":
         raise ValueError("Invalid proj_type: 'full'; Fira projects one side (std, reverse_std, left, right)")
-    left, right = refresh_projector_(state, as_matrix(grad, grad.shape[0]), step=step, rank=rank,
-                                     update_proj_gap=update_proj_gap, proj_type=proj_type)
-    low_rank_shape = project(as_matrix(grad, grad.shape[0]), left, right).shape
-    if "exp_avg" not in state:  # never reset at a refresh, as officially
-        state["exp_avg"] = torch.zeros(low_rank_shape, dtype=grad.dtype, device=grad.device)
-        state["exp_avg_sq"] = torch.zeros(low_rank_shape, dtype=grad.dtype, device=grad.device)
-    update = torch.empty(low_rank_shape, dtype=grad.dtype, device=grad.device)
-    galore_adam_project_(grad, state["exp_avg"], state["exp_avg_sq"], update, lefts=left, rights=right,
-                         beta1=beta1, beta2=beta2, eps=eps, maximize=maximize)
-    record = "limiter_norm" not in state
+    param, state = step_copies(param, state)
+    shape, side, rank = low_rank_setup(param, rank=rank, proj_type=proj_type, strict_rank=strict_rank,
+                                       projector=projector)
+    g = grad.reshape(shape)
+    step = next_step_(state)
+    # P_t ← SVD(G_t) on steps 1, T+1, … (GaLore's projector)
+    left, right, _ = step_projector_(state, g, step=step, base_seed=seed, rank=rank, side=side, method=projector,
+                                     update_proj_gap=update_proj_gap, power_iters=power_iters, oversample=oversample,
+                                     signs="raw", maximize=maximize, dtype=param.dtype)
+    exp_avg, exp_avg_sq = moments_(state, low_rank_shape(shape, left, right), state_dtype or param.dtype, param.device)
+    update = torch.empty(exp_avg.shape, dtype=compute_dtype(param.dtype), device=param.device)
+    # R = PᵀG; m, v ← β·(m, v) + (1 − β)·(R, R²); N = m/(√v + ε): GaLore's subspace Adam
+    galore_adam_project_(g, exp_avg, exp_avg_sq, update, lefts=left, rights=right, beta1=betas[0], beta2=betas[1],
+                         eps=eps, maximize=maximize)
+    record = "limiter_norm" not in state  # the limiter's first step records ‖S‖ only
     if record:
-        state["limiter_norm"] = torch.zeros((), dtype=torch.float32, device=grad.device)
-    fira_apply_(param, grad, update, state["limiter_norm"], lefts=left, rights=right, step_size=step_size,
-                scale=scale, lr=lr, weight_decay=weight_decay, growth_limit=growth_limit, record_only=record,
-                maximize=maximize)
-    state["step"] = torch.tensor(step + 1, dtype=torch.int64)
+        state["limiter_norm"] = torch.zeros((), dtype=torch.float32, device=param.device)
+    # eq. 7–9: S = (G − α·P·R) ⊙ ‖N_c‖/‖R_c‖, limited; W ← W − η_t·(α·P·N + S); W ← W − lr·λ·W
+    fira_apply_(param, g, update, state["limiter_norm"], lefts=left, rights=right,
+                step_size=hf_adam_step_size(lr, betas, correct_bias, step + 1), scale=scale, lr=lr,
+                weight_decay=weight_decay, growth_limit=growth_limit, record_only=record, maximize=maximize)
+    return param, state

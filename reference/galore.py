@@ -13,17 +13,16 @@ then W ← W − lr·λ·W on the updated weight.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from memzoo.reference.common import as_tensor_list, check_parallel_lists, compute_dtype
-from memzoo.reference.projector import compute_basis, project, project_back, projection_side
+from memzoo.reference.projector import Side, matrix_shape, project, project_back, projection_side, step_projector_
 
-__all__ = ["adafactor_apply_lists", "adafactor_beta2", "adafactor_lr", "adafactor_update_", "adamw_update_", "as_matrix",
-           "check_low_rank_shapes", "galore_adafactor_apply_", "galore_adafactor_project_", "galore_adafactor_step_",
-           "galore_adam_project_", "galore_apply_", "hf_adam_step_size", "low_rank_lists", "natural_gradient",
-           "project", "refresh_projector_"]
+__all__ = ["adafactor_apply_lists", "adafactor_beta2", "adafactor_lr", "adafactor_update_", "adamw_update_",
+           "as_matrix", "check_low_rank_shapes", "galore_adafactor_apply_", "galore_adafactor_project_",
+           "galore_adam_project_", "galore_apply_", "low_rank_lists", "natural_gradient", "project"]
 
 # Factors of a batch: None (no factor on that side), one factor, or one (or None) per matrix.
 FactorList = torch.Tensor | Sequence[torch.Tensor | None] | None
@@ -217,35 +216,6 @@ def adamw_update_(
         exp_avg.copy_(m)
         exp_avg_sq.copy_(v)
         param.copy_(w)
-
-
-# ---- Shared by the whole-step functions ----------------------------------------------------
-
-
-def hf_adam_step_size(lr: float, beta1: float, beta2: float, step: int, correct_bias: bool = True) -> float:
-    """η_t = lr·√(1−β2^t)/(1−β1^t) for step t (1-based), the HF-Adam step size of the official
-    GaLore / Fira / APOLLO code; plain lr without bias correction."""
-    if not correct_bias:
-        return lr
-    return lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
-
-
-def refresh_projector_(state: dict[str, Any], grad_matrix: torch.Tensor, *, step: int, rank: int,
-                       update_proj_gap: int, proj_type: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """GaLore's projector inside a whole step: on steps 1, T+1, 2T+1, … (``step`` is the count
-    before this one) or when none is stored, the exact SVD's top-min(rank, m, n) singular vectors
-    of the m×n ``grad_matrix`` (as galore-torch: raw signs, in G's dtype) are stored as
-    ``state["proj_left"]`` (m×r) and/or ``state["proj_right"]`` (r×n); returns the factors to
-    use, (left or None, right or None). The side comes from the shape and ``proj_type`` once."""
-    m, n = grad_matrix.shape
-    side = projection_side((m, n), proj_type)
-    stored = ("proj_left" in state) or ("proj_right" in state)
-    if step % update_proj_gap == 0 or not stored:
-        left, right = compute_basis(grad_matrix, min(rank, m, n), side, "svd")
-        for name, factor in (("proj_left", left), ("proj_right", right)):
-            if factor is not None:
-                state[name] = factor.to(grad_matrix.dtype).contiguous()
-    return state.get("proj_left"), state.get("proj_right")
 
 
 # ---- GaLore-Adafactor (galore-torch 1.0's GaLoreAdafactor) ---------------------------------
@@ -446,65 +416,225 @@ def adafactor_update_(
         param.copy_(w - u)
 
 
+# -- Whole steps: one weight's step as the optimizers compose it (the truth for optim/) ------
+#
+# Each ``*_step`` function takes a weight, its gradient, its optimizer state (the optimizer's
+# keys; {} before the first step) and the param group's hyperparameters (keyword-only, the
+# group's key names), plus ``seed``: the weight's projector seed (the optimizer's ``seed`` + the
+# weight's index over all its parameters). It returns the new weight and the new state and
+# leaves its inputs untouched. It is composed from the per-kernel functions above, which write
+# into copies: the math is theirs, only the composition is written here. Moments are 32-bit
+# (``optim_bits=8``'s blockwise codes are not modelled). These functions are
+# not in ``__all__``, which lists what every backend module provides (a step has one
+# implementation to be held to them: the optimizer's); tests/test_steps.py compares the two.
+
+
+def step_copies(param: torch.Tensor, state: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Copies of a weight and its state for a whole-step function to update in place."""
+    return param.detach().clone(), {name: value.clone() for name, value in state.items()}
+
+
+def hf_adam_step_size(lr: float, betas: tuple[float, float], correct_bias: bool, t: int) -> float:
+    """η_t = lr·√(1−β2^t)/(1−β1^t), the bias correction folded into the step size (HF Adam, the
+    official GaLore's); lr without bias correction."""
+    if not correct_bias:
+        return lr
+    beta1, beta2 = betas
+    return lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+
+
+def moments_(state: dict[str, torch.Tensor], shape: tuple[int, ...] | torch.Size, dtype: torch.dtype,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Adam moments (exp_avg, exp_avg_sq) of ``state``, created as zeros of ``shape`` and
+    ``dtype`` on a weight's first step."""
+    for name in ("exp_avg", "exp_avg_sq"):
+        if name not in state:
+            state[name] = torch.zeros(shape, dtype=dtype, device=device)
+    return state["exp_avg"], state["exp_avg_sq"]
+
+
+def next_step_(state: dict[str, torch.Tensor], name: str = "step") -> int:
+    """Advance the 0-d int64 counter ``state[name]`` (created at 0); return its value before."""
+    step = int(state[name]) if name in state else 0
+    state[name] = torch.tensor(step + 1, dtype=torch.int64)
+    return step
+
+
+def low_rank_setup(param: torch.Tensor, *, rank: int, proj_type: str, strict_rank: bool,
+                   projector: str) -> tuple[tuple[int, int], Side, int]:
+    """A projected weight's (m, n), side and rank: GaLore's side rule, the rank truncated to
+    min(m, n) (a ValueError with ``strict_rank``, except for the identity projector)."""
+    shape = matrix_shape(param.shape)
+    if strict_rank and rank > min(shape) and projector != "identity":
+        raise ValueError(f"rank {rank} exceeds min(m, n) = {min(shape)} of a weight of shape {tuple(param.shape)}")
+    return shape, projection_side(shape, proj_type), min(rank, *shape)
+
+
+def low_rank_shape(shape: tuple[int, int], left: torch.Tensor | None, right: torch.Tensor | None) -> tuple[int, int]:
+    """The shape of R = project(G) for an m×n G and the factors."""
+    return (left.shape[1] if left is not None else shape[0], right.shape[0] if right is not None else shape[1])
+
+
+def is_projected(param: torch.Tensor, size: float | None) -> bool:
+    """Whether a group with this ``rank`` (or density) projects ``param``: only ≥2-D, non-empty
+    weights in a group that sets one; everything else takes the dense AdamW branch."""
+    return size is not None and param.dim() >= 2 and param.numel() > 0
+
+
 @torch.no_grad()
-def galore_adafactor_step_(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    state: dict[str, Any],
-    *,
-    lr: float | None = None,
-    eps: tuple[float, float] = (1e-30, 1e-3),
-    clip_threshold: float = 1.0,
-    decay_rate: float = -0.8,
-    beta1: float | None = None,
-    weight_decay: float = 0.0,
-    scale_parameter: bool = True,
-    relative_step: bool = True,
-    warmup_init: bool = False,
-    rank: int | None = None,
-    update_proj_gap: int = 200,
-    scale: float = 1.0,
-    proj_type: str = "std",
-    maximize: bool = False,
-) -> None:
-    """One whole GaLore-Adafactor step of one weight (galore-torch's ``GaLoreAdafactor``), state
-    created on the first call (``state`` is a dict, empty at first): ``step`` (int64),
-    ``exp_avg_sq_row`` / ``exp_avg_sq_col`` (factored, ≥2-D R) or ``exp_avg_sq`` (1-D),
-    ``exp_avg`` when ``beta1`` is set, and ``proj_left`` / ``proj_right`` for a projected weight
-    (exact SVD, refreshed on steps 1, T+1, …). ``rank`` None or a <2-D weight: plain Adafactor
-    (as galore-torch's parameters outside rank groups). Arguments are galore-torch's."""
-    step = int(state.get("step", 0))
-    t = step + 1
-    projected = rank is not None and param.dim() >= 2
+def galore_dense_step(param: torch.Tensor, grad: torch.Tensor, state: Mapping[str, torch.Tensor], *, lr: float,
+                      betas: tuple[float, float], eps: float, weight_decay: float, correct_bias: bool,
+                      state_dtype: torch.dtype | None, maximize: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One step of a weight GaLore does not project (GaLore's, Natural GaLore's and APOLLO's dense
+    branch): full-size HF Adam, decay after, as the official code gives such parameters."""
+    param, state = step_copies(param, state)
+    exp_avg, exp_avg_sq = moments_(state, param.shape, state_dtype or param.dtype, param.device)
+    t = next_step_(state) + 1
+    # m, v ← β·(m, v) + (1 − β)·(G, G²); W ← W − η_t·m/(√v + ε); W ← W − lr·λ·W
+    adamw_update_(param, grad, exp_avg, exp_avg_sq, step_size=hf_adam_step_size(lr, betas, correct_bias, t),
+                  beta1=betas[0], beta2=betas[1], eps=eps, lr=lr, weight_decay=weight_decay, maximize=maximize)
+    return param, state
+
+
+@torch.no_grad()
+def galore_step(param: torch.Tensor, grad: torch.Tensor, state: Mapping[str, torch.Tensor], *, seed: int, lr: float,
+                betas: tuple[float, float], eps: float, weight_decay: float, correct_bias: bool, rank: int | None,
+                update_proj_gap: int, scale: float, proj_type: str, projector: str, power_iters: int,
+                oversample: int, strict_rank: bool, state_dtype: torch.dtype | None,
+                maximize: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One GaLoreAdamW step of one weight (32-bit moments; Zhao et al. 2024, Algorithm 2): the
+    new weight and state (see this section's comment). Unprojected weights:
+    :func:`galore_dense_step`."""
+    hyper = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
+    if not is_projected(param, rank):
+        return galore_dense_step(param, grad, state, state_dtype=state_dtype, maximize=maximize, **hyper)
+    return _galore_projected_step(param, grad, state, seed=seed, rank=rank, update_proj_gap=update_proj_gap,
+                                  scale=scale, proj_type=proj_type, projector=projector, power_iters=power_iters,
+                                  oversample=oversample, strict_rank=strict_rank, state_dtype=state_dtype,
+                                  maximize=maximize, natural_galore=False, natural=None, **hyper)
+
+
+@torch.no_grad()
+def natural_galore_step(param: torch.Tensor, grad: torch.Tensor, state: Mapping[str, torch.Tensor], *, seed: int,
+                        lr: float, betas: tuple[float, float], eps: float, weight_decay: float, correct_bias: bool,
+                        rank: int | None, update_proj_gap: int, scale: float, proj_type: str, projector: str,
+                        power_iters: int, oversample: int, strict_rank: bool, state_dtype: torch.dtype | None,
+                        maximize: bool, natural: bool, natural_history: int,
+                        damping: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One NaturalGaLore step of one weight (Das 2024): GaLore's step on canonically signed
+    singular vectors whose projected gradient, before Adam, joins the history H of the last
+    ``natural_history`` ones and is replaced by (λI + HᵀH)⁻¹g (``natural``; §3). Unprojected
+    weights: :func:`galore_dense_step`."""
+    hyper = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
+    if not is_projected(param, rank):
+        return galore_dense_step(param, grad, state, state_dtype=state_dtype, maximize=maximize, **hyper)
+    return _galore_projected_step(param, grad, state, seed=seed, rank=rank, update_proj_gap=update_proj_gap,
+                                  scale=scale, proj_type=proj_type, projector=projector, power_iters=power_iters,
+                                  oversample=oversample, strict_rank=strict_rank, state_dtype=state_dtype,
+                                  maximize=maximize, natural_galore=True,
+                                  natural=(natural_history, damping) if natural else None, **hyper)
+
+
+def _galore_projected_step(param: torch.Tensor, grad: torch.Tensor, state: Mapping[str, torch.Tensor], *, seed: int,
+                           lr: float, betas: tuple[float, float], eps: float, weight_decay: float, correct_bias: bool,
+                           rank: int, update_proj_gap: int, scale: float, proj_type: str, projector: str,
+                           power_iters: int, oversample: int, strict_rank: bool, state_dtype: torch.dtype | None,
+                           maximize: bool, natural_galore: bool,
+                           natural: tuple[int, float] | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GaLore's projected step, or Natural GaLore's (``natural_galore``: canonical singular
+    vector signs, the projection apart from Adam) preconditioned when ``natural`` = (history
+    length, damping) is given (None: its ``natural=False``, the official proj_type "galore")."""
+    param, state = step_copies(param, state)
+    shape, side, rank = low_rank_setup(param, rank=rank, proj_type=proj_type, strict_rank=strict_rank,
+                                       projector=projector)
+    g = grad.reshape(shape)
+    step = next_step_(state)
+    # Alg. 2: P_t ← SVD(G_t) if t mod T = 0, else P_{t−1}
+    left, right, _ = step_projector_(state, g, step=step, base_seed=seed, rank=rank, side=side, method=projector,
+                                     update_proj_gap=update_proj_gap, power_iters=power_iters, oversample=oversample,
+                                     signs="canonical" if natural_galore else "raw", maximize=maximize,
+                                     dtype=param.dtype)
+    dtype = compute_dtype(param.dtype)
+    exp_avg, exp_avg_sq = moments_(state, low_rank_shape(shape, left, right), state_dtype or param.dtype, param.device)
+    update = torch.empty(exp_avg.shape, dtype=dtype, device=param.device)
+    hyper = dict(beta1=betas[0], beta2=betas[1], eps=eps)
+    if not natural_galore:  # Alg. 2: R_t = P_tᵀG_t; m, v ← β·(m, v) + (1 − β)·(R, R²); N_t = m/(√v + ε)
+        galore_adam_project_(g, exp_avg, exp_avg_sq, update, lefts=left, rights=right, maximize=maximize, **hyper)
+    else:  # Natural GaLore: g = AᵀGBᵀ (−G when maximizing), preconditioned, then Adam on it
+        low_rank = project(g.to(dtype), _factor(left, dtype), _factor(right, dtype))
+        if maximize:
+            low_rank = -low_rank
+        if natural is not None:
+            length, damping = natural
+            if "nat_history" not in state:
+                state["nat_history"] = torch.zeros((length, low_rank.numel()), dtype=state_dtype or grad.dtype,
+                                                   device=grad.device)
+            count = next_step_(state, "nat_count")
+            state["nat_history"][count % length] = low_rank.reshape(-1)  # H: the last s projected gradients, g included
+            low_rank = natural_gradient(low_rank, state["nat_history"][: min(count + 1, length)],
+                                        damping=damping)  # §3: g̃ = (λI + HᵀH)⁻¹g
+        galore_adam_project_(low_rank, exp_avg, exp_avg_sq, update, lefts=None, rights=None, **hyper)
+    # Alg. 2: W ← W − η_t·α·P_t·N_t; then W ← W − lr·λ·W (decay after, on the updated weight)
+    step_size = hf_adam_step_size(lr, betas, correct_bias, step + 1)
+    galore_apply_(param, update, lefts=left, rights=right, step_size=step_size, scale=scale, lr=lr,
+                  weight_decay=weight_decay)
+    return param, state
+
+
+@torch.no_grad()
+def galore_adafactor_step(param: torch.Tensor, grad: torch.Tensor, state: Mapping[str, torch.Tensor], *, seed: int,
+                          lr: float | None, eps: tuple[float, float], clip_threshold: float, decay_rate: float,
+                          beta1: float | None, weight_decay: float, scale_parameter: bool, relative_step: bool,
+                          warmup_init: bool, rank: int | None, update_proj_gap: int, scale: float, proj_type: str,
+                          projector: str, power_iters: int, oversample: int, strict_rank: bool,
+                          state_dtype: torch.dtype | None,
+                          maximize: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One GaLore-Adafactor step of one weight (galore-torch 1.0's ``GaLoreAdafactor``; Adafactor:
+    Shazeer & Stern 2018, Alg. 4 with update clipping, §6): the new weight and state. Projected
+    weights: Adafactor on R = P(G), its update mapped back with α = ``scale``; the others plain
+    Adafactor (factored for ≥2-D, over the last two dimensions; unfactored for vectors), as
+    galore-torch gives parameters outside rank groups. State: ``exp_avg_sq_row`` /
+    ``exp_avg_sq_col`` (factored) or ``exp_avg_sq``, ``exp_avg`` with β1, in ``state_dtype`` (None:
+    the math's dtype, float32 for 16-bit weights, as galore-torch upcasts)."""
+    param, state = step_copies(param, state)
+    projected = is_projected(param, rank)
     left = right = None
-    low_rank_shape = param.shape
+    low_shape = tuple(param.shape)
+    g = grad
     if projected:
-        grad_matrix = as_matrix(grad, grad.shape[0])
-        left, right = refresh_projector_(state, grad_matrix, step=step, rank=rank, update_proj_gap=update_proj_gap,
-                                         proj_type=proj_type)
-        low_rank_shape = project(grad_matrix, left, right).shape
-    dtype = compute_dtype(grad.dtype)
-    factored = len(low_rank_shape) >= 2
-    if "exp_avg_sq_row" not in state and "exp_avg_sq" not in state:
-        zeros = lambda shape: torch.zeros(shape, dtype=dtype, device=grad.device)  # noqa: E731
-        if beta1 is not None:
-            state["exp_avg"] = zeros(low_rank_shape)
-        if factored:
-            state["exp_avg_sq_row"] = zeros(low_rank_shape[:-1])
-            state["exp_avg_sq_col"] = zeros(low_rank_shape[:-2] + low_rank_shape[-1:])
-        else:
-            state["exp_avg_sq"] = zeros(low_rank_shape)
+        shape, side, rank = low_rank_setup(param, rank=rank, proj_type=proj_type, strict_rank=strict_rank,
+                                           projector=projector)
+        g = grad.reshape(shape)
+    step = next_step_(state)
+    if projected:
+        left, right, _ = step_projector_(state, g, step=step, base_seed=seed, rank=rank, side=side, method=projector,
+                                         update_proj_gap=update_proj_gap, power_iters=power_iters,
+                                         oversample=oversample, signs="raw", maximize=maximize, dtype=param.dtype)
+        low_shape = low_rank_shape(shape, left, right)
+    dtype = compute_dtype(param.dtype)
+    moment_dtype = state_dtype or dtype
+    factored = len(low_shape) >= 2
+    if beta1 is not None and "exp_avg" not in state:
+        state["exp_avg"] = torch.zeros(low_shape, dtype=moment_dtype, device=param.device)
+    names = {"exp_avg_sq_row": low_shape[:-1], "exp_avg_sq_col": low_shape[:-2] + low_shape[-1:]} if factored \
+        else {"exp_avg_sq": low_shape}
+    for name, moment_shape in names.items():
+        if name not in state:
+            state[name] = torch.zeros(moment_shape, dtype=moment_dtype, device=param.device)
+    t = step + 1
+    # ρ_t: lr, or min(1e-2 (1e-6·t warming up), 1/√t); times max(ε2, RMS(W)) with scale_parameter
     lr_t = adafactor_lr(param, lr=lr, step=t, relative_step=relative_step, scale_parameter=scale_parameter,
                         warmup_init=warmup_init, eps2=eps[1])
-    hparams = dict(beta2=adafactor_beta2(t, decay_rate), eps1=eps[0], clip_threshold=clip_threshold, beta1=beta1,
-                   maximize=maximize)
-    exp_avg = state.get("exp_avg")
-    if factored:
-        update = torch.empty(low_rank_shape, dtype=dtype, device=grad.device)
-        galore_adafactor_project_(grad, state["exp_avg_sq_row"], state["exp_avg_sq_col"], exp_avg, update, lr_t,
-                                  lefts=left, rights=right, **hparams)
+    hyper = dict(beta2=adafactor_beta2(t, decay_rate), eps1=eps[0], clip_threshold=clip_threshold, beta1=beta1,
+                 maximize=maximize)
+    if factored:  # Alg. 4: row/col EMAs of R² + ε1, U = R/√V̂, clipped, ρ_t·U (β1 momentum)
+        update = torch.empty(low_shape, dtype=dtype, device=param.device)
+        galore_adafactor_project_(g, state["exp_avg_sq_row"], state["exp_avg_sq_col"], state.get("exp_avg"), update,
+                                  lr_t, lefts=left, rights=right, **hyper)
+        # W ← W − λ·ρ_t·W; W ← W − α·P(U)
         galore_adafactor_apply_(param, update, lr_t, lefts=left, rights=right, scale=scale if projected else 1.0,
                                 weight_decay=weight_decay)
     else:
-        adafactor_update_(param, grad, state["exp_avg_sq"], exp_avg, lr_t, weight_decay=weight_decay, **hparams)
-    state["step"] = torch.tensor(t, dtype=torch.int64)
+        adafactor_update_(param, grad, state["exp_avg_sq"], state.get("exp_avg"), lr_t, weight_decay=weight_decay,
+                          **hyper)
+    return param, state

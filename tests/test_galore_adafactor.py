@@ -10,6 +10,12 @@ from support import assert_close, official_package
 from memzoo.reference import galore as reference
 from memzoo.triton_kernels.torch_backend import galore as torch_galore
 
+# galore-torch's defaults, and the whole-step function's group keys galore-torch does not have.
+ADAFACTOR_DEFAULTS = dict(lr=None, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8, beta1=None,
+                          weight_decay=0.0, scale_parameter=True, relative_step=True, warmup_init=False)
+STEP_KEYS = dict(seed=0, projector="svd", power_iters=2, oversample=8, strict_rank=False, state_dtype=None,
+                 maximize=False)
+
 _GRAD_SCALES = (1.0, 3.0, 0.5, 2.0, 4.0, 1.0, 6.0, 1.0)
 
 
@@ -36,12 +42,14 @@ def test_whole_step_follows_the_official_galore_adafactor_trajectory(options, pr
     optimizer = official.GaLoreAdafactor([{"params": theirs[:2], **low_rank}, {"params": theirs[2:]}], **options)
     states = [{} for _ in ours]
     grads = [_grads(shape, 10 + i) for i, shape in enumerate(shapes)]
+    keys = {**ADAFACTOR_DEFAULTS, **options}
     for t in range(len(_GRAD_SCALES)):
         for param, grad in zip(theirs, grads):
             param.grad = grad[t].clone()
         optimizer.step()
-        for i, (weight, state) in enumerate(zip(ours, states)):
-            reference.galore_adafactor_step_(weight, grads[i][t], state, **options, **(low_rank if i < 2 else {}))
+        for i, state in enumerate(states):
+            ours[i], states[i] = reference.galore_adafactor_step(ours[i], grads[i][t], state, **keys, **STEP_KEYS,
+                                                                 **{**low_rank, "rank": 3 if i < 2 else None})
         for a, b in zip(ours, theirs):
             torch.testing.assert_close(a, b.detach(), rtol=2e-6, atol=2e-7)
     assert set(states[0]) >= {"proj_left" if proj_type != "std" else "proj_right", "exp_avg_sq_row", "exp_avg_sq_col"}
@@ -75,7 +83,8 @@ def test_torch_twin_of_the_apply_matches_the_reference(side) -> None:
 def test_argument_checks() -> None:
     weight = torch.randn(6, 4)
     with pytest.raises(ValueError, match="needs lr when relative_step is False"):
-        reference.galore_adafactor_step_(weight, torch.randn(6, 4), {}, relative_step=False)
+        reference.galore_adafactor_step(weight, torch.randn(6, 4), {}, **{**ADAFACTOR_DEFAULTS, "relative_step": False},
+                                        rank=2, update_proj_gap=2, scale=1.0, proj_type="std", **STEP_KEYS)
     grad, row, col, update = torch.randn(6, 4), torch.zeros(6), torch.zeros(4), torch.empty(6, 4)
     kwargs = dict(lefts=None, rights=None, beta2=0.5, eps1=1e-30, clip_threshold=1.0)
     with pytest.raises(ValueError, match="exactly when beta1 is set"):

@@ -17,12 +17,12 @@ import torch
 from memzoo.reference import fira as reference
 from memzoo.reference.apollo import NORM_EPS, norm_growth_divisor_, norm_ratio
 from memzoo.reference.common import compute_dtype
-from memzoo.reference.fira import channel_granularity, fira_apply_lists, fira_step_
+from memzoo.reference.fira import channel_granularity, fira_apply_lists
 from memzoo.reference.galore import FactorList, as_matrix
 from memzoo.reference.projector import project
 from memzoo.triton_kernels.torch_backend.galore import adamw_update_, as_weight_matrix, galore_adam_project_
 
-__all__ = ["NORM_EPS", "adamw_update_", "channel_granularity", "fira_apply_", "fira_apply_lists", "fira_step_",
+__all__ = ["NORM_EPS", "adamw_update_", "channel_granularity", "fira_apply_", "fira_apply_lists",
            "galore_adam_project_"]
 
 

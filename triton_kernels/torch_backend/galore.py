@@ -29,19 +29,16 @@ from memzoo.reference.galore import (
     as_matrix,
     check_low_rank_shapes,
     galore_adafactor_project_,
-    galore_adafactor_step_,
-    hf_adam_step_size,
     low_rank_lists,
     natural_gradient,
     project,
-    refresh_projector_,
 )
 from memzoo.triton_kernels.torch_backend.elementwise import Scratch, for_each_chunk
 
-__all__ = ["adafactor_apply_lists", "adafactor_beta2", "adafactor_lr", "adafactor_update_", "adamw_update_", "as_matrix", "as_weight_matrix",
-           "check_low_rank_shapes", "galore_adafactor_apply_", "galore_adafactor_project_", "galore_adafactor_step_",
-           "galore_adam_project_", "galore_apply_", "hf_adam_step_size", "low_rank_lists", "natural_gradient",
-           "project", "refresh_projector_"]
+__all__ = ["adafactor_apply_lists", "adafactor_beta2", "adafactor_lr", "adafactor_update_", "adamw_update_",
+           "as_matrix", "as_weight_matrix", "check_low_rank_shapes", "galore_adafactor_apply_",
+           "galore_adafactor_project_", "galore_adam_project_", "galore_apply_", "low_rank_lists", "natural_gradient",
+           "project"]
 
 
 def _adam_moments(scratch: Scratch, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
