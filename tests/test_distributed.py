@@ -434,3 +434,11 @@ def test_dcp_checkpoint_resumes_on_another_world_size(fsdp2_zeroth_order_runs) -
         for name, outcome in resumed.items():
             assert outcome["same"] and outcome["moved"], name
         assert "'optimizer_mezo' was not saved from a state_dict like this Lion's" in result["resumed:wrong"]
+
+
+def test_load_optimizer_state_needs_a_checkpoint() -> None:
+    from memzoo.optim import Lion
+    from memzoo.optim.distributed import load_optimizer_state
+
+    with pytest.raises(ValueError, match="needs checkpoint_id"):
+        load_optimizer_state(Lion([torch.zeros(3, requires_grad=True)]))
