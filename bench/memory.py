@@ -25,7 +25,7 @@ __all__ = ["DEFAULT_MEMORY", "analytic_state_bytes", "run_memory"]
 
 MIB = 2**20
 DEFAULT_MEMORY = ("lion", "galore_adamw", "galore_adamw_8bit", "natural_galore", "apollo", "apollo_mini", "frugal",
-                  "cosmos")
+                  "cosmos", "adam_mini")
 # create_optimizer names whose analytic count lives under another registry record.
 _REGISTRY_NAME = {"galore_adamw_8bit": "galore_adamw"}
 

@@ -97,6 +97,7 @@ TRAIN_SETTINGS: dict[str, Setting] = {
     "apollo_mini": Setting(1e-2, refreshes=True),  # rank 1, scale 128 (the factory's defaults)
     "frugal": Setting(1e-3, refreshes=True),  # density 0.25
     "cosmos": Setting(1e-3, rank_fraction=0.25),  # tracks its subspace every step
+    "adam_mini": Setting(1e-3),  # the paper: AdamW's lr; dim and heads from the model's config
 }
 DEFAULT_TRAIN = ("lion", "galore_adamw", "natural_galore", "apollo", "apollo_mini", "frugal", "cosmos")
 

@@ -28,6 +28,9 @@ class _Entry:
     # Its value for the target matrices when the caller gives none (the paper's setting).
     switch_default: Any = None
     zeroth_order: bool = False
+    # Reads parameter names (Adam-mini's partition): its groups carry (name, tensor) pairs, and the
+    # class's settings_from_model(model) fills keywords the caller left out (hidden size, heads).
+    named: bool = False
 
 
 def _is_head(name: str, module: torch.nn.Module, embedding_weights: set[int]) -> bool:
@@ -129,6 +132,8 @@ FACTORY_NAMES: dict[str, _Entry] = {
                      _build("memzoo.optim.FRUGAL"), "density", 0.25),
     "cosmos": _Entry("COSMOS (Liu et al. 2025): SOAP in the leading eigensubspace, Muon on the complement",
                      _build("memzoo.optim.COSMOS"), "rank", 64),
+    "adam_mini": _Entry("Adam-mini (Zhang et al. 2024): Adam with one second moment per block (head, neuron, tensor)",
+                        _build("memzoo.optim.AdamMini"), named=True),
     "mezo": _Entry("MeZO (Malladi et al. 2023): zeroth-order SGD from two forward passes, inference memory",
                    _build("memzoo.optim.MeZO"), zeroth_order=True),
     "sparse_mezo": _Entry("Sparse-MeZO (Liu et al. 2024): MeZO on the small-magnitude weights of each layer",
@@ -173,6 +178,11 @@ def create_optimizer(
       goes to a plain group (AdamW inside the same optimizer).
     - Biases and norm weights (1-D and 0-D tensors) get ``weight_decay=0``; ``no_decay`` names
       other parameters instead (parameter-name substrings or regexes; ``[]`` decays everything).
+    - ``adam_mini`` gets the parameters with their names (its blocks follow them) and the model's
+      hidden size and attention heads from a Hugging Face-style ``model.config``
+      (``hidden_size``, ``num_attention_heads``, ``num_key_value_heads``) unless ``dim=``,
+      ``n_heads=``, ``n_kv_heads=`` are given; a model with query / key weights and neither
+      raises a ``ValueError`` asking for them.
     - ``qzo`` trains the float scales of the model's bitsandbytes 4-bit layers
       (:func:`memzoo.optim.collect_quantization_scales`), plus the other trainable parameters by
       plain zeroth-order steps with ``train_unquantized=True``.
@@ -205,6 +215,14 @@ def create_optimizer(
         if train_unquantized:
             groups += [{**g, "scales": False} for g in _decay_groups(named, no_decay, weight_decay)]
         return entry.build(groups, **kwargs)
+    if entry.named:
+        names = {id(p): n for n, p in named}
+        groups = [{**g, "params": [(names[id(p)], p) for p in g["params"]]}
+                  for g in _decay_groups(named, no_decay, weight_decay)]
+        if not groups:
+            raise ValueError(f"{type(model).__name__} has no trainable parameters")
+        kwargs = {**entry.build.optimizer_class().settings_from_model(model, kwargs), **kwargs}
+        return entry.build(groups, **({} if weight_decay is None else {"weight_decay": weight_decay}), **kwargs)
     if entry.switch is None:
         groups = _decay_groups(named, no_decay, weight_decay)
         if not groups:

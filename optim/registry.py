@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from memzoo.optim.adam_mini import AdamMini
 from memzoo.optim.apollo import APOLLO
 from memzoo.optim.base import MemzooOptimizer
 from memzoo.optim.cosmos import COSMOS
@@ -18,6 +19,7 @@ from memzoo.optim.frugal import FRUGAL
 from memzoo.optim.galore import GaLoreAdamW, NaturalGaLore
 from memzoo.optim.lion import Lion
 from memzoo.optim.zeroth_order import QZO, MeZO, SparseMeZO
+from memzoo.reference.adam_mini import partition as adam_mini_partition
 from memzoo.reference.projector import SEEDED_METHODS, side_length
 
 __all__ = ["OPTIMIZERS", "BadInput", "OptimizerInfo", "get_optimizer_info"]
@@ -58,6 +60,9 @@ class OptimizerInfo:
     # Steps from closures of forward passes only (gradients unused): the gradient-based contract
     # tests skip it; tests/test_zeroth_order.py holds its own.
     zeroth_order: bool = False
+    # Steps FSDP2 / tensor-parallel (DTensor) parameters on their shards; False: refuses them at
+    # construction with the fix (DDP), which tests/test_distributed.py checks instead.
+    shards: bool = True
 
 
 def _stepped(optimizer: MemzooOptimizer):
@@ -124,6 +129,18 @@ def _apollo_state_bytes(optimizer: APOLLO) -> int:
     limited = sum(1 for param, group in _stepped(optimizer)
                   if optimizer._projector(param, group) is not None and not group["disable_nl"])
     return _galore_state_bytes(optimizer) + 4 * limited
+
+
+def _adam_mini_state_bytes(optimizer: AdamMini) -> int:
+    """Adam's m (the parameter's shape and dtype), one float32 v per block (float64 for float64
+    parameters) and the int64 step, per parameter."""
+    total = 0
+    for param, group in _stepped(optimizer):
+        names = group.get("param_names") or [None] * len(group["params"])
+        name = next(n for p, n in zip(group["params"], names) if p is param)
+        blocks = adam_mini_partition(name, param.shape, dim=group["dim"], n_heads=group["n_heads"]).blocks
+        total += param.numel() * param.element_size() + blocks * (8 if param.dtype == torch.float64 else 4) + 8
+    return total
 
 
 def _no_state_bytes(optimizer: MemzooOptimizer) -> int:
@@ -211,6 +228,12 @@ def _frugal_bench_groups(named: list[tuple[str, torch.nn.Parameter]]) -> list[di
     projected, rest = _galore_bench_groups(named)
     projected = {key: value for key, value in projected.items() if key not in ("rank", "scale")}
     return [{**projected, "density": 0.25, "projector": "coordinates"}, rest]
+
+
+def _adam_mini_bench_groups(named: list[tuple[str, torch.nn.Parameter]]) -> list[dict[str, Any]]:
+    # The official partition needs the names, the hidden size and the heads (LLaMA's head_dim 64).
+    hidden = next(p.shape[0] for name, p in named if name.endswith("input_layernorm"))
+    return [{"params": list(named), "dim": hidden, "n_heads": max(1, hidden // 64)}]
 
 
 _COMMON_BAD_INPUTS = (
@@ -370,6 +393,26 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
                 BadInput("rank beyond 64 bits", {"rank": 2**64}, ValueError, "Invalid rank"),
             ),
             bench_groups=lambda named: [{"params": [p for _, p in named], "rank": 64}],
+        ),
+        OptimizerInfo(
+            name="adam_mini",
+            cls=AdamMini,
+            summary="Adam-mini (Zhang et al. 2024): Adam with one second moment per block (head, neuron, tensor)",
+            sample_kwargs={"lr": 1e-2, "betas": (0.9, 0.95), "weight_decay": 0.1},
+            expected_state_bytes=_adam_mini_state_bytes,
+            # No Triton kernels: "torch" is the fast path (backend="triton" raises, tests/test_adam_mini.py).
+            backends=("torch",),
+            bad_inputs=_COMMON_BAD_INPUTS + (
+                BadInput("beta2 = 1", {"betas": (0.9, 1.0)}, ValueError, "beta parameter at index 1"),
+                BadInput("negative eps", {"eps": -1e-8}, ValueError, "Invalid eps"),
+                BadInput("dim 0", {"dim": 0}, ValueError, "Invalid dim"),
+                BadInput("n_heads 0", {"n_heads": 0}, ValueError, "Invalid n_heads"),
+                BadInput("n_kv_heads not dividing n_heads", {"n_heads": 4, "n_kv_heads": 3}, ValueError,
+                         "does not divide n_heads"),
+                BadInput("Triton requested", {"backend": "triton"}, ValueError, "no Triton kernels"),
+            ),
+            bench_groups=_adam_mini_bench_groups,
+            shards=False,
         ),
         OptimizerInfo(
             name="mezo",
