@@ -17,6 +17,11 @@ Comparisons:
   unit in the last place, 1e-6 absolute near zero). Its kernels sum in another order
   (batched bmm, chunked passes), so the fp32 math differs in the last bits and the stored
   result by at most one rounding. Counters, seeds and indices are compared exactly.
+
+Negative controls show that a step function wrong in a sign, in the order of decay and update
+or in the refresh schedule fails these comparisons, and the step functions are held, without
+any optimizer, to the methods they reduce to (GaLore with the identity projector: its Adam;
+FRUGAL with every coordinate: its AdamW, itself torch.optim.AdamW's).
 """
 
 from __future__ import annotations
@@ -31,8 +36,8 @@ from support import assert_close
 
 from memzoo.optim import APOLLO, FRUGAL, GaLoreAdamW, NaturalGaLore
 from memzoo.reference.apollo import apollo_step
-from memzoo.reference.frugal import frugal_step
-from memzoo.reference.galore import galore_step, natural_galore_step
+from memzoo.reference.frugal import frugal_dense_step, frugal_step
+from memzoo.reference.galore import galore_dense_step, galore_step, natural_galore_step
 
 STEPS = 5
 GAP = 2
@@ -191,18 +196,9 @@ def test_optimizer_steps_are_the_whole_step_reference(name, make, step, backend,
     check_steps(make, step, dtype, backend, maximize)
 
 
-# BUG (open, in optim/apollo.py, not fixed here): APOLLO keeps the scaling factors of every weight
-# in float32 (``batch_views(shapes, torch.float32, ...)`` in APOLLO._update_projected), so a float64
-# weight's update is only float32-accurate (|Δ| ≈ 5e-9 after one step) where the library's math is
-# float64 for float64 tensors (GaLore's and FRUGAL's low-rank updates are). The strict xfail turns
-# into a failure once fixed: then drop the mark.
-APOLLO_FLOAT64_BUG = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: APOLLO rounds the scaling factors of float64 weights to float32 (optim/apollo.py)"))
-
-
-@pytest.mark.parametrize("name,make,step", [
-    pytest.param(*method, marks=[APOLLO_FLOAT64_BUG] if method[2] is apollo_step else [], id=method[0])
-    for method in METHODS])
+# APOLLO's scaling factors were float32 for every weight, so a float64 weight's update was only
+# float32-accurate (|Δ| ≈ 5e-9 after one step); they are in the weight's compute dtype now.
+@pytest.mark.parametrize("name,make,step", [pytest.param(*method, id=method[0]) for method in METHODS])
 def test_float64_weights_step_in_float64(name, make, step) -> None:
     """The math of float64 weights is float64 throughout (bitwise the step function's)."""
     check_steps(make, step, torch.float64, "reference", maximize=True)
@@ -252,3 +248,60 @@ def test_a_nonfinite_gradient_at_a_refresh_is_the_reference_step(name, make, ste
     one on a later refresh of another weight (its previous subspace kept): still the reference
     step, NaNs where it has them."""
     check_steps(make, step, torch.float32, backend, maximize=False, poison={(0, 3): math.nan, (2, 1): math.inf})
+
+
+# The step functions against trusted methods they must reduce to (no optimizer involved).
+def _run_pair(first: Callable, second: Callable, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """Five steps of two step functions from the same weight and gradients: the weights equal
+    bitwise after each step."""
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(shape, generator=generator, dtype=dtype)
+    one, one_state, two, two_state = weight, {}, weight, {}
+    for count in range(STEPS):
+        grad = torch.randn(shape, generator=generator, dtype=dtype)
+        one, one_state = first(one, grad, one_state)
+        two, two_state = second(two, grad, two_state)
+        assert torch.equal(one, two), f"step {count + 1}: max |Δ| {(one - two).abs().max()}"
+
+
+ADAM = dict(lr=0.05, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.5, correct_bias=True, state_dtype=None,
+            maximize=True)
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (3, 7), (2, 3, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_galore_step_with_the_identity_projector_is_its_adam(shape, dtype) -> None:
+    """The identity projector and scale 1 make GaLore's step its inner (HF) Adam exactly, every
+    step, across refreshes: projections by identity factors are exact."""
+    galore = dict(rank=2, update_proj_gap=GAP, scale=1.0, proj_type="full", projector="identity", power_iters=2,
+                  oversample=8, strict_rank=False)
+    _run_pair(lambda w, g, s: galore_step(w, g, s, seed=0, **ADAM, **galore),
+              lambda w, g, s: galore_dense_step(w, g, s, **ADAM), shape, dtype)
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (3, 7), (2, 3, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_frugal_step_covering_every_coordinate_is_its_adamw(shape, dtype) -> None:
+    """Coordinates with density 1: the residual vanishes and FRUGAL's step is its torch-AdamW
+    branch exactly (one subspace for the whole run: a refresh restarts FRUGAL's moments, which
+    AdamW never does)."""
+    frugal = dict(density=1.0, update_proj_gap=10**6, projector="coordinates", proj_type="std", power_iters=2,
+                  oversample=8, reset_statistics=True, inactive_update_rule="sign_sgd", inactive_lr_scale=1.0,
+                  inactive_threshold=0.0, proj_params_lr_scale=1.0)
+    _run_pair(lambda w, g, s: frugal_step(w, g, s, seed=0, **ADAM, **frugal),
+              lambda w, g, s: frugal_dense_step(w, g, s, **ADAM), shape, dtype)
+
+
+def test_frugal_dense_step_is_torch_adamw() -> None:
+    """FRUGAL's dense branch against torch.optim.AdamW itself (float64, maximizing)."""
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(5, 3, generator=generator, dtype=torch.float64)
+    theirs = torch.nn.Parameter(weight.clone())
+    adamw = torch.optim.AdamW([theirs], lr=0.05, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.5, maximize=True)
+    state = {}
+    for _ in range(STEPS):
+        grad = torch.randn(5, 3, generator=generator, dtype=torch.float64)
+        theirs.grad = grad.clone()
+        adamw.step()
+        weight, state = frugal_dense_step(weight, grad, state, **ADAM)
+        torch.testing.assert_close(weight, theirs.detach(), rtol=1e-12, atol=1e-14)
