@@ -20,12 +20,21 @@ from collections.abc import Sequence
 import torch
 
 from memzoo.reference import adam_mini as reference
-from memzoo.reference.adam_mini import RULES, BlockPartition, block_rule, check_block_lists, decays, partition
+from memzoo.reference.adam_mini import (
+    RULES,
+    BlockPartition,
+    block_rule,
+    check_block_lists,
+    check_block_names,
+    decays,
+    partition,
+)
 from memzoo.reference.common import as_tensor_list, compute_dtype
 from memzoo.triton_kernels.torch_backend.elementwise import Scratch, chunk_size
 
 # The partition and the checks are the reference's own.
-__all__ = ["RULES", "BlockPartition", "adam_mini_update_", "block_rule", "check_block_lists", "decays", "partition"]
+__all__ = ["RULES", "BlockPartition", "adam_mini_update_", "block_rule", "check_block_lists", "check_block_names",
+           "decays", "partition"]
 
 # Scratch buffers: g, m, p in the compute dtype.
 _BUFFERS = 3
