@@ -290,6 +290,30 @@ class LowRankOptimizer(MemzooOptimizer):
                 return f"{problem}. " + whole_matrix_problem(type(self).__name__)
         return None
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As :meth:`MemzooOptimizer.load_state_dict`; then the state of projected FSDP2 weights
+        is laid out as the step keeps it, whoever wrote it (one process, or
+        ``torch.distributed.checkpoint`` read by
+        :func:`memzoo.optim.distributed.load_optimizer_state`, which shards whatever is shaped
+        like its parameter): the row-sharded state (right-projected moments, left factors)
+        given whole keeps this rank's rows, as a DTensor sharded like the weight; replicated
+        state given as a DTensor is gathered (a collective: every rank loads)."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for param in group["params"]:
+                state = self.state.get(param)
+                projector = self._projector(param, group) if state and is_dtensor(param) else None
+                if projector is None:
+                    continue
+                shard = self._shard(param, projector)
+                for name, value in list(state.items()):
+                    sharded = name == "proj_left" or (name in self.rule.moments and projector.side == "right")
+                    if sharded and isinstance(value, torch.Tensor) and not is_dtensor(value):
+                        rows = value[shard.offset: shard.offset + shard.rows].to(param.device, copy=True)
+                        state[name] = shard.distribute(rows, value.shape)
+                    elif not sharded and is_dtensor(value):
+                        state[name] = value.full_tensor()
+
     def _shard(self, param: torch.Tensor, projector: Projector) -> RowShard | None:
         """The rows of the projected matrix this rank holds (None for a plain tensor)."""
         if param not in self._shards:

@@ -63,6 +63,9 @@ class OptimizerInfo:
     # Steps FSDP2 / tensor-parallel (DTensor) parameters on their shards; False: refuses them at
     # construction with the fix (DDP), which tests/test_distributed.py checks instead.
     shards: bool = True
+    # Also steps its projected (low-rank) weights on FSDP2 row shards (tests/test_fsdp_lowrank.py);
+    # False: a sharded weight it would project is refused with the fix, its other parameters shard.
+    projected_shards: bool = False
 
 
 def _stepped(optimizer: MemzooOptimizer):
@@ -268,6 +271,7 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
         ),
         OptimizerInfo(
             name="galore_adamw",
+            projected_shards=True,
             cls=GaLoreAdamW,
             summary="GaLore (Zhao et al. 2024): AdamW in a refreshed rank-r gradient subspace",
             sample_kwargs={"lr": 0.1, "weight_decay": 0.1, "rank": 2, "update_proj_gap": 2, "scale": 0.5},
@@ -297,6 +301,7 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
         ),
         OptimizerInfo(
             name="natural_galore",
+            projected_shards=True,
             cls=NaturalGaLore,
             summary="Natural GaLore (Das 2024): GaLore with a Woodbury natural-gradient preconditioner",
             sample_kwargs={"lr": 0.1, "weight_decay": 0.1, "rank": 2, "update_proj_gap": 2, "scale": 0.5,
@@ -317,6 +322,7 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
         ),
         OptimizerInfo(
             name="apollo",
+            projected_shards=True,
             cls=APOLLO,
             summary="APOLLO (Zhu et al. 2025): AdamW-like steps from channel-wise scaling estimated in a random rank-r space",
             sample_kwargs={"lr": 0.1, "weight_decay": 0.1, "rank": 2, "update_proj_gap": 2, "scale": 4.0},
@@ -338,6 +344,7 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
         ),
         OptimizerInfo(
             name="apollo_mini",
+            projected_shards=True,
             cls=APOLLO,
             summary="APOLLO-Mini: APOLLO at rank 1 with one tensor-wise scaling factor (SGD-like memory)",
             sample_kwargs={"lr": 0.1, "weight_decay": 0.1, "rank": 1, "update_proj_gap": 2, "scale": 128.0,
@@ -349,6 +356,7 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
         ),
         OptimizerInfo(
             name="frugal",
+            projected_shards=True,
             cls=FRUGAL,
             summary="FRUGAL (Zmushko et al. 2024): Adam in a subspace, signSGD on the rest of each gradient",
             sample_kwargs={"lr": 0.05, "weight_decay": 0.1, "density": 0.5, "update_proj_gap": 2},

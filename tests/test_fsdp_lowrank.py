@@ -14,10 +14,13 @@ import torch
 
 _SCRIPT = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
     from memzoo.optim import APOLLO, FRUGAL, GaLoreAdamW, NaturalGaLore
-    rank, world, store, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    from memzoo.optim.distributed import load_optimizer_state
+    rank, world, store, out, checkpoint = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
     dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world)
     torch.set_num_threads(1)
 
@@ -56,22 +59,55 @@ _SCRIPT = textwrap.dedent("""
         "frugal:coordinates:right": (FRUGAL, FRUGAL, dict(density=0.5, projector="coordinates",
                                                           inactive_update_rule="sgd")),
     }
-    names = sys.argv[5].split(",") if len(sys.argv) > 5 else list(CASES)
-    results = {}
+    # Saved by 2 ranks after 2 steps, resumed by 3 (DCP resharding the row-sharded state).
+    RESUMED = ("galore:randomized", "galore:svd", "apollo", "frugal")
+    names = sys.argv[6].split(",") if len(sys.argv) > 6 else list(CASES)
+    results, recorded, saved = {}, {}, {}
+
+    def train(model, optimizer, replica, reference, steps, generator, record=None):
+        # Steps the sharded optimizer, and the whole-tensor one on the same (gathered) gradients.
+        for _ in range(steps):
+            x = torch.randn(8, 12, generator=generator)
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            gradients = [p.grad.full_tensor() for p in model.parameters()]
+            if record is not None:
+                record.append(gradients)
+            for whole, gradient in zip(replica.parameters(), gradients):
+                whole.grad = gradient
+            optimizer.step()
+            reference.step()
+
+    if world == 3:  # resume the 2 ranks' checkpoints, against a whole-tensor run replaying their gradients
+        recorded = torch.load(checkpoint + ".gradients")
+        for name in RESUMED:
+            cls, reference_cls, options = CASES[name]
+            kwargs = dict(lr=0.02, weight_decay=0.1, update_proj_gap=2, backend="torch", **options)
+            model, replica = shard(make_model()), make_model()
+            optimizer, reference = cls(model.parameters(), **kwargs), reference_cls(replica.parameters(), **kwargs)
+            states = {"model": get_model_state_dict(model)}
+            dcp.load(states, checkpoint_id=f"{checkpoint}/{name}")
+            set_model_state_dict(model, states["model"])
+            load_optimizer_state(optimizer, f"{checkpoint}/{name}")
+            for gradients in recorded[name]:
+                for whole, gradient in zip(replica.parameters(), gradients):
+                    whole.grad = gradient
+                reference.step()
+            train(model, optimizer, replica, reference, 2, torch.Generator().manual_seed(400 + rank))
+            results["resumed:" + name] = [(p.full_tensor(), q.detach().clone())
+                                          for p, q in zip(model.parameters(), replica.parameters())]
     for name in names:
         cls, reference_cls, options = CASES[name]
         kwargs = dict(lr=0.02, weight_decay=0.1, update_proj_gap=2, backend="torch", **options)
         model, replica = shard(make_model()), make_model()
         optimizer, reference = cls(model.parameters(), **kwargs), reference_cls(replica.parameters(), **kwargs)
         generator = torch.Generator().manual_seed(100 + rank)
-        for _ in range(4):  # refreshes on steps 1 and 3
-            x = torch.randn(8, 12, generator=generator)
-            optimizer.zero_grad()
-            model(x).square().mean().backward()
-            for whole, sharded in zip(replica.parameters(), model.parameters()):
-                whole.grad = sharded.grad.full_tensor()
-            optimizer.step()
-            reference.step()
+        # Refreshes on steps 1 and 3.
+        train(model, optimizer, replica, reference, 2, generator, recorded.setdefault(name, []))
+        if world == 2 and name in RESUMED:
+            dcp.save({"model": get_model_state_dict(model), "optimizer": optimizer.state_dict()},
+                     checkpoint_id=f"{checkpoint}/{name}")
+        train(model, optimizer, replica, reference, 2, generator)
         params = [(p.full_tensor(), q.detach().clone()) for p, q in zip(model.parameters(), replica.parameters())]
         states = []
         for p, q in zip(model.parameters(), replica.parameters()):
@@ -84,18 +120,23 @@ _SCRIPT = textwrap.dedent("""
                                    local=value.to_local().nbytes if sharded else value.nbytes, whole=whole.nbytes,
                                    value=None if sharded else value.clone()))
         results[name] = dict(params=params, states=states, bytes=optimizer.state_bytes())
+    if world == 2 and rank == 0:
+        torch.save({name: recorded[name] for name in RESUMED}, checkpoint + ".gradients")
     torch.save(results, out + f".{rank}")
     dist.destroy_process_group()
 """)
 
 
-def run_ranks(world: int, tmp_path, names: list[str] | None = None) -> list[dict]:
-    script = tmp_path / "script.py"
+def run_ranks(world: int, tmp_path, checkpoint: str, names: list[str] | None = None) -> list[dict]:
+    """The script on ``world`` gloo ranks (2 ranks write DCP checkpoints under ``checkpoint``,
+    3 ranks resume them); each rank's results."""
+    script = tmp_path / f"script{world}.py"
     script.write_text(_SCRIPT)
-    store, out = tmp_path / "store", tmp_path / "out"
+    store, out = tmp_path / f"store{world}", tmp_path / f"out{world}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     extra = [",".join(names)] if names else []
-    procs = [subprocess.Popen([sys.executable, str(script), str(rank), str(world), str(store), str(out), *extra],
+    procs = [subprocess.Popen([sys.executable, str(script), str(rank), str(world), str(store), str(out), checkpoint,
+                               *extra],
                               env=env, stderr=subprocess.PIPE, text=True) for rank in range(world)]
     errors = [proc.communicate(timeout=600)[1] for proc in procs]
     failed = [err for proc, err in zip(procs, errors) if proc.returncode != 0]
@@ -115,16 +156,25 @@ _BITWISE = ("frugal:coordinates", "frugal:coordinates:right")
 _ATOL = 1e-5
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[int, list[dict]]:
+    """The script on 2 gloo ranks (which save DCP checkpoints) and then on 3 (which resume them)."""
+    tmp_path = tmp_path_factory.mktemp("fsdp_lowrank")
+    checkpoint = str(tmp_path / "checkpoint")
+    return {world: run_ranks(world, tmp_path, checkpoint) for world in (2, 3)}
+
+
 @pytest.mark.parametrize("world", [2, 3])
-def test_low_rank_on_fsdp2_row_shards_equals_whole_tensors(world, tmp_path) -> None:
+def test_low_rank_on_fsdp2_row_shards_equals_whole_tensors(runs, world) -> None:
     """GaLore (randomized / svd / random; std, full, reverse_std; maximize), Natural GaLore,
     APOLLO (channel, svd, Mini), FRUGAL (svd, random, row and column coordinates) stepping FSDP2
     row shards (7 rows on 2 and 3 ranks, 2 rows on 3: an empty shard) equal one process stepping
     the whole tensors on the same gradients, over two projector refreshes; their state is
     sharded like the weights, or replicated (and identical on every rank) where it is r-sized."""
-    results = run_ranks(world, tmp_path)
-    assert set(results[0]) == set(CASES)
-    for name, result in results[0].items():
+    results = runs[world]
+    assert {name for name in results[0] if not name.startswith("resumed:")} == set(CASES)
+    for name in CASES:
+        result = results[0][name]
         for sharded, whole in result["params"]:
             if name in _BITWISE:
                 assert torch.equal(sharded, whole), name
@@ -147,3 +197,15 @@ def test_low_rank_on_fsdp2_row_shards_equals_whole_tensors(world, tmp_path) -> N
                 assert value.dim() == 0 or value.numel() <= state["numel"], (name, state["key"], value.shape)
                 for rank_states in per_rank[1:]:
                     assert torch.equal(rank_states[index]["value"], value), (name, state["key"])
+
+
+def test_low_rank_resumes_from_dcp_on_another_world_size(runs) -> None:
+    """GaLore (randomized, svd), APOLLO and FRUGAL saved with torch.distributed.checkpoint by 2
+    ranks after 2 steps and resumed by 3 ranks (row-sharded moments and left factors resharded,
+    a refresh at the first resumed step) equal an uninterrupted whole-tensor run on the same
+    gradients, within the bound of the sharded steps."""
+    resumed = {name: value for name, value in runs[3][0].items() if name.startswith("resumed:")}
+    assert len(resumed) == 4
+    for name, params in resumed.items():
+        for sharded, whole in params:
+            assert torch.allclose(sharded, whole, rtol=0, atol=_ATOL), (name, (sharded - whole).abs().max())
