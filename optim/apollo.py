@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
-import math
-
 from memzoo.optim.base import Backend, StateSpec, check_number, local_tensor
-from memzoo.optim.lowrank import LowRankOptimizer, LowRankRule, WeightStep, adam_step_size, batch_views
+from memzoo.optim.lowrank import (
+    LowRankOptimizer,
+    LowRankRule,
+    WeightStep,
+    adam_step_size,
+    batch_views,
+    steps_row_shards,
+)
 from memzoo.optim.projector import Projector
-from memzoo.reference.apollo import NORM_EPS
+from memzoo.optim.sharded import RowShard
+from memzoo.reference.apollo import NORM_EPS, norm_growth_divisor_
 from memzoo.reference.common import compute_dtype
 from memzoo.reference.projector import project
 
@@ -55,9 +62,7 @@ class ApolloRule(LowRankRule):
             return {}
         return {"limiter_norm": (torch.Size(()), torch.float32)}
 
-    def sharded_problem(self, projector: Projector, group: Mapping[str, Any]) -> str | None:
-        return None  # every side, projector and scale type (see update)
-
+    @steps_row_shards
     def update(self, engine: LowRankOptimizer, group: Mapping[str, Any], items: list[WeightStep]) -> None:
         """Scaling factors from the projected moments, then the scaled full-rank update.
 
@@ -133,7 +138,7 @@ class ApolloRule(LowRankRule):
             scale.fill_(normalized.sqrt() / (low_rank.sqrt() + NORM_EPS))
 
     @staticmethod
-    def _limit_(shard: Any, grads: list[torch.Tensor], scales: list[torch.Tensor], norms: list[torch.Tensor],
+    def _limit_(shard: RowShard, grads: list[torch.Tensor], scales: list[torch.Tensor], norms: list[torch.Tensor],
                 record: bool, group: Mapping[str, Any]) -> None:
         """The norm-growth limiter of :func:`memzoo.reference.apollo.apollo_apply_` on row shards:
         ‖S‖ (S = G ⊙ s, √α in front with ``scale_front``) from one all-reduce of the batch's ‖S_k‖²;
@@ -148,11 +153,8 @@ class ApolloRule(LowRankRule):
         for size, scale, norm in zip(sizes, scales, norms):
             if record:
                 norm.copy_(size)
-                continue
-            growth = group["growth_limit"]
-            limit = torch.clamp(size / (norm.to(size.dtype) + NORM_EPS), min=growth) / growth
-            scale.div_(limit)
-            norm.copy_(size / limit)
+            else:
+                scale.div_(norm_growth_divisor_(size, norm, growth_limit=group["growth_limit"]))
 
 
 class APOLLO(LowRankOptimizer):

@@ -11,7 +11,14 @@ from typing import Any
 import torch
 
 from memzoo.optim.base import Backend, StateSpec, check_number, local_tensor
-from memzoo.optim.lowrank import LowRankOptimizer, LowRankRule, WeightStep, low_rank_updates, torch_adam_form
+from memzoo.optim.lowrank import (
+    LowRankOptimizer,
+    LowRankRule,
+    WeightStep,
+    low_rank_updates,
+    steps_row_shards,
+    torch_adam_form,
+)
 from memzoo.optim.projector import Projector, ProjectorSettings
 from memzoo.reference.common import compute_dtype
 from memzoo.reference.frugal import RESIDUAL_RULES, residual_squares
@@ -150,9 +157,7 @@ class FrugalRule(LowRankRule):
                                          group["correct_bias"])
         engine.adamw_dense(group, items, step_size=step_size, eps=eps, decay_first=True)
 
-    def sharded_problem(self, projector: Projector, group: Mapping[str, Any]) -> str | None:
-        return None  # every side and projector (see update)
-
+    @steps_row_shards
     def update(self, engine: LowRankOptimizer, group: Mapping[str, Any], items: list[WeightStep]) -> None:
         """Adam in each subspace and the split update (weights of one shape, grouped by Adam step)."""
         if items[0].shard is not None:

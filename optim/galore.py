@@ -15,6 +15,7 @@ from memzoo.optim.lowrank import (
     WeightStep,
     adam_step_size,
     low_rank_updates,
+    steps_row_shards,
 )
 from memzoo.optim.projector import Projector
 from memzoo.optim.quantized_state import MIN_8BIT_SIZE
@@ -29,9 +30,7 @@ class GaLoreRule(LowRankRule):
 
     family = "galore"
 
-    def sharded_problem(self, projector: Projector, group: Mapping[str, Any]) -> str | None:
-        return None  # every side and projector (see update)
-
+    @steps_row_shards
     def update(self, engine: LowRankOptimizer, group: Mapping[str, Any], items: list[WeightStep]) -> None:
         """On row shards: a right projection is local rows (R_k = G_k·Qᵀ, its moments, N_k·Q);
         with a left factor R = Σ_k P_kᵀ·G_k(·Qᵀ) is all-reduced, Adam runs on the replicated R
@@ -195,11 +194,13 @@ class NaturalGaLoreRule(LowRankRule):
                 "nat_count": (torch.Size(()), torch.int64)}
 
     def sharded_problem(self, projector: Projector, group: Mapping[str, Any]) -> str | None:
-        if projector.side == "right" and group["natural"]:
+        problem = super().sharded_problem(projector, group)
+        if problem is None and projector.side == "right" and group["natural"]:
             return ("Natural GaLore's gradient history of a right projection (m×r) would be sharded by rows and "
                     "its k×k solve need all of it; use proj_type 'full' (the default) or 'left'")
-        return None
+        return problem
 
+    @steps_row_shards
     def update(self, engine: LowRankOptimizer, group: Mapping[str, Any], items: list[WeightStep]) -> None:
         """On row shards (left or two-sided projections): R = Σ_k A_kᵀ·G_k·Bᵀ all-reduced, then
         everything but the back-projection A_k·N·B runs on the replicated R."""

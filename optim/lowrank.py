@@ -53,7 +53,7 @@ from memzoo.reference.common import compute_dtype
 from memzoo.reference.projector import project
 
 __all__ = ["ADAM_MOMENTS", "LowRankOptimizer", "LowRankRule", "WeightStep", "adam_step_size", "batch_views",
-           "local_low_rank_shape", "torch_adam_form"]
+           "local_low_rank_shape", "steps_row_shards", "torch_adam_form"]
 
 # Adam's two moments and how each is stored in 8 bits (signed m, unsigned v).
 ADAM_MOMENTS: Mapping[str, QuantizedMoment] = {"exp_avg": QuantizedMoment(signed=True),
@@ -186,14 +186,17 @@ class LowRankRule:
 
     def sharded_problem(self, projector: Projector, group: Mapping[str, Any]) -> str | None:
         """Why this rule cannot update a weight of an FSDP2 row shard with ``projector`` (None
-        when its :meth:`update` handles :attr:`WeightStep.shard`). A rule that does: on
+        when its :meth:`update` is marked :func:`steps_row_shards`; a subclass that overrides
+        ``update`` must mark its own). A rule whose update does: on
         ``item.shard`` its param, grad and row-sharded moments are DTensors (use their local
         tensors, :meth:`LowRankOptimizer.local_grad`), :meth:`LowRankOptimizer.factors` gives the
         local rows of a left factor and the whole right one, and a gradient with
         :attr:`WeightStep.reduces` is projected by :meth:`LowRankOptimizer.reduced_projections`
         (everything it computes from the replicated R is replicated); norms over a whole row-sharded
         tensor must be all-reduced (``item.shard.all_reduce_``)."""
-        return f"the {self.family} rule has no update for row shards yet"
+        if getattr(type(self).update, "steps_row_shards", False):
+            return None
+        return f"{type(self).__name__}.update has no sharded path (it needs each projected weight whole)"
 
     def on_refresh(self, group: Mapping[str, Any], state: dict[str, Any]) -> None:
         """Called for each weight whose subspace is recomputed this step, before its update;
@@ -572,6 +575,12 @@ class LowRankOptimizer(MemzooOptimizer):
                         rule.update(self, group, chunk)
             for items in dense.values():
                 rule.update_dense(self, group, items)
+
+
+def steps_row_shards(update: Callable) -> Callable:
+    """Mark a rule's ``update`` as handling FSDP2 row shards (:meth:`LowRankRule.sharded_problem`)."""
+    update.steps_row_shards = True
+    return update
 
 
 def _chunks(items: list[WeightStep]) -> list[list[WeightStep]]:

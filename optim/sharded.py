@@ -87,7 +87,8 @@ class RowShard:
 
 def sharding_problem(param: torch.Tensor) -> str | None:
     """Why a DTensor weight's projection cannot run on its shards (None when it can: one mesh
-    dimension places it ``Shard(0)``, FSDP2's row sharding, the others ``Replicate``, as HSDP)."""
+    dimension places it ``Shard(0)``, FSDP2's row sharding, the others ``Replicate``, as HSDP's;
+    only the 1-D FSDP2 mesh is tested)."""
     from torch.distributed.tensor import Replicate, Shard
 
     shards = [p for p in param.placements if isinstance(p, Shard)]

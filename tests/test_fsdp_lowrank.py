@@ -122,6 +122,11 @@ _SCRIPT = textwrap.dedent("""
         results[name] = dict(params=params, states=states, bytes=optimizer.state_bytes())
     if world == 2 and rank == 0:
         torch.save({name: recorded[name] for name in RESUMED}, checkpoint + ".gradients")
+    try:  # Natural GaLore's history of a right projection would be row-sharded: refused with the fix
+        NaturalGaLore(shard(make_model()).parameters(), rank=2, proj_type="std")
+        results["refused:natural_right"] = "accepted"
+    except ValueError as exc:
+        results["refused:natural_right"] = str(exc)
     torch.save(results, out + f".{rank}")
     dist.destroy_process_group()
 """)
@@ -172,7 +177,9 @@ def test_low_rank_on_fsdp2_row_shards_equals_whole_tensors(runs, world) -> None:
     the whole tensors on the same gradients, over two projector refreshes; their state is
     sharded like the weights, or replicated (and identical on every rank) where it is r-sized."""
     results = runs[world]
-    assert {name for name in results[0] if not name.startswith("resumed:")} == set(CASES)
+    assert {name for name in results[0] if not name.startswith(("resumed:", "refused:"))} == set(CASES)
+    message = results[0]["refused:natural_right"]
+    assert "proj_type 'full'" in message and "DistributedDataParallel" in message, message
     for name in CASES:
         result = results[0][name]
         for sharded, whole in result["params"]:
@@ -209,3 +216,11 @@ def test_low_rank_resumes_from_dcp_on_another_world_size(runs) -> None:
     for name, params in resumed.items():
         for sharded, whole in params:
             assert torch.allclose(sharded, whole, rtol=0, atol=_ATOL), (name, (sharded - whole).abs().max())
+
+
+def test_the_optimizers_marked_projected_shards_are_the_ones_tested_here() -> None:
+    from memzoo.optim.registry import OPTIMIZERS
+
+    marked = {info.cls.__name__ for info in OPTIMIZERS.values() if info.projected_shards}
+    # A new one: add its cases to _SCRIPT's CASES.
+    assert marked == {"GaLoreAdamW", "NaturalGaLore", "APOLLO", "FRUGAL"}
