@@ -1,5 +1,6 @@
 """User-facing memzoo optimizers (``torch.optim.Optimizer`` subclasses)."""
 
+from memzoo.optim.adam_mini import AdamMini
 from memzoo.optim.apollo import APOLLO
 from memzoo.optim.base import MemzooOptimizer, resolve_backend
 from memzoo.optim.cosmos import COSMOS
@@ -11,6 +12,6 @@ from memzoo.optim.factory import create_optimizer, list_optimizers, target_param
 from memzoo.optim.registry import OPTIMIZERS, get_optimizer_info
 from memzoo.optim.zeroth_order import QZO, MeZO, SparseMeZO, collect_quantization_scales
 
-__all__ = ["APOLLO", "COSMOS", "FRUGAL", "OPTIMIZERS", "QZO", "GaLoreAdamW", "LayerwiseOptimizer", "Lion", "MeZO", "MemzooOptimizer", "NaturalGaLore",
+__all__ = ["APOLLO", "AdamMini", "COSMOS", "FRUGAL", "OPTIMIZERS", "QZO", "GaLoreAdamW", "LayerwiseOptimizer", "Lion", "MeZO", "MemzooOptimizer", "NaturalGaLore",
            "SparseMeZO", "collect_quantization_scales", "create_optimizer", "get_optimizer_info", "list_optimizers",
            "resolve_backend", "target_parameters"]

@@ -95,6 +95,10 @@ class FactoryEntry:
     def zeroth_order(self) -> bool:
         return self.info is not None and self.info.zeroth_order
 
+    @property
+    def named(self) -> bool:
+        return self.info is not None and self.info.named_params
+
     def optimizer_class(self) -> type[torch.optim.Optimizer]:
         return torch.optim.AdamW if self.info is None else self.info.cls
 
@@ -148,6 +152,11 @@ def create_optimizer(
       goes to a plain group (AdamW inside the same optimizer).
     - Biases and norm weights (1-D and 0-D tensors) get ``weight_decay=0``; ``no_decay`` names
       other parameters instead (parameter-name substrings or regexes; ``[]`` decays everything).
+    - ``adam_mini`` gets the parameters with their names (its blocks follow them) and the model's
+      hidden size and attention heads from a Hugging Face-style ``model.config``
+      (``hidden_size``, ``num_attention_heads``, ``num_key_value_heads``) unless ``dim=``,
+      ``n_heads=``, ``n_kv_heads=`` are given; a model with query / key weights and neither
+      raises a ``ValueError`` asking for them.
     - ``qzo`` trains the float scales of the model's bitsandbytes 4-bit layers
       (:func:`memzoo.optim.collect_quantization_scales`), plus the other trainable parameters by
       plain zeroth-order steps with ``train_unquantized=True``.
@@ -180,6 +189,14 @@ def create_optimizer(
         if train_unquantized:
             groups += [{**g, "scales": False} for g in _decay_groups(named, no_decay, weight_decay)]
         return entry.build(groups, **kwargs)
+    if entry.named:
+        names = {id(p): n for n, p in named}
+        groups = [{**g, "params": [(names[id(p)], p) for p in g["params"]]}
+                  for g in _decay_groups(named, no_decay, weight_decay)]
+        if not groups:
+            raise ValueError(f"{type(model).__name__} has no trainable parameters")
+        kwargs = {**entry.optimizer_class().settings_from_model(model, kwargs), **kwargs}
+        return entry.build(groups, **({} if weight_decay is None else {"weight_decay": weight_decay}), **kwargs)
     switch = None if entry.info is None else entry.info.target_key
     if switch is None:
         groups = _decay_groups(named, no_decay, weight_decay)

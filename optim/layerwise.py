@@ -39,14 +39,27 @@ def _tensors(items: Iterable[Any]) -> list[Any]:
             for item in items]
 
 
+def _names(items: list[Any]) -> list[str] | None:
+    """The names of ``named_parameters()`` pairs (kept for optimizers that read them: Adam-mini's
+    blocks follow them), None for plain tensors."""
+    if items and all(isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) for item in items):
+        return [item[0] for item in items]
+    return None
+
+
+def _group(group: dict[str, Any]) -> dict[str, Any]:
+    items = [group["params"]] if isinstance(group["params"], torch.Tensor) else list(group["params"])
+    names = _names(items)
+    return {**group, "params": _tensors(items), **({"param_names": names} if names is not None else {})}
+
+
 def _groups(params: Iterable[Any]) -> list[dict[str, Any]]:
     params = list(params)
     if not params:
         raise ValueError("LayerwiseOptimizer got an empty parameter list")
     if not any(isinstance(p, dict) for p in params):
-        return [{"params": _tensors(params)}]
-    return [{**g, "params": [g["params"]] if isinstance(g["params"], torch.Tensor) else _tensors(g["params"])}
-            for g in params]
+        return [_group({"params": params})]
+    return [_group(g) for g in params]
 
 
 _FREED = (
@@ -267,9 +280,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         """Add parameters (with their hyperparameters) that train layer-wise like the others: one
         inner optimizer each, hooked; nothing is added if any of them is refused."""
         group = _groups([param_group])[0]
-        hyper = {k: v for k, v in group.items() if k != "params"}
+        names = group.get("param_names")
+        hyper = {k: v for k, v in group.items() if k not in ("params", "param_names")}
         built: dict[torch.Tensor, torch.optim.Optimizer] = {}
-        for param in group["params"]:
+        for index, param in enumerate(group["params"]):
             if not param.requires_grad:
                 raise ValueError(
                     f"parameter of shape {tuple(param.shape)} does not require grad, so it has no gradient hook to "
@@ -279,7 +293,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             if param in self._inner or param in built:
                 raise ValueError(f"parameter of shape {tuple(param.shape)} appears twice in the groups")
             extra = {"seed": self._base_seed + len(self._inner) + len(built)} if self._seeded else {}
-            built[param] = self._optimizer_class([{"params": [param], **hyper}], **self._kwargs, **extra)
+            inner_params = [(names[index], param)] if names is not None else [param]
+            built[param] = self._optimizer_class([{"params": inner_params, **hyper}], **self._kwargs, **extra)
         for param, inner in built.items():
             self._inner[param] = inner
             self.param_groups.append(inner.param_groups[0])

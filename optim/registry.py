@@ -16,10 +16,11 @@ How to add a record: append an ``OptimizerInfo`` to :data:`OPTIMIZERS` below wit
 - ``train`` (a :class:`Setting`: ``memzoo-bench train`` / ``memory``) or ``zo`` (a
   :class:`ZOSetting`: ``memzoo-bench zo``) so that the benchmark runs it (by default, as
   ``bench_defaults`` says);
-- ``aliases``: further ``create_optimizer`` names for the same class with fixed keywords
-  (``galore_adamw_8bit``);
+- ``fixed_kwargs`` / ``aliases``: keywords ``create_optimizer`` fixes under the record's name, and
+  further names for the same class with fixed keywords (``galore_adamw_8bit``);
+  ``named_params`` if the class reads parameter names (Adam-mini);
 - test metadata: ``variants``, ``bad_inputs``, ``backends``, ``param_dtypes``,
-  ``trajectory_atol``, ``requires_closure``, ``position_seeded``, ``zeroth_order``.
+  ``trajectory_atol``, ``requires_closure``, ``position_seeded``, ``zeroth_order``, ``shards``.
 
 Nothing else needs editing: the factory, the benchmark and the contract tests pick the record up.
 """
@@ -33,6 +34,7 @@ from typing import Any
 
 import torch
 
+from memzoo.optim.adam_mini import AdamMini
 from memzoo.optim.apollo import APOLLO
 from memzoo.optim.base import MemzooOptimizer
 from memzoo.optim.cosmos import COSMOS
@@ -40,6 +42,7 @@ from memzoo.optim.frugal import FRUGAL
 from memzoo.optim.galore import GaLoreAdamW, NaturalGaLore
 from memzoo.optim.lion import Lion
 from memzoo.optim.zeroth_order import QZO, MeZO, SparseMeZO
+from memzoo.reference.adam_mini import partition as adam_mini_partition
 from memzoo.reference.projector import SEEDED_METHODS, side_length
 
 __all__ = ["GALORE_PAPER_RANKS", "OPTIMIZERS", "TORCH_ADAMW", "BadInput", "FactoryName",
@@ -137,6 +140,9 @@ class OptimizerInfo:
     # Steps from closures of forward passes only (gradients unused): the gradient-based contract
     # tests skip it; tests/test_zeroth_order.py holds its own.
     zeroth_order: bool = False
+    # Steps FSDP2 / tensor-parallel (DTensor) parameters on their shards; False: refuses them at
+    # construction with the fix (DDP), which tests/test_distributed.py checks instead.
+    shards: bool = True
     # The group key that turns a group's projection on ("rank", "density"; None: not a low-rank
     # method) and its value on create_optimizer's target matrices when the caller gives none.
     target_key: str | None = None
@@ -147,6 +153,10 @@ class OptimizerInfo:
     train: Setting | None = None
     zo: ZOSetting | None = None
     bench_defaults: tuple[str, ...] | None = None
+    # Reads parameter names (Adam-mini's partition): create_optimizer gives its groups (name,
+    # tensor) pairs, and the class's settings_from_model(model) fills keywords the caller left
+    # out (hidden size, heads).
+    named_params: bool = False
     # Keywords create_optimizer fixes under the record's own name (APOLLO-Mini's scale), and
     # further create_optimizer names for the same class with their own fixed keywords.
     fixed_kwargs: Mapping[str, Any] = field(default_factory=dict)
@@ -233,6 +243,18 @@ def _apollo_state_bytes(optimizer: APOLLO) -> int:
     return _galore_state_bytes(optimizer) + 4 * limited
 
 
+def _adam_mini_state_bytes(optimizer: AdamMini) -> int:
+    """Adam's m (the parameter's shape and dtype), one float32 v per block (float64 for float64
+    parameters) and the int64 step, per parameter."""
+    total = 0
+    for param, group in _stepped(optimizer):
+        names = group.get("param_names") or [None] * len(group["params"])
+        name = next(n for p, n in zip(group["params"], names) if p is param)
+        blocks = adam_mini_partition(name, param.shape, dim=group["dim"], n_heads=group["n_heads"]).blocks
+        total += param.numel() * param.element_size() + blocks * (8 if param.dtype == torch.float64 else 4) + 8
+    return total
+
+
 def _no_state_bytes(optimizer: MemzooOptimizer) -> int:
     return 0
 
@@ -316,6 +338,12 @@ def _frugal_bench_groups(named: list[tuple[str, torch.nn.Parameter]]) -> list[di
     projected, rest = _galore_bench_groups(named)
     projected = {key: value for key, value in projected.items() if key not in ("rank", "scale")}
     return [{**projected, "density": 0.25, "projector": "coordinates"}, rest]
+
+
+def _adam_mini_bench_groups(named: list[tuple[str, torch.nn.Parameter]]) -> list[dict[str, Any]]:
+    # The official partition needs the names, the hidden size and the heads (LLaMA's head_dim 64).
+    hidden = next(p.shape[0] for name, p in named if name.endswith("input_layernorm"))
+    return [{"params": list(named), "dim": hidden, "n_heads": max(1, hidden // 64)}]
 
 
 # The papers' LLaMA settings for memzoo-bench train: GaLore's scale 0.25 at the width's rank.
@@ -505,6 +533,29 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
             target_key="rank",
             default_rank=64,
             train=Setting(1e-3, rank_by_width=True),  # tracks its subspace every step
+        ),
+        OptimizerInfo(
+            name="adam_mini",
+            cls=AdamMini,
+            summary="Adam-mini (Zhang et al. 2024): Adam with one second moment per block (head, neuron, tensor)",
+            sample_kwargs={"lr": 1e-2, "betas": (0.9, 0.95), "weight_decay": 0.1},
+            expected_state_bytes=_adam_mini_state_bytes,
+            # No Triton kernels: "torch" is the fast path (backend="triton" raises, tests/test_adam_mini.py).
+            backends=("torch",),
+            bad_inputs=_COMMON_BAD_INPUTS + (
+                BadInput("beta2 = 1", {"betas": (0.9, 1.0)}, ValueError, "beta parameter at index 1"),
+                BadInput("negative eps", {"eps": -1e-8}, ValueError, "Invalid eps"),
+                BadInput("dim 0", {"dim": 0}, ValueError, "Invalid dim"),
+                BadInput("n_heads 0", {"n_heads": 0}, ValueError, "Invalid n_heads"),
+                BadInput("n_kv_heads not dividing n_heads", {"n_heads": 4, "n_kv_heads": 3}, ValueError,
+                         "does not divide n_heads"),
+                BadInput("Triton requested", {"backend": "triton"}, ValueError, "no Triton kernels"),
+            ),
+            bench_groups=_adam_mini_bench_groups,
+            shards=False,
+            named_params=True,
+            train=Setting(1e-3),  # the paper: AdamW's lr; dim and heads from the model's config
+            bench_defaults=("memory",),
         ),
         OptimizerInfo(
             name="mezo",

@@ -20,13 +20,27 @@ dimension". The caller picks the granularity through the shape of each ``scales`
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from memzoo.reference.common import as_tensor_list, compute_dtype
-from memzoo.reference.galore import FactorList, adamw_update_, as_matrix, check_low_rank_shapes, low_rank_lists
-from memzoo.reference.projector import project
+from memzoo.reference.galore import (
+    FactorList,
+    adamw_update_,
+    as_matrix,
+    check_low_rank_shapes,
+    galore_dense_step,
+    hf_adam_step_size,
+    is_projected,
+    low_rank_lists,
+    low_rank_setup,
+    low_rank_shape,
+    moments_,
+    next_step_,
+    step_copies,
+)
+from memzoo.reference.projector import project, step_projector_
 
 __all__ = ["NORM_EPS", "adamw_update_", "apollo_apply_", "apollo_scales_", "apply_lists", "check_scales_shape"]
 
@@ -177,3 +191,48 @@ def apollo_apply_(
         if weight_decay != 0.0:
             w = w - (lr * weight_decay) * w
         param.copy_(w.reshape(param.shape))
+
+
+# -- Whole steps: one weight's step as the optimizer composes it (the truth for optim/) ------
+# (The conventions of reference/galore.py's whole-step section.)
+
+
+@torch.no_grad()
+def apollo_step(param: torch.Tensor, grad: torch.Tensor, state: Mapping[str, torch.Tensor], *, seed: int, lr: float,
+                betas: tuple[float, float], eps: float, weight_decay: float, correct_bias: bool, rank: int | None,
+                update_proj_gap: int, scale: float, proj_type: str, projector: str, power_iters: int,
+                oversample: int, strict_rank: bool, state_dtype: torch.dtype | None, scale_type: str,
+                scale_front: bool, disable_nl: bool, growth_limit: float,
+                maximize: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One APOLLO (or APOLLO-Mini) step of one weight (Zhu et al. 2025), 32-bit moments: the new
+    weight and state. ``projector`` is the group key the official ``proj`` is stored under.
+    Unprojected weights: GaLore's dense branch (:func:`~memzoo.reference.galore.galore_dense_step`)."""
+    hyper = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
+    if not is_projected(param, rank):
+        return galore_dense_step(param, grad, state, state_dtype=state_dtype, maximize=maximize, **hyper)
+    param, state = step_copies(param, state)
+    shape, side, rank = low_rank_setup(param, rank=rank, proj_type=proj_type, strict_rank=strict_rank,
+                                       projector=projector)
+    step = next_step_(state)
+    # §4: a new random projection P every T steps (regenerated from its seed on every step)
+    left, right, _ = step_projector_(state, grad.reshape(shape), step=step, base_seed=seed, rank=rank, side=side,
+                                     method=projector, update_proj_gap=update_proj_gap, power_iters=power_iters,
+                                     oversample=oversample, signs="raw", maximize=maximize, dtype=param.dtype)
+    exp_avg, exp_avg_sq = moments_(state, low_rank_shape(shape, left, right), state_dtype or param.dtype, param.device)
+    m, n = shape
+    # One factor per channel (a row of G for a right projection, a column for a left one), or one per tensor,
+    # in the math's dtype (float64 for float64 weights).
+    scales = torch.empty((1, 1) if scale_type == "tensor" else (m, 1) if side == "right" else (1, n),
+                         dtype=compute_dtype(param.dtype), device=param.device)
+    # R = P(G); m, v ← β·(m, v) + (1 − β)·(R, R²); eq. 6: s = ‖N‖/‖R‖ per channel, N = m/(√v + ε)
+    apollo_scales_(grad, exp_avg, exp_avg_sq, scales, lefts=left, rights=right, beta1=betas[0], beta2=betas[1],
+                   eps=eps, maximize=maximize)
+    record = not disable_nl and "limiter_norm" not in state  # the limiter's first step records ‖S‖ only
+    if record:
+        state["limiter_norm"] = torch.zeros((), dtype=torch.float32, device=param.device)
+    # S = G ⊙ s; the norm-growth limiter ‖S‖ ≤ γ·ρ; W ← W − η_t·√α·S; then W ← W − lr·λ·W
+    apollo_apply_(param, grad, scales, None if disable_nl else state["limiter_norm"],
+                  step_size=hf_adam_step_size(lr, betas, correct_bias, step + 1), scale=scale, lr=lr,
+                  weight_decay=weight_decay, growth_limit=growth_limit, record_only=record, scale_front=scale_front,
+                  maximize=maximize)
+    return param, state

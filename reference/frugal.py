@@ -27,7 +27,8 @@ step; τ = 0 is the official update.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -38,9 +39,22 @@ from memzoo.reference.galore import (
     as_matrix,
     check_low_rank_shapes,
     galore_adam_project_,
+    is_projected,
     low_rank_lists,
+    low_rank_shape,
+    moments_,
+    next_step_,
+    step_copies,
 )
-from memzoo.reference.projector import project, project_back
+from memzoo.reference.projector import (
+    Side,
+    matrix_shape,
+    project,
+    project_back,
+    projection_side,
+    side_length,
+    step_projector_,
+)
 
 __all__ = ["RESIDUAL_RULES", "adamw_update_", "frugal_apply_", "galore_adam_project_", "residual_kept",
            "split_update_lists"]
@@ -129,3 +143,82 @@ def frugal_apply_(
             else:
                 w = w - residual_step * residual
         param.copy_(w.reshape(param.shape))
+
+
+# -- Whole steps: one weight's step as the optimizer composes it (the truth for optim/) ------
+# (The conventions of reference/galore.py's whole-step section.)
+
+
+def torch_adam_form(lr: float, betas: tuple[float, float], eps: float, correct_bias: bool,
+                    t: int) -> tuple[float, float]:
+    """torch's Adam at step t (ε added to √v/√(1−β2^t)) in GaLore's form: the step size
+    lr·√(1−β2^t)/(1−β1^t) and ε·√(1−β2^t), the same update; (lr, ε) without bias correction."""
+    if not correct_bias:
+        return lr, eps
+    beta1, beta2 = betas
+    root = math.sqrt(1.0 - beta2**t)
+    return lr * root / (1.0 - beta1**t), eps * root
+
+
+@torch.no_grad()
+def frugal_dense_step(param: torch.Tensor, grad: torch.Tensor, state: Mapping[str, torch.Tensor], *, lr: float,
+                      betas: tuple[float, float], eps: float, weight_decay: float, correct_bias: bool,
+                      state_dtype: torch.dtype | None, maximize: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One step of a weight FRUGAL does not project (its "regular" parameters): torch's AdamW,
+    decay first."""
+    param, state = step_copies(param, state)
+    exp_avg, exp_avg_sq = moments_(state, param.shape, state_dtype or param.dtype, param.device)
+    step_size, adam_eps = torch_adam_form(lr, betas, eps, correct_bias, next_step_(state) + 1)
+    # W ← W·(1 − lr·λ); m, v ← β·(m, v) + (1 − β)·(G, G²); W ← W − lr·m̂/(√v̂ + ε)
+    adamw_update_(param, grad, exp_avg, exp_avg_sq, step_size=step_size, beta1=betas[0], beta2=betas[1], eps=adam_eps,
+                  lr=lr, weight_decay=weight_decay, maximize=maximize, decay_first=True)
+    return param, state
+
+
+def subspace_rank(shape: tuple[int, int], side: Side, density: float, projector: str) -> int:
+    """The subspace dimension for ``density`` ρ on ``side``: ⌊ρ·size⌋ for coordinates (the
+    official CoordAdamW truncates), round(ρ·size) for the other projectors."""
+    size = side_length(shape, side)
+    return min(int(size * density) if projector == "coordinates" else round(size * density), *shape)
+
+
+@torch.no_grad()
+def frugal_step(param: torch.Tensor, grad: torch.Tensor, state: Mapping[str, torch.Tensor], *, seed: int, lr: float,
+                betas: tuple[float, float], eps: float, weight_decay: float, correct_bias: bool,
+                density: float | None, update_proj_gap: int, projector: str, proj_type: str, power_iters: int,
+                oversample: int, reset_statistics: bool, inactive_update_rule: str, inactive_lr_scale: float,
+                inactive_threshold: float, proj_params_lr_scale: float, state_dtype: torch.dtype | None,
+                maximize: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One FRUGAL step of one weight (Zmushko et al. 2024; AdamW on the state-full part, signSGD
+    or SGD on the state-free rest, in the official code's template, the module docstring's
+    three lines): the new weight and state. Unprojected weights: :func:`frugal_dense_step`."""
+    if not is_projected(param, density):
+        return frugal_dense_step(param, grad, state, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                 correct_bias=correct_bias, state_dtype=state_dtype, maximize=maximize)
+    param, state = step_copies(param, state)
+    shape = matrix_shape(param.shape)
+    side = projection_side(shape, proj_type)
+    rank = subspace_rank(shape, side, density, projector)
+    # "random" is an orthonormal basis, so that G − up(down(G)) is the rest of G; r = 0 selects nothing.
+    method = "coordinates" if rank == 0 else {"random": "random_orthonormal"}.get(projector, projector)
+    step = next_step_(state)
+    left, right, refreshed = step_projector_(state, grad.reshape(shape), step=step, base_seed=seed, rank=rank,
+                                             side=side, method=method, update_proj_gap=update_proj_gap,
+                                             power_iters=power_iters, oversample=oversample, signs="raw",
+                                             maximize=maximize, dtype=param.dtype)
+    exp_avg, exp_avg_sq = moments_(state, low_rank_shape(shape, left, right), state_dtype or param.dtype, param.device)
+    if refreshed and (reset_statistics or "adam_step" not in state):  # a new subspace starts Adam afresh
+        exp_avg.zero_()
+        exp_avg_sq.zero_()
+        state["adam_step"] = torch.tensor(0, dtype=torch.int64)
+    lr_p = lr * proj_params_lr_scale
+    step_size, adam_eps = torch_adam_form(lr_p, betas, eps, correct_bias, next_step_(state, "adam_step") + 1)
+    update = torch.empty(exp_avg.shape, dtype=compute_dtype(param.dtype), device=param.device)
+    if update.numel():  # R = down(G); m, v ← β·(m, v) + (1 − β)·(R, R²); N = m/(√v + ε′)
+        galore_adam_project_(grad, exp_avg, exp_avg_sq, update, lefts=left, rights=right, beta1=betas[0],
+                             beta2=betas[1], eps=adam_eps, maximize=maximize)
+    # W ← W·(1 − lr·λ) − η_t·up(N) − lr_p·κ·φ(G − up(down(G)))
+    frugal_apply_(param, grad, update, lefts=left, rights=right, step_size=step_size,
+                  residual_step=lr_p * inactive_lr_scale, residual_rule=inactive_update_rule,
+                  decay=lr * weight_decay, maximize=maximize, residual_threshold=inactive_threshold)
+    return param, state

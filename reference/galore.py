@@ -13,11 +13,11 @@ then W ← W − lr·λ·W on the updated weight.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from memzoo.reference.common import as_tensor_list, check_parallel_lists, compute_dtype
-from memzoo.reference.projector import project, project_back
+from memzoo.reference.projector import Side, matrix_shape, project, project_back, projection_side, step_projector_
 
 __all__ = ["adamw_update_", "as_matrix", "check_low_rank_shapes", "galore_adam_project_", "galore_apply_",
            "low_rank_lists", "natural_gradient", "project"]
@@ -214,3 +214,168 @@ def adamw_update_(
         exp_avg.copy_(m)
         exp_avg_sq.copy_(v)
         param.copy_(w)
+
+
+# -- Whole steps: one weight's step as the optimizers compose it (the truth for optim/) ------
+#
+# Each ``*_step`` function takes a weight, its gradient, its optimizer state (the optimizer's
+# keys; {} before the first step) and the param group's hyperparameters (keyword-only, the
+# group's key names), plus ``seed``: the weight's projector seed (the optimizer's ``seed`` + the
+# weight's index over all its parameters). It returns the new weight and the new state and
+# leaves its inputs untouched. It is composed from the per-kernel functions above, which write
+# into copies: the math is theirs, only the composition is written here. Moments are 32-bit
+# (``optim_bits=8``'s blockwise codes are not modelled). These functions are
+# not in ``__all__``, which lists what every backend module provides (a step has one
+# implementation to be held to them: the optimizer's); tests/test_steps.py compares the two.
+
+
+def step_copies(param: torch.Tensor, state: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Copies of a weight and its state for a whole-step function to update in place."""
+    return param.detach().clone(), {name: value.clone() for name, value in state.items()}
+
+
+def hf_adam_step_size(lr: float, betas: tuple[float, float], correct_bias: bool, t: int) -> float:
+    """η_t = lr·√(1−β2^t)/(1−β1^t), the bias correction folded into the step size (HF Adam, the
+    official GaLore's); lr without bias correction."""
+    if not correct_bias:
+        return lr
+    beta1, beta2 = betas
+    return lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+
+
+def moments_(state: dict[str, torch.Tensor], shape: tuple[int, ...] | torch.Size, dtype: torch.dtype,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Adam moments (exp_avg, exp_avg_sq) of ``state``, created as zeros of ``shape`` and
+    ``dtype`` on a weight's first step."""
+    for name in ("exp_avg", "exp_avg_sq"):
+        if name not in state:
+            state[name] = torch.zeros(shape, dtype=dtype, device=device)
+    return state["exp_avg"], state["exp_avg_sq"]
+
+
+def next_step_(state: dict[str, torch.Tensor], name: str = "step") -> int:
+    """Advance the 0-d int64 counter ``state[name]`` (created at 0); return its value before."""
+    step = int(state[name]) if name in state else 0
+    state[name] = torch.tensor(step + 1, dtype=torch.int64)
+    return step
+
+
+def low_rank_setup(param: torch.Tensor, *, rank: int, proj_type: str, strict_rank: bool,
+                   projector: str) -> tuple[tuple[int, int], Side, int]:
+    """A projected weight's (m, n), side and rank: GaLore's side rule, the rank truncated to
+    min(m, n) (a ValueError with ``strict_rank``, except for the identity projector)."""
+    shape = matrix_shape(param.shape)
+    if strict_rank and rank > min(shape) and projector != "identity":
+        raise ValueError(f"rank {rank} exceeds min(m, n) = {min(shape)} of a weight of shape {tuple(param.shape)}")
+    return shape, projection_side(shape, proj_type), min(rank, *shape)
+
+
+def low_rank_shape(shape: tuple[int, int], left: torch.Tensor | None, right: torch.Tensor | None) -> tuple[int, int]:
+    """The shape of R = project(G) for an m×n G and the factors."""
+    return (left.shape[1] if left is not None else shape[0], right.shape[0] if right is not None else shape[1])
+
+
+def is_projected(param: torch.Tensor, size: float | None) -> bool:
+    """Whether a group with this ``rank`` (or density) projects ``param``: only ≥2-D, non-empty
+    weights in a group that sets one; everything else takes the dense AdamW branch."""
+    return size is not None and param.dim() >= 2 and param.numel() > 0
+
+
+@torch.no_grad()
+def galore_dense_step(param: torch.Tensor, grad: torch.Tensor, state: Mapping[str, torch.Tensor], *, lr: float,
+                      betas: tuple[float, float], eps: float, weight_decay: float, correct_bias: bool,
+                      state_dtype: torch.dtype | None, maximize: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One step of a weight GaLore does not project (GaLore's, Natural GaLore's and APOLLO's dense
+    branch): full-size HF Adam, decay after, as the official code gives such parameters."""
+    param, state = step_copies(param, state)
+    exp_avg, exp_avg_sq = moments_(state, param.shape, state_dtype or param.dtype, param.device)
+    t = next_step_(state) + 1
+    # m, v ← β·(m, v) + (1 − β)·(G, G²); W ← W − η_t·m/(√v + ε); W ← W − lr·λ·W
+    adamw_update_(param, grad, exp_avg, exp_avg_sq, step_size=hf_adam_step_size(lr, betas, correct_bias, t),
+                  beta1=betas[0], beta2=betas[1], eps=eps, lr=lr, weight_decay=weight_decay, maximize=maximize)
+    return param, state
+
+
+@torch.no_grad()
+def galore_step(param: torch.Tensor, grad: torch.Tensor, state: Mapping[str, torch.Tensor], *, seed: int, lr: float,
+                betas: tuple[float, float], eps: float, weight_decay: float, correct_bias: bool, rank: int | None,
+                update_proj_gap: int, scale: float, proj_type: str, projector: str, power_iters: int,
+                oversample: int, strict_rank: bool, state_dtype: torch.dtype | None,
+                maximize: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One GaLoreAdamW step of one weight (32-bit moments; Zhao et al. 2024, Algorithm 2): the
+    new weight and state (see this section's comment). Unprojected weights:
+    :func:`galore_dense_step`."""
+    hyper = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
+    if not is_projected(param, rank):
+        return galore_dense_step(param, grad, state, state_dtype=state_dtype, maximize=maximize, **hyper)
+    return _galore_projected_step(param, grad, state, seed=seed, rank=rank, update_proj_gap=update_proj_gap,
+                                  scale=scale, proj_type=proj_type, projector=projector, power_iters=power_iters,
+                                  oversample=oversample, strict_rank=strict_rank, state_dtype=state_dtype,
+                                  maximize=maximize, natural_galore=False, natural=None, **hyper)
+
+
+@torch.no_grad()
+def natural_galore_step(param: torch.Tensor, grad: torch.Tensor, state: Mapping[str, torch.Tensor], *, seed: int,
+                        lr: float, betas: tuple[float, float], eps: float, weight_decay: float, correct_bias: bool,
+                        rank: int | None, update_proj_gap: int, scale: float, proj_type: str, projector: str,
+                        power_iters: int, oversample: int, strict_rank: bool, state_dtype: torch.dtype | None,
+                        maximize: bool, natural: bool, natural_history: int,
+                        damping: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One NaturalGaLore step of one weight (Das 2024): GaLore's step on canonically signed
+    singular vectors whose projected gradient, before Adam, joins the history H of the last
+    ``natural_history`` ones and is replaced by (λI + HᵀH)⁻¹g (``natural``; §3). Unprojected
+    weights: :func:`galore_dense_step`."""
+    hyper = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
+    if not is_projected(param, rank):
+        return galore_dense_step(param, grad, state, state_dtype=state_dtype, maximize=maximize, **hyper)
+    return _galore_projected_step(param, grad, state, seed=seed, rank=rank, update_proj_gap=update_proj_gap,
+                                  scale=scale, proj_type=proj_type, projector=projector, power_iters=power_iters,
+                                  oversample=oversample, strict_rank=strict_rank, state_dtype=state_dtype,
+                                  maximize=maximize, natural_galore=True,
+                                  natural=(natural_history, damping) if natural else None, **hyper)
+
+
+def _galore_projected_step(param: torch.Tensor, grad: torch.Tensor, state: Mapping[str, torch.Tensor], *, seed: int,
+                           lr: float, betas: tuple[float, float], eps: float, weight_decay: float, correct_bias: bool,
+                           rank: int, update_proj_gap: int, scale: float, proj_type: str, projector: str,
+                           power_iters: int, oversample: int, strict_rank: bool, state_dtype: torch.dtype | None,
+                           maximize: bool, natural_galore: bool,
+                           natural: tuple[int, float] | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GaLore's projected step, or Natural GaLore's (``natural_galore``: canonical singular
+    vector signs, the projection apart from Adam) preconditioned when ``natural`` = (history
+    length, damping) is given (None: its ``natural=False``, the official proj_type "galore")."""
+    param, state = step_copies(param, state)
+    shape, side, rank = low_rank_setup(param, rank=rank, proj_type=proj_type, strict_rank=strict_rank,
+                                       projector=projector)
+    g = grad.reshape(shape)
+    step = next_step_(state)
+    # Alg. 2: P_t ← SVD(G_t) if t mod T = 0, else P_{t−1}
+    left, right, _ = step_projector_(state, g, step=step, base_seed=seed, rank=rank, side=side, method=projector,
+                                     update_proj_gap=update_proj_gap, power_iters=power_iters, oversample=oversample,
+                                     signs="canonical" if natural_galore else "raw", maximize=maximize,
+                                     dtype=param.dtype)
+    dtype = compute_dtype(param.dtype)
+    exp_avg, exp_avg_sq = moments_(state, low_rank_shape(shape, left, right), state_dtype or param.dtype, param.device)
+    update = torch.empty(exp_avg.shape, dtype=dtype, device=param.device)
+    hyper = dict(beta1=betas[0], beta2=betas[1], eps=eps)
+    if not natural_galore:  # Alg. 2: R_t = P_tᵀG_t; m, v ← β·(m, v) + (1 − β)·(R, R²); N_t = m/(√v + ε)
+        galore_adam_project_(g, exp_avg, exp_avg_sq, update, lefts=left, rights=right, maximize=maximize, **hyper)
+    else:  # Natural GaLore: g = AᵀGBᵀ (−G when maximizing), preconditioned, then Adam on it
+        low_rank = project(g.to(dtype), _factor(left, dtype), _factor(right, dtype))
+        if maximize:
+            low_rank = -low_rank
+        if natural is not None:
+            length, damping = natural
+            if "nat_history" not in state:
+                state["nat_history"] = torch.zeros((length, low_rank.numel()), dtype=state_dtype or grad.dtype,
+                                                   device=grad.device)
+            count = next_step_(state, "nat_count")
+            state["nat_history"][count % length] = low_rank.reshape(-1)  # H: the last s projected gradients, g included
+            low_rank = natural_gradient(low_rank, state["nat_history"][: min(count + 1, length)],
+                                        damping=damping)  # §3: g̃ = (λI + HᵀH)⁻¹g
+        galore_adam_project_(low_rank, exp_avg, exp_avg_sq, update, lefts=None, rights=None, **hyper)
+    # Alg. 2: W ← W − η_t·α·P_t·N_t; then W ← W − lr·λ·W (decay after, on the updated weight)
+    step_size = hf_adam_step_size(lr, betas, correct_bias, step + 1)
+    galore_apply_(param, update, lefts=left, rights=right, step_size=step_size, scale=scale, lr=lr,
+                  weight_decay=weight_decay)
+    return param, state

@@ -15,7 +15,7 @@ Bases are computed in float32 (float64 for float64 input).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 import torch
@@ -26,6 +26,7 @@ from memzoo.reference.random import philox_randn
 __all__ = [
     "METHODS",
     "PROJ_TYPES",
+    "REFRESH_SEED_STEP",
     "SEEDED_METHODS",
     "SIGN_CONVENTIONS",
     "canonical_signs",
@@ -35,11 +36,15 @@ __all__ = [
     "project",
     "project_back",
     "projection_side",
+    "projector_factors",
     "random_basis",
     "random_orthonormal_basis",
+    "refresh_due",
+    "refreshed_projector",
     "side_length",
     "random_coordinates",
     "selection_factor",
+    "step_projector_",
 ]
 
 Side = Literal["left", "right", "full"]
@@ -264,3 +269,83 @@ def project_back(low_rank: torch.Tensor, left: torch.Tensor | None, right: torch
     if right is not None:
         out = out @ right
     return out
+
+
+# -- One weight's projector in a whole step (the ``*_step`` functions of the low-rank families) --
+
+# A refresh at step k seeds its stream with the previous seed + k times this golden-ratio
+# increment (mod 2³¹): consecutive refreshes draw well-separated streams.
+REFRESH_SEED_STEP = 0x9E3779B1
+
+
+def refresh_due(state: Mapping[str, torch.Tensor], step: int, update_proj_gap: int) -> bool:
+    """GaLore's schedule: a new subspace on steps 1, T+1, 2T+1, … (``step`` counts the steps
+    taken before this one), and on a weight's first step (no ``proj_seed`` yet)."""
+    return step % update_proj_gap == 0 or "proj_seed" not in state
+
+
+def refreshed_projector(state: Mapping[str, torch.Tensor], grad_matrix: torch.Tensor, *, step: int, base_seed: int,
+                        rank: int, side: Side, method: str, power_iters: int, oversample: int, signs: str,
+                        factor_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The projector entries of one weight's state after a refresh at ``step`` from the m×n
+    gradient ``grad_matrix`` (already negated when maximizing); ``state`` is only read.
+
+    ``proj_seed``: the refresh's seed is (current + step·REFRESH_SEED_STEP) mod 2³¹, current
+    being the stored ``proj_seed`` (``base_seed`` at the first refresh). The seeded methods store
+    that seed and nothing else (their factors are regenerated from it on every step); the others
+    keep ``proj_seed`` = ``base_seed`` and store what the seed and the gradient give: the factors
+    ``proj_left`` / ``proj_right`` (in ``factor_dtype``) or, for ``coordinates``, the selected
+    rows or columns ``proj_indices``. A gradient with NaN or Inf never becomes a subspace: the
+    previous factors are kept (a seeded Gaussian pair at the first refresh)."""
+    first = "proj_seed" not in state
+    seed = ((base_seed if first else int(state["proj_seed"])) + step * REFRESH_SEED_STEP) % 2**31
+    if method in SEEDED_METHODS:
+        return {"proj_seed": torch.tensor(seed, dtype=torch.int64)}
+    new = {"proj_seed": torch.tensor(base_seed, dtype=torch.int64)} if first else {}
+    if method == "coordinates":
+        indices = random_coordinates(seed, side_length(tuple(grad_matrix.shape), side), rank)
+        return {**new, "proj_indices": indices.to(grad_matrix.device)}
+    if not bool(torch.isfinite(grad_matrix).all()):
+        if state.get("proj_left") is not None or state.get("proj_right") is not None:
+            return new
+        left, right = random_basis(seed, tuple(grad_matrix.shape), rank, side, grad_matrix.device, factor_dtype)
+    else:
+        left, right = compute_basis(grad_matrix, rank, side, method, seed=seed, power_iters=power_iters,
+                                    oversample=oversample, signs=signs)
+    factors = {"proj_left": left, "proj_right": right}
+    # Owned, contiguous copies: a state tensor, not a view of the decomposition's output.
+    return {**new, **{name: torch.empty(factor.shape, dtype=factor_dtype, device=factor.device).copy_(factor)
+                      for name, factor in factors.items() if factor is not None}}
+
+
+def projector_factors(state: Mapping[str, torch.Tensor], shape: tuple[int, int], *, rank: int, side: Side,
+                      method: str, dtype: torch.dtype,
+                      device: torch.device | str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The factors (left, right) a step projects an m×n matrix with: regenerated from
+    ``proj_seed`` (the seeded methods), the 0/1 selection of ``proj_indices`` (coordinates), or
+    the stored ``proj_left`` / ``proj_right``; regenerated ones in ``dtype``."""
+    if method in SEEDED_METHODS:
+        draw = random_basis if method == "random" else random_orthonormal_basis
+        return draw(int(state["proj_seed"]), shape, rank, side, device, dtype)
+    if method == "coordinates":
+        factor = selection_factor(state["proj_indices"].to(device), side_length(shape, side), side, dtype)
+        return (None, factor) if side == "right" else (factor, None)
+    return state.get("proj_left"), state.get("proj_right")
+
+
+def step_projector_(state: dict[str, torch.Tensor], grad_matrix: torch.Tensor, *, step: int, base_seed: int,
+                    rank: int, side: Side, method: str, update_proj_gap: int, power_iters: int, oversample: int,
+                    signs: str, maximize: bool,
+                    dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:
+    """A whole step's use of one weight's projector: refresh ``state``'s proj_* entries when due
+    (:func:`refresh_due`; from −G when maximizing: maximizing f is minimizing −f), then return
+    the factors to project with (``dtype``, the weight's) and whether the subspace is new."""
+    due = refresh_due(state, step, update_proj_gap)
+    if due:
+        state.update(refreshed_projector(state, -grad_matrix if maximize else grad_matrix, step=step,
+                                         base_seed=base_seed, rank=rank, side=side, method=method,
+                                         power_iters=power_iters, oversample=oversample, signs=signs,
+                                         factor_dtype=dtype))
+    left, right = projector_factors(state, tuple(grad_matrix.shape), rank=rank, side=side, method=method, dtype=dtype,
+                                    device=grad_matrix.device)
+    return left, right, due

@@ -11,6 +11,7 @@ import torch
 import memzoo
 from memzoo.optim import (
     APOLLO,
+    AdamMini,
     COSMOS,
     FRUGAL,
     QZO,
@@ -60,11 +61,13 @@ def _loss(model: torch.nn.Module) -> torch.Tensor:
 EXPECTED = {name.name: torch.optim.AdamW if info is None else info.cls for name, info in factory_names()}
 ISSUE_NAMES = {"adamw": torch.optim.AdamW, "lion": Lion, "galore_adamw": GaLoreAdamW, "galore_adamw_8bit": GaLoreAdamW,
                "natural_galore": NaturalGaLore, "apollo": APOLLO, "apollo_mini": APOLLO, "frugal": FRUGAL,
-               "cosmos": COSMOS, "mezo": MeZO, "sparse_mezo": SparseMeZO, "qzo": QZO}
+               "cosmos": COSMOS, "adam_mini": AdamMini, "mezo": MeZO, "sparse_mezo": SparseMeZO, "qzo": QZO}
 # The papers' rank (density for FRUGAL) on the target matrices when the caller gives none.
 PAPER_DEFAULTS = {"galore_adamw": ("rank", 128), "galore_adamw_8bit": ("rank", 128), "natural_galore": ("rank", 128),
                   "apollo": ("rank", 256), "apollo_mini": ("rank", 1), "frugal": ("density", 0.25),
                   "cosmos": ("rank", 64)}
+# Keywords a name needs on TinyLM (it has no config): Adam-mini's hidden size and heads.
+MODEL_KWARGS = {"adam_mini": {"dim": 16, "n_heads": 4}}
 
 
 def test_every_issue_name_is_listed_with_a_description() -> None:
@@ -121,7 +124,7 @@ def test_target_modules_follow_the_hugging_face_rule(targets, expected) -> None:
 @pytest.mark.parametrize("name", sorted(set(EXPECTED) - {"qzo"}))
 def test_factory_builds_the_class_with_decay_and_target_groups(name: str) -> None:
     model = TinyLM()
-    optimizer = create_optimizer(model, name.upper(), lr=1e-3, weight_decay=0.1)
+    optimizer = create_optimizer(model, name.upper(), lr=1e-3, weight_decay=0.1, **MODEL_KWARGS.get(name, {}))
     assert type(optimizer) is EXPECTED[name]
     groups = optimizer.param_groups
     grouped = [p for g in groups for p in g["params"]]
@@ -148,6 +151,27 @@ def test_factory_optimizers_train(name: str) -> None:
     model = TinyLM()
     optimizer = create_optimizer(model, name, lr=1e-2, rank=4, backend="torch") if name not in ("adamw", "lion", "frugal") \
         else create_optimizer(model, name, lr=1e-2 if name != "lion" else 3e-3)
+    initial = _loss(model).item()
+    for _ in range(30):
+        optimizer.zero_grad()
+        _loss(model).backward()
+        optimizer.step()
+    assert _loss(model).item() < 0.8 * initial
+
+
+def test_adam_mini_gets_names_and_the_model_config() -> None:
+    torch.manual_seed(0)
+    model = TinyLM()
+    with pytest.raises(ValueError, match=r"one block per attention head, and TinyLM has no config giving dim and "
+                                         r"n_heads: pass dim=, n_heads="):
+        create_optimizer(model, "adam_mini")
+    model.config = type("Config", (), {"hidden_size": 16, "num_attention_heads": 4, "num_key_value_heads": 2})()
+    optimizer = create_optimizer(model, "adam_mini", lr=1e-2, weight_decay=0.1)
+    assert (optimizer.defaults["dim"], optimizer.defaults["n_heads"], optimizer.defaults["n_kv_heads"]) == (16, 4, 2)
+    rules = {name: (rule, blocks) for _, name, rule, blocks in optimizer.block_partitions()}
+    assert rules["blocks.0.q_proj.weight"] == ("head", 4) and rules["embed.weight"] == ("row", 50)
+    assert rules["blocks.1.norm.weight"] == ("tensor", 1) and rules["blocks.0.up_proj.bias"] == ("element", 24)
+    assert create_optimizer(model, "adam_mini", n_heads=2).defaults["n_heads"] == 2  # given beats the config
     initial = _loss(model).item()
     for _ in range(30):
         optimizer.zero_grad()
