@@ -8,15 +8,86 @@ from typing import Any
 import torch
 
 from memzoo.optim.base import Backend, StateSpec, check_number
-from memzoo.optim.galore import GaLoreAdamW, batch_views
+from memzoo.optim.lowrank import LowRankOptimizer, LowRankRule, WeightStep, adam_step_size, batch_views
+from memzoo.optim.projector import Projector
+from memzoo.reference.common import compute_dtype
 
-__all__ = ["APOLLO"]
+__all__ = ["APOLLO", "ApolloRule"]
 
 _SCALE_TYPES = ("channel", "tensor")
 _PROJECTIONS = ("random", "svd", "randomized", "identity")
 
 
-class APOLLO(GaLoreAdamW):
+
+class ApolloRule(LowRankRule):
+    """APOLLO's rule: Adam moments of the projected gradient R give per-channel (or per-tensor)
+    factors s = ‖N_c‖/‖R_c‖ (Zhu et al. 2025, Algorithm 1); the raw gradient scaled by them
+    takes the step, through the norm-growth limiter."""
+
+    family = "apollo"
+    defaults = dict(scale_type="channel", scale_front=False, disable_nl=False, growth_limit=1.01)
+    kernels = ("apollo_scales_", "apollo_apply_", "adamw_update_")
+    layout_keys = ("disable_nl",)
+    rebuilt_units = (("limiter_norm",),)
+    # The limiter records ρ on a weight's first limited step and limits from then on.
+    deferred = ("limiter_norm",)
+
+    def validate(self, group: Mapping[str, Any]) -> None:
+        if group["rank"] is not None:
+            if group["projector"] not in _PROJECTIONS:
+                raise ValueError(f"Invalid proj: {group['projector']!r}; expected one of {_PROJECTIONS}")
+            if group["proj_type"] == "full":
+                raise ValueError("Invalid proj_type: 'full'; APOLLO projects one side (std, reverse_std, left, right)")
+        if group["scale_type"] not in _SCALE_TYPES:
+            raise ValueError(f"Invalid scale_type: {group['scale_type']!r}; expected one of {_SCALE_TYPES}")
+        for flag in ("scale_front", "disable_nl"):
+            if not isinstance(group[flag], bool):
+                raise TypeError(f"Invalid {flag}: expected a bool, got {group[flag]!r}")
+        check_number("growth_limit", group["growth_limit"], low=1.0)
+
+    def state(self, shape: torch.Size, projector: Projector | None, group: Mapping[str, Any],
+              state_dtype: torch.dtype) -> StateSpec:
+        if projector is None or group["disable_nl"]:
+            return {}
+        return {"limiter_norm": (torch.Size(()), torch.float32)}
+
+    def update(self, engine: LowRankOptimizer, group: Mapping[str, Any], items: list[WeightStep]) -> None:
+        """Scaling factors from the projected moments, then the scaled full-rank update."""
+        device = items[0].param.device
+        kernels = engine.kernels(device)
+        tensor_wise = group["scale_type"] == "tensor"
+        shapes = []
+        for item in items:
+            m, n = item.projector.shape
+            shapes.append((1, 1) if tensor_wise else (m, 1) if item.projector.side == "right" else (1, n))
+        # fp32 factors (float64 for float64 weights: their update keeps float64 accuracy).
+        scales = batch_views(shapes, compute_dtype(items[0].param.dtype), device)
+        factors = [engine.factors(item) for item in items]
+        moments = [engine.moment_values(item) for item in items]
+        beta1, beta2 = group["betas"]
+        kernels.apollo_scales_([item.param.grad for item in items], [m[0] for m in moments], [m[1] for m in moments],
+                               scales, lefts=[f[0] for f in factors], rights=[f[1] for f in factors],
+                               maximize=group["maximize"], beta1=beta1, beta2=beta2, eps=group["eps"])
+        for item, values in zip(items, moments):
+            engine.store_moments(item, values)
+        batches: dict[bool, tuple[list, list, list, list]] = {}
+        for item, factor in zip(items, scales):
+            record = not group["disable_nl"] and "limiter_norm" not in item.state
+            if record:
+                engine.create_deferred(item, group, "limiter_norm")
+            batch = batches.setdefault(record, ([], [], [], []))
+            for out, value in zip(batch, (item.param, item.param.grad, factor, item.state.get("limiter_norm"))):
+                out.append(value)
+        for record, (params, grads, batch_scales, norms) in batches.items():
+            kernels.apollo_apply_(
+                params, grads, batch_scales, None if group["disable_nl"] else norms,
+                step_size=adam_step_size(group["lr"], group["betas"], items[0].step, group["correct_bias"]),
+                scale=group["scale"], lr=group["lr"], weight_decay=group["weight_decay"],
+                growth_limit=group["growth_limit"], record_only=record, scale_front=group["scale_front"],
+                maximize=group["maximize"])
+
+
+class APOLLO(LowRankOptimizer):
     r"""APOLLO: Adam moments in a random rank-r space of the gradient decide per-channel (or
     per-tensor) scaling factors of the raw gradient, which then takes a full-rank SGD-like step.
 
@@ -62,9 +133,7 @@ class APOLLO(GaLoreAdamW):
             maximize, backend: as :class:`GaLoreAdamW`.
     """
 
-    family = "apollo"
-    _layout_keys = (*GaLoreAdamW._layout_keys, "disable_nl")
-    _rebuilt_units = (*GaLoreAdamW._rebuilt_units, ("limiter_norm",))
+    rule = ApolloRule()
 
     def __init__(
         self,
@@ -74,6 +143,7 @@ class APOLLO(GaLoreAdamW):
         eps: float = 1e-6,
         weight_decay: float = 0.0,
         correct_bias: bool = True,
+        no_deprecation_warning: bool = True,
         *,
         rank: int | None = None,
         update_proj_gap: int = 200,
@@ -84,16 +154,26 @@ class APOLLO(GaLoreAdamW):
         scale_front: bool = False,
         disable_nl: bool = False,
         growth_limit: float = 1.01,
+        seed: int = 0,
         backend: Backend = "auto",
-        **kwargs: Any,
+        skip_nonfinite: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        **options: Any,
     ) -> None:
-        if "projector" in kwargs:
+        if "projector" in options:
             raise TypeError("APOLLO takes the projection as proj= (the official name), not projector=")
-        self._apollo_defaults = dict(scale_type=scale_type, scale_front=scale_front, disable_nl=disable_nl,
-                                     growth_limit=growth_limit)
-        super().__init__(params, lr, betas, eps, weight_decay, correct_bias, rank=rank,
-                         update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, projector=proj,
-                         backend=backend, **kwargs)
+        if not isinstance(no_deprecation_warning, bool):
+            raise TypeError(f"Invalid no_deprecation_warning: expected a bool, got {no_deprecation_warning!r}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias, rank=rank,
+                        update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, projector=proj,
+                        scale_type=scale_type, scale_front=scale_front, disable_nl=disable_nl,
+                        growth_limit=growth_limit)
+        super().__init__(params, defaults, seed=seed, backend=backend, skip_nonfinite=skip_nonfinite,
+                         foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable,
+                         **options)
 
     @classmethod
     def mini(cls, params: Iterable[Any], lr: float = 1e-3, *, rank: int | None = None, scale: float = 128.0,
@@ -127,68 +207,3 @@ class APOLLO(GaLoreAdamW):
             param_group = {**param_group, "projector": param_group["proj"]}
             del param_group["proj"]
         super().add_param_group(param_group)
-
-    def _extra_defaults(self) -> dict[str, Any]:
-        return self._apollo_defaults
-
-    def _validate_group(self, group: Mapping[str, Any], group_index: int) -> None:
-        if group["rank"] is not None:
-            if group["projector"] not in _PROJECTIONS:
-                raise ValueError(f"Invalid proj: {group['projector']!r}; expected one of {_PROJECTIONS}")
-            if group["proj_type"] == "full":
-                raise ValueError("Invalid proj_type: 'full'; APOLLO projects one side (std, reverse_std, left, right)")
-        super()._validate_group(group, group_index)
-        if group["scale_type"] not in _SCALE_TYPES:
-            raise ValueError(f"Invalid scale_type: {group['scale_type']!r}; expected one of {_SCALE_TYPES}")
-        for flag in ("scale_front", "disable_nl"):
-            if not isinstance(group[flag], bool):
-                raise TypeError(f"Invalid {flag}: expected a bool, got {group[flag]!r}")
-        check_number("growth_limit", group["growth_limit"], low=1.0)
-
-    def _state_spec(self, param: torch.Tensor, group: Mapping[str, Any]) -> StateSpec:
-        spec = super()._state_spec(param, group)
-        if self._projector(param, group) and not group["disable_nl"]:
-            spec["limiter_norm"] = (torch.Size(()), torch.float32)
-        return spec
-
-    def _update_projected(self, group: Mapping[str, Any], items: list, hyper: dict[str, float]) -> None:
-        """Scaling factors from the projected moments, then the scaled full-rank update, for
-        projected params that share device and step count: (param, projector, state, step,
-        quantized) each."""
-        param, _, _, step, _ = items[0]
-        device = param.device
-        kernels = self._kernels(device)
-        tensor_wise = group["scale_type"] == "tensor"
-        shapes = []
-        for param, projector, _, _, _ in items:
-            m, n = projector.shape
-            shapes.append((1, 1) if tensor_wise else (m, 1) if projector.side == "right" else (1, n))
-        scales = batch_views(shapes, torch.float32, device)
-        grads, exp_avgs, exp_avg_sqs, lefts, rights = [], [], [], [], []
-        for param, projector, state, _, quantized in items:
-            exp_avg, exp_avg_sq = self._moments(state, quantized)
-            left, right = projector.factors(state, device, param.dtype, randn=self._randn)
-            for out, value in zip((grads, exp_avgs, exp_avg_sqs, lefts, rights),
-                                  (param.grad, exp_avg, exp_avg_sq, left, right)):
-                out.append(value)
-        kernels.apollo_scales_(grads, exp_avgs, exp_avg_sqs, scales, lefts=lefts, rights=rights,
-                               maximize=group["maximize"], **hyper)
-        for (_, _, state, _, quantized), exp_avg, exp_avg_sq in zip(items, exp_avgs, exp_avg_sqs):
-            if quantized:
-                self._store_moments(state, (exp_avg, exp_avg_sq))
-        # The limiter records ρ on a weight's first limited step and limits from then on.
-        batches: dict[bool, tuple[list, list, list, list]] = {}
-        for (param, _, state, _, _), grad, factor in zip(items, grads, scales):
-            record = False
-            if not group["disable_nl"] and "limiter_norm" not in state:
-                state["limiter_norm"] = torch.zeros((), dtype=torch.float32, device=device)
-                record = True
-            batch = batches.setdefault(record, ([], [], [], []))
-            for out, value in zip(batch, (param, grad, factor, state.get("limiter_norm"))):
-                out.append(value)
-        for record, (params, batch_grads, batch_scales, norms) in batches.items():
-            kernels.apollo_apply_(
-                params, batch_grads, batch_scales, None if group["disable_nl"] else norms,
-                step_size=self._step_size(group, step), scale=group["scale"], lr=group["lr"],
-                weight_decay=group["weight_decay"], growth_limit=group["growth_limit"], record_only=record,
-                scale_front=group["scale_front"], maximize=group["maximize"])

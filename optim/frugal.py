@@ -11,13 +11,12 @@ from typing import Any
 import torch
 
 from memzoo.optim.base import Backend, StateSpec, check_number
-from memzoo.optim.galore import GaLoreAdamW, batch_views
+from memzoo.optim.lowrank import LowRankOptimizer, LowRankRule, WeightStep, low_rank_updates, torch_adam_form
 from memzoo.optim.projector import Projector, ProjectorSettings
-from memzoo.reference.common import compute_dtype
 from memzoo.reference.frugal import RESIDUAL_RULES
 from memzoo.reference.projector import matrix_shape, projection_side, side_length
 
-__all__ = ["FRUGAL"]
+__all__ = ["FRUGAL", "FrugalRule"]
 
 _SUBSPACE_FIELDS = ("update_proj_gap", "proj_type", "projector", "power_iters", "oversample")
 _PROJECTORS = ("svd", "randomized", "random", "coordinates")
@@ -82,7 +81,114 @@ def _split_proj_params(params: Iterable[Any], proj_params: Iterable[torch.Tensor
     return groups + [{"params": projected, "is_proj_params": True}]
 
 
-class FRUGAL(GaLoreAdamW):
+
+class FrugalRule(LowRankRule):
+    """FRUGAL's rule: Adam (torch form) in the subspace, signSGD / SGD on the residual
+    G − up(down(G)) (Zmushko et al. 2024, Algorithm 1); the subspace sized by ``density``;
+    torch's AdamW (decay first) for the rest."""
+
+    family = "frugal"
+    defaults = dict(density=None, reset_statistics=True, inactive_update_rule="sign_sgd", inactive_lr_scale=1.0,
+                    inactive_threshold=1e-2, proj_params_lr_scale=1.0)
+    kernels = ("galore_adam_project_", "frugal_apply_", "adamw_update_")
+    layout_keys = ("density",)
+
+    def validate(self, group: Mapping[str, Any]) -> None:
+        if group["rank"] is not None or group["optim_bits"] != 32:
+            raise ValueError("FRUGAL sizes its subspace with density (not rank) and keeps 32-bit moments")
+        if group["projector"] == "identity":
+            raise ValueError("Invalid projector: 'identity' (use projector='coordinates' with density=1)")
+        if group["projector"] not in _PROJECTORS:
+            raise ValueError(f"Invalid projector: {group['projector']!r}; expected one of {_PROJECTORS}")
+        density = group["density"]
+        if density is not None:
+            check_number("density", density, high=1.0)
+            if group["proj_type"] == "full":
+                raise ValueError("Invalid proj_type: 'full'; FRUGAL projects one side (std, reverse_std, left, right)")
+        if not isinstance(group["reset_statistics"], bool):
+            raise TypeError(f"Invalid reset_statistics: expected a bool, got {group['reset_statistics']!r}")
+        if group["inactive_update_rule"] not in RESIDUAL_RULES:
+            raise ValueError(f"Invalid inactive_update_rule: {group['inactive_update_rule']!r}; "
+                             f"expected one of {RESIDUAL_RULES}")
+        check_number("inactive_lr_scale", group["inactive_lr_scale"])
+        check_number("inactive_threshold", group["inactive_threshold"], high=1.0, high_inclusive=False)
+        check_number("proj_params_lr_scale", group["proj_params_lr_scale"])
+
+    def check_settings(self, group: Mapping[str, Any]) -> None:
+        if group["density"] is not None:
+            _settings(1, group).validate()
+
+    def settings(self, shape: torch.Size, group: Mapping[str, Any]) -> ProjectorSettings | None:
+        if group["density"] is None or len(shape) < 2 or math.prod(shape) == 0:
+            return None
+        matrix = matrix_shape(shape)
+        size = side_length(matrix, projection_side(matrix, group["proj_type"]))
+        # The official counts: CoordAdamW truncates (int(n·ρ)), the SVD / random projector rounds.
+        rank = int(size * group["density"]) if group["projector"] == "coordinates" else round(size * group["density"])
+        return _settings(rank, group)
+
+    def settings_key(self, group: Mapping[str, Any]) -> tuple | None:
+        if group["density"] is None:
+            return None
+        return (group["density"], *(group[name] for name in _SUBSPACE_FIELDS))
+
+    def state(self, shape: torch.Size, projector: Projector | None, group: Mapping[str, Any],
+              state_dtype: torch.dtype) -> StateSpec:
+        # Adam's own step count: it restarts with each new subspace (reset_statistics).
+        return {} if projector is None else {"adam_step": (torch.Size(()), torch.int64)}
+
+    def on_refresh(self, group: Mapping[str, Any], state: dict[str, Any]) -> None:
+        """The paper's rule: a new subspace starts with zero moments and a new bias correction."""
+        if group["reset_statistics"]:
+            state["exp_avg"].zero_()
+            state["exp_avg_sq"].zero_()
+            state["adam_step"].zero_()
+
+    def update_dense(self, engine: LowRankOptimizer, group: Mapping[str, Any], items: list[WeightStep]) -> None:
+        step_size, eps = torch_adam_form(group["lr"], group["betas"], group["eps"], items[0].step,
+                                         group["correct_bias"])
+        engine.adamw_dense(group, items, step_size=step_size, eps=eps, decay_first=True)
+
+    def update(self, engine: LowRankOptimizer, group: Mapping[str, Any], items: list[WeightStep]) -> None:
+        """Adam in each subspace and the split update (weights of one shape, grouped by Adam step)."""
+        by_adam_step: dict[int, list[WeightStep]] = {}
+        for item in items:
+            by_adam_step.setdefault(int(item.state["adam_step"]), []).append(item)
+        lr_p = group["lr"] * group["proj_params_lr_scale"]
+        beta1, beta2 = group["betas"]
+        for adam_step, batch in by_adam_step.items():
+            torch._foreach_add_([item.state["adam_step"] for item in batch], 1)
+            step_size, eps = torch_adam_form(lr_p, group["betas"], group["eps"], adam_step, group["correct_bias"])
+            kernels = engine.kernels(batch[0].param.device)
+            updates = low_rank_updates(batch)
+            factors = [engine.factors(item) for item in batch]
+            params = [item.param for item in batch]
+            grads = [item.param.grad for item in batch]
+            lefts, rights = [f[0] for f in factors], [f[1] for f in factors]
+            if updates[0].numel():  # an empty subspace (density 0) has no Adam part
+                kernels.galore_adam_project_(grads, [item.state["exp_avg"] for item in batch],
+                                             [item.state["exp_avg_sq"] for item in batch], updates, lefts=lefts,
+                                             rights=rights, beta1=beta1, beta2=beta2, eps=eps,
+                                             maximize=group["maximize"])
+            kernels.frugal_apply_(params, grads, updates, lefts=lefts, rights=rights, step_size=step_size,
+                                  residual_step=lr_p * group["inactive_lr_scale"],
+                                  residual_rule=group["inactive_update_rule"],
+                                  decay=group["lr"] * group["weight_decay"], maximize=group["maximize"],
+                                  residual_threshold=group["inactive_threshold"])
+
+
+def _settings(rank: int, group: Mapping[str, Any]) -> ProjectorSettings:
+    # A zero-dimensional subspace is an empty coordinate selection. FRUGAL's "random" is an
+    # orthonormal basis (the official torch.nn.init.orthogonal_): up(down(G)) must be the
+    # projection onto the subspace for G − up(down(G)) to be the rest.
+    projector = {"random": "random_orthonormal"}.get(group["projector"], group["projector"])
+    projector = projector if rank > 0 else "coordinates"
+    return ProjectorSettings(rank=rank, update_proj_gap=group["update_proj_gap"], scale=1.0,
+                             proj_type=group["proj_type"], projector=projector, power_iters=group["power_iters"],
+                             oversample=group["oversample"], strict_rank=False)
+
+
+class FRUGAL(LowRankOptimizer):
     r"""FRUGAL: each projected gradient is split into a state-full part in a subspace, updated
     by Adam, and the state-free rest, updated by signSGD (or SGD), so every coordinate moves
     every step while state is kept for a fraction ``density`` of them.
@@ -148,8 +254,7 @@ class FRUGAL(GaLoreAdamW):
         **official: the official keyword arguments above.
     """
 
-    family = "frugal"
-    _layout_keys = (*GaLoreAdamW._layout_keys, "density")
+    rule = FrugalRule()
 
     def __init__(
         self,
@@ -200,13 +305,13 @@ class FRUGAL(GaLoreAdamW):
                 raise ValueError(f"{name}={ours[name]!r} contradicts the official keyword arguments "
                                  f"({sorted(official)}), which set it to {value!r}; give one")
             ours[name] = value
-        self._frugal_defaults = dict(density=density, reset_statistics=reset_statistics,
-                                     inactive_update_rule=inactive_update_rule, inactive_lr_scale=inactive_lr_scale,
-                                     inactive_threshold=inactive_threshold, proj_params_lr_scale=proj_params_lr_scale)
-        super().__init__(params, lr, betas, eps, weight_decay, correct_bias, power_iters=power_iters,
-                         oversample=oversample, state_dtype=state_dtype, seed=seed, maximize=maximize,
-                         backend=backend, skip_nonfinite=skip_nonfinite, foreach=foreach, fused=fused,
-                         capturable=capturable, differentiable=differentiable, **ours)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
+                        density=density, reset_statistics=reset_statistics, inactive_update_rule=inactive_update_rule,
+                        inactive_lr_scale=inactive_lr_scale, inactive_threshold=inactive_threshold,
+                        proj_params_lr_scale=proj_params_lr_scale, power_iters=power_iters, oversample=oversample,
+                        state_dtype=state_dtype, maximize=maximize, **ours)
+        super().__init__(params, defaults, seed=seed, backend=backend, skip_nonfinite=skip_nonfinite,
+                         foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable)
 
     # Group keys of the official format: mapped by _translate_group.
     official_group_keys = frozenset({"is_proj_params", "update_gap", "proj_side", "coord_choice",
@@ -227,9 +332,6 @@ class FRUGAL(GaLoreAdamW):
                 raise ValueError("is_proj_params=False (AdamW) contradicts the group's density; give one")
         return group
 
-    def _extra_defaults(self) -> dict[str, Any]:
-        return self._frugal_defaults
-
     def _migrate(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
         """Checkpoints written before ``inactive_threshold`` existed resume with the update they
         were trained with, the official one (threshold 0)."""
@@ -239,116 +341,3 @@ class FRUGAL(GaLoreAdamW):
             state_dict = {**state_dict, "param_groups": [
                 {"inactive_threshold": 0.0, **g} if isinstance(g, Mapping) else g for g in groups]}
         return super()._migrate(state_dict)  # after: its defaults must not fill this key first
-
-    def _validate_group(self, group: Mapping[str, Any], group_index: int) -> None:
-        if group["rank"] is not None or group["optim_bits"] != 32:
-            raise ValueError("FRUGAL sizes its subspace with density (not rank) and keeps 32-bit moments")
-        if group["projector"] == "identity":
-            raise ValueError("Invalid projector: 'identity' (use projector='coordinates' with density=1)")
-        if group["projector"] not in _PROJECTORS:
-            raise ValueError(f"Invalid projector: {group['projector']!r}; expected one of {_PROJECTORS}")
-        super()._validate_group(group, group_index)
-        density = group["density"]
-        if density is not None:
-            check_number("density", density, high=1.0)
-            if group["proj_type"] == "full":
-                raise ValueError("Invalid proj_type: 'full'; FRUGAL projects one side (std, reverse_std, left, right)")
-            self._settings(1, group).validate()
-        if not isinstance(group["reset_statistics"], bool):
-            raise TypeError(f"Invalid reset_statistics: expected a bool, got {group['reset_statistics']!r}")
-        if group["inactive_update_rule"] not in RESIDUAL_RULES:
-            raise ValueError(f"Invalid inactive_update_rule: {group['inactive_update_rule']!r}; "
-                             f"expected one of {RESIDUAL_RULES}")
-        check_number("inactive_lr_scale", group["inactive_lr_scale"])
-        check_number("inactive_threshold", group["inactive_threshold"], high=1.0, high_inclusive=False)
-        check_number("proj_params_lr_scale", group["proj_params_lr_scale"])
-
-    @staticmethod
-    def _settings(rank: int, group: Mapping[str, Any]) -> ProjectorSettings:
-        # A zero-dimensional subspace is an empty coordinate selection. FRUGAL's "random" is an
-        # orthonormal basis (the official torch.nn.init.orthogonal_): up(down(G)) must be the
-        # projection onto the subspace for G − up(down(G)) to be the rest.
-        projector = {"random": "random_orthonormal"}.get(group["projector"], group["projector"])
-        projector = projector if rank > 0 else "coordinates"
-        return ProjectorSettings(rank=rank, update_proj_gap=group["update_proj_gap"], scale=1.0,
-                                 proj_type=group["proj_type"], projector=projector, power_iters=group["power_iters"],
-                                 oversample=group["oversample"], strict_rank=False)
-
-    @staticmethod
-    def _settings_key(group: Mapping[str, Any]) -> tuple | None:
-        if group["density"] is None:
-            return None
-        return (group["density"], *(group[name] for name in _SUBSPACE_FIELDS))
-
-    def _projector(self, param: torch.Tensor, group: Mapping[str, Any], key: tuple | None = None) -> Projector | None:
-        if group["density"] is None or param.dim() < 2 or param.numel() == 0:
-            return None
-        key = self._settings_key(group) if key is None else key
-        cached = self._projectors.get(param)
-        if cached is None or cached[0] != key:
-            shape = matrix_shape(param.shape)
-            size = side_length(shape, projection_side(shape, group["proj_type"]))
-            # The official counts: CoordAdamW truncates (int(n·ρ)), the SVD / random projector rounds.
-            rank = int(size * group["density"]) if group["projector"] == "coordinates" else round(size * group["density"])
-            cached = self._projectors[param] = (key, Projector(self._settings(rank, group), param.shape))
-        return cached[1]
-
-    def _state_spec(self, param: torch.Tensor, group: Mapping[str, Any]) -> StateSpec:
-        spec = super()._state_spec(param, group)
-        if self._projector(param, group):
-            spec["adam_step"] = (torch.Size(()), torch.int64)
-        return spec
-
-    def _on_refresh(self, group: Mapping[str, Any], state: dict[str, Any], quantized: bool) -> None:
-        """The paper's rule: a new subspace starts with zero moments and a new bias correction."""
-        if group["reset_statistics"] or "adam_step" not in state:
-            state["exp_avg"].zero_()
-            state["exp_avg_sq"].zero_()
-            state["adam_step"] = torch.tensor(0, dtype=torch.int64)
-
-    @staticmethod
-    def _adam_form(group: Mapping[str, Any], step: int, lr: float) -> tuple[float, float]:
-        """torch-Adam at step t = step + 1 in GaLore's form: (lr·√bc2/bc1, ε·√bc2); (lr, ε)
-        without bias correction (``correct_bias=False``)."""
-        if not group["correct_bias"]:
-            return lr, group["eps"]
-        beta1, beta2 = group["betas"]
-        t = step + 1
-        root = math.sqrt(1.0 - beta2**t)
-        return lr * root / (1.0 - beta1**t), group["eps"] * root
-
-    def _update_dense(self, group: Mapping[str, Any], device: torch.device, step: int, lists: tuple[list, ...],
-                      hyper: dict[str, float]) -> None:
-        step_size, eps = self._adam_form(group, step, group["lr"])
-        self._kernels(device).adamw_update_(
-            *lists, step_size=step_size, beta1=hyper["beta1"], beta2=hyper["beta2"], eps=eps, lr=group["lr"],
-            weight_decay=group["weight_decay"], maximize=group["maximize"], decay_first=True)
-
-    def _update_projected(self, group: Mapping[str, Any], items: list, hyper: dict[str, float]) -> None:
-        """Adam in each subspace and the split update, for projected params that share device,
-        step count and shape: (param, projector, state, step, quantized) each."""
-        by_adam_step: dict[int, list] = {}
-        for item in items:
-            by_adam_step.setdefault(int(item[2]["adam_step"]), []).append(item)
-        lr_p = group["lr"] * group["proj_params_lr_scale"]
-        for adam_step, batch in by_adam_step.items():
-            torch._foreach_add_([item[2]["adam_step"] for item in batch], 1)
-            step_size, eps = self._adam_form(group, adam_step, lr_p)
-            param = batch[0][0]
-            kernels = self._kernels(param.device)
-            updates = batch_views([item[1].low_rank_shape for item in batch], compute_dtype(param.dtype), param.device)
-            params, grads, exp_avgs, exp_avg_sqs, lefts, rights = [], [], [], [], [], []
-            for param, projector, state, _, _ in batch:
-                left, right = projector.factors(state, param.device, param.dtype, randn=self._randn)
-                for out, value in zip((params, grads, exp_avgs, exp_avg_sqs, lefts, rights),
-                                      (param, param.grad, state["exp_avg"], state["exp_avg_sq"], left, right)):
-                    out.append(value)
-            if updates[0].numel():  # an empty subspace (density 0) has no Adam part
-                kernels.galore_adam_project_(grads, exp_avgs, exp_avg_sqs, updates, lefts=lefts, rights=rights,
-                                             beta1=hyper["beta1"], beta2=hyper["beta2"], eps=eps,
-                                             maximize=group["maximize"])
-            kernels.frugal_apply_(params, grads, updates, lefts=lefts, rights=rights, step_size=step_size,
-                                  residual_step=lr_p * group["inactive_lr_scale"],
-                                  residual_rule=group["inactive_update_rule"],
-                                  decay=group["lr"] * group["weight_decay"], maximize=group["maximize"],
-                                  residual_threshold=group["inactive_threshold"])

@@ -20,7 +20,9 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from memzoo.optim.base import (Backend, MemzooOptimizer, StateSpec, check_int, check_lr, check_number,
-                               deferred_interrupts)
+                               deferred_interrupts, is_dtensor, local_tensor)
+from memzoo.optim.distributed import (FSDPResharder, gathered_copies, row_block, row_block_problem, shard_groups,
+                                      sharded_kth_magnitudes)
 from memzoo.reference.zeroth_order import CHUNK, MASK_BYTES_PER_CHUNK
 
 __all__ = ["QZO", "MeZO", "SparseMeZO", "ZerothOrderOptimizer", "collect_quantization_scales"]
@@ -41,15 +43,32 @@ def sample_seed(base_seed: int, step: int, sample: int) -> int:
     return _mix64(_mix64(_mix64(base_seed) ^ step) ^ sample) >> 1
 
 
+@dataclass(frozen=True)
+class _Shard:
+    """Where this rank's elements of a sharded (DTensor) parameter lie in the whole tensor: a block
+    of ``numel`` elements from element ``start`` (FSDP2 shards whole rows). The stream indexes the
+    whole tensor, so the local elements draw the unsharded tensor's z. The kernels take tensors
+    that start on a chunk boundary of the stream: the ``head`` elements before the first boundary
+    go through a scratch tensor of at most one chunk (its mask bits at ``head_mask_offset``), the
+    rest is passed in place."""
+
+    start: int
+    numel: int
+    head: int
+    head_mask_offset: int
+
+
 @dataclass
 class _Bucket:
-    """The perturbed tensors of one param group on one device, with their stream (and mask) offsets."""
+    """The perturbed tensors of one param group on one device, with their stream (and mask) offsets
+    and, for sharded ones, where their local elements lie (``shards``; None for whole tensors)."""
 
     group_index: int
     device: torch.device
     params: list[torch.Tensor]
     stream_offsets: list[int]
     mask_offsets: list[int]
+    shards: list[_Shard | None]
 
 
 def _chunks(numel: int) -> int:
@@ -103,9 +122,27 @@ class ZerothOrderOptimizer(MemzooOptimizer):
     ``last_projected_grads`` (q,) and ``last_losses`` (q, 2) (device tensors; ``.tolist()`` them
     for logging). ``step`` returns the mean of the 2q losses.
 
-    Distributed: when ``torch.distributed`` is initialized, the first step broadcasts rank 0's
-    seed, and every step all-reduces (averages) the q projected gradients — the only
-    communication; each rank evaluates its own batch and all ranks apply the same update.
+    Distributed (DDP, FSDP2): when ``torch.distributed`` is initialized, the first step broadcasts
+    rank 0's seed, and every step all-reduces (averages) the q projected gradients over
+    ``process_group`` — the optimizer's only communication, q scalars. The closure returns this
+    rank's loss on its own batch, not reduced across ranks: the mean of the ranks' estimates is
+    the estimate for the loss averaged over the global batch, and all ranks apply the same
+    update. Every rank calls ``step`` (under FSDP2 the closure's forward passes are collectives),
+    and ``process_group`` holds every rank that holds shards of the parameters (the default,
+    the world, does).
+
+    FSDP2 (``fully_shard``; DTensor parameters split in row blocks, ``Shard(0)``, uneven shards
+    included): each rank perturbs and updates only its own rows, drawing for each element the z
+    of its position in the whole tensor, so the perturbation and the update are those of the
+    unsharded tensor, element for element. FSDP2 keeps the root module's gathered parameters from
+    one forward to the next; before each pass over the parameters, the gathered copies of the
+    FSDP2 trees that own them are dropped (:class:`~memzoo.optim.distributed.FSDPResharder`), so
+    the next forward all-gathers the shards as changed (one all-gather of the root's parameters
+    per forward, as their change requires). Sparse-MeZO's thresholds are selected exactly over
+    the shards (:func:`sharded_magnitude_thresholds`). With the same losses, a sharded run equals
+    the unsharded one bit for bit. Build the optimizer from ``model.parameters()`` while the
+    model is sharded (before the first forward, or after ``model.reshard()``): read after a
+    forward, the root's parameters are FSDP2's gathered copies, refused at the first step.
 
     State: the base seed and the step count (in ``state_dict()["zeroth_order"]``), so a resumed
     run draws the same directions. ``state_bytes()`` counts tensors only.
@@ -142,6 +179,10 @@ class ZerothOrderOptimizer(MemzooOptimizer):
 
     family = "zeroth_order"
     _extra_state_dict_keys = ("zeroth_order",)
+    # The layout of the passes (rebuilt from the param groups at the next step) and the FSDP2
+    # modules it found: never copied with the optimizer (a deep copy would copy the modules).
+    _CACHES = {"_layout_key": lambda: None, "_buckets": list, "_mask_bytes": dict,
+               "_resharder": lambda: FSDPResharder(())}
 
     def __init__(
         self,
@@ -167,9 +208,6 @@ class ZerothOrderOptimizer(MemzooOptimizer):
         self._base_seed = seed
         self._step_count = 0
         self._seed_synced = False
-        self._layout_key: tuple | None = None
-        self._buckets: list[_Bucket] = []
-        self._mask_bytes: dict[torch.device, int] = {}
         self.last_projected_grads: torch.Tensor | None = None
         self.last_losses: torch.Tensor | None = None
 
@@ -182,15 +220,8 @@ class ZerothOrderOptimizer(MemzooOptimizer):
         return {}
 
     def _dtensor_problem(self, param: torch.Tensor, group: Mapping[str, Any]) -> str | None:
-        # FSDP2 keeps the root module's parameters unsharded from one forward to the next (its
-        # default reshard_after_forward): a perturbation written into the shards between two
-        # forward passes would be silently missed for those, and the estimate would be wrong.
-        return (
-            "zeroth-order steps perturb the parameters in place between forward passes, which FSDP2 does not "
-            "see for parameters it keeps unsharded across forwards. Train with a full replica of the trainable "
-            "parameters on each rank (plain tensors; the projected gradients are averaged across ranks), e.g. "
-            "without fully_shard, or with fully_shard(..., ignored_params=...) for the trainable ones"
-        )
+        # Each rank perturbs and updates its own rows, drawing the unsharded tensor's z for them.
+        return row_block_problem(param)
 
     def _thresholds(self, bucket: _Bucket) -> list[float] | None:
         """Per tensor of the bucket, the magnitude threshold of a masked perturbation, or None."""
@@ -212,24 +243,52 @@ class ZerothOrderOptimizer(MemzooOptimizer):
     # -- layout ---------------------------------------------------------------------------
     def _layout(self) -> list[_Bucket]:
         """Buckets of (group, device) with stream offsets over all groups in order (each tensor's
-        offset a multiple of CHUNK) and per-device mask offsets; rebuilt when the groups change."""
+        offset a multiple of CHUNK, from whole tensors' sizes: the same on every rank and in an
+        unsharded run) and per-device mask offsets for the local elements; rebuilt when the
+        groups change. Finds the FSDP2 modules of sharded parameters (:class:`FSDPResharder`)."""
         key = tuple((id(p), p.numel(), p.device, _trained(p)) for group in self.param_groups for p in group["params"])
         if key == self._layout_key:
             return self._buckets
         buckets: dict[tuple[int, torch.device], _Bucket] = {}
         stream, mask_bytes = 0, {}
+        sharded, whole = [], []
+
+        def reserve_mask(device: torch.device, numel: int) -> int:
+            offset = mask_bytes.get(device, 0)
+            mask_bytes[device] = offset + _chunks(numel) * MASK_BYTES_PER_CHUNK
+            return offset
+
         for group_index, group in enumerate(self.param_groups):
-            for param in group["params"]:
+            for param_index, param in enumerate(group["params"]):
                 if param.numel() == 0 or not _trained(param):
                     continue
                 bucket = buckets.setdefault((group_index, param.device),
-                                            _Bucket(group_index, param.device, [], [], []))
+                                            _Bucket(group_index, param.device, [], [], [], []))
+                shard = None
+                if is_dtensor(param):
+                    sharded.append(param)
+                    start, numel = row_block(param)
+                    head = min(-(stream + start) % CHUNK, numel)
+                    shard = _Shard(start, numel, head, reserve_mask(param.device, CHUNK) if head else 0)
+                    local_numel = numel - head
+                else:
+                    whole.append((f"param group {group_index}, param {param_index}", param))
+                    local_numel = param.numel()
                 bucket.params.append(param)
                 bucket.stream_offsets.append(stream)
-                bucket.mask_offsets.append(mask_bytes.get(param.device, 0))
-                chunks = _chunks(param.numel())
-                stream += chunks * CHUNK
-                mask_bytes[param.device] = mask_bytes.get(param.device, 0) + chunks * MASK_BYTES_PER_CHUNK
+                bucket.mask_offsets.append(reserve_mask(param.device, local_numel))
+                bucket.shards.append(shard)
+                stream += _chunks(param.numel()) * CHUNK
+        copies = gathered_copies([param for _, param in whole]) if sharded or torch.distributed.is_initialized() else []
+        if copies:
+            raise ValueError(
+                f"{type(self).__name__}: {'; '.join(whole[index][0] for index in copies)} "
+                f"{'is' if len(copies) == 1 else 'are'} FSDP2's gathered copies of parameters, not the parameters "
+                "(the model's parameters were read after a forward pass, while its root module was unsharded), so "
+                "a step would change a copy that FSDP2 frees. Build the optimizer from model.parameters() before "
+                "the first forward pass, or after model.reshard()"
+            )
+        self._resharder = FSDPResharder(sharded)
         self._layout_key, self._buckets, self._mask_bytes = key, list(buckets.values()), mask_bytes
         return self._buckets
 
@@ -245,6 +304,8 @@ class ZerothOrderOptimizer(MemzooOptimizer):
         way moves the buckets already moved back before it propagates. An update cannot be undone:
         an error raised by the update pass (the kernel writing a group's tensors) leaves the
         groups before it updated and puts the others back at θ."""
+        if self._resharder:  # the next forward must gather the shards this pass changes
+            self._resharder.reshard()
         moved = 0
         with deferred_interrupts():
             try:
@@ -271,11 +332,44 @@ class ZerothOrderOptimizer(MemzooOptimizer):
             update = dict(coefficients=coefficients[bucket.group_index].to(bucket.device),
                           earlier_seeds=earlier_seeds, decay=1.0 - float(group["lr"]) * group["weight_decay"],
                           clamp_min=self._clamp_min(group))
-        self._kernels(bucket.device).zo_apply_(
-            bucket.params, bucket.stream_offsets, seed=seed, eps=self.eps, from_sign=from_sign, to_sign=to_sign,
-            thresholds=thresholds, mask_bits=self._mask_buffer(bucket.device) if masked else None,
-            mask_offsets=bucket.mask_offsets if masked else None, write_mask=masked and first, **update,
-        )
+        tensors, stream_offsets, mask_offsets, piece_thresholds = [], [], [], []
+        heads: list[tuple[torch.Tensor, torch.Tensor]] = []  # (local head, its scratch copy) to write back
+        for index, (param, stream_offset, mask_offset, shard) in enumerate(
+                zip(bucket.params, bucket.stream_offsets, bucket.mask_offsets, bucket.shards)):
+            threshold = thresholds[index] if masked else None
+            if shard is None:
+                tensors.append(param)
+                stream_offsets.append(stream_offset)
+                mask_offsets.append(mask_offset)
+                piece_thresholds.append(threshold)
+                continue
+            # A view of the rank's shard (FSDP2's sharded storage, which its all-gather reads),
+            # taken at every pass: FSDP2 may swap the storage (e.g. when a state_dict loads).
+            local = local_tensor(param).view(-1)
+            first_index = stream_offset + shard.start
+            if shard.head:
+                lead = first_index % CHUNK
+                scratch = local.new_zeros(lead + shard.head)
+                scratch[lead:].copy_(local[:shard.head])
+                heads.append((local[:shard.head], scratch[lead:]))
+                tensors.append(scratch)
+                stream_offsets.append(first_index - lead)
+                mask_offsets.append(shard.head_mask_offset)
+                piece_thresholds.append(threshold)
+            if shard.numel > shard.head:
+                tensors.append(local[shard.head:])
+                stream_offsets.append(first_index + shard.head)
+                mask_offsets.append(mask_offset)
+                piece_thresholds.append(threshold)
+        if tensors:
+            self._kernels(bucket.device).zo_apply_(
+                tensors, stream_offsets, seed=seed, eps=self.eps, from_sign=from_sign, to_sign=to_sign,
+                thresholds=piece_thresholds if masked else None,
+                mask_bits=self._mask_buffer(bucket.device) if masked else None,
+                mask_offsets=mask_offsets if masked else None, write_mask=masked and first, **update,
+            )
+        for local_head, scratch_head in heads:
+            local_head.copy_(scratch_head)
 
     def _evaluate(self, closure: Callable[[], Any]) -> torch.Tensor:
         gradless = [p for group in self.param_groups for p in group["params"] if p.grad is None]
@@ -422,7 +516,8 @@ class MeZO(ZerothOrderOptimizer):
         weight_decay: decoupled decay λ (θ ← θ(1 − ηλ) − η ĝ z).
         n_samples: q, directions averaged per step (2q forward passes).
         seed: base seed of the directions (rank 0's is used by every rank).
-        process_group: the group whose ranks average their estimates (default: the world).
+        process_group: the group whose ranks average their estimates (default: the world); under
+            FSDP2 it must hold every rank holding shards of the parameters.
         backend: "auto", "triton", "torch" or "reference" (see :func:`memzoo.optim.resolve_backend`).
     """
 
@@ -453,6 +548,38 @@ def magnitude_threshold(param: torch.Tensor, sparsity: float) -> float:
         return -math.inf
     value = flat.float().abs().kthvalue(k).values
     return float(value.item())
+
+
+def sharded_magnitude_thresholds(params: list[torch.Tensor], sparsities: list[float]) -> list[float]:
+    """:func:`magnitude_threshold` of DTensor parameters (row blocks, see
+    :func:`~memzoo.optim.distributed.row_block`), exactly as on the whole tensors (same subsample
+    above 2^24 elements), without gathering them: :func:`~memzoo.optim.distributed.sharded_kth_magnitudes`
+    on each rank's elements, one selection for all tensors sharded over the same process groups
+    (FSDP2: one) — 4 all-reduces of 2 KiB per tensor. A collective: every rank calls it with the
+    same tensors."""
+    values: list[float] = [0.0] * len(params)
+    selections: dict[tuple, list[tuple[int, torch.Tensor, int]]] = {}
+    for index, (param, sparsity) in enumerate(zip(params, sparsities)):
+        if sparsity == 0.0:
+            values[index] = math.inf
+            continue
+        numel = param.numel()
+        stride = -(-numel // _THRESHOLD_SAMPLE) if numel > _THRESHOLD_SAMPLE else 1
+        k = round((1.0 - sparsity) * -(-numel // stride))
+        if k == 0:
+            values[index] = -math.inf
+            continue
+        start, count = row_block(param)
+        local = local_tensor(param).detach().reshape(-1)[:count]
+        # The whole tensor's subsample is every stride-th element from element 0.
+        groups = shard_groups(param)
+        selections.setdefault(tuple(map(id, groups)), []).append((index, local[(-start) % stride::stride], k))
+    for key, items in selections.items():
+        groups = shard_groups(params[items[0][0]])
+        found = sharded_kth_magnitudes([shard for _, shard, _ in items], [k for _, _, k in items], groups)
+        for (index, _, _), value in zip(items, found):
+            values[index] = value
+    return values
 
 
 class SparseMeZO(ZerothOrderOptimizer):
@@ -503,12 +630,16 @@ class SparseMeZO(ZerothOrderOptimizer):
                                             and self._step_count % self.threshold_interval == 0)
         # id(param) → (param, this step's threshold, whether it is new): stored by _commit_step.
         self._step_thresholds: dict[int, tuple[torch.Tensor, float, bool]] = {}
+        sharded: list[tuple[torch.Tensor, float]] = []
         for group in self.param_groups:
             for param in group["params"]:
                 if not _trained(param):
                     continue
                 state = self.state.get(param) or {}
                 if refresh or "threshold" not in state:
+                    if self._masked(param) and is_dtensor(param):
+                        sharded.append((param, group["sparsity"]))
+                        continue
                     value = magnitude_threshold(param, group["sparsity"]) if self._masked(param) else math.inf
                     self._step_thresholds[id(param)] = (param, value, True)
                 else:
@@ -516,6 +647,10 @@ class SparseMeZO(ZerothOrderOptimizer):
                     if value is None:  # loaded from a state_dict
                         value = float(state["threshold"].item())
                     self._step_thresholds[id(param)] = (param, value, False)
+        if sharded:
+            values = sharded_magnitude_thresholds([param for param, _ in sharded], [sparsity for _, sparsity in sharded])
+            for (param, _), value in zip(sharded, values):
+                self._step_thresholds[id(param)] = (param, value, True)
 
     def _commit_step(self) -> None:
         for param, value, new in self._step_thresholds.values():
@@ -553,6 +688,14 @@ class _ScaleLayer:
     layer: weakref.ReferenceType
 
 
+def _layer_quant_state(layer: torch.nn.Module) -> Any:
+    """The quantization state a 4-bit layer computes with: its weight's, or, when FSDP2 has
+    replaced the weight by a DTensor of the packed bytes (which carries none), the layer's own
+    copy, which bitsandbytes puts back on the gathered weight at every forward."""
+    state = getattr(layer.weight, "quant_state", None)
+    return getattr(layer, "quant_state", None) if state is None and is_dtensor(layer.weight) else state
+
+
 def _unpack_cpu_inference_layout(name: str, layer: torch.nn.Module) -> None:
     """Undo bitsandbytes' CPU inference re-pack of a ``Linear4bit`` (AVX512-BF16 CPUs, done at the
     layer's first no-grad forward in eval mode): the packed weight back to the standard layout and
@@ -571,6 +714,7 @@ def _unpack_cpu_inference_layout(name: str, layer: torch.nn.Module) -> None:
     if not state.nested and state.absmax.dim() == 2:
         state.absmax = state.absmax.t().reshape(-1).to(torch.float32)
     weight.quant_state = state
+    layer.quant_state = state  # the copy bitsandbytes restores a sharded (FSDP2) weight's state from
 
 
 def collect_quantization_scales(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -587,7 +731,9 @@ def collect_quantization_scales(model: torch.nn.Module) -> list[torch.Tensor]:
 
     Collect them after the model is on its final device (moving a 4-bit layer re-creates its
     quantization state; :class:`QZO` raises if a layer stops reading its collected scales).
-    Raises ValueError when the model has no 4-bit layers, or when its scales are
+    Under FSDP2 (``fully_shard``), collect them before sharding or after: FSDP2 shards the packed
+    4-bit weights, while the scales stay whole on every rank (they are not parameters), and every
+    rank perturbs them alike. Raises ValueError when the model has no 4-bit layers, or when its scales are
     double-quantized (8-bit absmax), which cannot be perturbed meaningfully.
     """
     try:
@@ -598,11 +744,14 @@ def collect_quantization_scales(model: torch.nn.Module) -> list[torch.Tensor]:
     for name, module in model.named_modules():
         if not isinstance(module, bnb.nn.Linear4bit):
             continue
-        state = getattr(module.weight, "quant_state", None)
+        state = _layer_quant_state(module)
         if state is None:
             raise ValueError(f"layer {name!r} is not quantized yet: move the model to its device "
                              "(which quantizes Linear4bit weights) before collecting the scales")
         packed = getattr(state, "packing_format_for_cpu", False)
+        if packed and is_dtensor(module.weight):
+            raise ValueError(f"layer {name!r} was re-packed by bitsandbytes for CPU inference and then sharded by "
+                             "FSDP2; collect the scales before fully_shard(...) (which keeps the standard layout)")
         if (state.nested and not packed) or getattr(state, "original_nested", False) or state.absmax.dtype == torch.uint8:
             raise ValueError(
                 f"layer {name!r} has double-quantized scales (8-bit absmax): QZO perturbs float scales. "
@@ -622,7 +771,7 @@ def collect_quantization_scales(model: torch.nn.Module) -> list[torch.Tensor]:
             module.support_avx512bf16_for_cpu = False
         if packed:
             _unpack_cpu_inference_layout(name, module)
-        absmax = module.weight.quant_state.absmax
+        absmax = _layer_quant_state(module).absmax
         _SCALE_LAYERS[absmax] = _ScaleLayer(name, weakref.ref(module))
         scales.append(absmax)
     return scales
@@ -702,7 +851,7 @@ class QZO(ZerothOrderOptimizer):
                 if owner is None:
                     continue
                 layer = owner.layer()
-                state = None if layer is None else getattr(layer.weight, "quant_state", None)
+                state = None if layer is None else _layer_quant_state(layer)
                 if state is not None and state.absmax is not param:
                     raise RuntimeError(
                         f"QZO: layer {owner.name!r} no longer reads the scale tensor this optimizer trains "

@@ -42,7 +42,8 @@ from memzoo.reference.galore import (
 )
 from memzoo.reference.projector import project, step_projector_
 
-__all__ = ["NORM_EPS", "adamw_update_", "apollo_apply_", "apollo_scales_", "apply_lists", "check_scales_shape"]
+__all__ = ["NORM_EPS", "adamw_update_", "apollo_apply_", "apollo_scales_", "apply_lists", "check_scales_shape",
+           "limit_norm_growth", "norm_growth_divisor_", "norm_ratio"]
 
 # The official code's guard in s = ‖N‖/(‖R‖ + 1e-8) and in the limiter's ‖S‖/(ρ + 1e-8).
 NORM_EPS = 1e-8
@@ -68,6 +69,40 @@ def check_scales_shape(scales: torch.Tensor, matrix_shape: tuple[int, int], left
         f"scales has shape {tuple(scales.shape)}; for a {m}×{n} matrix with a {side} projection expected (1, 1)"
         + (f" or ({m}, 1)" if left is None else "") + (f" or (1, {n})" if right is None else "")
     )
+
+
+def norm_ratio(update: torch.Tensor, low_rank_grad: torch.Tensor, granularity: str) -> torch.Tensor:
+    """s = ‖N_c‖/(‖R_c‖ + 1e-8) for each channel c of the low-rank update N and gradient R (APOLLO
+    eq. 6; Fira's norm-based scaling, Chen et al. 2024 eq. 7): ``"tensor"`` one (1, 1) ratio of
+    Frobenius norms, ``"rows"`` (R is m×r: a right projection) one per row, norms over dim 1,
+    ``"columns"`` (R is r×n: a left projection) one per column, norms over dim 0 — always over
+    the rank dimension, so the result broadcasts against the full m×n matrix."""
+    if granularity == "tensor":
+        return (update.norm() / (low_rank_grad.norm() + NORM_EPS)).reshape(1, 1)
+    if granularity not in ("rows", "columns"):
+        raise ValueError(f"Invalid granularity: {granularity!r}; expected 'tensor', 'rows' or 'columns'")
+    dim = 1 if granularity == "rows" else 0
+    return update.norm(dim=dim, keepdim=True) / (low_rank_grad.norm(dim=dim, keepdim=True) + NORM_EPS)
+
+
+def limit_norm_growth(update: torch.Tensor, norm: torch.Tensor, *, growth_limit: float,
+                      record_only: bool) -> torch.Tensor:
+    """Fira's norm-growth limiter (Chen et al. 2024, eq. 9), shared by APOLLO: with ``record_only``
+    (a weight's first step) ρ ← ‖S‖ and S is returned as is; otherwise c = max(‖S‖/(ρ + 1e-8),
+    γ)/γ, ρ ← ‖S‖/c and S/c is returned, so the norm grows by at most the factor γ per step.
+    ``norm`` is the 0-d tensor ρ, written in place; no host synchronisation."""
+    if record_only:
+        norm.copy_(update.norm())
+        return update
+    return update / norm_growth_divisor_(update.norm(), norm, growth_limit=growth_limit)
+
+
+def norm_growth_divisor_(size: torch.Tensor, norm: torch.Tensor, *, growth_limit: float) -> torch.Tensor:
+    """The limiter's divisor c = max(‖S‖/(ρ + 1e-8), γ)/γ from ``size`` = ‖S‖ (0-d), with ρ ← ‖S‖/c
+    written into ``norm``: for callers that fold 1/c into a coefficient instead of dividing S."""
+    limit = torch.clamp(size / (norm.to(size.dtype) + NORM_EPS), min=growth_limit) / growth_limit
+    norm.copy_(size / limit)
+    return limit
 
 
 @torch.no_grad()
@@ -107,23 +142,19 @@ def apollo_scales_(
         exp_avg.copy_(m)
         exp_avg_sq.copy_(v)
         n = m / (v.sqrt() + eps)  # N = m / (√v + ε), from the unrounded moments
-        if granularity == "tensor":
-            ratio = n.norm() / (r.norm() + NORM_EPS)
-        else:  # norms over the rank dimension: dim 1 of an m×r R, dim 0 of an r×n R
-            dim = 1 if granularity == "rows" else 0
-            ratio = n.norm(dim=dim, keepdim=True) / (r.norm(dim=dim, keepdim=True) + NORM_EPS)
-        scale.copy_(ratio.reshape(scale.shape))
+        scale.copy_(norm_ratio(n, r, granularity).reshape(scale.shape))
 
 
 def apply_lists(params: torch.Tensor | Sequence[torch.Tensor], grads: torch.Tensor | Sequence[torch.Tensor],
-                scales: torch.Tensor | Sequence[torch.Tensor],
+                scales: torch.Tensor | Sequence[torch.Tensor] | None,
                 limiter_norms: torch.Tensor | Sequence[torch.Tensor] | None,
-                growth_limit: float) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list]:
-    """The arguments of :func:`apollo_apply_` as checked lists (``limiter_norms`` None becomes a
+                growth_limit: float) -> tuple[list[torch.Tensor], list[torch.Tensor], list, list]:
+    """The arguments of :func:`apollo_apply_` (and of Fira's apply, which computes its scales
+    itself: ``scales`` None) as checked lists (``scales`` or ``limiter_norms`` None becomes a
     list of Nones); ValueError naming the first problem, before anything is written."""
     params = as_tensor_list("params", params)
     grads = as_tensor_list("grads", grads)
-    scales = as_tensor_list("scales", scales)
+    scales = [None] * len(params) if scales is None else as_tensor_list("scales", scales)
     norms = [None] * len(params) if limiter_norms is None else as_tensor_list("limiter_norms", limiter_norms)
     if not len(params) == len(grads) == len(scales) == len(norms):
         raise ValueError(f"tensor lists differ in length: params {len(params)}, grads {len(grads)}, "
@@ -133,11 +164,12 @@ def apply_lists(params: torch.Tensor | Sequence[torch.Tensor], grads: torch.Tens
     for index, (param, grad, factor, norm) in enumerate(zip(params, grads, scales, norms)):
         if grad.shape != param.shape or param.dim() < 2:
             raise ValueError(f"grads[{index}] has shape {tuple(grad.shape)}, params[{index}] {tuple(param.shape)} "
-                             "(APOLLO updates ≥2-D weights)")
+                             "(the scaled low-rank updates take ≥2-D weights)")
         if not param.is_floating_point() or not grad.is_floating_point():
             raise TypeError(f"params[{index}] and grads[{index}] must be floating point")
         matrix = (param.shape[0], param[0].numel())
-        if factor.dim() != 2 or any(f not in (1, size) for f, size in zip(factor.shape, matrix)):
+        if factor is not None and (factor.dim() != 2
+                                   or any(f not in (1, size) for f, size in zip(factor.shape, matrix))):
             raise ValueError(f"scales[{index}] has shape {tuple(factor.shape)}, not broadcastable to {matrix}")
         if norm is not None and (norm.shape != () or norm.dtype != torch.float32):
             raise ValueError(f"limiter_norms[{index}] must be a 0-d float32 tensor, got {tuple(norm.shape)} {norm.dtype}")
@@ -178,13 +210,7 @@ def apollo_apply_(
         if scale_front:
             s = s * root_alpha
         if norm is not None:
-            size = s.norm()
-            if record_only:
-                norm.copy_(size)
-            else:  # c = max(‖S‖/(ρ + 1e-8), γ)/γ: the update norm grows by at most γ per step
-                limit = torch.clamp(size / (norm.to(dtype) + NORM_EPS), min=growth_limit) / growth_limit
-                s = s / limit
-                norm.copy_(size / limit)
+            s = limit_norm_growth(s, norm, growth_limit=growth_limit, record_only=record_only)
         if not scale_front:
             s = s * root_alpha
         w = as_matrix(param, param.shape[0]).to(dtype) - step_size * s

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from memzoo.reference.common import as_tensor_list, check_parallel_lists, compute_dtype
 from memzoo.reference.projector import Side, matrix_shape, project, project_back, projection_side, step_projector_
 
-__all__ = ["adamw_update_", "as_matrix", "check_low_rank_shapes", "galore_adam_project_", "galore_apply_",
-           "low_rank_lists", "natural_gradient", "project"]
+__all__ = ["adafactor_apply_lists", "adafactor_beta2", "adafactor_lr", "adafactor_update_", "adamw_update_",
+           "as_matrix", "check_low_rank_shapes", "galore_adafactor_apply_", "galore_adafactor_project_",
+           "galore_adam_project_", "galore_apply_", "low_rank_lists", "natural_gradient", "project"]
 
 # Factors of a batch: None (no factor on that side), one factor, or one (or None) per matrix.
 FactorList = torch.Tensor | Sequence[torch.Tensor | None] | None
@@ -216,6 +218,204 @@ def adamw_update_(
         param.copy_(w)
 
 
+# ---- GaLore-Adafactor (galore-torch 1.0's GaLoreAdafactor) ---------------------------------
+#
+# HF Adafactor (Shazeer & Stern 2018, as transformers' Adafactor) applied to the projected
+# gradient R = P(G), its update mapped back with α = ``scale``. Per step t (1-based):
+#   β2_t = 1 − t^decay_rate;  Q = R² + ε1;
+#   factored (R ≥2-D): row ← β2_t·row + (1−β2_t)·mean_last(Q), col ← β2_t·col + (1−β2_t)·mean_2nd_last(Q),
+#       U = R · rsqrt(row / mean(row)) ⊗ rsqrt(col)   (Adafactor Alg. 4's V̂ = row·colᵀ/Σrow);
+#   unfactored (R 1-D): v ← β2_t·v + (1−β2_t)·Q, U = R·rsqrt(v);
+#   U ← U / max(1, RMS(U)/d) (update clipping, d = clip_threshold); U ← ρ_t·U;
+#   with β1: m ← β1·m + (1−β1)·U, U = m;
+#   W ← W − λ·ρ_t·W (decay first, with the Adafactor lr); W ← W − α·back(U).
+# ρ_t, the lr (:func:`adafactor_lr`): lr, or min(1e-2 (1e-6·t with warmup_init), 1/√t) with
+# relative_step; times max(ε2, RMS(W)) with scale_parameter.
+
+
+def adafactor_lr(param: torch.Tensor, *, lr: float | None, step: int, relative_step: bool, scale_parameter: bool,
+                 warmup_init: bool, eps2: float) -> torch.Tensor:
+    """Adafactor's lr ρ_t for ``param`` at step t = ``step`` (1-based), as a 0-d tensor in the
+    compute dtype (RMS(W) is read on the device, no host synchronisation): ``lr`` or, with
+    ``relative_step``, min(1e-6·t if ``warmup_init`` else 1e-2, 1/√t); times max(ε2, RMS(W))
+    with ``scale_parameter`` (W before this step's update)."""
+    relative = lr
+    if relative_step:
+        relative = min(1e-6 * step if warmup_init else 1e-2, 1.0 / math.sqrt(step))
+    if relative is None:
+        raise ValueError("Adafactor needs lr when relative_step is False")
+    dtype = compute_dtype(param.dtype)
+    if not scale_parameter:
+        return torch.tensor(relative, dtype=dtype, device=param.device)
+    rms = param.to(dtype).norm() / math.sqrt(max(param.numel(), 1))
+    return torch.clamp(rms, min=eps2) * relative
+
+
+def adafactor_beta2(step: int, decay_rate: float) -> float:
+    """β2_t = 1 − t^decay_rate (Adafactor's increasing decay; t 1-based, so β2_1 = 0)."""
+    return 1.0 - math.pow(step, decay_rate)
+
+
+def _clip_scale_momentum(update: torch.Tensor, lr: torch.Tensor, exp_avg: torch.Tensor | None,
+                         beta1: float | None, clip_threshold: float) -> torch.Tensor:
+    """U ← U/max(1, RMS(U)/d); U ← ρ_t·U; with β1, m ← β1·m + (1−β1)·U (written) and U = m."""
+    rms = update.norm() / math.sqrt(max(update.numel(), 1))
+    update = update / torch.clamp(rms / clip_threshold, min=1.0) * lr.to(update.dtype)
+    if beta1 is not None:
+        m = exp_avg.to(update.dtype) * beta1 + update * (1.0 - beta1)
+        exp_avg.copy_(m)
+        update = m
+    return update
+
+
+def _check_adafactor_moments(index: int, low_rank_shape: torch.Size, row: torch.Tensor, col: torch.Tensor,
+                             exp_avg: torch.Tensor | None, beta1: float | None) -> None:
+    rows, cols = low_rank_shape[:-1], low_rank_shape[:-2] + low_rank_shape[-1:]
+    if row.shape != rows or col.shape != cols:
+        raise ValueError(f"matrix {index}: exp_avg_sq_row {tuple(row.shape)} / exp_avg_sq_col {tuple(col.shape)}, "
+                         f"expected {tuple(rows)} / {tuple(cols)} for a low-rank gradient of shape "
+                         f"{tuple(low_rank_shape)}")
+    if (beta1 is None) != (exp_avg is None):
+        raise ValueError(f"matrix {index}: give exp_avgs exactly when beta1 is set (beta1={beta1})")
+    if exp_avg is not None and exp_avg.shape != low_rank_shape:
+        raise ValueError(f"matrix {index}: exp_avg has shape {tuple(exp_avg.shape)}, expected {tuple(low_rank_shape)}")
+
+
+@torch.no_grad()
+def galore_adafactor_project_(
+    grads: torch.Tensor | Sequence[torch.Tensor],
+    exp_avg_sq_rows: torch.Tensor | Sequence[torch.Tensor],
+    exp_avg_sq_cols: torch.Tensor | Sequence[torch.Tensor],
+    exp_avgs: torch.Tensor | Sequence[torch.Tensor] | None,
+    updates: torch.Tensor | Sequence[torch.Tensor],
+    lrs: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    lefts: FactorList,
+    rights: FactorList,
+    beta2: float,
+    eps1: float,
+    clip_threshold: float,
+    beta1: float | None = None,
+    maximize: bool = False,
+) -> None:
+    """For each gradient: R = project(G) (−G when maximizing; without factors R = G keeps its
+    shape, ≥2-D), the factored second moment (row and column EMAs, shapes R.shape[:-1] and
+    R.shape[:-2] + R.shape[-1:]) updated in place with β2_t = ``beta2``, and the clipped,
+    lr-scaled (``lrs``: one 0-d ρ_t per matrix) update U — the β1 momentum (``exp_avgs``, R's
+    shape, exactly when ``beta1`` is set) when given — written into ``updates`` (R's shape).
+    See the section comment above for the math."""
+    (grads, rows, cols, updates, lrs), lefts, rights = low_rank_lists(
+        "grads", grads=grads, exp_avg_sq_rows=exp_avg_sq_rows, exp_avg_sq_cols=exp_avg_sq_cols, updates=updates,
+        lrs=lrs, lefts=lefts, rights=rights)
+    exp_avgs = [None] * len(grads) if exp_avgs is None else as_tensor_list("exp_avgs", exp_avgs)
+    if len(exp_avgs) != len(grads):
+        raise ValueError(f"tensor lists differ in length: grads {len(grads)}, exp_avgs {len(exp_avgs)}")
+    for index, (grad, row, col, exp_avg, update, left, right) in enumerate(
+            zip(grads, rows, cols, exp_avgs, updates, lefts, rights)):
+        check_low_rank_shapes(grad.shape, left, right, update=update)
+        if update.dim() < 2:
+            raise ValueError(f"matrix {index}: the factored second moment needs a ≥2-D gradient, got "
+                             f"{tuple(update.shape)} (1-D tensors take adafactor_update_)")
+        _check_adafactor_moments(index, update.shape, row, col, exp_avg, beta1)
+    for grad, row, col, exp_avg, update, lr, left, right in zip(grads, rows, cols, exp_avgs, updates, lrs, lefts,
+                                                                rights):
+        dtype = compute_dtype(grad.dtype, row.dtype)
+        g = grad.to(dtype)
+        if maximize:
+            g = -g
+        if left is not None or right is not None:
+            g = project(as_matrix(g, grad.shape[0]), _factor(left, dtype), _factor(right, dtype))
+        squared = g * g + eps1  # Q = R² + ε1
+        r_ema = row.to(dtype) * beta2 + squared.mean(dim=-1) * (1.0 - beta2)
+        c_ema = col.to(dtype) * beta2 + squared.mean(dim=-2) * (1.0 - beta2)
+        row.copy_(r_ema)
+        col.copy_(c_ema)
+        row_factor = (r_ema / r_ema.mean(dim=-1, keepdim=True)).rsqrt().unsqueeze(-1)
+        u = g * (row_factor * c_ema.unsqueeze(-2).rsqrt())  # R / √V̂, V̂ = row·colᵀ / mean(row)
+        update.copy_(_clip_scale_momentum(u, lr, exp_avg, beta1, clip_threshold))
+
+
+def adafactor_apply_lists(params: torch.Tensor | Sequence[torch.Tensor], updates: torch.Tensor | Sequence[torch.Tensor],
+                          lrs: torch.Tensor | Sequence[torch.Tensor], lefts: FactorList,
+                          rights: FactorList) -> tuple[list, list, list, list, list]:
+    """The arguments of :func:`galore_adafactor_apply_` as checked lists (U of the projected
+    shape); ValueError naming the first problem, before anything is written."""
+    (params, updates, lrs), lefts, rights = low_rank_lists("params", params=params, updates=updates, lrs=lrs,
+                                                           lefts=lefts, rights=rights)
+    for param, update, left, right in zip(params, updates, lefts, rights):
+        check_low_rank_shapes(param.shape, left, right, update=update)
+    return params, updates, lrs, lefts, rights
+
+
+@torch.no_grad()
+def galore_adafactor_apply_(
+    params: torch.Tensor | Sequence[torch.Tensor],
+    updates: torch.Tensor | Sequence[torch.Tensor],
+    lrs: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    lefts: FactorList,
+    rights: FactorList,
+    scale: float,
+    weight_decay: float,
+) -> None:
+    """For each weight: W ← W − λ·ρ_t·W (decay first, with Adafactor's lr ρ_t from ``lrs``), then
+    W ← W − scale·back(U) (U already carries ρ_t). Factors as in :func:`galore_adam_project_`;
+    without factors U has W's shape (and ``scale`` is 1 for galore-torch's dense parameters)."""
+    params, updates, lrs, lefts, rights = adafactor_apply_lists(params, updates, lrs, lefts, rights)
+    for param, update, lr, left, right in zip(params, updates, lrs, lefts, rights):
+        dtype = compute_dtype(param.dtype, update.dtype)
+        u = update.to(dtype)
+        if left is not None or right is not None:
+            u = project_back(u, _factor(left, dtype), _factor(right, dtype))
+        w = param.to(dtype)
+        if weight_decay != 0.0:
+            w = w - (weight_decay * lr.to(dtype)) * w
+        param.copy_(w - scale * u.reshape(param.shape))
+
+
+@torch.no_grad()
+def adafactor_update_(
+    params: torch.Tensor | Sequence[torch.Tensor],
+    grads: torch.Tensor | Sequence[torch.Tensor],
+    exp_avg_sqs: torch.Tensor | Sequence[torch.Tensor],
+    exp_avgs: torch.Tensor | Sequence[torch.Tensor] | None,
+    lrs: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    beta2: float,
+    eps1: float,
+    clip_threshold: float,
+    weight_decay: float,
+    beta1: float | None = None,
+    maximize: bool = False,
+) -> None:
+    """Adafactor on tensors with fewer than 2 dimensions (its unfactored form): v ← β2_t·v +
+    (1−β2_t)·(G² + ε1), U = G·rsqrt(v), clipped, lr-scaled, β1 momentum, W ← W − λ·ρ_t·W,
+    W ← W − U. Lists as :func:`galore_adafactor_project_` (``exp_avg_sqs`` has W's shape)."""
+    lists = {name: as_tensor_list(name, tensors) for name, tensors in
+             (("params", params), ("grads", grads), ("exp_avg_sqs", exp_avg_sqs))}
+    check_parallel_lists(**lists)
+    lrs = as_tensor_list("lrs", lrs)
+    exp_avgs = [None] * len(lrs) if exp_avgs is None else as_tensor_list("exp_avgs", exp_avgs)
+    if not len(lrs) == len(exp_avgs) == len(lists["params"]):
+        raise ValueError(f"tensor lists differ in length: params {len(lists['params'])}, lrs {len(lrs)}, "
+                         f"exp_avgs {len(exp_avgs)}")
+    for index, (param, exp_avg) in enumerate(zip(lists["params"], exp_avgs)):
+        if (beta1 is None) != (exp_avg is None) or (exp_avg is not None and exp_avg.shape != param.shape):
+            raise ValueError(f"params[{index}]: give an exp_avg of the param's shape exactly when beta1 is set")
+    for param, grad, exp_avg_sq, exp_avg, lr in zip(*lists.values(), exp_avgs, lrs):
+        dtype = compute_dtype(param.dtype, grad.dtype, exp_avg_sq.dtype)
+        g = grad.to(dtype)
+        if maximize:
+            g = -g
+        v = exp_avg_sq.to(dtype) * beta2 + (g * g + eps1) * (1.0 - beta2)
+        exp_avg_sq.copy_(v)
+        u = _clip_scale_momentum(v.rsqrt() * g, lr, exp_avg, beta1, clip_threshold)
+        w = param.to(dtype)
+        if weight_decay != 0.0:
+            w = w - (weight_decay * lr.to(dtype)) * w
+        param.copy_(w - u)
+
+
 # -- Whole steps: one weight's step as the optimizers compose it (the truth for optim/) ------
 #
 # Each ``*_step`` function takes a weight, its gradient, its optimizer state (the optimizer's
@@ -378,4 +578,63 @@ def _galore_projected_step(param: torch.Tensor, grad: torch.Tensor, state: Mappi
     step_size = hf_adam_step_size(lr, betas, correct_bias, step + 1)
     galore_apply_(param, update, lefts=left, rights=right, step_size=step_size, scale=scale, lr=lr,
                   weight_decay=weight_decay)
+    return param, state
+
+
+@torch.no_grad()
+def galore_adafactor_step(param: torch.Tensor, grad: torch.Tensor, state: Mapping[str, torch.Tensor], *, seed: int,
+                          lr: float | None, eps: tuple[float, float], clip_threshold: float, decay_rate: float,
+                          beta1: float | None, weight_decay: float, scale_parameter: bool, relative_step: bool,
+                          warmup_init: bool, rank: int | None, update_proj_gap: int, scale: float, proj_type: str,
+                          projector: str, power_iters: int, oversample: int, strict_rank: bool,
+                          state_dtype: torch.dtype | None,
+                          maximize: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One GaLore-Adafactor step of one weight (galore-torch 1.0's ``GaLoreAdafactor``; Adafactor:
+    Shazeer & Stern 2018, Alg. 4 with update clipping, §6): the new weight and state. Projected
+    weights: Adafactor on R = P(G), its update mapped back with α = ``scale``; the others plain
+    Adafactor (factored for ≥2-D, over the last two dimensions; unfactored for vectors), as
+    galore-torch gives parameters outside rank groups. State: ``exp_avg_sq_row`` /
+    ``exp_avg_sq_col`` (factored) or ``exp_avg_sq``, ``exp_avg`` with β1, in ``state_dtype`` (None:
+    the math's dtype, float32 for 16-bit weights, as galore-torch upcasts)."""
+    param, state = step_copies(param, state)
+    projected = is_projected(param, rank)
+    left = right = None
+    low_shape = tuple(param.shape)
+    g = grad
+    if projected:
+        shape, side, rank = low_rank_setup(param, rank=rank, proj_type=proj_type, strict_rank=strict_rank,
+                                           projector=projector)
+        g = grad.reshape(shape)
+    step = next_step_(state)
+    if projected:
+        left, right, _ = step_projector_(state, g, step=step, base_seed=seed, rank=rank, side=side, method=projector,
+                                         update_proj_gap=update_proj_gap, power_iters=power_iters,
+                                         oversample=oversample, signs="raw", maximize=maximize, dtype=param.dtype)
+        low_shape = low_rank_shape(shape, left, right)
+    dtype = compute_dtype(param.dtype)
+    moment_dtype = state_dtype or dtype
+    factored = len(low_shape) >= 2
+    if beta1 is not None and "exp_avg" not in state:
+        state["exp_avg"] = torch.zeros(low_shape, dtype=moment_dtype, device=param.device)
+    names = {"exp_avg_sq_row": low_shape[:-1], "exp_avg_sq_col": low_shape[:-2] + low_shape[-1:]} if factored \
+        else {"exp_avg_sq": low_shape}
+    for name, moment_shape in names.items():
+        if name not in state:
+            state[name] = torch.zeros(moment_shape, dtype=moment_dtype, device=param.device)
+    t = step + 1
+    # ρ_t: lr, or min(1e-2 (1e-6·t warming up), 1/√t); times max(ε2, RMS(W)) with scale_parameter
+    lr_t = adafactor_lr(param, lr=lr, step=t, relative_step=relative_step, scale_parameter=scale_parameter,
+                        warmup_init=warmup_init, eps2=eps[1])
+    hyper = dict(beta2=adafactor_beta2(t, decay_rate), eps1=eps[0], clip_threshold=clip_threshold, beta1=beta1,
+                 maximize=maximize)
+    if factored:  # Alg. 4: row/col EMAs of R² + ε1, U = R/√V̂, clipped, ρ_t·U (β1 momentum)
+        update = torch.empty(low_shape, dtype=dtype, device=param.device)
+        galore_adafactor_project_(g, state["exp_avg_sq_row"], state["exp_avg_sq_col"], state.get("exp_avg"), update,
+                                  lr_t, lefts=left, rights=right, **hyper)
+        # W ← W − λ·ρ_t·W; W ← W − α·P(U)
+        galore_adafactor_apply_(param, update, lr_t, lefts=left, rights=right, scale=scale if projected else 1.0,
+                                weight_decay=weight_decay)
+    else:
+        adafactor_update_(param, grad, state["exp_avg_sq"], state.get("exp_avg"), lr_t, weight_decay=weight_decay,
+                          **hyper)
     return param, state

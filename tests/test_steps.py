@@ -196,18 +196,9 @@ def test_optimizer_steps_are_the_whole_step_reference(name, make, step, backend,
     check_steps(make, step, dtype, backend, maximize)
 
 
-# BUG (open, in optim/apollo.py, not fixed here): APOLLO keeps the scaling factors of every weight
-# in float32 (``batch_views(shapes, torch.float32, ...)`` in APOLLO._update_projected), so a float64
-# weight's update is only float32-accurate (|Δ| ≈ 5e-9 after one step) where the library's math is
-# float64 for float64 tensors (GaLore's and FRUGAL's low-rank updates are). The strict xfail turns
-# into a failure once fixed: then drop the mark.
-APOLLO_FLOAT64_BUG = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: APOLLO rounds the scaling factors of float64 weights to float32 (optim/apollo.py)"))
-
-
-@pytest.mark.parametrize("name,make,step", [
-    pytest.param(*method, marks=[APOLLO_FLOAT64_BUG] if method[2] is apollo_step else [], id=method[0])
-    for method in METHODS])
+# APOLLO's scaling factors were float32 for every weight, so a float64 weight's update was only
+# float32-accurate (|Δ| ≈ 5e-9 after one step); they are in the weight's compute dtype now.
+@pytest.mark.parametrize("name,make,step", [pytest.param(*method, id=method[0]) for method in METHODS])
 def test_float64_weights_step_in_float64(name, make, step) -> None:
     """The math of float64 weights is float64 throughout (bitwise the step function's)."""
     check_steps(make, step, torch.float64, "reference", maximize=True)

@@ -12,7 +12,11 @@ from memzoo.reference.apollo import (
     apollo_scales_,
     apply_lists,
     check_scales_shape,
+    limit_norm_growth,
+    norm_growth_divisor_,
+    norm_ratio,
 )
 from memzoo.triton_kernels.torch_backend.galore import adamw_update_
 
-__all__ = ["NORM_EPS", "adamw_update_", "apollo_apply_", "apollo_scales_", "apply_lists", "check_scales_shape"]
+__all__ = ["NORM_EPS", "adamw_update_", "apollo_apply_", "apollo_scales_", "apply_lists", "check_scales_shape",
+           "limit_norm_growth", "norm_growth_divisor_", "norm_ratio"]

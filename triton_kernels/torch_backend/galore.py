@@ -6,6 +6,10 @@ one write of each tensor, no temporaries of a tensor's size), and :func:`galore_
 back-projection accumulated straight into the weight by one ``addmm_`` per matrix, BLAS's
 C ← C + α·A·B: no m×n temporary for float32 weights). :func:`project` and
 :func:`natural_gradient` are the reference's own.
+
+GaLore-Adafactor: :func:`galore_adafactor_apply_` accumulates the back-projection into the weight
+by ``addmm_`` (no m×n temporary); the factored moments (r-sized) and the unfactored update of
+vectors are the reference's own.
 """
 
 from __future__ import annotations
@@ -18,16 +22,23 @@ from memzoo.reference import galore as reference
 from memzoo.reference.common import as_tensor_list, check_parallel_lists, compute_dtype
 from memzoo.reference.galore import (
     FactorList,
+    adafactor_apply_lists,
+    adafactor_beta2,
+    adafactor_lr,
+    adafactor_update_,
     as_matrix,
     check_low_rank_shapes,
+    galore_adafactor_project_,
     low_rank_lists,
     natural_gradient,
     project,
 )
 from memzoo.triton_kernels.torch_backend.elementwise import Scratch, for_each_chunk
 
-__all__ = ["adamw_update_", "as_matrix", "check_low_rank_shapes", "galore_adam_project_", "galore_apply_",
-           "low_rank_lists", "natural_gradient", "project"]
+__all__ = ["adafactor_apply_lists", "adafactor_beta2", "adafactor_lr", "adafactor_update_", "adamw_update_",
+           "as_matrix", "as_weight_matrix", "check_low_rank_shapes", "galore_adafactor_apply_",
+           "galore_adafactor_project_", "galore_adam_project_", "galore_apply_", "low_rank_lists", "natural_gradient",
+           "project"]
 
 
 def _adam_moments(scratch: Scratch, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
@@ -134,7 +145,7 @@ def adamw_update_(
                    buffers=5)
 
 
-def _as_weight_matrix(param: torch.Tensor) -> torch.Tensor | None:
+def as_weight_matrix(param: torch.Tensor) -> torch.Tensor | None:
     """``param`` as its (shape[0], rest) matrix view sharing storage, or None when no such view
     exists (a non-dense layout)."""
     try:
@@ -166,7 +177,7 @@ def galore_apply_(
     for param, update, left, right in zip(params, updates, lefts, rights):
         check_low_rank_shapes(param.shape, left, right, update=update)
         dtype = compute_dtype(param.dtype, update.dtype)
-        matrix = _as_weight_matrix(param)
+        matrix = as_weight_matrix(param)
         if matrix is None or (left is None and right is None) or param.numel() == 0:
             reference.galore_apply_(param, update, lefts=left, rights=right, step_size=step_size, scale=scale,
                                     lr=lr, weight_decay=weight_decay)
@@ -181,5 +192,47 @@ def galore_apply_(
             work.addmm_(n, right.to(dtype), alpha=-coefficient)
         if decay != 0.0:
             work.add_(work, alpha=-decay)  # W ← W − lr·λ·W (after the update, as GaLore)
+        if work is not matrix:
+            matrix.copy_(work)
+
+
+# ---- GaLore-Adafactor ----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def galore_adafactor_apply_(
+    params: torch.Tensor | Sequence[torch.Tensor],
+    updates: torch.Tensor | Sequence[torch.Tensor],
+    lrs: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    lefts: FactorList,
+    rights: FactorList,
+    scale: float,
+    weight_decay: float,
+) -> None:
+    """Same contract as :func:`memzoo.reference.galore.galore_adafactor_apply_`: W ← W·(1 − λ·ρ_t)
+    in place, then W ← W − scale·left·U·right accumulated into W (one ``addmm_``), or W ← W − U
+    for a dense update. Non-dense weights go through the reference."""
+    params, updates, lrs, lefts, rights = adafactor_apply_lists(params, updates, lrs, lefts, rights)
+    for param, update, lr, left, right in zip(params, updates, lrs, lefts, rights):
+        dtype = compute_dtype(param.dtype, update.dtype)
+        projected = left is not None or right is not None
+        matrix = as_weight_matrix(param) if projected else param
+        if matrix is None or param.numel() == 0:
+            reference.galore_adafactor_apply_(param, update, lr, lefts=left, rights=right, scale=scale,
+                                              weight_decay=weight_decay)
+            continue
+        work = matrix if param.dtype == dtype else matrix.to(dtype)
+        if weight_decay != 0.0:
+            work.mul_(1.0 - weight_decay * lr.to(dtype))  # decay first, with Adafactor's lr
+        u = update.to(dtype)
+        if left is not None and right is not None:
+            work.addmm_(left.to(dtype) @ u, right.to(dtype), alpha=-scale)
+        elif left is not None:
+            work.addmm_(left.to(dtype), u, alpha=-scale)
+        elif right is not None:
+            work.addmm_(u, right.to(dtype), alpha=-scale)
+        else:
+            work.sub_(u, alpha=scale)
         if work is not matrix:
             matrix.copy_(work)

@@ -1,0 +1,495 @@
+"""The low-rank engine: one optimizer that GaLore, Natural GaLore, APOLLO / APOLLO-Mini and
+FRUGAL (and any further gradient-projection method) are settings of.
+
+A low-rank method is two things composed, not a subclass of another method:
+
+- a **projector setting**: which weights are projected and how (``rank`` or ``density``, side,
+  method, refresh gap; :class:`memzoo.optim.projector.ProjectorSettings`), and
+- a **rule** (:class:`LowRankRule`): the update inside the subspace and what it does with the
+  residual, the state it keeps (declared once, in :meth:`LowRankRule.state`: the same
+  declaration creates the state, sizes ``state_bytes`` and checks a loaded checkpoint), and the
+  kernel functions it calls (:attr:`LowRankRule.kernels`, provided by every backend module of
+  its family: ``memzoo.reference.<family>``, ``memzoo.triton_kernels.torch_backend.<family>``,
+  ``memzoo.triton_kernels.<family>``).
+
+:class:`LowRankOptimizer` owns everything else, once: param groups and their validation,
+planning a step, the all-or-nothing projector refresh (every due projector of the step computed
+by batched decompositions before anything is written), batching by (device, step, shape) so
+that same-shaped weights share one kernel launch per stage, the plain-AdamW branch for
+parameters that are not projected, step counters, 8-bit moments, checkpoints and group edits.
+The optimizer classes users construct (``GaLoreAdamW``, ``APOLLO``, …) are a constructor with
+the official signature plus ``rule = TheirRule()``; "Adding an optimizer" in docs/ says what to
+write for a new one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+
+from memzoo.optim.base import (
+    Backend,
+    MemzooOptimizer,
+    StateSpec,
+    check_betas,
+    check_int,
+    check_lr,
+    check_number,
+    deferred_interrupts,
+    local_tensor,
+    resolve_backend,
+    resolve_state_dtype,
+    whole_matrix_problem,
+    zeros_state,
+)
+from memzoo.optim.projector import Projector, ProjectorSettings, RefreshRequest, compute_refreshes
+from memzoo.optim.quantized_state import MIN_8BIT_SIZE, QuantizedMoment
+from memzoo.reference.common import compute_dtype
+
+__all__ = ["ADAM_MOMENTS", "LowRankOptimizer", "LowRankRule", "WeightStep", "adam_step_size", "batch_views",
+           "torch_adam_form"]
+
+# Adam's two moments and how each is stored in 8 bits (signed m, unsigned v).
+ADAM_MOMENTS: Mapping[str, QuantizedMoment] = {"exp_avg": QuantizedMoment(signed=True),
+                                               "exp_avg_sq": QuantizedMoment(signed=False)}
+
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+# Group keys every low-rank optimizer has, with their defaults (a rule adds its own). The
+# projector's keys are here even for a rule that sizes its subspace otherwise (FRUGAL's
+# density), so every low-rank optimizer's param groups and checkpoints have one layout.
+COMMON_DEFAULTS: Mapping[str, Any] = dict(
+    lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, correct_bias=True, rank=None, update_proj_gap=200,
+    scale=1.0, proj_type="std", projector="randomized", power_iters=2, oversample=8, strict_rank=False,
+    state_dtype=None, optim_bits=32, min_8bit_size=MIN_8BIT_SIZE, maximize=False,
+)
+
+# A batched call's low-rank updates (fp32, alive until the weights are updated) are kept under
+# this size: the transient memory of a step, not the whole model's worth of updates at once.
+_BATCH_UPDATE_BYTES = 64 * 2**20
+
+
+def adam_step_size(lr: float, betas: tuple[float, float], step: int, correct_bias: bool = True) -> float:
+    """Adam's step size in the official GaLore convention (transformers' AdamW, ε added to √v):
+    η_t = lr·√(1−β2^t)/(1−β1^t) at step t = ``step`` + 1 (lr without bias correction)."""
+    if not correct_bias:
+        return lr
+    beta1, beta2 = betas
+    t = step + 1
+    return lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+
+
+def torch_adam_form(lr: float, betas: tuple[float, float], eps: float, step: int,
+                    correct_bias: bool = True) -> tuple[float, float]:
+    """torch.optim.Adam at step t = ``step`` + 1 written in the convention above: m/(√v/√bc2 + ε)
+    ·lr/bc1 = m/(√v + ε·√bc2)·lr·√bc2/bc1, so (step size, ε) = (lr·√bc2/bc1, ε·√bc2)."""
+    if not correct_bias:
+        return lr, eps
+    root = math.sqrt(1.0 - betas[1] ** (step + 1))
+    return adam_step_size(lr, betas, step), eps * root
+
+
+def batch_views(shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """Uninitialized tensors of ``shapes``, views of one buffer: one allocation per batch and
+    step, laid out the same way every step (so the kernels' offset tables stay cached)."""
+    sizes = [math.prod(shape) for shape in shapes]
+    buffer = torch.empty(sum(sizes), dtype=dtype, device=device)
+    return [chunk.view(shape) for chunk, shape in zip(buffer.split(sizes), shapes)]
+
+
+class WeightStep(NamedTuple):
+    """One parameter's part of a step, as the engine hands it to a rule."""
+
+    param: torch.Tensor
+    # None for a parameter that is not projected (the dense branch).
+    projector: Projector | None
+    state: dict[str, Any]
+    # The step count before this step.
+    step: int
+    # Whether the moments are stored in 8 bits.
+    quantized: bool
+
+
+class LowRankRule:
+    """What a low-rank method adds to the engine. Subclasses set the class attributes and
+    override the methods their method needs; the defaults are GaLore's (projected by ``rank``,
+    Adam moments, the official GaLore convention for the dense branch).
+
+    A rule holds no per-optimizer data: one instance serves every optimizer of its class.
+    """
+
+    # The kernel family (module name under memzoo.reference / triton_kernels[.torch_backend]).
+    family: ClassVar[str]
+    # Group keys the rule adds to COMMON_DEFAULTS, with their defaults.
+    defaults: ClassVar[Mapping[str, Any]] = {}
+    # The kernel functions the rule calls by name: every backend module of ``family`` provides
+    # them with the reference's signature (tests/test_lowrank.py checks it).
+    kernels: ClassVar[tuple[str, ...]] = ("galore_adam_project_", "galore_apply_", "adamw_update_")
+    # Group keys (beyond the common ones) that the shapes and dtypes of its state depend on.
+    layout_keys: ClassVar[tuple[str, ...]] = ()
+    # Sets of its state keys that the step rebuilds itself when absent (see MemzooOptimizer).
+    rebuilt_units: ClassVar[tuple[tuple[str, ...], ...]] = ()
+    # State keys declared by :meth:`state` that the rule creates itself at their first use
+    # (APOLLO's limiter norm: its first step only records), not zero-filled by the engine.
+    deferred: ClassVar[tuple[str, ...]] = ()
+    # Moments in the state that may be stored in 8 bits, with their codec.
+    moments: ClassVar[Mapping[str, QuantizedMoment]] = ADAM_MOMENTS
+    # Signs of computed singular vectors ("raw": torch.linalg.svd's; "canonical": tensorly's).
+    signs: ClassVar[str] = "raw"
+    # Whether same-shaped projected weights are updated by one batched call (False: one by one).
+    batched: ClassVar[bool] = True
+
+    def validate(self, group: Mapping[str, Any]) -> None:
+        """Raise ValueError/TypeError for an invalid value of one of the rule's group keys."""
+
+    def check_settings(self, group: Mapping[str, Any]) -> None:
+        """Validate the group's projector settings (whether or not it holds a matrix)."""
+        if group["rank"] is not None:
+            ProjectorSettings.from_group(group, signs=self.signs)
+
+    def settings(self, shape: torch.Size, group: Mapping[str, Any]) -> ProjectorSettings | None:
+        """The projector of a weight of ``shape`` in ``group`` (None: the dense branch). GaLore's:
+        the group's ``rank`` for every non-empty weight with ≥ 2 dimensions."""
+        if group["rank"] is None or len(shape) < 2 or math.prod(shape) == 0:
+            return None
+        return ProjectorSettings.from_group(group, signs=self.signs)
+
+    def settings_key(self, group: Mapping[str, Any]) -> tuple | None:
+        """What :meth:`settings` depends on in the group (projectors are rebuilt when it changes)."""
+        if group["rank"] is None:
+            return None
+        return tuple(group[name] for name in ProjectorSettings.GROUP_KEYS)
+
+    def moment_shapes(self, shape: torch.Size, projected: bool, group: Mapping[str, Any]) -> dict[str, torch.Size]:
+        """The moments kept for a gradient (projected or not) of ``shape``: Adam's m and v."""
+        return {name: shape for name in self.moments}
+
+    def state(self, shape: torch.Size, projector: Projector | None, group: Mapping[str, Any],
+              state_dtype: torch.dtype) -> StateSpec:
+        """State beyond the step counter, the moments and the projector's (e.g. a limiter's norm)."""
+        return {}
+
+    def on_refresh(self, group: Mapping[str, Any], state: dict[str, Any]) -> None:
+        """Called for each weight whose subspace is recomputed this step, before its update;
+        GaLore keeps the moments (the official behaviour)."""
+
+    def update(self, engine: LowRankOptimizer, group: Mapping[str, Any], items: list[WeightStep]) -> None:
+        """Update projected weights that share device, step count and shape (one weight when
+        not :attr:`batched`)."""
+        raise NotImplementedError
+
+    def update_dense(self, engine: LowRankOptimizer, group: Mapping[str, Any], items: list[WeightStep]) -> None:
+        """Update parameters that are not projected and share device and step count: AdamW in
+        the official GaLore convention (HF Adam, ε added to √v, decay after the update)."""
+        engine.adamw_dense(group, items, step_size=adam_step_size(group["lr"], group["betas"], items[0].step,
+                                                                   group["correct_bias"]),
+                           eps=group["eps"], decay_first=False)
+
+
+class LowRankOptimizer(MemzooOptimizer):
+    """The engine (see the module docstring). A subclass sets ``rule`` and writes a constructor
+    that passes its defaults to :meth:`__init__`; it adds nothing to the step."""
+
+    rule: ClassVar[LowRankRule]
+
+    _CACHES = {
+        # param → (settings key, Projector): built once, not on every step.
+        "_projectors": dict,
+        # id(state dict) → (step tensor, its value after this step, its version after this step)
+        "_step_ints": dict,
+    }
+    _projectors: dict[torch.Tensor, tuple[tuple, Projector | None]]
+    _step_ints: dict[int, tuple[torch.Tensor, int, int]]
+
+    _COMMON_LAYOUT_KEYS = ("rank", "proj_type", "projector", "state_dtype", "optim_bits", "min_8bit_size")
+    _PROJECTOR_UNIT = ("proj_seed", "proj_left", "proj_right", "proj_indices")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "rule" in vars(cls):
+            cls.family = cls.rule.family
+            cls._layout_keys = (*cls._COMMON_LAYOUT_KEYS, *cls.rule.layout_keys)
+            cls._rebuilt_units = (cls._PROJECTOR_UNIT, *cls.rule.rebuilt_units)
+
+    def __init__(self, params: Iterable[Any], defaults: Mapping[str, Any], *, seed: int = 0,
+                 backend: Backend = "auto", skip_nonfinite: bool = False, foreach: bool | None = None,
+                 fused: bool | None = None, capturable: bool = False, differentiable: bool = False,
+                 **options: Any) -> None:
+        """``defaults``: the class's constructor arguments that are group keys; ``options``:
+        further common group keys passed through by the class (``power_iters=``, …)."""
+        allowed = set(COMMON_DEFAULTS) | set(self.rule.defaults)
+        for name in options:
+            if name not in allowed or name in defaults:
+                raise TypeError(f"{type(self).__name__} got an unexpected keyword argument {name!r}")
+        check_int("seed", seed, low=0, high=2**31)
+        self.seed = seed
+        merged = {**COMMON_DEFAULTS, **self.rule.defaults, **defaults, **options}
+        super().__init__(params, merged, backend=backend, skip_nonfinite=skip_nonfinite, foreach=foreach,
+                         fused=fused, capturable=capturable, differentiable=differentiable)
+
+    # -- validation and state layout ------------------------------------------------------
+    def _validate_group(self, group: Mapping[str, Any], group_index: int) -> None:
+        self.rule.validate(group)
+        check_lr(group["lr"])
+        check_betas(group["betas"], 2)
+        check_number("eps", group["eps"])
+        check_number("weight_decay", group["weight_decay"])
+        for flag in ("correct_bias", "maximize"):
+            if not isinstance(group[flag], bool):
+                raise TypeError(f"Invalid {flag}: expected a bool, got {group[flag]!r}")
+        if group["optim_bits"] not in (8, 32) or isinstance(group["optim_bits"], bool):
+            raise ValueError(f"Invalid optim_bits: {group['optim_bits']!r} (expected 32 or 8)")
+        check_int("min_8bit_size", group["min_8bit_size"], low=1)
+        resolve_state_dtype("state_dtype", group["state_dtype"], STATE_DTYPES)
+        self.rule.check_settings(group)
+        if self.rule.settings_key(group) is not None:
+            for index, param in enumerate(group["params"]):
+                try:
+                    settings = self.rule.settings(param.shape, group)
+                    if settings is not None:
+                        Projector(settings, param.shape)
+                except ValueError as exc:
+                    raise ValueError(f"param {index}: {exc}") from None
+
+    def _dtensor_problem(self, param: torch.Tensor, group: Mapping[str, Any]) -> str | None:
+        if self._projector(param, group) is not None:
+            return whole_matrix_problem(type(self).__name__)
+        if group["optim_bits"] == 8:
+            return "8-bit moments (optim_bits=8) are not supported for DTensor parameters; use optim_bits=32"
+        return None
+
+    def _projector(self, param: torch.Tensor, group: Mapping[str, Any], key: tuple | None = None) -> Projector | None:
+        """The param's projector (None when not projected), rebuilt when the group's settings
+        change; ``key`` is the rule's settings key of the group, when the caller has it."""
+        key = self.rule.settings_key(group) if key is None else key
+        if key is None:
+            return None
+        cached = self._projectors.get(param)
+        if cached is None or cached[0] != key:
+            settings = self.rule.settings(param.shape, group)
+            cached = self._projectors[param] = (key, None if settings is None else Projector(settings, param.shape))
+        return cached[1]
+
+    def _state_dtype(self, param: torch.Tensor, group: Mapping[str, Any]) -> torch.dtype:
+        return resolve_state_dtype("state_dtype", group["state_dtype"], STATE_DTYPES) or param.dtype
+
+    def _quantized(self, shape: torch.Size, group: Mapping[str, Any]) -> bool:
+        return group["optim_bits"] == 8 and shape.numel() >= group["min_8bit_size"]
+
+    def _rule_state(self, param: torch.Tensor, group: Mapping[str, Any],
+                    projector: Projector | None) -> tuple[dict[str, torch.Size], StateSpec, bool]:
+        """The rule's declaration for this weight: moment shapes, other state, quantized or not."""
+        shape = torch.Size(projector.low_rank_shape) if projector else param.shape
+        moments = self.rule.moment_shapes(shape, projector is not None, group)
+        quantized = self._quantized(shape, group)
+        return moments, self.rule.state(shape, projector, group, self._state_dtype(param, group)), quantized
+
+    def _state_spec(self, param: torch.Tensor, group: Mapping[str, Any]) -> StateSpec:
+        projector = self._projector(param, group)
+        moments, extra, quantized = self._rule_state(param, group, projector)
+        spec: StateSpec = {"step": (torch.Size(()), torch.int64)}
+        for name, shape in moments.items():
+            if quantized:
+                spec[name] = (shape, torch.uint8)
+                spec[f"{name}_absmax"] = (QuantizedMoment.absmax_shape(shape.numel()), torch.float32)
+            else:
+                spec[name] = (shape, self._state_dtype(param, group))
+        spec.update(extra)
+        if projector:
+            spec.update(projector.state_spec(param.dtype))
+        return spec
+
+    def _create_state(self, param: torch.Tensor, group: Mapping[str, Any], state: dict[str, Any],
+                      projector: Projector | None) -> None:
+        """Fill ``state`` with what the rule declared and it lacks (all of it at a first step; a
+        rebuilt unit after a group edit): zeros, the step counter at 0."""
+        moments, extra, quantized = self._rule_state(param, group, projector)
+        state.setdefault("step", torch.tensor(0, dtype=torch.int64))
+        for name, shape in moments.items():
+            if name in state:
+                continue
+            if quantized:
+                state[name], state[f"{name}_absmax"] = self.rule.moments[name].zeros(shape, param.device)
+            else:
+                state[name] = zeros_state(param, shape, self._state_dtype(param, group))
+        for name, (shape, dtype) in extra.items():
+            if name not in state and name not in self.rule.deferred:
+                # Counters live on the CPU, as torch.optim keeps "step": read without a device sync.
+                counter = not dtype.is_floating_point and shape == torch.Size(())
+                state[name] = torch.tensor(0, dtype=dtype) if counter else zeros_state(param, shape, dtype)
+
+    def create_deferred(self, item: WeightStep, group: Mapping[str, Any], name: str) -> torch.Tensor:
+        """Create a state tensor the rule declared as deferred, at its first use."""
+        shape, dtype = self._rule_state(item.param, group, item.projector)[1][name]
+        item.state[name] = value = zeros_state(item.param, shape, dtype)
+        return value
+
+    def _missing(self, param: torch.Tensor, group: Mapping[str, Any], state: Mapping[str, Any],
+                 projector: Projector | None) -> bool:
+        if "step" not in state:
+            return True
+        moments, extra, _ = self._rule_state(param, group, projector)
+        return any(name not in state for name in moments) or any(
+            name not in state for name in extra if name not in self.rule.deferred)
+
+    # -- what rules call ------------------------------------------------------------------
+    def kernels(self, device: torch.device) -> Any:
+        """The family module (reference, torch or Triton) that computes the rule's math on ``device``."""
+        return self._kernels(device)
+
+    def factors(self, item: WeightStep) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The weight's projection factors (left, right), stored or regenerated from the seed."""
+        return item.projector.factors(item.state, item.param.device, item.param.dtype, randn=self._randn)
+
+    def moment_values(self, item: WeightStep) -> tuple[torch.Tensor, ...]:
+        """The moments to update, in :attr:`LowRankRule.moments` order: the state tensors, or
+        fp32 decodings of 8-bit ones (written back by :meth:`store_moments`)."""
+        if item.quantized:
+            return tuple(moment.decode(item.state[name], item.state[f"{name}_absmax"])
+                         for name, moment in self.rule.moments.items())
+        return tuple(item.state[name] for name in self.rule.moments)
+
+    def store_moments(self, item: WeightStep, values: tuple[torch.Tensor, ...]) -> None:
+        """Encode updated decodings back into 8-bit moments (nothing for unquantized ones)."""
+        if item.quantized:
+            for (name, moment), value in zip(self.rule.moments.items(), values):
+                moment.encode_(item.state[name], item.state[f"{name}_absmax"], value)
+
+    def adamw_dense(self, group: Mapping[str, Any], items: list[WeightStep], *, step_size: float, eps: float,
+                    decay_first: bool) -> None:
+        """AdamW in one multi-tensor call on not-projected parameters (local shards of FSDP2
+        DTensors), in the convention the arguments give."""
+        moments = [self.moment_values(item) for item in items]
+        beta1, beta2 = group["betas"]
+        self.kernels(items[0].param.device).adamw_update_(
+            [local_tensor(item.param) for item in items], [local_tensor(item.param.grad) for item in items],
+            [local_tensor(m[0]) for m in moments], [local_tensor(m[1]) for m in moments], step_size=step_size,
+            beta1=beta1, beta2=beta2, eps=eps, lr=group["lr"], weight_decay=group["weight_decay"],
+            maximize=group["maximize"], decay_first=decay_first)
+        for item, values in zip(items, moments):
+            self.store_moments(item, values)
+
+    def _randn(self, seed: int | torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Philox normals for the projectors (sketches, random factors) from this optimizer's
+        backend: the same stream either way, one kernel instead of dozens of passes on GPUs."""
+        return resolve_backend(self.backend, offsets.device, "random").philox_randn(seed, offsets)
+
+    def _step_count(self, state: dict[str, Any]) -> int:
+        """The step count before this step, as an int. Reading a tensor costs a few µs per
+        parameter per step, so the int is memoized next to the tensor it was read from (a loaded
+        state_dict brings new tensors, and is read afresh)."""
+        tensor = state["step"]
+        cached = self._step_ints.get(id(state))
+        if cached is not None and cached[0] is tensor and cached[2] == tensor._version:
+            count = cached[1]
+        else:
+            count = int(tensor)
+        # _foreach_add_ bumps the tensor's version once this step; expect that.
+        self._step_ints[id(state)] = (tensor, count + 1, tensor._version + 1)
+        return count
+
+    # -- step -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; returns the closure's loss (or None).
+
+        Plan every group, refresh every projector due (all-or-nothing), then write: an error
+        while planning or refreshing (bad input, out of memory) modifies nothing. Projected
+        weights that share device, step count and shape are updated by one batched call per
+        stage; all other parameters of a group by one multi-tensor call per (device, step).
+        """
+        loss = self._run_closure(closure)
+        if not self._check_grads():  # skip_nonfinite: nothing is modified this step
+            return loss
+        index = 0
+        plans = []
+        refreshes: list[RefreshRequest] = []
+        # States created or reconciled while planning, installed only once every refresh succeeded.
+        staged: list[tuple[torch.Tensor, dict[str, Any], Mapping[str, Any]]] = []
+        notes: list[str] = []
+        for group_index, group in enumerate(self._numeric_groups()):
+            dense: dict[tuple[torch.device, int], list[WeightStep]] = {}
+            projected: list[WeightStep] = []
+            refreshed: list[dict[str, Any]] = []
+            step_counts: list[torch.Tensor] = []
+            settings_key = self.rule.settings_key(group)
+            for param_index, param in enumerate(group["params"]):
+                index += 1
+                if param.grad is None:
+                    continue
+                projector = self._projector(param, group, settings_key)
+                stored = self.state.get(param)
+                state = self._reconciled_state(param, group, stored, (group_index, param_index), notes)
+                if (not state or state is not stored) and self._missing(param, group, state, projector):
+                    state = dict(state)
+                    self._create_state(param, group, state, projector)
+                if state is not stored:
+                    staged.append((param, state, group))
+                step = self._step_count(state)
+                step_counts.append(state["step"])
+                shape = torch.Size(projector.low_rank_shape) if projector else param.shape
+                item = WeightStep(param, projector, state, step, self._quantized(shape, group))
+                if projector is None:
+                    dense.setdefault((param.device, step), []).append(item)
+                    continue
+                if projector.due(state, step):
+                    # Maximizing f is minimizing −f: the subspace is computed from −G too.
+                    grad = param.grad.reshape(projector.shape)
+                    source = -grad if group["maximize"] else grad
+                    refreshes.append(RefreshRequest(projector, state, source, step, self.seed + index - 1, param.dtype))
+                    refreshed.append(state)
+                projected.append(item)
+            plans.append((group, dense, projected, refreshed, step_counts))
+        # All projectors due this step at once: same-shaped matrices share batched calls.
+        refresh_writes = compute_refreshes(refreshes, randn=self._randn)
+        del refreshes
+        with deferred_interrupts():  # the writes: an interrupt lands before or after them, not between
+            self._install_states(staged, notes)
+            for state, name, value in refresh_writes:
+                state[name] = value
+            self._write(plans)
+        return loss
+
+    def _write(self, plans: list[tuple]) -> None:
+        """The writes of a planned step: refresh hooks, step counters, projected and dense updates."""
+        rule = self.rule
+        for group, dense, projected, refreshed, step_counts in plans:
+            for state in refreshed:
+                rule.on_refresh(group, state)
+            if step_counts:  # a group whose parameters have no gradient (frozen, unused) is left as it is
+                torch._foreach_add_(step_counts, 1)  # one call for the group's step counters
+            if not rule.batched:
+                for item in projected:
+                    rule.update(self, group, [item])
+            else:  # one batched call per (device, step, shape): same-shaped matrices share launches
+                batches: dict[tuple, list[WeightStep]] = {}
+                for item in projected:
+                    batches.setdefault((item.param.device, item.step, item.param.shape, item.param.dtype),
+                                       []).append(item)
+                for items in batches.values():
+                    for chunk in _chunks(items):
+                        rule.update(self, group, chunk)
+            for items in dense.values():
+                rule.update_dense(self, group, items)
+
+
+def _chunks(items: list[WeightStep]) -> list[list[WeightStep]]:
+    """Split a batch so each chunk's low-rank updates fit the transient budget."""
+    chunks, current, size = [], [], 0
+    for item in items:
+        nbytes = 4 * math.prod(item.projector.low_rank_shape)
+        if current and size + nbytes > _BATCH_UPDATE_BYTES:
+            chunks.append(current)
+            current, size = [], 0
+        current.append(item)
+        size += nbytes
+    return chunks + [current] if current else chunks
+
+
+def low_rank_updates(items: list[WeightStep]) -> list[torch.Tensor]:
+    """Uninitialized low-rank update buffers (compute dtype) for a batch, one allocation."""
+    param = items[0].param
+    return batch_views([item.projector.low_rank_shape for item in items], compute_dtype(param.dtype), param.device)
