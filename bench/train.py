@@ -95,6 +95,10 @@ TRAIN_SETTINGS: dict[str, Setting] = {
     "natural_galore": Setting(1e-2, {"scale": 0.25}, rank_fraction=0.25, refreshes=True),
     "apollo": Setting(1e-2, {"scale": 1.0}, rank_fraction=0.25, refreshes=True),
     "apollo_mini": Setting(1e-2, refreshes=True),  # rank 1, scale 128 (the factory's defaults)
+    "fira": Setting(1e-2, {"scale": 0.25}, rank_fraction=0.25, refreshes=True),  # Fira's scripts: GaLore's
+    # GaLore's Adafactor runs: a given lr, no relative step or parameter scale.
+    "galore_adafactor": Setting(1e-2, {"scale": 0.25, "relative_step": False, "scale_parameter": False},
+                                rank_fraction=0.25, refreshes=True),
     "frugal": Setting(1e-3, refreshes=True),  # density 0.25
     "cosmos": Setting(1e-3, rank_fraction=0.25),  # tracks its subspace every step
     "adam_mini": Setting(1e-3),  # the paper: AdamW's lr; dim and heads from the model's config

@@ -128,6 +128,10 @@ FACTORY_NAMES: dict[str, _Entry] = {
                      _build("memzoo.optim.APOLLO"), "rank", 256),
     "apollo_mini": _Entry("APOLLO-Mini: rank 1, one tensor-wise scaling factor (SGD-like memory)",
                           _build("memzoo.optim.APOLLO", scale=128.0, scale_type="tensor"), "rank", 1),
+    "fira": _Entry("Fira (Chen et al. 2024): GaLore plus the residual gradient, scaled per channel and norm-limited",
+                   _build("memzoo.optim.FiraAdamW"), "rank", 128),
+    "galore_adafactor": _Entry("GaLore with Adafactor (galore-torch's GaLoreAdafactor): factored second moment in "
+                               "the subspace", _build("memzoo.optim.GaLoreAdafactor"), "rank", 128),
     "frugal": _Entry("FRUGAL (Zmushko et al. 2024): Adam in a subspace, signSGD on the rest",
                      _build("memzoo.optim.FRUGAL"), "density", 0.25),
     "cosmos": _Entry("COSMOS (Liu et al. 2025): SOAP in the leading eigensubspace, Muon on the complement",
@@ -171,9 +175,9 @@ def create_optimizer(
     """The optimizer ``name`` (case-insensitive; see :func:`list_optimizers`) over ``model``'s
     trainable parameters.
 
-    - Low-rank methods (GaLore, Natural GaLore, APOLLO, APOLLO-Mini, FRUGAL, COSMOS) project the
-      weights chosen by :func:`target_parameters` (``target_modules``, Hugging Face's
-      ``optim_target_modules`` rule; default every Linear layer but the output head) with the
+    - Low-rank methods (GaLore, GaLore-Adafactor, Natural GaLore, APOLLO, APOLLO-Mini, Fira, FRUGAL,
+      COSMOS) project the weights chosen by :func:`target_parameters` (``target_modules``, Hugging
+      Face's ``optim_target_modules`` rule; default every Linear layer but the output head) with the
       paper's rank or density unless ``rank=`` / ``density=`` is given; every other parameter
       goes to a plain group (AdamW inside the same optimizer).
     - Biases and norm weights (1-D and 0-D tensors) get ``weight_decay=0``; ``no_decay`` names

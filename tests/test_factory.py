@@ -13,7 +13,9 @@ from memzoo.optim import (
     AdamMini,
     COSMOS,
     FRUGAL,
+    FiraAdamW,
     QZO,
+    GaLoreAdafactor,
     GaLoreAdamW,
     Lion,
     MeZO,
@@ -55,9 +57,11 @@ def _loss(model: torch.nn.Module) -> torch.Tensor:
 
 EXPECTED = {"adamw": torch.optim.AdamW, "lion": Lion, "galore_adamw": GaLoreAdamW, "galore_adamw_8bit": GaLoreAdamW,
             "natural_galore": NaturalGaLore, "apollo": APOLLO, "apollo_mini": APOLLO, "frugal": FRUGAL,
-            "cosmos": COSMOS, "adam_mini": AdamMini, "mezo": MeZO, "sparse_mezo": SparseMeZO, "qzo": QZO}
-# Keywords a name needs on TinyLM (it has no config): Adam-mini's hidden size and heads.
-MODEL_KWARGS = {"adam_mini": {"dim": 16, "n_heads": 4}}
+            "cosmos": COSMOS, "adam_mini": AdamMini, "mezo": MeZO, "sparse_mezo": SparseMeZO, "qzo": QZO,
+            "fira": FiraAdamW, "galore_adafactor": GaLoreAdafactor}
+# Keywords a name needs on TinyLM (it has no config): Adam-mini's hidden size and heads; a given lr
+# needs Adafactor's relative step off (as galore-torch).
+MODEL_KWARGS = {"adam_mini": {"dim": 16, "n_heads": 4}, "galore_adafactor": {"relative_step": False}}
 
 
 def test_every_issue_name_is_listed_with_a_description() -> None:
