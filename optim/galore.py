@@ -309,17 +309,14 @@ class GaLoreAdafactorRule(LowRankRule):
         for flag in ("scale_parameter", "relative_step", "warmup_init"):
             if not isinstance(group[flag], bool):
                 raise TypeError(f"Invalid {flag}: expected a bool, got {group[flag]!r}")
+        # A group's lr is ignored under relative_step (as galore-torch's, which checks the two
+        # only among the constructor's arguments): a scheduler or trainer may still write one.
         if group["lr"] is None:
             if not group["relative_step"]:
                 raise ValueError("lr=None needs relative_step=True (Adafactor then computes its own step size); "
                                  "give lr or set relative_step=True")
         else:
             check_lr(group["lr"])
-            if group["relative_step"]:
-                raise ValueError("Cannot combine manual `lr` and `relative_step=True` options (as galore-torch); "
-                                 "pass relative_step=False with lr, or lr=None")
-        if group["warmup_init"] and not group["relative_step"]:
-            raise ValueError("`warmup_init=True` requires `relative_step=True`")
         eps = group["eps"]
         if not isinstance(eps, (tuple, list)) or len(eps) != 2:
             raise TypeError(f"Invalid eps: expected a pair (ε1 added to R², ε2 the least parameter scale), got {eps!r}")
@@ -429,9 +426,12 @@ class GaLoreAdafactor(LowRankOptimizer):
     State per projected weight (R m×r): row EMA m + column EMA r (+ m×r with β1), in float32 for
     16-bit weights as galore-torch keeps them (or ``state_dtype``); no 8-bit variant.
     Defaults and validation are galore-torch's (``lr=None`` with ``relative_step=True``; a given
-    lr needs ``relative_step=False``); the projector defaults to ``"randomized"`` as
-    :class:`GaLoreAdamW`'s, ``projector="svd"`` being the official one (and with it the official
-    trajectory). Param groups carry no ``betas`` / ``correct_bias`` (Adafactor has none).
+    lr needs ``relative_step=False`` among the constructor's arguments, while a group's lr is
+    ignored under the relative step, so schedulers and trainers may write one); with ``beta1`` the
+    momentum of lr-scaled updates keeps moving the weights after lr drops to 0, as officially.
+    The projector defaults to ``"randomized"`` as :class:`GaLoreAdamW`'s, ``projector="svd"``
+    being the official one (and with it the official trajectory). Param groups carry no
+    ``betas`` / ``correct_bias`` (Adafactor has none).
 
     Args:
         params: parameters or param groups.
@@ -476,6 +476,12 @@ class GaLoreAdafactor(LowRankOptimizer):
         capturable: bool = False,
         differentiable: bool = False,
     ) -> None:
+        # galore-torch's constructor checks (its param groups are not checked so).
+        if lr is not None and relative_step is True:
+            raise ValueError("Cannot combine manual `lr` and `relative_step=True` options (as galore-torch); pass "
+                             "relative_step=False with lr, or lr=None")
+        if warmup_init is True and relative_step is False:
+            raise ValueError("`warmup_init=True` requires `relative_step=True`")
         defaults = dict(lr=lr, eps=tuple(eps) if isinstance(eps, list) else eps, clip_threshold=clip_threshold,
                         decay_rate=decay_rate, beta1=beta1, weight_decay=weight_decay,
                         scale_parameter=scale_parameter, relative_step=relative_step, warmup_init=warmup_init,
