@@ -18,7 +18,7 @@ from memzoo.optim.base import (
     check_number,
     deferred_interrupts,
 )
-from memzoo.reference.adam_mini import BlockPartition, block_rule, decays, partition
+from memzoo.reference.adam_mini import BlockPartition, block_rule, check_block_names, decays, partition
 
 __all__ = ["AdamMini"]
 
@@ -64,6 +64,11 @@ class AdamMini(MemzooOptimizer):
             whole number of heads of ``dim²/n_heads`` elements.
         n_kv_heads: key / value heads under grouped-query attention (default ``n_heads``); must
             divide ``n_heads``. As in 1.1.1, a key weight's blocks are counted from its size.
+        block_names: extra name fragments per rule, joining 1.1.1's sets, e.g.
+            ``{"head": ["c_q", "c_k"], "row": ["c_attn"]}`` (what 1.1.1 users add to
+            ``optimizer.wqk_names`` / ``mlp_names`` / …); ``{"tensor": ["v_proj"]}`` takes a name
+            out of the head / row rules (one block; biases stay per element), see
+            :func:`memzoo.reference.adam_mini.block_rule`.
         maximize: maximize the objective instead of minimizing it, like torch.optim.
         model_sharding: 1.1.1's deprecated flag, accepted and ignored; sharded (DTensor)
             parameters are refused (see below).
@@ -79,9 +84,9 @@ class AdamMini(MemzooOptimizer):
     """
 
     family = "adam_mini"
-    _layout_keys = ("dim", "n_heads")
+    _layout_keys = ("dim", "n_heads", "block_names")
     _CACHES = {
-        # param → ((name, dim, n_heads), its partition, whether weight decay applies)
+        # param → ((name, dim, n_heads, block_names), its partition, whether weight decay applies)
         "_partitions": dict,
     }
     _partitions: dict[torch.Tensor, tuple[tuple, BlockPartition, bool]]
@@ -98,6 +103,7 @@ class AdamMini(MemzooOptimizer):
         dim: int = 2048,
         n_heads: int = 32,
         n_kv_heads: int | None = None,
+        block_names: Mapping[str, list[str]] | None = None,
         maximize: bool = False,
         model_sharding: bool | None = None,
         verbose: bool = False,
@@ -115,7 +121,7 @@ class AdamMini(MemzooOptimizer):
         if not isinstance(verbose, bool):
             raise TypeError(f"Invalid verbose: expected a bool, got {verbose!r}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, dim=dim,
-                        n_heads=n_heads, n_kv_heads=n_kv_heads)
+                        n_heads=n_heads, n_kv_heads=n_kv_heads, block_names=block_names)
         super().__init__(params if named_parameters is None else named_parameters, defaults, backend=backend,
                          skip_nonfinite=skip_nonfinite, foreach=foreach, fused=fused, capturable=capturable,
                          differentiable=differentiable)
@@ -170,10 +176,12 @@ class AdamMini(MemzooOptimizer):
                 raise ValueError(f"Invalid n_kv_heads: {group['n_kv_heads']} does not divide n_heads = "
                                  f"{group['n_heads']} (grouped-query attention shares each key/value head among "
                                  "n_heads/n_kv_heads query heads)")
+        check_block_names(group["block_names"])
         names = group.get("param_names")
         for param_index, param in enumerate(group["params"]):
             name = names[param_index] if names is not None else None
-            partition(name, param.shape, dim=group["dim"], n_heads=group["n_heads"])  # raises for misfit heads
+            # raises for query / key weights that are not whole heads
+            partition(name, param.shape, dim=group["dim"], n_heads=group["n_heads"], block_names=group["block_names"])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -194,11 +202,12 @@ class AdamMini(MemzooOptimizer):
         name = None
         if names is not None:
             name = next((n for p, n in zip(group["params"], names) if p is param), None)
-        key = (name, group["dim"], group["n_heads"])
+        key = (name, group["dim"], group["n_heads"], group["block_names"])
         cached = self._partitions.get(param)
         if cached is not None and cached[0] == key:
             return cached[1], cached[2]
-        blocks = partition(name, param.shape, dim=group["dim"], n_heads=group["n_heads"])
+        blocks = partition(name, param.shape, dim=group["dim"], n_heads=group["n_heads"],
+                           block_names=group["block_names"])
         self._partitions[param] = (key, blocks, decays(name))
         return blocks, decays(name)
 

@@ -175,7 +175,7 @@ def resolve_backend(requested: str, device: torch.device, family: str) -> Module
     if requested == "auto":
         if device.type == "cuda" and has_family(family) and triton_import_error() is None:
             kernels = load_family(family)
-            if getattr(kernels, "AUTO", False):
+            if kernels.AUTO:
                 return kernels
         return importlib.import_module(f"memzoo.triton_kernels.torch_backend.{family}")
     if not has_family(family):

@@ -24,16 +24,17 @@ from memzoo.optim.base import StateSpec, check_int, check_number
 from memzoo.reference.projector import (
     METHODS,
     PROJ_TYPES,
+    REFRESH_SEED_STEP,
     SEEDED_METHODS,
     SIGN_CONVENTIONS,
     Randn,
     compute_bases,
     matrix_shape,
     projection_side,
+    projector_factors,
     random_basis,
     random_coordinates,
-    random_orthonormal_basis,
-    selection_factor,
+    refresh_due,
     side_length,
 )
 from memzoo.reference.random import philox_randn
@@ -42,9 +43,6 @@ __all__ = ["Projector", "ProjectorSettings", "RefreshRequest", "compute_refreshe
 
 # Most power iterations a randomized refresh may run (2 is the default, 1–4 the usual range).
 MAX_POWER_ITERS = 64
-
-# Golden-ratio increment: consecutive refreshes get well-separated seeds.
-_SEED_STEP = 0x9E3779B1
 
 
 @dataclass(frozen=True)
@@ -135,13 +133,13 @@ class Projector:
 
     def due(self, state: Mapping[str, Any], step: int) -> bool:
         """GaLore refreshes on steps 1, T+1, 2T+1, … (``step`` is the count before this one)."""
-        return step % self.settings.update_proj_gap == 0 or "proj_seed" not in state
+        return refresh_due(state, step, self.settings.update_proj_gap)
 
     def seed_at(self, state: Mapping[str, Any], step: int, base_seed: int) -> int:
         """The seed of the refresh at ``step`` (from ``base_seed`` at the first one); the caller
         records ``base_seed`` as ``proj_seed`` then."""
         current = int(state["proj_seed"]) if "proj_seed" in state else base_seed
-        return (current + step * _SEED_STEP) % 2**31
+        return (current + step * REFRESH_SEED_STEP) % 2**31
 
     def refresh_(self, state: dict[str, Any], grad_matrix: torch.Tensor, step: int, base_seed: int,
                  factor_dtype: torch.dtype, *, randn: Randn = philox_randn) -> None:
@@ -151,14 +149,8 @@ class Projector:
     def factors(self, state: Mapping[str, Any], device: torch.device, dtype: torch.dtype, *,
                 randn: Randn = philox_randn) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The factors (left, right), stored or regenerated from the seed with ``randn``."""
-        if self.settings.projector in SEEDED_METHODS:
-            draw = random_basis if self.settings.projector == "random" else random_orthonormal_basis
-            return draw(int(state["proj_seed"]), self.shape, self.rank, self.side, device, dtype, randn=randn)
-        if self.settings.projector == "coordinates":
-            factor = selection_factor(state["proj_indices"].to(device), side_length(self.shape, self.side), self.side,
-                                      dtype)
-            return (None, factor) if self.side == "right" else (factor, None)
-        return state.get("proj_left"), state.get("proj_right")
+        return projector_factors(state, self.shape, rank=self.rank, side=self.side, method=self.settings.projector,
+                                 dtype=dtype, device=device, randn=randn)
 
 
 @dataclass

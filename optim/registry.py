@@ -174,7 +174,8 @@ def _adam_mini_state_bytes(optimizer: AdamMini) -> int:
     for param, group in _stepped(optimizer):
         names = group.get("param_names") or [None] * len(group["params"])
         name = next(n for p, n in zip(group["params"], names) if p is param)
-        blocks = adam_mini_partition(name, param.shape, dim=group["dim"], n_heads=group["n_heads"]).blocks
+        blocks = adam_mini_partition(name, param.shape, dim=group["dim"], n_heads=group["n_heads"],
+                                     block_names=group["block_names"]).blocks
         total += param.numel() * param.element_size() + blocks * (8 if param.dtype == torch.float64 else 4) + 8
     return total
 
@@ -503,6 +504,8 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
                 BadInput("n_kv_heads not dividing n_heads", {"n_heads": 4, "n_kv_heads": 3}, ValueError,
                          "does not divide n_heads"),
                 BadInput("Triton requested", {"backend": "triton"}, ValueError, "no Triton kernels"),
+                BadInput("block_names of an unknown rule", {"block_names": {"neuron": ["fc"]}}, ValueError,
+                         "Invalid block_names"),
             ),
             bench_groups=_adam_mini_bench_groups,
             shards=False,

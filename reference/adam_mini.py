@@ -21,6 +21,9 @@ matching rule applies (substring matches, in this order):
    row (per token of an embedding / head, per output neuron of a Linear weight).
 4. anything else (norms, unnamed parameters, names matching no rule) → ``"tensor"``: one block.
 
+Extra fragments per rule (``block_names``: 1.1.1's ``optimizer.wqk_names.add(...)`` and the
+like) join these sets; see :func:`block_rule`.
+
 Where this module differs from 1.1.1 (each a case where 1.1.1 raises or has no defined result):
 
 - a ``"row"`` parameter with fewer than 2 dimensions (e.g. a 1-D ``mlp.norm.weight``) is one
@@ -44,15 +47,16 @@ Math in float32 (float64 when an input is float64), one rounding to the storage 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from memzoo.reference.common import as_tensor_list, check_parallel_lists, compute_dtype
 
-__all__ = ["BlockPartition", "RULES", "adam_mini_update_", "block_rule", "check_block_lists", "decays", "partition"]
+__all__ = ["BlockPartition", "RULES", "adam_mini_update_", "block_rule", "check_block_lists", "check_block_names",
+           "decays", "partition"]
 
 Rule = Literal["element", "head", "row", "tensor"]
 RULES: tuple[str, ...] = ("element", "head", "row", "tensor")
@@ -81,13 +85,37 @@ class BlockPartition:
     block_numel: int
 
 
-def block_rule(name: str | None) -> Rule:
-    """The rule 1.1.1 applies to a parameter called ``name`` (None: no name, the default rule)."""
+# Extra name fragments per rule, e.g. {"head": ("c_q", "c_k")}: 1.1.1's advice for names it does
+# not know is to add them to its sets (``optimizer.wqk_names.add(...)``).
+BlockNames = Mapping[str, Sequence[str]]
+
+
+def check_block_names(block_names: Any) -> None:
+    """Raise unless ``block_names`` is None or a dict from rule names to lists of non-empty strings."""
+    if block_names is None:
+        return
+    if not isinstance(block_names, Mapping) or not set(block_names) <= set(RULES):
+        raise ValueError(f"Invalid block_names: {block_names!r} (expected None or a dict from rules {RULES} to lists "
+                         "of name fragments, e.g. {'head': ['c_q', 'c_k']})")
+    for rule, fragments in block_names.items():
+        if (not isinstance(fragments, (list, tuple)) or not fragments
+                or not all(isinstance(f, str) and f for f in fragments)):
+            raise ValueError(f"Invalid block_names[{rule!r}]: {fragments!r} (expected a list of non-empty strings)")
+
+
+def block_rule(name: str | None, block_names: BlockNames | None = None) -> Rule:
+    """The rule 1.1.1 applies to a parameter called ``name`` (None: no name, the default rule).
+
+    ``block_names`` adds fragments to 1.1.1's sets (as its users do with
+    ``optimizer.wqk_names.add(...)``), matched in 1.1.1's order: element, head, row. Its
+    ``"tensor"`` fragments are tried after the element ones and before the others: a way to
+    take a name out of 1.1.1's head / row sets (biases stay per element, as in 1.1.1)."""
     if name is None:
         return "tensor"
     name = name.lower()
-    for rule, fragments in (("element", ELEMENT_NAMES), ("head", HEAD_NAMES), ("row", ROW_NAMES)):
-        if any(fragment in name for fragment in fragments):
+    extra = block_names or {}
+    for rule, fragments in (("element", ELEMENT_NAMES), ("tensor", ()), ("head", HEAD_NAMES), ("row", ROW_NAMES)):
+        if any(fragment in name for fragment in (*fragments, *(f.lower() for f in extra.get(rule, ())))):
             return rule
     return "tensor"
 
@@ -97,11 +125,13 @@ def decays(name: str | None) -> bool:
     return name is None or not any(fragment in name.lower() for fragment in NO_DECAY_NAMES)
 
 
-def partition(name: str | None, shape: Sequence[int], *, dim: int, n_heads: int) -> BlockPartition:
-    """The blocks of a parameter called ``name`` of ``shape`` (see the module docstring); a
-    ValueError names the parameter when a ``"head"`` parameter is not a whole number of heads."""
+def partition(name: str | None, shape: Sequence[int], *, dim: int, n_heads: int,
+              block_names: BlockNames | None = None) -> BlockPartition:
+    """The blocks of a parameter called ``name`` of ``shape`` (see the module docstring and
+    :func:`block_rule`); a ValueError names the parameter when a ``"head"`` parameter is not a
+    whole number of heads."""
     numel = math.prod(shape)
-    rule = block_rule(name)
+    rule = block_rule(name, block_names)
     if rule == "row" and len(shape) < 2:
         rule = "tensor"
     if numel == 0:

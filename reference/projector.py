@@ -319,14 +319,15 @@ def refreshed_projector(state: Mapping[str, torch.Tensor], grad_matrix: torch.Te
 
 
 def projector_factors(state: Mapping[str, torch.Tensor], shape: tuple[int, int], *, rank: int, side: Side,
-                      method: str, dtype: torch.dtype,
-                      device: torch.device | str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                      method: str, dtype: torch.dtype, device: torch.device | str,
+                      randn: Randn = philox_randn) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The factors (left, right) a step projects an m×n matrix with: regenerated from
-    ``proj_seed`` (the seeded methods), the 0/1 selection of ``proj_indices`` (coordinates), or
-    the stored ``proj_left`` / ``proj_right``; regenerated ones in ``dtype``."""
+    ``proj_seed`` (the seeded methods, their normals drawn by ``randn``), the 0/1 selection of
+    ``proj_indices`` (coordinates), or the stored ``proj_left`` / ``proj_right``; regenerated
+    ones in ``dtype``."""
     if method in SEEDED_METHODS:
         draw = random_basis if method == "random" else random_orthonormal_basis
-        return draw(int(state["proj_seed"]), shape, rank, side, device, dtype)
+        return draw(int(state["proj_seed"]), shape, rank, side, device, dtype, randn=randn)
     if method == "coordinates":
         factor = selection_factor(state["proj_indices"].to(device), side_length(shape, side), side, dtype)
         return (None, factor) if side == "right" else (factor, None)

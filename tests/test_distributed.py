@@ -228,6 +228,7 @@ _ZO_DCP_SCRIPT = textwrap.dedent("""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard
     from memzoo.optim import QZO, MeZO, SparseMeZO, collect_quantization_scales
+    from memzoo.optim import zeroth_order as zeroth_order_module
     from memzoo.optim.distributed import load_optimizer_state
     from memzoo.optim.registry import OPTIMIZERS
     rank, store, out, world, checkpoint = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
@@ -284,6 +285,9 @@ _ZO_DCP_SCRIPT = textwrap.dedent("""
         others = [p for p in model.parameters() if p.is_floating_point()]  # biases, LayerNorm, head: plain MeZO
         return QZO([{"params": scales}, {"params": others, "scales": False}], lr=1e-4, eps=1e-3, seed=7)
 
+    # Above this many elements a threshold is taken from every n-th element: small here, so that the
+    # 77x40 weight (3080) takes every 7th, the sample crossing the shards' starts.
+    zeroth_order_module._THRESHOLD_SAMPLE = 500
     zeroth_order("mezo", lambda m: MeZO(m.parameters(), lr=1e-2, eps=1e-3, weight_decay=0.1, seed=7))
     zeroth_order("mezo:q2", lambda m: MeZO(m.parameters(), lr=1e-2, eps=1e-3, n_samples=2, seed=7))
     sparse, sparse_reference = zeroth_order("sparse_mezo", lambda m: SparseMeZO(
@@ -449,3 +453,19 @@ def test_load_optimizer_state_needs_a_checkpoint() -> None:
 
     with pytest.raises(ValueError, match="needs checkpoint_id"):
         load_optimizer_state(Lion([torch.zeros(3, requires_grad=True)]))
+
+
+def test_radix_selection_is_kthvalue() -> None:
+    """The selection behind Sparse-MeZO's sharded thresholds, on one rank: the k-th smallest |x| of
+    every dtype, with ties, zeros of both signs, ±inf, at the ends and in the middle."""
+    from memzoo.optim.distributed import sharded_kth_magnitudes
+
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(3001, generator=generator)
+    values[::7] = values[1::7]  # ties
+    values[:5] = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-40])
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        tensor = values.to(dtype)
+        ks = [1, 2, 6, 1500, 2999, 3001]
+        expected = [tensor.float().abs().kthvalue(k).values.item() for k in ks]
+        assert sharded_kth_magnitudes([tensor] * len(ks), ks, ()) == expected, dtype

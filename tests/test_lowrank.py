@@ -182,3 +182,18 @@ def test_state_bytes_of_a_new_rule_is_its_declaration() -> None:
     assert optimizer.state_bytes() == expected
     # 8×4 projected at rank 2 (right side): m, v 8×2 fp32, factor 2×4, step + seed + counter.
     assert expected == 2 * 8 * 2 * 4 + 2 * 4 * 4 + 3 * 8 + (2 * 4 * 4 + 8)
+
+
+def test_every_triton_family_module_states_its_flags() -> None:
+    import pkgutil
+
+    import memzoo.triton_kernels as package
+    from memzoo.triton_kernels import TritonFamily, load_family
+
+    families = [info.name for info in pkgutil.iter_modules(package.__path__)
+                if not info.ispkg and info.name not in ("multi_tensor", "registry")]
+    assert {"galore", "apollo", "frugal", "lion", "cosmos", "zeroth_order", "random"} <= set(families)
+    for family in families:
+        module = load_family(family)
+        assert isinstance(module, TritonFamily)
+        assert isinstance(module.AUTO, bool) and isinstance(module.INTERPRETED, bool), family

@@ -10,9 +10,22 @@ import functools
 import importlib
 import importlib.util
 import os
-from types import ModuleType
+from typing import Protocol, cast, runtime_checkable
 
-__all__ = ["has_family", "interpret_mode_requested", "load_family", "triton_import_error"]
+__all__ = ["TritonFamily", "has_family", "interpret_mode_requested", "load_family", "triton_import_error"]
+
+
+@runtime_checkable
+class TritonFamily(Protocol):
+    """What every ``memzoo.triton_kernels.<family>`` module provides besides its kernel functions
+    (which carry the names and signatures of ``memzoo.reference.<family>``'s; the functions a
+    low-rank rule calls are listed in its ``LowRankRule.kernels``)."""
+
+    # Validated by the GPU equivalence suite: backend="auto" may pick these kernels for CUDA tensors.
+    AUTO: bool
+    # The kernels were decorated in Triton's interpreter mode (TRITON_INTERPRET=1 at import):
+    # they run on CPU tensors, and only on them.
+    INTERPRETED: bool
 
 
 @functools.cache
@@ -37,6 +50,10 @@ def has_family(family: str) -> bool:
     return importlib.util.find_spec(f"memzoo.triton_kernels.{family}") is not None
 
 
-def load_family(family: str) -> ModuleType:
+def load_family(family: str) -> TritonFamily:
     """Import ``memzoo.triton_kernels.<family>`` (which imports Triton)."""
-    return importlib.import_module(f"memzoo.triton_kernels.{family}")
+    module = importlib.import_module(f"memzoo.triton_kernels.{family}")
+    missing = [name for name in ("AUTO", "INTERPRETED") if not isinstance(getattr(module, name, None), bool)]
+    if missing:
+        raise TypeError(f"memzoo.triton_kernels.{family} lacks the TritonFamily flags {missing} (bools)")
+    return cast(TritonFamily, module)

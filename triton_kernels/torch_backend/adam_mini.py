@@ -20,15 +20,24 @@ from collections.abc import Sequence
 import torch
 
 from memzoo.reference import adam_mini as reference
-from memzoo.reference.adam_mini import RULES, BlockPartition, block_rule, check_block_lists, decays, partition
+from memzoo.reference.adam_mini import (
+    RULES,
+    BlockPartition,
+    block_rule,
+    check_block_lists,
+    check_block_names,
+    decays,
+    partition,
+)
 from memzoo.reference.common import as_tensor_list, compute_dtype
 from memzoo.triton_kernels.torch_backend.elementwise import Scratch, chunk_size
 
 # The partition and the checks are the reference's own.
-__all__ = ["RULES", "BlockPartition", "adam_mini_update_", "block_rule", "check_block_lists", "decays", "partition"]
+__all__ = ["RULES", "BlockPartition", "adam_mini_update_", "block_rule", "check_block_lists", "check_block_names",
+           "decays", "partition"]
 
-# Scratch buffers: g, m, p in the compute dtype, and g² (or a block's partial sums).
-_BUFFERS = 4
+# Scratch buffers: g, m, p in the compute dtype.
+_BUFFERS = 3
 
 
 @torch.no_grad()
@@ -98,7 +107,10 @@ def _apply(scratch: Scratch, param: torch.Tensor, grad: torch.Tensor, exp_avg: t
     """m ← β1·m + (1 − β1)·g and W ← W·(1 − lr·λ) − lr/bc1 · m · scale for one run (2-D views,
     ``scale`` = 1/(√(v/bc2) + ε) per row or one value); ``grad`` already loaded."""
     m = _load(scratch, 1, exp_avg)
-    m.mul_(c.beta1).add_(grad, alpha=c.grad_sign * (1.0 - c.beta1))  # m ← β1·m + (1 − β1)·g
+    if c.grad_sign > 0:
+        m.lerp_(grad, 1.0 - c.beta1)  # m ← β1·m + (1 − β1)·g, one pass (as 1.1.1 writes it)
+    else:  # maximize: the negated gradient
+        m.mul_(c.beta1).sub_(grad, alpha=1.0 - c.beta1)
     p = _load(scratch, 2, param)
     if c.decay != 1.0:
         p.mul_(c.decay)  # W ← W·(1 − lr·λ)
@@ -126,10 +138,10 @@ def _update_runs(scratch: Scratch, matrices: list[torch.Tensor], v: torch.Tensor
     rows = max(1, size // block_numel)
     for start in range(0, blocks, rows):
         stop = min(blocks, start + rows)
-        count = (stop - start) * block_numel
         g = _load(scratch, 0, grad[start:stop])
-        squares = torch.mul(g, g, out=scratch.take(3, count).view(stop - start, block_numel))
-        mean_squares = squares.sum(dim=1).div_(block_numel)
+        # Σ g² per block as a squared 2-norm: one vectorized reduction, no temporary (several
+        # times faster on CPUs than g·g then a sum; two roundings more, far below the sums' own).
+        mean_squares = torch.linalg.vector_norm(g, dim=1).square_().div_(block_numel)
         v_run = v[start:stop]
         v_run.mul_(c.beta2).add_(mean_squares, alpha=1.0 - c.beta2)  # v_b ← β2·v_b + (1 − β2)·mean g²
         scale = _inverse_denominator(v_run, c)[:, None]
@@ -146,7 +158,7 @@ def _update_large_blocks(scratch: Scratch, matrices: list[torch.Tensor], v: torc
         total = torch.zeros((), dtype=v.dtype, device=v.device)
         for start in range(0, block_numel, size):
             g = scratch.load(0, grad[block, start:start + size])
-            total.add_(torch.dot(g, g))
+            total.add_(torch.linalg.vector_norm(g).square_())
         v_block = v[block:block + 1]
         v_block.mul_(c.beta2).add_(total.div_(block_numel), alpha=1.0 - c.beta2)
         scale = _inverse_denominator(v_block, c)
