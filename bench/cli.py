@@ -278,7 +278,8 @@ def run_step(args: argparse.Namespace) -> dict[str, Any]:
                 optimizer = info.cls([p for _, p in named], **{**info.sample_kwargs, **fixed, **settings},
                                      backend=args.backend)
             else:  # the paper's setting on the preset (ranks, which matrices are projected)
-                hyper = {k: v for k, v in info.sample_kwargs.items() if k in ("lr", "weight_decay")}
+                # The sample lr and decay (with GaLore-Adafactor's relative_step=False, which a given lr needs).
+                hyper = {k: v for k, v in info.sample_kwargs.items() if k in ("lr", "weight_decay", "relative_step")}
                 optimizer = info.cls(info.bench_groups(named), **{**hyper, **fixed, **settings}, backend=args.backend)
             return optimizer, backend_name(resolve_backend(args.backend, device, info.cls.family))
 

@@ -145,9 +145,9 @@ def create_optimizer(
     """The optimizer ``name`` (case-insensitive; see :func:`list_optimizers`) over ``model``'s
     trainable parameters.
 
-    - Low-rank methods (GaLore, Natural GaLore, APOLLO, APOLLO-Mini, FRUGAL, COSMOS) project the
-      weights chosen by :func:`target_parameters` (``target_modules``, Hugging Face's
-      ``optim_target_modules`` rule; default every Linear layer but the output head) with the
+    - Low-rank methods (GaLore, GaLore-Adafactor, Natural GaLore, APOLLO, APOLLO-Mini, Fira, FRUGAL,
+      COSMOS) project the weights chosen by :func:`target_parameters` (``target_modules``, Hugging
+      Face's ``optim_target_modules`` rule; default every Linear layer but the output head) with the
       paper's rank or density unless ``rank=`` / ``density=`` is given; every other parameter
       goes to a plain group (AdamW inside the same optimizer).
     - Biases and norm weights (1-D and 0-D tensors) get ``weight_decay=0``; ``no_decay`` names

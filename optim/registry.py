@@ -39,10 +39,12 @@ from memzoo.optim.apollo import APOLLO
 from memzoo.optim.base import MemzooOptimizer
 from memzoo.optim.cosmos import COSMOS
 from memzoo.optim.frugal import FRUGAL
-from memzoo.optim.galore import GaLoreAdamW, NaturalGaLore
+from memzoo.optim.fira import FiraAdamW
+from memzoo.optim.galore import GaLoreAdafactor, GaLoreAdamW, NaturalGaLore
 from memzoo.optim.lion import Lion
 from memzoo.optim.zeroth_order import QZO, MeZO, SparseMeZO
 from memzoo.reference.adam_mini import partition as adam_mini_partition
+from memzoo.reference.common import compute_dtype
 from memzoo.reference.projector import SEEDED_METHODS, side_length
 
 __all__ = ["GALORE_PAPER_RANKS", "OPTIMIZERS", "TORCH_ADAMW", "BadInput", "FactoryName",
@@ -243,6 +245,40 @@ def _apollo_state_bytes(optimizer: APOLLO) -> int:
     return _galore_state_bytes(optimizer) + 4 * limited
 
 
+def _fira_state_bytes(optimizer: FiraAdamW) -> int:
+    """GaLore's count (moments max(m,n)·r each, the factor r·min(m,n), int64 step and seed) plus
+    the limiter's fp32 norm per projected weight; plain AdamW moments elsewhere."""
+    projected = sum(1 for param, group in _stepped(optimizer) if optimizer._projector(param, group) is not None)
+    return _galore_state_bytes(optimizer) + 4 * projected
+
+
+def _galore_adafactor_state_bytes(optimizer: GaLoreAdafactor) -> int:
+    """galore-torch's GaLoreAdafactor state (transformers' Adafactor in the subspace): per
+    projected m×n weight (R of shape a×b: m×r for "std" when m ≥ n) a row EMA a + column EMA b
+    (+ a·b with β1), the factor r·min(m,n), int64 step and seed; elsewhere plain Adafactor: rows + columns over the last two dimensions of a
+    ≥2-D tensor, the whole tensor for a vector (+ the tensor with β1). Moments in float32 (float64
+    for float64 weights) unless state_dtype is set."""
+    total = 0
+    for param, group in _stepped(optimizer):
+        size = (compute_dtype(param.dtype) if group["state_dtype"] is None
+                else optimizer._state_dtype(param, group)).itemsize
+        projector = optimizer._projector(param, group)
+        shape = tuple(projector.low_rank_shape) if projector is not None else tuple(param.shape)
+        total += 8  # step
+        if len(shape) >= 2:
+            total += size * (math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1])
+        else:
+            total += size * math.prod(shape)
+        if group["beta1"] is not None:
+            total += size * math.prod(shape)
+        if projector is not None:
+            m, n = projector.shape
+            total += 8  # proj_seed
+            if group["projector"] not in SEEDED_METHODS:
+                total += projector.rank * (n if projector.side == "right" else m) * param.element_size()
+    return total
+
+
 def _adam_mini_state_bytes(optimizer: AdamMini) -> int:
     """Adam's m (the parameter's shape and dtype), one float32 v per block (float64 for float64
     parameters) and the int64 step, per parameter."""
@@ -331,6 +367,17 @@ def _apollo_mini_bench_groups(named: list[tuple[str, torch.nn.Parameter]]) -> li
     # APOLLO-Mini's: rank 1 (its record's default), tensor-wise scaling, scale 128, gap 200.
     projected, rest = _galore_bench_groups(named)
     return [{**projected, "rank": OPTIMIZERS["apollo_mini"].default_rank, "scale": 128.0, "scale_type": "tensor", "proj": "random"}, rest]
+
+
+def _fira_bench_groups(named: list[tuple[str, torch.nn.Parameter]]) -> list[dict[str, Any]]:
+    # Fira's scripts: GaLore's target matrices and ranks, α = 0.25, gap 200; the rest in AdamW.
+    return _galore_bench_groups(named)
+
+
+def _galore_adafactor_bench_groups(named: list[tuple[str, torch.nn.Parameter]]) -> list[dict[str, Any]]:
+    # GaLore's groups with Adafactor inside (the scripts' setting: a given lr, no relative step
+    # and no parameter scale, set by the bench's lr); the rest in plain Adafactor.
+    return _galore_bench_groups(named)
 
 
 def _frugal_bench_groups(named: list[tuple[str, torch.nn.Parameter]]) -> list[dict[str, Any]]:
@@ -479,6 +526,64 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
             default_rank=1,
             train=Setting(1e-2, refreshes=True),  # rank 1, scale 128 (the factory's)
             fixed_kwargs={"scale": 128.0, "scale_type": "tensor"},
+        ),
+        OptimizerInfo(
+            name="fira",
+            cls=FiraAdamW,
+            summary="Fira (Chen et al. 2024): GaLore plus the residual gradient, scaled per channel and norm-limited",
+            sample_kwargs={"lr": 0.1, "weight_decay": 0.1, "rank": 2, "update_proj_gap": 2, "scale": 0.5},
+            expected_state_bytes=_fira_state_bytes,
+            # No Triton kernels: "torch" is the fast path (backend="triton" raises).
+            backends=("torch",),
+            variants=({}, {"projector": "svd"}, {"optim_bits": 8, "min_8bit_size": 1}),
+            bad_inputs=_COMMON_BAD_INPUTS + (
+                BadInput("rank 0", {"rank": 0}, ValueError, "Invalid rank"),
+                BadInput("two-sided projection", {"proj_type": "full"}, ValueError, "projects one side"),
+                BadInput("non-orthonormal projection", {"projector": "random"}, ValueError, "orthonormal"),
+                BadInput("growth limit below 1", {"growth_limit": 0.5}, ValueError, "growth_limit"),
+                BadInput("beta2 = 1", {"betas": (0.9, 1.0)}, ValueError, "beta parameter at index 1"),
+                BadInput("Triton requested", {"backend": "triton"}, ValueError, "no Triton kernels"),
+            ),
+            position_seeded=True,
+            bench_groups=_fira_bench_groups,
+            target_key="rank",
+            default_rank=128,
+            paper_ranks=GALORE_PAPER_RANKS,  # Fira's scripts: GaLore's
+            train=_GALORE_TRAIN,
+            bench_defaults=(),
+        ),
+        OptimizerInfo(
+            name="galore_adafactor",
+            cls=GaLoreAdafactor,
+            summary="GaLore with Adafactor (galore-torch's GaLoreAdafactor): factored second moment in the subspace",
+            sample_kwargs={"lr": 0.1, "relative_step": False, "weight_decay": 0.1, "rank": 2, "update_proj_gap": 2,
+                           "scale": 0.5},
+            expected_state_bytes=_galore_adafactor_state_bytes,
+            # Its Triton backend runs the torch path's functions (no kernel of its own).
+            backends=("torch",),
+            # The relative step (lr=None, galore-torch's default) and β1 are held to galore-torch
+            # in tests/test_galore_adafactor.py: the shared tests set group lrs and expect lr = 0 to
+            # freeze the weights, which β1's momentum of lr-scaled updates does not (officially).
+            variants=({}, {"projector": "svd"}),
+            bad_inputs=_COMMON_BAD_INPUTS + (
+                BadInput("lr with relative_step", {"relative_step": True}, ValueError, "Cannot combine"),
+                BadInput("no lr without relative_step", {"lr": None}, ValueError, "needs relative_step"),
+                BadInput("warmup_init without relative_step", {"warmup_init": True}, ValueError, "warmup_init"),
+                BadInput("one eps", {"eps": 1e-30}, TypeError, "Invalid eps"),
+                BadInput("zero clip_threshold", {"clip_threshold": 0.0}, ValueError, "clip_threshold"),
+                BadInput("positive decay_rate", {"decay_rate": 0.8}, ValueError, "decay_rate"),
+                BadInput("beta1 = 1", {"beta1": 1.0}, ValueError, "beta1"),
+                BadInput("rank 0", {"rank": 0}, ValueError, "Invalid rank"),
+            ),
+            position_seeded=True,
+            bench_groups=_galore_adafactor_bench_groups,
+            target_key="rank",
+            default_rank=128,
+            paper_ranks=GALORE_PAPER_RANKS,
+            # GaLore's Adafactor runs: a given lr, no relative step or parameter scale.
+            train=Setting(1e-2, {"scale": 0.25, "relative_step": False, "scale_parameter": False}, rank_by_width=True,
+                          refreshes=True),
+            bench_defaults=(),
         ),
         OptimizerInfo(
             name="frugal",

@@ -248,7 +248,7 @@ def test_train_runs_each_low_rank_method_at_the_rank_its_step_benchmark_uses(pre
     hidden = PRESETS[preset].hidden
     model = Decoder(DecoderConfig(hidden=hidden, intermediate=16, layers=1, heads=hidden // 32, seq_len=8))
     named = [(name, torch.nn.Parameter(torch.empty(shape, device="meta"))) for name, shape in PRESETS[preset].shapes()]
-    for name in ("galore_adamw", "natural_galore", "apollo"):
+    for name in ("galore_adamw", "natural_galore", "apollo", "fira", "galore_adafactor"):
         optimizer = build_optimizer(name, model, 1e-3, 100, "torch")
         assert [g["rank"] for g in optimizer.param_groups if g["rank"] is not None] == [rank], name
         assert OPTIMIZERS[name].bench_groups(named)[0]["rank"] == rank, name

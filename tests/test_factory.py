@@ -14,7 +14,9 @@ from memzoo.optim import (
     AdamMini,
     COSMOS,
     FRUGAL,
+    FiraAdamW,
     QZO,
+    GaLoreAdafactor,
     GaLoreAdamW,
     Lion,
     MeZO,
@@ -61,13 +63,15 @@ def _loss(model: torch.nn.Module) -> torch.Tensor:
 EXPECTED = {name.name: torch.optim.AdamW if info is None else info.cls for name, info in factory_names()}
 ISSUE_NAMES = {"adamw": torch.optim.AdamW, "lion": Lion, "galore_adamw": GaLoreAdamW, "galore_adamw_8bit": GaLoreAdamW,
                "natural_galore": NaturalGaLore, "apollo": APOLLO, "apollo_mini": APOLLO, "frugal": FRUGAL,
-               "cosmos": COSMOS, "adam_mini": AdamMini, "mezo": MeZO, "sparse_mezo": SparseMeZO, "qzo": QZO}
+               "cosmos": COSMOS, "adam_mini": AdamMini, "mezo": MeZO, "sparse_mezo": SparseMeZO, "qzo": QZO,
+               "fira": FiraAdamW, "galore_adafactor": GaLoreAdafactor}
 # The papers' rank (density for FRUGAL) on the target matrices when the caller gives none.
 PAPER_DEFAULTS = {"galore_adamw": ("rank", 128), "galore_adamw_8bit": ("rank", 128), "natural_galore": ("rank", 128),
                   "apollo": ("rank", 256), "apollo_mini": ("rank", 1), "frugal": ("density", 0.25),
-                  "cosmos": ("rank", 64)}
-# Keywords a name needs on TinyLM (it has no config): Adam-mini's hidden size and heads.
-MODEL_KWARGS = {"adam_mini": {"dim": 16, "n_heads": 4}}
+                  "cosmos": ("rank", 64), "fira": ("rank", 128), "galore_adafactor": ("rank", 128)}
+# Keywords a name needs on TinyLM (it has no config): Adam-mini's hidden size and heads; a given lr
+# needs Adafactor's relative step off (as galore-torch).
+MODEL_KWARGS = {"adam_mini": {"dim": 16, "n_heads": 4}, "galore_adafactor": {"relative_step": False}}
 
 
 def test_every_issue_name_is_listed_with_a_description() -> None:
