@@ -535,7 +535,8 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
             expected_state_bytes=_fira_state_bytes,
             # No Triton kernels: "torch" is the fast path (backend="triton" raises).
             backends=("torch",),
-            variants=({}, {"projector": "svd"}, {"optim_bits": 8, "min_8bit_size": 1}),
+            # The exact SVD is held to the official package in tests/test_fira.py.
+            variants=({}, {"optim_bits": 8, "min_8bit_size": 1}),
             bad_inputs=_COMMON_BAD_INPUTS + (
                 BadInput("rank 0", {"rank": 0}, ValueError, "Invalid rank"),
                 BadInput("two-sided projection", {"proj_type": "full"}, ValueError, "projects one side"),
@@ -561,14 +562,15 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
             expected_state_bytes=_galore_adafactor_state_bytes,
             # Its Triton backend runs the torch path's functions (no kernel of its own).
             backends=("torch",),
-            # The relative step (lr=None, galore-torch's default) and β1 are held to galore-torch
-            # in tests/test_galore_adafactor.py: the shared tests set group lrs and expect lr = 0 to
-            # freeze the weights, which β1's momentum of lr-scaled updates does not (officially).
-            variants=({}, {"projector": "svd"}),
+            # The exact SVD, the relative step (lr=None, galore-torch's default) and β1 are held to
+            # galore-torch in tests/test_galore_adafactor.py (the shared tests set group lrs and
+            # expect lr = 0 to freeze the weights, which β1's momentum of lr-scaled updates does
+            # not, officially).
+            variants=({},),
             bad_inputs=_COMMON_BAD_INPUTS + (
-                BadInput("lr with relative_step", {"relative_step": True}, ValueError, "Cannot combine"),
+                # (The constructor's own checks, lr with relative_step and warmup_init without it, which
+                # galore-torch does not apply to groups: tests/test_galore_adafactor.py.)
                 BadInput("no lr without relative_step", {"lr": None}, ValueError, "needs relative_step"),
-                BadInput("warmup_init without relative_step", {"warmup_init": True}, ValueError, "warmup_init"),
                 BadInput("one eps", {"eps": 1e-30}, TypeError, "Invalid eps"),
                 BadInput("zero clip_threshold", {"clip_threshold": 0.0}, ValueError, "clip_threshold"),
                 BadInput("positive decay_rate", {"decay_rate": 0.8}, ValueError, "decay_rate"),

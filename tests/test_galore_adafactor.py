@@ -81,6 +81,15 @@ def test_torch_twin_of_the_apply_matches_the_reference(side) -> None:
 
 
 def test_argument_checks() -> None:
+    from memzoo.optim import GaLoreAdafactor
+
+    # galore-torch's constructor checks; its groups are not checked so (a scheduler may write an lr).
+    with pytest.raises(ValueError, match="Cannot combine manual `lr` and `relative_step=True`"):
+        GaLoreAdafactor([torch.nn.Parameter(torch.randn(3))], lr=1e-3)
+    with pytest.raises(ValueError, match="`warmup_init=True` requires `relative_step=True`"):
+        GaLoreAdafactor([torch.nn.Parameter(torch.randn(3))], lr=1e-3, relative_step=False, warmup_init=True)
+    relative = GaLoreAdafactor([{"params": [torch.nn.Parameter(torch.randn(3))], "lr": 0.5}])
+    assert relative.param_groups[0]["lr"] == 0.5 and relative.param_groups[0]["relative_step"]
     weight = torch.randn(6, 4)
     with pytest.raises(ValueError, match="needs lr when relative_step is False"):
         reference.galore_adafactor_step(weight, torch.randn(6, 4), {}, **{**ADAFACTOR_DEFAULTS, "relative_step": False},
