@@ -30,7 +30,8 @@ local rows; a left factor is row-sharded and R = Σ_k P_kᵀ·G_k is all-reduced
   (``random``, ``random_orthonormal``) and coordinates are regenerated on every rank: nothing.
 
 Methods whose sharded step is not in this memzoo (the optimizer refuses DTensor weights it would
-project) are computed from the algebra of the planned scheme and marked ``planned``.
+project: the registry's ``projected_shards`` is False) are computed from the algebra of the
+planned scheme and marked ``planned``.
 """
 
 from __future__ import annotations
@@ -260,7 +261,7 @@ class FsdpEstimate:
     """One optimizer on one model and world size (:func:`fsdp_estimate`)."""
 
     optimizer: str
-    status: str  # "implemented" (the sharded step exists) or "planned"
+    status: str  # "implemented", "planned" or "refused" (:func:`_status`)
     world: int
     cost: WeightCost
     gradient_reduce_scatter: int  # bytes one rank sends for FSDP2's gradient reduce-scatter
@@ -306,12 +307,17 @@ def _build(name: str, named: list[tuple[str, torch.nn.Parameter]],
     return info, info.cls(tuned, **hyper)
 
 
-def _lowrank_status(optimizer: Any, projected: list[tuple[Any, Mapping[str, Any]]]) -> str:
-    """"implemented" when the method's rule steps these projectors on row shards."""
-    check = getattr(optimizer.rule, "sharded_problem", None)
-    if check is None:
+def _status(info: Any, optimizer: Any = None, projected: Sequence[tuple[Any, Mapping[str, Any]]] = ()) -> str:
+    """"implemented" when this memzoo steps the method's weights on FSDP2 row shards (the
+    registry's ``projected_shards`` for the weights it projects), "planned" when it refuses them
+    today, "refused" when the method's rule refuses these settings on shards (e.g. Natural
+    GaLore's history with a right projection)."""
+    if not getattr(info, "projected_shards", False):
         return "planned"
-    return "implemented" if all(check(projector, group) is None for projector, group in projected) else "planned"
+    check = getattr(getattr(optimizer, "rule", None), "sharded_problem", None)
+    if check is not None and any(check(projector, group) is not None for projector, group in projected):
+        return "refused"
+    return "implemented"
 
 
 def fsdp_estimate(name: str, preset: str, world: int, *, dtype: torch.dtype = torch.bfloat16,
@@ -366,7 +372,7 @@ def fsdp_estimate(name: str, preset: str, world: int, *, dtype: torch.dtype = to
                     m, n = param.shape
                     total += cosmos_weight(m, n, world, rank=rank, param_size=size,
                                            ns_size=group["ns_dtype"].itemsize)
-        return FsdpEstimate(name, "planned", world, total, rs, None)
+        return FsdpEstimate(name, _status(info), world, total, rs, None)
     projected = []
     for group in optimizer.param_groups:
         for param in group["params"]:
@@ -389,7 +395,7 @@ def fsdp_estimate(name: str, preset: str, world: int, *, dtype: torch.dtype = to
             else:  # frugal
                 thresholded = group["inactive_update_rule"] == "sign_sgd" and group["inactive_threshold"] > 0
                 total += frugal_weight(m, n, world, thresholded=thresholded, **common)
-    return FsdpEstimate(name, _lowrank_status(optimizer, projected), world, total, rs, interval)
+    return FsdpEstimate(name, _status(info, optimizer, projected), world, total, rs, interval)
 
 
 def _known_settings(name: str) -> set[str]:
