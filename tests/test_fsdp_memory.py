@@ -155,11 +155,12 @@ def _rank0_state_bytes(optimizer: torch.optim.Optimizer) -> int:
                for state in optimizer.state.values() for value in state.values() if isinstance(value, torch.Tensor))
 
 
-def test_rank0_state_of_fully_sharded_tiny_matches_the_formulas() -> None:
+def test_rank0_state_and_collectives_of_fully_sharded_tiny_match_the_formulas(monkeypatch) -> None:
     """Rank 0 of 2, in-process (torch's fake process group: collectives do nothing, shards and
     state have their real shapes): fully_shard the tiny decoder, step every first-order method
-    this memzoo steps on row shards once, and count rank 0's state tensors (a DTensor's local
-    rows). Methods still planned are skipped here: their optimizers refuse the shards."""
+    this memzoo steps on row shards, count rank 0's state tensors (a DTensor's local rows) and
+    record the optimizer's collectives: a refresh step (the first) and a steady one. Methods
+    still planned are skipped here: their optimizers refuse the shards."""
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
     from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -167,8 +168,25 @@ def test_rank0_state_of_fully_sharded_tiny_matches_the_formulas() -> None:
     from memzoo.bench.fsdp_memory import _build
     from memzoo.bench.model import Decoder, DecoderConfig
 
+    recorded = []
+
+    def recorder(kind, collective):
+        def record(tensor, *args, **kwargs):
+            # all_gather_into_tensor(output, input): each rank contributes its input.
+            recorded.append((kind, (args[0] if kind == "all_gather" else tensor).nbytes))
+            return collective(tensor, *args, **kwargs)
+        return record
+
+    def traffic() -> Traffic:
+        total = Traffic(all_reduce=sum(n for kind, n in recorded if kind == "all_reduce"),
+                        all_gather=sum(n for kind, n in recorded if kind == "all_gather"))
+        recorded.clear()
+        return total
+
     assert not dist.is_initialized()
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    monkeypatch.setattr(dist, "all_reduce", recorder("all_reduce", dist.all_reduce))
+    monkeypatch.setattr(dist, "all_gather_into_tensor", recorder("all_gather", dist.all_gather_into_tensor))
     try:
         checked = []
         for name in FSDP_METHODS:
@@ -189,8 +207,12 @@ def test_rank0_state_of_fully_sharded_tiny_matches_the_formulas() -> None:
                 optimizer = torch.optim.AdamW([p for _, p in named], lr=1e-3, foreach=True)
             else:
                 optimizer = _build(name, named, {})[1]
+            recorded.clear()
             optimizer.step()
             assert _rank0_state_bytes(optimizer) == estimate.cost.sharded + estimate.cost.replicated, name
+            assert traffic() == estimate.cost.steady + estimate.cost.refresh, name  # every projector refreshed
+            optimizer.step()
+            assert traffic() == estimate.cost.steady, name
             checked.append(name)
         assert {"adamw", "lion"} <= set(checked)
     finally:
