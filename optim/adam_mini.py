@@ -196,12 +196,17 @@ class AdamMini(MemzooOptimizer):
                     "neuron; give model.named_parameters() for the official partition", UserWarning, stacklevel=5)
 
     # -- partition --------------------------------------------------------------------------
-    def _partition(self, param: torch.Tensor, group: Mapping[str, Any]) -> tuple[BlockPartition, bool]:
-        """``param``'s blocks and whether weight decay applies to it, from its name in ``group``."""
+    def _partition(self, param: torch.Tensor, group: Mapping[str, Any],
+                   param_index: int | None = None) -> tuple[BlockPartition, bool]:
+        """``param``'s blocks and whether weight decay applies to it, from its name in ``group``
+        (found by ``param_index`` when the caller knows it, else by a search of the group)."""
         names = group.get("param_names")
         name = None
         if names is not None:
-            name = next((n for p, n in zip(group["params"], names) if p is param), None)
+            if param_index is not None and group["params"][param_index] is param:
+                name = names[param_index]
+            else:
+                name = next((n for p, n in zip(group["params"], names) if p is param), None)
         key = (name, group["dim"], group["n_heads"], group["block_names"])
         cached = self._partitions.get(param)
         if cached is not None and cached[0] == key:
@@ -218,7 +223,7 @@ class AdamMini(MemzooOptimizer):
         for group_index, group in enumerate(self.param_groups):
             names = group.get("param_names")
             for param_index, param in enumerate(group["params"]):
-                blocks, _ = self._partition(param, group)
+                blocks, _ = self._partition(param, group, param_index)
                 name = names[param_index] if names is not None else f"param {param_index}"
                 out.append((group_index, name, blocks.rule, blocks.blocks))
         return out
@@ -259,7 +264,7 @@ class AdamMini(MemzooOptimizer):
             for param_index, param in enumerate(group["params"]):
                 if param.grad is None:
                     continue
-                blocks, decayed = self._partition(param, group)
+                blocks, decayed = self._partition(param, group, param_index)
                 stored = self.state.get(param)
                 state = self._reconciled_state(param, group, stored, (group_index, param_index), notes)
                 if not state:

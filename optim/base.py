@@ -487,6 +487,9 @@ class MemzooOptimizer(torch.optim.Optimizer):
     # is then refreshed; a history, which starts over): an edit that invalidates one of them
     # drops the set instead of restarting the whole state.
     _rebuilt_units: ClassVar[tuple[tuple[str, ...], ...]] = ()
+    # Whether a group's lr may be None (an optimizer that computes its own step size, as
+    # Adafactor's relative step): the per-step check then lets None through.
+    _lr_optional: ClassVar[bool] = False
 
     # -- state across group edits -----------------------------------------------------------
     def _layout_key(self, param: torch.Tensor, group: Mapping[str, Any]) -> tuple:
@@ -669,6 +672,8 @@ class MemzooOptimizer(torch.optim.Optimizer):
             for key in ("lr", "weight_decay"):
                 value = group.get(key)
                 if key not in group or (type(value) is float and 0.0 <= value < math.inf):  # the fast path
+                    continue
+                if value is None and key == "lr" and self._lr_optional:
                     continue
                 try:
                     if key == "lr":

@@ -3,24 +3,27 @@ Natural GaLore (Das 2024), its natural-gradient variant: two rules of the low-ra
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
-from memzoo.optim.base import Backend, StateSpec, check_int, check_number
+from memzoo.optim.base import Backend, StateSpec, check_int, check_lr, check_number
 from memzoo.optim.lowrank import (
     LowRankOptimizer,
     LowRankRule,
     WeightStep,
     adam_step_size,
+    batch_views,
     low_rank_updates,
 )
 from memzoo.optim.projector import Projector
 from memzoo.optim.quantized_state import MIN_8BIT_SIZE
 from memzoo.reference.common import compute_dtype
 
-__all__ = ["GaLoreAdamW", "GaLoreRule", "NaturalGaLore", "NaturalGaLoreRule"]
+__all__ = ["GaLoreAdafactor", "GaLoreAdafactorRule", "GaLoreAdamW", "GaLoreRule", "NaturalGaLore",
+           "NaturalGaLoreRule"]
 
 
 class GaLoreRule(LowRankRule):
@@ -280,3 +283,210 @@ class NaturalGaLore(LowRankOptimizer):
             if group.setdefault("natural", natural) != natural:
                 raise ValueError(f"proj_type {proj_type!r} contradicts natural={group['natural']!r}; give one")
         return group
+
+
+class GaLoreAdafactorRule(LowRankRule):
+    """GaLore with HF Adafactor as the inner rule (galore-torch's ``GaLoreAdafactor``): factored
+    second moment of the projected gradient R (row and column EMAs), RMS clipping, the relative-
+    step / parameter-scale lr ρ_t, optional β1 momentum of the update; back-projected with α,
+    decay first with ρ_t. Parameters that are not projected get plain Adafactor (factored for
+    ≥2-D, unfactored for vectors), as galore-torch gives them."""
+
+    family = "galore"
+    defaults = dict(lr=None, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8, beta1=None,
+                    scale_parameter=True, relative_step=True, warmup_init=False)
+    kernels = ("galore_adafactor_project_", "galore_adafactor_apply_", "adafactor_update_", "adafactor_lr",
+               "adafactor_beta2")
+    # Whether an exp_avg exists depends on beta1 (None: none); turning β1 on starts it at zero.
+    layout_keys = ("beta1",)
+    rebuilt_units = (("exp_avg",),)
+    # Adafactor's moments are declared in state() (no 8-bit codec for them).
+    moments: Mapping[str, Any] = {}
+    unused_keys = ("betas", "correct_bias")
+    lr_optional = True
+
+    def check_hyperparameters(self, group: Mapping[str, Any]) -> None:
+        for flag in ("scale_parameter", "relative_step", "warmup_init"):
+            if not isinstance(group[flag], bool):
+                raise TypeError(f"Invalid {flag}: expected a bool, got {group[flag]!r}")
+        # A group's lr is ignored under relative_step (as galore-torch's, which checks the two
+        # only among the constructor's arguments): a scheduler or trainer may still write one.
+        if group["lr"] is None:
+            if not group["relative_step"]:
+                raise ValueError("lr=None needs relative_step=True (Adafactor then computes its own step size); "
+                                 "give lr or set relative_step=True")
+        else:
+            check_lr(group["lr"])
+        eps = group["eps"]
+        if not isinstance(eps, (tuple, list)) or len(eps) != 2:
+            raise TypeError(f"Invalid eps: expected a pair (ε1 added to R², ε2 the least parameter scale), got {eps!r}")
+        for index, value in enumerate(eps):
+            check_number(f"eps[{index}]", value)
+        check_number("clip_threshold", group["clip_threshold"])
+        if group["clip_threshold"] <= 0:
+            raise ValueError(f"Invalid clip_threshold: {group['clip_threshold']} (must be > 0)")
+        # β2_t = 1 − t^decay_rate must stay in [0, 1): decay_rate ≤ 0.
+        check_number("decay_rate", group["decay_rate"], low=-math.inf, high=0.0)
+        if group["beta1"] is not None:
+            check_number("beta1", group["beta1"], high=1.0, high_inclusive=False)
+
+    def validate(self, group: Mapping[str, Any]) -> None:
+        if group["optim_bits"] != 32:
+            raise ValueError(f"Invalid optim_bits: {group['optim_bits']!r}; GaLoreAdafactor keeps its factored "
+                             "moments in state_dtype (8-bit moments are for Adam's)")
+
+    def state(self, shape: torch.Size, projector: Projector | None, group: Mapping[str, Any],
+              state_dtype: torch.dtype) -> StateSpec:
+        # galore-torch computes in float32 for 16-bit weights and keeps its moments so.
+        dtype = compute_dtype(state_dtype) if group["state_dtype"] is None else state_dtype
+        if len(shape) >= 2:
+            spec: StateSpec = {"exp_avg_sq_row": (shape[:-1], dtype), "exp_avg_sq_col": (shape[:-2] + shape[-1:], dtype)}
+        else:
+            spec = {"exp_avg_sq": (shape, dtype)}
+        if group["beta1"] is not None:
+            spec["exp_avg"] = (shape, dtype)
+        return spec
+
+    @staticmethod
+    def _hyper(kernels: Any, group: Mapping[str, Any], step: int) -> dict[str, Any]:
+        return dict(beta2=kernels.adafactor_beta2(step + 1, group["decay_rate"]), eps1=group["eps"][0],
+                    clip_threshold=group["clip_threshold"], beta1=group["beta1"], maximize=group["maximize"])
+
+    @staticmethod
+    def _lrs(kernels: Any, group: Mapping[str, Any], items: list[WeightStep]) -> list[torch.Tensor]:
+        """ρ_t of each weight, read (RMS(W) with scale_parameter) before any weight is written."""
+        return [kernels.adafactor_lr(item.param, lr=group["lr"], step=item.step + 1,
+                                     relative_step=group["relative_step"], scale_parameter=group["scale_parameter"],
+                                     warmup_init=group["warmup_init"], eps2=group["eps"][1]) for item in items]
+
+    def update(self, engine: LowRankOptimizer, group: Mapping[str, Any], items: list[WeightStep]) -> None:
+        kernels = engine.kernels(items[0].param.device)
+        lrs = self._lrs(kernels, group, items)
+        updates = low_rank_updates(items)
+        factors = [engine.factors(item) for item in items]
+        lefts, rights = [f[0] for f in factors], [f[1] for f in factors]
+        kernels.galore_adafactor_project_(
+            [item.param.grad.reshape(item.projector.shape) for item in items],
+            [item.state["exp_avg_sq_row"] for item in items], [item.state["exp_avg_sq_col"] for item in items],
+            None if group["beta1"] is None else [item.state["exp_avg"] for item in items], updates, lrs,
+            lefts=lefts, rights=rights, **self._hyper(kernels, group, items[0].step))
+        kernels.galore_adafactor_apply_([item.param for item in items], updates, lrs, lefts=lefts, rights=rights,
+                                        scale=group["scale"], weight_decay=group["weight_decay"])
+
+    def update_dense(self, engine: LowRankOptimizer, group: Mapping[str, Any], items: list[WeightStep]) -> None:
+        """Plain Adafactor: factored over the last two dimensions of ≥2-D tensors (no projection,
+        no α), unfactored for vectors and scalars."""
+        kernels = engine.kernels(items[0].param.device)
+        items = [item for item in items if item.param.numel() > 0]
+        if not items:
+            return
+        hyper = self._hyper(kernels, group, items[0].step)
+        lrs = self._lrs(kernels, group, items)
+        exp_avg = lambda chosen: None if group["beta1"] is None else [i.state["exp_avg"] for i in chosen]  # noqa: E731
+        factored = [(item, lr) for item, lr in zip(items, lrs) if item.param.dim() >= 2]
+        vectors = [(item, lr) for item, lr in zip(items, lrs) if item.param.dim() < 2]
+        if factored:
+            chosen = [item for item, _ in factored]
+            updates = batch_views([tuple(item.param.shape) for item in chosen],
+                                  compute_dtype(chosen[0].param.dtype), chosen[0].param.device)
+            chosen_lrs = [lr for _, lr in factored]
+            kernels.galore_adafactor_project_(
+                [item.param.grad for item in chosen], [item.state["exp_avg_sq_row"] for item in chosen],
+                [item.state["exp_avg_sq_col"] for item in chosen], exp_avg(chosen), updates, chosen_lrs,
+                lefts=None, rights=None, **hyper)
+            kernels.galore_adafactor_apply_([item.param for item in chosen], updates, chosen_lrs, lefts=None,
+                                            rights=None, scale=1.0, weight_decay=group["weight_decay"])
+        if vectors:
+            chosen = [item for item, _ in vectors]
+            kernels.adafactor_update_([item.param for item in chosen], [item.param.grad for item in chosen],
+                                      [item.state["exp_avg_sq"] for item in chosen], exp_avg(chosen),
+                                      [lr for _, lr in vectors], weight_decay=group["weight_decay"], **hyper)
+
+
+class GaLoreAdafactor(LowRankOptimizer):
+    r"""GaLore with an Adafactor inner rule; a drop-in for ``galore_torch.GaLoreAdafactor``
+    (galore-torch 1.0: transformers' Adafactor applied to the projected gradient).
+
+    Param groups are the official ones: a group with a ``rank`` (``{"params": ..., "rank": 128,
+    "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}``) projects its ≥2-D weights;
+    every other parameter gets plain Adafactor (factored over its last two dimensions when ≥2-D,
+    unfactored for vectors). For a projected weight with R = P(G) at step t:
+
+    .. math::
+        \beta_{2,t} = 1 - t^{\text{decay\_rate}};\ r \leftarrow \beta_{2,t} r + (1-\beta_{2,t})\,
+        \overline{(R^2+\epsilon_1)}_{\text{rows}};\ c \leftarrow \beta_{2,t} c + (1-\beta_{2,t})\,
+        \overline{(R^2+\epsilon_1)}_{\text{cols}};\ U = R / \sqrt{r c^\top / \bar r}
+
+    then U ← U / max(1, RMS(U)/d) (d = ``clip_threshold``), U ← ρ_t·U, with ``beta1``
+    m ← β1·m + (1−β1)·U and U = m; W ← W − λ·ρ_t·W (decay first, with ρ_t); W ← W − α·P(U).
+    ρ_t is ``lr``, or with ``relative_step`` min(1e-2, 1/√t) (min(1e-6·t, 1/√t) with
+    ``warmup_init``), times max(ε2, RMS(W)) with ``scale_parameter``. The GaLore scripts' setting
+    is ``lr=…, relative_step=False, scale_parameter=False, warmup_init=False``.
+
+    State per projected weight (R m×r): row EMA m + column EMA r (+ m×r with β1), in float32 for
+    16-bit weights as galore-torch keeps them (or ``state_dtype``); no 8-bit variant.
+    Defaults and validation are galore-torch's (``lr=None`` with ``relative_step=True``; a given
+    lr needs ``relative_step=False`` among the constructor's arguments, while a group's lr is
+    ignored under the relative step, so schedulers and trainers may write one); with ``beta1`` the
+    momentum of lr-scaled updates keeps moving the weights after lr drops to 0, as officially.
+    The projector defaults to ``"randomized"`` as :class:`GaLoreAdamW`'s, ``projector="svd"``
+    being the official one (and with it the official trajectory). Param groups carry no
+    ``betas`` / ``correct_bias`` (Adafactor has none).
+
+    Args:
+        params: parameters or param groups.
+        lr, eps, clip_threshold, decay_rate, beta1, weight_decay, scale_parameter, relative_step,
+            warmup_init: as ``galore_torch.GaLoreAdafactor`` (None, (1e-30, 1e-3), 1.0, -0.8,
+            None, 0.0, True, True, False).
+        rank, update_proj_gap, scale, proj_type, projector, power_iters, oversample, strict_rank,
+            state_dtype, seed, maximize, backend, skip_nonfinite, foreach, fused, capturable,
+            differentiable: as :class:`GaLoreAdamW`.
+    """
+
+    rule = GaLoreAdafactorRule()
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | None = None,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        beta1: float | None = None,
+        weight_decay: float = 0.0,
+        scale_parameter: bool = True,
+        relative_step: bool = True,
+        warmup_init: bool = False,
+        *,
+        rank: int | None = None,
+        update_proj_gap: int = 200,
+        scale: float = 1.0,
+        proj_type: str = "std",
+        projector: str = "randomized",
+        power_iters: int = 2,
+        oversample: int = 8,
+        strict_rank: bool = False,
+        state_dtype: torch.dtype | str | None = None,
+        seed: int = 0,
+        maximize: bool = False,
+        backend: Backend = "auto",
+        skip_nonfinite: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+    ) -> None:
+        # galore-torch's constructor checks (its param groups are not checked so).
+        if lr is not None and relative_step is True:
+            raise ValueError("Cannot combine manual `lr` and `relative_step=True` options (as galore-torch); pass "
+                             "relative_step=False with lr, or lr=None")
+        if warmup_init is True and relative_step is False:
+            raise ValueError("`warmup_init=True` requires `relative_step=True`")
+        defaults = dict(lr=lr, eps=tuple(eps) if isinstance(eps, list) else eps, clip_threshold=clip_threshold,
+                        decay_rate=decay_rate, beta1=beta1, weight_decay=weight_decay,
+                        scale_parameter=scale_parameter, relative_step=relative_step, warmup_init=warmup_init,
+                        rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
+                        projector=projector, power_iters=power_iters, oversample=oversample,
+                        strict_rank=strict_rank, state_dtype=state_dtype, maximize=maximize)
+        super().__init__(params, defaults, seed=seed, backend=backend, skip_nonfinite=skip_nonfinite,
+                         foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable)

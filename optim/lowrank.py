@@ -141,6 +141,20 @@ class LowRankRule:
     signs: ClassVar[str] = "raw"
     # Whether same-shaped projected weights are updated by one batched call (False: one by one).
     batched: ClassVar[bool] = True
+    # Keys of COMMON_DEFAULTS the rule does not read (an inner rule that is not Adam: Adafactor
+    # has no betas): left out of its param groups, so a group never shows a setting with no effect.
+    unused_keys: ClassVar[tuple[str, ...]] = ()
+    # Whether a group's lr may be None (Adafactor's relative step computes its own).
+    lr_optional: ClassVar[bool] = False
+
+    def check_hyperparameters(self, group: Mapping[str, Any]) -> None:
+        """Raise ValueError/TypeError for an invalid value of the inner update's hyperparameters;
+        the default checks Adam's (lr, betas, eps, correct_bias)."""
+        check_lr(group["lr"])
+        check_betas(group["betas"], 2)
+        check_number("eps", group["eps"])
+        if not isinstance(group["correct_bias"], bool):
+            raise TypeError(f"Invalid correct_bias: expected a bool, got {group['correct_bias']!r}")
 
     def validate(self, group: Mapping[str, Any]) -> None:
         """Raise ValueError/TypeError for an invalid value of one of the rule's group keys."""
@@ -213,6 +227,7 @@ class LowRankOptimizer(MemzooOptimizer):
             cls.family = cls.rule.family
             cls._layout_keys = (*cls._COMMON_LAYOUT_KEYS, *cls.rule.layout_keys)
             cls._rebuilt_units = (cls._PROJECTOR_UNIT, *cls.rule.rebuilt_units)
+            cls._lr_optional = cls.rule.lr_optional
 
     def __init__(self, params: Iterable[Any], defaults: Mapping[str, Any], *, seed: int = 0,
                  backend: Backend = "auto", skip_nonfinite: bool = False, foreach: bool | None = None,
@@ -220,26 +235,24 @@ class LowRankOptimizer(MemzooOptimizer):
                  **options: Any) -> None:
         """``defaults``: the class's constructor arguments that are group keys; ``options``:
         further common group keys passed through by the class (``power_iters=``, …)."""
-        allowed = set(COMMON_DEFAULTS) | set(self.rule.defaults)
+        common = {name: value for name, value in COMMON_DEFAULTS.items() if name not in self.rule.unused_keys}
+        allowed = set(common) | set(self.rule.defaults)
         for name in options:
             if name not in allowed or name in defaults:
                 raise TypeError(f"{type(self).__name__} got an unexpected keyword argument {name!r}")
         check_int("seed", seed, low=0, high=2**31)
         self.seed = seed
-        merged = {**COMMON_DEFAULTS, **self.rule.defaults, **defaults, **options}
+        merged = {**common, **self.rule.defaults, **defaults, **options}
         super().__init__(params, merged, backend=backend, skip_nonfinite=skip_nonfinite, foreach=foreach,
                          fused=fused, capturable=capturable, differentiable=differentiable)
 
     # -- validation and state layout ------------------------------------------------------
     def _validate_group(self, group: Mapping[str, Any], group_index: int) -> None:
         self.rule.validate(group)
-        check_lr(group["lr"])
-        check_betas(group["betas"], 2)
-        check_number("eps", group["eps"])
+        self.rule.check_hyperparameters(group)
         check_number("weight_decay", group["weight_decay"])
-        for flag in ("correct_bias", "maximize"):
-            if not isinstance(group[flag], bool):
-                raise TypeError(f"Invalid {flag}: expected a bool, got {group[flag]!r}")
+        if not isinstance(group["maximize"], bool):
+            raise TypeError(f"Invalid maximize: expected a bool, got {group['maximize']!r}")
         if group["optim_bits"] not in (8, 32) or isinstance(group["optim_bits"], bool):
             raise ValueError(f"Invalid optim_bits: {group['optim_bits']!r} (expected 32 or 8)")
         check_int("min_8bit_size", group["min_8bit_size"], low=1)

@@ -170,7 +170,7 @@ def fira_step(param: torch.Tensor, grad: torch.Tensor, state: Mapping[str, torch
     if record:
         state["limiter_norm"] = torch.zeros((), dtype=torch.float32, device=param.device)
     # eq. 7–9: S = (G − α·P·R) ⊙ ‖N_c‖/‖R_c‖, limited; W ← W − η_t·(α·P·N + S); W ← W − lr·λ·W
-    fira_apply_(param, g, update, state["limiter_norm"], lefts=left, rights=right,
+    fira_apply_(param, grad, update, state["limiter_norm"], lefts=left, rights=right,
                 step_size=hf_adam_step_size(lr, betas, correct_bias, step + 1), scale=scale, lr=lr,
                 weight_decay=weight_decay, growth_limit=growth_limit, record_only=record, maximize=maximize)
     return param, state

@@ -158,3 +158,31 @@ def test_torch_module_has_the_reference_names_and_signatures() -> None:
             assert inspect.signature(ours) == inspect.signature(theirs), name
         else:
             assert ours == theirs, name
+
+
+def test_optimizer_follows_the_official_fira_trajectory() -> None:
+    """FiraAdamW (torch backend, exact SVD, the official group keys with ``alpha``) against
+    ``fira.FiraAdamW``: the same setting as the whole-step test, through the engine."""
+    from memzoo.optim import FiraAdamW
+
+    official = official_package("fira")
+    shapes = [(12, 8), (8, 12), (12,)]
+    starts = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
+    theirs = [torch.nn.Parameter(start.clone()) for start in starts]
+    ours = [torch.nn.Parameter(start.clone()) for start in starts]
+    hparams = dict(lr=0.02, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.05)
+    group = {"rank": 3, "update_proj_gap": 3, "alpha": 0.25, "proj_type": "std"}
+    their_optimizer = official.FiraAdamW([{"params": theirs[:2], **group}, {"params": theirs[2:]}],
+                                         no_deprecation_warning=True, **hparams)
+    our_optimizer = FiraAdamW([{"params": ours[:2], **group}, {"params": ours[2:]}], no_deprecation_warning=True,
+                              projector="svd", backend="torch", **hparams)
+    grads = [_grads(shape, 10 + i) for i, shape in enumerate(shapes)]
+    for t in range(len(_GRAD_SCALES)):
+        for params in (theirs, ours):
+            for param, grad in zip(params, grads):
+                param.grad = grad[t].clone()
+        their_optimizer.step()
+        our_optimizer.step()
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=2e-6, atol=1e-6)
+    assert our_optimizer.param_groups[0]["scale"] == 0.25  # alpha, under our name

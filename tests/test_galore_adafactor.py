@@ -81,6 +81,15 @@ def test_torch_twin_of_the_apply_matches_the_reference(side) -> None:
 
 
 def test_argument_checks() -> None:
+    from memzoo.optim import GaLoreAdafactor
+
+    # galore-torch's constructor checks; its groups are not checked so (a scheduler may write an lr).
+    with pytest.raises(ValueError, match="Cannot combine manual `lr` and `relative_step=True`"):
+        GaLoreAdafactor([torch.nn.Parameter(torch.randn(3))], lr=1e-3)
+    with pytest.raises(ValueError, match="`warmup_init=True` requires `relative_step=True`"):
+        GaLoreAdafactor([torch.nn.Parameter(torch.randn(3))], lr=1e-3, relative_step=False, warmup_init=True)
+    relative = GaLoreAdafactor([{"params": [torch.nn.Parameter(torch.randn(3))], "lr": 0.5}])
+    assert relative.param_groups[0]["lr"] == 0.5 and relative.param_groups[0]["relative_step"]
     weight = torch.randn(6, 4)
     with pytest.raises(ValueError, match="needs lr when relative_step is False"):
         reference.galore_adafactor_step(weight, torch.randn(6, 4), {}, **{**ADAFACTOR_DEFAULTS, "relative_step": False},
@@ -92,3 +101,31 @@ def test_argument_checks() -> None:
     with pytest.raises(ValueError, match="exp_avg_sq_row"):
         reference.galore_adafactor_project_(grad, torch.zeros(4), col, None, update, torch.tensor(0.1), **kwargs)
     assert torch.equal(row, torch.zeros(6))  # nothing written
+
+
+@pytest.mark.parametrize("options", [dict(lr=0.01, relative_step=False, scale_parameter=False),
+                                     dict(beta1=0.9, weight_decay=0.1)])
+def test_optimizer_follows_the_official_galore_adafactor_trajectory(options) -> None:
+    """GaLoreAdafactor (torch backend, exact SVD) against galore-torch's GaLoreAdafactor, through
+    the engine: the scripts' setting, and the defaults (relative step, parameter scale) with β1."""
+    from memzoo.optim import GaLoreAdafactor
+
+    official = official_package("galore_torch")
+    shapes = [(12, 8), (8, 12), (12,), (5, 7)]
+    starts = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
+    theirs = [torch.nn.Parameter(start.clone()) for start in starts]
+    ours = [torch.nn.Parameter(start.clone()) for start in starts]
+    group = dict(rank=3, update_proj_gap=3, scale=0.25, proj_type="std")
+    their_optimizer = official.GaLoreAdafactor([{"params": theirs[:2], **group}, {"params": theirs[2:]}], **options)
+    our_optimizer = GaLoreAdafactor([{"params": ours[:2], **group}, {"params": ours[2:]}], projector="svd",
+                                    backend="torch", **options)
+    grads = [_grads(shape, 10 + i) for i, shape in enumerate(shapes)]
+    for t in range(len(_GRAD_SCALES)):
+        for params in (theirs, ours):
+            for param, grad in zip(params, grads):
+                param.grad = grad[t].clone()
+        their_optimizer.step()
+        our_optimizer.step()
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=2e-6, atol=1e-6)
+    assert "betas" not in our_optimizer.param_groups[0]  # Adafactor has none

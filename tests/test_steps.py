@@ -34,10 +34,11 @@ import pytest
 import torch
 from support import assert_close
 
-from memzoo.optim import APOLLO, FRUGAL, GaLoreAdamW, NaturalGaLore
+from memzoo.optim import APOLLO, FRUGAL, FiraAdamW, GaLoreAdafactor, GaLoreAdamW, NaturalGaLore
 from memzoo.reference.apollo import apollo_step
+from memzoo.reference.fira import fira_step
 from memzoo.reference.frugal import frugal_dense_step, frugal_step
-from memzoo.reference.galore import galore_dense_step, galore_step, natural_galore_step
+from memzoo.reference.galore import galore_adafactor_step, galore_dense_step, galore_step, natural_galore_step
 
 STEPS = 5
 GAP = 2
@@ -92,6 +93,20 @@ def frugal(**settings) -> Make:
         inactive_lr_scale=0.5, seed=SEED, maximize=maximize, backend=backend)
 
 
+def fira(**settings) -> Make:
+    return lambda projected, dense, backend, maximize: FiraAdamW(
+        [{"params": projected, "rank": 2, "update_proj_gap": GAP, "alpha": 0.25, **settings},
+         {"params": dense, **DENSE}], **HYPER, seed=SEED, maximize=maximize, backend=backend)
+
+
+def galore_adafactor(**settings) -> Make:
+    # Adafactor has no betas; a given lr needs relative_step=False (a group may turn it back on).
+    return lambda projected, dense, backend, maximize: GaLoreAdafactor(
+        [{"params": projected, "rank": 2, "update_proj_gap": GAP, "scale": 0.25, **settings},
+         {"params": dense, **DENSE}], lr=HYPER["lr"], weight_decay=HYPER["weight_decay"], relative_step=False,
+        seed=SEED, maximize=maximize, backend=backend)
+
+
 METHODS = [
     *[(f"galore-{projector}-{proj_type}", galore(projector=projector, proj_type=proj_type), galore_step)
       for projector in ("svd", "randomized", "random") for proj_type in ("std", "left", "full")],
@@ -115,6 +130,12 @@ METHODS = [
                                              inactive_threshold=0.0, proj_params_lr_scale=0.5), frugal_step),
     ("frugal-coordinates-reverse_std-uncorrected", frugal(projector="coordinates", proj_type="reverse_std",
                                                           correct_bias=False, state_dtype=torch.float32), frugal_step),
+    ("fira", fira(), fira_step),
+    ("fira-svd-reverse_std-growth_limit", fira(projector="svd", proj_type="reverse_std", growth_limit=1.2), fira_step),
+    ("galore_adafactor", galore_adafactor(), galore_adafactor_step),
+    ("galore_adafactor-svd-full-beta1-relative_step",
+     galore_adafactor(projector="svd", proj_type="full", beta1=0.9, relative_step=True, clip_threshold=0.5),
+     galore_adafactor_step),
 ]
 
 
