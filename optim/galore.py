@@ -334,6 +334,11 @@ class GaLoreAdafactorRule(LowRankRule):
     unused_keys = ("betas", "correct_bias")
     lr_optional = True
 
+    def dense_sharded_problem(self, group: Mapping[str, Any]) -> str | None:
+        return ("Adafactor's factored second moment (row and column means), its update clipping (RMS of the "
+                "update) and its relative step (RMS of the weight) reduce over the whole tensor, which FSDP2 / "
+                "tensor parallelism spreads over ranks; use DistributedDataParallel with GaLoreAdafactor")
+
     def check_hyperparameters(self, group: Mapping[str, Any]) -> None:
         for flag in ("scale_parameter", "relative_step", "warmup_init"):
             if not isinstance(group[flag], bool):

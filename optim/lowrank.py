@@ -212,6 +212,11 @@ class LowRankRule:
             return None
         return f"{type(self).__name__}.update has no sharded path (it needs each projected weight whole)"
 
+    def dense_sharded_problem(self, group: Mapping[str, Any]) -> str | None:
+        """Why :meth:`update_dense` cannot step the local shard of a DTensor parameter (None: its
+        math is per element, as AdamW's)."""
+        return None
+
     def on_refresh(self, group: Mapping[str, Any], state: dict[str, Any]) -> None:
         """Called for each weight whose subspace is recomputed this step, before its update;
         GaLore keeps the moments (the official behaviour)."""
@@ -300,10 +305,11 @@ class LowRankOptimizer(MemzooOptimizer):
         if group["optim_bits"] == 8:
             return "8-bit moments (optim_bits=8) are not supported for DTensor parameters; use optim_bits=32"
         projector = self._projector(param, group)
-        if projector is not None:
-            problem = sharding_problem(param) or self.rule.sharded_problem(projector, group)
-            if problem:
-                return f"{problem}. " + whole_matrix_problem(type(self).__name__)
+        if projector is None:
+            return self.rule.dense_sharded_problem(group)
+        problem = sharding_problem(param) or self.rule.sharded_problem(projector, group)
+        if problem:
+            return f"{problem}. " + whole_matrix_problem(type(self).__name__)
         return None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -563,6 +563,8 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
         OptimizerInfo(
             name="galore_adafactor",
             cls=GaLoreAdafactor,
+            # Adafactor reduces over whole tensors (factored moments, clipping, relative step).
+            shards=False,
             summary="GaLore with Adafactor (galore-torch's GaLoreAdafactor): factored second moment in the subspace",
             sample_kwargs={"lr": 0.1, "relative_step": False, "weight_decay": 0.1, "rank": 2, "update_proj_gap": 2,
                            "scale": 0.5},
