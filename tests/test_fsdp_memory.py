@@ -122,7 +122,7 @@ def test_sharded_state_shrinks_and_replicated_parts_stay() -> None:
     # MeZO: nothing but q loss differences; a rank-2048 GaLore on 70B's k_proj (1024 rows) is clamped.
     assert fsdp_estimate("mezo", "70b", 64, settings={"n_samples": 4}).cost.steady == Traffic()
     assert fsdp_estimate("mezo", "70b", 64, settings={"n_samples": 4}).steady_extra == Traffic(all_reduce=16)
-    with pytest.raises(ValueError, match="no FSDP formulas for 'adam_mini'"):
+    with pytest.raises(ValueError, match="no FSDP formulas for 'adam_mini': Adam-mini refuses FSDP2 shards"):
         fsdp_estimate("adam_mini", "350m", 8)
     with pytest.raises(ValueError, match="world"):
         fsdp_estimate("lion", "350m", 0)
