@@ -315,9 +315,9 @@ def _build(name: str, named: list[tuple[str, torch.nn.Parameter]],
     if info.bench_groups is None:
         return info, info.cls([p for _, p in named], **{**info.sample_kwargs, **settings})
     groups = info.bench_groups(named)
-    tuned = [{**group, **settings} if ("rank" in group or "density" in group) else group for group in groups]
-    if tuned == groups:  # no group projects: the settings are the optimizer's defaults
+    if not any("rank" in group or "density" in group for group in groups):  # the settings are defaults
         return info, info.cls(groups, **{**hyper, **settings})
+    tuned = [{**group, **settings} if ("rank" in group or "density" in group) else group for group in groups]
     return info, info.cls(tuned, **hyper)
 
 
@@ -335,12 +335,12 @@ def _status(info: Any, optimizer: Any = None, projected: Sequence[tuple[Any, Map
 
 
 def fsdp_estimate(name: str, preset: str, world: int, *, dtype: torch.dtype = torch.bfloat16,
-                  settings: Mapping[str, Any] | None = None, n_samples: int = 1,
-                  loss_size: int = 4) -> FsdpEstimate:
+                  settings: Mapping[str, Any] | None = None, loss_size: int = 4) -> FsdpEstimate:
     """Per-rank state and communication of optimizer ``name`` (one of :data:`FSDP_METHODS`) on
     preset ``preset`` (:data:`memzoo.bench.presets.SHAPE_PRESETS`) sharded over ``world`` ranks,
     with the registry's benchmark settings (the papers' ranks, which matrices are projected)
-    updated by ``settings``; parameters and moments in ``dtype``. Nothing is allocated."""
+    updated by ``settings``; parameters and moments in ``dtype``; zeroth-order losses of
+    ``loss_size`` bytes. Nothing is allocated."""
     _check_name(name)
     if isinstance(world, bool) or not isinstance(world, int) or world < 1:
         raise ValueError(f"world must be a positive int, got {world!r}")
