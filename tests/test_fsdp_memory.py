@@ -219,3 +219,17 @@ def test_rank0_state_and_collectives_of_fully_sharded_tiny_match_the_formulas(mo
         assert {"adamw", "lion"} <= set(checked)
     finally:
         dist.destroy_process_group()
+
+
+def test_status_follows_what_the_optimizers_step_on_shards() -> None:
+    from memzoo.optim.registry import OPTIMIZERS
+
+    # The registry marks the methods that step projected row shards (absent: none does yet).
+    sharded = getattr(OPTIMIZERS["galore_adamw"], "projected_shards", False)
+    assert fsdp_estimate("galore_adamw", "tiny", 2).status == ("implemented" if sharded else "planned")
+    # Natural GaLore's history of a right projection would be row-sharded: refused on shards.
+    natural_right = fsdp_estimate("natural_galore", "tiny", 2, settings={"proj_type": "right"}).status
+    assert natural_right == ("refused" if getattr(OPTIMIZERS["natural_galore"], "projected_shards", False)
+                             else "planned")
+    assert fsdp_estimate("cosmos", "tiny", 2).status == "planned"
+    assert fsdp_estimate("lion", "tiny", 2).status == fsdp_estimate("mezo", "tiny", 2).status == "implemented"
