@@ -78,7 +78,7 @@ def _triton_runs_on(device: torch.device) -> str | None:
 # ---- kernels ------------------------------------------------------------------------------
 
 def run_kernels(args: argparse.Namespace) -> dict[str, Any]:
-    from memzoo.triton_kernels.registry import KERNELS, as_list, clone_case
+    from memzoo.bench.kernel_cases import KERNELS, as_list, clone_case
 
     device = torch.device(args.device)
     bandwidth = copy_bandwidth(device, args.bandwidth_mib * MIB)

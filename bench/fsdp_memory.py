@@ -254,6 +254,20 @@ def sparse_mezo_weight(shape: Sequence[int], world: int, *, masked: bool) -> Wei
 # The registry names the formulas cover (memzoo-bench memory --fsdp), in table order.
 FSDP_METHODS: tuple[str, ...] = ("adamw", "lion", "galore_adamw", "natural_galore", "apollo", "apollo_mini",
                                  "frugal", "cosmos", "mezo", "sparse_mezo")
+# Optimizer names without formulas, and why.
+_NOT_COVERED = {
+    "galore_adamw_8bit": "8-bit moments are refused on DTensor parameters (use optim_bits=32)",
+    "adam_mini": "Adam-mini refuses FSDP2 shards (a block's mean of g² would span ranks; use DDP)",
+    "qzo": "QZO trains a 4-bit model's scales, which the LLaMA presets do not have (its traffic is MeZO's)",
+    "fira": "Fira's update has no sharded scheme yet (it refuses projected row shards)",
+    "galore_adafactor": "GaLore-Adafactor's update has no sharded scheme yet (it refuses projected row shards)",
+}
+
+
+def _check_name(name: str) -> None:
+    if name not in FSDP_METHODS:
+        reason = _NOT_COVERED.get(name, "unknown name")
+        raise ValueError(f"no FSDP formulas for {name!r}: {reason}; covered: {', '.join(FSDP_METHODS)}")
 
 
 @dataclass
@@ -301,9 +315,9 @@ def _build(name: str, named: list[tuple[str, torch.nn.Parameter]],
     if info.bench_groups is None:
         return info, info.cls([p for _, p in named], **{**info.sample_kwargs, **settings})
     groups = info.bench_groups(named)
-    tuned = [{**group, **settings} if ("rank" in group or "density" in group) else group for group in groups]
-    if tuned == groups:  # no group projects: the settings are the optimizer's defaults
+    if not any("rank" in group or "density" in group for group in groups):  # the settings are defaults
         return info, info.cls(groups, **{**hyper, **settings})
+    tuned = [{**group, **settings} if ("rank" in group or "density" in group) else group for group in groups]
     return info, info.cls(tuned, **hyper)
 
 
@@ -321,14 +335,13 @@ def _status(info: Any, optimizer: Any = None, projected: Sequence[tuple[Any, Map
 
 
 def fsdp_estimate(name: str, preset: str, world: int, *, dtype: torch.dtype = torch.bfloat16,
-                  settings: Mapping[str, Any] | None = None, n_samples: int = 1,
-                  loss_size: int = 4) -> FsdpEstimate:
+                  settings: Mapping[str, Any] | None = None, loss_size: int = 4) -> FsdpEstimate:
     """Per-rank state and communication of optimizer ``name`` (one of :data:`FSDP_METHODS`) on
     preset ``preset`` (:data:`memzoo.bench.presets.SHAPE_PRESETS`) sharded over ``world`` ranks,
     with the registry's benchmark settings (the papers' ranks, which matrices are projected)
-    updated by ``settings``; parameters and moments in ``dtype``. Nothing is allocated."""
-    if name not in FSDP_METHODS:
-        raise ValueError(f"no FSDP formulas for {name!r}; covered: {', '.join(FSDP_METHODS)}")
+    updated by ``settings``; parameters and moments in ``dtype``; zeroth-order losses of
+    ``loss_size`` bytes. Nothing is allocated."""
+    _check_name(name)
     if isinstance(world, bool) or not isinstance(world, int) or world < 1:
         raise ValueError(f"world must be a positive int, got {world!r}")
     if preset not in SHAPE_PRESETS:
@@ -423,8 +436,7 @@ def fsdp_report(names: Sequence[str], preset: str, world: int, *, dtype: torch.d
     ``n_samples`` to the zeroth-order ones); a setting none of them takes is a ValueError."""
     names = ["adamw", *[n for n in names if n != "adamw"]]
     for name in names:
-        if name not in FSDP_METHODS:
-            raise ValueError(f"no FSDP formulas for {name!r}; covered: {', '.join(FSDP_METHODS)}")
+        _check_name(name)
     settings = dict(settings or {})
     known = {name: _known_settings(name) for name in names}
     unused = [key for key in settings if not any(key in keys for keys in known.values())]

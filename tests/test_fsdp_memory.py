@@ -122,7 +122,7 @@ def test_sharded_state_shrinks_and_replicated_parts_stay() -> None:
     # MeZO: nothing but q loss differences; a rank-2048 GaLore on 70B's k_proj (1024 rows) is clamped.
     assert fsdp_estimate("mezo", "70b", 64, settings={"n_samples": 4}).cost.steady == Traffic()
     assert fsdp_estimate("mezo", "70b", 64, settings={"n_samples": 4}).steady_extra == Traffic(all_reduce=16)
-    with pytest.raises(ValueError, match="no FSDP formulas for 'adam_mini'"):
+    with pytest.raises(ValueError, match="no FSDP formulas for 'adam_mini': Adam-mini refuses FSDP2 shards"):
         fsdp_estimate("adam_mini", "350m", 8)
     with pytest.raises(ValueError, match="world"):
         fsdp_estimate("lion", "350m", 0)
@@ -219,3 +219,17 @@ def test_rank0_state_and_collectives_of_fully_sharded_tiny_match_the_formulas(mo
         assert {"adamw", "lion"} <= set(checked)
     finally:
         dist.destroy_process_group()
+
+
+def test_status_follows_what_the_optimizers_step_on_shards() -> None:
+    from memzoo.optim.registry import OPTIMIZERS
+
+    # The registry marks the methods that step projected row shards (absent: none does yet).
+    sharded = getattr(OPTIMIZERS["galore_adamw"], "projected_shards", False)
+    assert fsdp_estimate("galore_adamw", "tiny", 2).status == ("implemented" if sharded else "planned")
+    # Natural GaLore's history of a right projection would be row-sharded: refused on shards.
+    natural_right = fsdp_estimate("natural_galore", "tiny", 2, settings={"proj_type": "right"}).status
+    assert natural_right == ("refused" if getattr(OPTIMIZERS["natural_galore"], "projected_shards", False)
+                             else "planned")
+    assert fsdp_estimate("cosmos", "tiny", 2).status == "planned"
+    assert fsdp_estimate("lion", "tiny", 2).status == fsdp_estimate("mezo", "tiny", 2).status == "implemented"
