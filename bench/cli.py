@@ -233,20 +233,18 @@ def _resolve_step_names(names: Sequence[str]) -> list[tuple[str, Any, dict[str, 
     """(label, registry record, fixed keywords) for each ``--optimizer`` name: every
     :func:`~memzoo.optim.list_optimizers` name (``galore_adamw_8bit`` is GaLoreAdamW with
     ``optim_bits=8``); ``adamw`` is the reference row every table has."""
-    from memzoo.optim.factory import factory_class_and_settings
-    from memzoo.optim.registry import OPTIMIZERS
+    from memzoo.optim.factory import FACTORY_NAMES, factory_class_and_settings
 
     resolved = []
     for name in names:
         key = name.lower()
         if key == "adamw":
             continue
-        if key in OPTIMIZERS:
-            resolved.append((key, OPTIMIZERS[key], {}))
-            continue
-        cls, fixed = factory_class_and_settings(key)
-        info = next(info for info in OPTIMIZERS.values() if info.cls is cls)
-        resolved.append((key, info, fixed))
+        factory_class_and_settings(key)  # a ValueError listing the valid names for an unknown one
+        entry = FACTORY_NAMES[key]
+        # The record's own name keeps its sample keywords (APOLLO-Mini's scale among them); an
+        # alias adds the keywords it fixes (galore_adamw_8bit: optim_bits=8).
+        resolved.append((key, entry.info, {} if key == entry.info.name else dict(entry.fixed)))
     return resolved
 
 

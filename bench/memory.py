@@ -20,14 +20,13 @@ from memzoo.bench.model import DecoderConfig
 from memzoo.bench.presets import DTYPES, PRESETS
 from memzoo.bench.timing import optimizer_state_bytes
 from memzoo.bench.train import TRAIN_SETTINGS, build_model, build_optimizer
+from memzoo.optim.registry import factory_names
 
 __all__ = ["DEFAULT_MEMORY", "analytic_state_bytes", "run_memory"]
 
 MIB = 2**20
-DEFAULT_MEMORY = ("lion", "galore_adamw", "galore_adamw_8bit", "natural_galore", "apollo", "apollo_mini", "frugal",
-                  "cosmos", "adam_mini")
-# create_optimizer names whose analytic count lives under another registry record.
-_REGISTRY_NAME = {"galore_adamw_8bit": "galore_adamw"}
+# From the registry's records (memzoo.optim.registry): the memzoo optimizers memory runs by default.
+DEFAULT_MEMORY = tuple(name.name for name, info in factory_names() if info is not None and name.runs_by_default("memory"))
 
 
 def analytic_state_bytes(name: str, optimizer: torch.optim.Optimizer) -> int:
@@ -41,9 +40,9 @@ def analytic_state_bytes(name: str, optimizer: torch.optim.Optimizer) -> int:
     if name == "adamw":
         return sum(2 * p.numel() * p.element_size() + 4
                    for group in optimizer.param_groups for p in group["params"] if p in optimizer.state)
-    from memzoo.optim.registry import OPTIMIZERS
+    from memzoo.optim.factory import FACTORY_NAMES
 
-    return OPTIMIZERS[_REGISTRY_NAME.get(name, name)].expected_state_bytes(optimizer)
+    return FACTORY_NAMES[name].info.expected_state_bytes(optimizer)
 
 
 def memory_config(preset: str, seq_len: int) -> DecoderConfig:

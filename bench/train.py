@@ -24,7 +24,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,10 @@ import torch
 from memzoo.bench.corpus import Corpus, load_corpus, sample_windows
 from memzoo.bench.model import Decoder, DecoderConfig
 from memzoo.bench.timing import optimizer_state_bytes
+from memzoo.optim.registry import Setting, ZOSetting, factory_names
 
-__all__ = ["TRAIN_PRESETS", "TRAIN_SETTINGS", "RunStore", "TrainPreset", "bracket_lr", "run_train", "run_zo"]
+__all__ = ["DEFAULT_TRAIN", "DEFAULT_ZO", "TRAIN_PRESETS", "TRAIN_SETTINGS", "ZO_SETTINGS", "RunStore", "Setting",
+           "ZOSetting", "TrainPreset", "bracket_lr", "run_train", "run_zo"]
 
 MIB = 2**20
 
@@ -48,7 +50,7 @@ class TrainPreset:
     eval_batches: int
     pretrain_steps: int  # zo: AdamW steps of the cached checkpoint
     zo_steps: int  # zo: fine-tuning steps of each method
-    # zo: the zeroth-order lrs (ZO_SETTINGS, set on tiny) times this; a stable ZO step shrinks
+    # zo: the zeroth-order lrs (their records' ZOSetting, set on tiny) times this; a stable ZO step shrinks
     # as the model grows (the estimate's variance grows with the dimension).
     zo_lr_multiplier: float = 1.0
     # Projector refresh gap of the low-rank methods (None: steps/10 between 10 and 200).
@@ -76,34 +78,10 @@ TRAIN_PRESETS: dict[str, TrainPreset] = {
 }
 
 
-@dataclass(frozen=True)
-class Setting:
-    """How ``train`` runs one optimizer: the centre of its lr sweep and its other keywords
-    (``rank`` as a fraction of the hidden size; the papers' LLaMA settings)."""
-
-    lr: float
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    rank_fraction: float | None = None
-    refreshes: bool = False  # takes update_proj_gap (periodically refreshed subspaces)
-
-
-TRAIN_SETTINGS: dict[str, Setting] = {
-    "adamw": Setting(1e-3),
-    "lion": Setting(2e-4),  # the paper: 3–10× below AdamW's
-    "galore_adamw": Setting(1e-2, {"scale": 0.25}, rank_fraction=0.25, refreshes=True),
-    "galore_adamw_8bit": Setting(1e-2, {"scale": 0.25}, rank_fraction=0.25, refreshes=True),
-    "natural_galore": Setting(1e-2, {"scale": 0.25}, rank_fraction=0.25, refreshes=True),
-    "apollo": Setting(1e-2, {"scale": 1.0}, rank_fraction=0.25, refreshes=True),
-    "apollo_mini": Setting(1e-2, refreshes=True),  # rank 1, scale 128 (the factory's defaults)
-    "fira": Setting(1e-2, {"scale": 0.25}, rank_fraction=0.25, refreshes=True),  # Fira's scripts: GaLore's
-    # GaLore's Adafactor runs: a given lr, no relative step or parameter scale.
-    "galore_adafactor": Setting(1e-2, {"scale": 0.25, "relative_step": False, "scale_parameter": False},
-                                rank_fraction=0.25, refreshes=True),
-    "frugal": Setting(1e-3, refreshes=True),  # density 0.25
-    "cosmos": Setting(1e-3, rank_fraction=0.25),  # tracks its subspace every step
-    "adam_mini": Setting(1e-3),  # the paper: AdamW's lr; dim and heads from the model's config
-}
-DEFAULT_TRAIN = ("lion", "galore_adamw", "natural_galore", "apollo", "apollo_mini", "frugal", "cosmos")
+# Each create_optimizer name's training setting and default membership, from its registry record
+# (memzoo.optim.registry); AdamW, the baseline of every table, first.
+TRAIN_SETTINGS: dict[str, Setting] = {name.name: name.train for name, _ in factory_names() if name.train is not None}
+DEFAULT_TRAIN = tuple(name.name for name, info in factory_names() if info is not None and name.runs_by_default("train"))
 
 
 def _device_peak(device: torch.device) -> float | None:
@@ -136,16 +114,18 @@ def build_model(config: DecoderConfig, device: torch.device, seed: int) -> Decod
 def build_optimizer(name: str, model: Decoder, lr: float, steps: int, backend: str,
                     extra: dict[str, Any] | None = None, update_proj_gap: int | None = None) -> torch.optim.Optimizer:
     """``name`` through ``memzoo.create_optimizer`` with its training setting (weight decay 0 for
-    all, projector refresh every ``update_proj_gap`` steps; by default steps/10, between 10 and
-    200 as GaLore's 200 of 10k steps)."""
+    all, the paper's rank for the model's width where the setting asks, projector refresh every
+    ``update_proj_gap`` steps; by default steps/10, between 10 and 200 as GaLore's 200 of 10k
+    steps)."""
     from memzoo.optim import create_optimizer
+    from memzoo.optim.factory import FACTORY_NAMES
 
     if name not in TRAIN_SETTINGS:
         raise ValueError(f"no training setting for {name!r}; valid: {', '.join(TRAIN_SETTINGS)}")
     setting = TRAIN_SETTINGS[name]
     kwargs: dict[str, Any] = {"weight_decay": 0.0, **setting.kwargs}
-    if setting.rank_fraction is not None:
-        kwargs["rank"] = max(1, round(setting.rank_fraction * model.config.hidden))
+    if setting.rank_by_width:
+        kwargs["rank"] = FACTORY_NAMES[name].info.rank_for_width(model.config.hidden)
     if setting.refreshes:
         kwargs["update_proj_gap"] = update_proj_gap or max(10, min(200, steps // 10))
     if name != "adamw":
@@ -437,20 +417,10 @@ def _compare_to_adamw(rows: list[dict[str, Any]]) -> None:
 
 # ---- zo -------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class ZOSetting:
-    lr: float
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-
-ZO_SETTINGS: dict[str, ZOSetting] = {
-    "mezo": ZOSetting(1e-5, {"eps": 1e-3}),
-    # Fewer coordinates move, so the estimate's variance is lower and a larger step is stable.
-    "sparse_mezo": ZOSetting(1e-4, {"eps": 1e-3, "sparsity": 0.75}),
-    "qzo": ZOSetting(1e-4, {"eps": 1e-3}),
-    "adamw": ZOSetting(3e-4),  # the first-order baseline
-}
-DEFAULT_ZO = ("mezo", "sparse_mezo", "qzo", "adamw")
+# The zeroth-order methods of the registry's records, then the first-order baseline (AdamW).
+_ZO_NAMES = sorted((name for name, _ in factory_names() if name.zo is not None), key=lambda name: name.name == "adamw")
+ZO_SETTINGS: dict[str, ZOSetting] = {name.name: name.zo for name in _ZO_NAMES}
+DEFAULT_ZO = tuple(name.name for name in _ZO_NAMES if name.runs_by_default("zo"))
 
 
 def pretrained_checkpoint(preset_name: str, preset: TrainPreset, corpus: Corpus, device: torch.device,

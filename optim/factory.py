@@ -4,7 +4,6 @@ decay for biases and norms)."""
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -12,25 +11,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["FACTORY_NAMES", "create_optimizer", "factory_class_and_settings", "list_optimizers", "target_parameters"]
+from memzoo.optim.registry import FactoryName, OptimizerInfo, factory_names
+
+__all__ = ["FACTORY_NAMES", "FactoryEntry", "create_optimizer", "factory_class_and_settings", "list_optimizers", "target_parameters"]
 
 # The module names an output head usually has; excluded from the default targets (as PEFT's and
 # Hugging Face's "all-linear" exclude the output layer).
 _HEAD_NAMES = ("lm_head", "head", "output", "classifier", "score")
-
-
-@dataclass(frozen=True)
-class _Entry:
-    summary: str
-    build: _Builder
-    # The group key that switches a group's projection on (None: not a low-rank method).
-    switch: str | None = None
-    # Its value for the target matrices when the caller gives none (the paper's setting).
-    switch_default: Any = None
-    zeroth_order: bool = False
-    # Reads parameter names (Adam-mini's partition): its groups carry (name, tensor) pairs, and the
-    # class's settings_from_model(model) fills keywords the caller left out (hidden size, heads).
-    named: bool = False
 
 
 def _is_head(name: str, module: torch.nn.Module, embedding_weights: set[int]) -> bool:
@@ -89,19 +76,35 @@ def _decay_groups(named: list[tuple[str, torch.nn.Parameter]], no_decay: str | S
 
 
 @dataclass(frozen=True)
-class _Builder:
-    """Builds the class at ``cls_path`` (imported when called) with ``fixed`` keywords;
-    ``layerwise=True`` wraps one instance per parameter in :class:`LayerwiseOptimizer`."""
+class FactoryEntry:
+    """A create_optimizer name: its :class:`~memzoo.optim.registry.FactoryName` and the registry
+    record it builds (None: torch's AdamW)."""
 
-    cls_path: str
-    fixed: Mapping[str, Any]
+    factory_name: FactoryName
+    info: OptimizerInfo | None
+
+    @property
+    def summary(self) -> str:
+        return self.factory_name.summary
+
+    @property
+    def fixed(self) -> Mapping[str, Any]:
+        return self.factory_name.fixed
+
+    @property
+    def zeroth_order(self) -> bool:
+        return self.info is not None and self.info.zeroth_order
+
+    @property
+    def named(self) -> bool:
+        return self.info is not None and self.info.named_params
 
     def optimizer_class(self) -> type[torch.optim.Optimizer]:
-        module_name, _, attr = self.cls_path.rpartition(".")
-        return getattr(importlib.import_module(module_name), attr)
+        return torch.optim.AdamW if self.info is None else self.info.cls
 
-    def __call__(self, groups: list[dict[str, Any]], *, layerwise: bool = False,
-                 **kwargs: Any) -> torch.optim.Optimizer:
+    def build(self, groups: list[dict[str, Any]], *, layerwise: bool = False, **kwargs: Any) -> torch.optim.Optimizer:
+        """The class built with the name's fixed keywords; ``layerwise=True`` wraps one instance
+        per parameter in :class:`LayerwiseOptimizer`."""
         cls = self.optimizer_class()
         if layerwise:
             from memzoo.optim.layerwise import LayerwiseOptimizer
@@ -110,41 +113,8 @@ class _Builder:
         return cls(groups, **{**self.fixed, **kwargs})
 
 
-def _build(cls_path: str, **fixed: Any) -> _Builder:
-    return _Builder(cls_path, fixed)
-
-
-FACTORY_NAMES: dict[str, _Entry] = {
-    "adamw": _Entry("torch.optim.AdamW (passthrough, with the same param groups)", _build("torch.optim.AdamW")),
-    "lion": _Entry("Lion (Chen et al. 2023): sign of interpolated momentum, 1 state element per parameter",
-                   _build("memzoo.optim.Lion")),
-    "galore_adamw": _Entry("GaLore (Zhao et al. 2024): AdamW in a refreshed rank-r gradient subspace",
-                           _build("memzoo.optim.GaLoreAdamW"), "rank", 128),
-    "galore_adamw_8bit": _Entry("GaLore with 8-bit (bitsandbytes blockwise) moments",
-                                _build("memzoo.optim.GaLoreAdamW", optim_bits=8), "rank", 128),
-    "natural_galore": _Entry("Natural GaLore (Das 2024): GaLore with a Woodbury natural-gradient preconditioner",
-                             _build("memzoo.optim.NaturalGaLore"), "rank", 128),
-    "apollo": _Entry("APOLLO (Zhu et al. 2025): channel-wise AdamW scaling estimated in a random rank-r space",
-                     _build("memzoo.optim.APOLLO"), "rank", 256),
-    "apollo_mini": _Entry("APOLLO-Mini: rank 1, one tensor-wise scaling factor (SGD-like memory)",
-                          _build("memzoo.optim.APOLLO", scale=128.0, scale_type="tensor"), "rank", 1),
-    "fira": _Entry("Fira (Chen et al. 2024): GaLore plus the residual gradient, scaled per channel and norm-limited",
-                   _build("memzoo.optim.FiraAdamW"), "rank", 128),
-    "galore_adafactor": _Entry("GaLore with Adafactor (galore-torch's GaLoreAdafactor): factored second moment in "
-                               "the subspace", _build("memzoo.optim.GaLoreAdafactor"), "rank", 128),
-    "frugal": _Entry("FRUGAL (Zmushko et al. 2024): Adam in a subspace, signSGD on the rest",
-                     _build("memzoo.optim.FRUGAL"), "density", 0.25),
-    "cosmos": _Entry("COSMOS (Liu et al. 2025): SOAP in the leading eigensubspace, Muon on the complement",
-                     _build("memzoo.optim.COSMOS"), "rank", 64),
-    "adam_mini": _Entry("Adam-mini (Zhang et al. 2024): Adam with one second moment per block (head, neuron, tensor)",
-                        _build("memzoo.optim.AdamMini"), named=True),
-    "mezo": _Entry("MeZO (Malladi et al. 2023): zeroth-order SGD from two forward passes, inference memory",
-                   _build("memzoo.optim.MeZO"), zeroth_order=True),
-    "sparse_mezo": _Entry("Sparse-MeZO (Liu et al. 2024): MeZO on the small-magnitude weights of each layer",
-                          _build("memzoo.optim.SparseMeZO"), zeroth_order=True),
-    "qzo": _Entry("QZO (Shang et al. 2025): zeroth-order fine-tuning of a 4-bit model through its scales",
-                  _build("memzoo.optim.QZO"), zeroth_order=True),
-}
+# Derived from the registry's records (memzoo.optim.registry): add a name there, not here.
+FACTORY_NAMES: dict[str, FactoryEntry] = {name.name: FactoryEntry(name, info) for name, info in factory_names()}
 
 
 def list_optimizers() -> dict[str, str]:
@@ -158,7 +128,7 @@ def factory_class_and_settings(name: str) -> tuple[type[torch.optim.Optimizer], 
     entry = FACTORY_NAMES.get(name.lower())
     if entry is None:
         raise ValueError(f"Unknown optimizer {name!r}; valid names: {', '.join(FACTORY_NAMES)}")
-    return entry.build.optimizer_class(), dict(entry.build.fixed)
+    return entry.optimizer_class(), dict(entry.fixed)
 
 
 def create_optimizer(
@@ -225,9 +195,10 @@ def create_optimizer(
                   for g in _decay_groups(named, no_decay, weight_decay)]
         if not groups:
             raise ValueError(f"{type(model).__name__} has no trainable parameters")
-        kwargs = {**entry.build.optimizer_class().settings_from_model(model, kwargs), **kwargs}
+        kwargs = {**entry.optimizer_class().settings_from_model(model, kwargs), **kwargs}
         return entry.build(groups, **({} if weight_decay is None else {"weight_decay": weight_decay}), **kwargs)
-    if entry.switch is None:
+    switch = None if entry.info is None else entry.info.target_key
+    if switch is None:
         groups = _decay_groups(named, no_decay, weight_decay)
         if not groups:
             raise ValueError(f"{type(model).__name__} has no trainable parameters")
@@ -238,10 +209,10 @@ def create_optimizer(
             f"no target matrices for {key}: target_modules={target_modules!r} matched no trainable nn.Linear "
             "layer (names are those of model.named_modules())"
         )
-    switch_value = kwargs.pop(entry.switch, entry.switch_default)
+    switch_value = kwargs.pop(switch, entry.info.default_rank)
     target_ids = {id(p) for p in targets}
     rest = [(n, p) for n, p in named if id(p) not in target_ids]
-    groups = [{"params": targets, entry.switch: switch_value,
+    groups = [{"params": targets, switch: switch_value,
                **({} if weight_decay is None else {"weight_decay": weight_decay})}]
-    groups += [{**g, entry.switch: None} for g in _decay_groups(rest, no_decay, weight_decay)]
+    groups += [{**g, switch: None} for g in _decay_groups(rest, no_decay, weight_decay)]
     return entry.build(groups, **({} if weight_decay is None else {"weight_decay": weight_decay}), **kwargs)

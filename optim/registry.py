@@ -1,11 +1,34 @@
-"""The one table of memzoo optimizers. Shared tests and the benchmark iterate over it, so an
-optimizer gets the whole contract suite (closures, state_dict round-trips, bad input, backend
-equivalence, state accounting) by adding a record here."""
+"""One record per memzoo optimizer (:class:`OptimizerInfo`); every other table of names derives
+from these records: ``create_optimizer``'s names and defaults (:mod:`memzoo.optim.factory`),
+``memzoo-bench``'s settings and default lists (:mod:`memzoo.bench.train`, :mod:`memzoo.bench.memory`,
+``memzoo-bench step``'s paper groups), and the shared tests (closures, state_dict round-trips, bad
+input, backend equivalence, state accounting), which iterate over :data:`OPTIMIZERS`.
+
+How to add a record: append an ``OptimizerInfo`` to :data:`OPTIMIZERS` below with
+
+- ``name`` (its ``create_optimizer`` name), ``cls``, a one-line ``summary`` (what
+  ``list_optimizers`` shows), ``sample_kwargs`` that make a test step visible, and
+  ``expected_state_bytes`` (the paper's state count, checked against the optimizer's real state);
+- for a low-rank method: ``target_key`` (the group key that turns projection on, ``"rank"`` or
+  ``"density"``), ``default_rank`` (its value on ``create_optimizer``'s target matrices) and,
+  where the paper trains at several widths, ``paper_ranks``; ``bench_groups`` for
+  ``memzoo-bench step``;
+- ``train`` (a :class:`Setting`: ``memzoo-bench train`` / ``memory``) or ``zo`` (a
+  :class:`ZOSetting`: ``memzoo-bench zo``) so that the benchmark runs it (by default, as
+  ``bench_defaults`` says);
+- ``fixed_kwargs`` / ``aliases``: keywords ``create_optimizer`` fixes under the record's name, and
+  further names for the same class with fixed keywords (``galore_adamw_8bit``);
+  ``named_params`` if the class reads parameter names (Adam-mini);
+- test metadata: ``variants``, ``bad_inputs``, ``backends``, ``param_dtypes``,
+  ``trajectory_atol``, ``requires_closure``, ``position_seeded``, ``zeroth_order``, ``shards``.
+
+Nothing else needs editing: the factory, the benchmark and the contract tests pick the record up.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +47,8 @@ from memzoo.reference.adam_mini import partition as adam_mini_partition
 from memzoo.reference.common import compute_dtype
 from memzoo.reference.projector import SEEDED_METHODS, side_length
 
-__all__ = ["OPTIMIZERS", "BadInput", "OptimizerInfo", "get_optimizer_info"]
+__all__ = ["GALORE_PAPER_RANKS", "OPTIMIZERS", "TORCH_ADAMW", "BadInput", "FactoryName",
+           "OptimizerInfo", "Setting", "ZOSetting", "factory_names", "get_optimizer_info", "rank_for_width"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +59,62 @@ class BadInput:
     kwargs: Mapping[str, Any]
     error: type[Exception]
     match: str
+
+
+# The repr of these two is part of a stored benchmark run's identity (memzoo.bench.train.RunStore):
+# a changed setting is a new run, never a reused one.
+@dataclass(frozen=True)
+class Setting:
+    """How ``memzoo-bench train`` (and ``memory``) runs an optimizer: the centre of its lr sweep
+    and its other keywords; ``rank_by_width``: the rank of the model's width
+    (:func:`rank_for_width`); ``refreshes``: takes ``update_proj_gap`` (periodically refreshed
+    subspaces)."""
+
+    lr: float
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    rank_by_width: bool = False
+    refreshes: bool = False
+
+
+@dataclass(frozen=True)
+class ZOSetting:
+    """How ``memzoo-bench zo`` fine-tunes with an optimizer: its (centre) lr on the tiny preset
+    and its other keywords."""
+
+    lr: float
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FactoryName:
+    """A name :func:`memzoo.optim.create_optimizer` takes: the class of its record built with
+    ``fixed`` keywords; ``train`` / ``zo``: the benchmark's settings (None: the command does not
+    run it); ``bench_defaults``: the ``memzoo-bench`` commands that run it without being asked
+    (None: ``train`` and ``memory`` when it has a train setting, ``zo`` when it has a zo one)."""
+
+    name: str
+    summary: str
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    train: Setting | None = None
+    zo: ZOSetting | None = None
+    bench_defaults: tuple[str, ...] | None = None
+
+    def runs_by_default(self, command: str) -> bool:
+        """Whether ``memzoo-bench COMMAND`` (train, memory, zo) runs this name by default."""
+        if self.bench_defaults is not None:
+            return command in self.bench_defaults
+        return self.zo is not None if command == "zo" else self.train is not None
+
+
+def rank_for_width(paper_ranks: Mapping[int, int], hidden: int) -> int:
+    """The paper's rank for a model of width ``hidden``; a quarter of the width (GaLore's 60M and
+    1B ratio) at widths the paper did not train."""
+    return paper_ranks.get(hidden, max(1, hidden // 4))
+
+
+# GaLore's C4 pretraining ranks by model width (60M: 128; 130M, 350M: 256; 1B: 1024); APOLLO's
+# scripts train at the same ranks (60M: 128, 350M: 256).
+GALORE_PAPER_RANKS: Mapping[int, int] = {512: 128, 768: 256, 1024: 256, 2048: 1024}
 
 
 @dataclass(frozen=True)
@@ -54,7 +134,7 @@ class OptimizerInfo:
     requires_closure: bool = False
     # Per-weight random streams are seeded with ``seed`` + the weight's position in the optimizer.
     position_seeded: bool = False
-    # Param groups for memzoo-bench on a preset, from (name, parameter) pairs.
+    # Param groups for memzoo-bench step on a preset, from (name, parameter) pairs.
     bench_groups: Callable[[list[tuple[str, torch.nn.Parameter]]], list[dict[str, Any]]] | None = None
     # Absolute difference allowed between the backends' parameters after the trajectory test's
     # steps, on top of the dtype's rounding (COSMOS: bf16 Newton–Schulz rounded in another order).
@@ -65,6 +145,33 @@ class OptimizerInfo:
     # Steps FSDP2 / tensor-parallel (DTensor) parameters on their shards; False: refuses them at
     # construction with the fix (DDP), which tests/test_distributed.py checks instead.
     shards: bool = True
+    # The group key that turns a group's projection on ("rank", "density"; None: not a low-rank
+    # method) and its value on create_optimizer's target matrices when the caller gives none.
+    target_key: str | None = None
+    default_rank: float | None = None
+    # The ranks the paper trains at, by model width (memzoo-bench's paper groups and train runs).
+    paper_ranks: Mapping[int, int] = field(default_factory=dict)
+    # memzoo-bench settings of the record's own name (see FactoryName).
+    train: Setting | None = None
+    zo: ZOSetting | None = None
+    bench_defaults: tuple[str, ...] | None = None
+    # Reads parameter names (Adam-mini's partition): create_optimizer gives its groups (name,
+    # tensor) pairs, and the class's settings_from_model(model) fills keywords the caller left
+    # out (hidden size, heads).
+    named_params: bool = False
+    # Keywords create_optimizer fixes under the record's own name (APOLLO-Mini's scale), and
+    # further create_optimizer names for the same class with their own fixed keywords.
+    fixed_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    aliases: tuple[FactoryName, ...] = ()
+
+    def factory_names(self) -> tuple[FactoryName, ...]:
+        """The create_optimizer names of this record: its own, then its aliases."""
+        own = FactoryName(self.name, self.summary, self.fixed_kwargs, self.train, self.zo, self.bench_defaults)
+        return (own, *self.aliases)
+
+    def rank_for_width(self, hidden: int) -> int:
+        """The rank for a model of width ``hidden`` (:func:`rank_for_width` of ``paper_ranks``)."""
+        return rank_for_width(self.paper_ranks, hidden)
 
 
 def _stepped(optimizer: MemzooOptimizer):
@@ -87,8 +194,10 @@ def _moment_bytes(optimizer: GaLoreAdamW, numel: int, param: torch.Tensor, group
 
 
 def _galore_state_bytes(optimizer: GaLoreAdamW) -> int:
-    """GaLore's count (ALGORITHMS.md §1): per projected m×n weight, moments max(m,n)·r each and
-    the factor r·min(m,n) ("std"); plain AdamW moments elsewhere; int64 step and seed scalars."""
+    """GaLore's count (Zhao et al. 2024; the state galore-torch keeps): per projected m×n weight
+    with proj_type "std", Adam moments of the projected gradient, max(m,n)·r values each, and the
+    projection factor, r·min(m,n) values (none when it is regenerated from its seed); plain AdamW
+    moments elsewhere; int64 step and seed scalars."""
     total = 0
     for param, group in _stepped(optimizer):
         total += 8  # step
@@ -106,8 +215,10 @@ def _galore_state_bytes(optimizer: GaLoreAdamW) -> int:
 
 
 def _natural_galore_state_bytes(optimizer: NaturalGaLore) -> int:
-    """ALGORITHMS.md §2, two-sided: per projected m×n weight, factors (m + n)·r, moments 2r², a
-    history of s·r² values; plain AdamW elsewhere; int64 step, seed and history-count scalars."""
+    """Natural GaLore's two-sided (Tucker) projection as the official SubSpaceAdamW keeps it: per
+    projected m×n weight, the factors U₁ (m×r) and U₂ (n×r), Adam moments of the r×r projected
+    gradient (2r²), a history of s = natural_history projected gradients (s·r² values); plain
+    AdamW elsewhere; int64 step, seed and history-count scalars."""
     total = 0
     for param, group in _stepped(optimizer):
         moment_size = optimizer._state_dtype(param, group).itemsize
@@ -125,9 +236,10 @@ def _natural_galore_state_bytes(optimizer: NaturalGaLore) -> int:
 
 
 def _apollo_state_bytes(optimizer: APOLLO) -> int:
-    """ALGORITHMS.md §3 with the projection regenerated from its seed: GaLore's count (moments
-    max(m,n)·r, int64 step and seed, a stored factor only for proj="svd"/"randomized") plus the
-    limiter's fp32 norm per projected weight unless disable_nl."""
+    """APOLLO's state (Zhu et al. 2025; apollo-torch's) with the random projection regenerated
+    from its seed instead of stored: GaLore's count (moments max(m,n)·r, int64 step and seed, a
+    stored factor only for proj="svd"/"randomized") plus the norm-growth limiter's fp32 norm of
+    the last update per projected weight unless disable_nl."""
     limited = sum(1 for param, group in _stepped(optimizer)
                   if optimizer._projector(param, group) is not None and not group["disable_nl"])
     return _galore_state_bytes(optimizer) + 4 * limited
@@ -141,9 +253,9 @@ def _fira_state_bytes(optimizer: FiraAdamW) -> int:
 
 
 def _galore_adafactor_state_bytes(optimizer: GaLoreAdafactor) -> int:
-    """ALGORITHMS.md §1 (Adafactor variant): per projected m×n weight (R of shape a×b: m×r for
-    "std" when m ≥ n) a row EMA a + column EMA b (+ a·b with β1), the factor r·min(m,n), int64
-    step and seed; elsewhere plain Adafactor: rows + columns over the last two dimensions of a
+    """galore-torch's GaLoreAdafactor state (transformers' Adafactor in the subspace): per
+    projected m×n weight (R of shape a×b: m×r for "std" when m ≥ n) a row EMA a + column EMA b
+    (+ a·b with β1), the factor r·min(m,n), int64 step and seed; elsewhere plain Adafactor: rows + columns over the last two dimensions of a
     ≥2-D tensor, the whole tensor for a vector (+ the tensor with β1). Moments in float32 (float64
     for float64 weights) unless state_dtype is set."""
     total = 0
@@ -208,10 +320,12 @@ def _cosmos_state_bytes(optimizer: COSMOS) -> int:
 
 
 def _frugal_state_bytes(optimizer: FRUGAL) -> int:
-    """ALGORITHMS.md §4: per projected m×n weight, moments of the r-dimensional subspace (r =
-    round(ρ·n) columns, or ρ·m rows; ⌊ρ·n⌋ for coordinates), a stored basis for svd/randomized (r values per row or
-    column of the side) or the r int64 indices for coordinates, int64 step, adam_step and seed;
-    torch-AdamW moments elsewhere."""
+    """FRUGAL's state (Zmushko et al. 2024; the official code's projection optimizers): per
+    projected m×n weight, Adam moments of the r-dimensional state-full subspace (r = round(ρ·n)
+    columns, or ρ·m rows; ⌊ρ·n⌋ for coordinates, as its RandK), a stored basis for
+    svd/randomized (r values per row or column of the side) or the r int64 indices for
+    coordinates, int64 step, adam_step and seed; torch-AdamW moments elsewhere (the state-free
+    signSGD part keeps nothing)."""
     total = 0
     for param, group in _stepped(optimizer):
         total += 8  # step
@@ -228,19 +342,15 @@ def _frugal_state_bytes(optimizer: FRUGAL) -> int:
     return total
 
 
-# GaLore's C4 pretraining ranks by model width (60M: 128; 130M, 350M: 256; 1B: 1024).
-PAPER_RANKS = {512: 128, 768: 256, 1024: 256, 2048: 1024}
-
-
 def _galore_bench_groups(named: list[tuple[str, torch.nn.Parameter]]) -> list[dict[str, Any]]:
     # The paper's setting: attention and MLP matrices projected at the paper's rank for the
-    # width (a quarter of the width otherwise), scale 0.25, gap 200; embeddings, head and norms
-    # in plain AdamW. proj_type is left to the optimizer's default.
+    # width, scale 0.25, gap 200; embeddings, head and norms in plain AdamW. proj_type is left to
+    # the optimizer's default.
     def is_projected(name: str, param: torch.nn.Parameter) -> bool:
         return ("attn" in name or "mlp" in name) and param.dim() == 2
 
     hidden = next(p.shape[0] for name, p in named if name.endswith("input_layernorm"))
-    rank = PAPER_RANKS.get(hidden, max(1, hidden // 4))
+    rank = rank_for_width(GALORE_PAPER_RANKS, hidden)
     return [{"params": [p for n, p in named if is_projected(n, p)], "rank": rank, "update_proj_gap": 200,
              "scale": 0.25},
             {"params": [p for n, p in named if not is_projected(n, p)]}]
@@ -254,9 +364,9 @@ def _apollo_bench_groups(named: list[tuple[str, torch.nn.Parameter]]) -> list[di
 
 
 def _apollo_mini_bench_groups(named: list[tuple[str, torch.nn.Parameter]]) -> list[dict[str, Any]]:
-    # APOLLO-Mini's: rank 1, tensor-wise scaling, scale 128, gap 200.
+    # APOLLO-Mini's: rank 1 (its record's default), tensor-wise scaling, scale 128, gap 200.
     projected, rest = _galore_bench_groups(named)
-    return [{**projected, "rank": 1, "scale": 128.0, "scale_type": "tensor", "proj": "random"}, rest]
+    return [{**projected, "rank": OPTIMIZERS["apollo_mini"].default_rank, "scale": 128.0, "scale_type": "tensor", "proj": "random"}, rest]
 
 
 def _fira_bench_groups(named: list[tuple[str, torch.nn.Parameter]]) -> list[dict[str, Any]]:
@@ -284,6 +394,9 @@ def _adam_mini_bench_groups(named: list[tuple[str, torch.nn.Parameter]]) -> list
     return [{"params": list(named), "dim": hidden, "n_heads": max(1, hidden // 64)}]
 
 
+# The papers' LLaMA settings for memzoo-bench train: GaLore's scale 0.25 at the width's rank.
+_GALORE_TRAIN = Setting(1e-2, {"scale": 0.25}, rank_by_width=True, refreshes=True)
+
 _COMMON_BAD_INPUTS = (
     BadInput("negative lr", {"lr": -1e-3}, ValueError, "Invalid lr"),
     BadInput("NaN lr", {"lr": float("nan")}, ValueError, "Invalid lr"),
@@ -304,6 +417,7 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
             cls=Lion,
             summary="Lion (Chen et al. 2023): sign of interpolated momentum, 1 state element per parameter",
             sample_kwargs={"lr": 1e-2, "betas": (0.9, 0.99), "weight_decay": 0.1},
+            train=Setting(2e-4),  # the paper: 3–10× below AdamW's
             expected_state_bytes=_lion_state_bytes,
             variants=({}, {"momentum_dtype": torch.float32}, {"momentum_dtype": torch.bfloat16}),
             bad_inputs=_COMMON_BAD_INPUTS + (
@@ -341,6 +455,13 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
             ),
             position_seeded=True,
             bench_groups=_galore_bench_groups,
+            target_key="rank",
+            default_rank=128,
+            paper_ranks=GALORE_PAPER_RANKS,
+            train=_GALORE_TRAIN,
+            # Not in train's default list: its loss is GaLore's; memory shows what 8 bits save.
+            aliases=(FactoryName("galore_adamw_8bit", "GaLore with 8-bit (bitsandbytes blockwise) moments",
+                                 fixed={"optim_bits": 8}, train=_GALORE_TRAIN, bench_defaults=("memory",)),),
         ),
         OptimizerInfo(
             name="natural_galore",
@@ -361,11 +482,15 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
             ),
             position_seeded=True,
             bench_groups=_galore_bench_groups,
+            target_key="rank",
+            default_rank=128,
+            paper_ranks=GALORE_PAPER_RANKS,  # its C4 scripts: 60M r=128, 130M/350M r=256, 1B r=1024
+            train=_GALORE_TRAIN,
         ),
         OptimizerInfo(
             name="apollo",
             cls=APOLLO,
-            summary="APOLLO (Zhu et al. 2025): AdamW-like steps from channel-wise scaling estimated in a random rank-r space",
+            summary="APOLLO (Zhu et al. 2025): channel-wise AdamW scaling estimated in a random rank-r space",
             sample_kwargs={"lr": 0.1, "weight_decay": 0.1, "rank": 2, "update_proj_gap": 2, "scale": 4.0},
             expected_state_bytes=_apollo_state_bytes,
             variants=({}, {"proj": "svd"}, {"scale_type": "tensor", "scale_front": True}, {"disable_nl": True},
@@ -382,17 +507,25 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
             ),
             position_seeded=True,
             bench_groups=_apollo_bench_groups,
+            target_key="rank",
+            default_rank=256,  # the README's (1B, 7B)
+            paper_ranks=GALORE_PAPER_RANKS,  # its scripts: 60M r=128, 350M r=256
+            train=Setting(1e-2, {"scale": 1.0}, rank_by_width=True, refreshes=True),
         ),
         OptimizerInfo(
             name="apollo_mini",
             cls=APOLLO,
-            summary="APOLLO-Mini: APOLLO at rank 1 with one tensor-wise scaling factor (SGD-like memory)",
+            summary="APOLLO-Mini: rank 1, one tensor-wise scaling factor (SGD-like memory)",
             sample_kwargs={"lr": 0.1, "weight_decay": 0.1, "rank": 1, "update_proj_gap": 2, "scale": 128.0,
                            "scale_type": "tensor"},
             expected_state_bytes=_apollo_state_bytes,
             bad_inputs=_COMMON_BAD_INPUTS,
             position_seeded=True,
             bench_groups=_apollo_mini_bench_groups,
+            target_key="rank",
+            default_rank=1,
+            train=Setting(1e-2, refreshes=True),  # rank 1, scale 128 (the factory's)
+            fixed_kwargs={"scale": 128.0, "scale_type": "tensor"},
         ),
         OptimizerInfo(
             name="fira",
@@ -414,6 +547,11 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
             ),
             position_seeded=True,
             bench_groups=_fira_bench_groups,
+            target_key="rank",
+            default_rank=128,
+            paper_ranks=GALORE_PAPER_RANKS,  # Fira's scripts: GaLore's
+            train=_GALORE_TRAIN,
+            bench_defaults=(),
         ),
         OptimizerInfo(
             name="galore_adafactor",
@@ -441,11 +579,18 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
             ),
             position_seeded=True,
             bench_groups=_galore_adafactor_bench_groups,
+            target_key="rank",
+            default_rank=128,
+            paper_ranks=GALORE_PAPER_RANKS,
+            # GaLore's Adafactor runs: a given lr, no relative step or parameter scale.
+            train=Setting(1e-2, {"scale": 0.25, "relative_step": False, "scale_parameter": False}, rank_by_width=True,
+                          refreshes=True),
+            bench_defaults=(),
         ),
         OptimizerInfo(
             name="frugal",
             cls=FRUGAL,
-            summary="FRUGAL (Zmushko et al. 2024): Adam in a subspace, signSGD on the rest of each gradient",
+            summary="FRUGAL (Zmushko et al. 2024): Adam in a subspace, signSGD on the rest",
             sample_kwargs={"lr": 0.05, "weight_decay": 0.1, "density": 0.5, "update_proj_gap": 2},
             expected_state_bytes=_frugal_state_bytes,
             variants=({}, {"projector": "coordinates"}, {"projector": "randomized", "reset_statistics": False},
@@ -463,6 +608,9 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
             ),
             position_seeded=True,
             bench_groups=_frugal_bench_groups,
+            target_key="density",
+            default_rank=0.25,  # a density: the README's
+            train=Setting(1e-3, refreshes=True),  # density 0.25
         ),
         OptimizerInfo(
             name="cosmos",
@@ -488,7 +636,11 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
                 BadInput("infinite eps", {"eps": math.inf}, ValueError, "Invalid eps: inf"),
                 BadInput("rank beyond 64 bits", {"rank": 2**64}, ValueError, "Invalid rank"),
             ),
-            bench_groups=lambda named: [{"params": [p for _, p in named], "rank": 64}],
+            # The official default rank on every matrix (COSMOS's own default too).
+            bench_groups=lambda named: [{"params": [p for _, p in named], "rank": OPTIMIZERS["cosmos"].default_rank}],
+            target_key="rank",
+            default_rank=64,
+            train=Setting(1e-3, rank_by_width=True),  # tracks its subspace every step
         ),
         OptimizerInfo(
             name="adam_mini",
@@ -511,6 +663,9 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
             ),
             bench_groups=_adam_mini_bench_groups,
             shards=False,
+            named_params=True,
+            train=Setting(1e-3),  # the paper: AdamW's lr; dim and heads from the model's config
+            bench_defaults=("memory",),
         ),
         OptimizerInfo(
             name="mezo",
@@ -521,6 +676,7 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
             bad_inputs=_COMMON_BAD_INPUTS,
             requires_closure=True,
             zeroth_order=True,
+            zo=ZOSetting(1e-5, {"eps": 1e-3}),
         ),
         OptimizerInfo(
             name="sparse_mezo",
@@ -534,11 +690,13 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
             ),
             requires_closure=True,
             zeroth_order=True,
+            # Fewer coordinates move, so the estimate's variance is lower and a larger step is stable.
+            zo=ZOSetting(1e-4, {"eps": 1e-3, "sparsity": 0.75}),
         ),
         OptimizerInfo(
             name="qzo",
             cls=QZO,
-            summary="QZO (Shang et al. 2025): zeroth-order fine-tuning of 4-bit models through their scales",
+            summary="QZO (Shang et al. 2025): zeroth-order fine-tuning of a 4-bit model through its scales",
             # The shared tests step plain parameters: as QZO's non-scale groups (MeZO with DDC); the
             # scales themselves are tested on bitsandbytes layers in tests/test_zeroth_order.py.
             sample_kwargs={"lr": 1e-3, "eps": 1e-3, "scales": False},
@@ -548,6 +706,7 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
             ),
             requires_closure=True,
             zeroth_order=True,
+            zo=ZOSetting(1e-4, {"eps": 1e-3}),
         ),
     )
 }
@@ -560,3 +719,17 @@ def get_optimizer_info(name: str) -> OptimizerInfo:
     except KeyError:
         raise ValueError(f"Unknown optimizer {name!r}; valid names: {', '.join(sorted(OPTIMIZERS))}") from None
 
+
+
+# torch's AdamW: no record (it is not a memzoo optimizer), but a create_optimizer name (a
+# passthrough with the same param groups) and the benchmark's baseline.
+TORCH_ADAMW = FactoryName("adamw", "torch.optim.AdamW (passthrough, with the same param groups)",
+                          train=Setting(1e-3), zo=ZOSetting(3e-4), bench_defaults=("zo",))
+
+
+def factory_names() -> Iterator[tuple[FactoryName, OptimizerInfo | None]]:
+    """Every create_optimizer name with its record (None for ``adamw``), in list_optimizers' order."""
+    yield TORCH_ADAMW, None
+    for info in OPTIMIZERS.values():
+        for name in info.factory_names():
+            yield name, info

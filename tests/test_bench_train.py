@@ -236,6 +236,24 @@ def test_memory_layerwise_rows(tmp_path) -> None:
     assert rows[1]["state_mib"] == rows[0]["state_mib"] and rows[3]["state_mib"] == rows[2]["state_mib"]
 
 
+@pytest.mark.parametrize("preset,rank", [("tiny", 16), ("130m", 256)])
+def test_train_runs_each_low_rank_method_at_the_rank_its_step_benchmark_uses(preset: str, rank: int) -> None:
+    """train and step take the rank from the same record: the paper's for the width (GaLore's
+    130M/350M rank 256 at width 768, where train ran a quarter of the width, 192), a quarter of
+    the width where the paper trained none (tiny: 16)."""
+    from memzoo.bench.presets import PRESETS
+    from memzoo.bench.train import build_optimizer
+    from memzoo.optim.registry import OPTIMIZERS
+
+    hidden = PRESETS[preset].hidden
+    model = Decoder(DecoderConfig(hidden=hidden, intermediate=16, layers=1, heads=hidden // 32, seq_len=8))
+    named = [(name, torch.nn.Parameter(torch.empty(shape, device="meta"))) for name, shape in PRESETS[preset].shapes()]
+    for name in ("galore_adamw", "natural_galore", "apollo", "fira", "galore_adafactor"):
+        optimizer = build_optimizer(name, model, 1e-3, 100, "torch")
+        assert [g["rank"] for g in optimizer.param_groups if g["rank"] is not None] == [rank], name
+        assert OPTIMIZERS[name].bench_groups(named)[0]["rank"] == rank, name
+
+
 def test_train_rejects_unknown_names(capsys) -> None:
     assert main(["train", "--device", "cpu", "--optimizer", "mezo"]) == 2
     assert "no training setting" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -25,6 +26,8 @@ from memzoo.optim import (
     list_optimizers,
     target_parameters,
 )
+from memzoo.optim.factory import FACTORY_NAMES
+from memzoo.optim.registry import OPTIMIZERS, factory_names
 
 
 class TinyLM(torch.nn.Module):
@@ -55,10 +58,17 @@ def _loss(model: torch.nn.Module) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 50), tokens[:, 1:].reshape(-1))
 
 
-EXPECTED = {"adamw": torch.optim.AdamW, "lion": Lion, "galore_adamw": GaLoreAdamW, "galore_adamw_8bit": GaLoreAdamW,
-            "natural_galore": NaturalGaLore, "apollo": APOLLO, "apollo_mini": APOLLO, "frugal": FRUGAL,
-            "cosmos": COSMOS, "adam_mini": AdamMini, "mezo": MeZO, "sparse_mezo": SparseMeZO, "qzo": QZO,
-            "fira": FiraAdamW, "galore_adafactor": GaLoreAdafactor}
+# Each create_optimizer name and the class it builds, from the registry's records; the names and
+# classes the issues asked for are checked against them below.
+EXPECTED = {name.name: torch.optim.AdamW if info is None else info.cls for name, info in factory_names()}
+ISSUE_NAMES = {"adamw": torch.optim.AdamW, "lion": Lion, "galore_adamw": GaLoreAdamW, "galore_adamw_8bit": GaLoreAdamW,
+               "natural_galore": NaturalGaLore, "apollo": APOLLO, "apollo_mini": APOLLO, "frugal": FRUGAL,
+               "cosmos": COSMOS, "adam_mini": AdamMini, "mezo": MeZO, "sparse_mezo": SparseMeZO, "qzo": QZO,
+               "fira": FiraAdamW, "galore_adafactor": GaLoreAdafactor}
+# The papers' rank (density for FRUGAL) on the target matrices when the caller gives none.
+PAPER_DEFAULTS = {"galore_adamw": ("rank", 128), "galore_adamw_8bit": ("rank", 128), "natural_galore": ("rank", 128),
+                  "apollo": ("rank", 256), "apollo_mini": ("rank", 1), "frugal": ("density", 0.25),
+                  "cosmos": ("rank", 64), "fira": ("rank", 128), "galore_adafactor": ("rank", 128)}
 # Keywords a name needs on TinyLM (it has no config): Adam-mini's hidden size and heads; a given lr
 # needs Adafactor's relative step off (as galore-torch).
 MODEL_KWARGS = {"adam_mini": {"dim": 16, "n_heads": 4}, "galore_adafactor": {"relative_step": False}}
@@ -66,9 +76,20 @@ MODEL_KWARGS = {"adam_mini": {"dim": 16, "n_heads": 4}, "galore_adafactor": {"re
 
 def test_every_issue_name_is_listed_with_a_description() -> None:
     names = list_optimizers()
-    assert set(names) == set(EXPECTED)
+    assert set(names) == set(EXPECTED) and ISSUE_NAMES.items() <= EXPECTED.items()
+    assert list(names)[0] == "adamw" and list(names)[1:] == [
+        name.name for info in OPTIMIZERS.values() for name in info.factory_names()]
     assert all(isinstance(text, str) and len(text) > 20 for text in names.values())
     assert memzoo.list_optimizers() == names and memzoo.create_optimizer is create_optimizer
+
+
+def test_low_rank_defaults_are_the_papers() -> None:
+    """One record per optimizer holds its default rank: the factory, bench step and its
+    constructor agree on it (COSMOS's constructor default is its record's)."""
+    for name, (key, value) in PAPER_DEFAULTS.items():
+        info = FACTORY_NAMES[name].info
+        assert (info.target_key, info.default_rank) == (key, value), name
+    assert inspect.signature(COSMOS).parameters["rank"].default == OPTIMIZERS["cosmos"].default_rank
 
 
 def test_unknown_name_lists_the_valid_ones() -> None:
@@ -117,13 +138,13 @@ def test_factory_builds_the_class_with_decay_and_target_groups(name: str) -> Non
         assert all(vectors) or not any(vectors), "biases and norms share groups only with each other"
         assert group["weight_decay"] == (0.0 if all(vectors) else 0.1)
         assert group["lr"] == 1e-3
-    switch = {"galore_adamw": "rank", "galore_adamw_8bit": "rank", "natural_galore": "rank", "apollo": "rank",
-              "apollo_mini": "rank", "frugal": "density", "cosmos": "rank"}.get(name)
+    info = FACTORY_NAMES[name].info
+    switch = None if info is None else info.target_key
     if switch:
         projected = [g for g in groups if g[switch] is not None]
         assert len(projected) == 1 and {id(p) for p in projected[0]["params"]} == {
             id(p) for p in target_parameters(model)}
-        assert projected[0][switch] == {"frugal": 0.25, "apollo": 256, "apollo_mini": 1, "cosmos": 64}.get(name, 128)
+        assert projected[0][switch] == info.default_rank
     if name == "galore_adamw_8bit":
         assert optimizer.defaults["optim_bits"] == 8
 
