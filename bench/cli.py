@@ -7,6 +7,7 @@
     memzoo-bench zo [--preset tiny|small|60m|130m] [--optimizer mezo,sparse_mezo,qzo,adamw] [--plot PNG]
         train and zo: [--seeds N] [--out DIR] (resumable: a rerun skips the runs kept in DIR)
     memzoo-bench memory [--preset tiny..1b] [--optimizer ...] [--json PATH]
+    memzoo-bench memory --fsdp 8,64 [--preset 350m..70b] [--dtype bf16] [--set KEY=VALUE]   (computed, not measured)
 
 Every command prints a table and can write JSON. Defaults finish in about a minute on a CPU
 (preset ``tiny``); on CUDA the default preset is ``350m``.
@@ -29,8 +30,9 @@ from typing import Any
 import torch
 
 from memzoo.bench.baselines import BASELINES
+from memzoo.bench.fsdp_memory import FSDP_METHODS
 from memzoo.bench.memory import DEFAULT_MEMORY, run_memory
-from memzoo.bench.presets import DTYPES, PRESETS, make_named_parameters
+from memzoo.bench.presets import DTYPES, PRESETS, SHAPE_PRESETS, make_named_parameters
 from memzoo.bench.timing import Contender, copy_bandwidth, median, optimizer_state_bytes, time_call, time_interleaved
 from memzoo.bench.train import DEFAULT_TRAIN, DEFAULT_ZO, TRAIN_PRESETS, plot_report, run_train, run_zo
 from memzoo.bench.zeroth_order import OfficialMeZO, prepare_zeroth_order
@@ -76,7 +78,7 @@ def _triton_runs_on(device: torch.device) -> str | None:
 # ---- kernels ------------------------------------------------------------------------------
 
 def run_kernels(args: argparse.Namespace) -> dict[str, Any]:
-    from memzoo.triton_kernels.registry import KERNELS, as_list, clone_case
+    from memzoo.bench.kernel_cases import KERNELS, as_list, clone_case
 
     device = torch.device(args.device)
     bandwidth = copy_bandwidth(device, args.bandwidth_mib * MIB)
@@ -348,6 +350,11 @@ COLUMNS = {
            "forward_passes", "steps_to_mezo_final",
            "fraction_of_mezo_steps", "seconds", "peak_mib", "peak_over_inference", "state_mib"],
     "plot": [],
+    # memory --fsdp: rank 0's state (sharded like the weights, replicated), the bytes one rank sends
+    # on a steady step, a refresh step and on average, FSDP2's gradient reduce-scatter, the ratio.
+    "memory_fsdp": ["world", "optimizer", "status", "state_sharded_mib", "state_replicated_mib", "state_mib",
+                    "vs_adamw_state", "steady_mib", "refresh_mib", "refresh_every", "amortized_mib",
+                    "grad_reduce_scatter_mib", "vs_grad_traffic"],
     "memory": ["optimizer", "params_mib", "state_analytic_mib", "state_mib", "state_allocated_mib", "allocated_mib",
                "peak_step_mib", "vs_adamw_state", "vs_adamw_peak"],
     "step": ["optimizer", "backend", "dtype", "first_ms", "min_ms", "ms", "refresh_ms", "state_mib",
@@ -436,8 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     memory = sub.add_parser("memory", help="optimizer state (analytic and measured) and full-step peak vs AdamW")
     memory.add_argument("--device", default=_default_device())
-    memory.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="LLaMA shape (default: 350m on CUDA, tiny on CPU)")
+    memory.add_argument("--preset", choices=sorted(SHAPE_PRESETS), default=None,
+                        help="LLaMA shape (default: 350m on CUDA, tiny on CPU; 7b and 70b only with --fsdp)")
     memory.add_argument("--optimizer", action="append", help=f"default {','.join(DEFAULT_MEMORY)}")
     memory.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="parameter dtype")
     memory.add_argument("--batch", type=int, default=4)
@@ -446,6 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--seed", type=int, default=0)
     memory.add_argument("--layerwise", action="store_true",
                         help="also measure each optimizer as a LayerwiseOptimizer (create_optimizer(..., layerwise=True))")
+    memory.add_argument("--fsdp", metavar="N[,N...]",
+                        help="instead of measuring: compute from formulas each optimizer's state per rank and the "
+                             "bytes its step communicates on FSDP2 row shards over N ranks (memzoo.bench.fsdp_memory)")
+    memory.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="with --fsdp: a setting of the projected groups (repeatable), e.g. rank=512")
     memory.add_argument("--json", metavar="PATH")
     memory.set_defaults(run=run_memory, default_optimizers=list(DEFAULT_MEMORY))
     return parser
@@ -473,17 +485,35 @@ def _parse_lrs(items: Sequence[str] | None) -> dict[str, float]:
     return lrs
 
 
+def _parse_worlds(text: str) -> list[int]:
+    try:
+        worlds = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        worlds = []
+    if not worlds or min(worlds) < 1:
+        raise ValueError(f"--fsdp takes world sizes >= 1 (comma-separated), got {text!r}")
+    return worlds
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     is_cuda = torch.device(getattr(args, "device", "cpu")).type == "cuda"
     if getattr(args, "preset", "") is None:
-        args.preset = ("60m" if args.command in ("train", "zo") else "350m") if is_cuda else "tiny"
+        computed = args.command == "memory" and args.fsdp is not None  # nothing allocated: any device
+        args.preset = ("60m" if args.command in ("train", "zo") else "350m") if is_cuda or computed else "tiny"
     if args.command == "kernels" and args.bandwidth_mib is None:
         args.bandwidth_mib = 1024 if is_cuda else 256
     if args.command == "step":
         args.optimizer = [n for item in (args.optimizer or ["lion"]) for n in item.split(",") if n]
         args.baseline = [n for item in (args.baseline or []) for n in item.split(",") if n]
     try:
+        if args.command == "memory" and args.fsdp is not None:
+            args.worlds = _parse_worlds(args.fsdp)
+            args.settings = _parse_settings(args.set or [])
+            args.default_optimizers = list(FSDP_METHODS)
+        elif args.command == "memory" and (args.preset not in PRESETS or args.set):
+            raise ValueError(f"--preset {args.preset} (shapes only) and --set need --fsdp N: they are computed, "
+                             "not measured")
         if args.command in ("train", "zo", "memory"):
             args.optimizer = [n.lower() for item in (args.optimizer or args.default_optimizers)
                               for n in item.split(",") if n]
@@ -507,7 +537,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if report.get(key):
             print(f"{key}: {report[key]}")
     if report["rows"]:
-        print(format_table(report["rows"], COLUMNS[report["command"]]))
+        print(format_table(report["rows"], COLUMNS[report.get("table", report["command"])]))
     if getattr(args, "json", None):
         with open(args.json, "w") as handle:
             json.dump(report, handle, indent=2)

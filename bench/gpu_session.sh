@@ -76,7 +76,7 @@ for part in $parts; do
         bench memory_350m memory --preset 350m --layerwise "$@"
         bench memory_1b memory --preset 1b --dtype bf16 "$@" ;;
     kernel-tests)  # one process per kernel: a CUDA error poisons its process, not the others' results
-        for function in $(python3 -c "from memzoo.triton_kernels.registry import KERNELS; print(' '.join(p.function for p in KERNELS.values()))"); do
+        for function in $(python3 -c "from memzoo.bench.kernel_cases import KERNELS; print(' '.join(p.function for p in KERNELS.values()))"); do
             timeout "${KERNEL_TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
                 -k "$function" > "$OUT/pytest_kernels_$function.log" 2>&1
             echo "pytest kernels $function: exit $?"; tail -3 "$OUT/pytest_kernels_$function.log"

@@ -17,12 +17,12 @@ from typing import Any
 import torch
 
 from memzoo.bench.model import DecoderConfig
-from memzoo.bench.presets import DTYPES, PRESETS
+from memzoo.bench.presets import DTYPES, PRESETS, SHAPE_PRESETS
 from memzoo.bench.timing import optimizer_state_bytes
 from memzoo.bench.train import TRAIN_SETTINGS, build_model, build_optimizer
 from memzoo.optim.registry import factory_names
 
-__all__ = ["DEFAULT_MEMORY", "analytic_state_bytes", "run_memory"]
+__all__ = ["DEFAULT_MEMORY", "analytic_state_bytes", "run_fsdp_memory", "run_memory"]
 
 MIB = 2**20
 # From the registry's records (memzoo.optim.registry): the memzoo optimizers memory runs by default.
@@ -86,7 +86,27 @@ def measure(name: str, config: DecoderConfig, args: argparse.Namespace, device: 
     return row
 
 
+def run_fsdp_memory(args: argparse.Namespace) -> dict[str, Any]:
+    """``memory --fsdp N``: the formulas of :mod:`memzoo.bench.fsdp_memory` for each world size."""
+    from memzoo.bench.fsdp_memory import fsdp_report
+
+    rows = []
+    for world in args.worlds:
+        rows += [{"world": world, **row}
+                 for row in fsdp_report(args.optimizer, args.preset, world, dtype=DTYPES[args.dtype],
+                                        settings=args.settings)]
+    return {"command": "memory", "table": "memory_fsdp", "estimate": "computed-from-formulas", "preset": args.preset,
+            "model_params": SHAPE_PRESETS[args.preset].numel(), "dtype": args.dtype,
+            "note": "computed from the formulas of memzoo.bench.fsdp_memory, not measured: the state on rank 0 "
+                    "(it holds the most rows) and the MiB one rank sends per step (ring all-reduce / all-gather) "
+                    "beyond FSDP2's own all-gathers and gradient reduce-scatter; vs_grad_traffic = amortized / "
+                    "that reduce-scatter; status planned = the optimizer refuses these sharded weights today, "
+                    "the figures are the planned scheme's", "rows": rows}
+
+
 def run_memory(args: argparse.Namespace) -> dict[str, Any]:
+    if getattr(args, "fsdp", None) is not None:
+        return run_fsdp_memory(args)
     device = torch.device(args.device)
     config = memory_config(args.preset, args.seq_len)
     rows = []

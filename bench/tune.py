@@ -16,7 +16,7 @@ import torch
 
 from memzoo.bench.presets import PRESETS
 from memzoo.bench.timing import median, time_call
-from memzoo.triton_kernels.registry import KERNELS, clone_case
+from memzoo.bench.kernel_cases import KERNELS, clone_case
 
 
 def _time(pair, case, device: torch.device, iters: int) -> float:

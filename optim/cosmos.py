@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -24,6 +23,7 @@ from memzoo.optim.base import (
     whole_matrix_problem,
     zeros_state,
 )
+from memzoo.reference.common import torch_adam_form
 
 __all__ = ["COSMOS"]
 
@@ -279,13 +279,11 @@ class COSMOS(MemzooOptimizer):
                     pending, pending_bytes = [], 0
             self._finish(pending, group)
             for (device, step), items in adam.items():
-                # torch.optim.AdamW's step as the shared Adam kernel's form: lr/bc1 · m/(√v/√bc2 + ε)
-                # = (lr·√bc2/bc1) · m/(√v + ε·√bc2).
-                root_bc2 = math.sqrt(1.0 - beta2**step)
+                # torch.optim.AdamW's step in the shared Adam kernel's form.
+                step_size, eps = torch_adam_form(group["lr"], (beta1, beta2), group["eps"], True, step)
                 resolve_backend(self.backend, device, "galore").adamw_update_(
                     [local_tensor(p) for p, _ in items], [local_tensor(p.grad) for p, _ in items],
                     [local_tensor(s["exp_avg"]) for _, s in items], [local_tensor(s["exp_avg_sq"]) for _, s in items],
-                    step_size=group["lr"] * root_bc2 / (1.0 - beta1**step),
-                    beta1=beta1, beta2=beta2, eps=group["eps"] * root_bc2, lr=group["lr"],
+                    step_size=step_size, beta1=beta1, beta2=beta2, eps=eps, lr=group["lr"],
                     weight_decay=group["weight_decay"], maximize=group["maximize"], decay_first=True,
                 )

@@ -47,7 +47,8 @@ from memzoo.optim.base import (
 )
 from memzoo.optim.projector import Projector, ProjectorSettings, RefreshRequest, compute_refreshes
 from memzoo.optim.quantized_state import MIN_8BIT_SIZE, QuantizedMoment
-from memzoo.reference.common import compute_dtype
+from memzoo.reference.common import compute_dtype, hf_adam_step_size
+from memzoo.reference.common import torch_adam_form as reference_torch_adam_form
 
 __all__ = ["ADAM_MOMENTS", "LowRankOptimizer", "LowRankRule", "WeightStep", "adam_step_size", "batch_views",
            "torch_adam_form"]
@@ -73,23 +74,17 @@ _BATCH_UPDATE_BYTES = 64 * 2**20
 
 
 def adam_step_size(lr: float, betas: tuple[float, float], step: int, correct_bias: bool = True) -> float:
-    """Adam's step size in the official GaLore convention (transformers' AdamW, ε added to √v):
-    η_t = lr·√(1−β2^t)/(1−β1^t) at step t = ``step`` + 1 (lr without bias correction)."""
-    if not correct_bias:
-        return lr
-    beta1, beta2 = betas
-    t = step + 1
-    return lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+    """Adam's step size in the official GaLore convention (transformers' AdamW, ε added to √v) for
+    the step about to be taken, t = ``step`` + 1 (the engine's counters before the increment):
+    :func:`memzoo.reference.common.hf_adam_step_size`."""
+    return hf_adam_step_size(lr, betas, correct_bias, step + 1)
 
 
 def torch_adam_form(lr: float, betas: tuple[float, float], eps: float, step: int,
                     correct_bias: bool = True) -> tuple[float, float]:
-    """torch.optim.Adam at step t = ``step`` + 1 written in the convention above: m/(√v/√bc2 + ε)
-    ·lr/bc1 = m/(√v + ε·√bc2)·lr·√bc2/bc1, so (step size, ε) = (lr·√bc2/bc1, ε·√bc2)."""
-    if not correct_bias:
-        return lr, eps
-    root = math.sqrt(1.0 - betas[1] ** (step + 1))
-    return adam_step_size(lr, betas, step), eps * root
+    """torch.optim.Adam's step t = ``step`` + 1 in the convention above, (step size, ε·√bc2):
+    :func:`memzoo.reference.common.torch_adam_form`."""
+    return reference_torch_adam_form(lr, betas, eps, correct_bias, step + 1)
 
 
 def batch_views(shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:

@@ -1,12 +1,15 @@
-"""Checks shared by the reference functions and their Triton twins (so both raise the same errors)."""
+"""Checks shared by the reference functions and their Triton twins (so both raise the same errors),
+and the Adam coefficients the optimizers pass to the shared Adam kernels."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
-__all__ = ["as_tensor_list", "check_parallel_lists", "compute_dtype", "is_dense", "sign"]
+__all__ = ["as_tensor_list", "check_parallel_lists", "compute_dtype", "hf_adam_step_size", "is_dense", "sign",
+           "torch_adam_form"]
 
 
 def as_tensor_list(name: str, tensors: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -80,3 +83,27 @@ def sign(x: torch.Tensor) -> torch.Tensor:
     Inf one a finite step of exactly lr while Lion's momentum stays Inf, moving the weight the
     same way on every later step whatever the gradients say."""
     return torch.where(torch.isfinite(x), torch.sign(x), x - x)  # x − x: NaN for NaN and ±Inf
+
+
+# The Adam kernels (adamw_update_, the projected ones) compute W ← W − step_size·m/(√v + ε): the
+# form of Hugging Face's Adam, which the official GaLore / APOLLO keep. These two give their
+# coefficients for either convention, written once for every optimizer and whole-step reference.
+
+
+def hf_adam_step_size(lr: float, betas: tuple[float, float], correct_bias: bool, t: int) -> float:
+    """η_t = lr·√(1−β2^t)/(1−β1^t), the bias correction folded into the step size (HF Adam, the
+    official GaLore's) at step t (counted from 1); lr without bias correction."""
+    if not correct_bias:
+        return lr
+    beta1, beta2 = betas
+    return lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+
+
+def torch_adam_form(lr: float, betas: tuple[float, float], eps: float, correct_bias: bool,
+                    t: int) -> tuple[float, float]:
+    """torch.optim.Adam(W)'s step t (ε added to √v/√(1−β2^t)) in the kernels' form:
+    lr/bc1 · m/(√v/√bc2 + ε) = (lr·√bc2/bc1) · m/(√v + ε·√bc2), so (η_t, ε·√(1−β2^t)), the same
+    update; (lr, ε) without bias correction."""
+    if not correct_bias:
+        return lr, eps
+    return hf_adam_step_size(lr, betas, True, t), eps * math.sqrt(1.0 - betas[1] ** t)

@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from memzoo.reference.common import compute_dtype, sign
+from memzoo.reference.common import compute_dtype, sign, torch_adam_form
 from memzoo.reference.galore import (
     FactorList,
     adamw_update_,
@@ -147,17 +147,6 @@ def frugal_apply_(
 
 # -- Whole steps: one weight's step as the optimizer composes it (the truth for optim/) ------
 # (The conventions of reference/galore.py's whole-step section.)
-
-
-def torch_adam_form(lr: float, betas: tuple[float, float], eps: float, correct_bias: bool,
-                    t: int) -> tuple[float, float]:
-    """torch's Adam at step t (ε added to √v/√(1−β2^t)) in GaLore's form: the step size
-    lr·√(1−β2^t)/(1−β1^t) and ε·√(1−β2^t), the same update; (lr, ε) without bias correction."""
-    if not correct_bias:
-        return lr, eps
-    beta1, beta2 = betas
-    root = math.sqrt(1.0 - beta2**t)
-    return lr * root / (1.0 - beta1**t), eps * root
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from memzoo.reference.common import as_tensor_list, check_parallel_lists, compute_dtype
+from memzoo.reference.common import as_tensor_list, check_parallel_lists, compute_dtype, hf_adam_step_size
 from memzoo.reference.projector import Side, matrix_shape, project, project_back, projection_side, step_projector_
 
 __all__ = ["adafactor_apply_lists", "adafactor_beta2", "adafactor_lr", "adafactor_update_", "adamw_update_",
@@ -432,15 +432,6 @@ def adafactor_update_(
 def step_copies(param: torch.Tensor, state: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Copies of a weight and its state for a whole-step function to update in place."""
     return param.detach().clone(), {name: value.clone() for name, value in state.items()}
-
-
-def hf_adam_step_size(lr: float, betas: tuple[float, float], correct_bias: bool, t: int) -> float:
-    """η_t = lr·√(1−β2^t)/(1−β1^t), the bias correction folded into the step size (HF Adam, the
-    official GaLore's); lr without bias correction."""
-    if not correct_bias:
-        return lr
-    beta1, beta2 = betas
-    return lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
 
 
 def moments_(state: dict[str, torch.Tensor], shape: tuple[int, ...] | torch.Size, dtype: torch.dtype,

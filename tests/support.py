@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
 from hypothesis import strategies as st
 
 from memzoo.bench.baselines import import_official
+from memzoo.bench.kernel_cases import as_list, clone_case
 
-from memzoo.triton_kernels.registry import KernelPair, as_list, clone_case
+if TYPE_CHECKING:
+    from kernel_cases import KernelTest
 
 # How to get the official packages the trajectory tests compare against (pinned in that file).
 ORACLE_INSTALL = "pip install --no-deps -r tests/oracles.txt"
@@ -73,15 +75,16 @@ def log_uniform(low: float, high: float):
     return st.floats(math.log(low), math.log(high)).map(math.exp)
 
 
-def check_pair(pair: KernelPair, shape_list, dtypes, hparams, layout, device, seed,
+def check_pair(kernel: KernelTest, shape_list, dtypes, hparams, layout, device, seed,
                backend: str = "triton") -> None:
     """Run the reference and ``backend``'s twin ("triton" or "torch") on copies of one case;
     compare the outputs under dtype tolerances (widened where the math is discontinuous) and
     check inputs are untouched."""
     generator = torch.Generator().manual_seed(seed)
+    pair = kernel.pair
     case = pair.make_case(shape_list, dtypes, device, generator, hparams, layout)
     expected, actual = clone_case(case), clone_case(case)
-    extra = pair.extra_tolerance(case)
+    extra = kernel.extra_tolerance(case)
     pair.reference()(*expected.args, **expected.kwargs)
     pair.implementation(backend)(*actual.args, **actual.kwargs)
     for slot, output in enumerate(case.outputs):
@@ -89,7 +92,7 @@ def check_pair(pair: KernelPair, shape_list, dtypes, hparams, layout, device, se
             assert a.stride() == e.stride()
             assert_close(a, e, extra[slot][index],
                          what=f"{pair.name} ({backend}) output {output}[{index}] {dtypes} {layout}",
-                         extra_rtol=pair.extra_rtol)
+                         extra_rtol=kernel.extra_rtol)
     # Inputs that are not outputs must be left exactly as they were.
     for position, (before, after) in enumerate(zip(case.args, actual.args)):
         if position not in case.outputs:

@@ -10,7 +10,7 @@ import torch
 from memzoo.bench.cli import main
 from memzoo.bench.presets import PRESETS
 from memzoo.optim.factory import FACTORY_NAMES
-from memzoo.triton_kernels.registry import KERNELS
+from memzoo.bench.kernel_cases import KERNELS
 
 
 def test_presets_match_the_llama_shapes() -> None:

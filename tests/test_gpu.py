@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_cases import KERNEL_TESTS
 from support import check_pair
 
 from memzoo.optim import Lion, resolve_backend
-from memzoo.triton_kernels.registry import LION
+
+LION = KERNEL_TESTS["lion.lion_update_"]
 
 pytestmark = pytest.mark.gpu
 
@@ -22,7 +24,7 @@ def test_auto_picks_triton_for_cuda_tensors() -> None:
                                     {"param": torch.float32, "state": torch.bfloat16}])
 def test_lion_kernel_at_llama_layer_sizes(dtypes) -> None:
     shapes = [(2736, 1024), (1024, 2736), (1024,), (32000, 1024), (1,), (4097,)]
-    check_pair(LION, shapes, dtypes, LION.bench_hparams, "contiguous", "cuda", seed=0)
+    check_pair(LION, shapes, dtypes, LION.pair.bench_hparams, "contiguous", "cuda", seed=0)
 
 
 def test_lion_optimizer_steps_model_on_cuda() -> None:
@@ -42,15 +44,13 @@ def test_lion_optimizer_steps_model_on_cuda() -> None:
 @pytest.mark.parametrize("side", ["left", "right", "full"])
 @pytest.mark.parametrize("pair_name", ["galore.galore_adam_project_", "galore.galore_apply_"])
 def test_galore_kernels_at_llama_layer_sizes(pair_name, side) -> None:
-    # Tolerances follow from TF32's unit roundoff through the registry's error bounds.
-    from memzoo.triton_kernels.registry import KERNELS
-
-    pair = KERNELS[pair_name]
+    # Tolerances follow from TF32's unit roundoff through tests/kernel_cases.py's error bounds.
+    kernel = KERNEL_TESTS[pair_name]
     for dtype in (torch.float32, torch.bfloat16):
-        dtypes = {role: options[0] for role, options in pair.dtype_options.items()}
+        dtypes = {role: options[0] for role, options in kernel.pair.dtype_options.items()}
         dtypes["param"] = dtype
-        hparams = {**pair.bench_hparams, "side": side, "rank": 256}
-        check_pair(pair, [(2736, 1024)], dtypes, hparams, "contiguous", "cuda", seed=0)
+        hparams = {**kernel.pair.bench_hparams, "side": side, "rank": 256}
+        check_pair(kernel, [(2736, 1024)], dtypes, hparams, "contiguous", "cuda", seed=0)
 
 
 @pytest.mark.parametrize("precision", ["ieee", "tf32"])

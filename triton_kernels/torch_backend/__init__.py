@@ -5,7 +5,8 @@ Triton kernels beside them (``memzoo.triton_kernels.<family>``).
 Where this sits: the top level of the package is fixed (``optim``, ``reference``,
 ``triton_kernels``, ``bench``); ``reference/`` is the clarity-first truth and stays per-tensor,
 and these functions are, like the kernels, an optimized implementation held to it by the same
-registry-driven tests (:mod:`memzoo.triton_kernels.registry`), so they sit beside the kernels. The
+record-driven tests (tests/test_kernels.py over :mod:`memzoo.bench.kernel_cases`), so they sit
+beside the kernels. The
 subpackage is not called ``torch`` so that it can never shadow PyTorch. Nothing here imports
 Triton: the ``"torch"`` backend runs on every device PyTorch supports.
 

@@ -1,7 +1,8 @@
-"""The one table of kernel/reference pairs. The equivalence tests and ``memzoo-bench kernels``
-iterate over it, so a new kernel is tested and benchmarked by adding a record here; the same
-records hold the ``"torch"`` backend's twins (:mod:`memzoo.triton_kernels.torch_backend`) to the
-reference.
+"""The kernels ``memzoo-bench kernels`` (and ``python -m memzoo.bench.tune``) time: one record
+per kernel/reference pair, with the generator of a call's inputs and the bytes the call moves.
+tests/kernel_cases.py adds to each record what the equivalence tests need (hypothesis spaces and
+error bounds), so a new kernel is benchmarked by adding a record here and tested by adding its
+test record there (a test checks that the two lists agree).
 
 Importing this module does not import Triton: :meth:`KernelPair.triton` loads the kernel module
 on demand.
@@ -10,16 +11,15 @@ on demand.
 from __future__ import annotations
 
 import importlib
-import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
 from memzoo.triton_kernels import load_family
 
-__all__ = ["KERNELS", "KernelCase", "KernelPair", "Layout", "clone_case", "make_tensor"]
+__all__ = ["KERNELS", "LAYOUTS", "KernelCase", "KernelPair", "Layout", "as_list", "clone_case", "make_tensor"]
 
 Layout = Literal["contiguous", "transposed", "strided"]
 LAYOUTS: tuple[str, ...] = ("contiguous", "transposed", "strided")
@@ -81,31 +81,21 @@ def make_tensor(shape: Sequence[int], dtype: torch.dtype, device: torch.device |
 
 @dataclass(frozen=True)
 class KernelPair:
-    """A reference function and its twins, Triton and torch (same name in every family module)."""
+    """A reference function and its twins, Triton and torch (same name in every family module),
+    with how to build a call of it and what the call must move."""
 
     family: str
     function: str
-    # Options of each dtype role (the first is the default); None means "same as the param".
+    # Options of each dtype role (the first is the benchmark's); None means "same as the param".
     dtype_options: Mapping[str, tuple[torch.dtype | None, ...]]
-    # Uniform ranges hypothesis draws floats from; flags are drawn as booleans.
-    hparam_ranges: Mapping[str, tuple[float, float]]
-    flags: tuple[str, ...]
+    # Hyperparameters of the benchmark's call (discrete ones, e.g. projection side and rank, included).
     bench_hparams: Mapping[str, Any]
     # make_case(shapes, dtypes, device, generator, hparams, layout) -> KernelCase
     make_case: Callable[..., KernelCase]
     # Bytes a call must read and write at least: the bandwidth floor's numerator.
     bytes_moved: Callable[[KernelCase], int]
-    # Per output tensor: extra absolute difference allowed element-wise, computed from the inputs,
-    # where the math is discontinuous (sign(c) with c within rounding of 0) or where rounding
-    # differences are amplified (a matrix product's accumulation order through Adam's division).
-    extra_tolerance: Callable[[KernelCase], list[list[torch.Tensor | float]]]
-    # Discrete hyperparameters drawn from these options (e.g. projection side, rank).
-    choices: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
-    # Dimensions of the drawn shapes, and how many tensors one call takes at most.
+    # Dimensions of the tensors a call takes (at least 2: matrices, the projected weights).
     shape_dims: tuple[int, int] = (0, 3)
-    max_tensors: int = 4
-    # Relative difference allowed on top of the storage dtype's rounding.
-    extra_rtol: float = 0.0
 
     @property
     def name(self) -> str:
@@ -149,35 +139,16 @@ def _lion_bytes(case: KernelCase) -> int:
     return sum(2 * p.nbytes + g.nbytes + 2 * m.nbytes for p, g, m in zip(params, grads, exp_avgs))
 
 
-def _lion_extra_tolerance(case: KernelCase) -> list[list[torch.Tensor | float]]:
-    params, grads, exp_avgs = case.args
-    beta1, lr = case.kwargs["beta1"], case.kwargs["lr"]
-    sign = -1.0 if case.kwargs.get("maximize", False) else 1.0
-    extra_p = []
-    for grad, exp_avg in zip(grads, exp_avgs):
-        momentum_term = beta1 * exp_avg.double()
-        grad_term = sign * (1.0 - beta1) * grad.double()
-        # c = β1·m + (1 − β1)·g is formed in fp32; when its nonzero terms cancel to within a few
-        # ulps its sign may differ between implementations (FMA contraction), moving W by up to
-        # 2·lr more. An exact 0 from zero terms is not ambiguous: sign(0) = 0 everywhere.
-        magnitude = momentum_term.abs() + grad_term.abs()
-        ambiguous = ((momentum_term + grad_term).abs() <= 8 * 2.0**-24 * magnitude) & (magnitude > 0)
-        extra_p.append(torch.where(ambiguous, 2.0 * lr, 0.0))
-    return [extra_p, [0.0] * len(exp_avgs)]
-
-
 LION = KernelPair(
     family="lion",
     function="lion_update_",
     dtype_options={"param": (torch.float32, torch.bfloat16, torch.float16),
                    "state": (None, torch.float32, torch.bfloat16)},
-    hparam_ranges={"lr": (1e-5, 1e-1), "beta1": (0.0, 0.999), "beta2": (0.0, 0.999), "weight_decay": (0.0, 1.0)},
-    flags=("maximize",),
     bench_hparams={"lr": 1e-4, "beta1": 0.9, "beta2": 0.99, "weight_decay": 0.01, "maximize": False},
     make_case=_lion_case,
     bytes_moved=_lion_bytes,
-    extra_tolerance=_lion_extra_tolerance,
 )
+
 
 # ---- GaLore --------------------------------------------------------------------------------
 
@@ -253,109 +224,27 @@ def _galore_apply_bytes(case: KernelCase) -> int:
     return _factor_bytes(case) + sum(2 * p.nbytes + u.nbytes for p, u in zip(params, updates))
 
 
-def _gemm_unit_roundoff(device: torch.device) -> float:
-    """Unit roundoff of the kernels' matrix products: TF32 inputs on a GPU, fp32 otherwise.
-
-    TF32 keeps 10 mantissa bits, and Triton's tensor-core dot truncates fp32 operands to them
-    (triton-lang/triton#4574) instead of rounding: relative error up to 2⁻¹⁰, not 2⁻¹¹ (an H100
-    run measured 1.4e-3 on a single product, above the 2·2⁻¹¹ bound)."""
-    if device.type == "cuda":
-        from memzoo.triton_kernels.galore import PRECISION
-
-        if PRECISION == "tf32":
-            return 2.0**-10
-    return 2.0**-24
-
-
-def _product_error(low_rank_or_grad, left, right, *, back: bool) -> torch.Tensor:
-    """Bound on |computed − exact| of a product chain (either implementation): 2·k·u·(|·| chain),
-    k the total contraction length (Higham's γ_k bound, doubled for two implementations)."""
-    from memzoo.reference.projector import project, project_back
-
-    x = low_rank_or_grad.double()
-    l_abs = None if left is None else left.double().abs()
-    r_abs = None if right is None else right.double().abs()
-    if back:
-        k = (left.shape[1] if left is not None else 0) + (right.shape[0] if right is not None else 0)
-        magnitude = project_back(x.abs(), l_abs, r_abs)
-    else:
-        k = (left.shape[0] if left is not None else 0) + (right.shape[1] if right is not None else 0)
-        magnitude = project(x.abs(), l_abs, r_abs)
-    return 2 * k * _gemm_unit_roundoff(x.device) * magnitude
-
-
-def _projected_adam_errors(case: KernelCase):
-    """Per matrix of a projection case (grads, exp_avgs, exp_avg_sqs, ...; factors in kwargs):
-    float64 R, N, and bounds on the differences two implementations may show in R, m, v and N."""
-    from memzoo.reference.projector import project
-
-    beta1, beta2, eps = case.kwargs["beta1"], case.kwargs["beta2"], case.kwargs["eps"]
-    for grad, exp_avg, exp_avg_sq, _, left, right in zip(*case.args, case.kwargs["lefts"], case.kwargs["rights"]):
-        g = grad.double().reshape(grad.shape[0], -1)
-        r = project(g, None if left is None else left.double(), None if right is None else right.double())
-        if case.kwargs.get("maximize", False):
-            r = -r
-        dr = _product_error(g, left, right, back=False)
-        m = beta1 * exp_avg.double() + (1 - beta1) * r
-        v = beta2 * exp_avg_sq.double() + (1 - beta2) * r * r
-        dm = (1 - beta1) * dr
-        dv = (1 - beta2) * (2 * r.abs() * dr + dr * dr)
-        root = v.sqrt()
-        droot = torch.minimum(dv.sqrt(), dv / (2 * root).clamp_min(1e-300))
-        # N = m/(√v + ε): first-order change from m, plus from √v, over the smallest denominator.
-        dn = (dm + m.abs() * droot / (root + eps)) / (root + eps - droot).clamp_min(eps)
-        yield r, dr, m / (root + eps), dm, dv, dn
-
-
-def _galore_project_tolerance(case: KernelCase) -> list[list[torch.Tensor]]:
-    bounds: list[list[torch.Tensor]] = [[], [], []]
-    for _, _, _, dm, dv, dn in _projected_adam_errors(case):
-        for bound, value in zip(bounds, (dm, dv, dn)):
-            bound.append(value)
-    return bounds
-
-
-def _galore_apply_tolerance(case: KernelCase) -> list[list[torch.Tensor]]:
-    coefficient = case.kwargs["step_size"] * case.kwargs["scale"]
-    decay = case.kwargs["lr"] * case.kwargs["weight_decay"]
-    bounds = []
-    for param, update, left, right in zip(*case.args, case.kwargs["lefts"], case.kwargs["rights"]):
-        error = coefficient * _product_error(update, left, right, back=True)
-        bounds.append((1 + decay) * error.reshape(param.shape))
-    return [bounds]
-
-
-_GALORE_CHOICES = {"side": ("left", "right", "full"), "rank": (1, 2, 5, 16, 40), "batch": ("mixed", "same")}
-
 GALORE_PROJECT = KernelPair(
     family="galore",
     function="galore_adam_project_",
     dtype_options={"param": (torch.float32, torch.bfloat16, torch.float16), "state": (None, torch.float32)},
-    hparam_ranges={"beta1": (0.0, 0.999), "beta2": (0.0, 0.999), "eps": (1e-8, 1e-3)},
-    flags=("maximize",),
     bench_hparams={"beta1": 0.9, "beta2": 0.999, "eps": 1e-6, "maximize": False, "side": "right", "rank": 256},
     make_case=_galore_project_case,
     bytes_moved=_galore_project_bytes,
-    extra_tolerance=_galore_project_tolerance,
-    choices=_GALORE_CHOICES,
     shape_dims=(2, 3),
-    max_tensors=3,
 )
+
 
 GALORE_APPLY = KernelPair(
     family="galore",
     function="galore_apply_",
     dtype_options={"param": (torch.float32, torch.bfloat16, torch.float16)},
-    hparam_ranges={"step_size": (1e-4, 1e-1), "scale": (0.1, 4.0), "lr": (1e-4, 1e-1), "weight_decay": (0.0, 1.0)},
-    flags=(),
     bench_hparams={"step_size": 1e-3, "scale": 0.25, "lr": 1e-3, "weight_decay": 0.0, "side": "right", "rank": 256},
     make_case=_galore_apply_case,
     bytes_moved=_galore_apply_bytes,
-    extra_tolerance=_galore_apply_tolerance,
-    choices=_GALORE_CHOICES,
     shape_dims=(2, 3),
-    max_tensors=3,
 )
+
 
 # ---- APOLLO --------------------------------------------------------------------------------
 
@@ -390,26 +279,6 @@ def _apollo_scales_bytes(case: KernelCase) -> int:
                                      for g, m, v, s in zip(grads, exp_avgs, exp_avg_sqs, scales))
 
 
-def _apollo_scales_tolerance(case: KernelCase) -> list[list[torch.Tensor]]:
-    """m and v as GaLore's; a factor ‖N_c‖/(‖R_c‖ + 1e-8) moves by at most
-    (‖δN_c‖ + s_c·‖δR_c‖)/(‖R_c‖ + 1e-8 − ‖δR_c‖) (triangle inequality on each norm)."""
-    from memzoo.reference.apollo import NORM_EPS
-
-    bounds: list[list[torch.Tensor]] = [[], [], []]
-    for (r, dr, n, dm, dv, dn), scale in zip(_projected_adam_errors(case), case.args[3]):
-        if scale.numel() == 1:
-            norms = lambda x: x.norm().reshape(1, 1)  # noqa: E731
-        else:
-            dim = 1 if scale.shape[1] == 1 else 0
-            norms = lambda x, dim=dim: x.norm(dim=dim, keepdim=True)  # noqa: E731
-        ratio = norms(n) / (norms(r) + NORM_EPS)
-        denominator = (norms(r) + NORM_EPS - norms(dr)).clamp_min(1e-300)
-        bounds[0].append(dm)
-        bounds[1].append(dv)
-        bounds[2].append(((norms(dn) + ratio * norms(dr)) / denominator).reshape(scale.shape))
-    return bounds
-
-
 def _apollo_apply_case(shapes, dtypes, device, generator, hparams, layout="contiguous") -> KernelCase:
     hparams = dict(hparams)
     granularity, limiter = hparams.pop("granularity"), hparams.pop("limiter")
@@ -433,57 +302,28 @@ def _apollo_apply_bytes(case: KernelCase) -> int:
     return sum(2 * p.nbytes + g.nbytes + s.nbytes for p, g, s in zip(params, grads, scales))
 
 
-def _apollo_apply_tolerance(case: KernelCase) -> list[list[torch.Tensor | float]]:
-    """‖G⊙s‖ is summed in another order (relative error ≤ (k + 4)·2⁻²⁴ for k elements), which
-    moves the limiter's factor, ρ and the update by as much, relatively; the update's own
-    operations are rounded in another order (a few ulps of |c·S|)."""
-    params, grads, scales, norms = case.args
-    kwargs = case.kwargs
-    coefficient = kwargs["step_size"] * math.sqrt(kwargs["scale"])
-    weights, rhos = [], []
-    for param, grad, factor in zip(params, grads, scales):
-        k = param.numel()
-        delta = (k + 8) * 2.0**-24
-        update = coefficient * (grad.double().reshape(param.shape[0], -1) * factor.double()).abs()
-        weights.append(((1 + kwargs["lr"] * kwargs["weight_decay"]) * update * delta).reshape(param.shape))
-        rhos.append(delta * (grad.double().reshape(param.shape[0], -1) * factor.double()).norm().item()
-                    * (math.sqrt(kwargs["scale"]) if kwargs.get("scale_front") else 1.0) + 1e-6)
-    return [weights, rhos] if norms is not None else [weights]
-
-
 APOLLO_SCALES = KernelPair(
     family="apollo",
     function="apollo_scales_",
     dtype_options={"param": (torch.float32, torch.bfloat16, torch.float16), "state": (None, torch.float32)},
-    hparam_ranges={"beta1": (0.0, 0.999), "beta2": (0.0, 0.999), "eps": (1e-8, 1e-3)},
-    flags=("maximize",),
     bench_hparams={"beta1": 0.9, "beta2": 0.999, "eps": 1e-6, "maximize": False, "side": "right", "rank": 256,
                    "granularity": "channel"},
     make_case=_apollo_scales_case,
     bytes_moved=_apollo_scales_bytes,
-    extra_tolerance=_apollo_scales_tolerance,
-    choices={"side": ("left", "right"), "rank": (1, 2, 5, 16, 40), "granularity": ("channel", "tensor"),
-             "batch": ("mixed", "same")},
     shape_dims=(2, 3),
-    max_tensors=3,
 )
+
 
 APOLLO_APPLY = KernelPair(
     family="apollo",
     function="apollo_apply_",
     dtype_options={"param": (torch.float32, torch.bfloat16, torch.float16)},
-    hparam_ranges={"step_size": (1e-4, 1e-1), "scale": (0.1, 128.0), "lr": (1e-4, 1e-1), "weight_decay": (0.0, 1.0),
-                   "growth_limit": (1.0, 1.5)},
-    flags=("record_only", "scale_front", "maximize"),
     bench_hparams={"step_size": 1e-3, "scale": 1.0, "lr": 1e-3, "weight_decay": 0.0, "growth_limit": 1.01,
                    "record_only": False, "scale_front": False, "maximize": False, "granularity": "rows",
                    "limiter": True, "batch": "same"},
     make_case=_apollo_apply_case,
     bytes_moved=_apollo_apply_bytes,
-    extra_tolerance=_apollo_apply_tolerance,
-    choices={"granularity": ("rows", "columns", "tensor"), "limiter": (True, False), "batch": ("mixed", "same")},
     shape_dims=(2, 3),
-    max_tensors=3,
 )
 
 
@@ -527,55 +367,15 @@ def _frugal_apply_bytes(case: KernelCase) -> int:
     return _factor_bytes(case) + sum(2 * p.nbytes + g.nbytes + u.nbytes for p, g, u in zip(params, grads, updates))
 
 
-def _frugal_apply_tolerance(case: KernelCase) -> list[list[torch.Tensor]]:
-    """The state-full product as GaLore's back-projection; the residual G − up(down(G)) may
-    differ by its product error (zero for 0/1 coordinate factors, whose products are exact),
-    which moves W by that much (SGD) or flips sign(E) where |E| is within it (2·η_free)."""
-    from memzoo.reference.projector import project, project_back
-
-    kwargs = case.kwargs
-    bounds = []
-    for param, grad, update, left, right in zip(*case.args, kwargs["lefts"], kwargs["rights"]):
-        m = param.shape[0]
-        factor = left if left is not None else right
-        exact = bool(((factor == 0) | (factor == 1)).all())
-        bound = kwargs["step_size"] * _product_error(update, left, right, back=True)
-        g = grad.double().reshape(m, -1)
-        lf = None if left is None else left.double()
-        rf = None if right is None else right.double()
-        residual = g - project_back(project(g, lf, rf), lf, rf)
-        if exact:
-            error = torch.zeros_like(residual)
-        else:
-            magnitude = project_back(project(g.abs(), None if lf is None else lf.abs(), None if rf is None else rf.abs()),
-                                     None if lf is None else lf.abs(), None if rf is None else rf.abs())
-            error = 4 * factor.shape[0 if right is not None else 1] * 2.0**-24 * magnitude + 2.0**-24 * g.abs()
-        rule = kwargs["residual_rule"]
-        if rule == "sgd":
-            bound = bound + kwargs["residual_step"] * error
-        elif rule == "sign_sgd":
-            # (An exact zero, as on selected coordinates, is no ambiguity: sign(0) = 0 on both.)
-            ambiguous = (residual.abs() <= error) & (error > 0)
-            bound = bound + torch.where(ambiguous, 2.0 * kwargs["residual_step"], 0.0)
-        bounds.append(bound.reshape(param.shape))
-    return [bounds]
-
-
 FRUGAL_APPLY = KernelPair(
     family="frugal",
     function="frugal_apply_",
     dtype_options={"param": (torch.float32, torch.bfloat16, torch.float16)},
-    hparam_ranges={"step_size": (1e-4, 1e-1), "residual_step": (1e-4, 1e-1), "decay": (0.0, 0.1)},
-    flags=("maximize",),
     bench_hparams={"step_size": 1e-3, "residual_step": 1e-3, "decay": 0.0, "maximize": False, "side": "right",
                    "rank": 256, "factor": "coordinates", "residual_rule": "sign_sgd"},
     make_case=_frugal_apply_case,
     bytes_moved=_frugal_apply_bytes,
-    extra_tolerance=_frugal_apply_tolerance,
-    choices={"side": ("left", "right"), "rank": (0, 1, 5, 40), "factor": ("coordinates", "orthonormal"),
-             "residual_rule": ("sign_sgd", "sgd", "no"), "batch": ("mixed", "same")},
     shape_dims=(2, 3),
-    max_tensors=3,
 )
 
 
@@ -594,31 +394,23 @@ def _adamw_bytes(case: KernelCase) -> int:
                for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs))
 
 
-def _no_extra_tolerance(case: KernelCase) -> list[list[float]]:
-    return [[0.0] * len(as_list(case.args[i])) for i in case.outputs]
-
-
 GALORE_ADAMW = KernelPair(
     family="galore",
     function="adamw_update_",
     dtype_options={"param": (torch.float32, torch.bfloat16, torch.float16), "state": (None, torch.float32)},
-    hparam_ranges={"step_size": (1e-5, 1e-1), "beta1": (0.0, 0.999), "beta2": (0.0, 0.999), "eps": (1e-8, 1e-3),
-                   "lr": (1e-5, 1e-1), "weight_decay": (0.0, 1.0)},
-    flags=("maximize", "decay_first"),
     bench_hparams={"step_size": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-6, "lr": 1e-3, "weight_decay": 0.01,
                    "maximize": False, "decay_first": False},
     make_case=_adamw_case,
     bytes_moved=_adamw_bytes,
-    extra_tolerance=_no_extra_tolerance,
 )
+
 
 # ---- Zeroth-order ---------------------------------------------------------------------------
 
 # Passes of a step: (from_sign, to_sign) and the number of earlier samples whose directions the
 # update adds (None: no update).
-_ZO_PASSES = {"perturb": (0, 1, None), "flip": (1, -1, None), "restore": (-1, 0, None), "update": (-1, 0, 0),
+ZO_PASSES = {"perturb": (0, 1, None), "flip": (1, -1, None), "restore": (-1, 0, None), "update": (-1, 0, 0),
               "update_q3": (-1, 0, 2)}
-_NORMAL_BOUND = 5.7  # |z| ≤ √(−2·ln 1e-7) for tl.randn's Box–Muller
 
 
 def _zo_offsets(params: Sequence[torch.Tensor], multiple: int) -> list[int]:
@@ -635,7 +427,7 @@ def _zo_case(shapes, dtypes, device, generator, hparams, layout="contiguous") ->
     from memzoo.reference.zeroth_order import CHUNK, MASK_BYTES_PER_CHUNK
 
     params = [make_tensor(s, dtypes["param"], device, generator, layout) for s in shapes]
-    from_sign, to_sign, earlier = _ZO_PASSES[hparams["pass"]]
+    from_sign, to_sign, earlier = ZO_PASSES[hparams["pass"]]
     seed = int(torch.randint(0, 2**62, (), generator=generator))
     kwargs: dict[str, Any] = dict(seed=seed, eps=hparams["eps"], from_sign=from_sign, to_sign=to_sign)
     # Stream offsets start past zero so a tensor's counters do not begin at the stream's origin.
@@ -663,36 +455,16 @@ def _zo_bytes(case: KernelCase) -> int:
     return sum(2 * p.nbytes for p in case.args[0])
 
 
-def _zo_tolerance(case: KernelCase) -> list[list[torch.Tensor]]:
-    """The normals of the interpreter (numpy's log/cos/sin) and of torch differ in the last
-    bits; each of the pass's (up to three) roundings may then fall on the other side, one unit
-    of the storage dtype at the magnitude of its operands."""
-    kwargs = case.kwargs
-    unit = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
-    extra = []
-    for param in case.args[0]:
-        step = 0.0
-        if "coefficients" in kwargs:
-            step = float(kwargs["coefficients"].abs().sum()) * _NORMAL_BOUND
-        magnitude = param.double().abs() + kwargs["eps"] * _NORMAL_BOUND + step
-        extra.append(4 * unit[param.dtype] * magnitude)
-    return [extra]
-
-
 ZEROTH_ORDER_APPLY = KernelPair(
     family="zeroth_order",
     function="zo_apply_",
     dtype_options={"param": (torch.float32, torch.bfloat16, torch.float16)},
-    hparam_ranges={"eps": (1e-4, 1e-1), "coefficient": (1e-4, 1e-1), "decay": (0.0, 0.1)},
-    flags=("mask", "clamp"),
     bench_hparams={"eps": 1e-3, "pass": "update", "coefficient": 1e-5, "decay": 0.0, "mask": False,
                    "clamp": False},
     make_case=_zo_case,
     bytes_moved=_zo_bytes,
-    extra_tolerance=_zo_tolerance,
-    choices={"pass": tuple(_ZO_PASSES)},
-    max_tensors=8,
 )
+
 
 # ---- COSMOS ---------------------------------------------------------------------------------
 
@@ -715,37 +487,16 @@ def _orthogonalize_bytes(case: KernelCase) -> int:
     return total
 
 
-def _orthogonalize_tolerance(case: KernelCase) -> list[list[torch.Tensor]]:
-    """The kernel rounds once per iteration, the reference four times (in bf16 that is the
-    whole difference): allow the reference's own distance from the float64 iteration, element by
-    element, plus the largest of it for the kernel's."""
-    from memzoo.reference.cosmos import newton_schulz5
-
-    matrices, outputs = case.args
-    extra = []
-    for matrix, output in zip(matrices, outputs):
-        exact = newton_schulz5(matrix.double(), steps=case.kwargs["steps"], dtype=torch.float64)
-        rounded = newton_schulz5(matrix, steps=case.kwargs["steps"], dtype=output.dtype).double()
-        error = (rounded - exact).abs()
-        unit = 2.0**-8 if output.dtype == torch.bfloat16 else 2.0**-23
-        extra.append(error + error.max() + unit * exact.abs().max())
-    return [extra]
-
-
 COSMOS_ORTHOGONALIZE = KernelPair(
     family="cosmos",
     function="orthogonalize_",
     dtype_options={"param": (torch.float32, torch.bfloat16, torch.float16), "output": (torch.bfloat16, torch.float32)},
-    hparam_ranges={},
-    flags=(),
     bench_hparams={"steps": 5, "batch": "mixed"},
     make_case=_orthogonalize_case,
     bytes_moved=_orthogonalize_bytes,
-    extra_tolerance=_orthogonalize_tolerance,
-    choices={"steps": (0, 1, 5), "batch": ("mixed", "same")},
     shape_dims=(2, 2),
-    max_tensors=3,
 )
+
 
 def _cosmos_apply_case(shapes, dtypes, device, generator, hparams, layout="contiguous") -> KernelCase:
     m, n = shapes[0]
@@ -764,31 +515,14 @@ def _cosmos_apply_bytes(case: KernelCase) -> int:
     return 2 * param.nbytes + low_rank.nbytes + basis.nbytes + (2 * orthogonal.nbytes if orthogonal is not None else 0)
 
 
-def _cosmos_apply_tolerance(case: KernelCase) -> list[list[torch.Tensor]]:
-    """A few fp32 roundings of the step (its GEMM and ‖D‖ summed in another order) at the
-    step's magnitude, on top of the weight's own rounding."""
-    param, low_rank, basis, orthogonal = case.args
-    m, n = param.shape
-    direction = low_rank.double() @ basis.double().T
-    if orthogonal is not None:
-        direction = direction + case.kwargs["gamma"] * math.sqrt(m * n) * orthogonal.double() / orthogonal.double().norm()
-    step = case.kwargs["lr"] * case.kwargs["lr_ratio"] * math.sqrt(m * n) * direction / direction.norm()
-    return [[16 * 2.0**-24 * (step.abs() + step.abs().max() + param.double().abs())]]
-
-
 COSMOS_APPLY = KernelPair(
     family="cosmos",
     function="cosmos_apply_",
     dtype_options={"param": (torch.float32, torch.bfloat16, torch.float16), "orthogonal": (torch.bfloat16, torch.float32)},
-    hparam_ranges={"lr": (1e-4, 1e-1), "lr_ratio": (0.05, 1.0), "gamma": (0.0, 1.0), "weight_decay": (0.0, 0.5)},
-    flags=(),
     bench_hparams={"lr": 1e-3, "lr_ratio": 0.1, "gamma": 0.2, "weight_decay": 0.0, "rank": 64},
     make_case=_cosmos_apply_case,
     bytes_moved=_cosmos_apply_bytes,
-    extra_tolerance=_cosmos_apply_tolerance,
-    choices={"rank": (0, 1, 5, "full")},
     shape_dims=(2, 2),
-    max_tensors=1,
 )
 
 KERNELS: dict[str, KernelPair] = {pair.name: pair for pair in (LION, GALORE_PROJECT, GALORE_APPLY, GALORE_ADAMW,
