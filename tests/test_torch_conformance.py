@@ -29,7 +29,18 @@ from torch.optim import SGD
 from torch.optim.lr_scheduler import ReduceLROnPlateau, StepLR
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from memzoo.optim import APOLLO, COSMOS, FRUGAL, OPTIMIZERS, AdamMini, GaLoreAdamW, Lion, NaturalGaLore
+from memzoo.optim import (
+    APOLLO,
+    COSMOS,
+    FRUGAL,
+    OPTIMIZERS,
+    AdamMini,
+    FiraAdamW,
+    GaLoreAdafactor,
+    GaLoreAdamW,
+    Lion,
+    NaturalGaLore,
+)
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,13 @@ CONFORMANCE: dict[str, Conformance] = {
                                     "projector": "coordinates"})),
     "cosmos": Conformance(COSMOS, ({"lr": 1e-2, "rank": 2}, {"lr": 1e-2, "rank": 2, "weight_decay": 0.1,
                                                               "maximize": True})),
+    "fira": Conformance(FiraAdamW, ({"lr": 1e-2, "rank": 2, "update_proj_gap": 3},
+                                    {"lr": 1e-2, "rank": 2, "weight_decay": 0.1, "maximize": True, "projector": "svd"})),
+    # A given lr with relative_step=False (galore-torch's rule; its default lr=None is a relative step).
+    "galore_adafactor": Conformance(GaLoreAdafactor, ({"lr": 1e-2, "rank": 2, "update_proj_gap": 3},
+                                                      {"lr": 1e-2, "rank": 2, "weight_decay": 0.1, "maximize": True,
+                                                       "projector": "svd"}),
+                                    fixed={"lr": 1e-2, "relative_step": False}),
     "adam_mini": Conformance(AdamMini, ({"lr": 1e-2}, {"lr": 1e-2, "weight_decay": 0.1, "maximize": True,
                                                        "betas": (0.9, 0.95)}), named_layout=True),
 }
