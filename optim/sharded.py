@@ -135,11 +135,14 @@ def _tsqr(matrices: torch.Tensor, shard: RowShard) -> torch.Tensor:
     height = local_r.shape[-2]
     padded = torch.zeros((batch, k, k), dtype=matrices.dtype, device=matrices.device)
     padded[:, :height] = local_r
-    stacked = shard.all_gather(padded)  # (world, B, k, k)
-    world = stacked.shape[0]
-    outer_q = torch.linalg.qr(stacked.permute(1, 0, 2, 3).reshape(batch, world * k, k), mode="reduced").Q
-    me = torch.distributed.get_rank(shard.group)
-    return local_q @ outer_q[:, me * k: me * k + height]
+    triangles = shard.all_gather(padded)  # (world, B, k, k)
+    heights = shard.all_gather(torch.tensor([height], device=matrices.device)).view(-1).tolist()
+    # Only the triangles' real rows: a padding row would let the stacked QR put a basis vector
+    # where no local Q column exists (the stack is rank-deficient here).
+    stacked = torch.cat([triangles[j, :, :h] for j, h in enumerate(heights)], dim=1)  # (B, Σh, k), Σh ≥ k
+    outer_q = torch.linalg.qr(stacked, mode="reduced").Q
+    start = sum(heights[: torch.distributed.get_rank(shard.group)])
+    return local_q @ outer_q[:, start: start + height]
 
 
 def canonical_signs_rows(left: torch.Tensor, shard: RowShard) -> torch.Tensor:

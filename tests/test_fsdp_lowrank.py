@@ -80,7 +80,7 @@ _SCRIPT = textwrap.dedent("""
 
     if world == 3:  # resume the 2 ranks' checkpoints, against a whole-tensor run replaying their gradients
         recorded = torch.load(checkpoint + ".gradients")
-        for name in RESUMED:
+        for name in recorded:
             cls, reference_cls, options = CASES[name]
             kwargs = dict(lr=0.02, weight_decay=0.1, update_proj_gap=2, backend="torch", **options)
             model, replica = shard(make_model()), make_model()
@@ -121,7 +121,20 @@ _SCRIPT = textwrap.dedent("""
                                    value=None if sharded else value.clone()))
         results[name] = dict(params=params, states=states, bytes=optimizer.state_bytes())
     if world == 2 and rank == 0:
-        torch.save({name: recorded[name] for name in RESUMED}, checkpoint + ".gradients")
+        torch.save({name: recorded[name] for name in RESUMED if name in recorded}, checkpoint + ".gradients")
+    # Cholesky-QR over row shards falls back to TSQR where the Gram matrix is singular (a zero or
+    # rank-deficient gradient at a refresh): still an orthonormal basis holding the column space.
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from memzoo.optim.sharded import orthonormal_rows, row_shard
+    row = row_shard(distribute_tensor(torch.zeros(7, 4), init_device_mesh("cpu", (world,)), [Shard(0)]), 7)
+    chunk = -(-7 // world)
+    results["tsqr"] = []
+    for matrix in (torch.outer(torch.arange(1.0, 8.0), torch.tensor([1.0, -2.0, 0.5, 3.0])), torch.zeros(7, 4)):
+        local = orthonormal_rows(matrix[row.offset: row.offset + row.rows].unsqueeze(0), row)[0]
+        padded = row.all_gather(torch.cat([local, local.new_zeros(chunk - row.rows, 4)]))  # (world, chunk, 4)
+        basis = torch.cat([padded[k, : max(0, min(chunk, 7 - k * chunk))] for k in range(world)])
+        results["tsqr"].append((basis, matrix))
     try:  # Natural GaLore's history of a right projection would be row-sharded: refused with the fix
         NaturalGaLore(shard(make_model()).parameters(), rank=2, proj_type="std")
         results["refused:natural_right"] = "accepted"
@@ -177,7 +190,10 @@ def test_low_rank_on_fsdp2_row_shards_equals_whole_tensors(runs, world) -> None:
     the whole tensors on the same gradients, over two projector refreshes; their state is
     sharded like the weights, or replicated (and identical on every rank) where it is r-sized."""
     results = runs[world]
-    assert {name for name in results[0] if not name.startswith(("resumed:", "refused:"))} == set(CASES)
+    assert {name for name in results[0] if not name.startswith(("resumed:", "refused:", "tsqr"))} == set(CASES)
+    for basis, matrix in results[0]["tsqr"]:  # orthonormal, and it holds the column space
+        assert torch.allclose(basis.T @ basis, torch.eye(4), atol=1e-5)
+        assert torch.allclose(basis @ (basis.T @ matrix), matrix, atol=1e-4)
     message = results[0]["refused:natural_right"]
     assert "proj_type 'full'" in message and "DistributedDataParallel" in message, message
     for name in CASES:
