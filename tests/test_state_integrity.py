@@ -59,6 +59,9 @@ def test_a_failing_first_refresh_creates_no_state(name, monkeypatch) -> None:
 
 def test_a_failing_first_cosmos_basis_creates_no_state(monkeypatch) -> None:
     import memzoo.reference.cosmos as cosmos_reference
+    # Imported before the patch: its `from memzoo.reference.cosmos import …` would otherwise keep
+    # the failing function for the rest of the session (the torch twin is used by reload below).
+    import memzoo.triton_kernels.torch_backend.cosmos  # noqa: F401
 
     params = make_params()
     optimizer = COSMOS(params, **OPTIMIZERS["cosmos"].sample_kwargs, backend="reference")
