@@ -304,6 +304,10 @@ class GaLoreAdafactorRule(LowRankRule):
     moments: Mapping[str, Any] = {}
     unused_keys = ("betas", "correct_bias")
     lr_optional = True
+    shard_problem = ("Adafactor's factored second moment (row and column means), its update clipping (RMS of the "
+                     "whole update) and its parameter scale (RMS of the whole weight) reduce over tensors that FSDP2 / "
+                     "tensor parallelism spreads over ranks; use DistributedDataParallel with GaLoreAdafactor (each "
+                     "rank steps whole tensors)")
 
     def check_hyperparameters(self, group: Mapping[str, Any]) -> None:
         for flag in ("scale_parameter", "relative_step", "warmup_init"):

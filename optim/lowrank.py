@@ -141,6 +141,9 @@ class LowRankRule:
     unused_keys: ClassVar[tuple[str, ...]] = ()
     # Whether a group's lr may be None (Adafactor's relative step computes its own).
     lr_optional: ClassVar[bool] = False
+    # Why the rule cannot step DTensor (FSDP2 / tensor-parallel) shards even in its dense branch
+    # (reductions over a whole tensor), or None: the dense branch runs on each local shard.
+    shard_problem: ClassVar[str | None] = None
 
     def check_hyperparameters(self, group: Mapping[str, Any]) -> None:
         """Raise ValueError/TypeError for an invalid value of the inner update's hyperparameters;
@@ -263,6 +266,8 @@ class LowRankOptimizer(MemzooOptimizer):
                     raise ValueError(f"param {index}: {exc}") from None
 
     def _dtensor_problem(self, param: torch.Tensor, group: Mapping[str, Any]) -> str | None:
+        if self.rule.shard_problem is not None:
+            return self.rule.shard_problem
         if self._projector(param, group) is not None:
             return whole_matrix_problem(type(self).__name__)
         if group["optim_bits"] == 8:

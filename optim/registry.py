@@ -579,6 +579,9 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
             ),
             position_seeded=True,
             bench_groups=_galore_adafactor_bench_groups,
+            # Whole-tensor reductions (factored moments, RMS clipping, parameter scale): refuses
+            # FSDP2 / tensor-parallel shards with the fix (DDP).
+            shards=False,
             target_key="rank",
             default_rank=128,
             paper_ranks=GALORE_PAPER_RANKS,
