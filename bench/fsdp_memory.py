@@ -260,7 +260,7 @@ _NOT_COVERED = {
     "adam_mini": "Adam-mini refuses FSDP2 shards (a block's mean of g² would span ranks; use DDP)",
     "qzo": "QZO trains a 4-bit model's scales, which the LLaMA presets do not have (its traffic is MeZO's)",
     "fira": "Fira's update has no sharded scheme yet (it refuses projected row shards)",
-    "galore_adafactor": "GaLore-Adafactor's update has no sharded scheme yet (it refuses projected row shards)",
+    "galore_adafactor": "GaLore-Adafactor refuses FSDP2 parameters (Adafactor's row and column means would span ranks)",
 }
 
 

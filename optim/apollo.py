@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
-from memzoo.optim.base import Backend, StateSpec, check_number
-from memzoo.optim.lowrank import LowRankOptimizer, LowRankRule, WeightStep, adam_step_size, batch_views
+from memzoo.optim.base import Backend, StateSpec, check_number, local_tensor
+from memzoo.optim.lowrank import (
+    LowRankOptimizer,
+    LowRankRule,
+    WeightStep,
+    adam_step_size,
+    batch_views,
+    steps_row_shards,
+)
 from memzoo.optim.projector import Projector
+from memzoo.optim.sharded import RowShard
+from memzoo.reference.apollo import NORM_EPS, norm_growth_divisor_
 from memzoo.reference.common import compute_dtype
+from memzoo.reference.projector import project
 
 __all__ = ["APOLLO", "ApolloRule"]
 
@@ -51,23 +62,38 @@ class ApolloRule(LowRankRule):
             return {}
         return {"limiter_norm": (torch.Size(()), torch.float32)}
 
+    @steps_row_shards
     def update(self, engine: LowRankOptimizer, group: Mapping[str, Any], items: list[WeightStep]) -> None:
-        """Scaling factors from the projected moments, then the scaled full-rank update."""
+        """Scaling factors from the projected moments, then the scaled full-rank update.
+
+        On row shards: a right projection's moments and channel (row) factors are local; a left
+        projection's R = Σ_k P_kᵀ·G_k is all-reduced (r×n), and its moments and column factors
+        are replicated; a tensor-wise factor of a right projection sums ‖N_k‖² and ‖R_k‖² over
+        the shards, and the limiter ‖S‖² (two scalars and one scalar per weight, all-reduced)."""
         device = items[0].param.device
         kernels = engine.kernels(device)
         tensor_wise = group["scale_type"] == "tensor"
+        shard, reduces = items[0].shard, items[0].reduces
         shapes = []
         for item in items:
             m, n = item.projector.shape
-            shapes.append((1, 1) if tensor_wise else (m, 1) if item.projector.side == "right" else (1, n))
+            rows = m if shard is None else shard.rows
+            shapes.append((1, 1) if tensor_wise else (rows, 1) if item.projector.side == "right" else (1, n))
         # fp32 factors (float64 for float64 weights: their update keeps float64 accuracy).
         scales = batch_views(shapes, compute_dtype(items[0].param.dtype), device)
         factors = [engine.factors(item) for item in items]
         moments = [engine.moment_values(item) for item in items]
         beta1, beta2 = group["betas"]
-        kernels.apollo_scales_([item.param.grad for item in items], [m[0] for m in moments], [m[1] for m in moments],
-                               scales, lefts=[f[0] for f in factors], rights=[f[1] for f in factors],
-                               maximize=group["maximize"], beta1=beta1, beta2=beta2, eps=group["eps"])
+        adam = dict(maximize=group["maximize"], beta1=beta1, beta2=beta2, eps=group["eps"])
+        if reduces:  # R replicated: its moments and factors are too
+            kernels.apollo_scales_(engine.reduced_projections(items, factors), [m[0] for m in moments],
+                                   [m[1] for m in moments], scales, lefts=None, rights=None, **adam)
+        elif shard is None or shard.rows:
+            kernels.apollo_scales_([engine.local_grad(item) for item in items],
+                                   [local_tensor(m[0]) for m in moments], [local_tensor(m[1]) for m in moments],
+                                   scales, lefts=[f[0] for f in factors], rights=[f[1] for f in factors], **adam)
+        if shard is not None and not reduces and tensor_wise:
+            self._tensor_ratios_(engine, items, factors, scales, group["eps"])
         for item, values in zip(items, moments):
             engine.store_moments(item, values)
         batches: dict[bool, tuple[list, list, list, list]] = {}
@@ -76,15 +102,59 @@ class ApolloRule(LowRankRule):
             if record:
                 engine.create_deferred(item, group, "limiter_norm")
             batch = batches.setdefault(record, ([], [], [], []))
-            for out, value in zip(batch, (item.param, item.param.grad, factor, item.state.get("limiter_norm"))):
+            for out, value in zip(batch, (local_tensor(item.param), local_tensor(item.param.grad), factor,
+                                          item.state.get("limiter_norm"))):
                 out.append(value)
+        limited = not group["disable_nl"]
+        if shard is not None and limited:  # the limiter's ‖S‖ over every shard, folded into the factors
+            for record, (_, grads, batch_scales, norms) in batches.items():
+                self._limit_(shard, grads, batch_scales, norms, record, group)
+            limited = False
         for record, (params, grads, batch_scales, norms) in batches.items():
+            if shard is not None and not shard.rows:
+                continue  # an empty row shard: nothing to update
             kernels.apollo_apply_(
-                params, grads, batch_scales, None if group["disable_nl"] else norms,
+                params, grads, batch_scales, norms if limited else None,
                 step_size=adam_step_size(group["lr"], group["betas"], items[0].step, group["correct_bias"]),
                 scale=group["scale"], lr=group["lr"], weight_decay=group["weight_decay"],
                 growth_limit=group["growth_limit"], record_only=record, scale_front=group["scale_front"],
                 maximize=group["maximize"])
+
+    @staticmethod
+    def _tensor_ratios_(engine: LowRankOptimizer, items: list[WeightStep], factors: list, scales: list[torch.Tensor],
+                        eps: float) -> None:
+        """Tensor-wise factors ‖N‖/(‖R‖ + 1e-8) of right-projected weights on row shards: ‖N_k‖²
+        and ‖R_k‖² of the local rows (R_k = G_k·Qᵀ, N_k = m_k/(√v_k+ε) from the updated moments,
+        as :func:`memzoo.reference.apollo.apollo_scales_` forms them), summed by one all-reduce."""
+        squares = []
+        for item, (_, right), scale in zip(items, factors, scales):
+            grad = engine.local_grad(item)
+            exp_avg, exp_avg_sq = (local_tensor(value) for value in engine.moment_values(item))
+            dtype = compute_dtype(grad.dtype, exp_avg.dtype, scale.dtype)
+            low_rank = project(grad.to(dtype), None, right.to(dtype))
+            normalized = exp_avg.to(dtype) / (exp_avg_sq.to(dtype).sqrt() + eps)
+            squares.append(torch.stack([normalized.square().sum(), low_rank.square().sum()]))
+        for scale, (normalized, low_rank) in zip(scales, items[0].shard.all_reduce_(torch.stack(squares))):
+            scale.fill_(normalized.sqrt() / (low_rank.sqrt() + NORM_EPS))
+
+    @staticmethod
+    def _limit_(shard: RowShard, grads: list[torch.Tensor], scales: list[torch.Tensor], norms: list[torch.Tensor],
+                record: bool, group: Mapping[str, Any]) -> None:
+        """The norm-growth limiter of :func:`memzoo.reference.apollo.apollo_apply_` on row shards:
+        ‖S‖ (S = G ⊙ s, √α in front with ``scale_front``) from one all-reduce of the batch's ‖S_k‖²;
+        on the first step ρ ← ‖S‖, later c = max(‖S‖/(ρ + 1e-8), γ)/γ divides the factors and
+        ρ ← ‖S‖/c. The kernel then applies S without its own (shard-local) limiter."""
+        squares = []
+        for grad, scale in zip(grads, scales):
+            dtype = compute_dtype(grad.dtype, scale.dtype)
+            squares.append((grad.flatten(1).to(dtype) * scale).square().sum())
+        root_alpha = math.sqrt(group["scale"]) if group["scale_front"] else 1.0
+        sizes = shard.all_reduce_(torch.stack(squares)).sqrt() * root_alpha
+        for size, scale, norm in zip(sizes, scales, norms):
+            if record:
+                norm.copy_(size)
+            else:
+                scale.div_(norm_growth_divisor_(size, norm, growth_limit=group["growth_limit"]))
 
 
 class APOLLO(LowRankOptimizer):

@@ -10,11 +10,19 @@ from typing import Any
 
 import torch
 
-from memzoo.optim.base import Backend, StateSpec, check_number
-from memzoo.optim.lowrank import LowRankOptimizer, LowRankRule, WeightStep, low_rank_updates, torch_adam_form
+from memzoo.optim.base import Backend, StateSpec, check_number, local_tensor
+from memzoo.optim.lowrank import (
+    LowRankOptimizer,
+    LowRankRule,
+    WeightStep,
+    low_rank_updates,
+    steps_row_shards,
+    torch_adam_form,
+)
 from memzoo.optim.projector import Projector, ProjectorSettings
-from memzoo.reference.frugal import RESIDUAL_RULES
-from memzoo.reference.projector import matrix_shape, projection_side, side_length
+from memzoo.reference.common import compute_dtype
+from memzoo.reference.frugal import RESIDUAL_RULES, residual_squares
+from memzoo.reference.projector import matrix_shape, project, project_back, projection_side, side_length
 
 __all__ = ["FRUGAL", "FrugalRule"]
 
@@ -149,8 +157,12 @@ class FrugalRule(LowRankRule):
                                          group["correct_bias"])
         engine.adamw_dense(group, items, step_size=step_size, eps=eps, decay_first=True)
 
+    @steps_row_shards
     def update(self, engine: LowRankOptimizer, group: Mapping[str, Any], items: list[WeightStep]) -> None:
         """Adam in each subspace and the split update (weights of one shape, grouped by Adam step)."""
+        if items[0].shard is not None:
+            self._update_sharded(engine, group, items)
+            return
         by_adam_step: dict[int, list[WeightStep]] = {}
         for item in items:
             by_adam_step.setdefault(int(item.state["adam_step"]), []).append(item)
@@ -175,6 +187,70 @@ class FrugalRule(LowRankRule):
                                   residual_rule=group["inactive_update_rule"],
                                   decay=group["lr"] * group["weight_decay"], maximize=group["maximize"],
                                   residual_threshold=group["inactive_threshold"])
+
+
+    def _update_sharded(self, engine: LowRankOptimizer, group: Mapping[str, Any], items: list[WeightStep]) -> None:
+        """:meth:`update` on FSDP2 row shards (one weight at a time: the batches are small there).
+
+        Right side (columns, or a right basis): R_k = G_k·Qᵀ, the moments, up(N_k) and the
+        residual E_k = G_k − R_k·Q are local rows. Left side: R = Σ_k P_kᵀ·G_k is all-reduced
+        (r×n) and Adam runs on it, replicated; the residual E_k = G_k − P_k·R is local once R
+        is known (for a selection of rows, P_k·(P_kᵀ·G_k) already is). The signSGD step's
+        threshold compares ‖E‖² with ‖G‖² over all the shards (two float64 scalars per weight,
+        all-reduced), so every rank takes the same decision."""
+        lr_p = group["lr"] * group["proj_params_lr_scale"]
+        beta1, beta2 = group["betas"]
+        rule, threshold = group["inactive_update_rule"], group["inactive_threshold"]
+        thresholded = rule == "sign_sgd" and threshold > 0
+        for item in items:
+            shard = item.shard
+            adam_step = int(item.state["adam_step"])
+            item.state["adam_step"] += 1
+            step_size, eps = torch_adam_form(lr_p, group["betas"], group["eps"], adam_step, group["correct_bias"])
+            kernels = engine.kernels(item.param.device)
+            (update,) = low_rank_updates([item])
+            left, right = engine.factors(item)
+            grad = engine.local_grad(item)
+            exp_avg, exp_avg_sq = local_tensor(item.state["exp_avg"]), local_tensor(item.state["exp_avg_sq"])
+            selection = item.projector.settings.projector == "coordinates"
+            if update.numel() or item.reduces:
+                if item.reduces:
+                    (inside,) = engine.reduced_projections([item], [(left, right)])
+                    adam_input, lefts, rights = inside, None, None
+                else:
+                    adam_input, lefts, rights = grad, left, right
+                if update.numel() and adam_input.numel():
+                    kernels.galore_adam_project_(adam_input, exp_avg, exp_avg_sq, update, lefts=lefts, rights=rights,
+                                                 beta1=beta1, beta2=beta2, eps=eps, maximize=group["maximize"])
+            dtype = compute_dtype(grad.dtype)
+            residual = None  # E_k, formed only where the kernel cannot form it from local data
+            if item.reduces and not selection and rule != "no":
+                residual = grad.to(dtype) - project_back(inside, left.to(dtype), None)
+            kept = True
+            if thresholded:
+                if residual is not None:
+                    squares = torch.stack([grad.to(dtype).double().square().sum(), residual.double().square().sum()])
+                else:
+                    squares = torch.stack(residual_squares(grad, project(grad.to(dtype), None if left is None else
+                                                                         left.to(dtype),
+                                                                         None if right is None else right.to(dtype)),
+                                                           left, right))
+                total, remainder = shard.all_reduce_(squares)
+                kept = bool(remainder > threshold * threshold * total)
+            if not shard.rows:
+                continue  # an empty row shard: nothing to update
+            param, local = local_tensor(item.param), local_tensor(item.param.grad)
+            common = dict(decay=group["lr"] * group["weight_decay"], maximize=group["maximize"])
+            own_rule = rule if kept and residual is None else "no"
+            kernels.frugal_apply_(param, local, update, lefts=left, rights=right, step_size=step_size,
+                                  residual_step=lr_p * group["inactive_lr_scale"], residual_rule=own_rule,
+                                  residual_threshold=0.0, **common)
+            if residual is not None and kept:  # E_k's step: a zero-rank subspace leaves the residual whole
+                empty = torch.zeros((shard.rows, 0), dtype=dtype, device=grad.device)
+                kernels.frugal_apply_(param, residual.reshape(param.shape), update.new_zeros((0, update.shape[1])),
+                                      lefts=empty, rights=None, step_size=0.0,
+                                      residual_step=lr_p * group["inactive_lr_scale"], residual_rule=rule,
+                                      residual_threshold=0.0, decay=0.0, maximize=group["maximize"])
 
 
 def _settings(rank: int, group: Mapping[str, Any]) -> ProjectorSettings:

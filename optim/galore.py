@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from memzoo.optim.base import Backend, StateSpec, check_int, check_lr, check_number
+from memzoo.optim.base import Backend, StateSpec, check_int, check_lr, check_number, local_tensor
 from memzoo.optim.lowrank import (
     LowRankOptimizer,
     LowRankRule,
@@ -17,6 +17,7 @@ from memzoo.optim.lowrank import (
     adam_step_size,
     batch_views,
     low_rank_updates,
+    steps_row_shards,
 )
 from memzoo.optim.projector import Projector
 from memzoo.optim.quantized_state import MIN_8BIT_SIZE
@@ -32,22 +33,35 @@ class GaLoreRule(LowRankRule):
 
     family = "galore"
 
+    @steps_row_shards
     def update(self, engine: LowRankOptimizer, group: Mapping[str, Any], items: list[WeightStep]) -> None:
+        """On row shards: a right projection is local rows (R_k = G_k·Qᵀ, its moments, N_k·Q);
+        with a left factor R = Σ_k P_kᵀ·G_k(·Qᵀ) is all-reduced, Adam runs on the replicated R
+        and each rank applies its rows P_k·N(·Q)."""
         kernels = engine.kernels(items[0].param.device)
         beta1, beta2 = group["betas"]
         updates = low_rank_updates(items)
         factors = [engine.factors(item) for item in items]
         moments = [engine.moment_values(item) for item in items]
-        kernels.galore_adam_project_(
-            [item.param.grad.reshape(item.projector.shape) for item in items], [m[0] for m in moments],
-            [m[1] for m in moments], updates, lefts=[f[0] for f in factors], rights=[f[1] for f in factors],
-            beta1=beta1, beta2=beta2, eps=group["eps"], maximize=group["maximize"])
+        if items[0].reduces:  # projected and summed over the shards: Adam on R itself
+            grads, lefts, rights = engine.reduced_projections(items, factors), None, None
+        else:
+            grads, lefts, rights = [engine.local_grad(item) for item in items], [f[0] for f in factors], \
+                [f[1] for f in factors]
+        # An empty row shard (uneven sharding) has nothing to update.
+        live = [index for index, item in enumerate(items) if item.shard is None or item.shard.rows]
+        if items[0].reduces or len(live) == len(items):
+            kernels.galore_adam_project_(
+                grads, [local_tensor(m[0]) for m in moments], [local_tensor(m[1]) for m in moments], updates,
+                lefts=lefts, rights=rights, beta1=beta1, beta2=beta2, eps=group["eps"], maximize=group["maximize"])
         for item, values in zip(items, moments):
             engine.store_moments(item, values)
-        kernels.galore_apply_(
-            [item.param for item in items], updates, lefts=[f[0] for f in factors], rights=[f[1] for f in factors],
-            step_size=adam_step_size(group["lr"], group["betas"], items[0].step, group["correct_bias"]),
-            scale=group["scale"], lr=group["lr"], weight_decay=group["weight_decay"])
+        if live:
+            kernels.galore_apply_(
+                [local_tensor(items[i].param) for i in live], [updates[i] for i in live],
+                lefts=[factors[i][0] for i in live], rights=[factors[i][1] for i in live],
+                step_size=adam_step_size(group["lr"], group["betas"], items[0].step, group["correct_bias"]),
+                scale=group["scale"], lr=group["lr"], weight_decay=group["weight_decay"])
 
 
 class GaLoreAdamW(LowRankOptimizer):
@@ -182,14 +196,27 @@ class NaturalGaLoreRule(LowRankRule):
         return {"nat_history": (torch.Size((group["natural_history"], shape.numel())), state_dtype),
                 "nat_count": (torch.Size(()), torch.int64)}
 
+    def sharded_problem(self, projector: Projector, group: Mapping[str, Any]) -> str | None:
+        problem = super().sharded_problem(projector, group)
+        if problem is None and projector.side == "right" and group["natural"]:
+            return ("Natural GaLore's gradient history of a right projection (m×r) would be sharded by rows and "
+                    "its k×k solve need all of it; use proj_type 'full' (the default) or 'left'")
+        return problem
+
+    @steps_row_shards
     def update(self, engine: LowRankOptimizer, group: Mapping[str, Any], items: list[WeightStep]) -> None:
+        """On row shards (left or two-sided projections): R = Σ_k A_kᵀ·G_k·Bᵀ all-reduced, then
+        everything but the back-projection A_k·N·B runs on the replicated R."""
         (item,) = items
         kernels = engine.kernels(item.param.device)
-        grad = item.param.grad.reshape(item.projector.shape)
-        dtype = compute_dtype(grad.dtype)
         left, right = engine.factors(item)
-        low_rank = kernels.project(grad.to(dtype), None if left is None else left.to(dtype),
-                                   None if right is None else right.to(dtype))
+        if item.reduces:
+            (low_rank,) = engine.reduced_projections([item], [(left, right)])
+        else:
+            grad = engine.local_grad(item)
+            dtype = compute_dtype(grad.dtype)
+            low_rank = kernels.project(grad.to(dtype), None if left is None else left.to(dtype),
+                                       None if right is None else right.to(dtype))
         if group["maximize"]:
             low_rank = -low_rank
         if group["natural"]:  # else the official proj_type="galore": GaLore on the same factors
@@ -201,13 +228,15 @@ class NaturalGaLoreRule(LowRankRule):
             low_rank = kernels.natural_gradient(low_rank, rows, damping=group["damping"])
         beta1, beta2 = group["betas"]
         (update,) = low_rank_updates(items)
-        moments = engine.moment_values(item)
+        moments = [local_tensor(moment) for moment in engine.moment_values(item)]
         # Adam on the already projected (and preconditioned) gradient.
         kernels.galore_adam_project_([low_rank], [moments[0]], [moments[1]], [update], lefts=None, rights=None,
                                      beta1=beta1, beta2=beta2, eps=group["eps"])
         engine.store_moments(item, moments)
+        if item.shard is not None and not item.shard.rows:
+            return  # an empty row shard: nothing to update
         kernels.galore_apply_(
-            [item.param], [update], lefts=[left], rights=[right],
+            [local_tensor(item.param)], [update], lefts=[left], rights=[right],
             step_size=adam_step_size(group["lr"], group["betas"], item.step, group["correct_bias"]),
             scale=group["scale"], lr=group["lr"], weight_decay=group["weight_decay"])
 
@@ -304,10 +333,11 @@ class GaLoreAdafactorRule(LowRankRule):
     moments: Mapping[str, Any] = {}
     unused_keys = ("betas", "correct_bias")
     lr_optional = True
-    shard_problem = ("Adafactor's factored second moment (row and column means), its update clipping (RMS of the "
-                     "whole update) and its parameter scale (RMS of the whole weight) reduce over tensors that FSDP2 / "
-                     "tensor parallelism spreads over ranks; use DistributedDataParallel with GaLoreAdafactor (each "
-                     "rank steps whole tensors)")
+
+    def dense_sharded_problem(self, group: Mapping[str, Any]) -> str | None:
+        return ("Adafactor's factored second moment (row and column means), its update clipping (RMS of the "
+                "update) and its relative step (RMS of the weight) reduce over the whole tensor, which FSDP2 / "
+                "tensor parallelism spreads over ranks; use DistributedDataParallel with GaLoreAdafactor")
 
     def check_hyperparameters(self, group: Mapping[str, Any]) -> None:
         for flag in ("scale_parameter", "relative_step", "warmup_init"):

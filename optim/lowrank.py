@@ -39,6 +39,7 @@ from memzoo.optim.base import (
     check_lr,
     check_number,
     deferred_interrupts,
+    is_dtensor,
     local_tensor,
     resolve_backend,
     resolve_state_dtype,
@@ -47,11 +48,13 @@ from memzoo.optim.base import (
 )
 from memzoo.optim.projector import Projector, ProjectorSettings, RefreshRequest, compute_refreshes
 from memzoo.optim.quantized_state import MIN_8BIT_SIZE, QuantizedMoment
+from memzoo.optim.sharded import RowShard, row_shard, sharding_problem
 from memzoo.reference.common import compute_dtype, hf_adam_step_size
 from memzoo.reference.common import torch_adam_form as reference_torch_adam_form
+from memzoo.reference.projector import project
 
 __all__ = ["ADAM_MOMENTS", "LowRankOptimizer", "LowRankRule", "WeightStep", "adam_step_size", "batch_views",
-           "torch_adam_form"]
+           "local_low_rank_shape", "steps_row_shards", "torch_adam_form"]
 
 # Adam's two moments and how each is stored in 8 bits (signed m, unsigned v).
 ADAM_MOMENTS: Mapping[str, QuantizedMoment] = {"exp_avg": QuantizedMoment(signed=True),
@@ -106,6 +109,15 @@ class WeightStep(NamedTuple):
     step: int
     # Whether the moments are stored in 8 bits.
     quantized: bool
+    # For an FSDP2 row-sharded weight: the rows this rank holds (see memzoo.optim.sharded). Its
+    # param, grad and row-sharded state are DTensors; rules work on their local tensors.
+    shard: RowShard | None = None
+
+    @property
+    def reduces(self) -> bool:
+        """Whether the projected gradient is a sum over row shards (a sharded weight with a left
+        factor: R = Σ_k P_kᵀ·G_k·Qᵀ), replicated once reduced; else it is local rows, or whole."""
+        return self.shard is not None and self.projector is not None and self.projector.side != "right"
 
 
 class LowRankRule:
@@ -141,9 +153,6 @@ class LowRankRule:
     unused_keys: ClassVar[tuple[str, ...]] = ()
     # Whether a group's lr may be None (Adafactor's relative step computes its own).
     lr_optional: ClassVar[bool] = False
-    # Why the rule cannot step DTensor (FSDP2 / tensor-parallel) shards even in its dense branch
-    # (reductions over a whole tensor), or None: the dense branch runs on each local shard.
-    shard_problem: ClassVar[str | None] = None
 
     def check_hyperparameters(self, group: Mapping[str, Any]) -> None:
         """Raise ValueError/TypeError for an invalid value of the inner update's hyperparameters;
@@ -184,6 +193,25 @@ class LowRankRule:
         """State beyond the step counter, the moments and the projector's (e.g. a limiter's norm)."""
         return {}
 
+    def sharded_problem(self, projector: Projector, group: Mapping[str, Any]) -> str | None:
+        """Why this rule cannot update a weight of an FSDP2 row shard with ``projector`` (None
+        when its :meth:`update` is marked :func:`steps_row_shards`; a subclass that overrides
+        ``update`` must mark its own). A rule whose update does: on
+        ``item.shard`` its param, grad and row-sharded moments are DTensors (use their local
+        tensors, :meth:`LowRankOptimizer.local_grad`), :meth:`LowRankOptimizer.factors` gives the
+        local rows of a left factor and the whole right one, and a gradient with
+        :attr:`WeightStep.reduces` is projected by :meth:`LowRankOptimizer.reduced_projections`
+        (everything it computes from the replicated R is replicated); norms over a whole row-sharded
+        tensor must be all-reduced (``item.shard.all_reduce_``)."""
+        if getattr(type(self).update, "steps_row_shards", False):
+            return None
+        return f"{type(self).__name__}.update has no sharded path (it needs each projected weight whole)"
+
+    def dense_sharded_problem(self, group: Mapping[str, Any]) -> str | None:
+        """Why :meth:`update_dense` cannot step the local shard of a DTensor parameter (None: its
+        math is per element, as AdamW's)."""
+        return None
+
     def on_refresh(self, group: Mapping[str, Any], state: dict[str, Any]) -> None:
         """Called for each weight whose subspace is recomputed this step, before its update;
         GaLore keeps the moments (the official behaviour)."""
@@ -212,8 +240,11 @@ class LowRankOptimizer(MemzooOptimizer):
         "_projectors": dict,
         # id(state dict) → (step tensor, its value after this step, its version after this step)
         "_step_ints": dict,
+        # param → its RowShard (None: not a DTensor)
+        "_shards": dict,
     }
     _projectors: dict[torch.Tensor, tuple[tuple, Projector | None]]
+    _shards: dict[torch.Tensor, RowShard | None]
     _step_ints: dict[int, tuple[torch.Tensor, int, int]]
 
     _COMMON_LAYOUT_KEYS = ("rank", "proj_type", "projector", "state_dtype", "optim_bits", "min_8bit_size")
@@ -266,13 +297,45 @@ class LowRankOptimizer(MemzooOptimizer):
                     raise ValueError(f"param {index}: {exc}") from None
 
     def _dtensor_problem(self, param: torch.Tensor, group: Mapping[str, Any]) -> str | None:
-        if self.rule.shard_problem is not None:
-            return self.rule.shard_problem
-        if self._projector(param, group) is not None:
-            return whole_matrix_problem(type(self).__name__)
         if group["optim_bits"] == 8:
             return "8-bit moments (optim_bits=8) are not supported for DTensor parameters; use optim_bits=32"
+        projector = self._projector(param, group)
+        if projector is None:
+            return self.rule.dense_sharded_problem(group)
+        problem = sharding_problem(param) or self.rule.sharded_problem(projector, group)
+        if problem:
+            return f"{problem}. " + whole_matrix_problem(type(self).__name__)
         return None
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As :meth:`MemzooOptimizer.load_state_dict`; then the state of projected FSDP2 weights
+        is laid out as the step keeps it, whoever wrote it (one process, or
+        ``torch.distributed.checkpoint`` read by
+        :func:`memzoo.optim.distributed.load_optimizer_state`, which shards whatever is shaped
+        like its parameter): the row-sharded state (right-projected moments, left factors)
+        given whole keeps this rank's rows, as a DTensor sharded like the weight; replicated
+        state given as a DTensor is gathered (a collective: every rank loads)."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for param in group["params"]:
+                state = self.state.get(param)
+                projector = self._projector(param, group) if state and is_dtensor(param) else None
+                if projector is None:
+                    continue
+                shard = self._shard(param, projector)
+                for name, value in list(state.items()):
+                    sharded = name == "proj_left" or (name in self.rule.moments and projector.side == "right")
+                    if sharded and isinstance(value, torch.Tensor) and not is_dtensor(value):
+                        rows = value[shard.offset: shard.offset + shard.rows].to(param.device, copy=True)
+                        state[name] = shard.distribute(rows, value.shape)
+                    elif not sharded and is_dtensor(value):
+                        state[name] = value.full_tensor()
+
+    def _shard(self, param: torch.Tensor, projector: Projector) -> RowShard | None:
+        """The rows of the projected matrix this rank holds (None for a plain tensor)."""
+        if param not in self._shards:
+            self._shards[param] = row_shard(param, projector.shape[0])
+        return self._shards[param]
 
     def _projector(self, param: torch.Tensor, group: Mapping[str, Any], key: tuple | None = None) -> Projector | None:
         """The param's projector (None when not projected), rebuilt when the group's settings
@@ -327,17 +390,29 @@ class LowRankOptimizer(MemzooOptimizer):
             if quantized:
                 state[name], state[f"{name}_absmax"] = self.rule.moments[name].zeros(shape, param.device)
             else:
-                state[name] = zeros_state(param, shape, self._state_dtype(param, group))
+                state[name] = self._zeros(param, projector, shape, self._state_dtype(param, group), moment=True)
         for name, (shape, dtype) in extra.items():
             if name not in state and name not in self.rule.deferred:
                 # Counters live on the CPU, as torch.optim keeps "step": read without a device sync.
                 counter = not dtype.is_floating_point and shape == torch.Size(())
-                state[name] = torch.tensor(0, dtype=dtype) if counter else zeros_state(param, shape, dtype)
+                state[name] = torch.tensor(0, dtype=dtype) if counter else self._zeros(param, projector, shape, dtype)
+
+    def _zeros(self, param: torch.Tensor, projector: Projector | None, shape: torch.Size, dtype: torch.dtype,
+               moment: bool = False) -> torch.Tensor:
+        """A zero state tensor: of a projected row-sharded weight, the moments of a right
+        projection (m×r) are its rows' (a DTensor sharded like the weight) and everything else
+        is replicated; of any other parameter, :func:`zeros_state`'s."""
+        if projector is None or not is_dtensor(param):
+            return zeros_state(param, shape, dtype)
+        if moment and projector.side == "right":
+            shard = self._shard(param, projector)
+            return shard.distribute(torch.zeros((shard.rows, *shape[1:]), dtype=dtype, device=param.device), shape)
+        return torch.zeros(shape, dtype=dtype, device=param.device)
 
     def create_deferred(self, item: WeightStep, group: Mapping[str, Any], name: str) -> torch.Tensor:
         """Create a state tensor the rule declared as deferred, at its first use."""
         shape, dtype = self._rule_state(item.param, group, item.projector)[1][name]
-        item.state[name] = value = zeros_state(item.param, shape, dtype)
+        item.state[name] = value = self._zeros(item.param, item.projector, shape, dtype)
         return value
 
     def _missing(self, param: torch.Tensor, group: Mapping[str, Any], state: Mapping[str, Any],
@@ -354,8 +429,30 @@ class LowRankOptimizer(MemzooOptimizer):
         return self._kernels(device)
 
     def factors(self, item: WeightStep) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The weight's projection factors (left, right), stored or regenerated from the seed."""
-        return item.projector.factors(item.state, item.param.device, item.param.dtype, randn=self._randn)
+        """The weight's projection factors (left, right), stored or regenerated from the seed;
+        of a row-sharded weight, the local rows of the left factor and the whole right one."""
+        return item.projector.factors(item.state, item.param.device, item.param.dtype, randn=self._randn,
+                                      rows=None if item.shard is None else item.shard.index)
+
+    @staticmethod
+    def local_grad(item: WeightStep) -> torch.Tensor:
+        """The gradient as the projector reads it: the (rows × n) matrix of this rank's rows
+        (the whole m×n matrix when not sharded)."""
+        grad = local_tensor(item.param.grad)
+        return grad.reshape(grad.shape[0], item.projector.shape[1]) if item.projector is not None else grad
+
+    def reduced_projections(self, items: list[WeightStep],
+                            factors: list[tuple[torch.Tensor | None, torch.Tensor | None]]) -> list[torch.Tensor]:
+        """R = leftᵀ·G·rightᵀ of each item with :attr:`WeightStep.reduces`, in the compute dtype,
+        summed over the row shards (Σ_k P_kᵀ·G_k·Qᵀ) by one all-reduce for the batch: replicated,
+        equal to the unsharded projection up to the order of the sums. Not negated for maximize
+        (the kernels do that)."""
+        projections = []
+        for item, (left, right) in zip(items, factors):
+            grad = self.local_grad(item)
+            dtype = compute_dtype(grad.dtype)
+            projections.append(project(grad.to(dtype), left.to(dtype), None if right is None else right.to(dtype)))
+        return items[0].shard.all_reduce_many_(projections) if items else projections
 
     def moment_values(self, item: WeightStep) -> tuple[torch.Tensor, ...]:
         """The moments to update, in :attr:`LowRankRule.moments` order: the state tensors, or
@@ -448,11 +545,15 @@ class LowRankOptimizer(MemzooOptimizer):
                 if projector is None:
                     dense.setdefault((param.device, step), []).append(item)
                     continue
+                shard = self._shard(param, projector)
+                if shard is not None:
+                    item = item._replace(shard=shard)
                 if projector.due(state, step):
                     # Maximizing f is minimizing −f: the subspace is computed from −G too.
-                    grad = param.grad.reshape(projector.shape)
+                    grad = param.grad.reshape(projector.shape) if shard is None else self.local_grad(item)
                     source = -grad if group["maximize"] else grad
-                    refreshes.append(RefreshRequest(projector, state, source, step, self.seed + index - 1, param.dtype))
+                    refreshes.append(RefreshRequest(projector, state, source, step, self.seed + index - 1, param.dtype,
+                                                    shard))
                     refreshed.append(state)
                 projected.append(item)
             plans.append((group, dense, projected, refreshed, step_counts))
@@ -480,13 +581,20 @@ class LowRankOptimizer(MemzooOptimizer):
             else:  # one batched call per (device, step, shape): same-shaped matrices share launches
                 batches: dict[tuple, list[WeightStep]] = {}
                 for item in projected:
-                    batches.setdefault((item.param.device, item.step, item.param.shape, item.param.dtype),
+                    shard_key = None if item.shard is None else item.shard.key
+                    batches.setdefault((item.param.device, item.step, item.param.shape, item.param.dtype, shard_key),
                                        []).append(item)
                 for items in batches.values():
                     for chunk in _chunks(items):
                         rule.update(self, group, chunk)
             for items in dense.values():
                 rule.update_dense(self, group, items)
+
+
+def steps_row_shards(update: Callable) -> Callable:
+    """Mark a rule's ``update`` as handling FSDP2 row shards (:meth:`LowRankRule.sharded_problem`)."""
+    update.steps_row_shards = True
+    return update
 
 
 def _chunks(items: list[WeightStep]) -> list[list[WeightStep]]:
@@ -502,7 +610,15 @@ def _chunks(items: list[WeightStep]) -> list[list[WeightStep]]:
     return chunks + [current] if current else chunks
 
 
+def local_low_rank_shape(item: WeightStep) -> tuple[int, int]:
+    """The shape of this rank's part of the weight's projected gradient: the whole (replicated)
+    R, or the local rows of a row-sharded weight's right projection (m×r)."""
+    rows, columns = item.projector.low_rank_shape
+    return (item.shard.rows, columns) if item.shard is not None and not item.reduces else (rows, columns)
+
+
 def low_rank_updates(items: list[WeightStep]) -> list[torch.Tensor]:
-    """Uninitialized low-rank update buffers (compute dtype) for a batch, one allocation."""
+    """Uninitialized low-rank update buffers (compute dtype) for a batch, one allocation (of
+    this rank's part, :func:`local_low_rank_shape`, for row-sharded weights)."""
     param = items[0].param
-    return batch_views([item.projector.low_rank_shape for item in items], compute_dtype(param.dtype), param.device)
+    return batch_views([local_low_rank_shape(item) for item in items], compute_dtype(param.dtype), param.device)

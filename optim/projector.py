@@ -20,7 +20,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from memzoo.optim.base import StateSpec, check_int, check_number
+from memzoo.optim.base import StateSpec, check_int, check_number, local_tensor
+from memzoo.optim.sharded import RowShard, sharded_bases
 from memzoo.reference.projector import (
     METHODS,
     PROJ_TYPES,
@@ -147,10 +148,15 @@ class Projector:
         refresh_projectors_([RefreshRequest(self, state, grad_matrix, step, base_seed, factor_dtype)], randn=randn)
 
     def factors(self, state: Mapping[str, Any], device: torch.device, dtype: torch.dtype, *,
-                randn: Randn = philox_randn) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The factors (left, right), stored or regenerated from the seed with ``randn``."""
-        return projector_factors(state, self.shape, rank=self.rank, side=self.side, method=self.settings.projector,
-                                 dtype=dtype, device=device, randn=randn)
+                randn: Randn = philox_randn,
+                rows: range | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The factors (left, right), stored or regenerated from the seed with ``randn``.
+        ``rows``: a row shard's, whose rows of the left factor are returned (the right factor is
+        always whole); a stored left factor is then a DTensor sharded like the weight."""
+        left, right = projector_factors(state, self.shape, rank=self.rank, side=self.side,
+                                        method=self.settings.projector, dtype=dtype, device=device, randn=randn,
+                                        rows=rows)
+        return (None if left is None else local_tensor(left)), right
 
 
 @dataclass
@@ -163,6 +169,8 @@ class RefreshRequest:
     step: int
     base_seed: int
     factor_dtype: torch.dtype
+    # For a row-sharded weight: its rows (``grad_matrix`` holds only those).
+    shard: RowShard | None = None
 
 
 # Refreshes of same-shaped matrices are batched, a chunk's stacked gradients kept under this size.
@@ -207,18 +215,26 @@ def compute_refreshes(requests: list[RefreshRequest], *, randn: Randn = philox_r
             writes.append((state, "proj_indices", indices.to(request.grad_matrix.device)))
             continue
         grad = request.grad_matrix
-        key = (projector.settings, projector.shape, grad.device, grad.dtype, request.factor_dtype)
+        shard_key = None if request.shard is None else request.shard.key
+        key = (projector.settings, projector.shape, grad.device, grad.dtype, request.factor_dtype, shard_key)
         classes.setdefault(key, []).append((request, seed))
     skipped: list[RefreshRequest] = []
-    for (settings, (m, n), device, dtype, factor_dtype), members in classes.items():
+    for (settings, (m, n), device, dtype, factor_dtype, _), members in classes.items():
         projector = members[0][0].projector
+        shard = members[0][0].shard
         chunk = max(1, _REFRESH_CHUNK_BYTES // (m * n * 4))
         for begin in range(0, len(members), chunk):
             part = members[begin:begin + chunk]
             grads = torch.stack([r.grad_matrix for r, _ in part])
             # One sync per chunk, on refresh steps; meta tensors (shape-only runs) have no values to check.
-            finite = ([True] * len(part) if device.type == "meta"
-                      else torch.isfinite(grads).flatten(1).all(1).tolist())
+            if device.type == "meta":
+                finite = [True] * len(part)
+            elif shard is None:
+                finite = torch.isfinite(grads).flatten(1).all(1).tolist()
+            else:  # every rank decides from every shard
+                bad = (~torch.isfinite(grads)).flatten(1).sum(1, dtype=torch.int64) if grads.numel() else \
+                    torch.zeros(len(part), dtype=torch.int64, device=device)
+                finite = (shard.all_reduce_(bad) == 0).tolist()
             if not all(finite):
                 for (request, seed), ok in zip(part, finite):
                     if ok:
@@ -226,7 +242,10 @@ def compute_refreshes(requests: list[RefreshRequest], *, randn: Randn = philox_r
                     skipped.append(request)
                     if request.state.get("proj_left") is None and request.state.get("proj_right") is None:
                         left, right = random_basis(seed, projector.shape, projector.rank, projector.side, device,
-                                                   factor_dtype, randn=randn)
+                                                   factor_dtype, randn=randn,
+                                                   rows=None if shard is None else shard.index)
+                        if left is not None and shard is not None:
+                            left = shard.distribute(left, (m, left.shape[1]))
                         writes += [(request.state, name, f) for name, f in (("proj_left", left), ("proj_right", right))
                                    if f is not None]
                 keep = [index for index, ok in enumerate(finite) if ok]
@@ -235,15 +254,22 @@ def compute_refreshes(requests: list[RefreshRequest], *, randn: Randn = philox_r
                 if not part:
                     continue
             seeds = torch.tensor([seed for _, seed in part], dtype=torch.int64, device=device)
-            left, right = compute_bases(grads, projector.rank, projector.side, settings.projector, seeds=seeds,
-                                        power_iters=settings.power_iters, oversample=settings.oversample,
-                                        signs=settings.signs, randn=randn)
+            if shard is None:
+                left, right = compute_bases(grads, projector.rank, projector.side, settings.projector, seeds=seeds,
+                                            power_iters=settings.power_iters, oversample=settings.oversample,
+                                            signs=settings.signs, randn=randn)
+            else:
+                left, right = sharded_bases(grads, shard, n, projector.rank, projector.side, settings.projector,
+                                            seeds=seeds, power_iters=settings.power_iters,
+                                            oversample=settings.oversample, signs=settings.signs, randn=randn)
             del grads
             for index, (request, _) in enumerate(part):
                 for name, factors in (("proj_left", left), ("proj_right", right)):
                     if factors is not None:  # an owned, contiguous copy: not a view of the batch
-                        writes.append((request.state, name, torch.empty(factors.shape[1:], dtype=factor_dtype,
-                                                                        device=device).copy_(factors[index])))
+                        value = torch.empty(factors.shape[1:], dtype=factor_dtype, device=device).copy_(factors[index])
+                        if name == "proj_left" and shard is not None:  # its rows: sharded like the weight
+                            value = shard.distribute(value, (m, value.shape[1]))
+                        writes.append((request.state, name, value))
     if skipped:
         shapes = ", ".join(str(tuple(request.grad_matrix.shape)) for request in skipped[:5])
         warnings.warn(

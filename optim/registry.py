@@ -145,6 +145,9 @@ class OptimizerInfo:
     # Steps FSDP2 / tensor-parallel (DTensor) parameters on their shards; False: refuses them at
     # construction with the fix (DDP), which tests/test_distributed.py checks instead.
     shards: bool = True
+    # Also steps its projected (low-rank) weights on FSDP2 row shards (tests/test_fsdp_lowrank.py);
+    # False: a sharded weight it would project is refused with the fix, its other parameters shard.
+    projected_shards: bool = False
     # The group key that turns a group's projection on ("rank", "density"; None: not a low-rank
     # method) and its value on create_optimizer's target matrices when the caller gives none.
     target_key: str | None = None
@@ -429,6 +432,7 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
         ),
         OptimizerInfo(
             name="galore_adamw",
+            projected_shards=True,
             cls=GaLoreAdamW,
             summary="GaLore (Zhao et al. 2024): AdamW in a refreshed rank-r gradient subspace",
             sample_kwargs={"lr": 0.1, "weight_decay": 0.1, "rank": 2, "update_proj_gap": 2, "scale": 0.5},
@@ -465,6 +469,7 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
         ),
         OptimizerInfo(
             name="natural_galore",
+            projected_shards=True,
             cls=NaturalGaLore,
             summary="Natural GaLore (Das 2024): GaLore with a Woodbury natural-gradient preconditioner",
             sample_kwargs={"lr": 0.1, "weight_decay": 0.1, "rank": 2, "update_proj_gap": 2, "scale": 0.5,
@@ -489,6 +494,7 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
         ),
         OptimizerInfo(
             name="apollo",
+            projected_shards=True,
             cls=APOLLO,
             summary="APOLLO (Zhu et al. 2025): channel-wise AdamW scaling estimated in a random rank-r space",
             sample_kwargs={"lr": 0.1, "weight_decay": 0.1, "rank": 2, "update_proj_gap": 2, "scale": 4.0},
@@ -514,6 +520,7 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
         ),
         OptimizerInfo(
             name="apollo_mini",
+            projected_shards=True,
             cls=APOLLO,
             summary="APOLLO-Mini: rank 1, one tensor-wise scaling factor (SGD-like memory)",
             sample_kwargs={"lr": 0.1, "weight_decay": 0.1, "rank": 1, "update_proj_gap": 2, "scale": 128.0,
@@ -556,6 +563,8 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
         OptimizerInfo(
             name="galore_adafactor",
             cls=GaLoreAdafactor,
+            # Adafactor reduces over whole tensors (factored moments, clipping, relative step).
+            shards=False,
             summary="GaLore with Adafactor (galore-torch's GaLoreAdafactor): factored second moment in the subspace",
             sample_kwargs={"lr": 0.1, "relative_step": False, "weight_decay": 0.1, "rank": 2, "update_proj_gap": 2,
                            "scale": 0.5},
@@ -579,9 +588,6 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
             ),
             position_seeded=True,
             bench_groups=_galore_adafactor_bench_groups,
-            # Whole-tensor reductions (factored moments, RMS clipping, parameter scale): refuses
-            # FSDP2 / tensor-parallel shards with the fix (DDP).
-            shards=False,
             target_key="rank",
             default_rank=128,
             paper_ranks=GALORE_PAPER_RANKS,
@@ -592,6 +598,7 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
         ),
         OptimizerInfo(
             name="frugal",
+            projected_shards=True,
             cls=FRUGAL,
             summary="FRUGAL (Zmushko et al. 2024): Adam in a subspace, signSGD on the rest",
             sample_kwargs={"lr": 0.05, "weight_decay": 0.1, "density": 0.5, "update_proj_gap": 2},

@@ -57,7 +57,7 @@ from memzoo.reference.projector import (
 )
 
 __all__ = ["RESIDUAL_RULES", "adamw_update_", "frugal_apply_", "galore_adam_project_", "residual_kept",
-           "split_update_lists"]
+           "residual_squares", "split_update_lists"]
 
 RESIDUAL_RULES: tuple[str, ...] = ("sign_sgd", "sgd", "no")
 
@@ -87,10 +87,20 @@ def residual_kept(grad: torch.Tensor, inside: torch.Tensor, left: torch.Tensor |
     """1.0, or 0.0 when the residual E = G − up(R) of matrix G, with R = down(G) (``inside``)
     for the one-sided factor ``left`` (m×r) or ``right`` (r×n), is at most ``threshold``·‖G‖_F.
 
-    ‖E‖² is formed without E: ‖G‖² − 2‖R‖² + ⟨R, R·PPᵀ⟩ (right; ⟨R, PᵀP·R⟩ left), exact for any
-    factor (= ‖G‖² − ‖R‖² for an orthonormal one), in float64 from norms of float32 (float64)
-    math. A 0-d float32 tensor on G's device, decided there (no host sync); the multiplier of the
-    signSGD step, so a NaN/Inf residual still propagates (0·NaN = NaN)."""
+    ‖E‖² is formed without E (:func:`residual_squares`). A 0-d float32 tensor on G's device,
+    decided there (no host sync); the multiplier of the signSGD step, so a NaN/Inf residual still
+    propagates (0·NaN = NaN)."""
+    total, residual = residual_squares(grad, inside, left, right)
+    return (residual > threshold * threshold * total).to(torch.float32)
+
+
+def residual_squares(grad: torch.Tensor, inside: torch.Tensor, left: torch.Tensor | None,
+                     right: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(‖G‖², ‖E‖²) as 0-d float64 tensors, E = G − up(R), R = down(G) (``inside``), without
+    forming E: ‖E‖² = ‖G‖² − 2‖R‖² + ⟨R, R·PPᵀ⟩ (right; ⟨R, PᵀP·R⟩ left), exact for any factor
+    (= ‖G‖² − ‖R‖² for an orthonormal one), in float64 from norms of float32 (float64) math.
+    Both are sums over G's rows for a right factor (and for a selection of rows), so row shards'
+    values add up to the whole matrix's."""
     total = torch.linalg.vector_norm(grad, dtype=compute_dtype(grad.dtype)).double().square()
     r = inside.double()
     if right is not None:
@@ -99,8 +109,7 @@ def residual_kept(grad: torch.Tensor, inside: torch.Tensor, left: torch.Tensor |
     else:
         factor = left.double()
         back = (factor.T @ factor) @ r  # PᵀP·R
-    residual = total - 2.0 * r.square().sum() + (r * back).sum()
-    return (residual > threshold * threshold * total).to(torch.float32)
+    return total, total - 2.0 * r.square().sum() + (r * back).sum()
 
 
 @torch.no_grad()

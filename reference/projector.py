@@ -105,16 +105,19 @@ Randn = Callable[[int | torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def random_basis(seed: int, shape: tuple[int, int], rank: int, side: Side, device: torch.device | str,
-                 dtype: torch.dtype = torch.float32, *,
-                 randn: Randn = philox_randn) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                 dtype: torch.dtype = torch.float32, *, randn: Randn = philox_randn,
+                 rows: range | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Gaussian factors with N(0, 1/r) entries (so E[PᵀP] = I), regenerated from ``seed``:
     element (i, j) of the left factor (m×r) has offset i·r + j, of the right factor (r×n)
-    offset m·r + i·n + j (left first when both exist)."""
+    offset m·r + i·n + j (left first when both exist). ``rows``: only those rows of the left
+    factor (a row shard's), drawn from their own offsets."""
     m, n = shape
     left = right = None
     scale = 1.0 / math.sqrt(rank)
     if side in ("left", "full"):
-        left = randn(seed, torch.arange(m * rank, device=device)).view(m, rank).mul_(scale).to(dtype)
+        rows = range(m) if rows is None else rows
+        offsets = torch.arange(rows.start * rank, rows.stop * rank, device=device)
+        left = randn(seed, offsets).view(len(rows), rank).mul_(scale).to(dtype)
     if side in ("right", "full"):
         start = m * rank if side == "full" else 0
         offsets = torch.arange(start, start + rank * n, device=device)
@@ -319,19 +322,26 @@ def refreshed_projector(state: Mapping[str, torch.Tensor], grad_matrix: torch.Te
 
 
 def projector_factors(state: Mapping[str, torch.Tensor], shape: tuple[int, int], *, rank: int, side: Side,
-                      method: str, dtype: torch.dtype, device: torch.device | str,
-                      randn: Randn = philox_randn) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                      method: str, dtype: torch.dtype, device: torch.device | str, randn: Randn = philox_randn,
+                      rows: range | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The factors (left, right) a step projects an m×n matrix with: regenerated from
     ``proj_seed`` (the seeded methods, their normals drawn by ``randn``), the 0/1 selection of
     ``proj_indices`` (coordinates), or the stored ``proj_left`` / ``proj_right``; regenerated
-    ones in ``dtype``."""
-    if method in SEEDED_METHODS:
-        draw = random_basis if method == "random" else random_orthonormal_basis
-        return draw(int(state["proj_seed"]), shape, rank, side, device, dtype, randn=randn)
-    if method == "coordinates":
+    ones in ``dtype``. ``rows``: only those rows of a regenerated or selection left factor (a
+    row shard's; a stored one is returned as stored)."""
+    if method == "random":
+        return random_basis(int(state["proj_seed"]), shape, rank, side, device, dtype, randn=randn, rows=rows)
+    if method == "random_orthonormal":
+        # The Haar QR needs the whole m×r Gaussian (a row shard draws it all, then takes its rows).
+        left, right = random_orthonormal_basis(int(state["proj_seed"]), shape, rank, side, device, dtype, randn=randn)
+    elif method == "coordinates":
         factor = selection_factor(state["proj_indices"].to(device), side_length(shape, side), side, dtype)
-        return (None, factor) if side == "right" else (factor, None)
-    return state.get("proj_left"), state.get("proj_right")
+        left, right = (None, factor) if side == "right" else (factor, None)
+    else:
+        return state.get("proj_left"), state.get("proj_right")
+    if rows is not None and left is not None:
+        left = left[rows.start: rows.stop]
+    return left, right
 
 
 def step_projector_(state: dict[str, torch.Tensor], grad_matrix: torch.Tensor, *, step: int, base_seed: int,

@@ -14,7 +14,7 @@ import torch
 
 from memzoo.reference import frugal as reference
 from memzoo.reference.common import compute_dtype
-from memzoo.reference.frugal import RESIDUAL_RULES, residual_kept, split_update_lists
+from memzoo.reference.frugal import RESIDUAL_RULES, residual_kept, residual_squares, split_update_lists
 from memzoo.reference.galore import FactorList, as_matrix
 from memzoo.triton_kernels.torch_backend.galore import adamw_update_, as_weight_matrix, galore_adam_project_
 
@@ -24,6 +24,7 @@ __all__ = [
     "frugal_apply_",
     "galore_adam_project_",
     "residual_kept",
+    "residual_squares",
     "split_update_lists",
 ]
 
