@@ -64,6 +64,11 @@ class COSMOS(MemzooOptimizer):
     code keeps them in the parameter dtype, which fails for bf16), and the step count:
     1 + r/m + r/n + r²/(mn) elements per weight element plus the factors.
 
+    FSDP2: an eligible weight sharded by rows (``Shard(0)``) is stepped on its shards without
+    gathering it: M and V sharded like the weight, U and S replicated; the Gram products,
+    Newton–Schulz's XᵀX and the norms are all-reduced (see ``_sharded_step`` below and README
+    "Distributed training"). Other placements of an eligible weight are refused.
+
     Args:
         params: parameters or param groups (``lr``, ``betas``, ``eps``, ``weight_decay``,
             ``rank``, ``lr_ratio``, ``gamma``, ``max_rows``, ``maximize``, ``ns_dtype``,
