@@ -22,7 +22,7 @@ local rows; a left factor is row-sharded and R = Σ_k P_kᵀ·G_k is all-reduced
 
 - every step: a left projection all-reduces R (r·n·c), a two-sided one R (r·r·c), a right one
   nothing; APOLLO adds one scalar per weight for the norm-growth limiter and two for tensor-wise
-  factors of a right projection; FRUGAL two float64 scalars for its global signSGD threshold;
+  factors of a right projection, Fira one (its limiter: APOLLO channel-wise); FRUGAL two float64 scalars for its global signSGD threshold;
 - a refresh (every ``update_proj_gap`` steps): ``randomized`` all-reduces (1 + p) n×w sketches
   (c) and (1 + p) w×w Gram matrices (float64) per side, and a left factor's signs (an all-gather
   of 2r values); ``svd`` one n×n float64 all-reduce of GᵀG (plus an r×r Gram matrix and the
@@ -45,7 +45,7 @@ import torch
 
 from memzoo.bench.presets import SHAPE_PRESETS
 
-__all__ = ["FSDP_METHODS", "Traffic", "WeightCost", "adamw_weight", "apollo_weight", "cosmos_weight",
+__all__ = ["FSDP_METHODS", "Traffic", "WeightCost", "adamw_weight", "apollo_weight", "cosmos_weight", "fira_weight",
            "fsdp_estimate", "fsdp_report", "frugal_weight", "galore_weight", "gradient_reduce_scatter_bytes",
            "lion_weight", "mezo_weight", "refresh_traffic", "shard_rows", "sparse_mezo_weight"]
 
@@ -207,6 +207,16 @@ def apollo_weight(m: int, n: int, world: int, *, side: str, rank: int, projector
                       base.steady + Traffic(all_reduce=scalars * c), base.refresh)
 
 
+def fira_weight(m: int, n: int, world: int, *, side: str, rank: int, projector: str, param_size: int,
+                state_size: int | None = None, power_iters: int = 2, oversample: int = 8) -> WeightCost:
+    """Fira: APOLLO's channel-wise costs with its limiter (GaLore's moments and factors, the
+    limiter's float32 norm; per step R all-reduced with a left factor and ‖S_k‖² summed as one
+    scalar: the residual's rows are local on either side)."""
+    return apollo_weight(m, n, world, side=side, rank=rank, projector=projector, param_size=param_size,
+                         state_size=state_size, scale_type="channel", limiter=True, power_iters=power_iters,
+                         oversample=oversample)
+
+
 def frugal_weight(m: int, n: int, world: int, *, side: str, rank: int, projector: str, param_size: int,
                   state_size: int | None = None, thresholded: bool = True, power_iters: int = 2,
                   oversample: int = 8) -> WeightCost:
@@ -258,13 +268,12 @@ def sparse_mezo_weight(shape: Sequence[int], world: int, *, masked: bool) -> Wei
 # ---- a whole model --------------------------------------------------------------------------------
 # The registry names the formulas cover (memzoo-bench memory --fsdp), in table order.
 FSDP_METHODS: tuple[str, ...] = ("adamw", "lion", "galore_adamw", "natural_galore", "apollo", "apollo_mini",
-                                 "frugal", "cosmos", "mezo", "sparse_mezo")
+                                 "fira", "frugal", "cosmos", "mezo", "sparse_mezo")
 # Optimizer names without formulas, and why.
 _NOT_COVERED = {
     "galore_adamw_8bit": "8-bit moments are refused on DTensor parameters (use optim_bits=32)",
     "adam_mini": "Adam-mini refuses FSDP2 shards (a block's mean of g² would span ranks; use DDP)",
     "qzo": "QZO trains a 4-bit model's scales, which the LLaMA presets do not have (its traffic is MeZO's)",
-    "fira": "Fira's update has no sharded scheme yet (it refuses projected row shards)",
     "galore_adafactor": "GaLore-Adafactor refuses FSDP2 parameters (Adafactor's row and column means would span ranks)",
 }
 
@@ -410,6 +419,8 @@ def fsdp_estimate(name: str, preset: str, world: int, *, dtype: torch.dtype = to
             elif name in ("apollo", "apollo_mini"):
                 total += apollo_weight(m, n, world, scale_type=group["scale_type"], limiter=not group["disable_nl"],
                                        **common)
+            elif name == "fira":
+                total += fira_weight(m, n, world, **common)
             else:  # frugal
                 thresholded = group["inactive_update_rule"] == "sign_sgd" and group["inactive_threshold"] > 0
                 total += frugal_weight(m, n, world, thresholded=thresholded, **common)

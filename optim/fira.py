@@ -8,10 +8,21 @@ from typing import Any
 
 import torch
 
-from memzoo.optim.base import Backend, StateSpec, check_number
-from memzoo.optim.lowrank import LowRankOptimizer, LowRankRule, WeightStep, adam_step_size, low_rank_updates
+from memzoo.optim.base import Backend, StateSpec, check_number, local_tensor
+from memzoo.optim.lowrank import (
+    LowRankOptimizer,
+    LowRankRule,
+    WeightStep,
+    adam_step_size,
+    low_rank_updates,
+    steps_row_shards,
+)
+from memzoo.optim.sharded import RowShard
 from memzoo.optim.projector import Projector
 from memzoo.optim.quantized_state import MIN_8BIT_SIZE
+from memzoo.reference.apollo import norm_growth_divisor_
+from memzoo.reference.common import compute_dtype
+from memzoo.reference.fira import fira_residual
 
 __all__ = ["FiraAdamW", "FiraRule"]
 
@@ -46,33 +57,72 @@ class FiraRule(LowRankRule):
               state_dtype: torch.dtype) -> StateSpec:
         return {} if projector is None else {"limiter_norm": (torch.Size(()), torch.float32)}
 
+    @steps_row_shards
     def update(self, engine: LowRankOptimizer, group: Mapping[str, Any], items: list[WeightStep]) -> None:
+        """On row shards, as GaLore's and APOLLO's: a right projection's R_k = G_k·Qᵀ, its moments,
+        channel (row) factors and residual rows are local; a left projection's R = Σ_k P_kᵀ·G_k is
+        all-reduced (r×n), its moments and column factors replicated, and the residual rows
+        G_k − α·P_k·R local. The limiter's ‖S‖ sums ‖S_k‖² over the shards (one all-reduce of a
+        scalar per weight)."""
         kernels = engine.kernels(items[0].param.device)
         beta1, beta2 = group["betas"]
+        shard, reduces = items[0].shard, items[0].reduces
+        live = shard is None or shard.rows > 0  # an empty row shard (uneven sharding) updates no rows
         updates = low_rank_updates(items)
         factors = [engine.factors(item) for item in items]
         moments = [engine.moment_values(item) for item in items]
-        kernels.galore_adam_project_(
-            [item.param.grad.reshape(item.projector.shape) for item in items], [m[0] for m in moments],
-            [m[1] for m in moments], updates, lefts=[f[0] for f in factors], rights=[f[1] for f in factors],
-            beta1=beta1, beta2=beta2, eps=group["eps"], maximize=group["maximize"])
+        grads = [engine.local_grad(item) for item in items]
+        projections = engine.reduced_projections(items, factors) if reduces else [None] * len(items)
+        adam = dict(beta1=beta1, beta2=beta2, eps=group["eps"], maximize=group["maximize"])
+        if reduces:  # R replicated: Adam on R itself
+            kernels.galore_adam_project_(projections, [m[0] for m in moments], [m[1] for m in moments], updates,
+                                         lefts=None, rights=None, **adam)
+        elif live:
+            kernels.galore_adam_project_(grads, [local_tensor(m[0]) for m in moments],
+                                         [local_tensor(m[1]) for m in moments], updates,
+                                         lefts=[f[0] for f in factors], rights=[f[1] for f in factors], **adam)
         for item, values in zip(items, moments):
             engine.store_moments(item, values)
         batches: dict[bool, tuple[list, ...]] = {}
-        for item, update, (left, right) in zip(items, updates, factors):
+        for item, grad, update, (left, right), projection in zip(items, grads, updates, factors, projections):
             record = "limiter_norm" not in item.state
             if record:
                 engine.create_deferred(item, group, "limiter_norm")
-            batch = batches.setdefault(record, ([], [], [], [], [], []))
-            for out, value in zip(batch, (item.param, item.param.grad, update, item.state["limiter_norm"], left,
-                                          right)):
+            batch = batches.setdefault(record, ([], [], [], [], [], [], []))
+            for out, value in zip(batch, (local_tensor(item.param), grad, update, item.state["limiter_norm"], left,
+                                          right, projection)):
                 out.append(value)
-        for record, (params, grads, batch_updates, norms, lefts, rights) in batches.items():
+        for record, (params, batch_grads, batch_updates, norms, lefts, rights, batch_projections) in batches.items():
+            sizes = None
+            if shard is not None:  # ‖S‖ over every shard
+                sizes = self._residual_sizes(shard, params, batch_grads, batch_updates, lefts, rights,
+                                             batch_projections, group["scale"])
+                if not live:  # no rows to write: only the limiter's replicated ρ
+                    for size, norm in zip(sizes, norms):
+                        if record:
+                            norm.copy_(size)
+                        else:
+                            norm_growth_divisor_(size, norm, growth_limit=group["growth_limit"])
+                    continue
             kernels.fira_apply_(
-                params, grads, batch_updates, norms, lefts=lefts, rights=rights,
+                params, batch_grads, batch_updates, norms, lefts=lefts, rights=rights,
                 step_size=adam_step_size(group["lr"], group["betas"], items[0].step, group["correct_bias"]),
                 scale=group["scale"], lr=group["lr"], weight_decay=group["weight_decay"],
-                growth_limit=group["growth_limit"], record_only=record, maximize=group["maximize"])
+                growth_limit=group["growth_limit"], record_only=record, maximize=group["maximize"],
+                projections=batch_projections if reduces else None, limiter_sizes=sizes)
+
+    @staticmethod
+    def _residual_sizes(shard: RowShard, params: list[torch.Tensor], grads: list[torch.Tensor],
+                        updates: list[torch.Tensor], lefts: list, rights: list, projections: list,
+                        scale: float) -> list[torch.Tensor]:
+        """‖S‖ of each weight over the row shards: ‖S_k‖² of the local rows
+        (:func:`memzoo.reference.fira.fira_residual`), summed by one all-reduce for the batch."""
+        squares = []
+        for param, grad, update, left, right, projection in zip(params, grads, updates, lefts, rights, projections):
+            dtype = compute_dtype(param.dtype, grad.dtype, update.dtype)
+            residual = fira_residual(grad.to(dtype), update, left, right, scale=scale, projection=projection)
+            squares.append(residual.square().sum())
+        return list(shard.all_reduce_(torch.stack(squares)).sqrt())
 
 
 class FiraAdamW(LowRankOptimizer):

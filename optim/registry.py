@@ -553,6 +553,7 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
                 BadInput("Triton requested", {"backend": "triton"}, ValueError, "no Triton kernels"),
             ),
             position_seeded=True,
+            projected_shards=True,
             bench_groups=_fira_bench_groups,
             target_key="rank",
             default_rank=128,

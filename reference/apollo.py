@@ -86,15 +86,17 @@ def norm_ratio(update: torch.Tensor, low_rank_grad: torch.Tensor, granularity: s
 
 
 def limit_norm_growth(update: torch.Tensor, norm: torch.Tensor, *, growth_limit: float,
-                      record_only: bool) -> torch.Tensor:
+                      record_only: bool, size: torch.Tensor | None = None) -> torch.Tensor:
     """Fira's norm-growth limiter (Chen et al. 2024, eq. 9), shared by APOLLO: with ``record_only``
     (a weight's first step) ρ ← ‖S‖ and S is returned as is; otherwise c = max(‖S‖/(ρ + 1e-8),
     γ)/γ, ρ ← ‖S‖/c and S/c is returned, so the norm grows by at most the factor γ per step.
-    ``norm`` is the 0-d tensor ρ, written in place; no host synchronisation."""
+    ``norm`` is the 0-d tensor ρ, written in place; no host synchronisation. ``size`` (0-d) is
+    ‖S‖ when ``update`` is only part of S (a row shard: the norm all-reduced over the shards)."""
+    size = update.norm() if size is None else size.to(update.dtype)
     if record_only:
-        norm.copy_(update.norm())
+        norm.copy_(size)
         return update
-    return update / norm_growth_divisor_(update.norm(), norm, growth_limit=growth_limit)
+    return update / norm_growth_divisor_(size, norm, growth_limit=growth_limit)
 
 
 def norm_growth_divisor_(size: torch.Tensor, norm: torch.Tensor, *, growth_limit: float) -> torch.Tensor:

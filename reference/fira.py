@@ -58,8 +58,8 @@ from memzoo.reference.galore import (
 from memzoo.reference.projector import step_projector_
 from memzoo.reference.projector import project, project_back
 
-__all__ = ["NORM_EPS", "adamw_update_", "channel_granularity", "fira_apply_", "fira_apply_lists",
-           "galore_adam_project_"]
+__all__ = ["NORM_EPS", "adamw_update_", "channel_granularity", "fira_apply_", "fira_apply_lists", "fira_residual",
+           "galore_adam_project_", "given_per_weight"]
 
 
 def channel_granularity(left: torch.Tensor | None, right: torch.Tensor | None, index: int) -> str:
@@ -88,6 +88,29 @@ def fira_apply_lists(params: torch.Tensor | Sequence[torch.Tensor], grads: torch
     return params, grads, updates, norms, lefts, rights
 
 
+def given_per_weight(name: str, values: Sequence[torch.Tensor] | None, count: int) -> list:
+    """One optional tensor per weight (``None`` for each when not given); ValueError on a count mismatch."""
+    if values is None:
+        return [None] * count
+    values = list(values)
+    if len(values) != count:
+        raise ValueError(f"{name}: expected one tensor per weight ({count}), got {len(values)}")
+    return values
+
+
+def fira_residual(g: torch.Tensor, update: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None, *,
+                  scale: float, index: int = 0, projection: torch.Tensor | None = None) -> torch.Tensor:
+    """Fira's scaled residual S = (G − α·back(R)) ⊙ ‖N_c‖/(‖R_c‖ + 1e-8) (eq. 7–8) of the matrix
+    ``g`` (not negated; a maximizing caller negates S) in ``g``'s dtype, R = P(G) or the given
+    ``projection``. On a row shard G_k it is the shard's rows of S (R replicated for a left factor)."""
+    dtype = g.dtype
+    left = None if left is None else left.to(dtype)
+    right = None if right is None else right.to(dtype)
+    r = project(g, left, right) if projection is None else projection.to(dtype)
+    factors = norm_ratio(update.to(dtype), r, channel_granularity(left, right, index))  # eq. 7
+    return (g - scale * project_back(r, left, right)) * factors  # eq. 8
+
+
 @torch.no_grad()
 def fira_apply_(
     params: torch.Tensor | Sequence[torch.Tensor],
@@ -104,6 +127,8 @@ def fira_apply_(
     growth_limit: float = 1.01,
     record_only: bool = False,
     maximize: bool = False,
+    projections: Sequence[torch.Tensor] | None = None,
+    limiter_sizes: Sequence[torch.Tensor] | None = None,
 ) -> None:
     """For each weight W (read as (shape[0], rest)) with gradient G, its subspace Adam update N
     (``updates``, R's shape) and one factor (``lefts`` m×r or ``rights`` r×n):
@@ -111,23 +136,29 @@ def fira_apply_(
     R = P(G) (−G when maximizing); s = ‖N_c‖/(‖R_c‖ + 1e-8) per channel c (rows of G for a
     right factor, columns for a left one); S = (G − α·back(R)) ⊙ s; with ``limiter_norms``
     (0-d fp32 ρ, updated in place) the norm-growth limiter (``record_only`` on a weight's first
-    step); W ← W − step_size·(α·back(N) + S); W ← W − lr·λ·W. ``scale`` is α."""
+    step); W ← W − step_size·(α·back(N) + S); W ← W − lr·λ·W. ``scale`` is α.
+
+    For a row shard W_k of a weight (FSDP2): ``projections`` gives each R (not negated when
+    maximizing) where it is not P(G_k) — a left factor's R = Σ_k P_kᵀ·G_k, all-reduced — and
+    ``limiter_sizes`` each ‖S‖ over the whole weight (0-d, from :func:`fira_residual` of every
+    shard), which the limiter then uses in place of the local ‖S_k‖."""
     params, grads, updates, norms, lefts, rights = fira_apply_lists(params, grads, updates, limiter_norms, lefts,
                                                                     rights, growth_limit)
+    projections = given_per_weight("projections", projections, len(params))
+    limiter_sizes = given_per_weight("limiter_sizes", limiter_sizes, len(params))
     for index, (param, grad, update, norm, left, right) in enumerate(zip(params, grads, updates, norms, lefts,
                                                                           rights)):
         dtype = compute_dtype(param.dtype, grad.dtype, update.dtype)
         left = None if left is None else left.to(dtype)
         right = None if right is None else right.to(dtype)
         g = as_matrix(grad, grad.shape[0]).to(dtype)
-        if maximize:
-            g = -g
-        r = project(g, left, right)
+        s = fira_residual(g, update, left, right, scale=scale, index=index, projection=projections[index])
+        if maximize:  # R and the residual of −G: s unchanged, S negated
+            s = -s
+        if norm is not None:  # eq. 9
+            s = limit_norm_growth(s, norm, growth_limit=growth_limit, record_only=record_only,
+                                  size=limiter_sizes[index])
         n = update.to(dtype)
-        factors = norm_ratio(n, r, channel_granularity(left, right, index))  # eq. 7: ‖N_c‖/(‖R_c‖ + 1e-8)
-        s = (g - scale * project_back(r, left, right)) * factors  # the scaled residual, eq. 8
-        if norm is not None:
-            s = limit_norm_growth(s, norm, growth_limit=growth_limit, record_only=record_only)  # eq. 9
         w = as_matrix(param, param.shape[0]).to(dtype) - step_size * (scale * project_back(n, left, right) + s)
         if weight_decay != 0.0:
             w = w - (lr * weight_decay) * w

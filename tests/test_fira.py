@@ -9,6 +9,7 @@ from support import assert_close, official_package
 
 from memzoo.reference import fira as reference
 from memzoo.reference.galore import galore_adam_project_
+from memzoo.reference.projector import project
 from memzoo.triton_kernels.torch_backend import fira as torch_fira
 
 # The whole-step function's group keys that the official optimizer does not have: its exact SVD.
@@ -94,6 +95,45 @@ def test_torch_twin_matches_the_reference(record_only, limiter, maximize) -> Non
         assert_close(a, e, 1e-6, what="weight")
     for a, e in zip(norms or [], expected_norms or []):
         assert_close(a, e, what="limiter norm")
+
+
+@pytest.mark.parametrize("module", [reference, torch_fira], ids=["reference", "torch"])
+def test_given_projections_and_limiter_sizes_replace_the_local_ones(module) -> None:
+    """What a row shard passes (R all-reduced, ‖S‖ over every shard): given the whole matrix's
+    own R and ‖S‖ the step is unchanged; given other values, the kernel uses them (the recorded
+    ρ is the given size; the torch twin agrees with the reference on arbitrary ones)."""
+    generator = torch.Generator().manual_seed(5)
+    cases = [_case((11, 7), "right", 3, generator), _case((6, 13), "left", 2, generator)]
+    params, grads, updates, lefts, rights = (list(column) for column in zip(*cases))
+    hparams = dict(lefts=lefts, rights=rights, step_size=0.03, scale=0.25, lr=0.02, weight_decay=0.1, maximize=True)
+    projections = [project(g, left, right) for g, left, right in zip(grads, lefts, rights)]
+    sizes = [reference.fira_residual(g, u, left, right, scale=0.25).norm()
+             for g, u, left, right in zip(grads, updates, lefts, rights)]
+    for record_only in (True, False):
+        norms = [torch.tensor(0.5), torch.tensor(0.2)]
+        plain, given = [p.clone() for p in params], [p.clone() for p in params]
+        plain_norms, given_norms = [n.clone() for n in norms], [n.clone() for n in norms]
+        module.fira_apply_(plain, grads, updates, plain_norms, record_only=record_only, **hparams)
+        module.fira_apply_(given, grads, updates, given_norms, record_only=record_only, projections=projections,
+                           limiter_sizes=sizes, **hparams)
+        for a, b in zip(plain + plain_norms, given + given_norms):
+            assert_close(a, b, 1e-6, what="with the whole matrix's own R and ‖S‖")
+    other_projections = [2.0 * r for r in projections]
+    other_sizes = [3.0 * size for size in sizes]
+    results = []
+    for kernels in (reference, torch_fira):
+        stepped, norms = [p.clone() for p in params], [torch.tensor(0.5), torch.tensor(0.2)]
+        kernels.fira_apply_(stepped, grads, updates, norms, record_only=False, projections=other_projections,
+                            limiter_sizes=other_sizes, **hparams)
+        results.append(stepped + norms)
+    for a, b in zip(*results):
+        assert_close(a, b, 1e-6, what="torch twin with given R and ‖S‖")
+    recorded = [torch.tensor(0.0), torch.tensor(0.0)]
+    module.fira_apply_([p.clone() for p in params], grads, updates, recorded, record_only=True,
+                       limiter_sizes=other_sizes, **hparams)
+    assert all(torch.equal(a, b) for a, b in zip(recorded, other_sizes))
+    with pytest.raises(ValueError, match="limiter_sizes"):
+        module.fira_apply_([p.clone() for p in params], grads, updates, recorded, limiter_sizes=sizes[:1], **hparams)
 
 
 def test_channel_is_the_rank_dimension_where_the_official_code_is_degenerate() -> None:

@@ -18,7 +18,7 @@ _SCRIPT = textwrap.dedent("""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
-    from memzoo.optim import APOLLO, COSMOS, FRUGAL, GaLoreAdamW, NaturalGaLore
+    from memzoo.optim import APOLLO, COSMOS, FRUGAL, FiraAdamW, GaLoreAdamW, NaturalGaLore
     from memzoo.optim.distributed import load_optimizer_state
     rank, world, store, out, checkpoint = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
     dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world)
@@ -58,6 +58,11 @@ _SCRIPT = textwrap.dedent("""
         "frugal:coordinates": (FRUGAL, FRUGAL, dict(density=0.5, projector="coordinates", proj_type="left")),
         "frugal:coordinates:right": (FRUGAL, FRUGAL, dict(density=0.5, projector="coordinates",
                                                           inactive_update_rule="sgd")),
+        # Fira: right residual rows local, left ones from the all-reduced R; the limiter's ‖S‖
+        # all-reduced (recorded on step 1, limiting from step 2; growth_limit 1.0 makes it bite).
+        "fira": (FiraAdamW, canonical(FiraAdamW), dict(rank=3, scale=0.5, growth_limit=1.0)),
+        "fira:svd:reverse": (FiraAdamW, canonical(FiraAdamW), dict(rank=2, projector="svd", proj_type="reverse_std",
+                                                                  maximize=True)),
     }
     # Saved by 2 ranks after 2 steps, resumed by 3 (DCP resharding the row-sharded state).
     RESUMED = ("galore:randomized", "galore:svd", "apollo", "frugal")
@@ -199,7 +204,7 @@ def run_ranks(world: int, tmp_path, checkpoint: str, names: list[str] | None = N
     return [torch.load(f"{out}.{rank}", weights_only=False) for rank in range(world)]
 
 
-CASES = ('galore:randomized', 'galore:randomized:full', 'galore:randomized:reverse', 'galore:svd', 'galore:random', 'natural_galore', 'apollo', 'apollo:svd', 'apollo_mini', 'frugal', 'frugal:random', 'frugal:coordinates', 'frugal:coordinates:right')
+CASES = ('galore:randomized', 'galore:randomized:full', 'galore:randomized:reverse', 'galore:svd', 'galore:random', 'natural_galore', 'apollo', 'apollo:svd', 'apollo_mini', 'frugal', 'frugal:random', 'frugal:coordinates', 'frugal:coordinates:right', 'fira', 'fira:svd:reverse')
 # Selections of rows or columns move numbers without arithmetic across shards: bitwise equal.
 _BITWISE = ("frugal:coordinates", "frugal:coordinates:right")
 # Elsewhere sums over the shards are added in another order (projections Σ_k P_kᵀG_k, Gram
@@ -348,4 +353,4 @@ def test_the_optimizers_marked_projected_shards_are_the_ones_tested_here() -> No
 
     marked = {info.cls.__name__ for info in OPTIMIZERS.values() if info.projected_shards}
     # A new one: add its cases to _SCRIPT's CASES.
-    assert marked == {"GaLoreAdamW", "NaturalGaLore", "APOLLO", "FRUGAL", "COSMOS"}
+    assert marked == {"GaLoreAdamW", "NaturalGaLore", "APOLLO", "FRUGAL", "FiraAdamW", "COSMOS"}

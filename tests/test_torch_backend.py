@@ -134,3 +134,8 @@ def test_philox_words_equal_the_reference(small_chunks, seed) -> None:
     assert torch.equal(torch_random.philox_randn(seed, offsets), reference_random.philox_randn(seed, offsets))
     seeds = torch.tensor([[seed % 2**62], [3]])  # several streams at once
     assert torch.equal(torch_random.philox_randn(seeds, offsets[0]), reference_random.philox_randn(seeds, offsets[0]))
+    # A batched refresh's seeds: repeated values, broadcast against a 3-D block of offsets.
+    seeds = torch.tensor([seed % 2**62, 3, seed % 2**62, 0]).view(4, 1, 1)
+    block = offsets[:2].view(1, 2, 41)
+    for ours, theirs in zip(torch_random.philox_words4(seeds, block), reference_random.philox_words4(seeds, block)):
+        assert ours.shape == (4, 2, 41) and torch.equal(ours, theirs)

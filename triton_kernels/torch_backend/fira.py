@@ -17,13 +17,13 @@ import torch
 from memzoo.reference import fira as reference
 from memzoo.reference.apollo import NORM_EPS, norm_growth_divisor_, norm_ratio
 from memzoo.reference.common import compute_dtype
-from memzoo.reference.fira import channel_granularity, fira_apply_lists
+from memzoo.reference.fira import channel_granularity, fira_apply_lists, fira_residual, given_per_weight
 from memzoo.reference.galore import FactorList, as_matrix
 from memzoo.reference.projector import project
 from memzoo.triton_kernels.torch_backend.galore import adamw_update_, as_weight_matrix, galore_adam_project_
 
-__all__ = ["NORM_EPS", "adamw_update_", "channel_granularity", "fira_apply_", "fira_apply_lists",
-           "galore_adam_project_"]
+__all__ = ["NORM_EPS", "adamw_update_", "channel_granularity", "fira_apply_", "fira_apply_lists", "fira_residual",
+           "galore_adam_project_", "given_per_weight"]
 
 
 @torch.no_grad()
@@ -42,12 +42,17 @@ def fira_apply_(
     growth_limit: float = 1.01,
     record_only: bool = False,
     maximize: bool = False,
+    projections: Sequence[torch.Tensor] | None = None,
+    limiter_sizes: Sequence[torch.Tensor] | None = None,
 ) -> None:
-    """Same contract as :func:`memzoo.reference.fira.fira_apply_`. Maximizing flips the sign of
+    """Same contract as :func:`memzoo.reference.fira.fira_apply_` (``projections`` and
+    ``limiter_sizes`` for row shards included). Maximizing flips the sign of
     R and of the residual together, so s is unchanged and only the residual's sign in the update
     turns (−G is never formed)."""
     params, grads, updates, norms, lefts, rights = fira_apply_lists(params, grads, updates, limiter_norms, lefts,
                                                                     rights, growth_limit)
+    projections = given_per_weight("projections", projections, len(params))
+    limiter_sizes = given_per_weight("limiter_sizes", limiter_sizes, len(params))
     decay = lr * weight_decay
     residual_sign = -1.0 if maximize else 1.0
     for index, (param, grad, update, norm, left, right) in enumerate(zip(params, grads, updates, norms, lefts,
@@ -57,12 +62,14 @@ def fira_apply_(
         if matrix is None or param.numel() == 0:
             reference.fira_apply_(param, grad, update, norm, lefts=left, rights=right, step_size=step_size,
                                   scale=scale, lr=lr, weight_decay=weight_decay, growth_limit=growth_limit,
-                                  record_only=record_only, maximize=maximize)
+                                  record_only=record_only, maximize=maximize,
+                                  projections=None if projections[index] is None else [projections[index]],
+                                  limiter_sizes=None if limiter_sizes[index] is None else [limiter_sizes[index]])
             continue
         left = None if left is None else left.to(dtype)
         right = None if right is None else right.to(dtype)
         g = as_matrix(grad, grad.shape[0]).to(dtype)
-        r = project(g, left, right)
+        r = project(g, left, right) if projections[index] is None else projections[index].to(dtype)
         n = update.to(dtype)
         factors = norm_ratio(n, r, channel_granularity(left, right, index))
         # S = (G − α·back(R)) ⊙ s in one m×n buffer.
@@ -71,7 +78,8 @@ def fira_apply_(
         residual.mul_(factors)
         coefficient = torch.tensor(step_size * residual_sign, dtype=dtype, device=param.device)
         if norm is not None:
-            size = torch.linalg.vector_norm(residual)
+            size = torch.linalg.vector_norm(residual) if limiter_sizes[index] is None else \
+                limiter_sizes[index].to(dtype)
             if record_only:
                 norm.copy_(size)
             else:  # the limiter, with S/c folded into the coefficient

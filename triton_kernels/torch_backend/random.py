@@ -11,7 +11,9 @@ operations and in chunks that stay in cache:
   operations per product against 4); tests/test_torch_backend.py checks the words against the
   reference's on random and extreme counters;
 - counters are processed :data:`~memzoo.triton_kernels.torch_backend.elementwise.CHUNK` at a time
-  with operations written into preallocated buffers.
+  with operations written into preallocated buffers;
+- a tensor of seeds (a batched refresh's sketches, one stream per matrix) runs the same pass once
+  per distinct seed.
 
 Used by the projectors (APOLLO's regenerated projection, GaLore/FRUGAL random factors, sketches)
 through ``backend="torch"``.
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import torch
 
-from memzoo.reference import random as reference
 from memzoo.reference.random import (  # the Philox-4x32-10 constants: one definition, the reference's
     _KEY_A,
     _KEY_B,
@@ -65,9 +66,9 @@ def _words4_chunk(k0: int, k1: int, counters: torch.Tensor, out: list[torch.Tens
 def philox_words4(seed: int | torch.Tensor,
                   offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract as :func:`memzoo.reference.random.philox_words4`."""
-    if isinstance(seed, torch.Tensor):  # a tensor of seeds (several streams at once): the reference
-        return reference.philox_words4(seed, offsets)
     check_seed_offsets(seed, offsets)
+    if isinstance(seed, torch.Tensor):  # a tensor of seeds (several streams at once, e.g. a batch's sketches)
+        return _words4_per_seed(seed, offsets)
     flat = offsets.reshape(-1).to(torch.int64)
     words = [torch.empty(flat.numel(), dtype=torch.int32, device=flat.device) for _ in range(4)]
     size = max(1, min(elementwise.chunk_size(flat.device), flat.numel()))
@@ -79,6 +80,21 @@ def philox_words4(seed: int | torch.Tensor,
         _words4_chunk(k0, k1, flat[start:stop], out, [b[:stop - start] for b in buffers[4:]])
         for word, value in zip(words, out):
             word[start:stop].copy_(value)  # the low 32 bits: int64 → int32 keeps the bit pattern
+    return tuple(word.view(offsets.shape) for word in words)
+
+
+def _words4_per_seed(seed: torch.Tensor,
+                     offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`philox_words4` for a tensor of seeds broadcast against ``offsets``: one chunked pass
+    per distinct seed (a batched refresh draws one stream per matrix; one host read of the seeds)."""
+    seeds, offsets = torch.broadcast_tensors(seed.to(device=offsets.device, dtype=torch.int64),
+                                             offsets.to(torch.int64))
+    seeds, flat = seeds.reshape(-1), offsets.reshape(-1)
+    words = [torch.empty(flat.numel(), dtype=torch.int32, device=flat.device) for _ in range(4)]
+    for value in seeds.unique().tolist():
+        chosen = (seeds == value).nonzero().squeeze(1)
+        for word, part in zip(words, philox_words4(value, flat.index_select(0, chosen))):
+            word.index_copy_(0, chosen, part)
     return tuple(word.view(offsets.shape) for word in words)
 
 
