@@ -234,16 +234,21 @@ def frugal_weight(m: int, n: int, world: int, *, side: str, rank: int, projector
 
 def cosmos_weight(m: int, n: int, world: int, *, rank: int, param_size: int,
                   ns_size: int = 2, ns_steps: int = 5) -> WeightCost:
-    """COSMOS on row shards (planned): M (m×n) and V (m×r) sharded, U (n×r) and S (r×r)
-    replicated (float32; float64 for float64 weights), the step. Every step all-reduces Gᵀ(G·U)
-    (n×r) and (G·U')ᵀ(G·U') (r×r) for the subspace, the n×n Gram matrix of the residual in each
-    Newton–Schulz iteration (in ``ns_size`` bytes: X·p(XᵀX) = p(XXᵀ)·X, the one form whose Gram
-    matrix sums over row shards) and three norms; the first step ("refresh") the n×n GᵀG."""
+    """COSMOS on row shards (:mod:`memzoo.optim.cosmos`): M (m×n) and V (m×r) sharded, U (n×r)
+    and S (r×r) replicated (float32; float64 for float64 weights), the step. Every step
+    all-reduces: a MAX of (non-finite flag, max |G|) in float64; Gᵀ(G·U) (n×r) and
+    (G·U')ᵀ(G·U') (r×r) for the subspace; when r < n the Newton–Schulz residual's max |X| and
+    ‖X‖² (float64 scalars), its n×n Gram matrix XᵀX in each iteration (accumulated in float32,
+    float64 for a float64 ``ns_size``: X·p(XᵀX) = p(XXᵀ)·X, the one form whose Gram matrix sums
+    over row shards) and ‖O‖² (float64); ‖D‖² (float64). The first step ("refresh")
+    all-reduces the n×n GᵀG in place of the n×r Gᵀ(G·U)."""
     factor = 8 if param_size == 8 else 4
+    gram_size = 8 if ns_size == 8 else 4
     rows = shard_rows(m, world)
-    steady = Traffic(all_reduce=(n * rank + rank * rank) * factor + ns_steps * n * n * ns_size + 3 * factor)
+    newton_schulz = (2 * 8 + ns_steps * n * n * gram_size + 8) if rank < n else 0
+    steady = Traffic(all_reduce=2 * 8 + (n * rank + rank * rank) * factor + newton_schulz + 8)
     return WeightCost(sharded=rows * (n + rank) * param_size, replicated=(n * rank + rank * rank) * factor + 8,
-                      steady=steady, refresh=Traffic(all_reduce=n * n * factor))
+                      steady=steady, refresh=Traffic(all_reduce=(n * n - n * rank) * factor))
 
 
 def mezo_weight(shape: Sequence[int], world: int) -> WeightCost:

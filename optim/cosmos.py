@@ -20,9 +20,10 @@ from memzoo.optim.base import (
     group_by_device,
     local_tensor,
     resolve_backend,
-    whole_matrix_problem,
     zeros_state,
 )
+from memzoo.optim.sharded import RowShard, row_shard, sharding_problem
+from memzoo.reference import cosmos as reference
 from memzoo.reference.common import torch_adam_form
 
 __all__ = ["COSMOS"]
@@ -62,6 +63,11 @@ class COSMOS(MemzooOptimizer):
     in float32 (float64 for float64 weights: the eigendecomposition and QR need it; the official
     code keeps them in the parameter dtype, which fails for bf16), and the step count:
     1 + r/m + r/n + r²/(mn) elements per weight element plus the factors.
+
+    FSDP2: an eligible weight sharded by rows (``Shard(0)``) is stepped on its shards without
+    gathering it: M and V sharded like the weight, U and S replicated; the Gram products,
+    Newton–Schulz's XᵀX and the norms are all-reduced (see ``_sharded_step`` below and README
+    "Distributed training"). Other placements of an eligible weight are refused.
 
     Args:
         params: parameters or param groups (``lr``, ``betas``, ``eps``, ``weight_decay``,
@@ -161,7 +167,11 @@ class COSMOS(MemzooOptimizer):
         return torch.float64 if param.dtype == torch.float64 else torch.float32
 
     def _dtensor_problem(self, param: torch.Tensor, group: Mapping[str, Any]) -> str | None:
-        return whole_matrix_problem("COSMOS") if self._rank(param, group) is not None else None
+        return sharding_problem(param) if self._rank(param, group) is not None else None
+
+    def _shard(self, param: torch.Tensor) -> RowShard | None:
+        """The rows of an eligible FSDP2 weight this rank holds (None for a whole tensor)."""
+        return row_shard(param, param.shape[0])
 
     def _state_spec(self, param: torch.Tensor, group: Mapping[str, Any]) -> StateSpec:
         rank = self._rank(param, group)
@@ -170,7 +180,7 @@ class COSMOS(MemzooOptimizer):
             spec["exp_avg_sq"] = (param.shape, param.dtype)
             return spec
         m, n = param.shape
-        spec["exp_avg_sq"] = (torch.Size((m, rank)), param.dtype)
+        spec["exp_avg_sq"] = (torch.Size((m, rank)), param.dtype)  # row-sharded like the weight on FSDP2
         spec["basis"] = (torch.Size((n, rank)), self._factor_dtype(param))
         spec["subspace"] = (torch.Size((rank, rank)), self._factor_dtype(param))
         return spec
@@ -178,6 +188,14 @@ class COSMOS(MemzooOptimizer):
     def _init_state(self, param: torch.Tensor, group: Mapping[str, Any], state: dict[str, Any]) -> None:
         for name, (shape, dtype) in self._state_spec(param, group).items():
             state[name] = (torch.zeros((), dtype=dtype) if name == "step" else zeros_state(param, shape, dtype))
+        shard = self._shard(param) if self._rank(param, group) is not None else None
+        if shard is not None:  # V (m×r) row-sharded like the weight; U, S r-sized, replicated
+            spec = self._state_spec(param, group)
+            shape, dtype = spec["exp_avg_sq"]
+            state["exp_avg_sq"] = shard.distribute(torch.zeros((shard.rows, shape[1]), dtype=dtype,
+                                                               device=param.device), shape)
+            for name in ("basis", "subspace"):  # plain tensors even where r×r or n×r is the weight's shape
+                state[name] = torch.zeros(spec[name][0], dtype=spec[name][1], device=param.device)
 
     def _new_basis(self, param: torch.Tensor, state: dict[str, Any], beta2: float) -> tuple[torch.Tensor, torch.Tensor]:
         """This step's (basis U, subspace S) of an eligible weight, not yet stored. The subspace
@@ -187,6 +205,9 @@ class COSMOS(MemzooOptimizer):
         gradient with NaN or Inf never enters U or S, nor does a non-finite result: the previous
         ones are kept (decided on the device, without a host sync); at the first step the
         subspace is then that of a zero gradient."""
+        shard = self._shard(param)
+        if shard is not None:
+            return _sharded_basis(local_tensor(param.grad), shard, state, beta2)
         kernels = self._kernels(param.device)
         grad = param.grad
         finite = torch.isfinite(grad).all()
@@ -265,6 +286,10 @@ class COSMOS(MemzooOptimizer):
                 step = int(state["step"])
                 state["basis"].copy_(basis)
                 state["subspace"].copy_(subspace)
+                shard = self._shard(param)
+                if shard is not None:
+                    _sharded_step(param, state, shard, group, step)
+                    continue
                 m, n = param.shape
                 residual = (torch.empty((m, n), dtype=group["ns_dtype"], device=param.device)
                             if state["basis"].shape[1] < n else None)
@@ -287,3 +312,103 @@ class COSMOS(MemzooOptimizer):
                     step_size=step_size, beta1=beta1, beta2=beta2, eps=eps, lr=group["lr"],
                     weight_decay=group["weight_decay"], maximize=group["maximize"], decay_first=True,
                 )
+
+
+# -- FSDP2 row shards -----------------------------------------------------------------------------
+# Rank k holds rows G_k of an m×n weight (FSDP2's Shard(0)); M (m×n) and V (m×r) are row-sharded
+# like it, U (n×r) and S (r×r) replicated (every rank computes them from the same all-reduced
+# sums, so they hold the same bits). What COSMOS needs of the whole matrix reduces to sums over
+# the shards: GᵀG (n×n, first step) or Gᵀ(G·U) (n×r) and (G·U)ᵀ(G·U) (r×r) for the subspace,
+# XᵀX (n×n) per Newton–Schulz iteration, max |·| for the power-of-two scales and the Frobenius
+# norms. The steps in between are row-local. The math is the reference's (whatever the backend).
+
+
+def _all_reduce_max(shard: RowShard, values: torch.Tensor) -> torch.Tensor:
+    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX, group=shard.group)
+    return values
+
+
+def _magnitude(local: torch.Tensor) -> torch.Tensor:
+    """max |local| in float64 (0 for an empty shard or a non-finite one)."""
+    if local.numel() == 0:
+        return torch.zeros((), dtype=torch.float64, device=local.device)
+    magnitude = local.abs().amax().to(torch.float64)
+    return torch.where(torch.isfinite(magnitude), magnitude, torch.zeros_like(magnitude))
+
+
+def _sharded_norm(shard: RowShard) -> Callable[[torch.Tensor], torch.Tensor]:
+    """‖X‖_F of a row-sharded X from its local rows: the float64 sum of squares all-reduced."""
+    def norm(local: torch.Tensor) -> torch.Tensor:
+        squares = local.to(torch.float64).square().sum()
+        return shard.all_reduce_(squares).sqrt().to(local.dtype)
+    return norm
+
+
+def _sharded_basis(grad: torch.Tensor, shard: RowShard, state: dict[str, Any],
+                   beta2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:meth:`COSMOS._new_basis` from this rank's rows of G: one MAX all-reduce of (non-finite
+    flag, max |G|) gives the finiteness vote and the power-of-two scale of the whole G, then
+    the reference's basis functions with their Gram matrices summed over the shards."""
+    dtype = state["basis"].dtype
+    g = grad.to(dtype)
+    nonfinite = ~torch.isfinite(g).all() if g.numel() else torch.zeros((), dtype=torch.bool, device=g.device)
+    votes = _all_reduce_max(shard, torch.stack([nonfinite.to(torch.float64), _magnitude(g)]))
+    finite = votes[0] == 0
+    scale = reference.power_of_two_scale(votes[1].to(dtype))
+    reduce = shard.all_reduce_
+    if int(state["step"]) == 0:  # as unsharded: a non-finite first gradient gives a zero one's subspace
+        if not bool(finite):
+            g, scale = torch.zeros_like(g), torch.ones_like(scale)
+        basis, subspace = reference.cosmos_basis_init(g, state["basis"].shape[1], beta2=beta2, reduce=reduce,
+                                                      scale=scale)
+        if not bool(torch.isfinite(basis).all() & torch.isfinite(subspace).all()):
+            basis, subspace = reference.cosmos_basis_init(torch.zeros_like(g), state["basis"].shape[1], beta2=beta2,
+                                                          reduce=reduce, scale=torch.ones_like(scale))
+        return basis, subspace
+    basis, subspace = reference.cosmos_basis_update(g, state["basis"], state["subspace"], beta2=beta2,
+                                                    reduce=reduce, scale=scale)
+    keep_new = finite & torch.isfinite(basis).all() & torch.isfinite(subspace).all()
+    return torch.where(keep_new, basis, state["basis"]), torch.where(keep_new, subspace, state["subspace"])
+
+
+def _sharded_newton_schulz5(local: torch.Tensor, shard: RowShard, *, steps: int = 5,
+                            eps: float = 1e-7) -> torch.Tensor:
+    """:func:`memzoo.reference.cosmos.newton_schulz5` of a row-sharded m×n X (in ``local``'s
+    dtype) from its local rows, in the right-multiplied form X ← a·X + b·X·A + c·X·A², A = XᵀX
+    (= a·X + b·A'·X + c·A'²·X with A' = X·Xᵀ, the reference's form when m ≤ n; the reference's
+    own when m > n): per iteration one n×n all-reduce of the Gram matrix, accumulated in float32
+    (float64 for float64) and rounded to the dtype as the reference's product; the Frobenius
+    normalization takes one MAX and one sum all-reduce of a scalar."""
+    a, b, c = reference.NS_COEFFICIENTS
+    dtype = local.dtype
+    accumulate = torch.float64 if dtype == torch.float64 else torch.float32
+    scale = reference.power_of_two_scale(_all_reduce_max(shard, _magnitude(local)).to(dtype))
+    scaled = local * scale
+    x = scaled / (_sharded_norm(shard)(scaled) + eps * scale)
+    for _ in range(steps):
+        wide = x.to(accumulate)
+        gram = shard.all_reduce_(wide.T @ wide).to(dtype)  # XᵀX = Σ_k X_kᵀX_k
+        product = x @ gram.T
+        x = a * x + b * product + c * (product @ gram.T)
+    return x
+
+
+def _sharded_step(param: torch.Tensor, state: dict[str, Any], shard: RowShard, group: Mapping[str, Any],
+                  step: int) -> None:
+    """One COSMOS step of a row-sharded eligible weight with this step's U in ``state``: the
+    directions and M, V are row-local, Newton–Schulz and the norms reduce over the shards."""
+    local = local_tensor(param)
+    n = param.shape[1]
+    beta1, beta2 = group["betas"]
+    residual = (torch.empty((shard.rows, n), dtype=group["ns_dtype"], device=local.device)
+                if state["basis"].shape[1] < n else None)
+    low_rank = reference.cosmos_directions_(
+        local, local_tensor(param.grad), local_tensor(state["exp_avg"]), local_tensor(state["exp_avg_sq"]),
+        state["basis"], residual, step=step, beta1=beta1, beta2=beta2, eps=group["eps"], maximize=group["maximize"],
+    )
+    if residual is not None:
+        residual.copy_(_sharded_newton_schulz5(residual, shard))
+    reference.cosmos_apply_(
+        local, low_rank, state["basis"], residual, lr=group["lr"], lr_ratio=group["lr_ratio"], gamma=group["gamma"],
+        eps=group["eps"], weight_decay=group["weight_decay"], norm=_sharded_norm(shard), whole_rows=param.shape[0],
+    )

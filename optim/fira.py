@@ -88,14 +88,16 @@ class FiraRule(LowRankRule):
             record = "limiter_norm" not in item.state
             if record:
                 engine.create_deferred(item, group, "limiter_norm")
-            batch = batches.setdefault(record, ([], [], [], [], [], [], []))
-            for out, value in zip(batch, (local_tensor(item.param), grad, update, item.state["limiter_norm"], left,
-                                          right, projection)):
+            batch = batches.setdefault(record, ([], [], [], [], [], [], [], []))
+            # The kernel reads the gradient of the weight's shape; the residual the (rows × n) matrix.
+            for out, value in zip(batch, (local_tensor(item.param), local_tensor(item.param.grad), update,
+                                          item.state["limiter_norm"], left, right, projection, grad)):
                 out.append(value)
-        for record, (params, batch_grads, batch_updates, norms, lefts, rights, batch_projections) in batches.items():
+        for record, (params, batch_grads, batch_updates, norms, lefts, rights, batch_projections,
+                     matrices) in batches.items():
             sizes = None
             if shard is not None:  # ‖S‖ over every shard
-                sizes = self._residual_sizes(shard, params, batch_grads, batch_updates, lefts, rights,
+                sizes = self._residual_sizes(shard, params, matrices, batch_updates, lefts, rights,
                                              batch_projections, group["scale"])
                 if not live:  # no rows to write: only the limiter's replicated ρ
                     for size, norm in zip(sizes, norms):

@@ -629,6 +629,7 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
             summary="COSMOS (Liu et al. 2025): SOAP in the leading eigensubspace, Muon on the complement",
             sample_kwargs={"lr": 0.05, "weight_decay": 0.1, "rank": 2, "betas": (0.9, 0.95), "lr_ratio": 0.5},
             expected_state_bytes=_cosmos_state_bytes,
+            projected_shards=True,
             # The Newton–Schulz kernel rounds op by op as the reference (bit-identical in the
             # interpreter), but its fp32 accumulation order is not cuBLAS's: on a GPU a product may
             # round to the neighbouring bf16 value, ≈ 0.4% of one element of one step (RMS lr·ρ =

@@ -19,6 +19,13 @@ __all__ = ["NS_COEFFICIENTS", "NS_DTYPES", "cosmos_apply_", "cosmos_basis_init",
 
 NS_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
 Orthogonalize = Callable[..., None]
+# Sums a tensor over the row shards of a sharded matrix (identity on a whole one); see
+# memzoo.optim.cosmos for COSMOS on FSDP2 row shards.
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _reduced(tensor: torch.Tensor, reduce: Reduce | None) -> torch.Tensor:
+    return tensor if reduce is None else reduce(tensor)
 
 # Muon's quintic Newton–Schulz coefficients (Jordan et al. 2024), as in the official COSMOS.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -97,14 +104,14 @@ def power_of_two_scale(tensor: torch.Tensor, *, dim: tuple[int, ...] | None = No
 
 
 def _scaled_gram_ema(previous: torch.Tensor | None, projected: torch.Tensor, scale: torch.Tensor,
-                     beta2: float) -> torch.Tensor:
+                     beta2: float, reduce: Reduce | None = None) -> torch.Tensor:
     """previous + (1 − β2)·(Xᵀ·X)/s² for X = G·s·U (the projected, scaled gradient), combined
     in float64 so that neither 1/s² nor the sum overflows, then rounded to X's dtype with
     saturation: a subspace whose true value exceeds the dtype's range is held at its largest
     finite value (the closest one) instead of becoming Inf. ``previous`` is the already decayed
-    earlier term (β2·TᵀST), or None."""
+    earlier term (β2·TᵀST), or None; ``reduce`` sums the Gram matrix over row shards."""
     scale = scale.to(torch.float64)
-    gram = (projected.T @ projected).to(torch.float64) / scale / scale
+    gram = _reduced(projected.T @ projected, reduce).to(torch.float64) / scale / scale
     total = (1.0 - beta2) * gram
     if previous is not None:
         total = total + previous.to(torch.float64)
@@ -112,42 +119,48 @@ def _scaled_gram_ema(previous: torch.Tensor | None, projected: torch.Tensor, sca
     return total.clamp(-limit, limit).to(projected.dtype)
 
 
-def cosmos_basis_init(grad: torch.Tensor, rank: int, *, beta2: float) -> tuple[torch.Tensor, torch.Tensor]:
+def cosmos_basis_init(grad: torch.Tensor, rank: int, *, beta2: float, reduce: Reduce | None = None,
+                      scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """First step: U = the r leading eigenvectors of GᵀG (n×r, the input side of an m×n G) and
     S = (1 − β2)·(G·U)ᵀ(G·U) (r×r). Computed in float32 (float64 for float64 G).
 
     Scale-safe: U comes from the Gram of G·s, s = :func:`power_of_two_scale` (G), the same
     eigenvectors (exactly scaled matrix), so a finite G never overflows GᵀG (|g| ≈ 1e20 in fp32
-    did, and wrote a NaN basis); S is formed in float64 and saturates at the dtype's range."""
+    did, and wrote a NaN basis); S is formed in float64 and saturates at the dtype's range.
+
+    On row shards ``grad`` is this rank's rows, ``reduce`` sums the n×n and r×r Gram matrices
+    over the shards and ``scale`` is s of the whole G (both None on a whole G)."""
     dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
     g = grad.to(dtype)
-    scale = power_of_two_scale(g)
+    scale = power_of_two_scale(g) if scale is None else scale
     g = g * scale
-    _, vectors = torch.linalg.eigh(g.T @ g)  # ascending eigenvalues
+    _, vectors = torch.linalg.eigh(_reduced(g.T @ g, reduce))  # ascending eigenvalues
     basis = vectors.flip(-1)[:, :rank].contiguous()
-    return basis, _scaled_gram_ema(None, g @ basis, scale, beta2)
+    return basis, _scaled_gram_ema(None, g @ basis, scale, beta2, reduce)
 
 
-def cosmos_basis_update(grad: torch.Tensor, basis: torch.Tensor, subspace: torch.Tensor, *,
-                        beta2: float) -> tuple[torch.Tensor, torch.Tensor]:
+def cosmos_basis_update(grad: torch.Tensor, basis: torch.Tensor, subspace: torch.Tensor, *, beta2: float,
+                        reduce: Reduce | None = None,
+                        scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Later steps: one power iteration on the EMA of GᵀG represented as U·S·Uᵀ:
     Ũ = β2·U·S + (1 − β2)·Gᵀ(G·U); U' = QR(Ũ).Q; with T = Uᵀ·U',
     S' = β2·Tᵀ·S·T + (1 − β2)·(G·U')ᵀ(G·U'). In the basis's dtype (float32/float64).
 
     Scale-safe as :func:`cosmos_basis_init`: the m×n products use G·s (s a power of two), the
     two terms of Ũ are combined in float64 and Ũ is rescaled by a power of two before the QR
-    (which a positive scale does not change), and S' saturates at the dtype's range."""
+    (which a positive scale does not change), and S' saturates at the dtype's range. Row shards:
+    ``reduce`` and ``scale`` as in :func:`cosmos_basis_init` (an n×r and an r×r sum)."""
     dtype = basis.dtype
-    scale = power_of_two_scale(grad.to(dtype))
+    scale = power_of_two_scale(grad.to(dtype)) if scale is None else scale
     g = grad.to(dtype) * scale
     wide_scale = scale.to(torch.float64)
-    gram_part = (g.T @ (g @ basis)).to(torch.float64) / wide_scale / wide_scale  # = Gᵀ(G·U)
+    gram_part = _reduced(g.T @ (g @ basis), reduce).to(torch.float64) / wide_scale / wide_scale  # = Gᵀ(G·U)
     iterate = beta2 * (basis.to(torch.float64) @ subspace.to(torch.float64)) + (1.0 - beta2) * gram_part
     iterate = (iterate * power_of_two_scale(iterate)).to(dtype)
     new_basis, _ = torch.linalg.qr(iterate, mode="reduced")
     rotation = basis.T @ new_basis
     decayed = beta2 * (rotation.T.to(torch.float64) @ subspace.to(torch.float64) @ rotation.to(torch.float64))
-    return new_basis, _scaled_gram_ema(decayed, g @ new_basis, scale, beta2)
+    return new_basis, _scaled_gram_ema(decayed, g @ new_basis, scale, beta2, reduce)
 
 
 def _check_shapes(param: torch.Tensor, named: tuple[tuple[str, torch.Tensor | None, tuple[int, int]], ...]) -> None:
@@ -217,20 +230,25 @@ def cosmos_apply_(
     gamma: float,
     eps: float,
     weight_decay: float,
+    norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    whole_rows: int | None = None,
 ) -> None:
     """Steps 5–6 of :func:`cosmos_update_` given N (m×r) and O = NS5(residual) (None when r = n):
-    D = N·Uᵀ + γ·√(mn)·O/(‖O‖ + ε); W ← W·(1 − lr·λ) − lr·ρ·√(mn)·D/(‖D‖ + ε)."""
+    D = N·Uᵀ + γ·√(mn)·O/(‖O‖ + ε); W ← W·(1 − lr·λ) − lr·ρ·√(mn)·D/(‖D‖ + ε). On row shards
+    the tensors are this rank's rows, ``norm`` the Frobenius norm over all shards and
+    ``whole_rows`` m (both None on a whole weight)."""
     m, n = param.shape
     _check_shapes(param, (("low_rank", low_rank, (m, basis.shape[1])), ("basis", basis, (n, basis.shape[1])),
                           ("orthogonal", orthogonal, (m, n))))
     dtype = _compute_dtype(param, low_rank, basis)
-    scale = math.sqrt(m * n)
+    scale = math.sqrt((m if whole_rows is None else whole_rows) * n)
+    frobenius = torch.Tensor.norm if norm is None else norm
     update = low_rank.to(dtype) @ basis.to(dtype).T
     if orthogonal is not None:
         o = orthogonal.to(dtype)
-        update = update + gamma * scale * o / (o.norm() + eps)
+        update = update + gamma * scale * o / (frobenius(o) + eps)
     w = param.to(dtype) * (1.0 - lr * weight_decay)  # (6) decay first, then the normalized step
-    w = w - (lr * lr_ratio * scale) * update / (update.norm() + eps)
+    w = w - (lr * lr_ratio * scale) * update / (frobenius(update) + eps)
     param.copy_(w)
 
 

@@ -18,7 +18,7 @@ _SCRIPT = textwrap.dedent("""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
-    from memzoo.optim import APOLLO, FRUGAL, FiraAdamW, GaLoreAdamW, NaturalGaLore
+    from memzoo.optim import APOLLO, COSMOS, FRUGAL, FiraAdamW, GaLoreAdamW, NaturalGaLore
     from memzoo.optim.distributed import load_optimizer_state
     rank, world, store, out, checkpoint = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
     dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world)
@@ -72,7 +72,7 @@ _SCRIPT = textwrap.dedent("""
     def train(model, optimizer, replica, reference, steps, generator, record=None):
         # Steps the sharded optimizer, and the whole-tensor one on the same (gathered) gradients.
         for _ in range(steps):
-            x = torch.randn(8, 12, generator=generator)
+            x = torch.randn(8, 12, generator=generator).to(next(replica.parameters()).dtype)
             optimizer.zero_grad()
             model(x).square().mean().backward()
             gradients = [p.grad.full_tensor() for p in model.parameters()]
@@ -125,6 +125,39 @@ _SCRIPT = textwrap.dedent("""
                                    local=value.to_local().nbytes if sharded else value.nbytes, whole=whole.nbytes,
                                    value=None if sharded else value.clone()))
         results[name] = dict(params=params, states=states, bytes=optimizer.state_bytes())
+    # COSMOS: the 16×12 weight's Newton–Schulz runs on Xᵀ in the reference (m > n), the 7×16's on
+    # X; a basis initialization (eigh of GᵀG) then two updates (a power iteration each step).
+    COSMOS_CASES = {  # name: (weight dtype, options)
+        "cosmos:float64": (torch.float64, dict(ns_dtype=torch.float64)),
+        "cosmos:float32": (torch.float32, dict(ns_dtype=torch.float32, maximize=True, gamma=0.5)),
+        "cosmos:bfloat16": (torch.float32, dict()),  # the official bf16 Newton–Schulz
+    }
+
+    def cosmos_groups(model):
+        # The 2×7 weight at rank 1: its gradient has rank ≤ 2, and a rank-2 subspace would leave a
+        # complement of rounding noise that Newton–Schulz normalizes to an O(1) direction (COSMOS's
+        # own property, sharded or not).
+        first, second, third = (layer for layer in model if isinstance(layer, torch.nn.Linear))
+        return [{"params": [first.weight, first.bias, second.weight, second.bias]},
+                {"params": [third.weight, third.bias], "rank": 1}]
+
+    for name, (dtype, options) in COSMOS_CASES.items():
+        kwargs = dict(lr=0.02, weight_decay=0.1, rank=3, lr_ratio=0.5, betas=(0.9, 0.95), backend="torch", **options)
+        model, replica = shard(make_model().to(dtype)), make_model().to(dtype)
+        optimizer, reference = COSMOS(cosmos_groups(model), **kwargs), COSMOS(cosmos_groups(replica), **kwargs)
+        train(model, optimizer, replica, reference, 3, torch.Generator().manual_seed(200 + rank))
+        params, states = [], []
+        for p, q in zip(model.parameters(), replica.parameters()):
+            params.append((p.full_tensor(), q.detach().clone()))
+            assert optimizer.state[p].keys() == reference.state[q].keys(), name
+            for key, value in optimizer.state[p].items():
+                sharded = isinstance(value, DTensor)
+                states.append(dict(key=key, shape=tuple(p.shape), sharded=sharded,
+                                   placements=tuple(value.placements) if sharded else None,
+                                   local=value.to_local().nbytes if sharded else value.nbytes,
+                                   value=value.full_tensor() if sharded else value.clone(),
+                                   whole=reference.state[q][key].clone()))
+        results[name] = dict(params=params, states=states, bytes=optimizer.state_bytes())
     if world == 2 and rank == 0:
         torch.save({name: recorded[name] for name in RESUMED if name in recorded}, checkpoint + ".gradients")
     # Cholesky-QR over row shards falls back to TSQR where the Gram matrix is singular (a zero or
@@ -150,11 +183,13 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
-def run_ranks(world: int, tmp_path, checkpoint: str, names: list[str] | None = None) -> list[dict]:
+def run_ranks(world: int, tmp_path, checkpoint: str, names: list[str] | None = None,
+              source: str = _SCRIPT) -> list[dict]:
     """The script on ``world`` gloo ranks (2 ranks write DCP checkpoints under ``checkpoint``,
-    3 ranks resume them); each rank's results."""
+    3 ranks resume them); each rank's results. ``source``: another script taking the same
+    arguments (rank, world, store file, output prefix, checkpoint[, names])."""
     script = tmp_path / f"script{world}.py"
-    script.write_text(_SCRIPT)
+    script.write_text(source)
     store, out = tmp_path / f"store{world}", tmp_path / f"out{world}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     extra = [",".join(names)] if names else []
@@ -195,7 +230,7 @@ def test_low_rank_on_fsdp2_row_shards_equals_whole_tensors(runs, world) -> None:
     the whole tensors on the same gradients, over two projector refreshes; their state is
     sharded like the weights, or replicated (and identical on every rank) where it is r-sized."""
     results = runs[world]
-    assert {name for name in results[0] if not name.startswith(("resumed:", "refused:", "tsqr"))} == set(CASES)
+    assert {name for name in results[0] if not name.startswith(("resumed:", "refused:", "tsqr", "cosmos:"))} == set(CASES)
     for basis, matrix in results[0]["tsqr"]:  # orthonormal, and it holds the column space
         assert torch.allclose(basis.T @ basis, torch.eye(4), atol=1e-5)
         assert torch.allclose(basis @ (basis.T @ matrix), matrix, atol=1e-4)
@@ -239,9 +274,83 @@ def test_low_rank_resumes_from_dcp_on_another_world_size(runs) -> None:
             assert torch.allclose(sharded, whole, rtol=0, atol=_ATOL), (name, (sharded - whole).abs().max())
 
 
+_COSMOS_CASES = ("cosmos:float64", "cosmos:float32", "cosmos:bfloat16")
+# The sharded step adds its sums (Gram matrices, norms) in another order than one process, and
+# uses X·(XᵀX) where the reference uses (X·Xᵀ)·X for m ≤ n. COSMOS is ill-conditioned in its
+# rounding: Newton–Schulz multiplies the residual's small singular directions by up to a⁵ ≈ 480
+# and every update is renormalized, so a 1-ulp relative change of the gradient alone moves the
+# unsharded weights by ~2e-13 (float64), ~4e-4 (float32) and ~5e-3 (bf16 Newton–Schulz) after one
+# step of RMS lr·ρ = 0.01. The bounds (observed: 1.5e-13, 3.5e-4, RMS 2.7e-3): the largest
+# difference of a weight, and for bf16 its RMS. A wrong sign, scale, shard offset or
+# orientation moves weights by ~0.01 RMS per step, for 3 steps.
+_COSMOS_MAX = {"cosmos:float64": 1e-12, "cosmos:float32": 2e-3, "cosmos:bfloat16": None}
+_COSMOS_RMS = {"cosmos:float64": 1e-12, "cosmos:float32": 5e-4, "cosmos:bfloat16": 5e-3}
+
+
+def _aligned_signs(basis: torch.Tensor, whole_basis: torch.Tensor) -> torch.Tensor:
+    """The column signs of ``basis`` matched to ``whole_basis`` (eigenvectors and QR columns are
+    defined up to sign; COSMOS's update and U·S·Uᵀ do not depend on them)."""
+    signs = (basis * whole_basis).sum(0).sign()
+    return torch.where(signs == 0, torch.ones_like(signs), signs)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_cosmos_on_fsdp2_row_shards_equals_whole_tensors(runs, world) -> None:
+    """COSMOS stepping FSDP2 row shards (16, 7 and 2 rows on 2 and 3 ranks: uneven and empty
+    shards; Newton–Schulz with m > n and m < n) equals one process stepping the whole tensors
+    over 3 steps (basis initialization, two basis updates), in float64, in float32 (maximize,
+    γ = 0.5) and with the official bf16 Newton–Schulz, within the bounds above. M (m×n) and V
+    (m×r) are DTensors sharded like the weight (M bitwise the whole run's rows: it is row-local);
+    U (n×r) and S (r×r) are plain tensors with the same bits on every rank, equal to the whole
+    run's up to the eigenvectors' signs."""
+    from torch.distributed.tensor import Shard
+
+    results = runs[world]
+    for name in _COSMOS_CASES:
+        result = results[0][name]
+        for sharded, whole in result["params"]:
+            difference = sharded - whole
+            if _COSMOS_MAX[name] is not None:
+                assert difference.abs().max() <= _COSMOS_MAX[name], (name, difference.abs().max())
+            assert difference.square().mean().sqrt() <= _COSMOS_RMS[name], (name, difference.square().mean().sqrt())
+        for other in results[1:]:
+            assert all(torch.equal(a, b) for (a, _), (b, _) in zip(result["params"], other[name]["params"])), name
+        for rank_result in results:
+            assert rank_result[name]["bytes"] == sum(state["local"] for state in rank_result[name]["states"]), name
+        states = result["states"]
+        tight = name == "cosmos:float64"
+        for index, state in enumerate(states):
+            value, whole = state["value"], state["whole"]
+            assert value.shape == whole.shape, (name, state["key"])
+            if state["key"] in ("exp_avg", "exp_avg_sq"):
+                assert state["sharded"] and state["placements"] == (Shard(0),), (name, state["key"], state["shape"])
+                locals_ = [rank_result[name]["states"][index]["local"] for rank_result in results]
+                assert sum(locals_) == whole.nbytes, (name, state["key"])
+                assert max(locals_) * state["shape"][0] <= whole.nbytes * -(-state["shape"][0] // world)
+                if state["key"] == "exp_avg" or len(state["shape"]) == 1:  # row-local (or AdamW): bitwise
+                    assert torch.equal(value, whole), (name, state["key"], state["shape"])
+                else:  # V = EMA of (G·U)², U as below
+                    atol = (1e-9 if tight else 1e-5) * whole.abs().max().item()
+                    assert torch.allclose(value, whole, rtol=0, atol=atol), (name, state["shape"])
+            else:  # step, U, S: replicated, the same bits on every rank
+                assert not state["sharded"], (name, state["key"])
+                for rank_result in results[1:]:
+                    assert torch.equal(rank_result[name]["states"][index]["value"], value), (name, state["key"])
+        factors = {(state["shape"], state["key"]): state for state in states if state["key"] in ("basis", "subspace")}
+        for (shape, key), state in factors.items():
+            if key != "basis":
+                continue
+            signs = _aligned_signs(state["value"], state["whole"])
+            subspace, whole_subspace = factors[(shape, "subspace")]["value"], factors[(shape, "subspace")]["whole"]
+            atol = 1e-10 if tight else 1e-3
+            assert torch.allclose(state["value"] * signs, state["whole"], rtol=0, atol=atol), (name, shape)
+            assert torch.allclose(subspace * signs[:, None] * signs[None, :], whole_subspace, rtol=0,
+                                  atol=atol * whole_subspace.abs().max().item()), (name, shape)
+
+
 def test_the_optimizers_marked_projected_shards_are_the_ones_tested_here() -> None:
     from memzoo.optim.registry import OPTIMIZERS
 
     marked = {info.cls.__name__ for info in OPTIMIZERS.values() if info.projected_shards}
     # A new one: add its cases to _SCRIPT's CASES.
-    assert marked == {"GaLoreAdamW", "NaturalGaLore", "APOLLO", "FRUGAL", "FiraAdamW"}
+    assert marked == {"GaLoreAdamW", "NaturalGaLore", "APOLLO", "FRUGAL", "FiraAdamW", "COSMOS"}

@@ -78,11 +78,16 @@ def test_apollo_frugal_and_cosmos_small_cases() -> None:
     frugal = frugal_weight(6, 4, 2, side="right", rank=2, projector="coordinates", param_size=4)
     assert (frugal.sharded, frugal.replicated) == (2 * 3 * 2 * 4, 8 * 2 + 24)
     assert frugal.steady == Traffic(all_reduce=16) and frugal.refresh == Traffic()
-    # COSMOS (planned), bf16 6×4 at r = 2: M and V rows, U and S fp32; Gᵀ(GU), (GU)ᵀ(GU), five
-    # 4×4 bf16 Gram matrices and three fp32 norms per step.
+    # COSMOS, bf16 6×4 at r = 2: M and V rows, U and S fp32. Per step: the (flag, max |G|) vote
+    # (2 fp64), Gᵀ(GU) and (GU)ᵀ(GU) fp32, the residual's max and ‖X‖² (fp64), five 4×4 Gram
+    # matrices accumulated in fp32, ‖O‖² and ‖D‖² (fp64); the first step GᵀG instead of Gᵀ(GU).
     cosmos = cosmos_weight(6, 4, 2, rank=2, param_size=2)
     assert (cosmos.sharded, cosmos.replicated) == (3 * (4 + 2) * 2, (4 * 2 + 2 * 2) * 4 + 8)
-    assert cosmos.steady == Traffic(all_reduce=(8 + 4) * 4 + 5 * 16 * 2 + 12)
+    assert cosmos.steady == Traffic(all_reduce=16 + (8 + 4) * 4 + 16 + 5 * 16 * 4 + 8 + 8)
+    assert cosmos.refresh == Traffic(all_reduce=(16 - 8) * 4)
+    # r = n: no complement, no Newton–Schulz; float64 factors and Gram matrices.
+    assert cosmos_weight(6, 4, 2, rank=4, param_size=8, ns_size=8).steady == \
+        Traffic(all_reduce=16 + (16 + 16) * 8 + 8)
     # Sparse-MeZO: rank 0's 12 of 24 elements in one 1024-element chunk of mask bits.
     assert sparse_mezo_weight((6, 4), 2, masked=True) == \
         sparse_mezo_weight((6, 4), 1, masked=True) == type(cosmos)(sharded=128, replicated=4,
@@ -231,5 +236,5 @@ def test_status_follows_what_the_optimizers_step_on_shards() -> None:
     natural_right = fsdp_estimate("natural_galore", "tiny", 2, settings={"proj_type": "right"}).status
     assert natural_right == ("refused" if getattr(OPTIMIZERS["natural_galore"], "projected_shards", False)
                              else "planned")
-    assert fsdp_estimate("cosmos", "tiny", 2).status == "planned"
+    assert fsdp_estimate("cosmos", "tiny", 2).status == "implemented"
     assert fsdp_estimate("lion", "tiny", 2).status == fsdp_estimate("mezo", "tiny", 2).status == "implemented"
