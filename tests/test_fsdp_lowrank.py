@@ -158,6 +158,29 @@ _SCRIPT = textwrap.dedent("""
                                    value=value.full_tensor() if sharded else value.clone(),
                                    whole=reference.state[q][key].clone()))
         results[name] = dict(params=params, states=states, bytes=optimizer.state_bytes())
+    # An Inf in one shard's gradient (row 6 of the 7×16 weight, on the last rank) at a basis
+    # update: every rank keeps U and S, as one process does.
+    model, replica = shard(make_model()), make_model()
+    kwargs = dict(lr=0.02, rank=3, backend="torch")
+    optimizer, reference = COSMOS(cosmos_groups(model), **kwargs), COSMOS(cosmos_groups(replica), **kwargs)
+    generator = torch.Generator().manual_seed(300 + rank)
+    train(model, optimizer, replica, reference, 2, generator)
+    weight, whole_weight = model[2].weight, replica[2].weight
+    before = {key: optimizer.state[weight][key].clone() for key in ("basis", "subspace")}
+    whole_before = {key: reference.state[whole_weight][key].clone() for key in ("basis", "subspace")}
+    optimizer.zero_grad()
+    model(torch.randn(8, 12, generator=generator)).square().mean().backward()
+    for whole, gradient in zip(replica.parameters(), [p.grad.full_tensor() for p in model.parameters()]):
+        whole.grad = gradient
+    whole_weight.grad[6, 0] = float("inf")
+    if rank == world - 1:
+        weight.grad.to_local()[-1, 0] = float("inf")
+    optimizer.step()
+    reference.step()
+    results["cosmos:nonfinite"] = dict(
+        kept=all(torch.equal(optimizer.state[weight][key], value) for key, value in before.items()),
+        whole_kept=all(torch.equal(reference.state[whole_weight][key], value) for key, value in whole_before.items()),
+        basis=optimizer.state[weight]["basis"].clone())
     if world == 2 and rank == 0:
         torch.save({name: recorded[name] for name in RESUMED if name in recorded}, checkpoint + ".gradients")
     # Cholesky-QR over row shards falls back to TSQR where the Gram matrix is singular (a zero or
@@ -346,6 +369,17 @@ def test_cosmos_on_fsdp2_row_shards_equals_whole_tensors(runs, world) -> None:
             assert torch.allclose(state["value"] * signs, state["whole"], rtol=0, atol=atol), (name, shape)
             assert torch.allclose(subspace * signs[:, None] * signs[None, :], whole_subspace, rtol=0,
                                   atol=atol * whole_subspace.abs().max().item()), (name, shape)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_cosmos_on_row_shards_keeps_its_subspace_on_every_rank_at_a_nonfinite_gradient(runs, world) -> None:
+    """An Inf in one rank's rows of a gradient at a basis update: every rank keeps U and S (the
+    non-finiteness is voted over the shards, the Gram sums carry it to every rank), as the
+    whole-tensor run does."""
+    results = [rank_result["cosmos:nonfinite"] for rank_result in runs[world]]
+    assert results[0]["whole_kept"]
+    assert all(result["kept"] for result in results)
+    assert all(torch.equal(result["basis"], results[0]["basis"]) for result in results[1:])
 
 
 def test_the_optimizers_marked_projected_shards_are_the_ones_tested_here() -> None:
