@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from memzoo.reference import random as reference
 from memzoo.reference.random import (  # the Philox-4x32-10 constants: one definition, the reference's
     _KEY_A,
     _KEY_B,
@@ -68,6 +69,8 @@ def philox_words4(seed: int | torch.Tensor,
     """Same contract as :func:`memzoo.reference.random.philox_words4`."""
     check_seed_offsets(seed, offsets)
     if isinstance(seed, torch.Tensor):  # a tensor of seeds (several streams at once, e.g. a batch's sketches)
+        if "meta" in (seed.device.type, offsets.device.type):  # shapes only: no values to group seeds by
+            return reference.philox_words4(seed, offsets)
         return _words4_per_seed(seed, offsets)
     flat = offsets.reshape(-1).to(torch.int64)
     words = [torch.empty(flat.numel(), dtype=torch.int32, device=flat.device) for _ in range(4)]
