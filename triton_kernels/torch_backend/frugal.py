@@ -15,7 +15,8 @@ import torch
 from memzoo.reference import frugal as reference
 from memzoo.reference.common import compute_dtype
 from memzoo.reference.frugal import RESIDUAL_RULES, residual_kept, residual_squares, split_update_lists
-from memzoo.reference.galore import FactorList, as_matrix
+from memzoo.reference.galore import FactorList
+from memzoo.reference.projector import project
 from memzoo.triton_kernels.torch_backend.galore import adamw_update_, as_weight_matrix, galore_adam_project_
 
 __all__ = [
@@ -70,7 +71,7 @@ def frugal_apply_(
             else:
                 work.addmm_(left, n, alpha=-step_size)
         if residual_rule != "no":
-            inside = as_matrix(g, g.shape[0]) @ right.T if right is not None else left.T @ g  # R = down(G)
+            inside = project(g, left, right)  # R = down(G)
             # E = G − up(R) in one m×n buffer.
             residual = torch.addmm(g, inside, right, alpha=-1.0) if right is not None else torch.addmm(
                 g, left, inside, alpha=-1.0)
