@@ -12,6 +12,7 @@ from memzoo.optim.base import (
     Backend,
     MemzooOptimizer,
     StateSpec,
+    check_bool,
     check_betas,
     check_int,
     check_lr,
@@ -118,8 +119,7 @@ class AdamMini(MemzooOptimizer):
             raise TypeError("AdamMini takes the parameters once: as params (first argument) or as named_parameters=")
         if model_sharding not in (None, True, False):
             raise TypeError(f"Invalid model_sharding: expected None or a bool, got {model_sharding!r}")
-        if not isinstance(verbose, bool):
-            raise TypeError(f"Invalid verbose: expected a bool, got {verbose!r}")
+        check_bool("verbose", verbose)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, dim=dim,
                         n_heads=n_heads, n_kv_heads=n_kv_heads, block_names=block_names)
         super().__init__(params if named_parameters is None else named_parameters, defaults, backend=backend,
@@ -166,8 +166,7 @@ class AdamMini(MemzooOptimizer):
         check_betas(group["betas"], 2)
         check_number("eps", group["eps"])
         check_number("weight_decay", group["weight_decay"])
-        if not isinstance(group["maximize"], bool):
-            raise TypeError(f"Invalid maximize: expected a bool, got {group['maximize']!r}")
+        check_bool("maximize", group["maximize"])
         check_int("dim", group["dim"], low=1)
         check_int("n_heads", group["n_heads"], low=1)
         if group["n_kv_heads"] is not None:

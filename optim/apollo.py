@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from memzoo.optim.base import Backend, StateSpec, check_number, local_tensor
+from memzoo.optim.base import Backend, StateSpec, check_bool, check_number, local_tensor
 from memzoo.optim.lowrank import (
     LowRankOptimizer,
     LowRankRule,
@@ -52,8 +52,7 @@ class ApolloRule(LowRankRule):
         if group["scale_type"] not in _SCALE_TYPES:
             raise ValueError(f"Invalid scale_type: {group['scale_type']!r}; expected one of {_SCALE_TYPES}")
         for flag in ("scale_front", "disable_nl"):
-            if not isinstance(group[flag], bool):
-                raise TypeError(f"Invalid {flag}: expected a bool, got {group[flag]!r}")
+            check_bool(flag, group[flag])
         check_number("growth_limit", group["growth_limit"], low=1.0)
 
     def state(self, shape: torch.Size, projector: Projector | None, group: Mapping[str, Any],
@@ -235,8 +234,7 @@ class APOLLO(LowRankOptimizer):
     ) -> None:
         if "projector" in options:
             raise TypeError("APOLLO takes the projection as proj= (the official name), not projector=")
-        if not isinstance(no_deprecation_warning, bool):
-            raise TypeError(f"Invalid no_deprecation_warning: expected a bool, got {no_deprecation_warning!r}")
+        check_bool("no_deprecation_warning", no_deprecation_warning)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias, rank=rank,
                         update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, projector=proj,
                         scale_type=scale_type, scale_front=scale_front, disable_nl=disable_nl,

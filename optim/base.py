@@ -312,6 +312,12 @@ def check_number(name: str, value: Any, *, low: float = 0.0, high: float = math.
         raise ValueError(f"Invalid {name}: {number} ({expected})")
 
 
+def check_bool(name: str, value: Any) -> None:
+    """Raise a TypeError unless ``value`` is a bool (a flag given as 1 or "yes" is refused)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"Invalid {name}: expected a bool, got {value!r}")
+
+
 def check_int(name: str, value: Any, *, low: int, high: int | None = None) -> None:
     """Raise unless ``value`` is an int (not a bool) in [low, high); no bound given means
     2**63 (ints must fit in 64 bits)."""
@@ -431,8 +437,7 @@ class MemzooOptimizer(torch.optim.Optimizer):
                  capturable: bool = False, differentiable: bool = False) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}; expected one of {BACKENDS}")
-        if not isinstance(skip_nonfinite, bool):
-            raise TypeError(f"Invalid skip_nonfinite: expected a bool, got {skip_nonfinite!r}")
+        check_bool("skip_nonfinite", skip_nonfinite)
         check_implementation_flags(foreach=foreach, fused=fused, capturable=capturable, differentiable=differentiable)
         if isinstance(params, (set, frozenset)):
             raise TypeError(_SET_ERROR.format(where="params"))

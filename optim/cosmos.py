@@ -12,6 +12,7 @@ from memzoo.optim.base import (
     Backend,
     MemzooOptimizer,
     StateSpec,
+    check_bool,
     check_betas,
     check_int,
     check_lr,
@@ -141,8 +142,7 @@ class COSMOS(MemzooOptimizer):
             check_int("rank", group["rank"], low=0)
         check_int("max_rows", group["max_rows"], low=1)
         for flag in ("maximize", "nesterov", "amsgrad"):
-            if not isinstance(group[flag], bool):
-                raise TypeError(f"Invalid {flag}: expected a bool, got {group[flag]!r}")
+            check_bool(flag, group[flag])
         if not group["nesterov"]:
             raise ValueError(
                 "nesterov=False is not implemented: the official code's non-Nesterov branch steps along G/b1 and "

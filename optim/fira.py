@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from memzoo.optim.base import Backend, StateSpec, check_number, local_tensor
+from memzoo.optim.base import Backend, StateSpec, check_bool, check_number, local_tensor
 from memzoo.optim.lowrank import (
     LowRankOptimizer,
     LowRankRule,
@@ -206,8 +206,7 @@ class FiraAdamW(LowRankOptimizer):
         capturable: bool = False,
         differentiable: bool = False,
     ) -> None:
-        if not isinstance(no_deprecation_warning, bool):
-            raise TypeError(f"Invalid no_deprecation_warning: expected a bool, got {no_deprecation_warning!r}")
+        check_bool("no_deprecation_warning", no_deprecation_warning)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
                         rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
                         growth_limit=growth_limit, projector=projector, power_iters=power_iters,

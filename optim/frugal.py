@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from memzoo.optim.base import Backend, StateSpec, check_number, local_tensor
+from memzoo.optim.base import Backend, StateSpec, check_bool, check_number, local_tensor
 from memzoo.optim.lowrank import (
     LowRankOptimizer,
     LowRankRule,
@@ -113,8 +113,7 @@ class FrugalRule(LowRankRule):
             check_number("density", density, high=1.0)
             if group["proj_type"] == "full":
                 raise ValueError("Invalid proj_type: 'full'; FRUGAL projects one side (std, reverse_std, left, right)")
-        if not isinstance(group["reset_statistics"], bool):
-            raise TypeError(f"Invalid reset_statistics: expected a bool, got {group['reset_statistics']!r}")
+        check_bool("reset_statistics", group["reset_statistics"])
         if group["inactive_update_rule"] not in RESIDUAL_RULES:
             raise ValueError(f"Invalid inactive_update_rule: {group['inactive_update_rule']!r}; "
                              f"expected one of {RESIDUAL_RULES}")
@@ -399,8 +398,7 @@ class FRUGAL(LowRankOptimizer):
         group = _from_official(group)
         if "is_proj_params" in group:
             projected = group.pop("is_proj_params")
-            if not isinstance(projected, bool):
-                raise TypeError(f"Invalid is_proj_params: expected a bool, got {projected!r}")
+            check_bool("is_proj_params", projected)
             if projected:
                 default = self.defaults["density"]
                 group.setdefault("density", OFFICIAL_DENSITY if default is None else default)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from memzoo.optim.base import Backend, StateSpec, check_int, check_lr, check_number, local_tensor
+from memzoo.optim.base import Backend, StateSpec, check_bool, check_int, check_lr, check_number, local_tensor
 from memzoo.optim.lowrank import (
     LowRankOptimizer,
     LowRankRule,
@@ -153,8 +153,7 @@ class GaLoreAdamW(LowRankOptimizer):
         capturable: bool = False,
         differentiable: bool = False,
     ) -> None:
-        if not isinstance(no_deprecation_warning, bool):
-            raise TypeError(f"Invalid no_deprecation_warning: expected a bool, got {no_deprecation_warning!r}")
+        check_bool("no_deprecation_warning", no_deprecation_warning)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
                         rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
                         projector=projector, power_iters=power_iters, oversample=oversample,
@@ -186,8 +185,7 @@ class NaturalGaLoreRule(LowRankRule):
         check_number("damping", group["damping"])
         if group["damping"] <= 0:
             raise ValueError(f"Invalid damping: {group['damping']} (must be > 0)")
-        if not isinstance(group["natural"], bool):
-            raise TypeError(f"Invalid natural: expected a bool, got {group['natural']!r}")
+        check_bool("natural", group["natural"])
 
     def state(self, shape: torch.Size, projector: Projector | None, group: Mapping[str, Any],
               state_dtype: torch.dtype) -> StateSpec:
@@ -341,8 +339,7 @@ class GaLoreAdafactorRule(LowRankRule):
 
     def check_hyperparameters(self, group: Mapping[str, Any]) -> None:
         for flag in ("scale_parameter", "relative_step", "warmup_init"):
-            if not isinstance(group[flag], bool):
-                raise TypeError(f"Invalid {flag}: expected a bool, got {group[flag]!r}")
+            check_bool(flag, group[flag])
         # A group's lr is ignored under relative_step (as galore-torch's, which checks the two
         # only among the constructor's arguments): a scheduler or trainer may still write one.
         if group["lr"] is None:

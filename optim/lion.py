@@ -11,6 +11,7 @@ from memzoo.optim.base import (
     Backend,
     MemzooOptimizer,
     StateSpec,
+    check_bool,
     check_betas,
     check_lr,
     check_number,
@@ -86,8 +87,7 @@ class Lion(MemzooOptimizer):
         check_lr(group["lr"])
         check_betas(group["betas"], 2)
         check_number("weight_decay", group["weight_decay"])
-        if not isinstance(group["maximize"], bool):
-            raise TypeError(f"Invalid maximize: expected a bool, got {group['maximize']!r}")
+        check_bool("maximize", group["maximize"])
         resolve_state_dtype("momentum_dtype", group["momentum_dtype"], _MOMENTUM_DTYPES)
 
     def _momentum_dtype(self, param: torch.Tensor, group: Mapping[str, Any]) -> torch.dtype:

@@ -34,6 +34,7 @@ from memzoo.optim.base import (
     Backend,
     MemzooOptimizer,
     StateSpec,
+    check_bool,
     check_betas,
     check_int,
     check_lr,
@@ -160,8 +161,7 @@ class LowRankRule:
         check_lr(group["lr"])
         check_betas(group["betas"], 2)
         check_number("eps", group["eps"])
-        if not isinstance(group["correct_bias"], bool):
-            raise TypeError(f"Invalid correct_bias: expected a bool, got {group['correct_bias']!r}")
+        check_bool("correct_bias", group["correct_bias"])
 
     def validate(self, group: Mapping[str, Any]) -> None:
         """Raise ValueError/TypeError for an invalid value of one of the rule's group keys."""
@@ -280,8 +280,7 @@ class LowRankOptimizer(MemzooOptimizer):
         self.rule.validate(group)
         self.rule.check_hyperparameters(group)
         check_number("weight_decay", group["weight_decay"])
-        if not isinstance(group["maximize"], bool):
-            raise TypeError(f"Invalid maximize: expected a bool, got {group['maximize']!r}")
+        check_bool("maximize", group["maximize"])
         if group["optim_bits"] not in (8, 32) or isinstance(group["optim_bits"], bool):
             raise ValueError(f"Invalid optim_bits: {group['optim_bits']!r} (expected 32 or 8)")
         check_int("min_8bit_size", group["min_8bit_size"], low=1)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from memzoo.optim.base import (Backend, MemzooOptimizer, StateSpec, check_int, check_lr, check_number,
+from memzoo.optim.base import (Backend, MemzooOptimizer, StateSpec, check_bool, check_int, check_lr, check_number,
                                deferred_interrupts, is_dtensor, local_tensor)
 from memzoo.optim.distributed import (FSDPResharder, gathered_copies, row_block, row_block_problem, shard_groups,
                                       sharded_kth_magnitudes)
@@ -605,8 +605,7 @@ class SparseMeZO(ZerothOrderOptimizer):
                  skip_nonfinite: bool = False) -> None:
         if threshold_interval is not None:
             check_int("threshold_interval", threshold_interval, low=1)
-        if not isinstance(mask_1d, bool):
-            raise TypeError(f"Invalid mask_1d: expected a bool, got {mask_1d!r}")
+        check_bool("mask_1d", mask_1d)
         self.threshold_interval = threshold_interval
         self.mask_1d = mask_1d
         self._mask_buffers: dict[torch.device, torch.Tensor] = {}
@@ -825,8 +824,7 @@ class QZO(ZerothOrderOptimizer):
 
     def _validate_group(self, group: Mapping[str, Any], group_index: int) -> None:
         super()._validate_group(group, group_index)
-        if not isinstance(group["scales"], bool):
-            raise TypeError(f"Invalid scales: expected a bool, got {group['scales']!r}")
+        check_bool("scales", group["scales"])
         if not group["scales"]:
             return
         for index, param in enumerate(group.get("params", ())):
