@@ -414,14 +414,6 @@ class LowRankOptimizer(MemzooOptimizer):
         item.state[name] = value = self._zeros(item.param, item.projector, shape, dtype)
         return value
 
-    def _missing(self, param: torch.Tensor, group: Mapping[str, Any], state: Mapping[str, Any],
-                 projector: Projector | None) -> bool:
-        if "step" not in state:
-            return True
-        moments, extra, _ = self._rule_state(param, group, projector)
-        return any(name not in state for name in moments) or any(
-            name not in state for name in extra if name not in self.rule.deferred)
-
     # -- what rules call ------------------------------------------------------------------
     def kernels(self, device: torch.device) -> Any:
         """The family module (reference, torch or Triton) that computes the rule's math on ``device``."""
@@ -532,10 +524,8 @@ class LowRankOptimizer(MemzooOptimizer):
                 projector = self._projector(param, group, settings_key)
                 stored = self.state.get(param)
                 state = self._reconciled_state(param, group, stored, (group_index, param_index), notes)
-                if (not state or state is not stored) and self._missing(param, group, state, projector):
-                    state = dict(state)
-                    self._create_state(param, group, state, projector)
-                if state is not stored:
+                if state is not stored:  # a first step's {} or a reconciled copy, not installed yet
+                    self._create_state(param, group, state, projector)  # what the rule declares and it lacks
                     staged.append((param, state, group))
                 step = self._step_count(state)
                 step_counts.append(state["step"])
