@@ -139,3 +139,44 @@ def test_philox_words_equal_the_reference(small_chunks, seed) -> None:
     block = offsets[:2].view(1, 2, 41)
     for ours, theirs in zip(torch_random.philox_words4(seeds, block), reference_random.philox_words4(seeds, block)):
         assert ours.shape == (4, 2, 41) and torch.equal(ours, theirs)
+    # Seeds varying along the offsets' last dimension (not one per leading index): grouped by value.
+    seeds = torch.tensor([seed % 2**62, 3] * 20 + [0]).view(1, 41)
+    for ours, theirs in zip(torch_random.philox_words4(seeds, offsets), reference_random.philox_words4(seeds, offsets)):
+        assert ours.shape == (5, 41) and torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("decay_first", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adamw_takes_torchs_fused_kernel_with_the_same_math(monkeypatch, dtype, decay_first) -> None:
+    """Contiguous tensors of one dtype go through torch._fused_adamw_, whose bias corrections are
+    made exactly 1 (at t = 1e30) so that it computes the reference's HF-Adam step. A mixed-dtype
+    or non-contiguous group still takes the chunked pass. Negative control: with
+    bias corrections of t = 2 the fused path leaves the reference's tolerance."""
+    calls = []
+    fused = torch._fused_adamw_
+    monkeypatch.setattr(torch, "_fused_adamw_", lambda params, *args, **kwargs: (calls.append(len(params)),
+                                                                                 fused(params, *args, **kwargs)))
+    generator = torch.Generator().manual_seed(3)
+    shapes = [(300,), (17, 33), (5, 1, 7)]
+
+    def run(step_field):
+        monkeypatch.setattr(torch_galore, "_NO_BIAS_CORRECTION_STEP", step_field)
+        params, grads, exp_avgs = ([torch.randn(s, generator=generator).to(dtype) for s in shapes] for _ in range(3))
+        exp_avg_sqs = [torch.rand(s, generator=generator).to(dtype) for s in shapes]
+        # The chunked pass: a group with fp32 moments of a bf16 weight, or with a transposed weight.
+        if dtype == torch.bfloat16:
+            exp_avg_sqs[2] = exp_avg_sqs[2].float()
+        else:
+            params[1] = params[1].T.contiguous().T
+        expected = [[t.clone() for t in ts] for ts in (params, exp_avgs, exp_avg_sqs)]
+        hparams = dict(step_size=0.01, beta1=0.9, beta2=0.99, eps=1e-6, lr=0.01, weight_decay=0.1,
+                       maximize=True, decay_first=decay_first)
+        reference_galore.adamw_update_(expected[0], grads, expected[1], expected[2], **hparams)
+        torch_galore.adamw_update_(params, grads, exp_avgs, exp_avg_sqs, **hparams)
+        return (params, exp_avgs, exp_avg_sqs), expected
+
+    _assert_same_outputs(*run(torch_galore._NO_BIAS_CORRECTION_STEP))
+    assert calls == [2]  # the two other groups, in one call
+    if dtype == torch.float32:  # (bf16 rounds away the difference of an update of 0.01)
+        with pytest.raises(AssertionError):
+            _assert_same_outputs(*run(2.0))
