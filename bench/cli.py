@@ -10,7 +10,8 @@
     memzoo-bench memory --fsdp 8,64 [--preset 350m..70b] [--dtype bf16] [--set KEY=VALUE]   (computed, not measured)
 
 Every command prints a table and can write JSON. Defaults finish in about a minute on a CPU
-(preset ``tiny``); on CUDA the default preset is ``350m``.
+(preset ``tiny``; ``step`` uses ``60m``, whose step times memory traffic as a real model's does,
+where ``tiny`` times Python overhead); on CUDA the default preset is ``350m``.
 """
 
 from __future__ import annotations
@@ -371,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", default=_default_device(), help="cuda or cpu (default: cuda when present)")
         p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                       help="LLaMA-shaped parameter set (default: 350m on CUDA, tiny on CPU)")
+                       help="LLaMA-shaped parameter set (default: 350m on CUDA; on CPU 60m for step, tiny for kernels)")
         p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="parameter dtype")
         p.add_argument("--warmup", type=int, default=3)
         p.add_argument("--iters", type=int, default=15, help="timed repetitions (the median is reported)")
@@ -500,7 +501,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     is_cuda = torch.device(getattr(args, "device", "cpu")).type == "cuda"
     if getattr(args, "preset", "") is None:
         computed = args.command == "memory" and args.fsdp is not None  # nothing allocated: any device
-        args.preset = ("60m" if args.command in ("train", "zo") else "350m") if is_cuda or computed else "tiny"
+        if is_cuda or computed:
+            args.preset = "60m" if args.command in ("train", "zo") else "350m"
+        else:  # a CPU step at 60m times memory traffic, as a user's model would; tiny times Python overhead
+            args.preset = "60m" if args.command == "step" else "tiny"
     if args.command == "kernels" and args.bandwidth_mib is None:
         args.bandwidth_mib = 1024 if is_cuda else 256
     if args.command == "step":
