@@ -49,7 +49,7 @@ from memzoo.optim.base import (
 )
 from memzoo.optim.projector import Projector, ProjectorSettings, RefreshRequest, compute_refreshes
 from memzoo.optim.quantized_state import MIN_8BIT_SIZE, QuantizedMoment
-from memzoo.optim.sharded import RowShard, row_shard, sharding_problem
+from memzoo.optim.sharded import RowShard, lay_out_row_state, row_shard, sharding_problem
 from memzoo.reference.common import compute_dtype, hf_adam_step_size
 from memzoo.reference.common import torch_adam_form as reference_torch_adam_form
 from memzoo.reference.projector import SEEDED_METHODS, project
@@ -329,14 +329,8 @@ class LowRankOptimizer(MemzooOptimizer):
                 projector = self._projector(param, group) if state and is_dtensor(param) else None
                 if projector is None:
                     continue
-                shard = self._shard(param, projector)
-                for name, value in list(state.items()):
-                    sharded = name == "proj_left" or (name in self.rule.moments and projector.side == "right")
-                    if sharded and isinstance(value, torch.Tensor) and not is_dtensor(value):
-                        rows = value[shard.offset: shard.offset + shard.rows].to(param.device, copy=True)
-                        state[name] = shard.distribute(rows, value.shape)
-                    elif not sharded and is_dtensor(value):
-                        state[name] = value.full_tensor()
+                sharded = {"proj_left", *(self.rule.moments if projector.side == "right" else ())}
+                lay_out_row_state(state, param.device, self._shard(param, projector), sharded)
 
     def _shard(self, param: torch.Tensor, projector: Projector) -> RowShard | None:
         """The rows of the projected matrix this rank holds (None for a plain tensor)."""
