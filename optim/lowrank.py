@@ -49,7 +49,7 @@ from memzoo.optim.base import (
 )
 from memzoo.optim.projector import Projector, ProjectorSettings, RefreshRequest, compute_refreshes
 from memzoo.optim.quantized_state import MIN_8BIT_SIZE, QuantizedMoment
-from memzoo.optim.sharded import RowShard, row_shard, sharding_problem
+from memzoo.optim.sharded import RowShard, lay_out_row_state, row_shard, sharding_problem
 from memzoo.reference.common import compute_dtype, hf_adam_step_size
 from memzoo.reference.common import torch_adam_form as reference_torch_adam_form
 from memzoo.reference.projector import project
@@ -337,17 +337,10 @@ class LowRankOptimizer(MemzooOptimizer):
                 projector = self._projector(param, group)
                 if projector is None and not self.rule.dense_row_shards:
                     continue  # per-element state: sharded like the parameter already
-                shard = self._shard(param)
-                for name, value in list(state.items()):
-                    if not isinstance(value, torch.Tensor):
-                        continue
-                    sharded = value.dim() > 0 and ((projector is not None and name == "proj_left") or
-                                                   self.rule.row_sharded_state(name, projector, value.shape))
-                    if sharded and not is_dtensor(value):
-                        rows = value[shard.offset: shard.offset + shard.rows].to(param.device, copy=True)
-                        state[name] = shard.distribute(rows, value.shape)
-                    elif not sharded and is_dtensor(value) and projector is not None:
-                        state[name] = value.full_tensor()
+                sharded = {name for name, value in state.items() if isinstance(value, torch.Tensor) and value.dim()
+                           and ((projector is not None and name == "proj_left")
+                                or self.rule.row_sharded_state(name, projector, value.shape))}
+                lay_out_row_state(state, param.device, self._shard(param), sharded)
 
     def _shard(self, param: torch.Tensor) -> RowShard | None:
         """The rows of the parameter (of the matrix it is projected as: the same dim 0) this rank

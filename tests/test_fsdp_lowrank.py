@@ -169,11 +169,41 @@ _SCRIPT = textwrap.dedent("""
         return [{"params": [first.weight, first.bias, second.weight, second.bias]},
                 {"params": [third.weight, third.bias], "rank": 1}]
 
-    for name, (dtype, options) in COSMOS_CASES.items():
+    def cosmos_pair(dtype, options):  # (sharded model, whole model, their optimizers)
         kwargs = dict(lr=0.02, weight_decay=0.1, rank=3, lr_ratio=0.5, betas=(0.9, 0.95), backend="torch", **options)
         model, replica = shard(make_model().to(dtype)), make_model().to(dtype)
-        optimizer, reference = COSMOS(cosmos_groups(model), **kwargs), COSMOS(cosmos_groups(replica), **kwargs)
-        train(model, optimizer, replica, reference, 3, torch.Generator().manual_seed(200 + rank))
+        return model, replica, COSMOS(cosmos_groups(model), **kwargs), COSMOS(cosmos_groups(replica), **kwargs)
+
+    # Saved by 2 ranks after 2 steps (M and V row-sharded, U and S replicated), resumed by 3.
+    COSMOS_RESUMED = ("cosmos:float64", "cosmos:float32")
+    if world == 3:
+        cosmos_recorded = torch.load(checkpoint + ".cosmos_gradients")
+        for name in COSMOS_RESUMED:
+            model, replica, optimizer, reference = cosmos_pair(*COSMOS_CASES[name])
+            states = {"model": get_model_state_dict(model)}
+            dcp.load(states, checkpoint_id=f"{checkpoint}/{name}")
+            set_model_state_dict(model, states["model"])
+            load_optimizer_state(optimizer, f"{checkpoint}/{name}")
+            layout = [(key, tuple(value.placements) if isinstance(value, DTensor) else None)
+                      for p in model.parameters() for key, value in optimizer.state[p].items()]
+            loaded_bytes = optimizer.state_bytes()
+            for gradients in cosmos_recorded[name]:
+                for whole, gradient in zip(replica.parameters(), gradients):
+                    whole.grad = gradient
+                reference.step()
+            train(model, optimizer, replica, reference, 2, torch.Generator().manual_seed(500 + rank))
+            results["resumed:" + name] = dict(
+                params=[(p.full_tensor(), q.detach().clone()) for p, q in zip(model.parameters(), replica.parameters())],
+                layout=layout, bytes=loaded_bytes)
+    cosmos_recorded = {}
+    for name, (dtype, options) in COSMOS_CASES.items():
+        model, replica, optimizer, reference = cosmos_pair(dtype, options)
+        generator = torch.Generator().manual_seed(200 + rank)
+        train(model, optimizer, replica, reference, 2, generator, cosmos_recorded.setdefault(name, []))
+        if world == 2 and name in COSMOS_RESUMED:
+            dcp.save({"model": get_model_state_dict(model), "optimizer": optimizer.state_dict()},
+                     checkpoint_id=f"{checkpoint}/{name}")
+        train(model, optimizer, replica, reference, 1, generator)
         params, states = [], []
         for p, q in zip(model.parameters(), replica.parameters()):
             params.append((p.full_tensor(), q.detach().clone()))
@@ -211,6 +241,7 @@ _SCRIPT = textwrap.dedent("""
         basis=optimizer.state[weight]["basis"].clone())
     if world == 2 and rank == 0:
         torch.save({name: recorded[name] for name in RESUMED if name in recorded}, checkpoint + ".gradients")
+        torch.save({name: cosmos_recorded[name] for name in COSMOS_RESUMED}, checkpoint + ".cosmos_gradients")
     # Cholesky-QR over row shards falls back to TSQR where the Gram matrix is singular (a zero or
     # rank-deficient gradient at a refresh): still an orthonormal basis holding the column space.
     from torch.distributed.device_mesh import init_device_mesh
@@ -321,7 +352,8 @@ def test_low_rank_resumes_from_dcp_on_another_world_size(runs) -> None:
     ranks after 2 steps and resumed by 3 ranks (row-sharded moments and left factors resharded,
     a refresh at the first resumed step) equal an uninterrupted whole-tensor run on the same
     gradients, within the bound of the sharded steps."""
-    resumed = {name: value for name, value in runs[3][0].items() if name.startswith("resumed:")}
+    resumed = {name: value for name, value in runs[3][0].items()
+               if name.startswith("resumed:") and not name.startswith("resumed:cosmos")}
     assert len(resumed) == 5
     for name, params in resumed.items():
         for sharded, whole in params:
@@ -400,6 +432,32 @@ def test_cosmos_on_fsdp2_row_shards_equals_whole_tensors(runs, world) -> None:
             assert torch.allclose(state["value"] * signs, state["whole"], rtol=0, atol=atol), (name, shape)
             assert torch.allclose(subspace * signs[:, None] * signs[None, :], whole_subspace, rtol=0,
                                   atol=atol * whole_subspace.abs().max().item()), (name, shape)
+
+
+def test_cosmos_resumes_from_dcp_on_another_world_size(runs) -> None:
+    """COSMOS saved with torch.distributed.checkpoint by 2 ranks after 2 steps (its basis
+    initialization and a first update) and resumed by 3 ranks with load_optimizer_state equals an
+    uninterrupted whole-tensor run over 2 more steps, within the bounds of the sharded steps: M
+    and V (m×r) resharded by rows, U (n×r) and S (r×r) replicated, and each rank holding what a
+    3-rank run holds. Was: V came back whole on every rank (DCP makes a plain tensor of every
+    state not shaped like its weight), and the first resumed step failed."""
+    from torch.distributed.tensor import Shard
+
+    fresh = {name: [result[name]["bytes"] for result in runs[3]] for name in ("cosmos:float64", "cosmos:float32")}
+    for name in fresh:
+        resumed = [result["resumed:" + name] for result in runs[3]]
+        for sharded, whole in resumed[0]["params"]:
+            difference = (sharded - whole).abs().max()
+            assert difference <= _COSMOS_MAX[name], (name, difference)
+        for other in resumed[1:]:
+            assert all(torch.equal(a, b) for (a, _), (b, _) in zip(resumed[0]["params"], other["params"])), name
+        assert [result["bytes"] for result in resumed] == fresh[name], name
+        for result in resumed:
+            for key, placements in result["layout"]:
+                if key in ("exp_avg", "exp_avg_sq"):
+                    assert placements == (Shard(0),), (name, key, placements)
+                else:
+                    assert placements is None, (name, key, placements)
 
 
 @pytest.mark.parametrize("world", [2, 3])
