@@ -311,8 +311,12 @@ class LowRankOptimizer(MemzooOptimizer):
             return "8-bit moments (optim_bits=8) are not supported for DTensor parameters; use optim_bits=32"
         projector = self._projector(param, group)
         if projector is None:
-            return self.rule.dense_sharded_problem(group) or (
-                sharding_problem(param) if self.rule.dense_row_shards else None)
+            problem = self.rule.dense_sharded_problem(group)
+            if problem is None and self.rule.dense_row_shards and sharding_problem(param):
+                problem = (f"{sharding_problem(param)}; {type(self).__name__} reduces over the row shards of the "
+                           "parameters it does not project too: use FSDP2's default Shard(0) or "
+                           "DistributedDataParallel")
+            return problem
         problem = sharding_problem(param) or self.rule.sharded_problem(projector, group)
         if problem:
             return f"{problem}. " + whole_matrix_problem(type(self).__name__)
