@@ -12,7 +12,6 @@ from memzoo.optim.base import (
     Backend,
     MemzooOptimizer,
     StateSpec,
-    backend_name,
     check_bool,
     check_betas,
     check_int,
@@ -325,42 +324,16 @@ class COSMOS(MemzooOptimizer):
                     pending, pending_bytes = [], 0
             self._finish(pending, group)
             for (device, step), items in adam.items():
-                self._dense_adamw(group, device, step, items)
-
-    def _dense_adamw(self, group: Mapping[str, Any], device: torch.device, step: int,
-                     items: list[tuple[torch.Tensor, dict[str, Any]]]) -> None:
-        """torch.optim.AdamW's step (decay first, the group's betas, full lr) on the AdamW branch's
-        parameters that share ``device`` and ``step``: on the torch backend, PyTorch's own fused
-        AdamW for those it takes (:func:`_fused_adamw_takes`); the others through the backend's
-        shared Adam kernel in torch-Adam form."""
-        beta1, beta2 = group["betas"]
-        module = resolve_backend(self.backend, device, "galore")
-        tensors = [(local_tensor(p), local_tensor(p.grad), local_tensor(s["exp_avg"]), local_tensor(s["exp_avg_sq"]))
-                   for p, s in items]
-        fused = [t for t in tensors if backend_name(module) == "torch" and _fused_adamw_takes(*t)]
-        if fused:
-            steps = [torch.tensor(float(step), dtype=torch.float32, device=device)] * len(fused)
-            torch._fused_adamw_(*map(list, zip(*fused)), [], steps, lr=group["lr"], beta1=beta1, beta2=beta2,
-                                weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
-                                maximize=group["maximize"])
-        rest = [t for t in tensors if not any(t is f for f in fused)]
-        if rest:
-            step_size, eps = torch_adam_form(group["lr"], (beta1, beta2), group["eps"], True, step)
-            module.adamw_update_(*map(list, zip(*rest)), step_size=step_size, beta1=beta1, beta2=beta2, eps=eps,
-                                 lr=group["lr"], weight_decay=group["weight_decay"], maximize=group["maximize"],
-                                 decay_first=True)
-
-
-_FUSED_ADAMW_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-
-
-def _fused_adamw_takes(*tensors: torch.Tensor) -> bool:
-    """Whether torch's fused AdamW kernel takes this parameter, gradient and moments as they
-    are: plain dense contiguous tensors of one floating dtype on a CPU or CUDA device."""
-    first = tensors[0]
-    return first.device.type in ("cpu", "cuda") and first.dtype in _FUSED_ADAMW_DTYPES and all(
-        type(t) in (torch.Tensor, torch.nn.Parameter) and t.layout == torch.strided and t.is_contiguous()
-        and t.dtype == first.dtype and t.device == first.device for t in tensors)
+                # torch.optim.AdamW's step in the shared Adam kernel's form. (Not torch's fused
+                # AdamW: its CPU kernel rounds a vector's tail differently from its body, so a
+                # row shard would not step bit for bit as the same rows of the whole tensor.)
+                step_size, eps = torch_adam_form(group["lr"], (beta1, beta2), group["eps"], True, step)
+                resolve_backend(self.backend, device, "galore").adamw_update_(
+                    [local_tensor(p) for p, _ in items], [local_tensor(p.grad) for p, _ in items],
+                    [local_tensor(s["exp_avg"]) for _, s in items], [local_tensor(s["exp_avg_sq"]) for _, s in items],
+                    step_size=step_size, beta1=beta1, beta2=beta2, eps=eps, lr=group["lr"],
+                    weight_decay=group["weight_decay"], maximize=group["maximize"], decay_first=True,
+                )
 
 
 # -- FSDP2 row shards -----------------------------------------------------------------------------
