@@ -34,7 +34,7 @@ from memzoo.bench.baselines import BASELINES
 from memzoo.bench.fsdp_memory import FSDP_METHODS
 from memzoo.bench.memory import DEFAULT_MEMORY, run_memory
 from memzoo.bench.presets import DTYPES, PRESETS, SHAPE_PRESETS, make_named_parameters
-from memzoo.bench.timing import Contender, copy_bandwidth, median, optimizer_state_bytes, time_call, time_interleaved
+from memzoo.bench.timing import Contender, copy_bandwidth, median, optimizer_state_bytes, peak_extra_bytes, time_call, time_interleaved
 from memzoo.bench.train import DEFAULT_TRAIN, DEFAULT_ZO, TRAIN_PRESETS, plot_report, run_train, run_zo
 from memzoo.bench.zeroth_order import OfficialMeZO, prepare_zeroth_order
 from memzoo.optim.base import BACKENDS
@@ -146,14 +146,7 @@ def _prepare_optimizer(label: str,
             with _every_projector_refreshing(optimizer) as has_projectors:
                 if has_projectors:
                     _print_profile(f"{label}, refresh step", optimizer.step, device)
-        peak_extra_mib = None
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            before = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            optimizer.step()
-            torch.cuda.synchronize(device)
-            peak_extra_mib = (torch.cuda.max_memory_allocated(device) - before) / MIB
+        peak_extra_mib = peak_extra_bytes(optimizer.step, device) / MIB
         row = {"optimizer": label, "backend": backend, "dtype": args.dtype, "params": sum(p.numel() for p in params),
                "first_ms": first * 1e3, "ms": median(times) * 1e3, "min_ms": min(times) * 1e3,
                "refresh_ms": refresh_ms, "state_mib": optimizer_state_bytes(optimizer) / MIB,
@@ -342,7 +335,7 @@ COLUMNS = {
     # first_ms: the first step (allocates state; low-rank methods also build their projectors);
     # ms: median steady step; refresh_ms: a steady step in which every projector is recomputed.
     # Zeroth-order rows: forward_ms (one closure), overhead_ms (step − 2q·forward), pass_ms (one
-    # perturbation pass over all trainable tensors), peak_over_inference_mib (CUDA).
+    # perturbation pass over all trainable tensors), peak_over_inference_mib (CUDA: the allocator; CPU: torch.profiler's allocation events).
     # val_loss / final_loss: the mean over the seeds at the best lr (_std: their sample standard
     # deviation); lr_edge: low/high when the best lr stayed at an edge of the (extended) sweep.
     "train": ["optimizer", "lr", "lr_edge", "seeds", "val_loss", "val_loss_std", "vs_adamw_loss", "tokens_per_s",

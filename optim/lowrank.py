@@ -154,6 +154,10 @@ class LowRankRule:
     unused_keys: ClassVar[tuple[str, ...]] = ()
     # Whether a group's lr may be None (Adafactor's relative step computes its own).
     lr_optional: ClassVar[bool] = False
+    # Whether :meth:`update_dense` reduces over the rows of FSDP2 row-sharded parameters
+    # (Adafactor's factored means and RMS): their items then carry the RowShard, and DTensor
+    # parameters outside FSDP2's row sharding are refused; False: per-element math on any shard.
+    dense_row_shards: ClassVar[bool] = False
 
     def check_hyperparameters(self, group: Mapping[str, Any]) -> None:
         """Raise ValueError/TypeError for an invalid value of the inner update's hyperparameters;
@@ -209,8 +213,15 @@ class LowRankRule:
 
     def dense_sharded_problem(self, group: Mapping[str, Any]) -> str | None:
         """Why :meth:`update_dense` cannot step the local shard of a DTensor parameter (None: its
-        math is per element, as AdamW's)."""
+        math is per element, as AdamW's, or :attr:`dense_row_shards`)."""
         return None
+
+    def row_sharded_state(self, name: str, projector: Projector | None, shape: torch.Size) -> bool:
+        """Whether state ``name`` (of ``shape``) of an FSDP2 row-sharded parameter follows its rows
+        (dim 0 indexes the weight's rows: a DTensor sharded like the weight, each rank its rows);
+        the rest is replicated. Default: the moments of a right projection (m×r); a parameter that
+        is not projected keeps :func:`zeros_state`'s layout (state of its shape sharded like it)."""
+        return projector is not None and projector.side == "right" and name in self.moments
 
     def on_refresh(self, group: Mapping[str, Any], state: dict[str, Any]) -> None:
         """Called for each weight whose subspace is recomputed this step, before its update;
@@ -303,7 +314,8 @@ class LowRankOptimizer(MemzooOptimizer):
                 return (f"its 8-bit moments (optim_bits=8) are quantized in blocks of each rank's rows, and "
                         f"{quantized}; "
                         "use optim_bits=32 or min_8bit_size above its size")
-            return self.rule.dense_sharded_problem(group)
+            return self.rule.dense_sharded_problem(group) or (
+                sharding_problem(param) if self.rule.dense_row_shards else None)
         problem = sharding_problem(param) or self.rule.sharded_problem(projector, group)
         if problem:
             return f"{problem}. " + whole_matrix_problem(type(self).__name__)
@@ -314,8 +326,10 @@ class LowRankOptimizer(MemzooOptimizer):
         is laid out as the step keeps it, whoever wrote it (one process, or
         ``torch.distributed.checkpoint`` read by
         :func:`memzoo.optim.distributed.load_optimizer_state`, which shards whatever is shaped
-        like its parameter): the row-sharded state (right-projected moments, left factors)
-        given whole keeps this rank's rows, as a DTensor sharded like the weight; replicated
+        like its parameter): the state that follows a weight's rows (left factors,
+        :meth:`LowRankRule.row_sharded_state`: right-projected moments, and with
+        :attr:`LowRankRule.dense_row_shards` the dense branch's row statistics) given whole keeps
+        this rank's rows, as a DTensor sharded like the weight; a projected weight's replicated
         state given as a DTensor is gathered (a collective: every rank loads). The absmax of a
         row-sharded 8-bit moment given whole keeps this rank's row of block scales."""
         super().load_state_dict(state_dict)
@@ -334,10 +348,12 @@ class LowRankOptimizer(MemzooOptimizer):
                         if isinstance(absmax, torch.Tensor) and not is_dtensor(absmax):
                             local = absmax[rank: rank + 1].to(param.device, copy=True)
                             state[f"{name}_absmax"] = moment_shard.distribute(local, absmax.shape)
-                if projector is None:
-                    continue
-                sharded = {"proj_left"}
-                if projector.side == "right":  # the moments (and 8-bit ones' absmax rows, laid out above)
+                if projector is None and not self.rule.dense_row_shards:
+                    continue  # per-element state: sharded like the parameter already
+                sharded = {name for name, value in state.items() if isinstance(value, torch.Tensor) and value.dim()
+                           and ((projector is not None and name == "proj_left")
+                                or self.rule.row_sharded_state(name, projector, value.shape))}
+                if moment_shard is not None:  # 8-bit codes and their absmax rows (laid out above)
                     sharded.update(name for moment in self.rule.moments for name in (moment, f"{moment}_absmax"))
                 lay_out_row_state(state, param.device, self._shard(param), sharded)
 
@@ -366,10 +382,10 @@ class LowRankOptimizer(MemzooOptimizer):
         return None
 
     def _shard(self, param: torch.Tensor) -> RowShard | None:
-        """The rows of the projected matrix (of a parameter's first dim, for one not projected)
-        this rank holds (None for a plain tensor)."""
+        """The rows of the parameter (of the matrix it is projected as: the same dim 0) this rank
+        holds (None for a plain tensor)."""
         if param not in self._shards:
-            self._shards[param] = row_shard(param, param.shape[0])  # a projected matrix's m is shape[0]
+            self._shards[param] = row_shard(param, param.shape[0])
         return self._shards[param]
 
     def _moment_shard(self, param: torch.Tensor, projector: Projector | None) -> RowShard | None:
@@ -459,29 +475,34 @@ class LowRankOptimizer(MemzooOptimizer):
             if quantized:
                 state[name], state[f"{name}_absmax"] = self._quantized_zeros(param, projector, name, shape)
             else:
-                state[name] = self._zeros(param, projector, shape, self._state_dtype(param, group), moment=True)
+                state[name] = self._zeros(param, projector, name, shape, self._state_dtype(param, group))
         for name, (shape, dtype) in extra.items():
             if name not in state and name not in self.rule.deferred:
                 # Counters live on the CPU, as torch.optim keeps "step": read without a device sync.
                 counter = not dtype.is_floating_point and shape == torch.Size(())
-                state[name] = torch.tensor(0, dtype=dtype) if counter else self._zeros(param, projector, shape, dtype)
+                state[name] = torch.tensor(0, dtype=dtype) if counter else self._zeros(param, projector, name, shape,
+                                                                                       dtype)
 
-    def _zeros(self, param: torch.Tensor, projector: Projector | None, shape: torch.Size, dtype: torch.dtype,
-               moment: bool = False) -> torch.Tensor:
-        """A zero state tensor: of a projected row-sharded weight, the moments of a right
-        projection (m×r) are its rows' (a DTensor sharded like the weight) and everything else
-        is replicated; of any other parameter, :func:`zeros_state`'s."""
-        if projector is None or not is_dtensor(param):
+    def _zeros(self, param: torch.Tensor, projector: Projector | None, name: str, shape: torch.Size,
+               dtype: torch.dtype) -> torch.Tensor:
+        """A zero state tensor ``name``: of a row-sharded weight, the state that follows its rows
+        (:meth:`LowRankRule.row_sharded_state`) holds this rank's rows (a DTensor sharded like the
+        weight); the rest of a projected weight's state is replicated; of any other parameter,
+        :func:`zeros_state`'s."""
+        if not is_dtensor(param):
             return zeros_state(param, shape, dtype)
-        if moment and projector.side == "right":
+        if len(shape) and (projector is not None or self.rule.dense_row_shards) and \
+                self.rule.row_sharded_state(name, projector, torch.Size(shape)):
             shard = self._shard(param)
             return shard.distribute(torch.zeros((shard.rows, *shape[1:]), dtype=dtype, device=param.device), shape)
+        if projector is None:
+            return zeros_state(param, shape, dtype)
         return torch.zeros(shape, dtype=dtype, device=param.device)
 
     def create_deferred(self, item: WeightStep, group: Mapping[str, Any], name: str) -> torch.Tensor:
         """Create a state tensor the rule declared as deferred, at its first use."""
         shape, dtype = self._rule_state(item.param, group, item.projector)[1][name]
-        item.state[name] = value = self._zeros(item.param, item.projector, shape, dtype)
+        item.state[name] = value = self._zeros(item.param, item.projector, name, shape, dtype)
         return value
 
     # -- what rules call ------------------------------------------------------------------
@@ -604,6 +625,8 @@ class LowRankOptimizer(MemzooOptimizer):
                 shape = torch.Size(projector.low_rank_shape) if projector else param.shape
                 item = WeightStep(param, projector, state, step, self._quantized(shape, group))
                 if projector is None:
+                    if self.rule.dense_row_shards and is_dtensor(param):
+                        item = item._replace(shard=self._shard(param))
                     dense.setdefault((param.device, step), []).append(item)
                     continue
                 shard = self._shard(param)
