@@ -512,7 +512,9 @@ class GaLoreAdafactor(LowRankOptimizer):
     momentum of lr-scaled updates keeps moving the weights after lr drops to 0, as officially.
     The projector defaults to ``"randomized"`` as :class:`GaLoreAdamW`'s, ``projector="svd"``
     being the official one (and with it the official trajectory). Param groups carry no
-    ``betas`` / ``correct_bias`` (Adafactor has none).
+    ``betas`` / ``correct_bias`` (Adafactor has none). FSDP2 (``fully_shard``, ``Shard(0)``)
+    parameters are stepped on their row shards, projected or not: the whole-tensor means, RMS(U)
+    and RMS(W) are all-reduced (README "Distributed training"); other placements are refused.
 
     Args:
         params: parameters or param groups.

@@ -314,8 +314,12 @@ class LowRankOptimizer(MemzooOptimizer):
                 return (f"its 8-bit moments (optim_bits=8) are quantized in blocks of each rank's rows, and "
                         f"{quantized}; "
                         "use optim_bits=32 or min_8bit_size above its size")
-            return self.rule.dense_sharded_problem(group) or (
-                sharding_problem(param) if self.rule.dense_row_shards else None)
+            problem = self.rule.dense_sharded_problem(group)
+            if problem is None and self.rule.dense_row_shards and sharding_problem(param):
+                problem = (f"{sharding_problem(param)}; {type(self).__name__} reduces over the row shards of the "
+                           "parameters it does not project too: use FSDP2's default Shard(0) or "
+                           "DistributedDataParallel")
+            return problem
         problem = sharding_problem(param) or self.rule.sharded_problem(projector, group)
         if problem:
             return f"{problem}. " + whole_matrix_problem(type(self).__name__)

@@ -364,6 +364,12 @@ _SCRIPT = textwrap.dedent("""
         results["refused:natural_right"] = "accepted"
     except ValueError as exc:
         results["refused:natural_right"] = str(exc)
+    try:  # GaLore-Adafactor's plain Adafactor reduces over row shards: column shards are refused
+        from torch.distributed.tensor import Shard
+        GaLoreAdafactor(fully_shard(torch.nn.Linear(12, 6), shard_placement_fn=lambda p: Shard(p.dim() - 1)).parameters())
+        results["refused:adafactor_columns"] = "accepted"
+    except ValueError as exc:
+        results["refused:adafactor_columns"] = str(exc)
     torch.save(results, out + f".{rank}")
     dist.destroy_process_group()
 """)
@@ -426,6 +432,8 @@ def test_low_rank_on_fsdp2_row_shards_equals_whole_tensors(runs, world) -> None:
         assert torch.allclose(basis @ (basis.T @ matrix), matrix, atol=1e-4)
     message = results[0]["refused:natural_right"]
     assert "proj_type 'full'" in message and "DistributedDataParallel" in message, message
+    message = results[0]["refused:adafactor_columns"]
+    assert "Shard(dim=1)" in message and "row sharding" in message and "DistributedDataParallel" in message, message
     for name in CASES:
         result = results[0][name]
         for sharded, whole in result["params"]:
