@@ -18,7 +18,7 @@ _SCRIPT = textwrap.dedent("""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
-    from memzoo.optim import APOLLO, COSMOS, FRUGAL, FiraAdamW, GaLoreAdamW, NaturalGaLore
+    from memzoo.optim import APOLLO, COSMOS, FRUGAL, FiraAdamW, GaLoreAdafactor, GaLoreAdamW, NaturalGaLore
     from memzoo.optim.distributed import load_optimizer_state
     rank, world, store, out, checkpoint = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
     dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world)
@@ -36,6 +36,15 @@ _SCRIPT = textwrap.dedent("""
         # (an empty shard on 3 ranks).
         return torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 7),
                                    torch.nn.Tanh(), torch.nn.Linear(7, 2))
+
+    def make_conv_model():
+        torch.manual_seed(0)
+        # A 5×3×2 convolution weight (≥3-D: dim 0 sharded 3/2 and 2/2/1), 7×15 (uneven) and 2×7
+        # (an empty shard on 3 ranks).
+        return torch.nn.Sequential(torch.nn.Unflatten(1, (3, 4)), torch.nn.Conv1d(3, 5, 2), torch.nn.Tanh(),
+                                   torch.nn.Flatten(), torch.nn.Linear(15, 7), torch.nn.Tanh(), torch.nn.Linear(7, 2))
+
+    MODELS = {"mlp": make_model, "conv": make_conv_model}
 
     def shard(model):
         for layer in model:
@@ -63,9 +72,28 @@ _SCRIPT = textwrap.dedent("""
         "fira": (FiraAdamW, canonical(FiraAdamW), dict(rank=3, scale=0.5, growth_limit=1.0)),
         "fira:svd:reverse": (FiraAdamW, canonical(FiraAdamW), dict(rank=2, projector="svd", proj_type="reverse_std",
                                                                   maximize=True)),
+        # GaLore-Adafactor: a right projection's column EMA, mean(row EMA) and RMS(U) all-reduced
+        # (16×12), left ones on the all-reduced R (7×16; 2×7 with an empty shard); the relative
+        # step's RMS(W) all-reduced; β1 momentum rows; clipping biting; biases as DTensors.
+        "galore_adafactor": (GaLoreAdafactor, canonical(GaLoreAdafactor), dict(
+            lr=None, rank=3, scale=0.5, beta1=0.9, clip_threshold=0.5)),
+        # Right projections only, a ≥3-D weight's (5×3×2 as 5×6) and an empty shard's (2×7).
+        "galore_adafactor:svd:reverse": (GaLoreAdafactor, canonical(GaLoreAdafactor), dict(
+            model="conv", rank=2, projector="svd", proj_type="reverse_std", maximize=True, relative_step=False,
+            clip_threshold=0.5)),
+        # Plain Adafactor on every shard: a ≥3-D weight's means are local, a 2-D weight's column
+        # EMA (n values) all-reduced (7×15 uneven, 2×7 empty), vectors' RMS(U).
+        "galore_adafactor:dense": (GaLoreAdafactor, GaLoreAdafactor, dict(model="conv", lr=None, beta1=0.5)),
     }
     # Saved by 2 ranks after 2 steps, resumed by 3 (DCP resharding the row-sharded state).
-    RESUMED = ("galore:randomized", "galore:svd", "apollo", "frugal")
+    RESUMED = ("galore:randomized", "galore:svd", "apollo", "frugal", "galore_adafactor")
+
+    def settings(name):
+        # (model factory, optimizer arguments) of a case.
+        cls, reference_cls, options = CASES[name]
+        options = dict(options)
+        build = MODELS[options.pop("model", "mlp")]
+        return build, {**dict(lr=0.02, weight_decay=0.1, update_proj_gap=2, backend="torch"), **options}
     names = sys.argv[6].split(",") if len(sys.argv) > 6 else list(CASES)
     results, recorded, saved = {}, {}, {}
 
@@ -86,9 +114,9 @@ _SCRIPT = textwrap.dedent("""
     if world == 3:  # resume the 2 ranks' checkpoints, against a whole-tensor run replaying their gradients
         recorded = torch.load(checkpoint + ".gradients")
         for name in recorded:
-            cls, reference_cls, options = CASES[name]
-            kwargs = dict(lr=0.02, weight_decay=0.1, update_proj_gap=2, backend="torch", **options)
-            model, replica = shard(make_model()), make_model()
+            cls, reference_cls, _ = CASES[name]
+            build, kwargs = settings(name)
+            model, replica = shard(build()), build()
             optimizer, reference = cls(model.parameters(), **kwargs), reference_cls(replica.parameters(), **kwargs)
             states = {"model": get_model_state_dict(model)}
             dcp.load(states, checkpoint_id=f"{checkpoint}/{name}")
@@ -102,9 +130,9 @@ _SCRIPT = textwrap.dedent("""
             results["resumed:" + name] = [(p.full_tensor(), q.detach().clone())
                                           for p, q in zip(model.parameters(), replica.parameters())]
     for name in names:
-        cls, reference_cls, options = CASES[name]
-        kwargs = dict(lr=0.02, weight_decay=0.1, update_proj_gap=2, backend="torch", **options)
-        model, replica = shard(make_model()), make_model()
+        cls, reference_cls, _ = CASES[name]
+        build, kwargs = settings(name)
+        model, replica = shard(build()), build()
         optimizer, reference = cls(model.parameters(), **kwargs), reference_cls(replica.parameters(), **kwargs)
         generator = torch.Generator().manual_seed(100 + rank)
         # Refreshes on steps 1 and 3.
@@ -232,6 +260,12 @@ _SCRIPT = textwrap.dedent("""
         results["refused:natural_right"] = "accepted"
     except ValueError as exc:
         results["refused:natural_right"] = str(exc)
+    try:  # GaLore-Adafactor's plain Adafactor reduces over row shards: column shards are refused
+        from torch.distributed.tensor import Shard
+        GaLoreAdafactor(fully_shard(torch.nn.Linear(12, 6), shard_placement_fn=lambda p: Shard(p.dim() - 1)).parameters())
+        results["refused:adafactor_columns"] = "accepted"
+    except ValueError as exc:
+        results["refused:adafactor_columns"] = str(exc)
     torch.save(results, out + f".{rank}")
     dist.destroy_process_group()
 """)
@@ -258,7 +292,10 @@ def run_ranks(world: int, tmp_path, checkpoint: str, names: list[str] | None = N
     return [torch.load(f"{out}.{rank}", weights_only=False) for rank in range(world)]
 
 
-CASES = ('galore:randomized', 'galore:randomized:full', 'galore:randomized:reverse', 'galore:svd', 'galore:random', 'natural_galore', 'apollo', 'apollo:svd', 'apollo_mini', 'frugal', 'frugal:random', 'frugal:coordinates', 'frugal:coordinates:right', 'fira', 'fira:svd:reverse')
+CASES = ('galore:randomized', 'galore:randomized:full', 'galore:randomized:reverse', 'galore:svd', 'galore:random',
+         'natural_galore', 'apollo', 'apollo:svd', 'apollo_mini', 'frugal', 'frugal:random', 'frugal:coordinates',
+         'frugal:coordinates:right', 'fira', 'fira:svd:reverse', 'galore_adafactor', 'galore_adafactor:svd:reverse',
+         'galore_adafactor:dense')
 # Selections of rows or columns move numbers without arithmetic across shards: bitwise equal.
 _BITWISE = ("frugal:coordinates", "frugal:coordinates:right")
 # Elsewhere sums over the shards are added in another order (projections Σ_k P_kᵀG_k, Gram
@@ -290,6 +327,8 @@ def test_low_rank_on_fsdp2_row_shards_equals_whole_tensors(runs, world) -> None:
         assert torch.allclose(basis @ (basis.T @ matrix), matrix, atol=1e-4)
     message = results[0]["refused:natural_right"]
     assert "proj_type 'full'" in message and "DistributedDataParallel" in message, message
+    message = results[0]["refused:adafactor_columns"]
+    assert "Shard(dim=1)" in message and "row sharding" in message and "DistributedDataParallel" in message, message
     for name in CASES:
         result = results[0][name]
         for sharded, whole in result["params"]:
@@ -323,7 +362,7 @@ def test_low_rank_resumes_from_dcp_on_another_world_size(runs) -> None:
     gradients, within the bound of the sharded steps."""
     resumed = {name: value for name, value in runs[3][0].items()
                if name.startswith("resumed:") and not name.startswith("resumed:cosmos")}
-    assert len(resumed) == 4
+    assert len(resumed) == 5
     for name, params in resumed.items():
         for sharded, whole in params:
             assert torch.allclose(sharded, whole, rtol=0, atol=_ATOL), (name, (sharded - whole).abs().max())
@@ -445,4 +484,4 @@ def test_the_optimizers_marked_projected_shards_are_the_ones_tested_here() -> No
 
     marked = {info.cls.__name__ for info in OPTIMIZERS.values() if info.projected_shards}
     # A new one: add its cases to _SCRIPT's CASES.
-    assert marked == {"GaLoreAdamW", "NaturalGaLore", "APOLLO", "FRUGAL", "FiraAdamW", "COSMOS"}
+    assert marked == {"GaLoreAdamW", "NaturalGaLore", "APOLLO", "FRUGAL", "FiraAdamW", "COSMOS", "GaLoreAdafactor"}
