@@ -10,7 +10,8 @@
     memzoo-bench memory --fsdp 8,64 [--preset 350m..70b] [--dtype bf16] [--set KEY=VALUE]   (computed, not measured)
 
 Every command prints a table and can write JSON. Defaults finish in about a minute on a CPU
-(preset ``tiny``); on CUDA the default preset is ``350m``.
+(preset ``tiny``; ``step`` uses ``60m``, whose step times memory traffic as a real model's does,
+where ``tiny`` times Python overhead); on CUDA the default preset is ``350m``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from memzoo.bench.baselines import BASELINES
 from memzoo.bench.fsdp_memory import FSDP_METHODS
 from memzoo.bench.memory import DEFAULT_MEMORY, run_memory
 from memzoo.bench.presets import DTYPES, PRESETS, SHAPE_PRESETS, make_named_parameters
-from memzoo.bench.timing import Contender, copy_bandwidth, median, optimizer_state_bytes, time_call, time_interleaved
+from memzoo.bench.timing import Contender, copy_bandwidth, median, optimizer_state_bytes, peak_extra_bytes, time_call, time_interleaved
 from memzoo.bench.train import DEFAULT_TRAIN, DEFAULT_ZO, TRAIN_PRESETS, plot_report, run_train, run_zo
 from memzoo.bench.zeroth_order import OfficialMeZO, prepare_zeroth_order
 from memzoo.optim.base import BACKENDS
@@ -145,14 +146,7 @@ def _prepare_optimizer(label: str,
             with _every_projector_refreshing(optimizer) as has_projectors:
                 if has_projectors:
                     _print_profile(f"{label}, refresh step", optimizer.step, device)
-        peak_extra_mib = None
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            before = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            optimizer.step()
-            torch.cuda.synchronize(device)
-            peak_extra_mib = (torch.cuda.max_memory_allocated(device) - before) / MIB
+        peak_extra_mib = peak_extra_bytes(optimizer.step, device) / MIB
         row = {"optimizer": label, "backend": backend, "dtype": args.dtype, "params": sum(p.numel() for p in params),
                "first_ms": first * 1e3, "ms": median(times) * 1e3, "min_ms": min(times) * 1e3,
                "refresh_ms": refresh_ms, "state_mib": optimizer_state_bytes(optimizer) / MIB,
@@ -341,7 +335,7 @@ COLUMNS = {
     # first_ms: the first step (allocates state; low-rank methods also build their projectors);
     # ms: median steady step; refresh_ms: a steady step in which every projector is recomputed.
     # Zeroth-order rows: forward_ms (one closure), overhead_ms (step − 2q·forward), pass_ms (one
-    # perturbation pass over all trainable tensors), peak_over_inference_mib (CUDA).
+    # perturbation pass over all trainable tensors), peak_over_inference_mib (CUDA: the allocator; CPU: torch.profiler's allocation events).
     # val_loss / final_loss: the mean over the seeds at the best lr (_std: their sample standard
     # deviation); lr_edge: low/high when the best lr stayed at an edge of the (extended) sweep.
     "train": ["optimizer", "lr", "lr_edge", "seeds", "val_loss", "val_loss_std", "vs_adamw_loss", "tokens_per_s",
@@ -371,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", default=_default_device(), help="cuda or cpu (default: cuda when present)")
         p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                       help="LLaMA-shaped parameter set (default: 350m on CUDA, tiny on CPU)")
+                       help="LLaMA-shaped parameter set (default: 350m on CUDA; on CPU 60m for step, tiny for kernels)")
         p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="parameter dtype")
         p.add_argument("--warmup", type=int, default=3)
         p.add_argument("--iters", type=int, default=15, help="timed repetitions (the median is reported)")
@@ -500,7 +494,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     is_cuda = torch.device(getattr(args, "device", "cpu")).type == "cuda"
     if getattr(args, "preset", "") is None:
         computed = args.command == "memory" and args.fsdp is not None  # nothing allocated: any device
-        args.preset = ("60m" if args.command in ("train", "zo") else "350m") if is_cuda or computed else "tiny"
+        if is_cuda or computed:
+            args.preset = "60m" if args.command in ("train", "zo") else "350m"
+        else:  # a CPU step at 60m times memory traffic, as a user's model would; tiny times Python overhead
+            args.preset = "60m" if args.command == "step" else "tiny"
     if args.command == "kernels" and args.bandwidth_mib is None:
         args.bandwidth_mib = 1024 if is_cuda else 256
     if args.command == "step":

@@ -23,6 +23,9 @@ local rows; a left factor is row-sharded and R = Σ_k P_kᵀ·G_k is all-reduced
 - every step: a left projection all-reduces R (r·n·c), a two-sided one R (r·r·c), a right one
   nothing; APOLLO adds one scalar per weight for the norm-growth limiter and two for tensor-wise
   factors of a right projection, Fira one (its limiter: APOLLO channel-wise); FRUGAL two float64 scalars for its global signSGD threshold;
+  GaLore-Adafactor, of a right projection, the column sums and Σ row EMA (r + 1 values) and ΣU²
+  (one), and with ``scale_parameter`` Σw² (one float64) of every weight (its dense branch too:
+  :func:`adafactor_weight`);
 - a refresh (every ``update_proj_gap`` steps): ``randomized`` all-reduces (1 + p) n×w sketches
   (c) and (1 + p) w×w Gram matrices (float64) per side, and a left factor's signs (an all-gather
   of 2r values); ``svd`` one n×n float64 all-reduce of GᵀG (plus an r×r Gram matrix and the
@@ -45,8 +48,9 @@ import torch
 
 from memzoo.bench.presets import SHAPE_PRESETS
 
-__all__ = ["FSDP_METHODS", "Traffic", "WeightCost", "adamw_weight", "apollo_weight", "cosmos_weight", "fira_weight",
-           "fsdp_estimate", "fsdp_report", "frugal_weight", "galore_weight", "gradient_reduce_scatter_bytes",
+__all__ = ["FSDP_METHODS", "Traffic", "WeightCost", "adafactor_weight", "adamw_weight", "apollo_weight", "cosmos_weight",
+           "fira_weight", "fsdp_estimate", "fsdp_report", "frugal_weight", "galore_adafactor_weight", "galore_weight",
+           "gradient_reduce_scatter_bytes",
            "lion_weight", "mezo_weight", "refresh_traffic", "shard_rows", "sparse_mezo_weight"]
 
 MIB = 2**20
@@ -217,6 +221,55 @@ def fira_weight(m: int, n: int, world: int, *, side: str, rank: int, projector: 
                          oversample=oversample)
 
 
+def adafactor_weight(shape: Sequence[int], world: int, *, param_size: int, state_size: int | None = None,
+                     beta1: bool = False, scale_parameter: bool = True) -> WeightCost:
+    """Plain Adafactor on row shards (GaLore-Adafactor's dense branch): a 2-D weight's row EMA
+    sharded and its column EMA (n) replicated; a ≥3-D weight's row and column EMAs sharded (their
+    dim 0 is the weight's); a vector's v sharded; β1's momentum sharded; the int64 step. Per step
+    a 2-D weight all-reduces its column sums and Σ row EMA (n + 1 values), every tensor ΣU² (one)
+    and, with ``scale_parameter``, Σw² (one float64)."""
+    c = _compute_size(param_size)
+    state_size = c if state_size is None else state_size
+    rows = shard_rows(shape[0], world) if shape else 1
+    replicated, columns = 8, 0
+    if len(shape) >= 3:
+        sharded = rows * (math.prod(shape[1:-1]) + math.prod(shape[1:-2]) * shape[-1]) * state_size
+    elif len(shape) == 2:
+        sharded, replicated, columns = rows * state_size, replicated + shape[1] * state_size, shape[1] + 1
+    else:
+        sharded = _local_numel(shape, world) * state_size
+    if beta1:
+        sharded += _local_numel(shape, world) * state_size
+    return WeightCost(sharded=sharded, replicated=replicated,
+                      steady=Traffic(all_reduce=(columns + 1) * c + (8 if scale_parameter else 0)))
+
+
+def galore_adafactor_weight(m: int, n: int, world: int, *, side: str, rank: int, projector: str, param_size: int,
+                            state_size: int | None = None, beta1: bool = False, scale_parameter: bool = True,
+                            power_iters: int = 2, oversample: int = 8) -> WeightCost:
+    """GaLore-Adafactor: the factored second moment of R (a×b) and β1's momentum (a×b) — a right
+    projection's row EMA (m) and momentum (m×r) sharded, its column EMA (r) replicated; a left or
+    two-sided projection's all replicated —, the factors as :func:`_factors`, int64 step and seed.
+    Per step: a right projection all-reduces its column sums and Σ row EMA (r + 1 values) and
+    ΣU² (one), a left one R (as GaLore); with ``scale_parameter`` Σw² (one float64); a refresh's
+    sketches."""
+    c = _compute_size(param_size)
+    state_size = c if state_size is None else state_size
+    factors = _factors(m, n, side, rank, world, projector, param_size)
+    if side == "right":
+        sharded = shard_rows(m, world) * (1 + (rank if beta1 else 0)) * state_size
+        replicated = rank * state_size
+        steady = Traffic(all_reduce=(rank + 2) * c)
+    else:
+        a, b = (rank, n) if side == "left" else (rank, rank)
+        sharded, replicated = 0, (a + b + (a * b if beta1 else 0)) * state_size
+        steady = _reduced_projection(m, n, side, rank, param_size)
+    return WeightCost(sharded=sharded + factors[0], replicated=replicated + factors[1] + 16,
+                      steady=steady + Traffic(all_reduce=8 if scale_parameter else 0),
+                      refresh=refresh_traffic(m, n, side=side, projector=projector, rank=rank,
+                                              power_iters=power_iters, oversample=oversample, param_size=param_size))
+
+
 def frugal_weight(m: int, n: int, world: int, *, side: str, rank: int, projector: str, param_size: int,
                   state_size: int | None = None, thresholded: bool = True, power_iters: int = 2,
                   oversample: int = 8) -> WeightCost:
@@ -268,13 +321,12 @@ def sparse_mezo_weight(shape: Sequence[int], world: int, *, masked: bool) -> Wei
 # ---- a whole model --------------------------------------------------------------------------------
 # The registry names the formulas cover (memzoo-bench memory --fsdp), in table order.
 FSDP_METHODS: tuple[str, ...] = ("adamw", "lion", "galore_adamw", "natural_galore", "apollo", "apollo_mini",
-                                 "fira", "frugal", "cosmos", "mezo", "sparse_mezo")
+                                 "fira", "galore_adafactor", "frugal", "cosmos", "mezo", "sparse_mezo")
 # Optimizer names without formulas, and why.
 _NOT_COVERED = {
     "galore_adamw_8bit": "8-bit moments are refused on DTensor parameters (use optim_bits=32)",
     "adam_mini": "Adam-mini refuses FSDP2 shards (a block's mean of g² would span ranks; use DDP)",
     "qzo": "QZO trains a 4-bit model's scales, which the LLaMA presets do not have (its traffic is MeZO's)",
-    "galore_adafactor": "GaLore-Adafactor refuses FSDP2 parameters (Adafactor's row and column means would span ranks)",
 }
 
 
@@ -317,6 +369,11 @@ def _meta_model(preset: str, dtype: torch.dtype) -> list[tuple[str, torch.nn.Par
             SHAPE_PRESETS[preset].shapes()]
 
 
+# The registry's sample settings that the benchmark optimizers take as constructor arguments (a
+# given lr needs GaLore-Adafactor's relative_step=False there).
+BENCH_HYPER_KEYS = ("lr", "weight_decay", "relative_step")
+
+
 def _build(name: str, named: list[tuple[str, torch.nn.Parameter]],
            settings: Mapping[str, Any]) -> tuple[Any, torch.optim.Optimizer]:
     """The registry's benchmark optimizer for ``name`` on the (meta) parameters: its param groups
@@ -325,7 +382,7 @@ def _build(name: str, named: list[tuple[str, torch.nn.Parameter]],
     from memzoo.optim.registry import OPTIMIZERS
 
     info = OPTIMIZERS[name]
-    hyper = {key: value for key, value in info.sample_kwargs.items() if key in ("lr", "weight_decay")}
+    hyper = {key: value for key, value in info.sample_kwargs.items() if key in BENCH_HYPER_KEYS}
     if info.bench_groups is None:
         return info, info.cls([p for _, p in named], **{**info.sample_kwargs, **settings})
     groups = info.bench_groups(named)
@@ -405,6 +462,13 @@ def fsdp_estimate(name: str, preset: str, world: int, *, dtype: torch.dtype = to
         for param in group["params"]:
             projector = optimizer._projector(param, group)
             state_size = optimizer._state_dtype(param, group).itemsize
+            if name == "galore_adafactor":  # its moments: float32 for 16-bit weights unless state_dtype is set
+                spec = optimizer.rule.state(param.shape, projector, group, optimizer._state_dtype(param, group))
+                state_size = next(iter(spec.values()))[1].itemsize
+                adafactor = dict(beta1=group["beta1"] is not None, scale_parameter=group["scale_parameter"])
+                if projector is None:
+                    total += adafactor_weight(param.shape, world, param_size=size, state_size=state_size, **adafactor)
+                    continue
             if projector is None:
                 total += adamw_weight(param.shape, world, param_size=size, state_size=state_size)
                 continue
@@ -421,6 +485,8 @@ def fsdp_estimate(name: str, preset: str, world: int, *, dtype: torch.dtype = to
                                        **common)
             elif name == "fira":
                 total += fira_weight(m, n, world, **common)
+            elif name == "galore_adafactor":
+                total += galore_adafactor_weight(m, n, world, **adafactor, **common)
             else:  # frugal
                 thresholded = group["inactive_update_rule"] == "sign_sgd" and group["inactive_threshold"] > 0
                 total += frugal_weight(m, n, world, thresholded=thresholded, **common)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Contender", "copy_bandwidth", "optimizer_state_bytes", "time_call", "time_interleaved"]
+__all__ = ["Contender", "copy_bandwidth", "optimizer_state_bytes", "peak_extra_bytes", "time_call", "time_interleaved"]
 
 
 def _sync(device: torch.device) -> None:
@@ -71,6 +71,31 @@ def time_interleaved(contenders: Sequence[Contender], device: torch.device, *, w
             _sync(device)
             record.append(_timed(contender.step, device))
     return [contender.finish(first, record) for contender, first, record in zip(contenders, firsts, times)]
+
+
+def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """The most memory ``fn`` holds at once beyond what was allocated when it started (its
+    temporaries, and what it keeps). CUDA: the allocator's peak. CPU, which keeps no allocator
+    statistics: the running sum of torch.profiler's allocation and free events, in time order
+    (every tensor allocation on the CPU is reported, compiled kernels' buffers included)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((event.start_ns(), event.nbytes()) for event in prof.profiler.kineto_results.events()
+                    if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU)
+    running = peak = 0
+    for _, nbytes in events:  # + an allocation, − a free
+        running += nbytes
+        peak = max(peak, running)
+    return peak
 
 
 def median(values: list[float]) -> float:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from memzoo.bench.presets import DTYPES, make_named_parameters
-from memzoo.bench.timing import Contender, median, time_call
+from memzoo.bench.timing import Contender, median, peak_extra_bytes, time_call
 
 __all__ = ["OfficialMeZO", "prepare_zeroth_order"]
 
@@ -147,18 +147,8 @@ def prepare_zeroth_order(label: str, make: Callable[[list[torch.Tensor]], tuple[
         else:
             one_pass = lambda: optimizer._move(0, 1, -1)  # noqa: E731
         _, pass_times = time_call(one_pass, device, warmup=1, iters=args.iters)
-        peak = None
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            before = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            closure()
-            torch.cuda.synchronize(device)
-            inference = torch.cuda.max_memory_allocated(device) - before
-            torch.cuda.reset_peak_memory_stats(device)
-            optimizer.step(closure)
-            torch.cuda.synchronize(device)
-            peak = (torch.cuda.max_memory_allocated(device) - before - inference) / MIB
+        inference = peak_extra_bytes(closure, device)
+        peak = (peak_extra_bytes(lambda: optimizer.step(closure), device) - inference) / MIB
         step_ms, forward_ms = median(times) * 1e3, median(forward_times) * 1e3
         state = optimizer.state_bytes() if hasattr(optimizer, "state_bytes") else 0
         row = {"optimizer": label, "backend": backend, "dtype": args.dtype,

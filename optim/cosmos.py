@@ -23,7 +23,7 @@ from memzoo.optim.base import (
     resolve_backend,
     zeros_state,
 )
-from memzoo.optim.sharded import RowShard, row_shard, sharding_problem
+from memzoo.optim.sharded import RowShard, lay_out_row_state, row_shard, sharding_problem
 from memzoo.reference import cosmos as reference
 from memzoo.reference.common import torch_adam_form
 
@@ -196,6 +196,20 @@ class COSMOS(MemzooOptimizer):
                                                                device=param.device), shape)
             for name in ("basis", "subspace"):  # plain tensors even where r×r or n×r is the weight's shape
                 state[name] = torch.zeros(spec[name][0], dtype=spec[name][1], device=param.device)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As :meth:`MemzooOptimizer.load_state_dict`; then the state of eligible FSDP2 weights is
+        laid out as the step keeps it, whoever wrote it (one process, or
+        ``torch.distributed.checkpoint`` read on another world size by
+        :func:`memzoo.optim.distributed.load_optimizer_state`, which shards only what is shaped
+        like its parameter): M and V given whole keep this rank's rows, as DTensors sharded like
+        the weight; U and S given as DTensors are gathered (a collective: every rank loads)."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for param in group["params"]:
+                state = self.state.get(param)
+                if state and self._rank(param, group) is not None and (shard := self._shard(param)) is not None:
+                    lay_out_row_state(state, param.device, shard, ("exp_avg", "exp_avg_sq"))
 
     def _new_basis(self, param: torch.Tensor, state: dict[str, Any], beta2: float) -> tuple[torch.Tensor, torch.Tensor]:
         """This step's (basis U, subspace S) of an eligible weight, not yet stored. The subspace

@@ -332,10 +332,18 @@ class GaLoreAdafactorRule(LowRankRule):
     unused_keys = ("betas", "correct_bias")
     lr_optional = True
 
-    def dense_sharded_problem(self, group: Mapping[str, Any]) -> str | None:
-        return ("Adafactor's factored second moment (row and column means), its update clipping (RMS of the "
-                "update) and its relative step (RMS of the weight) reduce over the whole tensor, which FSDP2 / "
-                "tensor parallelism spreads over ranks; use DistributedDataParallel with GaLoreAdafactor")
+    # Its dense branch reduces over FSDP2 row shards (factored means, RMS clipping, RMS(W)).
+    dense_row_shards = True
+
+    def row_sharded_state(self, name: str, projector: Projector | None, shape: torch.Size) -> bool:
+        """On FSDP2 row shards: a right projection's row EMA (m) and momentum (m×r) follow the
+        weight's rows (its column EMA, r, and a left or two-sided projection's state are
+        replicated); of a weight that is not projected everything does but a 2-D weight's
+        column EMA (n values, replicated): the row EMA, a ≥3-D weight's column EMA (dim 0 is the
+        weight's), a vector's v, the momentum."""
+        if projector is not None:
+            return projector.side == "right" and name in ("exp_avg_sq_row", "exp_avg")
+        return name != "exp_avg_sq_col" or len(shape) >= 2
 
     def check_hyperparameters(self, group: Mapping[str, Any]) -> None:
         for flag in ("scale_parameter", "relative_step", "warmup_init"):
@@ -385,53 +393,95 @@ class GaLoreAdafactorRule(LowRankRule):
 
     @staticmethod
     def _lrs(kernels: Any, group: Mapping[str, Any], items: list[WeightStep]) -> list[torch.Tensor]:
-        """ρ_t of each weight, read (RMS(W) with scale_parameter) before any weight is written."""
-        return [kernels.adafactor_lr(item.param, lr=group["lr"], step=item.step + 1,
+        """ρ_t of each weight, read (RMS(W) with scale_parameter) before any weight is written. Of
+        row-sharded weights (one process group), RMS(W) sums Σw² over the shards: one all-reduce
+        of one float64 per weight for the batch."""
+        rms: list[torch.Tensor | None] = [None] * len(items)
+        shard = items[0].shard
+        if group["scale_parameter"] and shard is not None:
+            squares = torch.stack([local_tensor(item.param).to(compute_dtype(item.param.dtype)).square().sum()
+                                   .to(torch.float64) for item in items])
+            sizes = torch.tensor([max(item.param.numel(), 1) for item in items], dtype=torch.float64,
+                                 device=squares.device)
+            rms = list((shard.all_reduce_(squares) / sizes).sqrt())
+        return [kernels.adafactor_lr(local_tensor(item.param), lr=group["lr"], step=item.step + 1,
                                      relative_step=group["relative_step"], scale_parameter=group["scale_parameter"],
-                                     warmup_init=group["warmup_init"], eps2=group["eps"][1]) for item in items]
+                                     warmup_init=group["warmup_init"], eps2=group["eps"][1], rms=size)
+                for item, size in zip(items, rms)]
 
+    @staticmethod
+    def _row_reduction(items: list[WeightStep], rows: list[int]) -> dict[str, Any]:
+        """The kernels' arguments for row shards (the collective, each tensor's whole dim 0); none
+        for whole tensors."""
+        shard = items[0].shard
+        return {} if shard is None else dict(reduce=shard.all_reduce_, rows=rows)
+
+    @steps_row_shards
     def update(self, engine: LowRankOptimizer, group: Mapping[str, Any], items: list[WeightStep]) -> None:
+        """On row shards: a right projection's R_k = G_k·Qᵀ, its row EMA, momentum and U_k·Q are
+        local rows; the column EMA (r), mean(row EMA) and RMS(U) reduce over the shards (two
+        all-reduces per weight, r + 1 values and one). With a left factor R = Σ_k P_kᵀ·G_k(·Qᵀ)
+        is all-reduced and Adafactor runs on the replicated R; each rank applies its rows P_k·U."""
         kernels = engine.kernels(items[0].param.device)
+        shard = items[0].shard
         lrs = self._lrs(kernels, group, items)
         updates = low_rank_updates(items)
         factors = [engine.factors(item) for item in items]
         lefts, rights = [f[0] for f in factors], [f[1] for f in factors]
-        kernels.galore_adafactor_project_(
-            [item.param.grad.reshape(item.projector.shape) for item in items],
-            [item.state["exp_avg_sq_row"] for item in items], [item.state["exp_avg_sq_col"] for item in items],
-            None if group["beta1"] is None else [item.state["exp_avg"] for item in items], updates, lrs,
-            lefts=lefts, rights=rights, **self._hyper(kernels, group, items[0].step))
-        kernels.galore_adafactor_apply_([item.param for item in items], updates, lrs, lefts=lefts, rights=rights,
-                                        scale=group["scale"], weight_decay=group["weight_decay"])
+        state = lambda name: [local_tensor(item.state[name]) for item in items]  # noqa: E731
+        moments = (state("exp_avg_sq_row"), state("exp_avg_sq_col"), None if group["beta1"] is None else state("exp_avg"))
+        hyper = self._hyper(kernels, group, items[0].step)
+        if items[0].reduces:  # R summed over the shards, replicated: Adafactor on R itself
+            kernels.galore_adafactor_project_(engine.reduced_projections(items, factors), *moments, updates, lrs,
+                                              lefts=None, rights=None, **hyper)
+        else:
+            kernels.galore_adafactor_project_(
+                [engine.local_grad(item) for item in items], *moments, updates, lrs, lefts=lefts, rights=rights,
+                **hyper, **self._row_reduction(items, [item.projector.shape[0] for item in items]))
+        if shard is not None and not shard.rows:
+            return  # an empty row shard (uneven sharding): no rows to write
+        kernels.galore_adafactor_apply_([local_tensor(item.param) for item in items], updates, lrs, lefts=lefts,
+                                        rights=rights, scale=group["scale"], weight_decay=group["weight_decay"])
 
     def update_dense(self, engine: LowRankOptimizer, group: Mapping[str, Any], items: list[WeightStep]) -> None:
         """Plain Adafactor: factored over the last two dimensions of ≥2-D tensors (no projection,
-        no α), unfactored for vectors and scalars."""
+        no α), unfactored for vectors and scalars. On FSDP2 row shards (one call per process
+        group) a 2-D weight's column EMA and mean(row EMA) reduce over the shards (n + 1 values),
+        as RMS(U) (and RMS(W)) of every tensor; the means of ≥3-D weights are local."""
         kernels = engine.kernels(items[0].param.device)
-        items = [item for item in items if item.param.numel() > 0]
-        if not items:
-            return
+        by_group: dict[int | None, list[WeightStep]] = {}
+        for item in items:
+            if item.param.numel() > 0:
+                by_group.setdefault(None if item.shard is None else id(item.shard.group), []).append(item)
+        for batch in by_group.values():
+            self._dense(kernels, group, batch)
+
+    def _dense(self, kernels: Any, group: Mapping[str, Any], items: list[WeightStep]) -> None:
         hyper = self._hyper(kernels, group, items[0].step)
         lrs = self._lrs(kernels, group, items)
-        exp_avg = lambda chosen: None if group["beta1"] is None else [i.state["exp_avg"] for i in chosen]  # noqa: E731
+        local = lambda chosen, name: [local_tensor(i.state[name]) for i in chosen]  # noqa: E731
+        exp_avg = lambda chosen: None if group["beta1"] is None else local(chosen, "exp_avg")  # noqa: E731
         factored = [(item, lr) for item, lr in zip(items, lrs) if item.param.dim() >= 2]
         vectors = [(item, lr) for item, lr in zip(items, lrs) if item.param.dim() < 2]
         if factored:
             chosen = [item for item, _ in factored]
-            updates = batch_views([tuple(item.param.shape) for item in chosen],
-                                  compute_dtype(chosen[0].param.dtype), chosen[0].param.device)
+            params = [local_tensor(item.param) for item in chosen]
+            updates = batch_views([tuple(param.shape) for param in params], compute_dtype(params[0].dtype),
+                                  params[0].device)
             chosen_lrs = [lr for _, lr in factored]
             kernels.galore_adafactor_project_(
-                [item.param.grad for item in chosen], [item.state["exp_avg_sq_row"] for item in chosen],
-                [item.state["exp_avg_sq_col"] for item in chosen], exp_avg(chosen), updates, chosen_lrs,
-                lefts=None, rights=None, **hyper)
-            kernels.galore_adafactor_apply_([item.param for item in chosen], updates, chosen_lrs, lefts=None,
-                                            rights=None, scale=1.0, weight_decay=group["weight_decay"])
+                [local_tensor(item.param.grad) for item in chosen], local(chosen, "exp_avg_sq_row"),
+                local(chosen, "exp_avg_sq_col"), exp_avg(chosen), updates, chosen_lrs, lefts=None, rights=None,
+                **hyper, **self._row_reduction(chosen, [item.param.shape[0] for item in chosen]))
+            kernels.galore_adafactor_apply_(params, updates, chosen_lrs, lefts=None, rights=None, scale=1.0,
+                                            weight_decay=group["weight_decay"])
         if vectors:
             chosen = [item for item, _ in vectors]
-            kernels.adafactor_update_([item.param for item in chosen], [item.param.grad for item in chosen],
-                                      [item.state["exp_avg_sq"] for item in chosen], exp_avg(chosen),
-                                      [lr for _, lr in vectors], weight_decay=group["weight_decay"], **hyper)
+            kernels.adafactor_update_(
+                [local_tensor(item.param) for item in chosen], [local_tensor(item.param.grad) for item in chosen],
+                local(chosen, "exp_avg_sq"), exp_avg(chosen), [lr for _, lr in vectors],
+                weight_decay=group["weight_decay"], **hyper,
+                **self._row_reduction(chosen, [item.param.shape[0] if item.param.dim() else 1 for item in chosen]))
 
 
 class GaLoreAdafactor(LowRankOptimizer):
@@ -462,7 +512,9 @@ class GaLoreAdafactor(LowRankOptimizer):
     momentum of lr-scaled updates keeps moving the weights after lr drops to 0, as officially.
     The projector defaults to ``"randomized"`` as :class:`GaLoreAdamW`'s, ``projector="svd"``
     being the official one (and with it the official trajectory). Param groups carry no
-    ``betas`` / ``correct_bias`` (Adafactor has none).
+    ``betas`` / ``correct_bias`` (Adafactor has none). FSDP2 (``fully_shard``, ``Shard(0)``)
+    parameters are stepped on their row shards, projected or not: the whole-tensor means, RMS(U)
+    and RMS(W) are all-reduced (README "Distributed training"); other placements are refused.
 
     Args:
         params: parameters or param groups.

@@ -49,7 +49,7 @@ from memzoo.optim.base import (
 )
 from memzoo.optim.projector import Projector, ProjectorSettings, RefreshRequest, compute_refreshes
 from memzoo.optim.quantized_state import MIN_8BIT_SIZE, QuantizedMoment
-from memzoo.optim.sharded import RowShard, row_shard, sharding_problem
+from memzoo.optim.sharded import RowShard, lay_out_row_state, row_shard, sharding_problem
 from memzoo.reference.common import compute_dtype, hf_adam_step_size
 from memzoo.reference.common import torch_adam_form as reference_torch_adam_form
 from memzoo.reference.projector import project
@@ -154,6 +154,10 @@ class LowRankRule:
     unused_keys: ClassVar[tuple[str, ...]] = ()
     # Whether a group's lr may be None (Adafactor's relative step computes its own).
     lr_optional: ClassVar[bool] = False
+    # Whether :meth:`update_dense` reduces over the rows of FSDP2 row-sharded parameters
+    # (Adafactor's factored means and RMS): their items then carry the RowShard, and DTensor
+    # parameters outside FSDP2's row sharding are refused; False: per-element math on any shard.
+    dense_row_shards: ClassVar[bool] = False
 
     def check_hyperparameters(self, group: Mapping[str, Any]) -> None:
         """Raise ValueError/TypeError for an invalid value of the inner update's hyperparameters;
@@ -209,8 +213,15 @@ class LowRankRule:
 
     def dense_sharded_problem(self, group: Mapping[str, Any]) -> str | None:
         """Why :meth:`update_dense` cannot step the local shard of a DTensor parameter (None: its
-        math is per element, as AdamW's)."""
+        math is per element, as AdamW's, or :attr:`dense_row_shards`)."""
         return None
+
+    def row_sharded_state(self, name: str, projector: Projector | None, shape: torch.Size) -> bool:
+        """Whether state ``name`` (of ``shape``) of an FSDP2 row-sharded parameter follows its rows
+        (dim 0 indexes the weight's rows: a DTensor sharded like the weight, each rank its rows);
+        the rest is replicated. Default: the moments of a right projection (m×r); a parameter that
+        is not projected keeps :func:`zeros_state`'s layout (state of its shape sharded like it)."""
+        return projector is not None and projector.side == "right" and name in self.moments
 
     def on_refresh(self, group: Mapping[str, Any], state: dict[str, Any]) -> None:
         """Called for each weight whose subspace is recomputed this step, before its update;
@@ -300,7 +311,12 @@ class LowRankOptimizer(MemzooOptimizer):
             return "8-bit moments (optim_bits=8) are not supported for DTensor parameters; use optim_bits=32"
         projector = self._projector(param, group)
         if projector is None:
-            return self.rule.dense_sharded_problem(group)
+            problem = self.rule.dense_sharded_problem(group)
+            if problem is None and self.rule.dense_row_shards and sharding_problem(param):
+                problem = (f"{sharding_problem(param)}; {type(self).__name__} reduces over the row shards of the "
+                           "parameters it does not project too: use FSDP2's default Shard(0) or "
+                           "DistributedDataParallel")
+            return problem
         problem = sharding_problem(param) or self.rule.sharded_problem(projector, group)
         if problem:
             return f"{problem}. " + whole_matrix_problem(type(self).__name__)
@@ -311,29 +327,30 @@ class LowRankOptimizer(MemzooOptimizer):
         is laid out as the step keeps it, whoever wrote it (one process, or
         ``torch.distributed.checkpoint`` read by
         :func:`memzoo.optim.distributed.load_optimizer_state`, which shards whatever is shaped
-        like its parameter): the row-sharded state (right-projected moments, left factors)
-        given whole keeps this rank's rows, as a DTensor sharded like the weight; replicated
+        like its parameter): the state that follows a weight's rows (left factors,
+        :meth:`LowRankRule.row_sharded_state`: right-projected moments, and with
+        :attr:`LowRankRule.dense_row_shards` the dense branch's row statistics) given whole keeps
+        this rank's rows, as a DTensor sharded like the weight; a projected weight's replicated
         state given as a DTensor is gathered (a collective: every rank loads)."""
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             for param in group["params"]:
                 state = self.state.get(param)
-                projector = self._projector(param, group) if state and is_dtensor(param) else None
-                if projector is None:
+                if not state or not is_dtensor(param):
                     continue
-                shard = self._shard(param, projector)
-                for name, value in list(state.items()):
-                    sharded = name == "proj_left" or (name in self.rule.moments and projector.side == "right")
-                    if sharded and isinstance(value, torch.Tensor) and not is_dtensor(value):
-                        rows = value[shard.offset: shard.offset + shard.rows].to(param.device, copy=True)
-                        state[name] = shard.distribute(rows, value.shape)
-                    elif not sharded and is_dtensor(value):
-                        state[name] = value.full_tensor()
+                projector = self._projector(param, group)
+                if projector is None and not self.rule.dense_row_shards:
+                    continue  # per-element state: sharded like the parameter already
+                sharded = {name for name, value in state.items() if isinstance(value, torch.Tensor) and value.dim()
+                           and ((projector is not None and name == "proj_left")
+                                or self.rule.row_sharded_state(name, projector, value.shape))}
+                lay_out_row_state(state, param.device, self._shard(param), sharded)
 
-    def _shard(self, param: torch.Tensor, projector: Projector) -> RowShard | None:
-        """The rows of the projected matrix this rank holds (None for a plain tensor)."""
+    def _shard(self, param: torch.Tensor) -> RowShard | None:
+        """The rows of the parameter (of the matrix it is projected as: the same dim 0) this rank
+        holds (None for a plain tensor)."""
         if param not in self._shards:
-            self._shards[param] = row_shard(param, projector.shape[0])
+            self._shards[param] = row_shard(param, param.shape[0])
         return self._shards[param]
 
     def _projector(self, param: torch.Tensor, group: Mapping[str, Any], key: tuple | None = None) -> Projector | None:
@@ -389,29 +406,34 @@ class LowRankOptimizer(MemzooOptimizer):
             if quantized:
                 state[name], state[f"{name}_absmax"] = self.rule.moments[name].zeros(shape, param.device)
             else:
-                state[name] = self._zeros(param, projector, shape, self._state_dtype(param, group), moment=True)
+                state[name] = self._zeros(param, projector, name, shape, self._state_dtype(param, group))
         for name, (shape, dtype) in extra.items():
             if name not in state and name not in self.rule.deferred:
                 # Counters live on the CPU, as torch.optim keeps "step": read without a device sync.
                 counter = not dtype.is_floating_point and shape == torch.Size(())
-                state[name] = torch.tensor(0, dtype=dtype) if counter else self._zeros(param, projector, shape, dtype)
+                state[name] = torch.tensor(0, dtype=dtype) if counter else self._zeros(param, projector, name, shape,
+                                                                                       dtype)
 
-    def _zeros(self, param: torch.Tensor, projector: Projector | None, shape: torch.Size, dtype: torch.dtype,
-               moment: bool = False) -> torch.Tensor:
-        """A zero state tensor: of a projected row-sharded weight, the moments of a right
-        projection (m×r) are its rows' (a DTensor sharded like the weight) and everything else
-        is replicated; of any other parameter, :func:`zeros_state`'s."""
-        if projector is None or not is_dtensor(param):
+    def _zeros(self, param: torch.Tensor, projector: Projector | None, name: str, shape: torch.Size,
+               dtype: torch.dtype) -> torch.Tensor:
+        """A zero state tensor ``name``: of a row-sharded weight, the state that follows its rows
+        (:meth:`LowRankRule.row_sharded_state`) holds this rank's rows (a DTensor sharded like the
+        weight); the rest of a projected weight's state is replicated; of any other parameter,
+        :func:`zeros_state`'s."""
+        if not is_dtensor(param):
             return zeros_state(param, shape, dtype)
-        if moment and projector.side == "right":
-            shard = self._shard(param, projector)
+        if len(shape) and (projector is not None or self.rule.dense_row_shards) and \
+                self.rule.row_sharded_state(name, projector, torch.Size(shape)):
+            shard = self._shard(param)
             return shard.distribute(torch.zeros((shard.rows, *shape[1:]), dtype=dtype, device=param.device), shape)
+        if projector is None:
+            return zeros_state(param, shape, dtype)
         return torch.zeros(shape, dtype=dtype, device=param.device)
 
     def create_deferred(self, item: WeightStep, group: Mapping[str, Any], name: str) -> torch.Tensor:
         """Create a state tensor the rule declared as deferred, at its first use."""
         shape, dtype = self._rule_state(item.param, group, item.projector)[1][name]
-        item.state[name] = value = self._zeros(item.param, item.projector, shape, dtype)
+        item.state[name] = value = self._zeros(item.param, item.projector, name, shape, dtype)
         return value
 
     # -- what rules call ------------------------------------------------------------------
@@ -532,9 +554,11 @@ class LowRankOptimizer(MemzooOptimizer):
                 shape = torch.Size(projector.low_rank_shape) if projector else param.shape
                 item = WeightStep(param, projector, state, step, self._quantized(shape, group))
                 if projector is None:
+                    if self.rule.dense_row_shards and is_dtensor(param):
+                        item = item._replace(shard=self._shard(param))
                     dense.setdefault((param.device, step), []).append(item)
                     continue
-                shard = self._shard(param, projector)
+                shard = self._shard(param)
                 if shard is not None:
                     item = item._replace(shard=shard)
                 if projector.due(state, step):

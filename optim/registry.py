@@ -564,8 +564,6 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
         OptimizerInfo(
             name="galore_adafactor",
             cls=GaLoreAdafactor,
-            # Adafactor reduces over whole tensors (factored moments, clipping, relative step).
-            shards=False,
             summary="GaLore with Adafactor (galore-torch's GaLoreAdafactor): factored second moment in the subspace",
             sample_kwargs={"lr": 0.1, "relative_step": False, "weight_decay": 0.1, "rank": 2, "update_proj_gap": 2,
                            "scale": 0.5},
@@ -588,6 +586,9 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
                 BadInput("rank 0", {"rank": 0}, ValueError, "Invalid rank"),
             ),
             position_seeded=True,
+            # Adafactor's whole-tensor means, clipping and relative step reduce over the row shards
+            # (its dense branch too: tests/test_fsdp_lowrank.py bounds it, not bit for bit).
+            projected_shards=True,
             bench_groups=_galore_adafactor_bench_groups,
             target_key="rank",
             default_rank=128,

@@ -33,7 +33,7 @@ import torch
 from memzoo.optim.base import is_dtensor
 from memzoo.reference.projector import METHODS, Randn, Side, canonical_signs, _orthonormal
 
-__all__ = ["RowShard", "row_shard", "sharded_bases", "sharding_problem"]
+__all__ = ["RowShard", "lay_out_row_state", "row_shard", "sharded_bases", "sharding_problem"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,6 +83,23 @@ class RowShard:
         shape = torch.Size(shape)
         stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
         return DTensor.from_local(local, self.mesh, self.placements, run_check=False, shape=shape, stride=stride)
+
+
+def lay_out_row_state(state: dict[str, Any], device: torch.device, shard: RowShard, sharded: Any) -> None:
+    """Lay out a loaded state dict of a row-sharded weight as the step keeps it, whoever wrote it
+    (one process, or ``torch.distributed.checkpoint`` read on any world size, which creates a
+    plain tensor for every state not shaped like the parameter): the keys in ``sharded`` (first
+    dim the weight's m rows) given whole keep this rank's rows, as a DTensor sharded like the
+    weight; every other tensor given as a DTensor (r-sized, replicated) is gathered whole (a
+    collective: every rank loads). Rows are copied onto ``device`` (the weight's)."""
+    for name, value in list(state.items()):
+        if not isinstance(value, torch.Tensor):
+            continue
+        if name in sharded and not is_dtensor(value):
+            rows = value[shard.offset: shard.offset + shard.rows].to(device, copy=True)
+            state[name] = shard.distribute(rows, value.shape)
+        elif name not in sharded and is_dtensor(value):
+            state[name] = value.full_tensor()
 
 
 def sharding_problem(param: torch.Tensor) -> str | None:

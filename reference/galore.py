@@ -13,7 +13,7 @@ then W ← W − lr·λ·W on the updated weight.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -26,6 +26,9 @@ __all__ = ["adafactor_apply_lists", "adafactor_beta2", "adafactor_lr", "adafacto
 
 # Factors of a batch: None (no factor on that side), one factor, or one (or None) per matrix.
 FactorList = torch.Tensor | Sequence[torch.Tensor | None] | None
+# Sums a tensor over the row shards of a weight, in place, and returns it (every rank gets the same
+# bits): the collective that lets Adafactor's whole-tensor means run on FSDP2 row shards.
+RowReduce = Callable[[torch.Tensor], torch.Tensor]
 
 
 def check_low_rank_shapes(full_shape: torch.Size, left: torch.Tensor | None, right: torch.Tensor | None,
@@ -36,7 +39,7 @@ def check_low_rank_shapes(full_shape: torch.Size, left: torch.Tensor | None, rig
         expected = torch.Size(full_shape)
     else:
         m = full_shape[0]
-        n = full_shape.numel() // m if m else 0
+        n = math.prod(full_shape[1:])  # (also of an empty row shard: 0 × n)
         if left is not None and left.shape[0] != m:
             raise ValueError(f"left factor has shape {tuple(left.shape)}, expected {m} rows for a {m}×{n} matrix")
         if right is not None and right.shape[1] != n:
@@ -234,11 +237,13 @@ def adamw_update_(
 
 
 def adafactor_lr(param: torch.Tensor, *, lr: float | None, step: int, relative_step: bool, scale_parameter: bool,
-                 warmup_init: bool, eps2: float) -> torch.Tensor:
+                 warmup_init: bool, eps2: float, rms: torch.Tensor | None = None) -> torch.Tensor:
     """Adafactor's lr ρ_t for ``param`` at step t = ``step`` (1-based), as a 0-d tensor in the
     compute dtype (RMS(W) is read on the device, no host synchronisation): ``lr`` or, with
     ``relative_step``, min(1e-6·t if ``warmup_init`` else 1e-2, 1/√t); times max(ε2, RMS(W))
-    with ``scale_parameter`` (W before this step's update)."""
+    with ``scale_parameter`` (W before this step's update). ``rms``: RMS(W) of the whole weight
+    when ``param`` is one shard of it (summed over the shards by the caller), in place of the
+    local one."""
     relative = lr
     if relative_step:
         relative = min(1e-6 * step if warmup_init else 1e-2, 1.0 / math.sqrt(step))
@@ -247,8 +252,9 @@ def adafactor_lr(param: torch.Tensor, *, lr: float | None, step: int, relative_s
     dtype = compute_dtype(param.dtype)
     if not scale_parameter:
         return torch.tensor(relative, dtype=dtype, device=param.device)
-    rms = param.to(dtype).norm() / math.sqrt(max(param.numel(), 1))
-    return torch.clamp(rms, min=eps2) * relative
+    if rms is None:
+        rms = param.to(dtype).norm() / math.sqrt(max(param.numel(), 1))
+    return torch.clamp(rms.to(dtype), min=eps2) * relative
 
 
 def adafactor_beta2(step: int, decay_rate: float) -> float:
@@ -257,9 +263,14 @@ def adafactor_beta2(step: int, decay_rate: float) -> float:
 
 
 def _clip_scale_momentum(update: torch.Tensor, lr: torch.Tensor, exp_avg: torch.Tensor | None,
-                         beta1: float | None, clip_threshold: float) -> torch.Tensor:
-    """U ← U/max(1, RMS(U)/d); U ← ρ_t·U; with β1, m ← β1·m + (1−β1)·U (written) and U = m."""
-    rms = update.norm() / math.sqrt(max(update.numel(), 1))
+                         beta1: float | None, clip_threshold: float, reduce: RowReduce | None = None,
+                         numel: int = 0) -> torch.Tensor:
+    """U ← U/max(1, RMS(U)/d); U ← ρ_t·U; with β1, m ← β1·m + (1−β1)·U (written) and U = m. With
+    ``reduce``, U is a row shard of a tensor of ``numel`` elements: RMS(U) from ΣU² over the shards."""
+    if reduce is None:
+        rms = update.norm() / math.sqrt(max(update.numel(), 1))
+    else:
+        rms = reduce(update.square().sum().reshape(1))[0].sqrt() / math.sqrt(max(numel, 1))
     update = update / torch.clamp(rms / clip_threshold, min=1.0) * lr.to(update.dtype)
     if beta1 is not None:
         m = exp_avg.to(update.dtype) * beta1 + update * (1.0 - beta1)
@@ -297,28 +308,37 @@ def galore_adafactor_project_(
     clip_threshold: float,
     beta1: float | None = None,
     maximize: bool = False,
+    reduce: RowReduce | None = None,
+    rows: Sequence[int] | None = None,
 ) -> None:
     """For each gradient: R = project(G) (−G when maximizing; without factors R = G keeps its
     shape, ≥2-D), the factored second moment (row and column EMAs, shapes R.shape[:-1] and
     R.shape[:-2] + R.shape[-1:]) updated in place with β2_t = ``beta2``, and the clipped,
     lr-scaled (``lrs``: one 0-d ρ_t per matrix) update U — the β1 momentum (``exp_avgs``, R's
     shape, exactly when ``beta1`` is set) when given — written into ``updates`` (R's shape).
-    See the section comment above for the math."""
-    (grads, rows, cols, updates, lrs), lefts, rights = low_rank_lists(
+    See the section comment above for the math.
+
+    Row shards (FSDP2): with ``reduce`` (sums a tensor over the shards in place) and ``rows``
+    (each R's whole dim-0 size), every tensor given is this rank's dim-0 slice of R's (the
+    gradient's rows, a right factor whole): a 2-D R's column EMA and mean(row EMA) come from
+    one reduction of their sums (n + 1 values), RMS(U) from one of ΣU²; the means of a ≥3-D R
+    are over its unsharded dimensions. Two collectives per matrix; an empty slice joins them."""
+    (grads, row_emas, cols, updates, lrs), lefts, rights = low_rank_lists(
         "grads", grads=grads, exp_avg_sq_rows=exp_avg_sq_rows, exp_avg_sq_cols=exp_avg_sq_cols, updates=updates,
         lrs=lrs, lefts=lefts, rights=rights)
     exp_avgs = [None] * len(grads) if exp_avgs is None else as_tensor_list("exp_avgs", exp_avgs)
     if len(exp_avgs) != len(grads):
         raise ValueError(f"tensor lists differ in length: grads {len(grads)}, exp_avgs {len(exp_avgs)}")
+    totals = _shard_rows(reduce, rows, [update.shape[0] if update.dim() else 0 for update in updates])
     for index, (grad, row, col, exp_avg, update, left, right) in enumerate(
-            zip(grads, rows, cols, exp_avgs, updates, lefts, rights)):
+            zip(grads, row_emas, cols, exp_avgs, updates, lefts, rights)):
         check_low_rank_shapes(grad.shape, left, right, update=update)
         if update.dim() < 2:
             raise ValueError(f"matrix {index}: the factored second moment needs a ≥2-D gradient, got "
                              f"{tuple(update.shape)} (1-D tensors take adafactor_update_)")
         _check_adafactor_moments(index, update.shape, row, col, exp_avg, beta1)
-    for grad, row, col, exp_avg, update, lr, left, right in zip(grads, rows, cols, exp_avgs, updates, lrs, lefts,
-                                                                rights):
+    for grad, row, col, exp_avg, update, lr, left, right, total in zip(grads, row_emas, cols, exp_avgs, updates, lrs,
+                                                                       lefts, rights, totals):
         dtype = compute_dtype(grad.dtype, row.dtype)
         g = grad.to(dtype)
         if maximize:
@@ -327,12 +347,37 @@ def galore_adafactor_project_(
             g = project(as_matrix(g, grad.shape[0]), _factor(left, dtype), _factor(right, dtype))
         squared = g * g + eps1  # Q = R² + ε1
         r_ema = row.to(dtype) * beta2 + squared.mean(dim=-1) * (1.0 - beta2)
-        c_ema = col.to(dtype) * beta2 + squared.mean(dim=-2) * (1.0 - beta2)
+        if reduce is not None and g.dim() == 2:  # the rows are sharded: column means and mean(row) over all
+            sums = reduce(torch.cat([squared.sum(dim=-2), r_ema.sum().reshape(1)]))
+            c_ema = col.to(dtype) * beta2 + (sums[:-1] / total) * (1.0 - beta2)
+            r_mean = sums[-1:] / total
+        else:
+            c_ema = col.to(dtype) * beta2 + squared.mean(dim=-2) * (1.0 - beta2)
+            r_mean = r_ema.mean(dim=-1, keepdim=True)
         row.copy_(r_ema)
         col.copy_(c_ema)
-        row_factor = (r_ema / r_ema.mean(dim=-1, keepdim=True)).rsqrt().unsqueeze(-1)
+        row_factor = (r_ema / r_mean).rsqrt().unsqueeze(-1)
         u = g * (row_factor * c_ema.unsqueeze(-2).rsqrt())  # R / √V̂, V̂ = row·colᵀ / mean(row)
-        update.copy_(_clip_scale_momentum(u, lr, exp_avg, beta1, clip_threshold))
+        numel = total * math.prod(u.shape[1:])
+        update.copy_(_clip_scale_momentum(u, lr, exp_avg, beta1, clip_threshold, reduce, numel))
+
+
+def _shard_rows(reduce: RowReduce | None, rows: Sequence[int] | None, local_rows: list[int]) -> list[int]:
+    """Each tensor's whole dim-0 size (its own without ``reduce``); ValueError when ``reduce``
+    and ``rows`` do not come together or ``rows`` does not fit the local slices."""
+    if (reduce is None) != (rows is None):
+        raise ValueError("give reduce and rows together (row shards: the collective and each tensor's whole "
+                         "dim-0 size), or neither")
+    if rows is None:
+        return local_rows
+    rows = list(rows)
+    if len(rows) != len(local_rows):
+        raise ValueError(f"rows has {len(rows)} sizes for {len(local_rows)} tensors")
+    for index, (total, local) in enumerate(zip(rows, local_rows)):
+        if isinstance(total, bool) or not isinstance(total, int) or total < max(local, 1):
+            raise ValueError(f"rows[{index}] = {total!r}: expected the whole dim-0 size, an int ≥ the local "
+                             f"slice's {local} rows and ≥ 1")
+    return rows
 
 
 def adafactor_apply_lists(params: torch.Tensor | Sequence[torch.Tensor], updates: torch.Tensor | Sequence[torch.Tensor],
@@ -387,10 +432,13 @@ def adafactor_update_(
     weight_decay: float,
     beta1: float | None = None,
     maximize: bool = False,
+    reduce: RowReduce | None = None,
+    rows: Sequence[int] | None = None,
 ) -> None:
     """Adafactor on tensors with fewer than 2 dimensions (its unfactored form): v ← β2_t·v +
     (1−β2_t)·(G² + ε1), U = G·rsqrt(v), clipped, lr-scaled, β1 momentum, W ← W − λ·ρ_t·W,
-    W ← W − U. Lists as :func:`galore_adafactor_project_` (``exp_avg_sqs`` has W's shape)."""
+    W ← W − U. Lists as :func:`galore_adafactor_project_` (``exp_avg_sqs`` has W's shape; with
+    ``reduce`` and ``rows`` each tensor is a row shard, and RMS(U) sums ΣU² over the shards)."""
     lists = {name: as_tensor_list(name, tensors) for name, tensors in
              (("params", params), ("grads", grads), ("exp_avg_sqs", exp_avg_sqs))}
     check_parallel_lists(**lists)
@@ -402,14 +450,16 @@ def adafactor_update_(
     for index, (param, exp_avg) in enumerate(zip(lists["params"], exp_avgs)):
         if (beta1 is None) != (exp_avg is None) or (exp_avg is not None and exp_avg.shape != param.shape):
             raise ValueError(f"params[{index}]: give an exp_avg of the param's shape exactly when beta1 is set")
-    for param, grad, exp_avg_sq, exp_avg, lr in zip(*lists.values(), exp_avgs, lrs):
+    totals = _shard_rows(reduce, rows, [param.shape[0] if param.dim() else 1 for param in lists["params"]])
+    for param, grad, exp_avg_sq, exp_avg, lr, total in zip(*lists.values(), exp_avgs, lrs, totals):
         dtype = compute_dtype(param.dtype, grad.dtype, exp_avg_sq.dtype)
         g = grad.to(dtype)
         if maximize:
             g = -g
         v = exp_avg_sq.to(dtype) * beta2 + (g * g + eps1) * (1.0 - beta2)
         exp_avg_sq.copy_(v)
-        u = _clip_scale_momentum(v.rsqrt() * g, lr, exp_avg, beta1, clip_threshold)
+        u = _clip_scale_momentum(v.rsqrt() * g, lr, exp_avg, beta1, clip_threshold, reduce,
+                                 total * math.prod(param.shape[1:]))
         w = param.to(dtype)
         if weight_decay != 0.0:
             w = w - (weight_decay * lr.to(dtype)) * w

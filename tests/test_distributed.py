@@ -138,8 +138,13 @@ _FSDP_SCRIPT = textwrap.dedent("""
             optimizer.step()
             reference.step()
         gathered = [p.full_tensor() for p in model.parameters()]
-        same = all(torch.equal(a, b) for a, b in zip(gathered, replica.parameters()))
-        states = [v for s in optimizer.state.values() for v in s.values() if v.dim() > 0]
+        # GaLore-Adafactor's dense branch reduces over the shards (sums in another order): within
+        # 1e-5 (the bound of tests/test_fsdp_lowrank.py), its column EMAs of 2-D weights replicated.
+        reduces = getattr(getattr(info.cls, "rule", None), "dense_row_shards", False)
+        same = all(torch.allclose(a, b, rtol=0, atol=1e-5) if reduces else torch.equal(a, b)
+                   for a, b in zip(gathered, replica.parameters()))
+        states = [v for p, s in optimizer.state.items() for v in s.values()
+                  if v.dim() > 0 and not (reduces and not isinstance(v, DTensor) and v.numel() < p.numel())]
         buffer = io.BytesIO()
         torch.save(optimizer.state_dict(), buffer)
         buffer.seek(0)
@@ -190,7 +195,8 @@ _FSDP_SCRIPT = textwrap.dedent("""
 
 def test_fsdp2_per_element_on_shards_projected_stepped_or_refused(tmp_path) -> None:
     """FSDP2 (fully_shard, DTensor parameters) on 2 gloo processes: per-element updates run on each
-    rank's shards and equal whole-tensor steps bit for bit, with DTensor state that round-trips
+    rank's shards and equal whole-tensor steps bit for bit (GaLore-Adafactor's dense branch, which
+    reduces over the shards, within 1e-5), with DTensor state that round-trips
     through torch.save / torch.load(weights_only=True); projected weights are accepted where the
     method steps them on row shards, refused with the fix elsewhere."""
     names = [name for name, info in OPTIMIZERS.items() if not info.zeroth_order]
@@ -394,6 +400,8 @@ _ZO_DCP_SCRIPT = textwrap.dedent("""
                 train(name, reference_model, reference, FIRST, generator)
             train(name, models[name], optimizers[name], MORE, generator, reference=(reference_model, reference))
             results[f"resumed:{name}"] = dict(same=equal(whole(optimizers[name]), whole(reference)),
+                                              close=all(torch.allclose(a, b, rtol=0, atol=1e-5) for a, b in
+                                                        zip(whole(optimizers[name]), whole(reference))),
                                               moved=not equal(reference_model.parameters(), make_model().parameters()))
         try:
             load_optimizer_state(optimizers["lion"], checkpoint, key="optimizer_mezo")
@@ -439,13 +447,17 @@ def test_fsdp2_zeroth_order_equals_unsharded(fsdp2_zeroth_order_runs, world) -> 
 def test_dcp_checkpoint_resumes_on_another_world_size(fsdp2_zeroth_order_runs) -> None:
     """Model and optimizer saved with torch.distributed.checkpoint on 2 ranks, resumed on 3 with
     memzoo.optim.distributed.load_optimizer_state: Lion and the AdamW branch of every low-rank
-    class (DTensor moments resharded), MeZO and Sparse-MeZO (seed, step count, thresholds) then
-    step exactly as an uninterrupted unsharded run. Another optimizer's checkpoint is refused."""
+    class (DTensor moments resharded), GaLore-Adafactor's plain Adafactor (row EMAs resharded,
+    within 1e-5), MeZO and Sparse-MeZO (seed, step count, thresholds) then step exactly as an
+    uninterrupted unsharded run. Another optimizer's checkpoint is refused."""
     for result in fsdp2_zeroth_order_runs[3]:
         resumed = {key: value for key, value in result.items() if key.startswith("resumed:") and key != "resumed:wrong"}
         assert len(resumed) == len([n for n, i in OPTIMIZERS.items() if not i.zeroth_order and i.shards]) + 2
         for name, outcome in resumed.items():
-            assert outcome["same"] and outcome["moved"], name
+            # GaLore-Adafactor reduces over the shards (sums in another order): within 1e-5.
+            cls = OPTIMIZERS.get(name.removeprefix("resumed:"))
+            reduces = cls is not None and getattr(getattr(cls.cls, "rule", None), "dense_row_shards", False)
+            assert (outcome["close"] if reduces else outcome["same"]) and outcome["moved"], name
         assert "'optimizer_mezo' was not saved from a state_dict like this Lion's" in result["resumed:wrong"]
 
 

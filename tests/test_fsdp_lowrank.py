@@ -18,7 +18,7 @@ _SCRIPT = textwrap.dedent("""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
-    from memzoo.optim import APOLLO, COSMOS, FRUGAL, FiraAdamW, GaLoreAdamW, NaturalGaLore
+    from memzoo.optim import APOLLO, COSMOS, FRUGAL, FiraAdamW, GaLoreAdafactor, GaLoreAdamW, NaturalGaLore
     from memzoo.optim.distributed import load_optimizer_state
     rank, world, store, out, checkpoint = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
     dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world)
@@ -36,6 +36,15 @@ _SCRIPT = textwrap.dedent("""
         # (an empty shard on 3 ranks).
         return torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 7),
                                    torch.nn.Tanh(), torch.nn.Linear(7, 2))
+
+    def make_conv_model():
+        torch.manual_seed(0)
+        # A 5×3×2 convolution weight (≥3-D: dim 0 sharded 3/2 and 2/2/1), 7×15 (uneven) and 2×7
+        # (an empty shard on 3 ranks).
+        return torch.nn.Sequential(torch.nn.Unflatten(1, (3, 4)), torch.nn.Conv1d(3, 5, 2), torch.nn.Tanh(),
+                                   torch.nn.Flatten(), torch.nn.Linear(15, 7), torch.nn.Tanh(), torch.nn.Linear(7, 2))
+
+    MODELS = {"mlp": make_model, "conv": make_conv_model}
 
     def shard(model):
         for layer in model:
@@ -63,9 +72,28 @@ _SCRIPT = textwrap.dedent("""
         "fira": (FiraAdamW, canonical(FiraAdamW), dict(rank=3, scale=0.5, growth_limit=1.0)),
         "fira:svd:reverse": (FiraAdamW, canonical(FiraAdamW), dict(rank=2, projector="svd", proj_type="reverse_std",
                                                                   maximize=True)),
+        # GaLore-Adafactor: a right projection's column EMA, mean(row EMA) and RMS(U) all-reduced
+        # (16×12), left ones on the all-reduced R (7×16; 2×7 with an empty shard); the relative
+        # step's RMS(W) all-reduced; β1 momentum rows; clipping biting; biases as DTensors.
+        "galore_adafactor": (GaLoreAdafactor, canonical(GaLoreAdafactor), dict(
+            lr=None, rank=3, scale=0.5, beta1=0.9, clip_threshold=0.5)),
+        # Right projections only, a ≥3-D weight's (5×3×2 as 5×6) and an empty shard's (2×7).
+        "galore_adafactor:svd:reverse": (GaLoreAdafactor, canonical(GaLoreAdafactor), dict(
+            model="conv", rank=2, projector="svd", proj_type="reverse_std", maximize=True, relative_step=False,
+            clip_threshold=0.5)),
+        # Plain Adafactor on every shard: a ≥3-D weight's means are local, a 2-D weight's column
+        # EMA (n values) all-reduced (7×15 uneven, 2×7 empty), vectors' RMS(U).
+        "galore_adafactor:dense": (GaLoreAdafactor, GaLoreAdafactor, dict(model="conv", lr=None, beta1=0.5)),
     }
     # Saved by 2 ranks after 2 steps, resumed by 3 (DCP resharding the row-sharded state).
-    RESUMED = ("galore:randomized", "galore:svd", "apollo", "frugal")
+    RESUMED = ("galore:randomized", "galore:svd", "apollo", "frugal", "galore_adafactor")
+
+    def settings(name):
+        # (model factory, optimizer arguments) of a case.
+        cls, reference_cls, options = CASES[name]
+        options = dict(options)
+        build = MODELS[options.pop("model", "mlp")]
+        return build, {**dict(lr=0.02, weight_decay=0.1, update_proj_gap=2, backend="torch"), **options}
     names = sys.argv[6].split(",") if len(sys.argv) > 6 else list(CASES)
     results, recorded, saved = {}, {}, {}
 
@@ -86,9 +114,9 @@ _SCRIPT = textwrap.dedent("""
     if world == 3:  # resume the 2 ranks' checkpoints, against a whole-tensor run replaying their gradients
         recorded = torch.load(checkpoint + ".gradients")
         for name in recorded:
-            cls, reference_cls, options = CASES[name]
-            kwargs = dict(lr=0.02, weight_decay=0.1, update_proj_gap=2, backend="torch", **options)
-            model, replica = shard(make_model()), make_model()
+            cls, reference_cls, _ = CASES[name]
+            build, kwargs = settings(name)
+            model, replica = shard(build()), build()
             optimizer, reference = cls(model.parameters(), **kwargs), reference_cls(replica.parameters(), **kwargs)
             states = {"model": get_model_state_dict(model)}
             dcp.load(states, checkpoint_id=f"{checkpoint}/{name}")
@@ -102,9 +130,9 @@ _SCRIPT = textwrap.dedent("""
             results["resumed:" + name] = [(p.full_tensor(), q.detach().clone())
                                           for p, q in zip(model.parameters(), replica.parameters())]
     for name in names:
-        cls, reference_cls, options = CASES[name]
-        kwargs = dict(lr=0.02, weight_decay=0.1, update_proj_gap=2, backend="torch", **options)
-        model, replica = shard(make_model()), make_model()
+        cls, reference_cls, _ = CASES[name]
+        build, kwargs = settings(name)
+        model, replica = shard(build()), build()
         optimizer, reference = cls(model.parameters(), **kwargs), reference_cls(replica.parameters(), **kwargs)
         generator = torch.Generator().manual_seed(100 + rank)
         # Refreshes on steps 1 and 3.
@@ -141,11 +169,41 @@ _SCRIPT = textwrap.dedent("""
         return [{"params": [first.weight, first.bias, second.weight, second.bias]},
                 {"params": [third.weight, third.bias], "rank": 1}]
 
-    for name, (dtype, options) in COSMOS_CASES.items():
+    def cosmos_pair(dtype, options):  # (sharded model, whole model, their optimizers)
         kwargs = dict(lr=0.02, weight_decay=0.1, rank=3, lr_ratio=0.5, betas=(0.9, 0.95), backend="torch", **options)
         model, replica = shard(make_model().to(dtype)), make_model().to(dtype)
-        optimizer, reference = COSMOS(cosmos_groups(model), **kwargs), COSMOS(cosmos_groups(replica), **kwargs)
-        train(model, optimizer, replica, reference, 3, torch.Generator().manual_seed(200 + rank))
+        return model, replica, COSMOS(cosmos_groups(model), **kwargs), COSMOS(cosmos_groups(replica), **kwargs)
+
+    # Saved by 2 ranks after 2 steps (M and V row-sharded, U and S replicated), resumed by 3.
+    COSMOS_RESUMED = ("cosmos:float64", "cosmos:float32")
+    if world == 3:
+        cosmos_recorded = torch.load(checkpoint + ".cosmos_gradients")
+        for name in COSMOS_RESUMED:
+            model, replica, optimizer, reference = cosmos_pair(*COSMOS_CASES[name])
+            states = {"model": get_model_state_dict(model)}
+            dcp.load(states, checkpoint_id=f"{checkpoint}/{name}")
+            set_model_state_dict(model, states["model"])
+            load_optimizer_state(optimizer, f"{checkpoint}/{name}")
+            layout = [(key, tuple(value.placements) if isinstance(value, DTensor) else None)
+                      for p in model.parameters() for key, value in optimizer.state[p].items()]
+            loaded_bytes = optimizer.state_bytes()
+            for gradients in cosmos_recorded[name]:
+                for whole, gradient in zip(replica.parameters(), gradients):
+                    whole.grad = gradient
+                reference.step()
+            train(model, optimizer, replica, reference, 2, torch.Generator().manual_seed(500 + rank))
+            results["resumed:" + name] = dict(
+                params=[(p.full_tensor(), q.detach().clone()) for p, q in zip(model.parameters(), replica.parameters())],
+                layout=layout, bytes=loaded_bytes)
+    cosmos_recorded = {}
+    for name, (dtype, options) in COSMOS_CASES.items():
+        model, replica, optimizer, reference = cosmos_pair(dtype, options)
+        generator = torch.Generator().manual_seed(200 + rank)
+        train(model, optimizer, replica, reference, 2, generator, cosmos_recorded.setdefault(name, []))
+        if world == 2 and name in COSMOS_RESUMED:
+            dcp.save({"model": get_model_state_dict(model), "optimizer": optimizer.state_dict()},
+                     checkpoint_id=f"{checkpoint}/{name}")
+        train(model, optimizer, replica, reference, 1, generator)
         params, states = [], []
         for p, q in zip(model.parameters(), replica.parameters()):
             params.append((p.full_tensor(), q.detach().clone()))
@@ -183,6 +241,7 @@ _SCRIPT = textwrap.dedent("""
         basis=optimizer.state[weight]["basis"].clone())
     if world == 2 and rank == 0:
         torch.save({name: recorded[name] for name in RESUMED if name in recorded}, checkpoint + ".gradients")
+        torch.save({name: cosmos_recorded[name] for name in COSMOS_RESUMED}, checkpoint + ".cosmos_gradients")
     # Cholesky-QR over row shards falls back to TSQR where the Gram matrix is singular (a zero or
     # rank-deficient gradient at a refresh): still an orthonormal basis holding the column space.
     from torch.distributed.device_mesh import init_device_mesh
@@ -201,6 +260,12 @@ _SCRIPT = textwrap.dedent("""
         results["refused:natural_right"] = "accepted"
     except ValueError as exc:
         results["refused:natural_right"] = str(exc)
+    try:  # GaLore-Adafactor's plain Adafactor reduces over row shards: column shards are refused
+        from torch.distributed.tensor import Shard
+        GaLoreAdafactor(fully_shard(torch.nn.Linear(12, 6), shard_placement_fn=lambda p: Shard(p.dim() - 1)).parameters())
+        results["refused:adafactor_columns"] = "accepted"
+    except ValueError as exc:
+        results["refused:adafactor_columns"] = str(exc)
     torch.save(results, out + f".{rank}")
     dist.destroy_process_group()
 """)
@@ -227,7 +292,10 @@ def run_ranks(world: int, tmp_path, checkpoint: str, names: list[str] | None = N
     return [torch.load(f"{out}.{rank}", weights_only=False) for rank in range(world)]
 
 
-CASES = ('galore:randomized', 'galore:randomized:full', 'galore:randomized:reverse', 'galore:svd', 'galore:random', 'natural_galore', 'apollo', 'apollo:svd', 'apollo_mini', 'frugal', 'frugal:random', 'frugal:coordinates', 'frugal:coordinates:right', 'fira', 'fira:svd:reverse')
+CASES = ('galore:randomized', 'galore:randomized:full', 'galore:randomized:reverse', 'galore:svd', 'galore:random',
+         'natural_galore', 'apollo', 'apollo:svd', 'apollo_mini', 'frugal', 'frugal:random', 'frugal:coordinates',
+         'frugal:coordinates:right', 'fira', 'fira:svd:reverse', 'galore_adafactor', 'galore_adafactor:svd:reverse',
+         'galore_adafactor:dense')
 # Selections of rows or columns move numbers without arithmetic across shards: bitwise equal.
 _BITWISE = ("frugal:coordinates", "frugal:coordinates:right")
 # Elsewhere sums over the shards are added in another order (projections Σ_k P_kᵀG_k, Gram
@@ -259,6 +327,8 @@ def test_low_rank_on_fsdp2_row_shards_equals_whole_tensors(runs, world) -> None:
         assert torch.allclose(basis @ (basis.T @ matrix), matrix, atol=1e-4)
     message = results[0]["refused:natural_right"]
     assert "proj_type 'full'" in message and "DistributedDataParallel" in message, message
+    message = results[0]["refused:adafactor_columns"]
+    assert "Shard(dim=1)" in message and "row sharding" in message and "DistributedDataParallel" in message, message
     for name in CASES:
         result = results[0][name]
         for sharded, whole in result["params"]:
@@ -290,8 +360,9 @@ def test_low_rank_resumes_from_dcp_on_another_world_size(runs) -> None:
     ranks after 2 steps and resumed by 3 ranks (row-sharded moments and left factors resharded,
     a refresh at the first resumed step) equal an uninterrupted whole-tensor run on the same
     gradients, within the bound of the sharded steps."""
-    resumed = {name: value for name, value in runs[3][0].items() if name.startswith("resumed:")}
-    assert len(resumed) == 4
+    resumed = {name: value for name, value in runs[3][0].items()
+               if name.startswith("resumed:") and not name.startswith("resumed:cosmos")}
+    assert len(resumed) == 5
     for name, params in resumed.items():
         for sharded, whole in params:
             assert torch.allclose(sharded, whole, rtol=0, atol=_ATOL), (name, (sharded - whole).abs().max())
@@ -371,6 +442,32 @@ def test_cosmos_on_fsdp2_row_shards_equals_whole_tensors(runs, world) -> None:
                                   atol=atol * whole_subspace.abs().max().item()), (name, shape)
 
 
+def test_cosmos_resumes_from_dcp_on_another_world_size(runs) -> None:
+    """COSMOS saved with torch.distributed.checkpoint by 2 ranks after 2 steps (its basis
+    initialization and a first update) and resumed by 3 ranks with load_optimizer_state equals an
+    uninterrupted whole-tensor run over 2 more steps, within the bounds of the sharded steps: M
+    and V (m×r) resharded by rows, U (n×r) and S (r×r) replicated, and each rank holding what a
+    3-rank run holds. Was: V came back whole on every rank (DCP makes a plain tensor of every
+    state not shaped like its weight), and the first resumed step failed."""
+    from torch.distributed.tensor import Shard
+
+    fresh = {name: [result[name]["bytes"] for result in runs[3]] for name in ("cosmos:float64", "cosmos:float32")}
+    for name in fresh:
+        resumed = [result["resumed:" + name] for result in runs[3]]
+        for sharded, whole in resumed[0]["params"]:
+            difference = (sharded - whole).abs().max()
+            assert difference <= _COSMOS_MAX[name], (name, difference)
+        for other in resumed[1:]:
+            assert all(torch.equal(a, b) for (a, _), (b, _) in zip(resumed[0]["params"], other["params"])), name
+        assert [result["bytes"] for result in resumed] == fresh[name], name
+        for result in resumed:
+            for key, placements in result["layout"]:
+                if key in ("exp_avg", "exp_avg_sq"):
+                    assert placements == (Shard(0),), (name, key, placements)
+                else:
+                    assert placements is None, (name, key, placements)
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_cosmos_on_row_shards_keeps_its_subspace_on_every_rank_at_a_nonfinite_gradient(runs, world) -> None:
     """An Inf in one rank's rows of a gradient at a basis update: every rank keeps U and S (the
@@ -387,4 +484,4 @@ def test_the_optimizers_marked_projected_shards_are_the_ones_tested_here() -> No
 
     marked = {info.cls.__name__ for info in OPTIMIZERS.values() if info.projected_shards}
     # A new one: add its cases to _SCRIPT's CASES.
-    assert marked == {"GaLoreAdamW", "NaturalGaLore", "APOLLO", "FRUGAL", "FiraAdamW", "COSMOS"}
+    assert marked == {"GaLoreAdamW", "NaturalGaLore", "APOLLO", "FRUGAL", "FiraAdamW", "COSMOS", "GaLoreAdafactor"}

@@ -10,12 +10,15 @@ import torch
 
 from memzoo.bench.cli import main
 from memzoo.bench.fsdp_memory import (
+    BENCH_HYPER_KEYS,
     FSDP_METHODS,
     Traffic,
+    adafactor_weight,
     apollo_weight,
     cosmos_weight,
     fsdp_estimate,
     frugal_weight,
+    galore_adafactor_weight,
     galore_weight,
     gradient_reduce_scatter_bytes,
     refresh_traffic,
@@ -94,8 +97,30 @@ def test_apollo_frugal_and_cosmos_small_cases() -> None:
                                                                    refresh=Traffic(all_reduce=4 * 2048))
 
 
+def test_galore_adafactor_small_cases() -> None:
+    # 6×4 right projection, r = 2, bf16 weight (float32 state and math), β1: rank 0's 3 rows of the
+    # row EMA and momentum, the column EMA (r) and Q (r×n bf16) replicated with step and seed.
+    # Per step: column sums + Σ row EMA (r + 1) and ΣU² in float32, Σw² in float64.
+    right = galore_adafactor_weight(6, 4, 2, side="right", rank=2, projector="random", param_size=2, beta1=True)
+    assert (right.sharded, right.replicated) == (3 * (1 + 2) * 4, 2 * 4 + 16)
+    assert right.steady == Traffic(all_reduce=(2 + 1 + 1) * 4 + 8) and right.refresh == Traffic()
+    # 4×6 left projection: R (r×n) all-reduced as GaLore's; its row (r) and column (n) EMAs replicated.
+    left = galore_adafactor_weight(4, 6, 2, side="left", rank=2, projector="random", param_size=4,
+                                   scale_parameter=False)
+    assert (left.sharded, left.replicated) == (0, (2 + 6) * 4 + 16)
+    assert left.steady == Traffic(all_reduce=2 * 6 * 4)
+    # Dense: a 5×3 weight's column EMA (3) replicated, its column sums + Σ row EMA (4) and ΣU² reduced;
+    # a 5×3×2 weight's EMAs (5×3 and 5×2) are rank 0's 3 rows; a vector's v its 3 elements.
+    assert adafactor_weight((5, 3), 2, param_size=4) == \
+        type(right)(sharded=3 * 4, replicated=3 * 4 + 8, steady=Traffic(all_reduce=(4 + 1) * 4 + 8))
+    assert adafactor_weight((5, 3, 2), 2, param_size=4, beta1=True) == \
+        type(right)(sharded=3 * (3 + 2 + 6) * 4, replicated=8, steady=Traffic(all_reduce=4 + 8))
+    assert adafactor_weight((5,), 2, param_size=4, scale_parameter=False) == \
+        type(right)(sharded=3 * 4, replicated=8, steady=Traffic(all_reduce=4))
+
+
 @pytest.mark.parametrize("name", ["galore_adamw", "natural_galore", "apollo", "apollo_mini", "frugal", "cosmos",
-                                  "lion"])
+                                  "lion", "galore_adafactor"])
 def test_one_rank_state_is_the_registry_count(name) -> None:
     """On one rank nothing is sharded: the formulas' state equals the registry's analytic count
     (held to the real state tensors by the contract suite) for the benchmark settings on tiny."""
@@ -107,7 +132,7 @@ def test_one_rank_state_is_the_registry_count(name) -> None:
     if info.bench_groups is None:
         optimizer = info.cls([p for _, p in named], **info.sample_kwargs, backend="torch")
     else:
-        hyper = {k: v for k, v in info.sample_kwargs.items() if k in ("lr", "weight_decay")}
+        hyper = {k: v for k, v in info.sample_kwargs.items() if k in BENCH_HYPER_KEYS}
         optimizer = info.cls(info.bench_groups(named), **hyper, backend="torch")
     optimizer.step()
     estimate = fsdp_estimate(name, "tiny", 1, dtype=torch.float32)

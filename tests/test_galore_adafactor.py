@@ -80,6 +80,59 @@ def test_torch_twin_of_the_apply_matches_the_reference(side) -> None:
     assert_close(param, expected, 1e-6, what="weight")
 
 
+def test_row_shard_arguments_for_a_single_shard_match_the_whole_tensor_step() -> None:
+    """``reduce=`` / ``rows=`` (FSDP2 row shards, tests/test_fsdp_lowrank.py) with one shard holding
+    every row: the sums over the shards replace the whole-tensor means (same values up to
+    rounding) for a 2-D and a ≥3-D gradient, a right projection and a vector, with clipping
+    biting and β1; ``adafactor_lr`` takes a given RMS(W); mismatched arguments raise before
+    anything is written."""
+    generator = torch.Generator().manual_seed(3)
+    calls = []
+
+    def reduce(tensor):  # one shard: the sum over the shards is the tensor itself
+        calls.append(tensor.numel())
+        return tensor
+
+    hyper = dict(beta2=0.3, eps1=1e-30, clip_threshold=0.5, beta1=0.9, maximize=True)
+    right = torch.linalg.qr(torch.randn(6, 2, generator=generator)).Q.T.contiguous()
+    for shape, factor in (((5, 6), None), ((4, 3, 2), None), ((5, 6), right)):
+        grad = torch.randn(shape, generator=generator)
+        low = (shape[0], 2) if factor is not None else shape
+        start = [torch.rand(low[:-1], generator=generator) + 0.5,
+                 torch.rand(low[:-2] + low[-1:], generator=generator) + 0.5, torch.randn(low, generator=generator)]
+        states = [[tensor.clone() for tensor in start] for _ in range(2)]
+        updates = [torch.empty(low), torch.empty(low)]
+        lr = torch.tensor(0.1)
+        reference.galore_adafactor_project_(grad, *states[0], updates[0], lr, lefts=None, rights=factor, **hyper)
+        calls.clear()
+        reference.galore_adafactor_project_(grad, *states[1], updates[1], lr, lefts=None, rights=factor, **hyper,
+                                            reduce=reduce, rows=[shape[0]])
+        # 2-D: column sums + Σ row EMA, then ΣU²; ≥3-D: its means are local, only ΣU².
+        assert calls == ([low[-1] + 1, 1] if len(low) == 2 else [1]), (shape, calls)
+        for got, expected in zip([*states[1], updates[1]], [*states[0], updates[0]]):
+            assert_close(got, expected, 1e-6, what=f"{shape} state")
+    param, grad = torch.randn(7, generator=generator), torch.randn(7, generator=generator)
+    results = []
+    v = torch.rand(7, generator=generator) + 0.5
+    for extra in ({}, dict(reduce=reduce, rows=[7])):
+        weight = param.clone()
+        reference.adafactor_update_(weight, grad, v.clone(), torch.zeros(7), torch.tensor(0.1), weight_decay=0.1,
+                                    **hyper, **extra)
+        results.append(weight)
+    assert_close(results[1], results[0], 1e-6, what="vector")
+    lr_kwargs = dict(lr=None, step=3, relative_step=True, scale_parameter=True, warmup_init=False, eps2=1e-3)
+    rms = param.norm() / 7**0.5
+    assert torch.equal(reference.adafactor_lr(param[:2], rms=rms, **lr_kwargs), reference.adafactor_lr(param, **lr_kwargs))
+    grad, row, col, update = torch.randn(6, 4), torch.zeros(6), torch.zeros(4), torch.empty(6, 4)
+    kwargs = dict(lefts=None, rights=None, beta2=0.5, eps1=1e-30, clip_threshold=1.0)
+    with pytest.raises(ValueError, match="give reduce and rows together"):
+        reference.galore_adafactor_project_(grad, row, col, None, update, torch.tensor(0.1), reduce=reduce, **kwargs)
+    with pytest.raises(ValueError, match=r"rows\[0\] = 5"):
+        reference.galore_adafactor_project_(grad, row, col, None, update, torch.tensor(0.1), reduce=reduce, rows=[5],
+                                            **kwargs)
+    assert torch.equal(row, torch.zeros(6))  # nothing written
+
+
 def test_argument_checks() -> None:
     from memzoo.optim import GaLoreAdafactor
 

@@ -7,6 +7,9 @@ put NaN/Inf in some chunks only.
 
 from __future__ import annotations
 
+import shutil
+import warnings
+
 import pytest
 import torch
 from support import assert_close
@@ -14,7 +17,7 @@ from support import assert_close
 from memzoo.optim.base import resolve_backend
 from memzoo.reference import galore as reference_galore
 from memzoo.reference import lion as reference_lion
-from memzoo.triton_kernels.torch_backend import elementwise
+from memzoo.triton_kernels.torch_backend import compiled, elementwise
 from memzoo.triton_kernels.torch_backend import galore as torch_galore
 from memzoo.triton_kernels.torch_backend import lion as torch_lion
 
@@ -141,12 +144,89 @@ def test_philox_words_equal_the_reference(small_chunks, seed) -> None:
         assert ours.shape == (4, 2, 41) and torch.equal(ours, theirs)
 
 
+@pytest.fixture
+def compiled_lion(monkeypatch):
+    """The compiled Lion pass on small tensors, with a fresh compilation state."""
+    monkeypatch.setenv(compiled.COMPILE_ENV, "always")
+    fresh = compiled.CompiledPass(torch_lion._lion_pass, "Lion")
+    monkeypatch.setattr(torch_lion, "_COMPILED_LION", fresh)
+    return fresh
+
+
+def _cxx_compiler() -> str | None:
+    return next(filter(None, map(shutil.which, ("g++", "c++", "clang++", "gcc", "cc"))), None)
+
+
+@pytest.mark.skipif(_cxx_compiler() is None, reason="no C++ compiler: Inductor cannot compile on the CPU "
+                    "(test_compiled_lion_falls_back_and_says_so covers that case)")
+def test_compiled_lion_is_the_reference_bit_for_bit(compiled_lion) -> None:
+    """One list of float32 and bfloat16 tensors (a transposed one, NaN and ±Inf in places): the
+    compiled pass gives the reference's bits, and a new learning rate does not recompile (the
+    scalars are tensors, not constants baked into the code)."""
+    from torch._dynamo.utils import counters
+
+    params, grads, exp_avgs = (f + b for f, b in zip(_tensors(torch.float32, 1, 3, transposed=True),
+                                                     _tensors(torch.bfloat16, 2, 3)))
+    grads[0][70] = float("nan")
+    grads[4][3, 4] = float("-inf")
+    exp_avgs[2].view(-1)[1] = grads[2].view(-1)[1] = float("inf")
+    expected = [[t.clone() for t in ts] for ts in (params, exp_avgs)]
+    for lr in (0.01, 0.003):
+        hparams = dict(lr=lr, beta1=0.9, beta2=0.99, weight_decay=0.1, maximize=True)
+        reference_lion.lion_update_(expected[0], grads, expected[1], **hparams)
+        torch_lion.lion_update_(params, grads, exp_avgs, **hparams)
+        for actual, wanted in zip(params + exp_avgs, expected[0] + expected[1]):
+            assert torch.equal(actual.isnan(), wanted.isnan())
+            assert torch.equal(actual.nan_to_num(), wanted.nan_to_num())
+    assert compiled_lion.compiled is not None and compiled_lion.failure is None
+    assert counters["stats"]["unique_graphs"] >= 1
+    graphs = counters["stats"]["unique_graphs"]
+    torch_lion.lion_update_(params, grads, exp_avgs, lr=0.5, beta1=0.8, beta2=0.9, weight_decay=0.0, maximize=True)
+    assert counters["stats"]["unique_graphs"] == graphs  # new hyperparameters: no new graph
+
+
+def test_compiled_lion_falls_back_and_says_so(compiled_lion, monkeypatch) -> None:
+    """Where compiling fails (no C++ compiler, say), the pass warns once and the step is the
+    eager path's: nothing lost, nothing applied twice."""
+    def no_compiler(fn, **kwargs):
+        def fail(*args):
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+        return fail
+
+    monkeypatch.setattr(compiled.torch, "compile", no_compiler)
+    params, grads, exp_avgs = _tensors(torch.float32, 3, 3)
+    expected = [[t.clone() for t in ts] for ts in (params, exp_avgs)]
+    hparams = dict(lr=0.01, beta1=0.9, beta2=0.99, weight_decay=0.1)
+    reference_lion.lion_update_(expected[0], grads, expected[1], **hparams)
+    with pytest.warns(RuntimeWarning, match="torch.compile of the Lion pass failed.*InvalidCxxCompiler"):
+        torch_lion.lion_update_(params, grads, exp_avgs, **hparams)
+    _assert_same_outputs((params, exp_avgs), expected)
+    assert compiled_lion.failure is not None and not compiled_lion.wanted(params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: the next step neither retries nor warns
+        torch_lion.lion_update_(params, grads, exp_avgs, **hparams)
+
+
+def test_compile_policy_is_checked(monkeypatch) -> None:
+    monkeypatch.setenv(compiled.COMPILE_ENV, "sometimes")
+    with pytest.raises(ValueError, match="MEMZOO_TORCH_COMPILE='sometimes'"):
+        compiled.compile_policy()
+    monkeypatch.setenv(compiled.COMPILE_ENV, "auto")
+    pass_ = compiled.CompiledPass(torch_lion._lion_pass, "Lion")
+    small, large = torch.zeros(10), torch.empty(compiled.MIN_NUMEL)
+    assert not pass_.wanted([small]) and pass_.wanted([large]) and pass_.wanted([torch.nn.Parameter(large)])
+    assert not pass_.wanted([large.to("meta")])
+    monkeypatch.setenv(compiled.COMPILE_ENV, "never")
+    assert not pass_.wanted([large])
+
+
 # ---- the compiled zeroth-order pass ----------------------------------------------------------
 
 def _zo_pass_case(generator):
     """Tensors with a whole slice and a tail, a dense transposed one and a small one (the tails
     share one scratch slice), their stream offsets (from 5 chunks on) and mask layout."""
     from memzoo.reference.zeroth_order import CHUNK, MASK_BYTES_PER_CHUNK
+    from memzoo.triton_kernels.torch_backend import compiled as compile_policy
     from memzoo.triton_kernels.torch_backend import zeroth_order_compiled as compiled
 
     params = [torch.randn(compiled.SLICE + 300, generator=generator),
@@ -173,13 +253,14 @@ def _run_zo_passes(function, params, stream_offsets, mask_offsets, mask_bits):
 
 
 def test_compiled_zeroth_order_pass_is_bit_identical_to_the_reference(monkeypatch) -> None:
-    """Above COMPILE_MIN_NUMEL a CPU pass runs torch.compile'd slices; parameters and mask bits
+    """With MEMZOO_TORCH_COMPILE=always (auto: from 4M elements) a CPU pass runs torch.compile'd slices; parameters and mask bits
     equal the reference's exactly (torch.equal, no tolerance), whole slices and gathered tails."""
     from memzoo.reference import zeroth_order as reference_zo
     from memzoo.triton_kernels.torch_backend import zeroth_order as torch_zo
+    from memzoo.triton_kernels.torch_backend import compiled as compile_policy
     from memzoo.triton_kernels.torch_backend import zeroth_order_compiled as compiled
 
-    monkeypatch.setattr(compiled, "COMPILE_MIN_NUMEL", 0)
+    monkeypatch.setenv(compile_policy.COMPILE_ENV, "always")
     params, stream_offsets, mask_offsets, mask_bits = _zo_pass_case(torch.Generator().manual_seed(3))
     expected = [p.clone() for p in params], mask_bits.clone()
     _run_zo_passes(reference_zo.zo_apply_, expected[0], stream_offsets, mask_offsets, expected[1])
@@ -197,18 +278,22 @@ def test_zeroth_order_pass_falls_back_to_eager_when_compiling_fails(monkeypatch)
     eagerly with the same results; small passes and several-seed updates never compile."""
     from memzoo.reference import zeroth_order as reference_zo
     from memzoo.triton_kernels.torch_backend import zeroth_order as torch_zo
+    from memzoo.triton_kernels.torch_backend import compiled as compile_policy
     from memzoo.triton_kernels.torch_backend import zeroth_order_compiled as compiled
 
+    monkeypatch.setenv(compile_policy.COMPILE_ENV, "auto")
     assert not compiled.compiles([torch.zeros(1000)], ())
-    assert not compiled.compiles([torch.zeros(compiled.COMPILE_MIN_NUMEL)], (7,))
-    assert compiled.compiles([torch.zeros(compiled.COMPILE_MIN_NUMEL // 2)] * 2, ())
+    assert not compiled.compiles([torch.zeros(compile_policy.MIN_NUMEL)], (7,))
+    assert compiled.compiles([torch.zeros(compile_policy.MIN_NUMEL // 2)] * 2, ())
+    monkeypatch.setenv(compile_policy.COMPILE_ENV, "never")
+    assert not compiled.compiles([torch.zeros(compile_policy.MIN_NUMEL)], ())
 
     def no_compiler(function, **options):
         def compiled_function(*args):
             raise RuntimeError("InductorError: CppCompileError: C++ compile error\nc++: not found")
         return compiled_function
 
-    monkeypatch.setattr(compiled, "COMPILE_MIN_NUMEL", 0)
+    monkeypatch.setenv(compile_policy.COMPILE_ENV, "always")
     monkeypatch.setattr(compiled, "_compiled", {})
     monkeypatch.setattr(compiled, "_failure", [])
     monkeypatch.setattr(torch, "compile", no_compiler)

@@ -3,8 +3,7 @@
 :func:`zo_apply_` is the reference's pass (same slices, same Box–Muller, same rounding stages)
 with the Philox words drawn by :func:`memzoo.triton_kernels.torch_backend.random.philox_words4`
 (the same words, bit for bit, at about half the integer operations). A large pass on a CPU (at
-least :data:`~memzoo.triton_kernels.torch_backend.zeroth_order_compiled.COMPILE_MIN_NUMEL`
-elements, one seed) runs as slices compiled with ``torch.compile`` instead
+least 2^22 elements under ``MEMZOO_TORCH_COMPILE=auto``, one seed) runs as slices compiled with ``torch.compile`` instead
 (:mod:`memzoo.triton_kernels.torch_backend.zeroth_order_compiled`): the same values, bit for bit,
 several times faster, falling back to this eager pass where compiling fails. The other functions
 are the reference's own.

@@ -40,17 +40,14 @@ import torch
 from memzoo.reference.common import compute_dtype, is_dense
 from memzoo.reference.random import _KEY_A, _KEY_B, _MASK32, _ROUND_A, _ROUND_B, _ROUNDS, _box_muller_inputs
 from memzoo.reference.zeroth_order import CHUNK, LANES, MASK_BYTES_PER_CHUNK, QUARTER, pack_mask, unpack_mask
+from memzoo.triton_kernels.torch_backend.compiled import COMPILE_ENV, MIN_NUMEL, compile_policy
 from memzoo.triton_kernels.torch_backend.elementwise import memory_order_view
 
-__all__ = ["COMPILE_MIN_NUMEL", "SLICE", "apply_compiled", "scratch_bytes"]
+__all__ = ["SLICE", "apply_compiled", "compiles", "scratch_bytes"]
 
 # Elements per compiled call: a multiple of CHUNK. 2^16 keeps the scratch (about 10 bytes per
 # element) under 1 MiB and the slice's buffers in L2; larger slices were not faster here.
 SLICE = 1 << 16
-# Passes over fewer elements (all tensors of the call together) run eagerly: compiling costs
-# 10-40 s once per process (a second or two from inductor's on-disk cache), which a pass of a few
-# million elements takes tens of steps to repay.
-COMPILE_MIN_NUMEL = 1 << 22
 _DEVICES = ("cpu",)  # on accelerators the eager path is kernel launches, not memory-bound loops
 
 # Inductor drops a rounding to bf16/fp16 followed by a widening unless told to emulate eager casts;
@@ -154,8 +151,8 @@ def _run(name: str, *args: torch.Tensor) -> None:
         _failure.append(f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}")
         warnings.warn(
             "memzoo: torch.compile of the zeroth-order pass failed (" + _failure[0][:300] + "); the "
-            "\"torch\" backend runs it eagerly from now on (same results, several times slower). A working "
-            "C++ compiler (see torch._inductor's cpp_builder) enables the compiled path.",
+            "\"torch\" backend runs it eagerly from now on (same results, several times slower). Set "
+            f"{COMPILE_ENV}=never to skip the attempt.",
             RuntimeWarning, stacklevel=4,
         )
         _STAGES[name](*args)
@@ -171,12 +168,15 @@ def scratch_bytes(dtype: torch.dtype, slice_numel: int | None = None) -> int:
 
 
 def compiles(params: Sequence[torch.Tensor], earlier_seeds: Sequence[int]) -> bool:
-    """Whether :func:`apply_compiled` takes this pass: CPU tensors of at least
-    :data:`COMPILE_MIN_NUMEL` elements in all, one seed (an update with several samples' directions
-    runs eagerly)."""
-    if earlier_seeds:
+    """Whether :func:`apply_compiled` takes this pass: one seed (an update with several samples'
+    directions runs eagerly) and, under the shared policy of
+    :mod:`~memzoo.triton_kernels.torch_backend.compiled` (``MEMZOO_TORCH_COMPILE``), ``always``, or
+    ``auto`` with CPU tensors of at least its ``MIN_NUMEL`` elements in all (compiling costs
+    10-40 s once per process, a few from inductor's on-disk cache)."""
+    policy = compile_policy()
+    if earlier_seeds or policy == "never":
         return False
-    return sum(p.numel() for p in params if p.device.type in _DEVICES) >= COMPILE_MIN_NUMEL
+    return policy == "always" or sum(p.numel() for p in params if p.device.type in _DEVICES) >= MIN_NUMEL
 
 
 class _Tables:
