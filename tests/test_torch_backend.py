@@ -253,8 +253,9 @@ def _run_zo_passes(function, params, stream_offsets, mask_offsets, mask_bits):
 
 
 def test_compiled_zeroth_order_pass_is_bit_identical_to_the_reference(monkeypatch) -> None:
-    """With MEMZOO_TORCH_COMPILE=always (auto: from 4M elements) a CPU pass runs torch.compile'd slices; parameters and mask bits
-    equal the reference's exactly (torch.equal, no tolerance), whole slices and gathered tails."""
+    """With MEMZOO_TORCH_COMPILE=always (auto: from 4M elements) a CPU pass runs compiled slices;
+    parameters and mask bits equal the reference's exactly (torch.equal, no tolerance), whole
+    slices and gathered tails."""
     from memzoo.reference import zeroth_order as reference_zo
     from memzoo.triton_kernels.torch_backend import zeroth_order as torch_zo
     from memzoo.triton_kernels.torch_backend import compiled as compile_policy
