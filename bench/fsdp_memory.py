@@ -324,7 +324,10 @@ FSDP_METHODS: tuple[str, ...] = ("adamw", "lion", "galore_adamw", "natural_galor
                                  "fira", "galore_adafactor", "frugal", "cosmos", "mezo", "sparse_mezo")
 # Optimizer names without formulas, and why.
 _NOT_COVERED = {
-    "galore_adamw_8bit": "8-bit moments are refused on DTensor parameters (use optim_bits=32)",
+    # Stepped on FSDP2 shards (each rank quantizes its rows in blocks of its own), but not modelled here.
+    "galore_adamw_8bit": ("these formulas do not model 8-bit moments: on row shards their codes take 1 byte a value "
+                          "and each rank adds 4 bytes per 256-value block of its rows, the communication is "
+                          "galore_adamw's"),
     "adam_mini": "Adam-mini refuses FSDP2 shards (a block's mean of g² would span ranks; use DDP)",
     "qzo": "QZO trains a 4-bit model's scales, which the LLaMA presets do not have (its traffic is MeZO's)",
 }

@@ -760,6 +760,12 @@ class MemzooOptimizer(torch.optim.Optimizer):
         instead; None when it can (per-element math runs on the local shard)."""
         return None
 
+    def _resharding_problem(self, saved: Mapping[int, Mapping[str, torch.Size]]) -> str | None:
+        """Why state saved with these global shapes (parameter index → state key → shape, from a
+        ``torch.distributed.checkpoint``'s metadata, possibly of another world size) cannot be
+        laid out on this run's shards; None when it can (DCP reshards DTensor state)."""
+        return None
+
     def _numeric_groups(self) -> list[dict[str, Any]]:
         """The param groups as a step reads them: a Tensor lr (accepted as torch.optim does)
         becomes a Python float here, at the boundary, because the kernels take scalars (one host

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from memzoo.optim.base import is_dtensor, zeros_state
+from memzoo.optim.base import MemzooOptimizer, is_dtensor, zeros_state
 
 __all__ = ["FSDPResharder", "load_optimizer_state", "row_block", "row_block_problem", "sharded_kth_magnitudes"]
 
@@ -231,6 +231,10 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, checkpoint_id: str | 
     ``ValueError`` and changes nothing. Every rank calls this (it is a collective), as
     ``dcp.load``; ``storage_reader`` replaces the default ``FileSystemReader(checkpoint_id)``.
 
+    State that cannot be laid out on this run's shards is refused with a ``ValueError`` before
+    anything is loaded (8-bit moments of row-sharded weights, quantized in blocks of each rank's
+    rows, saved on another world size: see ``MemzooOptimizer._resharding_problem``).
+
     Works for any optimizer whose ``state_dict`` keys its state by parameter index (memzoo's,
     torch.optim's); the parameters must be given in the same order as when saving.
     """
@@ -275,5 +279,11 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, checkpoint_id: str | 
             f"(another optimizer, or other param groups): it lacks {sorted(expected - saved)[:6]} and has "
             f"{sorted(saved - expected)[:6]}"
         )
+    problem = optimizer._resharding_problem(
+        {index: {name: metadata.state_dict_metadata[f"{prefix}{index}.{name}"].size
+                 for name, value in entry.items() if value is not None} for index, entry in state.items()}
+    ) if isinstance(optimizer, MemzooOptimizer) else None
+    if problem:
+        raise ValueError(f"the checkpoint's {key!r} cannot be loaded on this world size: {problem}")
     dcp.load(loaded, storage_reader=storage_reader, process_group=process_group)
     optimizer.load_state_dict(loaded[key])

@@ -307,10 +307,13 @@ class LowRankOptimizer(MemzooOptimizer):
                     raise ValueError(f"param {index}: {exc}") from None
 
     def _dtensor_problem(self, param: torch.Tensor, group: Mapping[str, Any]) -> str | None:
-        if group["optim_bits"] == 8:
-            return "8-bit moments (optim_bits=8) are not supported for DTensor parameters; use optim_bits=32"
         projector = self._projector(param, group)
         if projector is None:
+            quantized = self._quantized(param.shape, group) and sharding_problem(param)
+            if quantized:  # blocks of this rank's rows need row shards
+                return (f"its 8-bit moments (optim_bits=8) are quantized in blocks of each rank's rows, and "
+                        f"{quantized}; "
+                        "use optim_bits=32 or min_8bit_size above its size")
             problem = self.rule.dense_sharded_problem(group)
             if problem is None and self.rule.dense_row_shards and sharding_problem(param):
                 problem = (f"{sharding_problem(param)}; {type(self).__name__} reduces over the row shards of the "
@@ -331,7 +334,8 @@ class LowRankOptimizer(MemzooOptimizer):
         :meth:`LowRankRule.row_sharded_state`: right-projected moments, and with
         :attr:`LowRankRule.dense_row_shards` the dense branch's row statistics) given whole keeps
         this rank's rows, as a DTensor sharded like the weight; a projected weight's replicated
-        state given as a DTensor is gathered (a collective: every rank loads)."""
+        state given as a DTensor is gathered (a collective: every rank loads). The absmax of a
+        row-sharded 8-bit moment given whole keeps this rank's row of block scales."""
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             for param in group["params"]:
@@ -339,12 +343,47 @@ class LowRankOptimizer(MemzooOptimizer):
                 if not state or not is_dtensor(param):
                     continue
                 projector = self._projector(param, group)
+                quantized = any(f"{name}_absmax" in state for name in self.rule.moments)
+                moment_shard = self._moment_shard(param, projector) if quantized else None
+                if moment_shard is not None:  # 8-bit moments' absmax given whole: this rank's row of blocks
+                    rank = torch.distributed.get_rank(moment_shard.group)
+                    for name in self.rule.moments:
+                        absmax = state.get(f"{name}_absmax")
+                        if isinstance(absmax, torch.Tensor) and not is_dtensor(absmax):
+                            local = absmax[rank: rank + 1].to(param.device, copy=True)
+                            state[f"{name}_absmax"] = moment_shard.distribute(local, absmax.shape)
                 if projector is None and not self.rule.dense_row_shards:
                     continue  # per-element state: sharded like the parameter already
                 sharded = {name for name, value in state.items() if isinstance(value, torch.Tensor) and value.dim()
                            and ((projector is not None and name == "proj_left")
                                 or self.rule.row_sharded_state(name, projector, value.shape))}
+                if moment_shard is not None:  # 8-bit codes and their absmax rows (laid out above)
+                    sharded.update(name for moment in self.rule.moments for name in (moment, f"{moment}_absmax"))
                 lay_out_row_state(state, param.device, self._shard(param), sharded)
+
+    def _resharding_problem(self, saved: Mapping[int, Mapping[str, torch.Size]]) -> str | None:
+        """8-bit moments of row-sharded weights are quantized in blocks of each rank's rows (their
+        absmax has one row of block scales per rank): codes saved on another number of shards, or
+        by one process in blocks of the whole moment, cannot be decoded with this run's blocks."""
+        params = [(param, group) for group in self.param_groups for param in group["params"]]
+        for index, entry in saved.items():
+            param, group = params[index]
+            projector = self._projector(param, group)
+            for name, shape in self._rule_state(param, group, projector)[0].items():
+                saved_shape = entry.get(f"{name}_absmax")
+                if saved_shape is None or not self._quantized(shape, group):
+                    continue
+                expected = self._absmax_shape(shape, self._moment_shard(param, projector))
+                if len(saved_shape) == len(expected) and (len(expected) == 1 or saved_shape[0] == expected[0]):
+                    continue
+                layout = lambda shape: (f"{shape[0]} row shards" if len(shape) == 2  # noqa: E731
+                                        else "one process or a replicated moment (blocks of the whole moment)")
+                return (f"param {index}'s 8-bit moments (optim_bits=8) were quantized by {layout(saved_shape)} "
+                        f"and this run quantizes them by {layout(expected)}: on FSDP2 each rank quantizes its own "
+                        f"rows in blocks of its own ('{name}_absmax' holds one row of block scales per rank), which "
+                        "another layout cannot decode. Resume on the world size that saved it (or from per-rank "
+                        "torch.save files), or train with optim_bits=32 to reshard")
+        return None
 
     def _shard(self, param: torch.Tensor) -> RowShard | None:
         """The rows of the parameter (of the matrix it is projected as: the same dim 0) this rank
@@ -352,6 +391,39 @@ class LowRankOptimizer(MemzooOptimizer):
         if param not in self._shards:
             self._shards[param] = row_shard(param, param.shape[0])
         return self._shards[param]
+
+    def _moment_shard(self, param: torch.Tensor, projector: Projector | None) -> RowShard | None:
+        """How the moments of a DTensor parameter are row-sharded like it (its own moments when
+        not projected, those of a right projection, m×r), None when they are whole or replicated."""
+        if not is_dtensor(param) or (projector is not None and projector.side != "right"):
+            return None
+        return self._shard(param)
+
+    @staticmethod
+    def _absmax_shape(shape: torch.Size, shard: RowShard | None) -> torch.Size:
+        """The absmax of an 8-bit moment of ``shape``: one fp32 scale per block of 256 values of the
+        flattened moment; of a row-sharded one, (ranks, blocks of the largest shard): each rank
+        quantizes its own rows in blocks of its own, into its row (padded), so that no block
+        spans two ranks and DCP saves every rank's scales."""
+        if shard is None:
+            return QuantizedMoment.absmax_shape(shape.numel())
+        ranks = torch.distributed.get_world_size(shard.group)
+        most_rows = -(-shape[0] // ranks)  # torch.chunk's sizes, as FSDP2 shards
+        return torch.Size((ranks, QuantizedMoment.absmax_shape(most_rows * math.prod(shape[1:]))[0]))
+
+    def _quantized_zeros(self, param: torch.Tensor, projector: Projector | None, name: str,
+                         shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, absmax) of an 8-bit moment at zero: whole, or this rank's rows of a row-sharded
+        moment and its row of scales, both DTensors sharded like the weight."""
+        moment = self.rule.moments[name]
+        shard = self._moment_shard(param, projector)
+        if shard is None:
+            return moment.zeros(shape, param.device)
+        codes, scales = moment.zeros(torch.Size((shard.rows, *shape[1:])), param.device)
+        absmax_shape = self._absmax_shape(shape, shard)
+        absmax = torch.zeros((1, absmax_shape[1]), dtype=torch.float32, device=param.device)
+        absmax.view(-1)[: scales.numel()] = scales
+        return shard.distribute(codes, shape), shard.distribute(absmax, absmax_shape)
 
     def _projector(self, param: torch.Tensor, group: Mapping[str, Any], key: tuple | None = None) -> Projector | None:
         """The param's projector (None when not projected), rebuilt when the group's settings
@@ -386,7 +458,8 @@ class LowRankOptimizer(MemzooOptimizer):
         for name, shape in moments.items():
             if quantized:
                 spec[name] = (shape, torch.uint8)
-                spec[f"{name}_absmax"] = (QuantizedMoment.absmax_shape(shape.numel()), torch.float32)
+                absmax_shape = self._absmax_shape(shape, self._moment_shard(param, projector))
+                spec[f"{name}_absmax"] = (absmax_shape, torch.float32)
             else:
                 spec[name] = (shape, self._state_dtype(param, group))
         spec.update(extra)
@@ -404,7 +477,7 @@ class LowRankOptimizer(MemzooOptimizer):
             if name in state:
                 continue
             if quantized:
-                state[name], state[f"{name}_absmax"] = self.rule.moments[name].zeros(shape, param.device)
+                state[name], state[f"{name}_absmax"] = self._quantized_zeros(param, projector, name, shape)
             else:
                 state[name] = self._zeros(param, projector, name, shape, self._state_dtype(param, group))
         for name, (shape, dtype) in extra.items():
@@ -469,9 +542,10 @@ class LowRankOptimizer(MemzooOptimizer):
 
     def moment_values(self, item: WeightStep) -> tuple[torch.Tensor, ...]:
         """The moments to update, in :attr:`LowRankRule.moments` order: the state tensors, or
-        fp32 decodings of 8-bit ones (written back by :meth:`store_moments`)."""
+        fp32 decodings of 8-bit ones (written back by :meth:`store_moments`; of row-sharded
+        ones, this rank's rows, a plain tensor)."""
         if item.quantized:
-            return tuple(moment.decode(item.state[name], item.state[f"{name}_absmax"])
+            return tuple(moment.decode(local_tensor(item.state[name]), local_tensor(item.state[f"{name}_absmax"]))
                          for name, moment in self.rule.moments.items())
         return tuple(item.state[name] for name in self.rule.moments)
 
@@ -479,7 +553,8 @@ class LowRankOptimizer(MemzooOptimizer):
         """Encode updated decodings back into 8-bit moments (nothing for unquantized ones)."""
         if item.quantized:
             for (name, moment), value in zip(self.rule.moments.items(), values):
-                moment.encode_(item.state[name], item.state[f"{name}_absmax"], value)
+                moment.encode_(local_tensor(item.state[name]), local_tensor(item.state[f"{name}_absmax"]),
+                               local_tensor(value))
 
     def adamw_dense(self, group: Mapping[str, Any], items: list[WeightStep], *, step_size: float, eps: float,
                     decay_first: bool) -> None:

@@ -4,7 +4,11 @@ A moment of n values is stored as n uint8 codes plus one fp32 absmax per block o
 (≈1.016 bytes per value instead of 4), as bitsandbytes' 8-bit optimizers store theirs: the
 signed dynamic map for first moments, the unsigned one for second moments. The update decodes
 to fp32, runs the ordinary math, and encodes the result; the codes themselves are tensors, so
-the state round-trips through ``state_dict`` like any other.
+the state round-trips through ``state_dict`` like any other. On FSDP2 row shards each rank
+quantizes its own rows in blocks of its own (:class:`memzoo.optim.lowrank.LowRankOptimizer`
+keeps one padded row of block scales per rank), so :meth:`QuantizedMoment.decode` and
+:meth:`QuantizedMoment.encode_` read and write the leading entries of a longer absmax and pass
+empty shards.
 """
 
 from __future__ import annotations
@@ -44,14 +48,22 @@ class QuantizedMoment:
         return codes, absmax
 
     def decode(self, codes: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+        """fp32 values of ``codes``. ``absmax`` holds the scales of their blocks first (in any
+        shape); entries after those are not read (the padding of a row-sharded moment's row)."""
         import bitsandbytes.functional as bnb_functional
 
-        return bnb_functional.dequantize_blockwise(codes, absmax=absmax, code=_code(self.signed, codes.device),
+        if codes.numel() == 0:  # an empty row shard
+            return torch.zeros(codes.shape, dtype=torch.float32, device=codes.device)
+        scales = absmax.reshape(-1)[: self.absmax_shape(codes.numel())[0]]
+        return bnb_functional.dequantize_blockwise(codes, absmax=scales, code=_code(self.signed, codes.device),
                                                    blocksize=BLOCK_SIZE).view(codes.shape)
 
     def encode_(self, codes: torch.Tensor, absmax: torch.Tensor, value: torch.Tensor) -> None:
+        """Quantize ``value`` into ``codes`` and the first entries of ``absmax`` (as :meth:`decode` reads them)."""
         import bitsandbytes.functional as bnb_functional
 
+        if value.numel() == 0:
+            return
         _, quant_state = bnb_functional.quantize_blockwise(value.float().contiguous(), code=_code(self.signed, value.device),
                                                            blocksize=BLOCK_SIZE, out=codes)
-        absmax.copy_(quant_state.absmax)
+        absmax.view(-1)[: quant_state.absmax.numel()].copy_(quant_state.absmax)

@@ -30,11 +30,11 @@ _SCRIPT = textwrap.dedent("""
         rule = type("CanonicalRule", (type(cls.rule),), {"signs": "canonical"})()
         return type("Canonical" + cls.__name__, (cls,), {"rule": rule})
 
-    def make_model():
+    def make_model(hidden=16):
         torch.manual_seed(0)
         # 16×12 (right side under "std"), 7×16 (left: 7 rows, uneven on 2 and 3 ranks), 2×7
         # (an empty shard on 3 ranks).
-        return torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 7),
+        return torch.nn.Sequential(torch.nn.Linear(12, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 7),
                                    torch.nn.Tanh(), torch.nn.Linear(7, 2))
 
     def make_conv_model():
@@ -242,6 +242,110 @@ _SCRIPT = textwrap.dedent("""
     if world == 2 and rank == 0:
         torch.save({name: recorded[name] for name in RESUMED if name in recorded}, checkpoint + ".gradients")
         torch.save({name: cosmos_recorded[name] for name in COSMOS_RESUMED}, checkpoint + ".cosmos_gradients")
+    # 8-bit moments on row shards: the 100×12 weight's right-projected moments (100×8: 4 blocks of
+    # 256 whole; 2 blocks per rank on 2 ranks, 2, 2, 1 on 3) are quantized by each rank in blocks
+    # of its rows; the 7×100 and 2×7 weights' (left; for Natural GaLore every weight's: two-sided)
+    # moments are replicated, quantized whole; the biases' moments (100, 7, 2 values: an empty
+    # shard on 3 ranks) are sharded like them.
+    import io
+    import bitsandbytes.functional as bnb_functional
+    from memzoo.optim.quantized_state import QuantizedMoment
+
+    def nearest_code_error(signed):  # the largest |x − nearest code| over x in [−1, 1] ([0, 1])
+        code = bnb_functional.create_dynamic_map(signed=signed).sort().values
+        return max(code.diff().max().item() / 2, 1 - code[-1].item(), (1 + code[0].item()) if signed else code[0].item())
+
+    def decoded(state, name):  # (the moment's values, each value's quantization error bound), whole
+        codes, absmax = state[name], state[name + "_absmax"]
+        moment = QuantizedMoment(signed=name == "exp_avg")
+        error = nearest_code_error(moment.signed)
+        local_codes = codes.to_local() if isinstance(codes, DTensor) else codes
+        local_absmax = (absmax.to_local() if isinstance(absmax, DTensor) else absmax).reshape(-1)
+        values = moment.decode(local_codes, local_absmax)
+        bound = error * local_absmax[torch.arange(values.numel()) // 256].view(values.shape) if values.numel() else values
+        if isinstance(codes, DTensor):
+            values, bound = (DTensor.from_local(t, codes.device_mesh, codes.placements, shape=codes.shape,
+                                                stride=codes.stride()).full_tensor() for t in (values, bound))
+        return values, bound
+
+    CASES_8BIT = {
+        "galore:8bit": (GaLoreAdamW, canonical(GaLoreAdamW), dict(rank=8)),
+        "apollo:8bit": (APOLLO, APOLLO, dict(rank=8, scale=4.0)),
+        "fira:8bit": (FiraAdamW, canonical(FiraAdamW), dict(rank=8, scale=0.5, growth_limit=1.0)),
+        "natural_galore:8bit": (NaturalGaLore, NaturalGaLore, dict(rank=8, natural_history=3, damping=1.0)),
+    }
+    for name, (cls, reference_cls, options) in CASES_8BIT.items():
+        kwargs = dict(lr=0.02, weight_decay=0.1, update_proj_gap=2, backend="torch", min_8bit_size=1, **options)
+        model, replica, replica32 = shard(make_model(100)), make_model(100), make_model(100)
+        optimizer = cls(model.parameters(), optim_bits=8, **kwargs)
+        reference = reference_cls(replica.parameters(), optim_bits=8, **kwargs)
+        reference32 = reference_cls(replica32.parameters(), **kwargs)
+        generator = torch.Generator().manual_seed(600 + rank)
+        result = results[name] = dict(moments=[])
+        for step in range(4):  # refreshes on steps 1 and 3
+            x = torch.randn(8, 12, generator=generator)
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            gradients = [p.grad.full_tensor() for p in model.parameters()]
+            for copy in (replica, replica32):
+                for whole, gradient in zip(copy.parameters(), gradients):
+                    whole.grad = gradient
+            for each in (optimizer, reference, reference32):
+                each.step()
+            if step == 0:  # from zero moments: m = (1 − β1)R, v = (1 − β2)R², one quantization apart
+                for p, q in zip(model.parameters(), replica.parameters()):
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        result["moments"].append((key, tuple(p.shape), decoded(optimizer.state[p], key),
+                                                  decoded(reference.state[q], key)))
+        result["params"] = [(p.full_tensor(), q.detach().clone(), w.detach().clone(), s.detach().clone())
+                            for p, q, w, s in zip(model.parameters(), replica.parameters(), replica32.parameters(),
+                                                  make_model(100).parameters())]
+        result["states"] = [
+            dict(key=key, shape=tuple(p.shape), sharded=isinstance(value, DTensor),
+                 placements=tuple(value.placements) if isinstance(value, DTensor) else None,
+                 global_shape=tuple(value.shape), whole_shape=tuple(reference.state[q][key].shape),
+                 local=(value.to_local() if isinstance(value, DTensor) else value).nbytes,
+                 value=None if isinstance(value, DTensor) else value.clone())
+            for p, q in zip(model.parameters(), replica.parameters()) for key, value in optimizer.state[p].items()]
+        result["bytes"] = optimizer.state_bytes()
+        if name != "galore:8bit":
+            continue
+        # Per-rank torch.save / torch.load(weights_only=True), then one more step each: bitwise.
+        buffer = io.BytesIO()
+        torch.save(optimizer.state_dict(), buffer)
+        buffer.seek(0)
+        resumed = cls(model.parameters(), optim_bits=8, **kwargs)
+        resumed.load_state_dict(torch.load(buffer, weights_only=True))
+        local = lambda t: t.to_local() if isinstance(t, DTensor) else t  # noqa: E731
+        same_state = lambda other: all(  # noqa: E731
+            optimizer.state[p].keys() == other.state[p].keys() and all(
+                type(value) is type(other.state[p][key]) and torch.equal(local(value), local(other.state[p][key]))
+                for key, value in optimizer.state[p].items()) for p in model.parameters())
+        result["round_trip"] = same_state(resumed)
+        before = [p.to_local().clone() for p in model.parameters()]
+        optimizer.zero_grad()
+        model(torch.randn(8, 12, generator=generator)).square().mean().backward()
+        optimizer.step()
+        after = [p.to_local().clone() for p in model.parameters()]
+        with torch.no_grad():
+            for p, value in zip(model.parameters(), before):
+                p.to_local().copy_(value)
+        resumed.step()  # the same gradients
+        result["round_trip_step"] = all(torch.equal(p.to_local(), value) for p, value in zip(model.parameters(), after))
+        # DCP: saved by 2 ranks, loaded by 2 (bitwise) and refused by 3 before anything is touched.
+        if world == 2:
+            dcp.save({"optimizer": optimizer.state_dict()}, checkpoint_id=f"{checkpoint}/{name}")
+            loaded = cls(model.parameters(), optim_bits=8, **kwargs)
+            load_optimizer_state(loaded, f"{checkpoint}/{name}")
+            result["dcp_same_world"] = same_state(loaded)
+        else:
+            refused = cls(model.parameters(), optim_bits=8, **kwargs)
+            try:
+                load_optimizer_state(refused, f"{checkpoint}/{name}")
+                result["dcp_other_world"] = "accepted"
+            except ValueError as exc:
+                result["dcp_other_world"] = str(exc)
+            result["dcp_untouched"] = not refused.state
     # Cholesky-QR over row shards falls back to TSQR where the Gram matrix is singular (a zero or
     # rank-deficient gradient at a refresh): still an orthonormal basis holding the column space.
     from torch.distributed.device_mesh import init_device_mesh
@@ -321,7 +425,8 @@ def test_low_rank_on_fsdp2_row_shards_equals_whole_tensors(runs, world) -> None:
     the whole tensors on the same gradients, over two projector refreshes; their state is
     sharded like the weights, or replicated (and identical on every rank) where it is r-sized."""
     results = runs[world]
-    assert {name for name in results[0] if not name.startswith(("resumed:", "refused:", "tsqr", "cosmos:"))} == set(CASES)
+    assert {name for name in results[0] if not name.startswith(("resumed:", "refused:", "tsqr", "cosmos:"))
+            and not name.endswith(":8bit")} == set(CASES)
     for basis, matrix in results[0]["tsqr"]:  # orthonormal, and it holds the column space
         assert torch.allclose(basis.T @ basis, torch.eye(4), atol=1e-5)
         assert torch.allclose(basis @ (basis.T @ matrix), matrix, atol=1e-4)
@@ -485,3 +590,80 @@ def test_the_optimizers_marked_projected_shards_are_the_ones_tested_here() -> No
     marked = {info.cls.__name__ for info in OPTIMIZERS.values() if info.projected_shards}
     # A new one: add its cases to _SCRIPT's CASES.
     assert marked == {"GaLoreAdamW", "NaturalGaLore", "APOLLO", "FRUGAL", "FiraAdamW", "COSMOS", "GaLoreAdafactor"}
+
+
+_8BIT_CASES = ("galore:8bit", "apollo:8bit", "fira:8bit", "natural_galore:8bit")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_8bit_moments_on_fsdp2_row_shards(runs, world) -> None:
+    """8-bit moments (optim_bits=8) of GaLore, APOLLO, Fira and Natural GaLore on FSDP2 row
+    shards (uneven and empty shards, 4 steps crossing two refreshes). Each rank quantizes its rows of a row-sharded
+    moment (right-projected m×r, or a bias's) in blocks of its own: the codes are a DTensor
+    sharded like the weight, the absmax one row of block scales per rank; r-sized moments (of
+    left projections) are replicated and quantized whole, as one process does. Was: refused.
+
+    Bounds. A decoded value is within e·absmax of its block of the value encoded (e: the
+    largest distance from a point of [−1, 1], or [0, 1] for v, to its nearest code of the
+    dynamic map, ≈ 0.007), so after the first step (from zero moments, the same R up to the
+    order of sums) the sharded and whole runs' moments differ elementwise by at most the sum
+    of both bounds (a wrong sign or a row offset breaks it: checked). Afterwards the two runs
+    carry different quantization errors; the weights after 4 steps then differ by no more than
+    twice the largest change 8-bit storage itself makes in the whole run (max |W₈ − W₃₂| over
+    the model; observed up to 1.2×), itself under half the largest distance a weight moved."""
+    from torch.distributed.tensor import Shard
+
+    results = runs[world]
+    for name in _8BIT_CASES:
+        result = results[0][name]
+        for key, shape, (values, bound), (whole, whole_bound) in result["moments"]:
+            limit = bound + whole_bound + 1e-5 * whole.abs().max()
+            assert ((values - whole).abs() <= limit).all(), (name, key, shape, ((values - whole).abs() - limit).max())
+            if whole.numel() > 1 and whole.abs().max() > 0:  # negative controls: the bound can tell
+                wrong = -values if key == "exp_avg" else values.roll(1, 0)
+                assert ((wrong - whole).abs() > limit).any(), (name, key, shape)
+        # Over the model: the largest difference, change by 8-bit storage, distance moved.
+        difference, quantization, moved = (max((a - b).abs().max() for a, b in pairs) for pairs in (
+            [(sharded, whole) for sharded, whole, _, _ in result["params"]],
+            [(whole, whole32) for _, whole, whole32, _ in result["params"]],
+            [(whole, start) for _, whole, _, start in result["params"]]))
+        assert difference <= 2 * quantization + _ATOL, (name, difference, quantization)
+        assert 2 * quantization + _ATOL <= 0.5 * moved, (name, quantization, moved)  # a wrong step would show
+        for other in results[1:]:  # every rank gathers the same weights
+            assert all(torch.equal(a[0], b[0]) for a, b in zip(result["params"], other[name]["params"])), name
+        per_rank = [rank_result[name]["states"] for rank_result in results]
+        for rank_states, rank_result in zip(per_rank, results):
+            assert rank_result[name]["bytes"] == sum(state["local"] for state in rank_states), name
+        for index, state in enumerate(per_rank[0]):
+            key, rows = state["key"], state["shape"][0]
+            locals_ = [rank_states[index]["local"] for rank_states in per_rank]
+            if key.endswith("_absmax") and state["sharded"]:  # a row of ⌈⌈m/world⌉·r/256⌉ scales per rank
+                ranks, blocks = state["global_shape"]
+                whole_codes = next(s for s in per_rank[0] if s["key"] == key[: -len("_absmax")] and
+                                   s["shape"] == state["shape"])["whole_shape"]
+                row = 1 if len(whole_codes) == 1 else whole_codes[1]
+                assert ranks == world and blocks == -(-(-(-rows // world) * row) // 256), (name, key, state)
+                assert locals_ == [4 * blocks] * world, (name, key)
+            elif state["sharded"]:  # codes (1 byte a value) and 32-bit state: 1/world on each rank
+                assert state["global_shape"] == state["whole_shape"], (name, key)
+                assert state["placements"] == (Shard(0),), (name, key)
+                most = -(-rows // world)
+                assert max(locals_) * rows <= sum(locals_) * most, (name, key)
+            else:  # replicated: a counter or r-sized, the same bits on every rank, laid out as one process
+                assert state["global_shape"] == state["whole_shape"], (name, key)
+                for rank_states in per_rank[1:]:
+                    assert torch.equal(rank_states[index]["value"], state["value"]), (name, key)
+        codes = [s for s in per_rank[0] if s["key"] in ("exp_avg", "exp_avg_sq")]
+        right = name != "natural_galore:8bit"  # Natural GaLore projects two-sided: r×r moments
+        assert all(s["sharded"] for s in codes if s["shape"] == (100,) or right and s["shape"][0] == 100), name
+        assert not all(s["sharded"] for s in codes), name  # the left projections' moments
+    galore = [rank_result["galore:8bit"] for rank_result in results]
+    assert all(result["round_trip"] and result["round_trip_step"] for result in galore)
+    if world == 2:
+        assert all(result["dcp_same_world"] for result in galore)
+    else:
+        for result in galore:
+            message = result["dcp_other_world"]
+            assert "quantized by 2 row shards and this run quantizes them by 3 row shards" in message, message
+            assert "optim_bits=32" in message, message
+            assert result["dcp_untouched"]
