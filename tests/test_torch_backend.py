@@ -259,3 +259,91 @@ def test_compile_policy_is_checked(monkeypatch) -> None:
     assert not pass_.wanted([large.to("meta")])
     monkeypatch.setenv(compiled.COMPILE_ENV, "never")
     assert not pass_.wanted([large])
+
+
+# ---- the compiled zeroth-order pass ----------------------------------------------------------
+
+def _zo_pass_case(generator):
+    """Tensors with a whole slice and a tail, a dense transposed one and a small one (the tails
+    share one scratch slice), their stream offsets (from 5 chunks on) and mask layout."""
+    from memzoo.reference.zeroth_order import CHUNK, MASK_BYTES_PER_CHUNK
+    from memzoo.triton_kernels.torch_backend import compiled as compile_policy
+    from memzoo.triton_kernels.torch_backend import zeroth_order_compiled as compiled
+
+    params = [torch.randn(compiled.SLICE + 300, generator=generator),
+              torch.randn(40, 31, generator=generator).t(), torch.randn(512, generator=generator)]
+    chunks = [-(-p.numel() // CHUNK) for p in params]
+    starts = [sum(chunks[:index]) for index in range(len(params))]
+    mask_bits = torch.randint(0, 256, (sum(chunks) * MASK_BYTES_PER_CHUNK,), generator=generator,
+                              dtype=torch.int32).to(torch.uint8)
+    return (params, [(5 + start) * CHUNK for start in starts], [start * MASK_BYTES_PER_CHUNK for start in starts],
+            mask_bits)
+
+
+ZO_PASSES = {  # a step's perturbation, an update pass (decay, QZO's clamp), Sparse-MeZO's first pass
+    "perturb": dict(from_sign=0, to_sign=1),
+    "update": dict(from_sign=-1, to_sign=0, coefficients=torch.tensor([2e-2]), decay=0.99, clamp_min=-0.5),
+    "mask": dict(from_sign=0, to_sign=1, thresholds=[0.5, 1.0, float("inf")], write_mask=True),
+}
+
+
+def _run_zo_passes(function, params, stream_offsets, mask_offsets, mask_bits):
+    for name, kwargs in ZO_PASSES.items():
+        masks = dict(mask_bits=mask_bits, mask_offsets=mask_offsets) if "thresholds" in kwargs else {}
+        function(params, stream_offsets, seed=2**40 + 17, eps=1e-2, **kwargs, **masks)
+
+
+def test_compiled_zeroth_order_pass_is_bit_identical_to_the_reference(monkeypatch) -> None:
+    """With MEMZOO_TORCH_COMPILE=always (auto: from 4M elements) a CPU pass runs compiled slices;
+    parameters and mask bits equal the reference's exactly (torch.equal, no tolerance), whole
+    slices and gathered tails."""
+    from memzoo.reference import zeroth_order as reference_zo
+    from memzoo.triton_kernels.torch_backend import zeroth_order as torch_zo
+    from memzoo.triton_kernels.torch_backend import compiled as compile_policy
+    from memzoo.triton_kernels.torch_backend import zeroth_order_compiled as compiled
+
+    monkeypatch.setenv(compile_policy.COMPILE_ENV, "always")
+    params, stream_offsets, mask_offsets, mask_bits = _zo_pass_case(torch.Generator().manual_seed(3))
+    expected = [p.clone() for p in params], mask_bits.clone()
+    _run_zo_passes(reference_zo.zo_apply_, expected[0], stream_offsets, mask_offsets, expected[1])
+    _run_zo_passes(torch_zo.zo_apply_, params, stream_offsets, mask_offsets, mask_bits)
+    for actual, wanted in zip(params, expected[0]):
+        assert actual.stride() == wanted.stride() and torch.equal(actual, wanted)
+    assert torch.equal(mask_bits, expected[1])
+    if compiled._failure:
+        pytest.skip(f"torch.compile is not available here ({compiled._failure[0]}): checked the eager fallback")
+    assert {"philox", "dense", "write"} <= set(compiled._compiled)
+
+
+def test_zeroth_order_pass_falls_back_to_eager_when_compiling_fails(monkeypatch) -> None:
+    """No C++ compiler (or any compile error): one RuntimeWarning saying so, then every pass runs
+    eagerly with the same results; small passes and several-seed updates never compile."""
+    from memzoo.reference import zeroth_order as reference_zo
+    from memzoo.triton_kernels.torch_backend import zeroth_order as torch_zo
+    from memzoo.triton_kernels.torch_backend import compiled as compile_policy
+    from memzoo.triton_kernels.torch_backend import zeroth_order_compiled as compiled
+
+    monkeypatch.setenv(compile_policy.COMPILE_ENV, "auto")
+    assert not compiled.compiles([torch.zeros(1000)], ())
+    assert not compiled.compiles([torch.zeros(compile_policy.MIN_NUMEL)], (7,))
+    assert compiled.compiles([torch.zeros(compile_policy.MIN_NUMEL // 2)] * 2, ())
+    monkeypatch.setenv(compile_policy.COMPILE_ENV, "never")
+    assert not compiled.compiles([torch.zeros(compile_policy.MIN_NUMEL)], ())
+
+    def no_compiler(function, **options):
+        def compiled_function(*args):
+            raise RuntimeError("InductorError: CppCompileError: C++ compile error\nc++: not found")
+        return compiled_function
+
+    monkeypatch.setenv(compile_policy.COMPILE_ENV, "always")
+    monkeypatch.setattr(compiled, "_compiled", {})
+    monkeypatch.setattr(compiled, "_failure", [])
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    params, stream_offsets, mask_offsets, mask_bits = _zo_pass_case(torch.Generator().manual_seed(4))
+    expected = [p.clone() for p in params], mask_bits.clone()
+    _run_zo_passes(reference_zo.zo_apply_, expected[0], stream_offsets, mask_offsets, expected[1])
+    with pytest.warns(RuntimeWarning, match="torch.compile of the zeroth-order pass failed .*RuntimeError") as caught:
+        _run_zo_passes(torch_zo.zo_apply_, params, stream_offsets, mask_offsets, mask_bits)
+    assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
+    assert all(torch.equal(actual, wanted) for actual, wanted in zip(params, expected[0]))
+    assert torch.equal(mask_bits, expected[1])
