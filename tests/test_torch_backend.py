@@ -189,7 +189,7 @@ def test_adamw_takes_torchs_fused_kernel_with_the_same_math(monkeypatch, dtype, 
 def compiled_lion(monkeypatch):
     """The compiled Lion pass on small tensors, with a fresh compilation state."""
     monkeypatch.setenv(compiled.COMPILE_ENV, "always")
-    fresh = compiled.CompiledPass(torch_lion._lion_pass, "Lion")
+    fresh = compiled.CompiledPass(torch_lion._lion_pass, "Lion pass")
     monkeypatch.setattr(torch_lion, "_COMPILED_LION", fresh)
     return fresh
 
@@ -253,7 +253,7 @@ def test_compile_policy_is_checked(monkeypatch) -> None:
     with pytest.raises(ValueError, match="MEMZOO_TORCH_COMPILE='sometimes'"):
         compiled.compile_policy()
     monkeypatch.setenv(compiled.COMPILE_ENV, "auto")
-    pass_ = compiled.CompiledPass(torch_lion._lion_pass, "Lion")
+    pass_ = compiled.CompiledPass(torch_lion._lion_pass, "Lion pass")
     small, large = torch.zeros(10), torch.empty(compiled.MIN_NUMEL)
     assert not pass_.wanted([small]) and pass_.wanted([large]) and pass_.wanted([torch.nn.Parameter(large)])
     assert not pass_.wanted([large.to("meta")])
@@ -310,9 +310,9 @@ def test_compiled_zeroth_order_pass_is_bit_identical_to_the_reference(monkeypatc
     for actual, wanted in zip(params, expected[0]):
         assert actual.stride() == wanted.stride() and torch.equal(actual, wanted)
     assert torch.equal(mask_bits, expected[1])
-    if compiled._failure:
-        pytest.skip(f"torch.compile is not available here ({compiled._failure[0]}): checked the eager fallback")
-    assert {"philox", "dense", "write"} <= set(compiled._compiled)
+    if compiled._FAILURE.reason:
+        pytest.skip(f"torch.compile is not available here ({compiled._FAILURE.reason}): checked the eager fallback")
+    assert all(compiled._STAGES[name].compiled is not None for name in ("philox", "dense", "write"))
 
 
 def test_zeroth_order_pass_falls_back_to_eager_when_compiling_fails(monkeypatch) -> None:
@@ -336,8 +336,10 @@ def test_zeroth_order_pass_falls_back_to_eager_when_compiling_fails(monkeypatch)
         return compiled_function
 
     monkeypatch.setenv(compile_policy.COMPILE_ENV, "always")
-    monkeypatch.setattr(compiled, "_compiled", {})
-    monkeypatch.setattr(compiled, "_failure", [])
+    failure = compile_policy.CompileFailure()
+    monkeypatch.setattr(compiled, "_FAILURE", failure)
+    monkeypatch.setattr(compiled, "_STAGES", {name: compile_policy.CompiledPass(stage.fn, stage.name, failure=failure)
+                                              for name, stage in compiled._STAGES.items()})
     monkeypatch.setattr(torch, "compile", no_compiler)
     params, stream_offsets, mask_offsets, mask_bits = _zo_pass_case(torch.Generator().manual_seed(4))
     expected = [p.clone() for p in params], mask_bits.clone()

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["COMPILE_ENV", "MIN_NUMEL", "CompiledPass", "compile_policy"]
+__all__ = ["COMPILE_ENV", "MIN_NUMEL", "CompileFailure", "CompiledPass", "compile_policy"]
 
 COMPILE_ENV = "MEMZOO_TORCH_COMPILE"
 POLICIES = ("auto", "always", "never")
@@ -46,6 +46,14 @@ def compile_policy() -> str:
     return policy
 
 
+class CompileFailure:
+    """Why compiling failed, shared by the passes of one family so that they warn once together
+    and all run eagerly from then on (None: no failure yet)."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+
 class CompiledPass:
     """One module-level pass function, compiled on first use (``fullgraph``: a graph break would
     silently split the loop), with the eager fallback on failure.
@@ -53,14 +61,22 @@ class CompiledPass:
     ``fn`` must be a module-level function (a new function object would recompile every call)
     taking tensors, tensor lists, 0-d tensors for every scalar that may change between steps (a
     Python float would be a compile-time constant: a new learning rate would recompile), and
-    Python bools/ints only for what selects code (maximize).
+    Python bools/ints only for what selects code (maximize). ``failure`` is shared by the passes
+    of one family (one warning for all); ``compile_options`` go to ``torch.compile`` (e.g.
+    ``dynamic=False``, Inductor ``options``).
     """
 
-    def __init__(self, fn: Callable[..., None], name: str) -> None:
+    def __init__(self, fn: Callable[..., None], name: str, *, failure: CompileFailure | None = None,
+                 **compile_options: Any) -> None:
         self.fn = fn
         self.name = name
+        self.shared = failure if failure is not None else CompileFailure()
+        self.compile_options = compile_options
         self.compiled: Callable[..., None] | None = None
-        self.failure: str | None = None
+
+    @property
+    def failure(self) -> str | None:
+        return self.shared.reason
 
     def wanted(self, tensors: Sequence[torch.Tensor]) -> bool:
         """Whether the compiled pass should run on these tensors (the policy above)."""
@@ -71,17 +87,22 @@ class CompiledPass:
             return False
         return policy == "always" or sum(t.numel() for t in tensors) >= MIN_NUMEL
 
-    def __call__(self, *args: Any, fallback: Callable[[], None]) -> None:
-        """Run the compiled pass; when compiling fails, warn once and run ``fallback`` (the eager
-        path). Compilation fails before the pass writes anything, so the fallback starts from
-        untouched tensors."""
+    def __call__(self, *args: Any, fallback: Callable[[], None] | None = None) -> None:
+        """Run the compiled pass; when compiling fails (now or before, in this family), warn once
+        and run ``fallback`` (default: ``fn`` itself, eagerly). Compilation fails before the pass
+        writes anything, so the fallback starts from untouched tensors."""
+        eager = fallback if fallback is not None else (lambda: self.fn(*args))
+        if self.failure is not None:
+            eager()
+            return
         if self.compiled is None:
-            self.compiled = torch.compile(self.fn, fullgraph=True)
+            self.compiled = torch.compile(self.fn, fullgraph=True, **self.compile_options)
         try:
             self.compiled(*args)
         except Exception as error:  # noqa: BLE001 - any compiler failure means: use the eager path
-            self.failure = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-            warnings.warn(f"memzoo: torch.compile of the {self.name} pass failed ({self.failure}); the torch backend "
-                          f"runs its eager path from now on (same results, slower). Set {COMPILE_ENV}=never to "
+            message = str(error).strip()
+            self.shared.reason = f"{type(error).__name__}: {message.splitlines()[0] if message else ''}"[:300]
+            warnings.warn(f"memzoo: torch.compile of the {self.name} failed ({self.failure}); the torch backend "
+                          f"runs it eagerly from now on (same results, slower). Set {COMPILE_ENV}=never to "
                           "skip the attempt.", RuntimeWarning, stacklevel=3)
-            fallback()
+            eager()

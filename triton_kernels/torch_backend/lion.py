@@ -45,7 +45,7 @@ def _lion_pass(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: 
         exp_avg.copy_(m)
 
 
-_COMPILED_LION = CompiledPass(_lion_pass, "Lion")
+_COMPILED_LION = CompiledPass(_lion_pass, "Lion pass")
 
 
 @torch.no_grad()

@@ -26,21 +26,21 @@ and the compiled loops' one temporary (the stacked Box–Muller inputs, then the
 per element): about 0.9 MiB at 2^16 float32 elements (0.75 MiB for bf16).
 
 Where no C++ compiler works (or ``torch.compile`` fails for any other reason) the first failure
-is reported once with a warning and every later pass runs eagerly: the results are the same.
+is reported once with a warning and every later pass runs eagerly: the results are the same
+(:class:`~memzoo.triton_kernels.torch_backend.compiled.CompiledPass`, one failure for the four stages).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from memzoo.reference.common import compute_dtype, is_dense
 from memzoo.reference.random import _KEY_A, _KEY_B, _MASK32, _ROUND_A, _ROUND_B, _ROUNDS, _box_muller_inputs
 from memzoo.reference.zeroth_order import CHUNK, LANES, MASK_BYTES_PER_CHUNK, QUARTER, pack_mask, unpack_mask
-from memzoo.triton_kernels.torch_backend.compiled import COMPILE_ENV, MIN_NUMEL, compile_policy
+from memzoo.triton_kernels.torch_backend.compiled import MIN_NUMEL, CompiledPass, CompileFailure, compile_policy
 from memzoo.triton_kernels.torch_backend.elementwise import memory_order_view
 
 __all__ = ["SLICE", "apply_compiled", "compiles", "scratch_bytes"]
@@ -53,8 +53,7 @@ _DEVICES = ("cpu",)  # on accelerators the eager path is kernel launches, not me
 # Inductor drops a rounding to bf16/fp16 followed by a widening unless told to emulate eager casts;
 # the reference rounds after recovering and after updating.
 _OPTIONS = {"emulate_precision_casts": True}
-_compiled: dict[str, Callable[..., None]] = {}
-_failure: list[str] = []  # the reason compiling failed, once it has (then every pass is eager)
+_FAILURE = CompileFailure()  # one warning for the four stages; all eager once one has failed
 
 
 # -- the compiled stages -------------------------------------------------------------------------
@@ -129,33 +128,14 @@ def _pass_writing_mask(x: torch.Tensor, radius: torch.Tensor, cos: torch.Tensor,
     _pass_stages(x, radius, cos, sin, hyper, selected)
 
 
-_STAGES = {"philox": _philox_box_muller_inputs, "dense": _pass_dense, "read": _pass_reading_mask,
-           "write": _pass_writing_mask}
-
-
-def _stage(name: str) -> Callable[..., None]:
-    if name not in _compiled:
-        _compiled[name] = torch.compile(_STAGES[name], fullgraph=True, dynamic=False, options=_OPTIONS)
-    return _compiled[name]
+_STAGES = {name: CompiledPass(fn, "zeroth-order pass", failure=_FAILURE, dynamic=False, options=_OPTIONS)
+           for name, fn in (("philox", _philox_box_muller_inputs), ("dense", _pass_dense),
+                            ("read", _pass_reading_mask), ("write", _pass_writing_mask))}
 
 
 def _run(name: str, *args: torch.Tensor) -> None:
     """One compiled stage, or its eager function once compiling has failed (same results)."""
-    if _failure:
-        _STAGES[name](*args)
-        return
-    try:
-        _stage(name)(*args)
-    except Exception as error:  # noqa: BLE001 — no compiler, a failed build, an unsupported op
-        # A failure happens while compiling, before the loop writes anything: run it eagerly.
-        _failure.append(f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}")
-        warnings.warn(
-            "memzoo: torch.compile of the zeroth-order pass failed (" + _failure[0][:300] + "); the "
-            "\"torch\" backend runs it eagerly from now on (same results, several times slower). Set "
-            f"{COMPILE_ENV}=never to skip the attempt.",
-            RuntimeWarning, stacklevel=4,
-        )
-        _STAGES[name](*args)
+    _STAGES[name](*args)
 
 
 # -- the driver ------------------------------------------------------------------------------------
