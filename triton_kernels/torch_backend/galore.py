@@ -106,6 +106,9 @@ def galore_adam_project_(
 _NO_BIAS_CORRECTION_STEP = 1e30
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)  # not DTensors or other subclasses
+# A multiple of every vector width of the kernel (AVX-512: 16 float32, 32 bf16 lanes) and of its
+# 32768-element tasks' starts: lengths of this multiple never reach its scalar loop.
+_FUSED_ALIGN = 64
 
 
 def _fused_adamw_(lists: dict[str, list[torch.Tensor]], *, step_size: float, beta1: float, beta2: float, eps: float,
@@ -133,11 +136,32 @@ def _fused_adamw_(lists: dict[str, list[torch.Tensor]], *, step_size: float, bet
         else:
             rest.append(group)
     for (device, _), groups in fused.items():
-        steps = [torch.full((), _NO_BIAS_CORRECTION_STEP, dtype=torch.float32, device=device)] * len(groups)
-        params, grads, exp_avgs, exp_avg_sqs = (list(tensors) for tensors in zip(*groups))
+        # Every element through the kernel's vector loop: its scalar loop, run on the last numel mod
+        # (vector width) elements, rounds differently, so an element's result would depend on where
+        # its tensor ends — and an FSDP2 row shard ends elsewhere than the whole tensor. Bodies of
+        # _FUSED_ALIGN elements go as views; each tail is stepped in a zero-padded _FUSED_ALIGN
+        # block (zeros stay finite) and copied back.
+        bodies, tails = [], []
+        for group in groups:
+            numel = group[0].numel()
+            body = numel - numel % _FUSED_ALIGN
+            if body:
+                bodies.append(tuple(t.view(-1)[:body] for t in group))
+            if body < numel:
+                padded = tuple(torch.zeros(_FUSED_ALIGN, dtype=t.dtype, device=device) for t in group)
+                for block, t in zip(padded, group):
+                    block[: numel - body] = t.view(-1)[body:]
+                bodies.append(padded)
+                tails.append((group, padded, body))
+        steps = [torch.full((), _NO_BIAS_CORRECTION_STEP, dtype=torch.float32, device=device)] * len(bodies)
+        params, grads, exp_avgs, exp_avg_sqs = (list(tensors) for tensors in zip(*bodies))
         torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=fused_step, beta1=beta1,
                             beta2=beta2, weight_decay=decay / fused_step if decay != 0.0 else 0.0, eps=eps,
                             amsgrad=False, maximize=maximize)
+        for group, padded, body in tails:
+            for t, block in zip(group, padded):
+                if t is not group[1]:  # the gradient is read only
+                    t.view(-1)[body:] = block[: t.numel() - body]
     return tuple(list(tensors) for tensors in zip(*rest)) if rest else tuple([] for _ in lists)
 
 
