@@ -351,6 +351,12 @@ _SCRIPT = textwrap.dedent("""
                 for p in model.parameters() for key in ("exp_avg", "exp_avg_sq")]
             result["dcp_saved"] = torch.load(checkpoint + ".8bit_moments", weights_only=True)
             resumed.step()  # the resumed state steps (the last gradients)
+            whole = cls(replica.parameters(), optim_bits=8, **kwargs)  # blocks of whole moments: refused
+            try:
+                load_optimizer_state(whole, f"{checkpoint}/{name}")
+                result["dcp_whole_refused"] = "accepted"
+            except ValueError as exc:
+                result["dcp_whole_refused"] = str(exc) if not whole.state else "touched"
             result["dcp_other_world_steps"] = all(torch.isfinite(p.to_local()).all() for p in model.parameters())
     # Cholesky-QR over row shards falls back to TSQR where the Gram matrix is singular (a zero or
     # rank-deficient gradient at a refresh): still an orthonormal basis holding the column space.
@@ -672,6 +678,8 @@ def test_8bit_moments_on_fsdp2_row_shards(runs, world) -> None:
     else:  # resumed on 3: within one more quantization error (in the new blocks) of the saved moments
         for result in galore:
             assert result["dcp_other_world_steps"]
+            message = result["dcp_whole_refused"]
+            assert "quantized by 2 row shards and this run quantizes them by one process" in message, message
             for (key, (values, bound), absmax_shape, sharded), (saved_key, saved) in zip(
                     result["dcp_other_world"], result["dcp_saved"], strict=True):
                 assert key == saved_key and values.shape == saved.shape, (key, saved_key)
