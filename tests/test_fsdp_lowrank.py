@@ -684,7 +684,8 @@ def test_8bit_moments_on_fsdp2_row_shards(runs, world) -> None:
                     result["dcp_other_world"], result["dcp_saved"], strict=True):
                 assert key == saved_key and values.shape == saved.shape, (key, saved_key)
                 limit = bound + 1e-6 * saved.abs().max()
-                assert ((values - saved).abs() <= limit).all(), (key, values.shape, ((values - saved).abs() - limit).max())
+                excess = ((values - saved).abs() - limit).max() if values.numel() else 0
+                assert excess <= 0, (key, values.shape, excess)
                 if sharded:  # re-blocked: this run's blocks, one row of scales per rank
                     assert absmax_shape[0] == 3, (key, absmax_shape)
                 if saved.numel() > 1 and saved.abs().max() > 0:  # negative control: the bound can tell
