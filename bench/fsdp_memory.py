@@ -48,8 +48,8 @@ import torch
 
 from memzoo.bench.presets import SHAPE_PRESETS
 
-__all__ = ["FSDP_METHODS", "Traffic", "WeightCost", "adafactor_weight", "adamw_weight", "apollo_weight", "cosmos_weight",
-           "fira_weight", "fsdp_estimate", "fsdp_report", "frugal_weight", "galore_adafactor_weight", "galore_weight",
+__all__ = ["FSDP_METHODS", "Traffic", "WeightCost", "adafactor_weight", "adam_mini_weight", "adamw_weight",
+           "apollo_weight", "cosmos_weight", "fira_weight", "fsdp_estimate", "fsdp_report", "frugal_weight", "galore_adafactor_weight", "galore_weight",
            "gradient_reduce_scatter_bytes",
            "lion_weight", "mezo_weight", "refresh_traffic", "shard_rows", "sparse_mezo_weight"]
 
@@ -127,6 +127,19 @@ def adamw_weight(shape: Sequence[int], world: int, *, param_size: int, state_siz
 def lion_weight(shape: Sequence[int], world: int, *, momentum_size: int) -> WeightCost:
     """Lion: one momentum sharded like the weight; element-wise, no communication."""
     return WeightCost(sharded=_local_numel(shape, world) * momentum_size)
+
+
+def adam_mini_weight(shape: Sequence[int], world: int, *, blocks: Any, param_size: int, v_size: int) -> WeightCost:
+    """Adam-mini (``blocks``: the parameter's :class:`memzoo.reference.adam_mini.BlockPartition`):
+    m sharded like the weight; v sharded too where each block lies within a row (rows, vector
+    elements), else replicated (one value per head / tensor) with those blocks' g² sums
+    all-reduced every step (in v's dtype); an int64 step counter."""
+    numel = math.prod(shape)
+    cost = WeightCost(sharded=_local_numel(shape, world) * param_size if numel else 0, replicated=8)
+    if numel and blocks.rule in ("row", "element"):
+        return cost + WeightCost(sharded=shard_rows(shape[0], world) * v_size)
+    spanning = Traffic(all_reduce=blocks.blocks * v_size) if numel and world > 1 else Traffic()
+    return cost + WeightCost(replicated=blocks.blocks * v_size, steady=spanning)
 
 
 def refresh_traffic(m: int, n: int, *, side: str, projector: str, rank: int, power_iters: int, oversample: int,
@@ -321,14 +334,13 @@ def sparse_mezo_weight(shape: Sequence[int], world: int, *, masked: bool) -> Wei
 # ---- a whole model --------------------------------------------------------------------------------
 # The registry names the formulas cover (memzoo-bench memory --fsdp), in table order.
 FSDP_METHODS: tuple[str, ...] = ("adamw", "lion", "galore_adamw", "natural_galore", "apollo", "apollo_mini",
-                                 "fira", "galore_adafactor", "frugal", "cosmos", "mezo", "sparse_mezo")
+                                 "fira", "galore_adafactor", "frugal", "cosmos", "adam_mini", "mezo", "sparse_mezo")
 # Optimizer names without formulas, and why.
 _NOT_COVERED = {
     # Stepped on FSDP2 shards (each rank quantizes its rows in blocks of its own), but not modelled here.
     "galore_adamw_8bit": ("these formulas do not model 8-bit moments: on row shards their codes take 1 byte a value "
                           "and each rank adds 4 bytes per 256-value block of its rows, the communication is "
                           "galore_adamw's"),
-    "adam_mini": "Adam-mini refuses FSDP2 shards (a block's mean of g² would span ranks; use DDP)",
     "qzo": "QZO trains a 4-bit model's scales, which the LLaMA presets do not have (its traffic is MeZO's)",
 }
 
@@ -448,6 +460,13 @@ def fsdp_estimate(name: str, preset: str, world: int, *, dtype: torch.dtype = to
         for group in optimizer.param_groups:
             for param in group["params"]:
                 total += lion_weight(param.shape, world, momentum_size=optimizer._momentum_dtype(param, group).itemsize)
+        return FsdpEstimate(name, status, world, total, rs, None)
+    if name == "adam_mini":
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                blocks, _ = optimizer._partition(param, group)
+                total += adam_mini_weight(param.shape, world, blocks=blocks, param_size=size,
+                                          v_size=optimizer._second_moment_dtype(param).itemsize)
         return FsdpEstimate(name, status, world, total, rs, None)
     if name == "cosmos":
         for group in optimizer.param_groups:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 
@@ -18,8 +18,19 @@ from memzoo.optim.base import (
     check_lr,
     check_number,
     deferred_interrupts,
+    is_dtensor,
+    local_tensor,
 )
-from memzoo.reference.adam_mini import BlockPartition, block_rule, check_block_names, decays, partition
+from memzoo.optim.sharded import RowShard, lay_out_row_state, row_shard, sharding_problem
+from memzoo.reference.adam_mini import (
+    BlockPartition,
+    adam_mini_blocks,
+    block_rule,
+    check_block_names,
+    decays,
+    partition,
+)
+from memzoo.reference.common import compute_dtype
 
 __all__ = ["AdamMini"]
 
@@ -71,8 +82,8 @@ class AdamMini(MemzooOptimizer):
             out of the head / row rules (one block; biases stay per element), see
             :func:`memzoo.reference.adam_mini.block_rule`.
         maximize: maximize the objective instead of minimizing it, like torch.optim.
-        model_sharding: 1.1.1's deprecated flag, accepted and ignored; sharded (DTensor)
-            parameters are refused (see below).
+        model_sharding: 1.1.1's deprecated flag, accepted and ignored (FSDP2 parameters are
+            stepped on their shards whatever it says, see below).
         verbose: print each parameter's blocks at construction (1.1.1 prints by default).
         backend: "auto" (the "torch" path: Adam-mini has no Triton kernels), "torch" (runs of
             whole blocks in cache-sized chunks, every device) or "reference" (the per-tensor
@@ -80,8 +91,12 @@ class AdamMini(MemzooOptimizer):
         foreach, fused, capturable, differentiable: torch.optim's implementation flags, accepted
             only at their defaults (None, None, False, False).
 
-    FSDP2 / tensor-parallel (DTensor) parameters are refused: a block's mean of g² spans the
-    shards. Use DistributedDataParallel (each rank then steps whole tensors).
+    FSDP2 (``fully_shard``, row shards ``Shard(0)``, uneven or empty) parameters are stepped on
+    their shards, no rank gathering a weight or a gradient: where blocks lie within rows (rows,
+    elements of a vector) m and v are sharded like the parameter and the step is the unsharded
+    one bit for bit; where a block spans rows (a head, a whole tensor) each rank sums g² over its
+    part, one all-reduce per step adds the parts (one value per such block), and v is replicated
+    (one value per block). Other placements (tensor parallelism) are refused.
     """
 
     family = "adam_mini"
@@ -240,9 +255,39 @@ class AdamMini(MemzooOptimizer):
         }
 
     def _dtensor_problem(self, param: torch.Tensor, group: Mapping[str, Any]) -> str | None:
-        return ("Adam-mini's blocks (a head, a row, a whole tensor) take the mean of g² over elements that FSDP2 / "
-                "tensor parallelism spreads over ranks; use DistributedDataParallel with AdamMini (each rank steps "
-                "whole tensors)")
+        problem = sharding_problem(param)
+        if problem is not None:
+            return problem
+        blocks, _ = self._partition(param, group)
+        if blocks.rule == "element" and param.dim() > 1:
+            return ("its name gives it one v per element (a bias), kept as a flat vector that FSDP2's row shards do not "
+                    "cut along rows; name it otherwise (or list it in block_names) or use DistributedDataParallel")
+        return None
+
+    @staticmethod
+    def _rows_hold_blocks(param: torch.Tensor, blocks: BlockPartition) -> bool:
+        """Whether each block lies within one row (a row per block, or an element of a vector):
+        on FSDP2 row shards its v is then sharded like the parameter and the step is local."""
+        return param.numel() > 0 and blocks.rule in ("row", "element")
+
+    def _shard(self, param: torch.Tensor) -> RowShard | None:
+        """The rows of an FSDP2 parameter this rank holds (None for a whole tensor)."""
+        return row_shard(param, param.shape[0]) if is_dtensor(param) and param.numel() > 0 else None
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As :meth:`MemzooOptimizer.load_state_dict`; then the state of FSDP2 parameters is laid out
+        as the step keeps it, whoever wrote it (one process, or ``torch.distributed.checkpoint``
+        read on another world size): m, and v where blocks lie within rows, given whole keep this
+        rank's rows as DTensors sharded like the parameter; v of blocks spanning rows (heads,
+        whole tensors) is replicated."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for param in group["params"]:
+                state = self.state.get(param)
+                if state and (shard := self._shard(param)) is not None:
+                    blocks, _ = self._partition(param, group)
+                    sharded = ("exp_avg", "exp_avg_sq") if self._rows_hold_blocks(param, blocks) else ("exp_avg",)
+                    lay_out_row_state(state, param.device, shard, sharded)
 
     # -- step -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -271,6 +316,10 @@ class AdamMini(MemzooOptimizer):
                     state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros(blocks.blocks, dtype=self._second_moment_dtype(param),
                                                       device=param.device)
+                    shard = self._shard(param)
+                    if shard is not None and self._rows_hold_blocks(param, blocks):  # v sharded like the rows
+                        state["exp_avg_sq"] = shard.distribute(state["exp_avg_sq"][shard.offset: shard.offset + shard.rows],
+                                                               state["exp_avg_sq"].shape)
                 if state is not stored:
                     staged.append((param, state, group))
                 bucket = buckets.setdefault((param.device, int(state["step"]) + 1, decayed), ([], [], [], [], []))
@@ -283,11 +332,89 @@ class AdamMini(MemzooOptimizer):
         return loss
 
     def _write(self, plans: list[tuple]) -> None:
-        """The writes of a planned step: one update per (group, device, step count, decay)."""
+        """The writes of a planned step: one update per (group, device, step count, decay); FSDP2
+        shards as :meth:`_write_shards` says."""
         for group, buckets in plans:
             beta1, beta2 = group["betas"]
             for (device, step, decayed), (params, grads, exp_avgs, exp_avg_sqs, steps) in buckets.items():
-                self._kernels(device).adam_mini_update_(
-                    params, grads, exp_avgs, exp_avg_sqs, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                    weight_decay=group["weight_decay"] if decayed else 0.0, step=step, maximize=group["maximize"])
+                hparams = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                               weight_decay=group["weight_decay"] if decayed else 0.0, step=step)
+                whole = [i for i, param in enumerate(params) if self._shard(param) is None]
+                if whole:
+                    self._kernels(device).adam_mini_update_(*([items[i] for i in whole] for items in (
+                        params, grads, exp_avgs, exp_avg_sqs)), **hparams, maximize=group["maximize"])
+                if len(whole) < len(params):
+                    self._write_shards(group, *([items[i] for i in range(len(params)) if i not in set(whole)]
+                                                for items in (params, grads, exp_avgs, exp_avg_sqs)), hparams)
                 torch._foreach_add_(steps, 1)
+
+    def _write_shards(self, group: Mapping[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
+                      exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], hparams: dict[str, Any]) -> None:
+        """FSDP2 row shards. A block within a row (rows, vector elements): this rank's rows are
+        whole blocks, its v is sharded like them, and the kernel runs on the local tensors — the
+        unsharded step's bits. A block spanning rows (a head, a whole tensor): each rank sums g²
+        over its part of every block, one all-reduce per step adds the parts (every rank joins,
+        an empty shard with zeros), and v, replicated, is updated alike everywhere; the mean
+        differs from one process's only in the order of its additions."""
+        local = [i for i, param in enumerate(params)
+                 if self._rows_hold_blocks(param, self._partition(param, group)[0])]
+        rows = [i for i in local if local_tensor(params[i]).numel() > 0]
+        if rows:
+            self._kernels(params[rows[0]].device).adam_mini_update_(
+                *([local_tensor(items[i]) for i in rows] for items in (params, grads, exp_avgs, exp_avg_sqs)),
+                **hparams, maximize=group["maximize"])
+        spanning = [i for i in range(len(params)) if i not in set(local)]
+        if not spanning:
+            return
+        parts = [_block_rows(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], self._partition(params[i], group)[0],
+                             self._shard(params[i]), group["maximize"]) for i in spanning]
+        sums = [torch.zeros_like(v) for v in (exp_avg_sqs[i] for i in spanning)]
+        for total, part in zip(sums, parts):
+            total[part.first: part.first + part.g.shape[0]] = (part.g * part.g).sum(dim=1)
+        sums = self._shard(params[spanning[0]]).all_reduce_many_(sums)  # one collective for the spanning blocks
+        for i, part, total in zip(spanning, parts, sums):
+            block_numel = self._partition(params[i], group)[0].block_numel
+            p, m, v = adam_mini_blocks(part.p, part.g, part.m, exp_avg_sqs[i].to(part.g.dtype), total / block_numel,
+                                       **hparams, first_block=part.first)
+            part.write(params[i], exp_avgs[i], p, m)
+            exp_avg_sqs[i].copy_(v)
+
+
+class _BlockRows(NamedTuple):
+    """A rank's shard of a parameter as whole blocks: the blocks ``first``… it touches, as rows
+    of ``block_numel`` elements (p, g, m in the compute dtype, zero outside the shard), and where
+    the shard's elements sit in them (``start``, ``count``)."""
+
+    p: torch.Tensor
+    g: torch.Tensor
+    m: torch.Tensor
+    first: int
+    start: int
+    count: int
+
+    def write(self, param: torch.Tensor, exp_avg: torch.Tensor, p: torch.Tensor, m: torch.Tensor) -> None:
+        """Copy this shard's elements of the updated rows into the local tensors."""
+        if self.count:
+            local_tensor(param).view(-1).copy_(p.reshape(-1)[self.start: self.start + self.count])
+            local_tensor(exp_avg).view(-1).copy_(m.reshape(-1)[self.start: self.start + self.count])
+
+
+def _block_rows(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                blocks: BlockPartition, shard: RowShard, maximize: bool) -> _BlockRows:
+    """The blocks a rank's rows touch, padded to whole blocks (see :class:`_BlockRows`)."""
+    local_param = local_tensor(param)
+    dtype = compute_dtype(param.dtype, grad.dtype, exp_avg.dtype, exp_avg_sq.dtype)
+    row_numel = param.numel() // param.shape[0]
+    begin, count = shard.offset * row_numel, local_param.numel()  # this rank's elements of the whole tensor
+    first = begin // blocks.block_numel if count else 0
+    last = (begin + count - 1) // blocks.block_numel if count else -1
+    start = begin - first * blocks.block_numel
+
+    def rows(tensor: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
+        out = torch.zeros((last - first + 1) * blocks.block_numel, dtype=dtype, device=local_param.device)
+        if count:
+            values = local_tensor(tensor).reshape(-1).to(dtype)
+            out[start: start + count] = -values if sign < 0 else values
+        return out.view(last - first + 1, blocks.block_numel)
+
+    return _BlockRows(rows(param), rows(grad, -1.0 if maximize else 1.0), rows(exp_avg), first, start, count)

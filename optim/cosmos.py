@@ -224,16 +224,22 @@ class COSMOS(MemzooOptimizer):
             return _sharded_basis(local_tensor(param.grad), shard, state, beta2)
         kernels = self._kernels(param.device)
         grad = param.grad
-        finite = torch.isfinite(grad).all()
+        # One pass gives both the finiteness of G (max |G| is NaN or Inf exactly when an element
+        # is: amax propagates NaN) and the power-of-two scale the basis functions would
+        # otherwise compute from their own pass over G.
+        magnitude = grad.abs().amax().to(state["basis"].dtype) if grad.numel() else grad.new_zeros(())
+        finite = torch.isfinite(magnitude)
+        scale = reference.power_of_two_scale(magnitude)
         if int(state["step"]) == 0:  # one sync per check below, at a weight's first step only
             rank = state["basis"].shape[1]
             meta = grad.device.type == "meta"  # a shape-only run: no values to check
-            basis, subspace = kernels.cosmos_basis_init(grad if meta or bool(finite) else torch.zeros_like(grad), rank,
-                                                        beta2=beta2)
+            basis, subspace = (kernels.cosmos_basis_init(grad, rank, beta2=beta2, scale=scale) if meta or bool(finite)
+                               else kernels.cosmos_basis_init(torch.zeros_like(grad), rank, beta2=beta2))
             if not meta and not bool(torch.isfinite(basis).all() & torch.isfinite(subspace).all()):
                 basis, subspace = kernels.cosmos_basis_init(torch.zeros_like(grad), rank, beta2=beta2)
             return basis, subspace
-        basis, subspace = kernels.cosmos_basis_update(grad, state["basis"], state["subspace"], beta2=beta2)
+        basis, subspace = kernels.cosmos_basis_update(grad, state["basis"], state["subspace"], beta2=beta2,
+                                                      scale=scale)
         keep_new = finite & torch.isfinite(basis).all() & torch.isfinite(subspace).all()
         return torch.where(keep_new, basis, state["basis"]), torch.where(keep_new, subspace, state["subspace"])
 
@@ -318,7 +324,9 @@ class COSMOS(MemzooOptimizer):
                     pending, pending_bytes = [], 0
             self._finish(pending, group)
             for (device, step), items in adam.items():
-                # torch.optim.AdamW's step in the shared Adam kernel's form.
+                # torch.optim.AdamW's step in the shared Adam kernel's form. (Not torch's fused
+                # AdamW: its CPU kernel rounds a vector's tail differently from its body, so a
+                # row shard would not step bit for bit as the same rows of the whole tensor.)
                 step_size, eps = torch_adam_form(group["lr"], (beta1, beta2), group["eps"], True, step)
                 resolve_backend(self.backend, device, "galore").adamw_update_(
                     [local_tensor(p) for p, _ in items], [local_tensor(p.grad) for p, _ in items],

@@ -145,6 +145,10 @@ class OptimizerInfo:
     # Steps FSDP2 / tensor-parallel (DTensor) parameters on their shards; False: refuses them at
     # construction with the fix (DDP), which tests/test_distributed.py checks instead.
     shards: bool = True
+    # The test file of its FSDP2 steps when they are not per-element on unnamed parameters (so not
+    # bit for bit the whole-tensor step: Adam-mini adds g² sums over the ranks); None: the shared
+    # tests of tests/test_distributed.py hold it.
+    shards_tested_in: str | None = None
     # Also steps its projected (low-rank) weights on FSDP2 row shards (tests/test_fsdp_lowrank.py);
     # False: a sharded weight it would project is refused with the fix, its other parameters shard.
     projected_shards: bool = False
@@ -675,7 +679,8 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
                          "Invalid block_names"),
             ),
             bench_groups=_adam_mini_bench_groups,
-            shards=False,
+            shards=True,
+            shards_tested_in="tests/test_fsdp_adam_mini.py",
             named_params=True,
             train=Setting(1e-3),  # the paper: AdamW's lr; dim and heads from the model's config
             bench_defaults=("memory",),

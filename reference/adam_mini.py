@@ -55,7 +55,7 @@ import torch
 
 from memzoo.reference.common import as_tensor_list, check_parallel_lists, compute_dtype
 
-__all__ = ["BlockPartition", "RULES", "adam_mini_update_", "block_rule", "check_block_lists", "check_block_names",
+__all__ = ["BlockPartition", "RULES", "adam_mini_blocks", "adam_mini_update_", "block_rule", "check_block_lists", "check_block_names",
            "decays", "partition"]
 
 Rule = Literal["element", "head", "row", "tensor"]
@@ -202,9 +202,7 @@ def adam_mini_update_(
     exp_avgs = as_tensor_list("exp_avgs", exp_avgs)
     exp_avg_sqs = as_tensor_list("exp_avg_sqs", exp_avg_sqs)
     check_block_lists(params, grads, exp_avgs, exp_avg_sqs, step)
-    bias_correction1 = 1.0 - beta1**step
-    bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
-    decay = 1.0 - lr * weight_decay
+    hparams = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
     for param, grad, exp_avg, exp_avg_sq in zip(params, grads, exp_avgs, exp_avg_sqs):
         if param.numel() == 0:
             continue
@@ -213,13 +211,28 @@ def adam_mini_update_(
         g = grad.to(dtype).reshape(blocks, -1)  # row b: the elements of block b
         if maximize:
             g = -g
-        m = exp_avg.to(dtype).reshape(blocks, -1)
-        v = exp_avg_sq.to(dtype)
-        p = param.to(dtype).reshape(blocks, -1) * decay  # W ← W·(1 − lr·λ), decoupled decay
-        m = beta1 * m + (1.0 - beta1) * g  # m ← β1·m + (1 − β1)·g (Algorithm 1, line 6)
-        v = beta2 * v + (1.0 - beta2) * (g * g).mean(dim=1)  # v_b ← β2·v_b + (1 − β2)·mean_{i∈b} g_i² (line 7)
-        denominator = v.sqrt() / bias_correction2_sqrt + eps  # √(v_b / bc2) + ε
-        p = p - (lr / bias_correction1) * m / denominator[:, None]  # W ← W − lr·(m / bc1) / (√(v_b/bc2) + ε)
+        p, m, v = adam_mini_blocks(param.to(dtype).reshape(blocks, -1), g, exp_avg.to(dtype).reshape(blocks, -1),
+                                   exp_avg_sq.to(dtype), (g * g).mean(dim=1), **hparams)
         param.copy_(p.reshape(param.shape))
         exp_avg.copy_(m.reshape(exp_avg.shape))
         exp_avg_sq.copy_(v)
+
+
+def adam_mini_blocks(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, square_means: torch.Tensor, *,
+                     lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
+                     first_block: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Adam-mini's update of blocks laid out as rows, in the compute dtype: v and
+    ``square_means`` (the mean of g² over each whole block) of shape (blocks,) for every block;
+    p, g, m of shape (k, block elements) for blocks ``first_block`` to ``first_block + k − 1``
+    (g already negated when maximizing). Returns the new (p, m, v). The one statement of the
+    math, shared by :func:`adam_mini_update_` (all blocks) and the FSDP2 step (a rank's blocks,
+    whose means come from sums over the shards when a block spans ranks)."""
+    bias_correction1 = 1.0 - beta1**step
+    bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
+    p = p * (1.0 - lr * weight_decay)  # W ← W·(1 − lr·λ), decoupled decay
+    m = beta1 * m + (1.0 - beta1) * g  # m ← β1·m + (1 − β1)·g (Algorithm 1, line 6)
+    v = beta2 * v + (1.0 - beta2) * square_means  # v_b ← β2·v_b + (1 − β2)·mean_{i∈b} g_i² (line 7)
+    denominator = v.sqrt() / bias_correction2_sqrt + eps  # √(v_b / bc2) + ε
+    denominator = denominator[first_block: first_block + p.shape[0], None]
+    p = p - (lr / bias_correction1) * m / denominator  # W ← W − lr·(m / bc1) / (√(v_b/bc2) + ε)
+    return p, m, v

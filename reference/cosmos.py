@@ -270,8 +270,9 @@ def cosmos_update_(
     weight_decay: float,
     maximize: bool = False,
     ns_dtype: torch.dtype = torch.bfloat16,
-    orthogonalize: Orthogonalize = orthogonalize_,
+    orthogonalize: Orthogonalize | None = None,
     apply: Callable[..., None] | None = None,
+    directions: Callable[..., torch.Tensor] | None = None,
 ) -> None:
     """One COSMOS step of an m×n weight given this step's basis U (n×r, from
     :func:`cosmos_basis_init` / :func:`cosmos_basis_update`); updates param, exp_avg (M, m×n)
@@ -285,16 +286,17 @@ def cosmos_update_(
     6. D = A + γ·B; W ← W·(1 − lr·λ) − lr·ρ·√(mn)·D/(‖D‖_F + ε) (every update has RMS lr·ρ).
 
     The official code writes Ĝ into ``p.grad``; here the gradient is left as it was.
-    ``orthogonalize`` computes NS5 and ``apply`` step 6 (:func:`orthogonalize_` and
-    :func:`cosmos_apply_` by default; the Triton module passes its kernels). The optimizer
+    ``directions`` computes steps 1–4, ``orthogonalize`` NS5 and ``apply`` step 6
+    (:func:`cosmos_directions_`, :func:`orthogonalize_` and :func:`cosmos_apply_` when None; the
+    other backends pass theirs). The optimizer
     runs the same three stages (:func:`cosmos_directions_`, ``orthogonalize``,
     :func:`cosmos_apply_`) over many weights at once, so that NS5 is batched.
     """
     m, n = param.shape if param.dim() == 2 else (0, 0)
     residual = torch.empty((m, n), dtype=ns_dtype, device=param.device) if basis.shape[-1] < n else None
-    low_rank = cosmos_directions_(param, grad, exp_avg, exp_avg_sq, basis, residual, step=step, beta1=beta1,
-                                  beta2=beta2, eps=eps, maximize=maximize)
+    low_rank = (directions or cosmos_directions_)(param, grad, exp_avg, exp_avg_sq, basis, residual, step=step,
+                                                  beta1=beta1, beta2=beta2, eps=eps, maximize=maximize)
     if residual is not None:
-        orthogonalize([residual], [residual])
+        (orthogonalize or orthogonalize_)([residual], [residual])
     (apply or cosmos_apply_)(param, low_rank, basis, residual, lr=lr, lr_ratio=lr_ratio, gamma=gamma, eps=eps,
                              weight_decay=weight_decay)

@@ -39,11 +39,17 @@ def _uniform(words: torch.Tensor) -> torch.Tensor:
     return folded.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
 
 
-def _radius_angle(first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Box–Muller's r = √(−2·ln u1) (u1 clamped to ≥ 1e-7) and θ = 2π·u2, as Triton's
-    ``pair_uniform_to_normal``, from two Philox words."""
+def _box_muller_inputs(first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Box–Muller's u1 (clamped to ≥ 1e-7) and θ = 2π·u2 from two Philox words, as Triton's
+    ``pair_uniform_to_normal``."""
     u1 = torch.clamp(_uniform(first), min=1.0e-7)
-    angle = torch.tensor(6.283185307179586, dtype=torch.float32) * _uniform(second)
+    return u1, torch.tensor(6.283185307179586, dtype=torch.float32) * _uniform(second)
+
+
+def _radius_angle(first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Box–Muller's r = √(−2·ln u1) and θ = 2π·u2, as Triton's ``pair_uniform_to_normal``, from
+    two Philox words."""
+    u1, angle = _box_muller_inputs(first, second)
     return torch.sqrt(-2.0 * torch.log(u1)), angle
 
 

@@ -268,3 +268,32 @@ def test_mini_refuses_groups_that_project_nothing() -> None:
         APOLLO.mini([{"params": [weight]}, {"params": [bias], "rank": None}])
     assert APOLLO.mini([weight, bias]).param_groups[0]["rank"] == 1  # a plain list: one projected group
     assert APOLLO.mini([{"params": [weight]}], rank=2).param_groups[0]["rank"] == 2
+
+
+def test_torch_backend_keeps_the_regenerated_projection_until_the_next_refresh() -> None:
+    """On the torch backend the Philox projection is drawn once per refresh and kept (the
+    official APOLLO stores it); the reference regenerates it every step. Same trajectory, and
+    the kept factors are exactly the seed's: a stale projection after a refresh would differ."""
+    from memzoo.reference.projector import random_basis
+
+    torch.manual_seed(0)
+    weights = {backend: torch.nn.Parameter(torch.randn(12, 7)) for backend in ("torch", "reference")}
+    weights["reference"].data.copy_(weights["torch"])
+    optimizers = {backend: APOLLO([weight], lr=0.1, rank=3, update_proj_gap=2, backend=backend)
+                  for backend, weight in weights.items()}
+    kept = []
+    for _ in range(4):  # refreshes at steps 1 and 3
+        grad = torch.randn(12, 7)
+        for backend, weight in weights.items():
+            weight.grad = grad.clone()
+            optimizers[backend].step()
+        state = optimizers["torch"].state[weights["torch"]]
+        (key, factors), = optimizers["torch"]._seeded_factors.values()
+        assert key[1] == int(state["proj_seed"])
+        fresh = random_basis(int(state["proj_seed"]), (12, 7), 3, "right", "cpu")
+        assert factors[0] is None and torch.equal(factors[1], fresh[1])
+        kept.append(factors[1])
+    assert kept[0] is kept[1] and kept[2] is kept[3]  # drawn once per refresh
+    assert not torch.equal(kept[1], kept[2])  # a new projection after the refresh
+    assert not optimizers["reference"]._seeded_factors  # the reference keeps nothing
+    torch.testing.assert_close(weights["torch"], weights["reference"], rtol=1e-5, atol=1e-6)

@@ -9,6 +9,7 @@ import torch
 
 from memzoo.optim import COSMOS
 from memzoo.reference.cosmos import cosmos_basis_init, cosmos_basis_update, cosmos_update_, newton_schulz5
+from memzoo.triton_kernels.torch_backend import cosmos as torch_cosmos
 
 
 def _random(shape, seed):
@@ -186,27 +187,32 @@ def test_reference_rejects_mismatched_state() -> None:
     assert torch.equal(param, before)
 
 
-def test_optimizer_step_is_the_reference_step_per_weight() -> None:
+def test_optimizer_step_is_the_backend_step_per_weight() -> None:
     """The optimizer batches Newton–Schulz over weights of one shape; each weight's result is
-    still cosmos_update_'s for that weight alone."""
+    still its backend's cosmos_update_ for that weight alone (bit for bit), and the torch
+    backend's stays within float64 rounding of the reference's."""
     hyper = dict(lr=0.01, betas=(0.9, 0.95), eps=1e-8, lr_ratio=0.5, gamma=0.2, weight_decay=0.1)
-    params = [torch.nn.Parameter(_random((6, 5), 60 + i)) for i in range(3)]
+    params = [torch.nn.Parameter(_random((6, 5), 60 + i) * (1 + 10 * i)) for i in range(3)]
     twins = [p.detach().clone() for p in params]
+    references = [p.detach().clone() for p in params]
     optimizer = COSMOS(params, rank=2, ns_dtype=torch.float64, backend="torch", **hyper)
-    states = [(torch.zeros(6, 5, dtype=torch.float64), torch.zeros(6, 2, dtype=torch.float64)) for _ in params]
+    states = [(torch.zeros(6, 5, dtype=torch.float64), torch.zeros(6, 2, dtype=torch.float64)) for _ in range(6)]
     bases = [None] * 3
     for step in range(1, 4):
-        for i, (param, twin) in enumerate(zip(params, twins)):
-            param.grad = _random((6, 5), 100 * step + i)
+        for i, (param, twin, reference) in enumerate(zip(params, twins, references)):
+            param.grad = _random((6, 5), 100 * step + i) * (1 + 10 * i)
             if step == 1:
                 bases[i] = cosmos_basis_init(param.grad, 2, beta2=0.95)
             else:
                 bases[i] = cosmos_basis_update(param.grad, *bases[i], beta2=0.95)
-            cosmos_update_(twin, param.grad, *states[i], bases[i][0], step=step, lr=0.01, beta1=0.9, beta2=0.95,
-                           eps=1e-8, gamma=0.2, lr_ratio=0.5, weight_decay=0.1, ns_dtype=torch.float64)
+            for update, weight, state in ((torch_cosmos.cosmos_update_, twin, states[i]),
+                                          (cosmos_update_, reference, states[3 + i])):
+                update(weight, param.grad, *state, bases[i][0], step=step, lr=0.01, beta1=0.9, beta2=0.95, eps=1e-8,
+                       gamma=0.2, lr_ratio=0.5, weight_decay=0.1, ns_dtype=torch.float64)
         optimizer.step()
-    for param, twin in zip(params, twins):
+    for param, twin, reference in zip(params, twins, references):
         assert torch.equal(param.detach(), twin)
+        torch.testing.assert_close(twin, reference, rtol=1e-12, atol=1e-12)
 
 
 def _official_newton_schulz5(matrix: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
@@ -294,3 +300,32 @@ def test_official_readme_call_and_signature_build_unchanged() -> None:
     with pytest.raises(ValueError, match="disagree"):
         COSMOS([weight], nesterov=True, nestrov=False)
     assert torch.equal(weight, before)
+
+
+def test_torch_orthogonalize_shares_buffers_and_rounds_as_the_reference() -> None:
+    """The torch twin runs Newton–Schulz in place in work buffers shared by the matrices of one
+    shape: in one call, same-shaped matrices of very different scales, a tall one (iterated on a
+    transposed view) and an empty one come out bit for bit as the reference's, in bf16 and fp32.
+    Negative control: the same check tells apart an iteration that rounds differently (Muon's
+    X ← a·X + (b·A + c·A²)·X, the same polynomial), so equality here is not vacuous."""
+    from memzoo.reference.cosmos import NS_COEFFICIENTS, frobenius_normalize, orthogonalize_
+
+    generator = torch.Generator().manual_seed(5)
+    shapes = [(12, 9), (12, 9), (9, 12), (12, 9), (0, 4)]
+    matrices = [torch.randn(shape, generator=generator) * scale for shape, scale in zip(shapes, (1e-3, 1, 1, 1e4, 1))]
+    for dtype in (torch.bfloat16, torch.float32):
+        expected = [torch.empty(shape, dtype=dtype) for shape in shapes]
+        actual = [torch.full(shape, float("nan"), dtype=dtype) for shape in shapes]
+        orthogonalize_(matrices, expected)
+        torch_cosmos.orthogonalize_(matrices, actual)
+        assert all(torch.equal(a, e) for a, e in zip(actual, expected)), dtype
+        if dtype == torch.bfloat16:
+            bf16_expected = expected
+    a, b, c = NS_COEFFICIENTS
+    x = frobenius_normalize(matrices[0].bfloat16(), eps=1e-7).T  # 12×9: iterated as 9×12
+    for _ in range(5):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    assert not torch.equal(x.T, bf16_expected[0])
+    torch.testing.assert_close(x.T, bf16_expected[0], rtol=0, atol=0.05)  # the same polynomial, otherwise
+

@@ -123,7 +123,7 @@ _FSDP_SCRIPT = textwrap.dedent("""
         plain = {**kwargs, **{key: None for key in ("rank", "density") if key in kwargs}}
         replica = make_model()
         model = shard(make_model())
-        if not info.shards:  # refuses sharded parameters whatever its settings (Adam-mini's blocks span ranks)
+        if not info.shards:  # refuses sharded parameters whatever its settings
             results[name] = dict(refused=results[name + ":projected"])
             continue
         optimizer = info.cls(model.parameters(), **plain)
@@ -201,7 +201,7 @@ def test_fsdp2_per_element_on_shards_projected_stepped_or_refused(tmp_path) -> N
     reduces over the shards, within 1e-5), with DTensor state that round-trips
     through torch.save / torch.load(weights_only=True); projected weights are accepted where the
     method steps them on row shards, refused with the fix elsewhere."""
-    names = [name for name, info in OPTIMIZERS.items() if not info.zeroth_order]
+    names = [name for name, info in OPTIMIZERS.items() if not info.zeroth_order and info.shards_tested_in is None]
     results = _run_two_ranks(_FSDP_SCRIPT, names, tmp_path)
     for name in names:
         if not OPTIMIZERS[name].shards:
@@ -342,7 +342,8 @@ _ZO_DCP_SCRIPT = textwrap.dedent("""
     # sharded runs had; zeroth-order: the same batch on every rank, whose mean loss is then exact
     # on 2 and on 3 ranks, so the whole run does not depend on the world size).
     FIRST, MORE = 2, 2
-    first_order = [name for name, info in OPTIMIZERS.items() if not info.zeroth_order and info.shards]
+    first_order = [name for name, info in OPTIMIZERS.items()
+                   if not info.zeroth_order and info.shards and info.shards_tested_in is None]
     makers = {name: (lambda m, info=OPTIMIZERS[name]: info.cls(m.parameters(), **{
         **info.sample_kwargs, "backend": "torch", **{key: None for key in ("rank", "density") if key in info.sample_kwargs}}))
         for name in first_order}
@@ -454,7 +455,8 @@ def test_dcp_checkpoint_resumes_on_another_world_size(fsdp2_zeroth_order_runs) -
     uninterrupted unsharded run. Another optimizer's checkpoint is refused."""
     for result in fsdp2_zeroth_order_runs[3]:
         resumed = {key: value for key, value in result.items() if key.startswith("resumed:") and key != "resumed:wrong"}
-        assert len(resumed) == len([n for n, i in OPTIMIZERS.items() if not i.zeroth_order and i.shards]) + 2
+        assert len(resumed) == len([n for n, i in OPTIMIZERS.items()
+                                    if not i.zeroth_order and i.shards and i.shards_tested_in is None]) + 2
         for name, outcome in resumed.items():
             # GaLore-Adafactor reduces over the shards (sums in another order): within 1e-5.
             cls = OPTIMIZERS.get(name.removeprefix("resumed:"))

@@ -120,7 +120,7 @@ def test_galore_adafactor_small_cases() -> None:
 
 
 @pytest.mark.parametrize("name", ["galore_adamw", "natural_galore", "apollo", "apollo_mini", "frugal", "cosmos",
-                                  "lion", "galore_adafactor"])
+                                  "lion", "galore_adafactor", "adam_mini"])
 def test_one_rank_state_is_the_registry_count(name) -> None:
     """On one rank nothing is sharded: the formulas' state equals the registry's analytic count
     (held to the real state tensors by the contract suite) for the benchmark settings on tiny."""
@@ -152,8 +152,12 @@ def test_sharded_state_shrinks_and_replicated_parts_stay() -> None:
     # MeZO: nothing but q loss differences; a rank-2048 GaLore on 70B's k_proj (1024 rows) is clamped.
     assert fsdp_estimate("mezo", "70b", 64, settings={"n_samples": 4}).cost.steady == Traffic()
     assert fsdp_estimate("mezo", "70b", 64, settings={"n_samples": 4}).steady_extra == Traffic(all_reduce=16)
-    with pytest.raises(ValueError, match="no FSDP formulas for 'adam_mini': Adam-mini refuses FSDP2 shards"):
-        fsdp_estimate("adam_mini", "350m", 8)
+    # Adam-mini on 350m (24 layers, 16 heads of 64): q and k one v per head, the norms one per
+    # tensor, all replicated and their g² sums all-reduced (fp32); rows' v sharded with the rows.
+    mini = fsdp_estimate("adam_mini", "350m", 8, dtype=torch.bfloat16)
+    spanning_blocks = 24 * (2 * 16 + 2) + 1
+    assert mini.cost.steady == Traffic(all_reduce=4 * spanning_blocks)
+    assert mini.cost.replicated == 4 * spanning_blocks + 8 * len(SHAPE_PRESETS["350m"].shapes())
     with pytest.raises(ValueError, match="world"):
         fsdp_estimate("lion", "350m", 0)
 

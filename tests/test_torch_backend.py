@@ -142,6 +142,47 @@ def test_philox_words_equal_the_reference(small_chunks, seed) -> None:
     block = offsets[:2].view(1, 2, 41)
     for ours, theirs in zip(torch_random.philox_words4(seeds, block), reference_random.philox_words4(seeds, block)):
         assert ours.shape == (4, 2, 41) and torch.equal(ours, theirs)
+    # Seeds varying along the offsets' last dimension (not one per leading index): grouped by value.
+    seeds = torch.tensor([seed % 2**62, 3] * 20 + [0]).view(1, 41)
+    for ours, theirs in zip(torch_random.philox_words4(seeds, offsets), reference_random.philox_words4(seeds, offsets)):
+        assert ours.shape == (5, 41) and torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("decay_first", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adamw_takes_torchs_fused_kernel_with_the_same_math(monkeypatch, dtype, decay_first) -> None:
+    """Contiguous tensors of one dtype go through torch._fused_adamw_, whose bias corrections are
+    made exactly 1 (at t = 1e30) so that it computes the reference's HF-Adam step. A mixed-dtype
+    or non-contiguous group still takes the chunked pass. Negative control: with
+    bias corrections of t = 2 the fused path leaves the reference's tolerance."""
+    calls = []
+    fused = torch._fused_adamw_
+    monkeypatch.setattr(torch, "_fused_adamw_", lambda params, *args, **kwargs: (calls.append(len(params)),
+                                                                                 fused(params, *args, **kwargs)))
+    generator = torch.Generator().manual_seed(3)
+    shapes = [(300,), (17, 33), (5, 1, 7)]
+
+    def run(step_field):
+        monkeypatch.setattr(torch_galore, "_NO_BIAS_CORRECTION_STEP", step_field)
+        params, grads, exp_avgs = ([torch.randn(s, generator=generator).to(dtype) for s in shapes] for _ in range(3))
+        exp_avg_sqs = [torch.rand(s, generator=generator).to(dtype) for s in shapes]
+        # The chunked pass: a group with fp32 moments of a bf16 weight, or with a transposed weight.
+        if dtype == torch.bfloat16:
+            exp_avg_sqs[2] = exp_avg_sqs[2].float()
+        else:
+            params[1] = params[1].T.contiguous().T
+        expected = [[t.clone() for t in ts] for ts in (params, exp_avgs, exp_avg_sqs)]
+        hparams = dict(step_size=0.01, beta1=0.9, beta2=0.99, eps=1e-6, lr=0.01, weight_decay=0.1,
+                       maximize=True, decay_first=decay_first)
+        reference_galore.adamw_update_(expected[0], grads, expected[1], expected[2], **hparams)
+        torch_galore.adamw_update_(params, grads, exp_avgs, exp_avg_sqs, **hparams)
+        return (params, exp_avgs, exp_avg_sqs), expected
+
+    _assert_same_outputs(*run(torch_galore._NO_BIAS_CORRECTION_STEP))
+    assert calls == [2]  # the two other groups, in one call
+    if dtype == torch.float32:  # (bf16 rounds away the difference of an update of 0.01)
+        with pytest.raises(AssertionError):
+            _assert_same_outputs(*run(2.0))
 
 
 @pytest.fixture
@@ -218,3 +259,91 @@ def test_compile_policy_is_checked(monkeypatch) -> None:
     assert not pass_.wanted([large.to("meta")])
     monkeypatch.setenv(compiled.COMPILE_ENV, "never")
     assert not pass_.wanted([large])
+
+
+# ---- the compiled zeroth-order pass ----------------------------------------------------------
+
+def _zo_pass_case(generator):
+    """Tensors with a whole slice and a tail, a dense transposed one and a small one (the tails
+    share one scratch slice), their stream offsets (from 5 chunks on) and mask layout."""
+    from memzoo.reference.zeroth_order import CHUNK, MASK_BYTES_PER_CHUNK
+    from memzoo.triton_kernels.torch_backend import compiled as compile_policy
+    from memzoo.triton_kernels.torch_backend import zeroth_order_compiled as compiled
+
+    params = [torch.randn(compiled.SLICE + 300, generator=generator),
+              torch.randn(40, 31, generator=generator).t(), torch.randn(512, generator=generator)]
+    chunks = [-(-p.numel() // CHUNK) for p in params]
+    starts = [sum(chunks[:index]) for index in range(len(params))]
+    mask_bits = torch.randint(0, 256, (sum(chunks) * MASK_BYTES_PER_CHUNK,), generator=generator,
+                              dtype=torch.int32).to(torch.uint8)
+    return (params, [(5 + start) * CHUNK for start in starts], [start * MASK_BYTES_PER_CHUNK for start in starts],
+            mask_bits)
+
+
+ZO_PASSES = {  # a step's perturbation, an update pass (decay, QZO's clamp), Sparse-MeZO's first pass
+    "perturb": dict(from_sign=0, to_sign=1),
+    "update": dict(from_sign=-1, to_sign=0, coefficients=torch.tensor([2e-2]), decay=0.99, clamp_min=-0.5),
+    "mask": dict(from_sign=0, to_sign=1, thresholds=[0.5, 1.0, float("inf")], write_mask=True),
+}
+
+
+def _run_zo_passes(function, params, stream_offsets, mask_offsets, mask_bits):
+    for name, kwargs in ZO_PASSES.items():
+        masks = dict(mask_bits=mask_bits, mask_offsets=mask_offsets) if "thresholds" in kwargs else {}
+        function(params, stream_offsets, seed=2**40 + 17, eps=1e-2, **kwargs, **masks)
+
+
+def test_compiled_zeroth_order_pass_is_bit_identical_to_the_reference(monkeypatch) -> None:
+    """With MEMZOO_TORCH_COMPILE=always (auto: from 4M elements) a CPU pass runs compiled slices;
+    parameters and mask bits equal the reference's exactly (torch.equal, no tolerance), whole
+    slices and gathered tails."""
+    from memzoo.reference import zeroth_order as reference_zo
+    from memzoo.triton_kernels.torch_backend import zeroth_order as torch_zo
+    from memzoo.triton_kernels.torch_backend import compiled as compile_policy
+    from memzoo.triton_kernels.torch_backend import zeroth_order_compiled as compiled
+
+    monkeypatch.setenv(compile_policy.COMPILE_ENV, "always")
+    params, stream_offsets, mask_offsets, mask_bits = _zo_pass_case(torch.Generator().manual_seed(3))
+    expected = [p.clone() for p in params], mask_bits.clone()
+    _run_zo_passes(reference_zo.zo_apply_, expected[0], stream_offsets, mask_offsets, expected[1])
+    _run_zo_passes(torch_zo.zo_apply_, params, stream_offsets, mask_offsets, mask_bits)
+    for actual, wanted in zip(params, expected[0]):
+        assert actual.stride() == wanted.stride() and torch.equal(actual, wanted)
+    assert torch.equal(mask_bits, expected[1])
+    if compiled._failure:
+        pytest.skip(f"torch.compile is not available here ({compiled._failure[0]}): checked the eager fallback")
+    assert {"philox", "dense", "write"} <= set(compiled._compiled)
+
+
+def test_zeroth_order_pass_falls_back_to_eager_when_compiling_fails(monkeypatch) -> None:
+    """No C++ compiler (or any compile error): one RuntimeWarning saying so, then every pass runs
+    eagerly with the same results; small passes and several-seed updates never compile."""
+    from memzoo.reference import zeroth_order as reference_zo
+    from memzoo.triton_kernels.torch_backend import zeroth_order as torch_zo
+    from memzoo.triton_kernels.torch_backend import compiled as compile_policy
+    from memzoo.triton_kernels.torch_backend import zeroth_order_compiled as compiled
+
+    monkeypatch.setenv(compile_policy.COMPILE_ENV, "auto")
+    assert not compiled.compiles([torch.zeros(1000)], ())
+    assert not compiled.compiles([torch.zeros(compile_policy.MIN_NUMEL)], (7,))
+    assert compiled.compiles([torch.zeros(compile_policy.MIN_NUMEL // 2)] * 2, ())
+    monkeypatch.setenv(compile_policy.COMPILE_ENV, "never")
+    assert not compiled.compiles([torch.zeros(compile_policy.MIN_NUMEL)], ())
+
+    def no_compiler(function, **options):
+        def compiled_function(*args):
+            raise RuntimeError("InductorError: CppCompileError: C++ compile error\nc++: not found")
+        return compiled_function
+
+    monkeypatch.setenv(compile_policy.COMPILE_ENV, "always")
+    monkeypatch.setattr(compiled, "_compiled", {})
+    monkeypatch.setattr(compiled, "_failure", [])
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    params, stream_offsets, mask_offsets, mask_bits = _zo_pass_case(torch.Generator().manual_seed(4))
+    expected = [p.clone() for p in params], mask_bits.clone()
+    _run_zo_passes(reference_zo.zo_apply_, expected[0], stream_offsets, mask_offsets, expected[1])
+    with pytest.warns(RuntimeWarning, match="torch.compile of the zeroth-order pass failed .*RuntimeError") as caught:
+        _run_zo_passes(torch_zo.zo_apply_, params, stream_offsets, mask_offsets, mask_bits)
+    assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
+    assert all(torch.equal(actual, wanted) for actual, wanted in zip(params, expected[0]))
+    assert torch.equal(mask_bits, expected[1])

@@ -1,24 +1,45 @@
 """COSMOS math on the ``"torch"`` backend; twin of :mod:`memzoo.reference.cosmos`.
 
-Not rewritten yet: every function is the reference"s own (its dense AdamW branch is
-:func:`memzoo.triton_kernels.torch_backend.galore.adamw_update_`, through the galore family).
+What the twin changes (the math is the reference's; only roundings differ, within the
+tolerances the kernel tests document in ``tests/kernel_cases.py``):
+
+- :func:`orthogonalize_` runs Newton–Schulz on the matrices of one (shape, dtype, device) as one
+  batch, and each iteration in Muon's form X ← a·X + (b·A + c·A²)·X, A = X·Xᵀ: three batched
+  GEMMs whose combinations are their ``beta``/``alpha`` (``baddbmm``), no element-wise pass and
+  no temporary (the reference's X ← a·X + b·A·X + c·A·(A·X) has three GEMMs of X's size plus
+  five element-wise passes). Each GEMM rounds once to the iteration dtype (the reference rounds
+  after every operation), which in bf16 is about half as far from the float64 iteration; and
+  A·A is min(m, n)³ instead of min(m, n)²·max(m, n).
+- :func:`cosmos_directions_` updates M in place and forms Ĝ and the residual with one m×n
+  temporary (the residual's projection subtracted by ``addmm``).
+- :func:`cosmos_apply_` adds N·Uᵀ onto the scaled complement by ``addmm`` and steps the weight
+  in place.
+
+The subspace tracking (eigh, QR) is the reference's own; the dense AdamW branch is
+:func:`memzoo.triton_kernels.torch_backend.galore.adamw_update_`, through the galore family.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
 from memzoo.reference.cosmos import (
     NS_COEFFICIENTS,
     NS_DTYPES,
-    cosmos_apply_,
+    Orthogonalize,
+    _check_shapes,
+    _compute_dtype,
+    check_orthogonalize_arguments,
     cosmos_basis_init,
     cosmos_basis_update,
-    cosmos_directions_,
-    cosmos_update_,
     frobenius_normalize,
     newton_schulz5,
-    orthogonalize_,
     power_of_two_scale,
 )
+from memzoo.reference.cosmos import cosmos_update_ as _reference_update_
 
 __all__ = [
     "NS_COEFFICIENTS",
@@ -33,3 +54,142 @@ __all__ = [
     "orthogonalize_",
     "power_of_two_scale",
 ]
+
+
+@torch.no_grad()
+def orthogonalize_(matrices: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], *, steps: int = 5,
+                   eps: float = 1e-7) -> None:
+    """outputs[i] ← NS5(matrices[i]) in outputs[i]'s dtype, as
+    :func:`memzoo.reference.cosmos.orthogonalize_` and rounded as it: the iteration runs in
+    place, its products written into work buffers shared by the matrices of one (shape, dtype,
+    device) of the call."""
+    check_orthogonalize_arguments(matrices, outputs, steps)
+    a, b, c = NS_COEFFICIENTS
+    workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    for matrix, output in zip(matrices, outputs):
+        x = frobenius_normalize(matrix.to(output.dtype), eps=eps)  # a new tensor: the iteration's own
+        transposed = x.shape[0] > x.shape[1]
+        if transposed:  # a transposed view, as the reference's: the products depend on the layout
+            x = x.T
+        key = (tuple(x.shape), x.dtype, x.device)
+        if key not in workspaces:
+            workspaces[key] = tuple(x.new_empty(shape) for shape in ((x.shape[0], x.shape[0]), x.shape, x.shape))
+        gram, product, second = workspaces[key]
+        for _ in range(steps):
+            torch.mm(x, x.T, out=gram)  # A = X·Xᵀ
+            torch.mm(gram, x, out=product)  # P = A·X
+            torch.mm(gram, product, out=second)  # A·P
+            # X' = a·X + b·P + c·A·P, every operation rounded as the reference's expression.
+            x.mul_(a).add_(product.mul_(b)).add_(second.mul_(c))
+        output.copy_(x.T if transposed else x)
+
+
+@torch.no_grad()
+def cosmos_directions_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    basis: torch.Tensor,
+    residual: torch.Tensor | None,
+    *,
+    step: int,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    maximize: bool = False,
+) -> torch.Tensor:
+    """:func:`memzoo.reference.cosmos.cosmos_directions_` with M updated in place (when it is
+    kept in the compute dtype) and one m×n temporary, Ĝ, which becomes the residual."""
+    m, n = param.shape
+    rank = basis.shape[1]
+    _check_shapes(param, (("grad", grad, (m, n)), ("exp_avg", exp_avg, (m, n)), ("exp_avg_sq", exp_avg_sq, (m, rank)),
+                          ("basis", basis, (n, rank)), ("residual", residual, (m, n))))
+    dtype = _compute_dtype(param, grad, basis)
+    g = grad.to(dtype)
+    sign = -1.0 if maximize else 1.0  # G = ∓grad, folded into the additions (negation is exact)
+    u = basis.to(dtype)
+    bias1 = (1.0 - beta1**step) / (1.0 - beta1)
+    bias2 = 1.0 - beta2**step
+    # (1) M ← β1·M + G, rounded as the reference's expression.
+    momentum = exp_avg.mul_(beta1) if exp_avg.dtype == dtype else exp_avg.to(dtype) * beta1
+    momentum.add_(g, alpha=sign)
+    # (2) V ← β2·V + (1−β2)(GU)²: only the square of G·U is used, so the sign does not matter.
+    projected = g @ u
+    second = exp_avg_sq.to(dtype) * beta2 + (1.0 - beta2) * projected * projected
+    mixed = torch.mul(momentum, beta1).add_(g, alpha=sign).div_(1.0 + beta1 * bias1)  # (3) Ĝ
+    mixed_low = mixed @ u
+    if residual is not None:  # (5) Ĝ − Ĝ·U·Uᵀ, in Ĝ's storage
+        residual.copy_(mixed.addmm_(mixed_low, u.T, alpha=-1.0))
+    if momentum is not exp_avg:
+        exp_avg.copy_(momentum)
+    exp_avg_sq.copy_(second)
+    return mixed_low / (second.sqrt() / math.sqrt(bias2) + eps)  # (4) A = N·Uᵀ
+
+
+@torch.no_grad()
+def cosmos_apply_(
+    param: torch.Tensor,
+    low_rank: torch.Tensor,
+    basis: torch.Tensor,
+    orthogonal: torch.Tensor | None,
+    *,
+    lr: float,
+    lr_ratio: float,
+    gamma: float,
+    eps: float,
+    weight_decay: float,
+    norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    whole_rows: int | None = None,
+) -> None:
+    """:func:`memzoo.reference.cosmos.cosmos_apply_` with one m×n temporary:
+    D = γ·√(mn)·O/(‖O‖ + ε) + N·Uᵀ (``addmm``), then W ← W·(1 − lr·λ) − lr·ρ·√(mn)·D/(‖D‖ + ε)
+    in place when W is in the compute dtype. ``norm`` and ``whole_rows`` as the reference's
+    (row shards)."""
+    m, n = param.shape if param.dim() == 2 else (-1, -1)
+    _check_shapes(param, (("low_rank", low_rank, (m, basis.shape[-1])), ("basis", basis, (n, basis.shape[-1])),
+                          ("orthogonal", orthogonal, (m, n))))
+    dtype = _compute_dtype(param, low_rank, basis)
+    scale = math.sqrt((m if whole_rows is None else whole_rows) * n)
+    frobenius = torch.Tensor.norm if norm is None else norm
+    if orthogonal is None:
+        update = low_rank.to(dtype) @ basis.to(dtype).T
+    else:
+        o = orthogonal.to(dtype)
+        update = torch.mul(o, gamma * scale).div_(frobenius(o) + eps)
+        update.addmm_(low_rank.to(dtype), basis.to(dtype).T)
+    update_norm = frobenius(update)
+    update.mul_(lr * lr_ratio * scale).div_(update_norm + eps)
+    if param.dtype == dtype:  # (6) decay first, then the normalized step
+        param.mul_(1.0 - lr * weight_decay).sub_(update)
+    else:
+        param.copy_(param.to(dtype).mul_(1.0 - lr * weight_decay).sub_(update))
+
+
+@torch.no_grad()
+def cosmos_update_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    basis: torch.Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    gamma: float,
+    lr_ratio: float,
+    weight_decay: float,
+    maximize: bool = False,
+    ns_dtype: torch.dtype = torch.bfloat16,
+    orthogonalize: Orthogonalize | None = None,
+    apply: Callable[..., None] | None = None,
+    directions: Callable[..., torch.Tensor] | None = None,
+) -> None:
+    """:func:`memzoo.reference.cosmos.cosmos_update_` with this module's stages (unless given)."""
+    _reference_update_(param, grad, exp_avg, exp_avg_sq, basis, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                       gamma=gamma, lr_ratio=lr_ratio, weight_decay=weight_decay, maximize=maximize,
+                       ns_dtype=ns_dtype, orthogonalize=orthogonalize or orthogonalize_,
+                       apply=apply or cosmos_apply_, directions=directions or cosmos_directions_)

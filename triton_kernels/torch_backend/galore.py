@@ -100,6 +100,47 @@ def galore_adam_project_(
     for_each_chunk((projected, exp_avgs, exp_avg_sqs, updates), update_chunk, whole, buffers=4)
 
 
+# torch's fused AdamW kernel reads each tensor's step count to form its bias corrections
+# 1 − β^t; at t = 1e30 both are exactly 1 for every β < 1 (β^t underflows to 0), so the kernel
+# computes m/(√v + ε) with our ε and step size unchanged.
+_NO_BIAS_CORRECTION_STEP = 1e30
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)  # not DTensors or other subclasses
+
+
+def _fused_adamw_(lists: dict[str, list[torch.Tensor]], *, step_size: float, beta1: float, beta2: float, eps: float,
+                  decay: float, maximize: bool, decay_first: bool) -> tuple[list[torch.Tensor], ...]:
+    """Step by ``torch._fused_adamw_`` (one pass over memory per tensor, torch's own vectorized
+    AdamW) the tensors it takes: contiguous, one dtype per parameter (moments stored in the
+    parameter's dtype), no tensor subclass; return the lists of the others.
+
+    The same math as the reference: with both bias corrections exactly 1 the kernel computes
+    W ← W·(1 − lr_k·λ_k) − lr_k·m/(√v + ε). Decay first (torch's order): lr_k = step_size and
+    lr_k·λ_k = lr·λ. Decay after the update (GaLore's): (W − u)(1 − lr·λ) = W(1 − lr·λ) −
+    u·(1 − lr·λ), so lr_k = step_size·(1 − lr·λ). Rounding differs from the reference's by the
+    order of a product (m by lerp, the decay's factor), within its tolerances."""
+    fused_step = step_size if decay_first else step_size * (1.0 - decay)
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0) or (decay != 0.0 and fused_step == 0.0):
+        return tuple(lists.values())
+    fused: dict[tuple[torch.device, torch.dtype], list[tuple[torch.Tensor, ...]]] = {}
+    rest: list[tuple[torch.Tensor, ...]] = []
+    for group in zip(*lists.values()):
+        param = group[0]
+        if (param.numel() and param.dtype in _FUSED_DTYPES and param.device.type in ("cpu", "cuda")
+                and all(type(t) in _PLAIN_TENSORS and t.dtype == param.dtype and t.device == param.device
+                        and t.is_contiguous() for t in group)):
+            fused.setdefault((param.device, param.dtype), []).append(group)
+        else:
+            rest.append(group)
+    for (device, _), groups in fused.items():
+        steps = [torch.full((), _NO_BIAS_CORRECTION_STEP, dtype=torch.float32, device=device)] * len(groups)
+        params, grads, exp_avgs, exp_avg_sqs = (list(tensors) for tensors in zip(*groups))
+        torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=fused_step, beta1=beta1,
+                            beta2=beta2, weight_decay=decay / fused_step if decay != 0.0 else 0.0, eps=eps,
+                            amsgrad=False, maximize=maximize)
+    return tuple(list(tensors) for tensors in zip(*rest)) if rest else tuple([] for _ in lists)
+
+
 @torch.no_grad()
 def adamw_update_(
     params: torch.Tensor | Sequence[torch.Tensor],
@@ -125,6 +166,8 @@ def adamw_update_(
                    maximize=maximize, decay_first=decay_first)
     sign_g = -1.0 if maximize else 1.0
     decay = lr * weight_decay
+    lists = _fused_adamw_(lists, step_size=step_size, beta1=beta1, beta2=beta2, eps=eps, decay=decay,
+                          maximize=maximize, decay_first=decay_first)
 
     def update(scratch: Scratch, chunk: tuple[torch.Tensor, ...]) -> None:
         param, grad, exp_avg, exp_avg_sq = chunk
@@ -141,8 +184,7 @@ def adamw_update_(
             if value is not out:
                 out.copy_(value)
 
-    for_each_chunk(tuple(lists.values()), update, lambda group: reference.adamw_update_(*group, **hparams),
-                   buffers=5)
+    for_each_chunk(lists, update, lambda group: reference.adamw_update_(*group, **hparams), buffers=5)
 
 
 def as_weight_matrix(param: torch.Tensor) -> torch.Tensor | None:

@@ -90,8 +90,17 @@ def _words4_per_seed(seed: torch.Tensor,
                      offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`philox_words4` for a tensor of seeds broadcast against ``offsets``: one chunked pass
     per distinct seed (a batched refresh draws one stream per matrix; one host read of the seeds)."""
-    seeds, offsets = torch.broadcast_tensors(seed.to(device=offsets.device, dtype=torch.int64),
-                                             offsets.to(torch.int64))
+    seed = seed.to(device=offsets.device, dtype=torch.int64)
+    seeds, offsets = torch.broadcast_tensors(seed, offsets.to(torch.int64))
+    if seeds.dim() and seed.dim() == seeds.dim() and all(size == 1 for size in seed.shape[1:]):
+        # One seed per leading index (a batch's sketches: seeds (B, 1), offsets (L,)): one pass
+        # per row, without sorting and searching a seed tensor of the batch's size.
+        rows = offsets.reshape(seeds.shape[0], -1)
+        words = [torch.empty(rows.shape, dtype=torch.int32, device=rows.device) for _ in range(4)]
+        for index, value in enumerate(seed.reshape(-1).tolist()):
+            for word, part in zip(words, philox_words4(value, rows[index])):
+                word[index].copy_(part)
+        return tuple(word.view(offsets.shape) for word in words)
     seeds, flat = seeds.reshape(-1), offsets.reshape(-1)
     words = [torch.empty(flat.numel(), dtype=torch.int32, device=flat.device) for _ in range(4)]
     for value in seeds.unique().tolist():
