@@ -766,6 +766,11 @@ class MemzooOptimizer(torch.optim.Optimizer):
         laid out on this run's shards; None when it can (DCP reshards DTensor state)."""
         return None
 
+    def _reshard_loaded(self, state: dict[int, dict[str, Any]]) -> None:
+        """Rewrite, in place, state that ``torch.distributed.checkpoint`` read from another world
+        size into this run's layout before :meth:`load_state_dict` checks it (parameter index →
+        state key → value); nothing to do where DCP reshards DTensor state itself."""
+
     def _numeric_groups(self) -> list[dict[str, Any]]:
         """The param groups as a step reads them: a Tensor lr (accepted as torch.optim does)
         becomes a Python float here, at the boundary, because the kernels take scalars (one host

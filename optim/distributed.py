@@ -231,9 +231,11 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, checkpoint_id: str | 
     ``ValueError`` and changes nothing. Every rank calls this (it is a collective), as
     ``dcp.load``; ``storage_reader`` replaces the default ``FileSystemReader(checkpoint_id)``.
 
-    State that cannot be laid out on this run's shards is refused with a ``ValueError`` before
-    anything is loaded (8-bit moments of row-sharded weights, quantized in blocks of each rank's
-    rows, saved on another world size: see ``MemzooOptimizer._resharding_problem``).
+    8-bit moments of row-sharded weights, quantized in blocks of each rank's rows, saved on
+    another world size are decoded with the saved blocks and encoded again in this run's
+    (``MemzooOptimizer._reshard_loaded``): one more 8-bit quantization error per value, where the
+    same world size loads bitwise. State that cannot be laid out on this run's shards is refused
+    with a ``ValueError`` before anything is loaded (``MemzooOptimizer._resharding_problem``).
 
     Works for any optimizer whose ``state_dict`` keys its state by parameter index (memzoo's,
     torch.optim's); the parameters must be given in the same order as when saving.
@@ -286,4 +288,6 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, checkpoint_id: str | 
     if problem:
         raise ValueError(f"the checkpoint's {key!r} cannot be loaded on this world size: {problem}")
     dcp.load(loaded, storage_reader=storage_reader, process_group=process_group)
+    if isinstance(optimizer, MemzooOptimizer):
+        optimizer._reshard_loaded(loaded[key]["state"])
     optimizer.load_state_dict(loaded[key])

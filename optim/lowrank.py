@@ -48,7 +48,7 @@ from memzoo.optim.base import (
     zeros_state,
 )
 from memzoo.optim.projector import Projector, ProjectorSettings, RefreshRequest, compute_refreshes
-from memzoo.optim.quantized_state import MIN_8BIT_SIZE, QuantizedMoment
+from memzoo.optim.quantized_state import BLOCK_SIZE, MIN_8BIT_SIZE, QuantizedMoment
 from memzoo.optim.sharded import RowShard, lay_out_row_state, row_shard, sharding_problem
 from memzoo.reference.common import compute_dtype, hf_adam_step_size
 from memzoo.reference.common import torch_adam_form as reference_torch_adam_form
@@ -371,8 +371,9 @@ class LowRankOptimizer(MemzooOptimizer):
 
     def _resharding_problem(self, saved: Mapping[int, Mapping[str, torch.Size]]) -> str | None:
         """8-bit moments of row-sharded weights are quantized in blocks of each rank's rows (their
-        absmax has one row of block scales per rank): codes saved on another number of shards, or
-        by one process in blocks of the whole moment, cannot be decoded with this run's blocks."""
+        absmax has one row of block scales per rank): saved on another number of row shards they
+        are re-blocked on loading (:meth:`_reshard_loaded`); codes saved by one process in blocks
+        of the whole moment, or row-sharded ones loaded by one process, cannot be."""
         params = [(param, group) for group in self.param_groups for param in group["params"]]
         for index, entry in saved.items():
             param, group = params[index]
@@ -381,17 +382,70 @@ class LowRankOptimizer(MemzooOptimizer):
                 saved_shape = entry.get(f"{name}_absmax")
                 if saved_shape is None or not self._quantized(shape, group):
                     continue
-                expected = self._absmax_shape(shape, self._moment_shard(param, projector))
-                if len(saved_shape) == len(expected) and (len(expected) == 1 or saved_shape[0] == expected[0]):
+                shard = self._moment_shard(param, projector)
+                expected = self._absmax_shape(shape, shard)
+                if len(saved_shape) == len(expected) and (len(expected) == 1 or saved_shape[0] == expected[0]
+                                                          or saved_shape == self._absmax_shape(shape, shard,
+                                                                                               saved_shape[0])):
                     continue
                 layout = lambda shape: (f"{shape[0]} row shards" if len(shape) == 2  # noqa: E731
                                         else "one process or a replicated moment (blocks of the whole moment)")
                 return (f"param {index}'s 8-bit moments (optim_bits=8) were quantized by {layout(saved_shape)} "
                         f"and this run quantizes them by {layout(expected)}: on FSDP2 each rank quantizes its own "
                         f"rows in blocks of its own ('{name}_absmax' holds one row of block scales per rank), which "
-                        "another layout cannot decode. Resume on the world size that saved it (or from per-rank "
+                        "another layout cannot decode. Resume with the layout that saved it (or from per-rank "
                         "torch.save files), or train with optim_bits=32 to reshard")
         return None
+
+    def _reshard_loaded(self, state: dict[int, dict[str, Any]]) -> None:
+        """Re-block 8-bit moments of row-sharded weights that DCP read from another world size:
+        the codes arrive as this rank's rows, the absmax whole, one row of block scales per old
+        rank. Each of this rank's rows is decoded with the scales of the old rank that held it
+        (its rows by torch.chunk of the old world, as FSDP2 shards) and encoded again in this
+        rank's blocks: one more 8-bit quantization error per value (not bitwise)."""
+        params = [(param, group) for group in self.param_groups for param in group["params"]]
+        for index, entry in state.items():
+            param, group = params[index]
+            projector = self._projector(param, group)
+            shard = self._moment_shard(param, projector)
+            if shard is None:
+                continue
+            for name, shape in self._rule_state(param, group, projector)[0].items():
+                absmax = entry.get(f"{name}_absmax")
+                if not isinstance(absmax, torch.Tensor) or not self._quantized(shape, group) or absmax.dim() != 2:
+                    continue
+                if absmax.shape[0] == torch.distributed.get_world_size(shard.group):
+                    continue  # the same blocks: laid out by load_state_dict, bitwise
+                if is_dtensor(absmax):
+                    absmax = absmax.full_tensor()
+                codes = entry[name]
+                rows = local_tensor(codes) if is_dtensor(codes) else codes[shard.offset: shard.offset + shard.rows]
+                values = self._decoded_rows(self.rule.moments[name], rows, absmax.to(rows.device), shard, shape)
+                entry[name], entry[f"{name}_absmax"] = self._quantized_rows(
+                    self.rule.moments[name], values.to(param.device), shard, shape)
+
+    @staticmethod
+    def _decoded_rows(moment: QuantizedMoment, rows: torch.Tensor, absmax: torch.Tensor, shard: RowShard,
+                      shape: torch.Size) -> torch.Tensor:
+        """fp32 values of this rank's ``rows`` of codes of a moment of ``shape`` quantized on
+        ``absmax.shape[0]`` row shards (old rank k: rows from k·⌈m/ranks⌉, its blocks counted from
+        its first row): each old rank's part is decoded with its row of scales."""
+        row_length = math.prod(shape[1:])
+        most_rows = -(-shape[0] // absmax.shape[0])
+        values = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
+        for old_rank in range(absmax.shape[0]):
+            old_offset = min(old_rank * most_rows, shape[0])
+            start = max(old_offset, shard.offset)
+            end = min(old_offset + most_rows, shape[0], shard.offset + shard.rows)
+            if start >= end:
+                continue
+            first = (start - old_offset) * row_length  # its index among the old rank's values
+            lead = first % BLOCK_SIZE  # codes before it in its first block (not decoded: placeholders)
+            part = rows[start - shard.offset: end - shard.offset].reshape(-1)
+            padded = torch.cat([part.new_zeros(lead), part])
+            decoded = moment.decode(padded, absmax[old_rank, first // BLOCK_SIZE:])
+            values[start - shard.offset: end - shard.offset] = decoded[lead:].view(end - start, *shape[1:])
+        return values
 
     def _shard(self, param: torch.Tensor) -> RowShard | None:
         """The rows of the parameter (of the matrix it is projected as: the same dim 0) this rank
@@ -408,14 +462,14 @@ class LowRankOptimizer(MemzooOptimizer):
         return self._shard(param)
 
     @staticmethod
-    def _absmax_shape(shape: torch.Size, shard: RowShard | None) -> torch.Size:
+    def _absmax_shape(shape: torch.Size, shard: RowShard | None, ranks: int | None = None) -> torch.Size:
         """The absmax of an 8-bit moment of ``shape``: one fp32 scale per block of 256 values of the
         flattened moment; of a row-sharded one, (ranks, blocks of the largest shard): each rank
         quantizes its own rows in blocks of its own, into its row (padded), so that no block
-        spans two ranks and DCP saves every rank's scales."""
+        spans two ranks and DCP saves every rank's scales (``ranks``: of another world size)."""
         if shard is None:
             return QuantizedMoment.absmax_shape(shape.numel())
-        ranks = torch.distributed.get_world_size(shard.group)
+        ranks = torch.distributed.get_world_size(shard.group) if ranks is None else ranks
         most_rows = -(-shape[0] // ranks)  # torch.chunk's sizes, as FSDP2 shards
         return torch.Size((ranks, QuantizedMoment.absmax_shape(most_rows * math.prod(shape[1:]))[0]))
 
@@ -427,10 +481,17 @@ class LowRankOptimizer(MemzooOptimizer):
         shard = self._moment_shard(param, projector)
         if shard is None:
             return moment.zeros(shape, param.device)
-        codes, scales = moment.zeros(torch.Size((shard.rows, *shape[1:])), param.device)
+        zeros = torch.zeros((shard.rows, *shape[1:]), dtype=torch.float32, device=param.device)
+        return self._quantized_rows(moment, zeros, shard, shape)
+
+    def _quantized_rows(self, moment: QuantizedMoment, values: torch.Tensor, shard: RowShard,
+                        shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, absmax) of this rank's rows ``values`` of a row-sharded moment of ``shape``,
+        quantized in this rank's blocks into its (padded) row of scales; DTensors sharded like the weight."""
+        codes = torch.empty(values.shape, dtype=torch.uint8, device=values.device)
         absmax_shape = self._absmax_shape(shape, shard)
-        absmax = torch.zeros((1, absmax_shape[1]), dtype=torch.float32, device=param.device)
-        absmax.view(-1)[: scales.numel()] = scales
+        absmax = torch.zeros((1, absmax_shape[1]), dtype=torch.float32, device=values.device)
+        moment.encode_(codes, absmax, values)
         return shard.distribute(codes, shape), shard.distribute(absmax, absmax_shape)
 
     def _projector(self, param: torch.Tensor, group: Mapping[str, Any], key: tuple | None = None) -> Projector | None:
