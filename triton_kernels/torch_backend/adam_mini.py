@@ -23,6 +23,7 @@ from memzoo.reference import adam_mini as reference
 from memzoo.reference.adam_mini import (
     RULES,
     BlockPartition,
+    adam_mini_blocks,
     block_rule,
     check_block_lists,
     check_block_names,
@@ -32,9 +33,9 @@ from memzoo.reference.adam_mini import (
 from memzoo.reference.common import as_tensor_list, compute_dtype
 from memzoo.triton_kernels.torch_backend.elementwise import Scratch, chunk_size
 
-# The partition and the checks are the reference's own.
-__all__ = ["RULES", "BlockPartition", "adam_mini_update_", "block_rule", "check_block_lists", "check_block_names",
-           "decays", "partition"]
+# The partition, the checks and the block math of the FSDP2 step are the reference's own.
+__all__ = ["RULES", "BlockPartition", "adam_mini_blocks", "adam_mini_update_", "block_rule", "check_block_lists",
+           "check_block_names", "decays", "partition"]
 
 # Scratch buffers: g, m, p in the compute dtype.
 _BUFFERS = 3
