@@ -135,7 +135,13 @@ def _fused_adamw_(lists: dict[str, list[torch.Tensor]], *, step_size: float, bet
             fused.setdefault((param.device, param.dtype), []).append(group)
         else:
             rest.append(group)
-    for (device, _), groups in fused.items():
+    for (device, dtype), groups in fused.items():
+        # The scalars the kernel gets: as the reference's, which enter float32 math as float32
+        # values (float64 math: as they are). The kernel reads them in double: an lr 1 ulp of
+        # double apart (a Tensor lr's float32 value) would otherwise step differently.
+        lr_k, decay_k = fused_step, decay
+        if dtype != torch.float64:
+            lr_k, decay_k = (float(torch.tensor(value, dtype=torch.float32)) for value in (fused_step, decay))
         # Every element through the kernel's vector loop: its scalar loop, run on the last numel mod
         # (vector width) elements, rounds differently, so an element's result would depend on where
         # its tensor ends — and an FSDP2 row shard ends elsewhere than the whole tensor. Bodies of
@@ -155,8 +161,8 @@ def _fused_adamw_(lists: dict[str, list[torch.Tensor]], *, step_size: float, bet
                 tails.append((group, padded, body))
         steps = [torch.full((), _NO_BIAS_CORRECTION_STEP, dtype=torch.float32, device=device)] * len(bodies)
         params, grads, exp_avgs, exp_avg_sqs = (list(tensors) for tensors in zip(*bodies))
-        torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=fused_step, beta1=beta1,
-                            beta2=beta2, weight_decay=decay / fused_step if decay != 0.0 else 0.0, eps=eps,
+        torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr_k, beta1=beta1,
+                            beta2=beta2, weight_decay=decay_k / lr_k if decay_k != 0.0 else 0.0, eps=eps,
                             amsgrad=False, maximize=maximize)
         for group, padded, body in tails:
             for t, block in zip(group, padded):
