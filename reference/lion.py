@@ -18,7 +18,7 @@ import torch
 
 from memzoo.reference.common import as_tensor_list, check_parallel_lists, compute_dtype, sign
 
-__all__ = ["lion_update_"]
+__all__ = ["lion_tensor_step_", "lion_update_"]
 
 
 @torch.no_grad()
@@ -43,16 +43,26 @@ def lion_update_(
     grads = as_tensor_list("grads", grads)
     exp_avgs = as_tensor_list("exp_avgs", exp_avgs)
     check_parallel_lists(params=params, grads=grads, exp_avgs=exp_avgs)
-    decay = 1.0 - lr * weight_decay
+    scalars = dict(lr=lr, decay=1.0 - lr * weight_decay, beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2,
+                   one_minus_beta2=1.0 - beta2)
     for param, grad, exp_avg in zip(params, grads, exp_avgs):
-        dtype = compute_dtype(param.dtype, grad.dtype, exp_avg.dtype)
-        g = grad.to(dtype)
-        if maximize:
-            g = -g
-        m = exp_avg.to(dtype)
-        p = param.to(dtype) * decay  # W ← W·(1 − lr·λ), decoupled decay
-        c = m * beta1 + g * (1.0 - beta1)  # c = β1·m + (1 − β1)·g
-        p = p - lr * sign(c)  # W ← W − lr·sign(c); sign(0) = 0, NaN for a non-finite c
-        m = m * beta2 + g * (1.0 - beta2)  # m ← β2·m + (1 − β2)·g
-        param.copy_(p)
-        exp_avg.copy_(m)
+        lion_tensor_step_(param, grad, exp_avg, **scalars, maximize=maximize)
+
+
+def lion_tensor_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, *, lr: float | torch.Tensor,
+                      decay: float | torch.Tensor, beta1: float | torch.Tensor, one_minus_beta1: float | torch.Tensor,
+                      beta2: float | torch.Tensor, one_minus_beta2: float | torch.Tensor, maximize: bool) -> None:
+    """One tensor's Lion step (``decay`` = 1 − lr·λ): the one statement of the math, shared by
+    :func:`lion_update_` (Python floats) and the torch backend's compiled pass (0-d tensors of the
+    compute dtype, the values those floats take in float32 or float64 math)."""
+    dtype = compute_dtype(param.dtype, grad.dtype, exp_avg.dtype)
+    g = grad.to(dtype)
+    if maximize:
+        g = -g
+    m = exp_avg.to(dtype)
+    p = param.to(dtype) * decay  # W ← W·(1 − lr·λ), decoupled decay
+    c = m * beta1 + g * one_minus_beta1  # c = β1·m + (1 − β1)·g
+    p = p - lr * sign(c)  # W ← W − lr·sign(c); sign(0) = 0, NaN for a non-finite c
+    m = m * beta2 + g * one_minus_beta2  # m ← β2·m + (1 − β2)·g
+    param.copy_(p)
+    exp_avg.copy_(m)

@@ -18,31 +18,23 @@ from collections.abc import Sequence
 import torch
 
 from memzoo.reference import lion as reference
-from memzoo.reference.common import as_tensor_list, check_parallel_lists, compute_dtype, sign
+from memzoo.reference.common import as_tensor_list, check_parallel_lists, compute_dtype
+from memzoo.reference.lion import lion_tensor_step_
 from memzoo.triton_kernels.torch_backend.compiled import CompiledPass
 from memzoo.triton_kernels.torch_backend.elementwise import Scratch, for_each_chunk
 
-__all__ = ["lion_update_"]
+__all__ = ["lion_tensor_step_", "lion_update_"]
 
 
 def _lion_pass(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                lr: torch.Tensor, decay: torch.Tensor, beta1: torch.Tensor, one_minus_beta1: torch.Tensor,
                beta2: torch.Tensor, one_minus_beta2: torch.Tensor, maximize: bool) -> None:
-    """The reference's per-tensor step, operation for operation, for :class:`CompiledPass`; the
-    scalars are 0-d tensors of the compute dtype (the values the reference's Python floats take
-    in its float32 or float64 math)."""
+    """The reference's per-tensor step over a list, for :class:`CompiledPass`; the scalars are
+    0-d tensors of the compute dtype (the values the reference's Python floats take in its
+    float32 or float64 math)."""
     for param, grad, exp_avg in zip(params, grads, exp_avgs):
-        dtype = compute_dtype(param.dtype, grad.dtype, exp_avg.dtype)
-        g = grad.to(dtype)
-        if maximize:
-            g = -g
-        m = exp_avg.to(dtype)
-        p = param.to(dtype) * decay
-        c = m * beta1 + g * one_minus_beta1
-        p = p - lr * sign(c)
-        m = m * beta2 + g * one_minus_beta2
-        param.copy_(p)
-        exp_avg.copy_(m)
+        lion_tensor_step_(param, grad, exp_avg, lr=lr, decay=decay, beta1=beta1, one_minus_beta1=one_minus_beta1,
+                          beta2=beta2, one_minus_beta2=one_minus_beta2, maximize=maximize)
 
 
 _COMPILED_LION = CompiledPass(_lion_pass, "Lion pass")

@@ -133,11 +133,6 @@ _STAGES = {name: CompiledPass(fn, "zeroth-order pass", failure=_FAILURE, dynamic
                             ("read", _pass_reading_mask), ("write", _pass_writing_mask))}
 
 
-def _run(name: str, *args: torch.Tensor) -> None:
-    """One compiled stage, or its eager function once compiling has failed (same results)."""
-    _STAGES[name](*args)
-
-
 # -- the driver ------------------------------------------------------------------------------------
 def scratch_bytes(dtype: torch.dtype, slice_numel: int | None = None) -> int:
     """Bytes of the scratch one pass allocates (see the module docstring)."""
@@ -254,17 +249,17 @@ def apply_compiled(params: list[torch.Tensor], stream_offsets: Sequence[int], *,
 def _slice(values: torch.Tensor, slab: _Slab, tables: _Tables, hyper: torch.Tensor, key: torch.Tensor, mode: str,
            mask_bits: torch.Tensor | None) -> None:
     """The three stages over one slice of :data:`SLICE` elements described by ``tables``."""
-    _run("philox", slab.radius, slab.cos, tables.counters, key)
+    _STAGES["philox"](slab.radius, slab.cos, tables.counters, key)
     # The reference's eager calls (module docstring): r = √(−2·ln u1), then cos θ and sin θ.
     slab.radius.log_().mul_(-2.0).sqrt_()
     torch.sin(slab.cos, out=slab.sin)
     slab.cos.cos_()
     if mode == "dense":
-        _run("dense", values, slab.radius, slab.cos, slab.sin, hyper)
+        _STAGES["dense"](values, slab.radius, slab.cos, slab.sin, hyper)
     elif mode == "read":
-        _run("read", values, slab.radius, slab.cos, slab.sin, hyper, mask_bits)
+        _STAGES["read"](values, slab.radius, slab.cos, slab.sin, hyper, mask_bits)
     else:
-        _run("write", values, slab.radius, slab.cos, slab.sin, hyper, mask_bits, tables.thresholds, tables.valid)
+        _STAGES["write"](values, slab.radius, slab.cos, slab.sin, hyper, mask_bits, tables.thresholds, tables.valid)
 
 
 def _flush(slab: _Slab, hyper: torch.Tensor, key: torch.Tensor, mode: str) -> None:
