@@ -59,28 +59,32 @@ __all__ = [
 @torch.no_grad()
 def orthogonalize_(matrices: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], *, steps: int = 5,
                    eps: float = 1e-7) -> None:
-    """outputs[i] ← NS5(matrices[i]) in outputs[i]'s dtype, as
-    :func:`memzoo.reference.cosmos.orthogonalize_` and rounded as it: the iteration runs in
-    place, its products written into work buffers shared by the matrices of one (shape, dtype,
-    device) of the call."""
+    """outputs[i] ← NS5(matrices[i]) in outputs[i]'s dtype, the polynomial of
+    :func:`memzoo.reference.cosmos.orthogonalize_` in Muon's association
+    X ← a·X + (b·A + c·A·A)·X, A = X·Xᵀ (rows ≤ columns): one ``mm`` and two ``addmm`` per
+    iteration, each rounded once to the iteration dtype, in work buffers shared by the matrices
+    of one (shape, dtype, device) of the call. (Batching them by shape with ``baddbmm`` gives the
+    same bits and was no faster on a CPU.) ``matrices`` and ``outputs`` may be the same tensors."""
     check_orthogonalize_arguments(matrices, outputs, steps)
     a, b, c = NS_COEFFICIENTS
-    workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    workspaces: dict[tuple, tuple[torch.Tensor, ...]] = {}
     for matrix, output in zip(matrices, outputs):
         x = frobenius_normalize(matrix.to(output.dtype), eps=eps)  # a new tensor: the iteration's own
         transposed = x.shape[0] > x.shape[1]
-        if transposed:  # a transposed view, as the reference's: the products depend on the layout
+        if transposed:  # iterated as Xᵀ (a view: the first products read it in place)
             x = x.T
+        rows = x.shape[0]
         key = (tuple(x.shape), x.dtype, x.device)
-        if key not in workspaces:
-            workspaces[key] = tuple(x.new_empty(shape) for shape in ((x.shape[0], x.shape[0]), x.shape, x.shape))
-        gram, product, second = workspaces[key]
-        for _ in range(steps):
+        if key not in workspaces:  # A, b·A + c·A², and the iterates (alternately)
+            workspaces[key] = (x.new_empty((rows, rows)), x.new_empty((rows, rows)), x.new_empty(x.shape),
+                               x.new_empty(x.shape))
+        gram, polynomial, *iterates = workspaces[key]
+        for iteration in range(steps):
+            following = iterates[iteration % 2]
             torch.mm(x, x.T, out=gram)  # A = X·Xᵀ
-            torch.mm(gram, x, out=product)  # P = A·X
-            torch.mm(gram, product, out=second)  # A·P
-            # X' = a·X + b·P + c·A·P, every operation rounded as the reference's expression.
-            x.mul_(a).add_(product.mul_(b)).add_(second.mul_(c))
+            torch.addmm(gram, gram, gram, beta=b, alpha=c, out=polynomial)  # b·A + c·A·A
+            torch.addmm(x, polynomial, x, beta=a, out=following)  # a·X + (b·A + c·A²)·X
+            x = following
         output.copy_(x.T if transposed else x)
 
 
