@@ -607,26 +607,31 @@ class LowRankOptimizer(MemzooOptimizer):
 
     def factors_of(self, items: list[WeightStep]) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
         """:meth:`factors` of each item. The kept ``random`` factors that a refresh made stale are
-        drawn for the whole batch at once: one Philox call per (projector, device, dtype, rows)
-        with one stream per weight (:func:`~memzoo.reference.projector.random_basis` given a
-        tensor of seeds), so a refresh step pays one draw of all its weights' normals instead of
-        one per weight; each weight's factors are the ones :meth:`factors` draws alone."""
-        stale: dict[tuple, list[tuple[WeightStep, tuple]]] = {}
-        for item in items:
+        drawn for the whole batch at once: one Philox call per (layout, device, dtype, rows) with
+        one stream per weight (:func:`~memzoo.reference.projector.random_basis` given a tensor of
+        seeds), so a refresh step pays one draw of all its weights' normals instead of one per
+        weight; each weight's factors are the ones :meth:`factors` draws alone."""
+        factors: list[tuple[torch.Tensor | None, torch.Tensor | None] | None] = [None] * len(items)
+        stale: dict[tuple, list[tuple[int, WeightStep, tuple]]] = {}
+        for index, item in enumerate(items):
             if item.projector.settings.projector != "random" or not self._keeps_seeded_factors(item.param.device):
+                factors[index] = self.factors(item)
                 continue
             key = self._kept_key(item)
             kept = self._seeded_factors.get(item.param)
-            if kept is None or kept[0] != key:
-                self._seeded_factors.pop(item.param, None)  # the old factors go before the new ones come
-                stale.setdefault(key[:1] + key[2:], []).append((item, key))
+            if kept is not None and kept[0] == key:
+                factors[index] = kept[1]
+                continue
+            self._seeded_factors.pop(item.param, None)  # the old factors go before the new ones come
+            stale.setdefault(key[:1] + key[2:], []).append((index, item, key))
         for ((_, shape, rank, side), device, dtype, rows), batch in stale.items():
-            seeds = torch.tensor([key[1] for _, key in batch], dtype=torch.int64)
+            seeds = torch.tensor([key[1] for _, _, key in batch], dtype=torch.int64)
             lefts, rights = random_basis(seeds, shape, rank, side, device, dtype, randn=self._randn, rows=rows)
-            for index, (item, key) in enumerate(batch):
-                self._seeded_factors[item.param] = (key, (None if lefts is None else lefts[index],
-                                                          None if rights is None else rights[index]))
-        return [self.factors(item) for item in items]
+            for position, (index, item, key) in enumerate(batch):
+                factors[index] = (None if lefts is None else lefts[position],
+                                  None if rights is None else rights[position])
+                self._seeded_factors[item.param] = (key, factors[index])
+        return factors  # type: ignore[return-value]
 
     @staticmethod
     def _kept_key(item: WeightStep) -> tuple:
