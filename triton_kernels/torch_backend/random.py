@@ -55,11 +55,11 @@ __all__ = ["DRAW_MIN_NUMEL", "SLICE", "box_muller_", "check_seed_offsets", "norm
 # Counters per compiled call (a static shape: one compilation serves every draw); its buffers
 # (16 bytes per counter) stay in L2.
 SLICE = 1 << 16
-# ``auto`` compiles draws of at least this many normals. Per normal, the eager twin takes ~105 ns
-# and the compiled stages ~9 ns (1 thread, bench/RESULTS.md): 64× the ~1.5 ns per element that a
-# compiled update saves at MIN_NUMEL, so a draw of MIN_NUMEL/16 saves ~25 ms, 16× what an update
-# of MIN_NUMEL elements does. Draws that large are the batched refreshes of models from ~60M
-# parameters; small ones (tests, small models) do not wait for a compilation.
+# ``auto`` compiles draws of at least this many normals. Per normal the eager twin takes ~105 ns
+# and the compiled stages ~9 ns (measured on 60m's APOLLO refresh, 1 thread): ~60× the ~1.7 ns per
+# element that compiling Lion's update saves, so a draw of MIN_NUMEL/16 normals saves ~25 ms, more
+# than a compiled update of MIN_NUMEL elements (~7 ms). Draws that large are the batched refreshes
+# of models from ~60M parameters; small ones (tests, small models) do not wait for a compilation.
 DRAW_MIN_NUMEL = MIN_NUMEL // 16
 
 
