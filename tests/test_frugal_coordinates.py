@@ -154,3 +154,38 @@ def test_an_inf_gradient_gives_the_reference_trajectory(dtype) -> None:
         for name in ("exp_avg", "exp_avg_sq"):
             ours, theirs = fast_optimizer.state[a][name], reference_optimizer.state[e][name]
             assert torch.equal(ours.isnan(), theirs.isnan()), (index, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("signed", [True, False])
+def test_compiled_pass_function_is_the_chunked_pass(dtype, signed) -> None:
+    """The function the CompiledPass compiles (run eagerly here; compiling it costs ~30 s) gives
+    the chunked pass's values, per-matrix coefficients included (0: the decay alone)."""
+    generator = torch.Generator().manual_seed(5)
+    weights = [torch.randn(shape, generator=generator).to(dtype) for shape in ((9, 7), (3, 300))]
+    grads = [torch.randn(w.shape, generator=generator).to(dtype) for w in weights]
+    grads[0][1, 2] = 0.0  # sign(0) = 0
+    coefficients, decay = [-0.01, 0.0], 0.02
+    chunked = [w.clone() for w in weights]
+    for weight, grad, coefficient in zip(chunked, grads, coefficients):
+        fast._decay_and_residual_pass([weight], [grad], decay=decay, coefficient=coefficient, signed=signed)
+    fast._residual_pass(weights, grads, [torch.tensor(c) for c in coefficients], torch.tensor(1.0 - decay), signed)
+    for ours, theirs in zip(weights, chunked):
+        torch.testing.assert_close(ours, theirs, rtol=2**-23 if dtype == torch.float32 else 2**-7, atol=0.0)
+
+
+def test_a_failing_compile_falls_back_to_the_chunked_pass(monkeypatch) -> None:
+    """MEMZOO_TORCH_COMPILE=always where compiling fails: one RuntimeWarning, the reference's values."""
+    from memzoo.triton_kernels.torch_backend import compiled
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no C++ compiler (injected)")
+        return run
+
+    monkeypatch.setenv(compiled.COMPILE_ENV, "always")
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(fast, "_COMPILED_RESIDUAL", compiled.CompiledPass(fast._residual_pass, "FRUGAL residual pass"))
+    with pytest.warns(RuntimeWarning, match="FRUGAL residual pass"):
+        _run_both(_case("right"), "right")
+    _run_both(_case("left"), "left")  # no second warning needed: eager from now on

@@ -28,6 +28,7 @@ from memzoo.reference.frugal import (
 )
 from memzoo.reference.galore import FactorList
 from memzoo.reference.projector import matrix_shape, project, selection_factor, side_length
+from memzoo.triton_kernels.torch_backend.compiled import CompiledPass
 from memzoo.triton_kernels.torch_backend.elementwise import Scratch, for_each_chunk
 from memzoo.triton_kernels.torch_backend.galore import adamw_update_, as_weight_matrix, galore_adam_project_
 
@@ -198,7 +199,7 @@ def frugal_coordinates_step_(
     finite_n = [_gather_is_exact(x) for x in _host_values([update.sum() for update in updates])]
     # Stage 3: the update. A non-finite N through the 0/1 products (its NaN rows, as the reference's).
     sign_g = -1.0 if maximize else 1.0
-    passes: dict[float, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    passes: list[tuple[torch.Tensor, torch.Tensor, float]] = []
     selected = []
     for ((position, weight, g), _, (total, inside_sq)), update, ok in zip(fast, updates, finite_n):
         param, chosen = params[position], indices[position]
@@ -220,12 +221,50 @@ def frugal_coordinates_step_(
             saved.sub_(update.mul_(step_size))  # (N is not needed after this)
         selected.append((weight, chosen, saved))
         coefficient = 0.0 if residual_rule == "no" or not kept else -residual_step * sign_g
-        passes.setdefault(coefficient, []).append((weight, g))
-    for coefficient, pairs in passes.items():
-        _decay_and_residual_pass([w for w, _ in pairs], [g for _, g in pairs], decay=decay, coefficient=coefficient,
-                                 signed=residual_rule == "sign_sgd")
+        passes.append((weight, g, coefficient))
+    _residual_passes(passes, decay=decay, signed=residual_rule == "sign_sgd")
     for weight, chosen, saved in selected:  # after the pass, which also wrote them
         weight.index_copy_(dim, chosen, saved.to(weight.dtype))
+
+
+def _residual_pass(weights: list[torch.Tensor], grads: list[torch.Tensor], coefficients: list[torch.Tensor],
+                   keep: torch.Tensor, signed: bool) -> None:
+    """W ← W·keep + c·(sign(G) if ``signed`` else G) per matrix, for :class:`CompiledPass` (one
+    loop over W and G); ``keep`` = 1 − decay and each matrix's c are 0-d tensors of the compute
+    dtype. G is finite here, so torch.sign is memzoo's sign."""
+    for weight, grad, coefficient in zip(weights, grads, coefficients):
+        g = grad.to(keep.dtype)
+        term = torch.sign(g) if signed else g
+        weight.copy_(weight.to(keep.dtype) * keep + coefficient * term)
+
+
+_COMPILED_RESIDUAL = CompiledPass(_residual_pass, "FRUGAL residual pass")
+
+
+def _residual_passes(passes: list[tuple[torch.Tensor, torch.Tensor, float]], *, decay: float, signed: bool) -> None:
+    """W ← W·(1 − decay) + c·φ(G) for each (W, G, c): compiled per compute dtype where the
+    :mod:`~memzoo.triton_kernels.torch_backend.compiled` policy says so (one loop instead of a
+    chunk's three; the per-matrix c are tensors, so a threshold decision that flips compiles
+    nothing new), else chunked eagerly, one call per distinct c."""
+    by_dtype: dict[torch.dtype, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
+    for entry in passes:
+        by_dtype.setdefault(compute_dtype(entry[0].dtype, entry[1].dtype), []).append(entry)
+    for dtype, entries in by_dtype.items():
+        def eager(entries: list[tuple[torch.Tensor, torch.Tensor, float]] = entries) -> None:
+            by_coefficient: dict[float, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+            for weight, grad, coefficient in entries:
+                by_coefficient.setdefault(coefficient, []).append((weight, grad))
+            for coefficient, pairs in by_coefficient.items():
+                _decay_and_residual_pass([w for w, _ in pairs], [g for _, g in pairs], decay=decay,
+                                         coefficient=coefficient, signed=signed)
+
+        weights, grads = [entry[0] for entry in entries], [entry[1] for entry in entries]
+        if _COMPILED_RESIDUAL.wanted([*weights, *grads]):
+            coefficients = [torch.tensor(entry[2], dtype=dtype) for entry in entries]
+            _COMPILED_RESIDUAL(weights, grads, coefficients, torch.tensor(1.0 - decay, dtype=dtype), signed,
+                               fallback=eager)
+        else:
+            eager()
 
 
 def _decay_and_residual_pass(weights: list[torch.Tensor], grads: list[torch.Tensor], *, decay: float,
