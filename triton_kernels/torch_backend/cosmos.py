@@ -3,17 +3,20 @@
 What the twin changes (the math is the reference's; only roundings differ, within the
 tolerances the kernel tests document in ``tests/kernel_cases.py``):
 
-- :func:`orthogonalize_` runs Newton–Schulz on the matrices of one (shape, dtype, device) as one
-  batch, and each iteration in Muon's form X ← a·X + (b·A + c·A²)·X, A = X·Xᵀ: three batched
-  GEMMs whose combinations are their ``beta``/``alpha`` (``baddbmm``), no element-wise pass and
-  no temporary (the reference's X ← a·X + b·A·X + c·A·(A·X) has three GEMMs of X's size plus
-  five element-wise passes). Each GEMM rounds once to the iteration dtype (the reference rounds
-  after every operation), which in bf16 is about half as far from the float64 iteration; and
-  A·A is min(m, n)³ instead of min(m, n)²·max(m, n).
-- :func:`cosmos_directions_` updates M in place and forms Ĝ and the residual with one m×n
-  temporary (the residual's projection subtracted by ``addmm``).
-- :func:`cosmos_apply_` adds N·Uᵀ onto the scaled complement by ``addmm`` and steps the weight
-  in place.
+- :func:`orthogonalize_` runs each Newton–Schulz iteration in Muon's form
+  X ← a·X + (b·A + c·A²)·X, A = X·Xᵀ: one ``mm`` and two ``addmm`` whose ``beta``/``alpha`` are
+  the combination, in work buffers shared by the matrices of one (shape, dtype, device), no
+  element-wise pass (the reference's X ← a·X + b·A·X + c·A·(A·X) has three GEMMs of X's size
+  plus five element-wise passes). Each GEMM rounds once to the iteration dtype (the reference
+  rounds after every operation), which in bf16 is about half as far from the float64 iteration
+  (tests/test_cosmos.py), but not the reference's bits: registry trajectories allow for it
+  (``backend_trajectory_atol``). A·A is min(m, n)³ instead of min(m, n)²·max(m, n). Batching
+  the matrices of one shape (``baddbmm``) gave the same bits and was no faster on a CPU.
+- :func:`cosmos_directions_` updates M in place (the reference's rounding: FSDP2 row shards
+  step M with the reference's code) and forms Ĝ·c and the residual in one m×n temporary, the
+  normalization 1/c folded into the m×r coordinates and the residual's rounding.
+- :func:`cosmos_apply_` forms D/f = O + (N/f)·Uᵀ (f = γ·√(mn)/(‖O‖ + ε)) in one temporary
+  and steps the weight by ``addcmul_`` with a 0-d factor (no host sync).
 
 The subspace tracking (eigh, QR) is the reference's own; the dense AdamW branch is
 :func:`memzoo.triton_kernels.torch_backend.galore.adamw_update_`, through the galore family.
