@@ -147,7 +147,7 @@ def frugal_coordinates_step_(
     """Same contract as :func:`memzoo.reference.frugal.frugal_coordinates_step_`, with the
     selection as indices: R = G[:, idx] (rows: G[idx, :]) gathered once, for Adam and for the
     threshold's ‖E‖² = ‖G‖² − ‖R‖² (the reference's float64 formula); W·(1 − decay) − c·φ(G) in
-    one chunked pass over W and G; then the selected columns, saved before the pass, written as
+    one pass over W and G (:func:`_residual_passes`: compiled, or chunked); then the selected columns, saved before the pass, written as
     W·(1 − decay) − η·N (there E = 0). Products with 0/1 factors are exact, so for finite G and N
     these are the reference's values, up to the pass's fused multiply-adds.
 
@@ -155,7 +155,8 @@ def frugal_coordinates_step_(
     (0·Inf = NaN: R, up(N) and E get NaN rows), which a gather does not. A matrix whose ‖G‖² is
     not finite runs the reference's composition with 0/1 factors (this backend's
     :func:`galore_adam_project_` and :func:`frugal_apply_`), as does the update of one whose N is
-    not finite; both are decided by one host synchronization per call."""
+    not finite. Three host synchronizations per call: the indices' check, the ‖G‖² (before Adam)
+    and the ΣN (after it) of all its matrices."""
     params, grads, exp_avgs, exp_avg_sqs, indices = coordinate_step_lists(
         params, grads, exp_avgs, exp_avg_sqs, indices, side, residual_rule, residual_threshold)
     common = dict(side=side, beta1=beta1, beta2=beta2, eps=eps, step_size=step_size, residual_step=residual_step,
