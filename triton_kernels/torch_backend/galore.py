@@ -307,10 +307,7 @@ def natural_gradients(low_rank_grads: torch.Tensor | Sequence[torch.Tensor],
             for index in indices:
                 results[index] = reference.natural_gradient(grads[index], histories[index], damping=damping)
             continue
-        # One chunk's float64 workspace (two (c, k, d + k) buffers) within the element-wise
-        # engine's chunk: in cache on a CPU, where a fresh allocation of many MiB costs more in
-        # page faults than the copy it serves; a few weights per chunk on an accelerator.
-        per_chunk = max(1, chunk_size(device) // (8 * k * (d + k)))
+        per_chunk = _pairs_per_chunk(device, k, d)
         workspace = _NaturalWorkspace(min(per_chunk, len(indices)), k, d, damping, device)
         for start in range(0, len(indices), per_chunk):
             chosen = indices[start:start + per_chunk]
@@ -319,6 +316,14 @@ def natural_gradients(low_rank_grads: torch.Tensor | Sequence[torch.Tensor],
             for index, result in zip(chosen, solved):
                 results[index] = result
     return results  # type: ignore[return-value]
+
+
+def _pairs_per_chunk(device: torch.device, k: int, d: int) -> int:
+    """How many pairs of k×d histories one chunk solves: its float64 workspace (two (c, k, d + k)
+    buffers) within the element-wise engine's scratch (:func:`chunk_size` float32 elements), or
+    one pair. On a CPU that keeps it in cache (a fresh allocation of many MiB costs more in page
+    faults than the copies it serves); an accelerator gets a few weights per chunk."""
+    return max(1, chunk_size(device) // (4 * k * (d + k)))
 
 
 class _NaturalWorkspace:
@@ -341,12 +346,13 @@ def _natural_gradient_chunk(workspace: _NaturalWorkspace, grads: list[torch.Tens
                             damping: float) -> list[torch.Tensor]:
     """g̃ of c pairs of one (k, d) by the reference's float64 math, batched.
 
-    Each pair's finiteness is decided on the device, as the reference decides it: H·g (needed
-    anyway) is non-finite when H holds a NaN or ±Inf (the NaN or Inf reaches every product of
-    its row) and, for finite H and g stored in at most 32 bits, finite (|Hᵢⱼ·gⱼ| ≤ 2²⁵⁶ cannot
-    overflow float64); float64 inputs are checked element by element. A non-finite pair's matrix
-    is zeroed before the factorization (LAPACK is never handed a NaN) and its result is NaN; the
-    other pairs of the chunk are solved as if it were not there."""
+    Each pair's finiteness is decided on the device, as the reference decides it (all of H and g
+    finite), without a pass of its own over H when H and g are stored in at most 32 bits: then
+    H·g, needed anyway, is finite exactly when H is (a NaN or ±Inf reaches every product of its
+    row, and |Hᵢⱼ·gⱼ| < 2²⁵⁶ cannot overflow float64), and so are the sums of g and of H·g;
+    float64 inputs are checked element by element. A non-finite pair's matrix is zeroed before the factorization (LAPACK is never
+    handed a NaN) and its result is NaN; the other pairs of the chunk are solved as if it were
+    not there."""
     count, (k, d) = len(grads), histories[0].shape
     stacked, factored = workspace.stacked[:count], workspace.factored[:count]
     tau, g = workspace.tau[:count], workspace.grads[:count]
@@ -354,9 +360,10 @@ def _natural_gradient_chunk(workspace: _NaturalWorkspace, grads: list[torch.Tens
     torch._foreach_copy_(list(h.unbind(0)), histories)
     torch._foreach_copy_([column.view(-1) for column in g.unbind(0)], [grad.reshape(-1) for grad in grads])
     rhs = torch.bmm(h, g)  # H·g
-    finite = torch.isfinite(g).all(dim=1).squeeze(1) & torch.isfinite(rhs).all(dim=1).squeeze(1)
     if any(t.dtype == torch.float64 for t in (*grads, *histories)):
-        finite &= torch.isfinite(h).flatten(1).all(dim=1)
+        finite = torch.isfinite(g).flatten(1).all(dim=1) & torch.isfinite(h).flatten(1).all(dim=1)
+    else:  # a sum of these float64 values is finite exactly when all of them are
+        finite = torch.isfinite(g.sum(dim=(1, 2)) + rhs.sum(dim=(1, 2)))
     # [Hᵀ; √λ·I] of the finite pairs, zeros of the others, factored in place: R is its top k×k
     # upper triangle (the Householder vectors below the diagonal are not read by the solves).
     torch.where(finite.view(count, 1, 1), stacked, workspace.zero, out=factored)
@@ -365,7 +372,7 @@ def _natural_gradient_chunk(workspace: _NaturalWorkspace, grads: list[torch.Tens
     rhs.masked_fill_(~finite.view(count, 1, 1), 0.0)
     y = torch.linalg.solve_triangular(r, torch.linalg.solve_triangular(r.mT, rhs, upper=False), upper=True)
     result = torch.baddbmm(g, h.mT, y, alpha=-1.0).div_(damping).squeeze(2)  # λ⁻¹·(g − Hᵀ·y)
-    result = torch.where(finite.unsqueeze(1), result, math.nan)
+    result.masked_fill_(~finite.unsqueeze(1), math.nan)
     dtypes = [compute_dtype(grad.dtype, history.dtype) for grad, history in zip(grads, histories)]
     if len(set(dtypes)) == 1:
         result = result.to(dtypes[0])
