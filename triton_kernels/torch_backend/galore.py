@@ -16,9 +16,8 @@ vectors are the reference's own.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -31,9 +30,9 @@ from memzoo.reference.galore import (
     adafactor_lr,
     adafactor_update_,
     as_matrix,
+    check_history,
     check_low_rank_shapes,
     galore_adafactor_project_,
-    check_history,
     low_rank_lists,
     natural_gradient_lists,
     project,
@@ -350,9 +349,9 @@ def _natural_gradient_chunk(workspace: _NaturalWorkspace, grads: list[torch.Tens
     finite), without a pass of its own over H when H and g are stored in at most 32 bits: then
     H·g, needed anyway, is finite exactly when H is (a NaN or ±Inf reaches every product of its
     row, and |Hᵢⱼ·gⱼ| < 2²⁵⁶ cannot overflow float64), and so are the sums of g and of H·g;
-    float64 inputs are checked element by element. A non-finite pair's matrix is zeroed before the factorization (LAPACK is never
-    handed a NaN) and its result is NaN; the other pairs of the chunk are solved as if it were
-    not there."""
+    float64 inputs are checked element by element. A non-finite pair's matrix is zeroed before
+    the factorization (LAPACK is never handed a NaN) and its result is NaN; the other pairs of
+    the chunk are solved as if it were not there."""
     count, (k, d) = len(grads), histories[0].shape
     stacked, factored = workspace.stacked[:count], workspace.factored[:count]
     tau, g = workspace.tau[:count], workspace.grads[:count]
