@@ -368,10 +368,10 @@ def _natural_gradient_chunk(workspace: _NaturalWorkspace, grads: list[torch.Tens
     torch.where(finite.view(count, 1, 1), stacked, workspace.zero, out=factored)
     torch.geqrf(factored.mT, out=(factored.mT, tau))  # RᵀR = λI + H·Hᵀ
     r = factored.mT[:, :k, :]
-    rhs.masked_fill_(~finite.view(count, 1, 1), 0.0)
+    # (The triangular solves are BLAS's: a non-finite pair's H·g just gives NaN, replaced below.)
     y = torch.linalg.solve_triangular(r, torch.linalg.solve_triangular(r.mT, rhs, upper=False), upper=True)
     result = torch.baddbmm(g, h.mT, y, alpha=-1.0).div_(damping).squeeze(2)  # λ⁻¹·(g − Hᵀ·y)
-    result.masked_fill_(~finite.unsqueeze(1), math.nan)
+    result.masked_fill_(finite.logical_not().unsqueeze(1), math.nan)
     dtypes = [compute_dtype(grad.dtype, history.dtype) for grad, history in zip(grads, histories)]
     if len(set(dtypes)) == 1:
         result = result.to(dtypes[0])
