@@ -379,6 +379,48 @@ FRUGAL_APPLY = KernelPair(
 )
 
 
+def _frugal_coordinates_case(shapes, dtypes, device, generator, hparams, layout="contiguous") -> KernelCase:
+    """Weights, gradients, Adam moments of R (v ≥ 0) and the selected columns (rows) of each."""
+    from memzoo.reference.projector import matrix_shape, random_coordinates, side_length
+
+    shapes, side, rank, hparams = _galore_batch(shapes, hparams)
+    state_dtype = dtypes.get("state") or dtypes["param"]
+    params, grads, exp_avgs, exp_avg_sqs, indices = [], [], [], [], []
+    for shape in shapes:
+        m, n = matrix_shape(shape)
+        size = side_length((m, n), side)
+        seed = int(torch.randint(0, 2**31, (), generator=generator))
+        chosen = random_coordinates(seed, size, min(rank, size)).to(device)
+        low_rank = (m, chosen.numel()) if side == "right" else (chosen.numel(), n)
+        params.append(make_tensor(shape, dtypes["param"], device, generator, layout))
+        grads.append(make_tensor(shape, dtypes["param"], device, generator, layout))
+        exp_avgs.append(make_tensor(low_rank, state_dtype, device, generator, layout))
+        exp_avg_sqs.append(make_tensor(low_rank, state_dtype, device, generator, layout).abs_())
+        indices.append(chosen)
+    return KernelCase(args=(params, grads, exp_avgs, exp_avg_sqs, indices), kwargs={"side": side, **hparams},
+                      outputs=(0, 2, 3))
+
+
+def _frugal_coordinates_bytes(case: KernelCase) -> int:
+    params, grads, exp_avgs, exp_avg_sqs, indices = case.args
+    return sum(2 * p.nbytes + g.nbytes + 2 * (m.nbytes + v.nbytes) + i.nbytes
+               for p, g, m, v, i in zip(params, grads, exp_avgs, exp_avg_sqs, indices))
+
+
+# The whole update of RandK (coordinate) subspaces, the selection given as indices.
+FRUGAL_COORDINATES = KernelPair(
+    family="frugal",
+    function="frugal_coordinates_step_",
+    dtype_options={"param": (torch.float32, torch.bfloat16, torch.float16), "state": (None, torch.float32)},
+    bench_hparams={"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "step_size": 1e-3, "residual_step": 1e-3,
+                   "decay": 1e-4, "maximize": False, "residual_threshold": 0.5, "side": "right", "rank": 256,
+                   "residual_rule": "sign_sgd"},
+    make_case=_frugal_coordinates_case,
+    bytes_moved=_frugal_coordinates_bytes,
+    shape_dims=(2, 3),
+)
+
+
 def _adamw_case(shapes, dtypes, device, generator, hparams, layout="contiguous") -> KernelCase:
     state_dtype = dtypes.get("state") or dtypes["param"]
     params = [make_tensor(s, dtypes["param"], device, generator, layout) for s in shapes]
@@ -527,4 +569,5 @@ COSMOS_APPLY = KernelPair(
 
 KERNELS: dict[str, KernelPair] = {pair.name: pair for pair in (LION, GALORE_PROJECT, GALORE_APPLY, GALORE_ADAMW,
                                                               APOLLO_SCALES, APOLLO_APPLY, FRUGAL_APPLY,
+                                                              FRUGAL_COORDINATES,
                                                               ZEROTH_ORDER_APPLY, COSMOS_ORTHOGONALIZE, COSMOS_APPLY)}

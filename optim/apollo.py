@@ -80,7 +80,7 @@ class ApolloRule(LowRankRule):
             shapes.append((1, 1) if tensor_wise else (rows, 1) if item.projector.side == "right" else (1, n))
         # fp32 factors (float64 for float64 weights: their update keeps float64 accuracy).
         scales = batch_views(shapes, compute_dtype(items[0].param.dtype), device)
-        factors = [engine.factors(item) for item in items]
+        factors = engine.factors_of(items)  # a refresh's new random projections: one draw for the batch
         moments = [engine.moment_values(item) for item in items]
         beta1, beta2 = group["betas"]
         adam = dict(maximize=group["maximize"], beta1=beta1, beta2=beta2, eps=group["eps"])

@@ -225,9 +225,14 @@ class COSMOS(MemzooOptimizer):
         kernels = self._kernels(param.device)
         grad = param.grad
         # One pass gives both the finiteness of G (max |G| is NaN or Inf exactly when an element
-        # is: amax propagates NaN) and the power-of-two scale the basis functions would
-        # otherwise compute from their own pass over G.
-        magnitude = grad.abs().amax().to(state["basis"].dtype) if grad.numel() else grad.new_zeros(())
+        # is: aminmax propagates NaN) and the power-of-two scale the basis functions would
+        # otherwise compute from their own pass over G. (aminmax, not abs().amax(): no m×n
+        # temporary, and in bf16 on a CPU about 15× faster.)
+        if grad.numel():
+            low, high = torch.aminmax(grad)
+            magnitude = torch.maximum(-low, high).to(state["basis"].dtype)
+        else:
+            magnitude = grad.new_zeros(())
         finite = torch.isfinite(magnitude)
         scale = reference.power_of_two_scale(magnitude)
         if int(state["step"]) == 0:  # one sync per check below, at a weight's first step only

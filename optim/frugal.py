@@ -98,7 +98,7 @@ class FrugalRule(LowRankRule):
     family = "frugal"
     defaults = dict(density=None, reset_statistics=True, inactive_update_rule="sign_sgd", inactive_lr_scale=1.0,
                     inactive_threshold=1e-2, proj_params_lr_scale=1.0)
-    kernels = ("galore_adam_project_", "frugal_apply_", "adamw_update_")
+    kernels = ("galore_adam_project_", "frugal_apply_", "frugal_coordinates_step_", "adamw_update_")
     layout_keys = ("density",)
 
     def validate(self, group: Mapping[str, Any]) -> None:
@@ -171,6 +171,17 @@ class FrugalRule(LowRankRule):
             torch._foreach_add_([item.state["adam_step"] for item in batch], 1)
             step_size, eps = torch_adam_form(lr_p, group["betas"], group["eps"], adam_step, group["correct_bias"])
             kernels = engine.kernels(batch[0].param.device)
+            common = dict(step_size=step_size, residual_step=lr_p * group["inactive_lr_scale"],
+                          residual_rule=group["inactive_update_rule"], decay=group["lr"] * group["weight_decay"],
+                          maximize=group["maximize"], residual_threshold=group["inactive_threshold"])
+            if batch[0].projector.settings.projector == "coordinates":  # RandK: the selection as indices
+                kernels.frugal_coordinates_step_([item.param for item in batch], [item.param.grad for item in batch],
+                                                 [item.state["exp_avg"] for item in batch],
+                                                 [item.state["exp_avg_sq"] for item in batch],
+                                                 [item.state["proj_indices"] for item in batch],
+                                                 side=batch[0].projector.side, beta1=beta1, beta2=beta2, eps=eps,
+                                                 **common)
+                continue
             updates = low_rank_updates(batch)
             factors = [engine.factors(item) for item in batch]
             params = [item.param for item in batch]
@@ -181,11 +192,7 @@ class FrugalRule(LowRankRule):
                                              [item.state["exp_avg_sq"] for item in batch], updates, lefts=lefts,
                                              rights=rights, beta1=beta1, beta2=beta2, eps=eps,
                                              maximize=group["maximize"])
-            kernels.frugal_apply_(params, grads, updates, lefts=lefts, rights=rights, step_size=step_size,
-                                  residual_step=lr_p * group["inactive_lr_scale"],
-                                  residual_rule=group["inactive_update_rule"],
-                                  decay=group["lr"] * group["weight_decay"], maximize=group["maximize"],
-                                  residual_threshold=group["inactive_threshold"])
+            kernels.frugal_apply_(params, grads, updates, lefts=lefts, rights=rights, **common)
 
 
     def _update_sharded(self, engine: LowRankOptimizer, group: Mapping[str, Any], items: list[WeightStep]) -> None:

@@ -28,11 +28,11 @@ step; τ = 0 is the official update.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from memzoo.reference.common import compute_dtype, sign, torch_adam_form
+from memzoo.reference.common import as_tensor_list, check_parallel_lists, compute_dtype, sign, torch_adam_form
 from memzoo.reference.galore import (
     FactorList,
     adamw_update_,
@@ -52,14 +52,18 @@ from memzoo.reference.projector import (
     project,
     project_back,
     projection_side,
+    selection_factor,
     side_length,
     step_projector_,
 )
 
-__all__ = ["RESIDUAL_RULES", "adamw_update_", "frugal_apply_", "galore_adam_project_", "residual_kept",
-           "residual_squares", "split_update_lists"]
+__all__ = ["COORDINATE_SIDES", "RESIDUAL_RULES", "adamw_update_", "coordinate_step_lists", "frugal_apply_",
+           "frugal_coordinates_step_", "galore_adam_project_", "residual_kept", "residual_squares",
+           "run_coordinates_step", "split_update_lists"]
 
 RESIDUAL_RULES: tuple[str, ...] = ("sign_sgd", "sgd", "no")
+# A coordinate subspace selects columns (right: R = G[:, idx], m×r) or rows (left: R = G[idx, :], r×n).
+COORDINATE_SIDES: tuple[str, ...] = ("left", "right")
 
 
 def split_update_lists(params: torch.Tensor | Sequence[torch.Tensor], grads: torch.Tensor | Sequence[torch.Tensor],
@@ -152,6 +156,115 @@ def frugal_apply_(
             else:
                 w = w - residual_step * residual
         param.copy_(w.reshape(param.shape))
+
+
+def side_name(side: str) -> str:
+    """What a coordinate selection on ``side`` selects: "columns" (right) or "rows" (left)."""
+    return "columns" if side == "right" else "rows"
+
+
+def coordinate_step_lists(params: torch.Tensor | Sequence[torch.Tensor], grads: torch.Tensor | Sequence[torch.Tensor],
+                          exp_avgs: torch.Tensor | Sequence[torch.Tensor],
+                          exp_avg_sqs: torch.Tensor | Sequence[torch.Tensor],
+                          indices: torch.Tensor | Sequence[torch.Tensor], side: str, residual_rule: str,
+                          residual_threshold: float) -> tuple[list, list, list, list, list]:
+    """The arguments of :func:`frugal_coordinates_step_` as checked lists (params, grads, exp_avgs,
+    exp_avg_sqs, indices); ValueError or TypeError naming the first problem, before anything is
+    written. Each ``indices[i]`` must hold distinct coordinates of its side (one check, one host
+    synchronization, for the whole call)."""
+    if side not in COORDINATE_SIDES:
+        raise ValueError(f"Invalid side: {side!r}; a coordinate subspace selects columns ('right') or rows ('left')")
+    if residual_rule not in RESIDUAL_RULES:
+        raise ValueError(f"Invalid residual_rule: {residual_rule!r}; expected one of {RESIDUAL_RULES}")
+    if not 0.0 <= residual_threshold < 1.0:
+        raise ValueError(f"Invalid residual_threshold: {residual_threshold!r} (expected a number in [0, 1))")
+    params, grads = as_tensor_list("params", params), as_tensor_list("grads", grads)
+    exp_avgs, exp_avg_sqs = as_tensor_list("exp_avgs", exp_avgs), as_tensor_list("exp_avg_sqs", exp_avg_sqs)
+    indices = as_tensor_list("indices", indices)
+    check_parallel_lists(params=params, grads=grads)
+    check_parallel_lists(exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
+    if len(indices) != len(params) or len(exp_avgs) != len(params):
+        raise ValueError(f"tensor lists differ in length: params {len(params)}, exp_avgs {len(exp_avgs)}, "
+                         f"indices {len(indices)}")
+    bad: dict[torch.device, list[torch.Tensor]] = {}  # 0-d flags: indices that repeat or leave [0, size)
+    for index, (param, exp_avg, chosen) in enumerate(zip(params, exp_avgs, indices)):
+        if param.dim() < 2:
+            raise ValueError(f"params[{index}] has shape {tuple(param.shape)}; only ≥2-D weights are projected")
+        if chosen.dim() != 1 or chosen.dtype != torch.int64:
+            raise TypeError(f"indices[{index}] must be a 1-D int64 tensor, got {chosen.dim()}-D {chosen.dtype}")
+        if chosen.device != param.device:
+            raise ValueError(f"indices[{index}] is on {chosen.device}, params[{index}] on {param.device}")
+        m, n = matrix_shape(param.shape)
+        size = side_length((m, n), side)  # type: ignore[arg-type]
+        expected = (m, chosen.numel()) if side == "right" else (chosen.numel(), n)
+        if exp_avg.shape != expected:
+            raise ValueError(f"exp_avgs[{index}] has shape {tuple(exp_avg.shape)}, expected {expected} for "
+                             f"{chosen.numel()} {side_name(side)} of a {m}×{n} matrix")
+        if chosen.numel():
+            ordered = chosen.sort().values
+            bad.setdefault(chosen.device, []).append((ordered[0] < 0) | (ordered[-1] >= size)
+                                                     | (ordered.diff() == 0).any())
+    if any(bool(torch.stack(flags).any()) for flags in bad.values()):
+        raise ValueError(f"indices: the selected coordinates of each matrix must be distinct {side_name(side)} "
+                         "of that matrix (in [0, size))")
+    return params, grads, exp_avgs, exp_avg_sqs, indices
+
+
+def run_coordinates_step(adam_project: Callable[..., None], apply: Callable[..., None], params: list[torch.Tensor],
+                         grads: list[torch.Tensor], exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
+                         indices: list[torch.Tensor], *, side: str, beta1: float, beta2: float, eps: float,
+                         step_size: float, residual_step: float, residual_rule: str, decay: float, maximize: bool,
+                         residual_threshold: float) -> None:
+    """:func:`frugal_coordinates_step_` on checked lists, with a backend's ``adam_project``
+    (:func:`galore_adam_project_`) and ``apply`` (:func:`frugal_apply_`): the coordinates as 0/1
+    factors (:func:`~memzoo.reference.projector.selection_factor`, in the weight's dtype) and N
+    in a buffer of the compute dtype."""
+    lefts, rights, updates = [], [], []
+    for param, chosen in zip(params, indices):
+        m, n = matrix_shape(param.shape)
+        factor = selection_factor(chosen, side_length((m, n), side), side, param.dtype)  # type: ignore[arg-type]
+        lefts.append(factor if side == "left" else None)
+        rights.append(factor if side == "right" else None)
+        low_rank = (m, chosen.numel()) if side == "right" else (chosen.numel(), n)
+        updates.append(torch.empty(low_rank, dtype=compute_dtype(param.dtype), device=param.device))
+    adam = [i for i, update in enumerate(updates) if update.numel()]  # an empty subspace has no Adam part
+    if adam:
+        pick = lambda values: [values[i] for i in adam]  # noqa: E731
+        adam_project(pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(updates), lefts=pick(lefts),
+                     rights=pick(rights), beta1=beta1, beta2=beta2, eps=eps, maximize=maximize)
+    apply(params, grads, updates, lefts=lefts, rights=rights, step_size=step_size, residual_step=residual_step,
+          residual_rule=residual_rule, decay=decay, maximize=maximize, residual_threshold=residual_threshold)
+
+
+@torch.no_grad()
+def frugal_coordinates_step_(
+    params: torch.Tensor | Sequence[torch.Tensor],
+    grads: torch.Tensor | Sequence[torch.Tensor],
+    exp_avgs: torch.Tensor | Sequence[torch.Tensor],
+    exp_avg_sqs: torch.Tensor | Sequence[torch.Tensor],
+    indices: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    side: str,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step_size: float,
+    residual_step: float,
+    residual_rule: str,
+    decay: float,
+    maximize: bool = False,
+    residual_threshold: float = 0.0,
+) -> None:
+    """FRUGAL's whole update of matrices whose subspace is a coordinate selection (RandK columns,
+    ``side="right"``, or rows, ``"left"``), ``indices[i]`` the selected ones (distinct): by
+    definition :func:`galore_adam_project_` (R = down(G), the moments, N; skipped for an empty
+    selection) then :func:`frugal_apply_`, with the selection as 0/1 factors. The moments have R's
+    shape: m×r (columns) or r×n (rows)."""
+    lists = coordinate_step_lists(params, grads, exp_avgs, exp_avg_sqs, indices, side, residual_rule,
+                                  residual_threshold)
+    run_coordinates_step(galore_adam_project_, frugal_apply_, *lists, side=side, beta1=beta1, beta2=beta2, eps=eps,
+                         step_size=step_size, residual_step=residual_step, residual_rule=residual_rule, decay=decay,
+                         maximize=maximize, residual_threshold=residual_threshold)
 
 
 # -- Whole steps: one weight's step as the optimizer composes it (the truth for optim/) ------

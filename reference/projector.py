@@ -104,24 +104,28 @@ def _orthonormal(matrices: torch.Tensor) -> torch.Tensor:
 Randn = Callable[[int | torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def random_basis(seed: int, shape: tuple[int, int], rank: int, side: Side, device: torch.device | str,
-                 dtype: torch.dtype = torch.float32, *, randn: Randn = philox_randn,
+def random_basis(seed: int | torch.Tensor, shape: tuple[int, int], rank: int, side: Side,
+                 device: torch.device | str, dtype: torch.dtype = torch.float32, *, randn: Randn = philox_randn,
                  rows: range | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Gaussian factors with N(0, 1/r) entries (so E[PᵀP] = I), regenerated from ``seed``:
     element (i, j) of the left factor (m×r) has offset i·r + j, of the right factor (r×n)
     offset m·r + i·n + j (left first when both exist). ``rows``: only those rows of the left
-    factor (a row shard's), drawn from their own offsets."""
+    factor (a row shard's), drawn from their own offsets. ``seed`` may be a 1-D integer tensor
+    of B seeds: the B weights' factors, stacked (B, …), drawn in one call of ``randn`` (factor b
+    is the one seed b gives alone)."""
     m, n = shape
     left = right = None
     scale = 1.0 / math.sqrt(rank)
+    batch = (seed.numel(),) if isinstance(seed, torch.Tensor) else ()
+    seeds = seed.view(-1, 1) if isinstance(seed, torch.Tensor) else seed  # one stream per row of normals
     if side in ("left", "full"):
         rows = range(m) if rows is None else rows
         offsets = torch.arange(rows.start * rank, rows.stop * rank, device=device)
-        left = randn(seed, offsets).view(len(rows), rank).mul_(scale).to(dtype)
+        left = randn(seeds, offsets).view(*batch, len(rows), rank).mul_(scale).to(dtype)
     if side in ("right", "full"):
         start = m * rank if side == "full" else 0
         offsets = torch.arange(start, start + rank * n, device=device)
-        right = randn(seed, offsets).view(rank, n).mul_(scale).to(dtype)
+        right = randn(seeds, offsets).view(*batch, rank, n).mul_(scale).to(dtype)
     return left, right
 
 

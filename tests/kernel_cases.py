@@ -272,6 +272,43 @@ FRUGAL_APPLY = KernelTest(
 )
 
 
+def _frugal_coordinates_tolerance(case: KernelCase) -> list[list[torch.Tensor | float]]:
+    """The selection's products are exact, so only Adam's rounding differs (a few ulps of m and v,
+    within their dtype's tolerance): N by as much relative to itself, W's selected coordinates by
+    η·|ΔN|. φ(G) is exact on both sides (E is G or 0), and the threshold's ‖E‖² ≈ ‖G‖² − ‖R‖²
+    may differ by ~1e-16·‖G‖² (the order of a float64 sum): no draw lands that close."""
+    params, grads, exp_avgs, exp_avg_sqs, indices = case.args
+    kwargs = case.kwargs
+    beta1, beta2, eps = kwargs["beta1"], kwargs["beta2"], kwargs["eps"]
+    bounds = []
+    for param, grad, exp_avg, exp_avg_sq, chosen in zip(params, grads, exp_avgs, exp_avg_sqs, indices):
+        m = param.shape[0]
+        g = grad.double().reshape(m, -1)
+        dim = 1 if kwargs["side"] == "right" else 0
+        r = g.index_select(dim, chosen)
+        first = beta1 * exp_avg.double() + (1 - beta1) * r.abs()
+        second = beta2 * exp_avg_sq.double() + (1 - beta2) * r * r
+        # m, v to 8 ulps of float32 each: N moves by 8u·|N| from m and half of v's relative change from √v.
+        unit = 8 * 2.0**-24
+        n_bound = (first.abs() * unit + first.abs() / (second.sqrt() + eps) * second.sqrt() * unit) / (second.sqrt() + eps)
+        bound = torch.zeros_like(g)
+        bound.index_copy_(dim, chosen, kwargs["step_size"] * n_bound)
+        bounds.append(bound.reshape(param.shape))
+    return [bounds, [0.0] * len(params), [0.0] * len(params)]
+
+
+FRUGAL_COORDINATES = KernelTest(
+    cases.FRUGAL_COORDINATES,
+    hparam_ranges={"beta1": (0.0, 0.999), "beta2": (0.0, 0.999), "eps": (1e-8, 1e-3), "step_size": (1e-4, 1e-1),
+                   "residual_step": (1e-4, 1e-1), "decay": (0.0, 0.1), "residual_threshold": (0.0, 0.9)},
+    flags=("maximize",),
+    # rank 40 ≥ every drawn side: r = n (the whole matrix selected); rank 0: pure signSGD / SGD.
+    choices={"side": ("left", "right"), "rank": (0, 5, 40), "residual_rule": ("sign_sgd", "sgd", "no")},
+    max_tensors=2,  # (the Triton twin composes two kernels tested on their own: kept short in the interpreter)
+    extra_tolerance=_frugal_coordinates_tolerance,
+)
+
+
 def _no_extra_tolerance(case: KernelCase) -> list[list[float]]:
     return [[0.0] * len(as_list(case.args[i])) for i in case.outputs]
 
@@ -369,5 +406,5 @@ COSMOS_APPLY = KernelTest(
 
 # In the order of memzoo.bench.kernel_cases.KERNELS (test_kernels checks that both name the same kernels).
 KERNEL_TESTS: dict[str, KernelTest] = {test.name: test for test in (
-    LION, GALORE_PROJECT, GALORE_APPLY, GALORE_ADAMW, APOLLO_SCALES, APOLLO_APPLY, FRUGAL_APPLY, ZEROTH_ORDER_APPLY,
-    COSMOS_ORTHOGONALIZE, COSMOS_APPLY)}
+    LION, GALORE_PROJECT, GALORE_APPLY, GALORE_ADAMW, APOLLO_SCALES, APOLLO_APPLY, FRUGAL_APPLY, FRUGAL_COORDINATES,
+    ZEROTH_ORDER_APPLY, COSMOS_ORTHOGONALIZE, COSMOS_APPLY)}

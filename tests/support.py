@@ -44,16 +44,21 @@ AWKWARD_SHAPES = [(1,), (311,), (9999,), (0,), (4097,), (17, 33), (3, 1, 5), ()]
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, extra=0.0, *, what: str = "",
                  extra_rtol: float = 0.0) -> None:
     """|actual − expected| ≤ atol + rtol·|expected| + extra, element-wise, with the tolerances of
-    the storage dtype; ``extra`` widens it where the math is discontinuous."""
+    the storage dtype; ``extra`` widens it where the math is discontinuous. Where either side is
+    not finite the two must be the same: NaN where NaN, the same infinity where infinity (a NaN
+    compares false with any bound, so a plain bound check would accept NaN for a number)."""
     assert actual.shape == expected.shape and actual.dtype == expected.dtype, (what, actual.shape, expected.shape)
     dtype = expected.dtype
-    difference = (actual.double() - expected.double()).abs()
-    bound = ATOL[dtype] + (RTOL[dtype] + extra_rtol) * expected.double().abs()
+    actual64, expected64 = actual.double(), expected.double()
+    difference = (actual64 - expected64).abs()
+    bound = ATOL[dtype] + (RTOL[dtype] + extra_rtol) * expected64.abs()
     if isinstance(extra, torch.Tensor):
         bound = bound + extra.to(bound.device).double()
     else:
         bound = bound + extra
-    bad = difference > bound
+    nonfinite = ~torch.isfinite(actual64) | ~torch.isfinite(expected64)
+    same = (actual64 == expected64) | (actual64.isnan() & expected64.isnan())
+    bad = torch.where(nonfinite, ~same, difference > bound)
     if bad.any():
         index = bad.nonzero()[0].tolist()
         raise AssertionError(

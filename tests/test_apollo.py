@@ -270,6 +270,39 @@ def test_mini_refuses_groups_that_project_nothing() -> None:
     assert APOLLO.mini([{"params": [weight]}], rank=2).param_groups[0]["rank"] == 2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_backend_draws_a_refreshs_projections_in_one_call_per_shape(dtype) -> None:
+    """At a refresh the torch backend draws the new random projections of a batch of
+    same-shaped weights in one Philox call (one stream per weight), not one call per weight; each
+    weight's kept factors are exactly its seed's (random_basis through the reference Philox),
+    right and left sides. Changing update_proj_gap keeps them (they depend on the projection's
+    layout and seed only)."""
+    from memzoo.reference.projector import random_basis
+
+    torch.manual_seed(0)
+    shapes = [(12, 7)] * 3 + [(5, 9)] * 2  # right projections, then left ones (m < n)
+    weights = [torch.nn.Parameter(torch.randn(shape).to(dtype)) for shape in shapes]
+    optimizer = APOLLO(weights, lr=0.1, rank=3, update_proj_gap=2, backend="torch")
+    calls = []
+    draw = optimizer._randn
+    optimizer._randn = lambda seed, offsets: (calls.append(tuple(torch.as_tensor(seed).shape)), draw(seed, offsets))[1]
+    for step in range(4):  # a refresh at step 1; the gap becomes 5 before step 3: no refresh, no new draw
+        if step == 2:
+            optimizer.param_groups[0]["update_proj_gap"] = 5
+        for weight in weights:
+            weight.grad = torch.randn(weight.shape).to(dtype)
+        calls.clear()
+        optimizer.step()
+        assert calls == ([(3, 1), (2, 1)] if step == 0 else [])
+        for weight, shape in zip(weights, shapes):
+            seed = int(optimizer.state[weight]["proj_seed"])
+            side = "right" if shape[0] >= shape[1] else "left"
+            (_, seed_kept, *_), factors = optimizer._seeded_factors[weight]
+            assert seed_kept == seed
+            for kept, alone in zip(factors, random_basis(seed, shape, 3, side, "cpu", dtype)):
+                assert (kept is None) == (alone is None) and (kept is None or torch.equal(kept, alone))
+
+
 def test_torch_backend_keeps_the_regenerated_projection_until_the_next_refresh() -> None:
     """On the torch backend the Philox projection is drawn once per refresh and kept (the
     official APOLLO stores it); the reference regenerates it every step. Same trajectory, and

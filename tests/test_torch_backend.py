@@ -148,6 +148,80 @@ def test_philox_words_equal_the_reference(small_chunks, seed) -> None:
         assert ours.shape == (5, 41) and torch.equal(ours, theirs)
 
 
+def _draw_offsets():
+    """A draw longer than one compiled slice whose count (SLICE + 305) is a multiple neither of
+    the slice nor of 4, ending at the counter extremes."""
+    from memzoo.triton_kernels.torch_backend import random as torch_random
+
+    return torch.cat([torch.arange(7, 7 + torch_random.SLICE + 301), torch.tensor([0, 2**32 - 1, 2**32, 2**63 - 1])])
+
+
+@pytest.mark.parametrize("policy", ["never", "always"])
+def test_philox_draw_compiled_or_chunked_is_the_references_stream(monkeypatch, policy) -> None:
+    """The torch backend's philox_randn, in compiled slices (``always``; ``auto`` from
+    DRAW_MIN_NUMEL normals) or eager chunks (``never``), gives the reference's normals bit for
+    bit: one seed, a batch's seeds (B, 1) in one call, and the random factors APOLLO keeps
+    (random_basis with a tensor of seeds, left/right/full, a row shard's rows, fp32 and bf16),
+    each exactly what its seed gives alone through the reference. Negative control: offsets
+    shifted by one give other numbers, so a draw that moved along the stream would fail."""
+    from memzoo.reference import random as reference_random
+    from memzoo.reference.projector import random_basis
+    from memzoo.triton_kernels.torch_backend import random as torch_random
+
+    monkeypatch.setenv(compiled.COMPILE_ENV, policy)
+    monkeypatch.setattr(elementwise, "CHUNK", 4096)  # eager chunks: several, the last one partial
+    offsets = _draw_offsets()
+    for seed in (0, 2**63 - 2):  # both key words
+        drawn = torch_random.philox_randn(seed, offsets)
+        assert drawn.dtype == torch.float32 and torch.equal(drawn, reference_random.philox_randn(seed, offsets))
+    seeds = torch.tensor([[5], [2**33 + 1], [5]])
+    drawn = torch_random.philox_randn(seeds, offsets[:1001])
+    assert drawn.shape == (3, 1001) and torch.equal(drawn, reference_random.philox_randn(seeds, offsets[:1001]))
+    assert torch.equal(drawn[0], drawn[2]) and not torch.equal(drawn[0], drawn[1])
+    assert not torch.equal(torch_random.philox_randn(5, offsets[:1001] + 1), drawn[0])  # the negative control
+    seeds = torch.tensor([3, 2**35 + 9])
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape, side, rows in (((24, 10), "right", None), ((10, 24), "left", None), ((10, 24), "left", range(3, 8)),
+                                  ((9, 11), "full", None)):
+            batch = random_basis(seeds, shape, 4, side, "cpu", dtype, randn=torch_random.philox_randn, rows=rows)
+            for index, seed in enumerate(seeds.tolist()):
+                alone = random_basis(seed, shape, 4, side, "cpu", dtype, rows=rows)  # the reference's Philox
+                for ours, theirs in zip(batch, alone):
+                    assert (ours is None) == (theirs is None)
+                    assert ours is None or (ours.dtype == dtype and torch.equal(ours[index], theirs))
+    if policy == "always" and torch_random._DRAW.failure is None:
+        assert torch_random._DRAW.compiled is not None
+
+
+def test_philox_draw_falls_back_to_eager_when_compiling_fails(monkeypatch) -> None:
+    """No C++ compiler (or any compile error): one RuntimeWarning naming the Philox draw, then
+    every draw runs eagerly with the reference's normals. Under ``auto`` only draws of at least
+    DRAW_MIN_NUMEL normals compile."""
+    from memzoo.reference import random as reference_random
+    from memzoo.triton_kernels.torch_backend import random as torch_random
+
+    draw = compiled.CompiledPass(torch_random._DRAW.fn, torch_random._DRAW.name, failure=compiled.CompileFailure(),
+                                 min_numel=torch_random.DRAW_MIN_NUMEL)
+    monkeypatch.setattr(torch_random, "_DRAW", draw)
+    monkeypatch.setenv(compiled.COMPILE_ENV, "auto")
+    assert draw.wanted([torch.empty(torch_random.DRAW_MIN_NUMEL)])
+    assert not draw.wanted([torch.empty(torch_random.DRAW_MIN_NUMEL - 1)])
+
+    def no_compiler(function, **options):
+        def compiled_function(*args):
+            raise RuntimeError("InductorError: CppCompileError: C++ compile error\nc++: not found")
+        return compiled_function
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    monkeypatch.setenv(compiled.COMPILE_ENV, "always")
+    offsets = _draw_offsets()
+    with pytest.warns(RuntimeWarning, match="torch.compile of the Philox draw failed .*RuntimeError") as caught:
+        drawn = [torch_random.philox_randn(seed, offsets) for seed in (1, 2**40)]
+    assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
+    assert all(torch.equal(ours, reference_random.philox_randn(seed, offsets)) for ours, seed in zip(drawn, (1, 2**40)))
+    assert draw.failure is not None and not draw.wanted([torch.empty(torch_random.DRAW_MIN_NUMEL)])
+
+
 @pytest.mark.parametrize("decay_first", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_adamw_takes_torchs_fused_kernel_with_the_same_math(monkeypatch, dtype, decay_first) -> None:

@@ -11,6 +11,8 @@ keeps them off signSGD (TF32 truncation of R would make it ±1 there). R itself 
 torch matmul (IEEE fp32 by default), a small m×r or r×n temporary.
 
 The moments and N come from GaLore's fused projection kernel, re-exported here.
+:func:`frugal_coordinates_step_` (coordinate subspaces given as indices) is the reference's
+composition of these two kernels with 0/1 factors.
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ import torch
 import triton
 import triton.language as tl
 
-from memzoo.reference.frugal import RESIDUAL_RULES, residual_kept, split_update_lists
+from memzoo.reference.frugal import (
+    RESIDUAL_RULES,
+    coordinate_step_lists,
+    residual_kept,
+    run_coordinates_step,
+    split_update_lists,
+)
 from memzoo.reference.galore import FactorList, as_matrix
 from memzoo.reference.projector import project
 from memzoo.triton_kernels.galore import (
@@ -37,7 +45,7 @@ from memzoo.triton_kernels.galore import (
 )
 from memzoo.triton_kernels.multi_tensor import sign, to_storage
 
-__all__ = ["AUTO", "INTERPRETED", "adamw_update_", "frugal_apply_", "galore_adam_project_"]
+__all__ = ["AUTO", "INTERPRETED", "adamw_update_", "frugal_apply_", "frugal_coordinates_step_", "galore_adam_project_"]
 
 # Selected by backend="triton" only until validated on a GPU.
 AUTO = False
@@ -140,3 +148,31 @@ def frugal_apply_(
                        strides, (step_size, residual_step, 1.0 - decay), RULE=_RULE_CODES[residual_rule],
                        MAXIMIZE=maximize, THRESHOLD=threshold)
     copy_back(copies)
+
+
+@torch.no_grad()
+def frugal_coordinates_step_(
+    params: torch.Tensor | Sequence[torch.Tensor],
+    grads: torch.Tensor | Sequence[torch.Tensor],
+    exp_avgs: torch.Tensor | Sequence[torch.Tensor],
+    exp_avg_sqs: torch.Tensor | Sequence[torch.Tensor],
+    indices: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    side: str,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step_size: float,
+    residual_step: float,
+    residual_rule: str,
+    decay: float,
+    maximize: bool = False,
+    residual_threshold: float = 0.0,
+) -> None:
+    """Same contract as :func:`memzoo.reference.frugal.frugal_coordinates_step_`: its composition,
+    with the projection kernel and :func:`frugal_apply_` (IEEE fp32 products with the 0/1 factors)."""
+    lists = coordinate_step_lists(params, grads, exp_avgs, exp_avg_sqs, indices, side, residual_rule,
+                                  residual_threshold)
+    run_coordinates_step(galore_adam_project_, frugal_apply_, *lists, side=side, beta1=beta1, beta2=beta2, eps=eps,
+                         step_size=step_size, residual_step=residual_step, residual_rule=residual_rule, decay=decay,
+                         maximize=maximize, residual_threshold=residual_threshold)

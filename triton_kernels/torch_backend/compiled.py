@@ -9,7 +9,8 @@ the reference's operations in the reference's order, so its results are the refe
 When it is used (environment variable ``MEMZOO_TORCH_COMPILE``):
 
 - ``auto`` (default): CPU tensors (plain, not DTensor) totalling at least :data:`MIN_NUMEL`
-  elements — below that the compilation (seconds, in the first step; Inductor's on-disk cache
+  elements (a pass that saves more per element, such as a Philox draw, sets a lower threshold of
+  its own) — below that the compilation (seconds, in the first step; Inductor's on-disk cache
   makes later processes' first steps cheaper) does not pay for itself;
 - ``always``: every CPU call (the tests use it on small tensors);
 - ``never``: never (the eager chunked path).
@@ -62,14 +63,16 @@ class CompiledPass:
     taking tensors, tensor lists, 0-d tensors for every scalar that may change between steps (a
     Python float would be a compile-time constant: a new learning rate would recompile), and
     Python bools/ints only for what selects code (maximize). ``failure`` is shared by the passes
-    of one family (one warning for all); ``compile_options`` go to ``torch.compile`` (e.g.
+    of one family (one warning for all); ``min_numel``: the ``auto`` threshold of this pass
+    (default :data:`MIN_NUMEL`); ``compile_options`` go to ``torch.compile`` (e.g.
     ``dynamic=False``, Inductor ``options``).
     """
 
     def __init__(self, fn: Callable[..., None], name: str, *, failure: CompileFailure | None = None,
-                 **compile_options: Any) -> None:
+                 min_numel: int = MIN_NUMEL, **compile_options: Any) -> None:
         self.fn = fn
         self.name = name
+        self.min_numel = min_numel
         self.shared = failure if failure is not None else CompileFailure()
         self.compile_options = compile_options
         self.compiled: Callable[..., None] | None = None
@@ -85,7 +88,7 @@ class CompiledPass:
             return False
         if not all(type(t) in _PLAIN and t.device.type == "cpu" for t in tensors):
             return False
-        return policy == "always" or sum(t.numel() for t in tensors) >= MIN_NUMEL
+        return policy == "always" or sum(t.numel() for t in tensors) >= self.min_numel
 
     def __call__(self, *args: Any, fallback: Callable[[], None] | None = None) -> None:
         """Run the compiled pass; when compiling fails (now or before, in this family), warn once

@@ -59,28 +59,36 @@ __all__ = [
 @torch.no_grad()
 def orthogonalize_(matrices: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], *, steps: int = 5,
                    eps: float = 1e-7) -> None:
-    """outputs[i] ← NS5(matrices[i]) in outputs[i]'s dtype, as
-    :func:`memzoo.reference.cosmos.orthogonalize_` and rounded as it: the iteration runs in
-    place, its products written into work buffers shared by the matrices of one (shape, dtype,
-    device) of the call."""
+    """outputs[i] ← NS5(matrices[i]) in outputs[i]'s dtype, the polynomial of
+    :func:`memzoo.reference.cosmos.orthogonalize_` in Muon's association
+    X ← a·X + (b·A + c·A·A)·X, A = X·Xᵀ (rows ≤ columns): one ``mm`` and two ``addmm`` per
+    iteration, each rounded once to the iteration dtype, in work buffers shared by the matrices
+    of one (shape, dtype, device) of the call. (Batching them by shape with ``baddbmm`` gives the
+    same bits and was no faster on a CPU.) ``matrices`` and ``outputs`` may be the same tensors."""
     check_orthogonalize_arguments(matrices, outputs, steps)
     a, b, c = NS_COEFFICIENTS
-    workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    workspaces: dict[tuple, tuple[torch.Tensor, ...]] = {}
     for matrix, output in zip(matrices, outputs):
-        x = frobenius_normalize(matrix.to(output.dtype), eps=eps)  # a new tensor: the iteration's own
+        x = matrix.to(output.dtype)
+        # X/(‖X‖_F + eps) in one pass: ‖X‖ accumulated in float64 (no overflow for any finite
+        # X, so no power-of-two prescaling) and the quotient's factor kept in float32 by ``mul``.
+        inverse = 1.0 / (torch.linalg.vector_norm(x, dtype=torch.float64) + eps)
+        x = torch.mul(x, inverse.to(torch.float64 if x.dtype == torch.float64 else torch.float32))
         transposed = x.shape[0] > x.shape[1]
-        if transposed:  # a transposed view, as the reference's: the products depend on the layout
+        if transposed:  # iterated as Xᵀ (a view: the first products read it in place)
             x = x.T
+        rows = x.shape[0]
         key = (tuple(x.shape), x.dtype, x.device)
-        if key not in workspaces:
-            workspaces[key] = tuple(x.new_empty(shape) for shape in ((x.shape[0], x.shape[0]), x.shape, x.shape))
-        gram, product, second = workspaces[key]
-        for _ in range(steps):
+        if key not in workspaces:  # A, b·A + c·A², and the iterates (alternately)
+            workspaces[key] = (x.new_empty((rows, rows)), x.new_empty((rows, rows)), x.new_empty(x.shape),
+                               x.new_empty(x.shape))
+        gram, polynomial, *iterates = workspaces[key]
+        for iteration in range(steps):
+            following = iterates[iteration % 2]
             torch.mm(x, x.T, out=gram)  # A = X·Xᵀ
-            torch.mm(gram, x, out=product)  # P = A·X
-            torch.mm(gram, product, out=second)  # A·P
-            # X' = a·X + b·P + c·A·P, every operation rounded as the reference's expression.
-            x.mul_(a).add_(product.mul_(b)).add_(second.mul_(c))
+            torch.addmm(gram, gram, gram, beta=b, alpha=c, out=polynomial)  # b·A + c·A·A
+            torch.addmm(x, polynomial, x, beta=a, out=following)  # a·X + (b·A + c·A²)·X
+            x = following
         output.copy_(x.T if transposed else x)
 
 
@@ -99,32 +107,41 @@ def cosmos_directions_(
     eps: float,
     maximize: bool = False,
 ) -> torch.Tensor:
-    """:func:`memzoo.reference.cosmos.cosmos_directions_` with M updated in place (when it is
-    kept in the compute dtype) and one m×n temporary, Ĝ, which becomes the residual."""
+    """:func:`memzoo.reference.cosmos.cosmos_directions_` in four passes over m×n values (the
+    reference makes eight): M ← β1·M ± G in place, then Ĝ·c = G ± β1·M
+    (c = 1 + β1·b1) in one m×n temporary, whose projection is subtracted by ``addmm`` and whose
+    last pass writes (Ĝ·c − Ĝ·c·U·Uᵀ)/c into the residual's dtype; 1/c is applied to the m×r
+    coordinates only. ``maximize`` negates G inside these operations (exact), not as a copy."""
     m, n = param.shape
     rank = basis.shape[1]
     _check_shapes(param, (("grad", grad, (m, n)), ("exp_avg", exp_avg, (m, n)), ("exp_avg_sq", exp_avg_sq, (m, rank)),
                           ("basis", basis, (n, rank)), ("residual", residual, (m, n))))
     dtype = _compute_dtype(param, grad, basis)
     g = grad.to(dtype)
-    sign = -1.0 if maximize else 1.0  # G = ∓grad, folded into the additions (negation is exact)
     u = basis.to(dtype)
     bias1 = (1.0 - beta1**step) / (1.0 - beta1)
     bias2 = 1.0 - beta2**step
-    # (1) M ← β1·M + G, rounded as the reference's expression.
+    # (1) M ← β1·M + G (G = −grad when maximizing), in place when M is in the compute dtype,
+    # rounded as the reference's expression: the FSDP2 row shards step M with the reference's
+    # code, and M is row-local, so the whole tensor's M must have the same bits.
     momentum = exp_avg.mul_(beta1) if exp_avg.dtype == dtype else exp_avg.to(dtype) * beta1
-    momentum.add_(g, alpha=sign)
+    momentum.add_(g, alpha=-1.0 if maximize else 1.0)
     # (2) V ← β2·V + (1−β2)(GU)²: only the square of G·U is used, so the sign does not matter.
     projected = g @ u
     second = exp_avg_sq.to(dtype) * beta2 + (1.0 - beta2) * projected * projected
-    mixed = torch.mul(momentum, beta1).add_(g, alpha=sign).div_(1.0 + beta1 * bias1)  # (3) Ĝ
+    # (3) Ĝ = (G + β1·M)/c, kept as ±(grad ± β1·M) = Ĝ·c·(±1): the factor goes to its uses.
+    mixed = torch.sub(g, momentum, alpha=beta1) if maximize else torch.add(g, momentum, alpha=beta1)
+    factor = (-1.0 if maximize else 1.0) / (1.0 + beta1 * bias1)
     mixed_low = mixed @ u
-    if residual is not None:  # (5) Ĝ − Ĝ·U·Uᵀ, in Ĝ's storage
-        residual.copy_(mixed.addmm_(mixed_low, u.T, alpha=-1.0))
+    if residual is not None:  # (5) Ĝ − Ĝ·U·Uᵀ
+        if residual.dtype == dtype:
+            torch.addmm(mixed, mixed_low, u.T, beta=factor, alpha=-factor, out=residual)
+        else:  # the scaling and the rounding to the residual's dtype in one pass
+            torch.mul(mixed.addmm_(mixed_low, u.T, alpha=-1.0), factor, out=residual)
     if momentum is not exp_avg:
         exp_avg.copy_(momentum)
     exp_avg_sq.copy_(second)
-    return mixed_low / (second.sqrt() / math.sqrt(bias2) + eps)  # (4) A = N·Uᵀ
+    return mixed_low.mul_(factor).div_(second.sqrt_().div_(math.sqrt(bias2)).add_(eps))  # (4) A = N·Uᵀ
 
 
 @torch.no_grad()
@@ -142,28 +159,38 @@ def cosmos_apply_(
     norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
     whole_rows: int | None = None,
 ) -> None:
-    """:func:`memzoo.reference.cosmos.cosmos_apply_` with one m×n temporary:
-    D = γ·√(mn)·O/(‖O‖ + ε) + N·Uᵀ (``addmm``), then W ← W·(1 − lr·λ) − lr·ρ·√(mn)·D/(‖D‖ + ε)
-    in place when W is in the compute dtype. ``norm`` and ``whole_rows`` as the reference's
-    (row shards)."""
+    """:func:`memzoo.reference.cosmos.cosmos_apply_` in one m×n temporary and five passes over
+    it (the reference makes about ten): with f = γ·√(mn)/(‖O‖ + ε), the temporary holds
+    D/f = O + (N/f)·Uᵀ (O's conversion, then ``addmm_``), and
+    W ← W·(1 − lr·λ) − lr·ρ·√(mn)·(D/f)/(‖D/f‖ + ε/f) (``addcmul_`` with a 0-d factor: no host
+    sync). ``norm`` and ``whole_rows`` as the reference's (row shards)."""
     m, n = param.shape if param.dim() == 2 else (-1, -1)
     _check_shapes(param, (("low_rank", low_rank, (m, basis.shape[-1])), ("basis", basis, (n, basis.shape[-1])),
                           ("orthogonal", orthogonal, (m, n))))
     dtype = _compute_dtype(param, low_rank, basis)
     scale = math.sqrt((m if whole_rows is None else whole_rows) * n)
     frobenius = torch.Tensor.norm if norm is None else norm
+    low, u = low_rank.to(dtype), basis.to(dtype)
     if orthogonal is None:
-        update = low_rank.to(dtype) @ basis.to(dtype).T
-    else:
+        update = low @ u.T
+        eps_scaled = eps
+    elif gamma == 0:  # f = 0: D = N·Uᵀ + 0·O, as the reference forms it
         o = orthogonal.to(dtype)
-        update = torch.mul(o, gamma * scale).div_(frobenius(o) + eps)
-        update.addmm_(low_rank.to(dtype), basis.to(dtype).T)
-    update_norm = frobenius(update)
-    update.mul_(lr * lr_ratio * scale).div_(update_norm + eps)
-    if param.dtype == dtype:  # (6) decay first, then the normalized step
-        param.mul_(1.0 - lr * weight_decay).sub_(update)
+        update = torch.mul(o, 0.0).div_(frobenius(o) + eps).addmm_(low, u.T)
+        eps_scaled = eps
     else:
-        param.copy_(param.to(dtype).mul_(1.0 - lr * weight_decay).sub_(update))
+        update = orthogonal.to(dtype, copy=True)
+        inverse = (frobenius(update) + eps) / (gamma * scale)  # 1/f, a 0-d tensor
+        update.addmm_(low * inverse, u.T)
+        eps_scaled = eps * inverse
+    coefficient = -(lr * lr_ratio * scale) / (frobenius(update) + eps_scaled)
+    decay = 1.0 - lr * weight_decay
+    if param.dtype == dtype:  # (6) decay first, then the normalized step
+        if decay != 1.0:
+            param.mul_(decay)
+        param.addcmul_(update, coefficient)
+    else:
+        param.copy_(update.mul_(coefficient).add_(param, alpha=decay))
 
 
 @torch.no_grad()

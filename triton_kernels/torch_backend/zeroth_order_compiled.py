@@ -38,10 +38,11 @@ from collections.abc import Sequence
 import torch
 
 from memzoo.reference.common import compute_dtype, is_dense
-from memzoo.reference.random import _KEY_A, _KEY_B, _MASK32, _ROUND_A, _ROUND_B, _ROUNDS, _box_muller_inputs
+from memzoo.reference.random import _MASK32, _box_muller_inputs
 from memzoo.reference.zeroth_order import CHUNK, LANES, MASK_BYTES_PER_CHUNK, QUARTER, pack_mask, unpack_mask
 from memzoo.triton_kernels.torch_backend.compiled import MIN_NUMEL, CompiledPass, CompileFailure, compile_policy
 from memzoo.triton_kernels.torch_backend.elementwise import memory_order_view
+from memzoo.triton_kernels.torch_backend.random import box_muller_, philox_rounds
 
 __all__ = ["SLICE", "apply_compiled", "compiles", "scratch_bytes"]
 
@@ -63,19 +64,11 @@ def _philox_box_muller_inputs(u1: torch.Tensor, angle: torch.Tensor, chunk_count
     ``chunk_counters[m] + k`` under ``key`` (k0, k1), and the Box–Muller inputs of both word
     pairs: ``u1[p, m, k]``, ``angle[p, m, k]`` for p = 0 (words 0, 1) and p = 1 (words 2, 3).
 
-    A 32×32-bit product is one int64 multiplication (below 2^64, wrapped to its low 64 bits), its
-    high and low words ``(p >> 32) & 0xFFFFFFFF`` and ``p & 0xFFFFFFFF`` (as the eager twin,
-    :mod:`memzoo.triton_kernels.torch_backend.random`)."""
+    The rounds are :func:`memzoo.triton_kernels.torch_backend.random.philox_rounds`, which the
+    torch backend's compiled Philox draws trace too."""
     counters = chunk_counters.unsqueeze(1) + torch.arange(QUARTER, dtype=torch.int64, device=chunk_counters.device)
-    c0, c1 = counters & _MASK32, (counters >> 32) & _MASK32
-    c2 = c3 = torch.zeros_like(c0)
-    k0, k1 = key[0], key[1]
-    for _ in range(_ROUNDS):
-        product_b, product_a = c2 * _ROUND_B, c0 * _ROUND_A
-        c0, c1, c2, c3 = (((product_b >> 32) & _MASK32) ^ c1 ^ k0, product_b & _MASK32,
-                          ((product_a >> 32) & _MASK32) ^ c3 ^ k1, product_a & _MASK32)
-        k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
-    words = [word.to(torch.int32) for word in (c0, c1, c2, c3)]  # the low 32 bits: the signed pattern
+    # The low 32 bits of each word: its signed pattern.
+    words = [word.to(torch.int32) for word in philox_rounds(counters, key[0], key[1])]
     first, second = _box_muller_inputs(words[0], words[1]), _box_muller_inputs(words[2], words[3])
     u1.copy_(torch.stack([first[0], second[0]]))
     angle.copy_(torch.stack([first[1], second[1]]))
@@ -250,10 +243,7 @@ def _slice(values: torch.Tensor, slab: _Slab, tables: _Tables, hyper: torch.Tens
            mask_bits: torch.Tensor | None) -> None:
     """The three stages over one slice of :data:`SLICE` elements described by ``tables``."""
     _STAGES["philox"](slab.radius, slab.cos, tables.counters, key)
-    # The reference's eager calls (module docstring): r = √(−2·ln u1), then cos θ and sin θ.
-    slab.radius.log_().mul_(-2.0).sqrt_()
-    torch.sin(slab.cos, out=slab.sin)
-    slab.cos.cos_()
+    box_muller_(slab.radius, slab.cos, slab.sin)  # the reference's eager calls (module docstring)
     if mode == "dense":
         _STAGES["dense"](values, slab.radius, slab.cos, slab.sin, hyper)
     elif mode == "read":
