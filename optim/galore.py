@@ -169,15 +169,14 @@ _OFFICIAL_NATURAL_PROJ_TYPES = {"natural_galore": ("full", True), "galore": ("fu
 
 class NaturalGaLoreRule(LowRankRule):
     """GaLore's rule with the projected gradient preconditioned by the inverse empirical Fisher
-    of its recent history (Woodbury form) before Adam; weight by weight (its k×k solve)."""
+    of its recent history (Woodbury form: a k×k solve per weight) before Adam."""
 
     family = "galore"
     defaults = dict(natural_history=20, damping=1e-3, natural=True)
-    kernels = (*LowRankRule.kernels, "project", "natural_gradient")
+    kernels = (*LowRankRule.kernels, "project", "natural_gradients")
     layout_keys = ("natural_history", "natural")
     rebuilt_units = (("nat_history", "nat_count"),)
     signs = "canonical"
-    batched = False
 
     def validate(self, group: Mapping[str, Any]) -> None:
         # It sizes a (history × r²) state tensor and a k×k solve per step (the official 20).
@@ -203,40 +202,61 @@ class NaturalGaLoreRule(LowRankRule):
 
     @steps_row_shards
     def update(self, engine: LowRankOptimizer, group: Mapping[str, Any], items: list[WeightStep]) -> None:
-        """On row shards (left or two-sided projections): R = Σ_k A_kᵀ·G_k·Bᵀ all-reduced, then
+        """Same-shaped weights together: their projections, the natural-gradient solves (batched
+        on the torch backend), one Adam pass and the back-projections. Row shards (left or
+        two-sided projections) one weight at a time: R = Σ_k A_kᵀ·G_k·Bᵀ all-reduced, then
         everything but the back-projection A_k·N·B runs on the replicated R."""
-        (item,) = items
-        kernels = engine.kernels(item.param.device)
-        left, right = engine.factors(item)
-        if item.reduces:
-            (low_rank,) = engine.reduced_projections([item], [(left, right)])
+        if items[0].shard is not None and len(items) > 1:
+            for item in items:
+                self.update(engine, group, [item])
+            return
+        kernels = engine.kernels(items[0].param.device)
+        factors = [engine.factors(item) for item in items]
+        if items[0].reduces:
+            low_ranks = engine.reduced_projections(items, factors)
         else:
-            grad = engine.local_grad(item)
-            dtype = compute_dtype(grad.dtype)
-            low_rank = kernels.project(grad.to(dtype), None if left is None else left.to(dtype),
-                                       None if right is None else right.to(dtype))
+            low_ranks = []
+            for item, (left, right) in zip(items, factors):
+                grad = engine.local_grad(item)
+                dtype = compute_dtype(grad.dtype)
+                low_ranks.append(kernels.project(grad.to(dtype), None if left is None else left.to(dtype),
+                                                 None if right is None else right.to(dtype)))
         if group["maximize"]:
-            low_rank = -low_rank
+            low_ranks = torch._foreach_neg(low_ranks)
         if group["natural"]:  # else the official proj_type="galore": GaLore on the same factors
-            history, count = item.state["nat_history"], int(item.state["nat_count"])
-            # A ring buffer: H·Hᵀ does not depend on the order of the rows.
-            history[count % history.shape[0]] = low_rank.reshape(-1)
-            item.state["nat_count"] += 1
-            rows = history[: min(count + 1, history.shape[0])]
-            low_rank = kernels.natural_gradient(low_rank, rows, damping=group["damping"])
+            low_ranks = self._precondition(kernels, group, items, low_ranks)
         beta1, beta2 = group["betas"]
-        (update,) = low_rank_updates(items)
-        moments = [local_tensor(moment) for moment in engine.moment_values(item)]
-        # Adam on the already projected (and preconditioned) gradient.
-        kernels.galore_adam_project_([low_rank], [moments[0]], [moments[1]], [update], lefts=None, rights=None,
-                                     beta1=beta1, beta2=beta2, eps=group["eps"])
-        engine.store_moments(item, moments)
-        if item.shard is not None and not item.shard.rows:
+        updates = low_rank_updates(items)
+        moments = [tuple(local_tensor(moment) for moment in engine.moment_values(item)) for item in items]
+        # Adam on the already projected (and preconditioned) gradients.
+        kernels.galore_adam_project_(low_ranks, [m[0] for m in moments], [m[1] for m in moments], updates,
+                                     lefts=None, rights=None, beta1=beta1, beta2=beta2, eps=group["eps"])
+        for item, values in zip(items, moments):
+            engine.store_moments(item, values)
+        if items[0].shard is not None and not items[0].shard.rows:
             return  # an empty row shard: nothing to update
         kernels.galore_apply_(
-            [local_tensor(item.param)], [update], lefts=[left], rights=[right],
-            step_size=adam_step_size(group["lr"], group["betas"], item.step, group["correct_bias"]),
+            [local_tensor(item.param) for item in items], updates, lefts=[left for left, _ in factors],
+            rights=[right for _, right in factors],
+            step_size=adam_step_size(group["lr"], group["betas"], items[0].step, group["correct_bias"]),
             scale=group["scale"], lr=group["lr"], weight_decay=group["weight_decay"])
+
+    @staticmethod
+    def _precondition(kernels: Any, group: Mapping[str, Any], items: list[WeightStep],
+                      low_ranks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Append each projected gradient g to its weight's history H, the last ``natural_history``
+        of them (a ring buffer: H·Hᵀ does not depend on the order of the rows), and return
+        g̃ = (λI + HᵀH)⁻¹g of each."""
+        rows, histories, counts = [], [], []
+        for item in items:
+            history, count = item.state["nat_history"], item.state["nat_count"]
+            seen = int(count)
+            rows.append(history[seen % history.shape[0]])
+            histories.append(history[: min(seen + 1, history.shape[0])])
+            counts.append(count)
+        torch._foreach_copy_(rows, [low_rank.reshape(-1) for low_rank in low_ranks])
+        torch._foreach_add_(counts, 1)
+        return kernels.natural_gradients(low_ranks, histories, damping=group["damping"])
 
 
 class NaturalGaLore(LowRankOptimizer):
@@ -251,7 +271,8 @@ class NaturalGaLore(LowRankOptimizer):
     .. math:: \tilde g = (\lambda I + H^\top H)^{-1} g
               = \lambda^{-1} g - \lambda^{-2} H^\top (I + \lambda^{-1} H H^\top)^{-1} H g
 
-    computed through Woodbury's identity with a k×k Cholesky solve (no d×d matrix).
+    computed through Woodbury's identity with a k×k solve (no d×d matrix; float64, by a QR
+    factorization: :func:`memzoo.reference.galore.natural_gradient`).
 
     The subspace is the official one: two-sided (``proj_type="full"``, r×r moments; the
     official Tucker factors of a matrix are its top-r singular vectors) and each singular

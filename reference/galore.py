@@ -22,7 +22,8 @@ from memzoo.reference.projector import Side, matrix_shape, project, project_back
 
 __all__ = ["adafactor_apply_lists", "adafactor_beta2", "adafactor_lr", "adafactor_update_", "adamw_update_",
            "as_matrix", "check_low_rank_shapes", "galore_adafactor_apply_", "galore_adafactor_project_",
-           "galore_adam_project_", "galore_apply_", "low_rank_lists", "natural_gradient", "project"]
+           "galore_adam_project_", "galore_apply_", "low_rank_lists", "natural_gradient", "natural_gradients",
+           "project"]
 
 # Factors of a batch: None (no factor on that side), one factor, or one (or None) per matrix.
 FactorList = torch.Tensor | Sequence[torch.Tensor | None] | None
@@ -146,6 +147,12 @@ def _factor(factor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
     return None if factor is None else factor.to(dtype)
 
 
+def check_history(low_rank_grad: torch.Tensor, history: torch.Tensor, name: str = "history") -> None:
+    """Raise ValueError unless ``history`` is k×d for the d elements of ``low_rank_grad``."""
+    if history.dim() != 2 or history.shape[1] != low_rank_grad.numel():
+        raise ValueError(f"{name} must be k×{low_rank_grad.numel()}, got {tuple(history.shape)}")
+
+
 @torch.no_grad()
 def natural_gradient(low_rank_grad: torch.Tensor, history: torch.Tensor, *, damping: float) -> torch.Tensor:
     """Natural GaLore's preconditioned gradient g̃ = (λI + HᵀH)⁻¹ g (Das 2024, §3).
@@ -163,10 +170,9 @@ def natural_gradient(low_rank_grad: torch.Tensor, history: torch.Tensor, *, damp
     ≈ 4e7, and the step wrote NaN.) A NaN/Inf in H or g gives an all-NaN result, decided on the
     device without a host sync: non-finite input propagates into the weights, as everywhere.
     """
+    check_history(low_rank_grad, history)
     g = low_rank_grad.reshape(-1).to(torch.float64)
     h = history.to(torch.float64)
-    if h.dim() != 2 or h.shape[1] != g.numel():
-        raise ValueError(f"history must be k×{g.numel()}, got {tuple(history.shape)}")
     finite = torch.isfinite(h).all() & torch.isfinite(g).all()
     h = torch.where(finite, h, torch.zeros_like(h))  # LAPACK is never handed a NaN
     g_safe = torch.where(finite, g, torch.zeros_like(g))
@@ -178,6 +184,29 @@ def natural_gradient(low_rank_grad: torch.Tensor, history: torch.Tensor, *, damp
     result = (g_safe - h.T @ y.squeeze(1)) / damping
     result = torch.where(finite, result, torch.full_like(result, math.nan))
     return result.to(compute_dtype(low_rank_grad.dtype, history.dtype)).reshape(low_rank_grad.shape)
+
+
+def natural_gradient_lists(low_rank_grads: torch.Tensor | Sequence[torch.Tensor],
+                           histories: torch.Tensor | Sequence[torch.Tensor]
+                           ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The arguments of :func:`natural_gradients` as two lists of equal length, each history
+    checked to be k×d for its gradient's d elements (ValueError naming the index otherwise)."""
+    grads, histories = as_tensor_list("low_rank_grads", low_rank_grads), as_tensor_list("histories", histories)
+    if len(grads) != len(histories):
+        raise ValueError(f"tensor lists differ in length: {{'low_rank_grads': {len(grads)}, "
+                         f"'histories': {len(histories)}}}")
+    for index, (grad, history) in enumerate(zip(grads, histories)):
+        check_history(grad, history, f"histories[{index}]")
+    return grads, histories
+
+
+@torch.no_grad()
+def natural_gradients(low_rank_grads: torch.Tensor | Sequence[torch.Tensor],
+                      histories: torch.Tensor | Sequence[torch.Tensor], *, damping: float) -> list[torch.Tensor]:
+    """:func:`natural_gradient` of each (gradient, history) pair of a batch: a list of the
+    results, each with its gradient's shape (the torch backend solves same-sized pairs together)."""
+    grads, histories = natural_gradient_lists(low_rank_grads, histories)
+    return [natural_gradient(grad, history, damping=damping) for grad, history in zip(grads, histories)]
 
 
 @torch.no_grad()

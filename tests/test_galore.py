@@ -231,6 +231,50 @@ def test_natural_galore_with_huge_damping_is_its_galore_mode() -> None:
     assert not torch.equal(natural.detach(), start)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_natural_galore_steps_same_shaped_weights_together_as_the_reference_steps_each(monkeypatch, dtype) -> None:
+    """backend="torch" updates same-shaped weights together (one natural-gradient call per shape
+    and step); over six steps (two refreshes; the history of three wraps around) it follows the
+    reference's trajectory, states included, and one weight's NaN gradient at step 5 makes that
+    weight NaN on both backends and leaves the others on the trajectory."""
+    from memzoo.optim import NaturalGaLore
+    from memzoo.triton_kernels.torch_backend import galore as torch_galore
+    from support import assert_close
+
+    shapes = [(8, 6), (6, 8), (8, 6), (5,), (8, 6), (6, 8)]
+    generator = torch.Generator().manual_seed(5)
+    start = [torch.randn(shape, generator=generator).to(dtype) for shape in shapes]
+    grads = [[torch.randn(shape, generator=generator).to(dtype) for shape in shapes] for _ in range(6)]
+    grads[4][2] = torch.full(shapes[2], math.nan, dtype=dtype)
+    calls = []
+    batched = torch_galore.natural_gradients
+    monkeypatch.setattr(torch_galore, "natural_gradients",
+                        lambda g, h, **kwargs: calls.append(len(g)) or batched(g, h, **kwargs))
+    runs = {}
+    for backend in ("reference", "torch"):
+        params = [torch.nn.Parameter(tensor.clone()) for tensor in start]
+        optimizer = NaturalGaLore(params, lr=0.05, weight_decay=0.1, rank=3, update_proj_gap=3, natural_history=3,
+                                  backend=backend)
+        for step_grads in grads:
+            for param, grad in zip(params, step_grads):
+                param.grad = grad.clone()
+            optimizer.step()
+        runs[backend] = (params, optimizer)
+    assert sorted(calls) == [2] * 6 + [3] * 6  # the two 6×8 and the three 8×6 weights, every step
+    for index, (ours, theirs) in enumerate(zip(*(params for params, _ in runs.values()))):
+        states = [runs[backend][1].state[param] for backend, param in (("reference", ours), ("torch", theirs))]
+        assert states[0].keys() == states[1].keys()
+        pairs = [("param", ours.detach(), theirs.detach())] + [(key, states[0][key], states[1][key]) for key in states[0]]
+        for key, expected, actual in pairs:
+            if not expected.is_floating_point():
+                assert torch.equal(actual, expected), (index, key)
+                continue
+            assert torch.equal(actual.isnan(), expected.isnan()), (index, key)
+            poisoned = index == 2 and key in ("param", "exp_avg", "exp_avg_sq", "nat_history")
+            assert bool(actual.isnan().any()) == poisoned, (index, key)
+            assert_close(actual.nan_to_num(), expected.nan_to_num(), what=f"weight {index} {key}")
+
+
 def _tensorly_signed(factor: torch.Tensor) -> torch.Tensor:
     """Each column with its largest-magnitude entry positive (the first on a tie): tensorly's
     svd_flip, which the official Tucker factors go through."""

@@ -461,3 +461,91 @@ def test_fused_adamw_steps_a_row_shard_as_the_whole_tensor(monkeypatch, dtype) -
     if dtype == torch.float32:  # (bf16's final rounding hides the scalar loop's float32 difference here)
         monkeypatch.setattr(torch_galore_module, "_FUSED_ALIGN", 1)
         assert not pieces_equal_whole()
+
+
+# ---- Natural GaLore: Woodbury solves of same-sized histories batched -----------------------
+
+def _natural_pairs(dtype: torch.dtype, seed: int, lengths: list[int], shape: tuple[int, int] = (3, 4),
+                   count: int = 1) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``count`` (gradient, history) pairs per history length, as the optimizer makes them: the
+    gradient of ``shape`` is the history's last row; nearly collinear rows (a few steps of
+    training, I + H·Hᵀ/λ badly conditioned) in every other pair."""
+    generator = torch.Generator().manual_seed(seed)
+    grads, histories = [], []
+    for index, length in enumerate(lengths * count):
+        d = shape[0] * shape[1]
+        history = torch.randn(length, d, generator=generator)
+        if index % 2:
+            history = torch.randn(d, generator=generator) * 30 + 0.05 * history
+        history = history.to(dtype)
+        histories.append(history)
+        grads.append(history[-1].reshape(shape).clone())
+    return grads, histories
+
+
+def _assert_natural_gradients_are_the_reference(grads, histories, results) -> None:
+    for grad, history, result in zip(grads, histories, results):
+        expected = reference_galore.natural_gradient(grad, history, damping=1e-3)
+        assert result.shape == grad.shape and result.dtype == expected.dtype
+        # Two float64 evaluations in different orders, each rounded once to the result's dtype:
+        # they differ by float64's rounding times the condition of λI + H·Hᵀ (below 1 + ‖H‖²/λ).
+        condition = 1.0 + history.double().square().sum().item() / 1e-3
+        assert_close(result, expected, 8 * 2.0**-53 * condition * expected.double().abs().max().item(),
+                     what=f"k={history.shape[0]}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("pairs_per_chunk", [1, 3, None])
+def test_natural_gradients_of_a_batch_are_the_reference(monkeypatch, dtype, pairs_per_chunk) -> None:
+    """Histories of every length k = 1..5 and two sizes d in one call, interleaved, solved one
+    pair per chunk, three per chunk (a partial last chunk) or all at once: each result is the
+    reference's natural_gradient of its pair."""
+    if pairs_per_chunk is not None:
+        monkeypatch.setattr(torch_galore, "_pairs_per_chunk", lambda device, k, d: pairs_per_chunk)
+    lengths = [1, 2, 3, 4, 5]
+    grads, histories = _natural_pairs(dtype, 0, lengths, count=3)
+    more_grads, more_histories = _natural_pairs(dtype, 1, lengths[::-1], shape=(5, 2), count=2)
+    grads, histories = grads + more_grads, histories + more_histories
+    order = torch.randperm(len(grads), generator=torch.Generator().manual_seed(2)).tolist()
+    grads, histories = [grads[i] for i in order], [histories[i] for i in order]
+    results = torch_galore.natural_gradients(grads, histories, damping=1e-3)
+    _assert_natural_gradients_are_the_reference(grads, histories, results)
+    (single,) = [torch_galore.natural_gradient(grads[0], histories[0], damping=1e-3)]
+    _assert_natural_gradients_are_the_reference(grads[:1], histories[:1], [single])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("poison", ["nan_history", "inf_history_times_zero", "opposite_infs", "inf_grad"])
+def test_a_nonfinite_pair_does_not_poison_its_batch(dtype, poison) -> None:
+    """One pair with a NaN or Inf among four solved in one chunk: its result is all NaN (the
+    reference's), the others are bit for bit what the same call gives without it."""
+    grads, histories = _natural_pairs(dtype, 3, [3], count=4)
+    clean = torch_galore.natural_gradients(grads, histories, damping=1e-3)
+    grads[1] = grads[1].clone()
+    if poison == "nan_history":
+        histories[1][0, 5] = float("nan")
+    elif poison == "inf_history_times_zero":  # H·g meets the Inf as Inf·0 = NaN
+        grads[1].view(-1)[7] = 0.0
+        histories[1][0, 7] = float("inf")
+    elif poison == "opposite_infs":  # summed, +Inf and −Inf give NaN
+        histories[1][1, 2], histories[1][1, 3] = float("inf"), float("-inf")
+    else:
+        grads[1].view(-1)[4] = float("-inf")
+    results = torch_galore.natural_gradients(grads, histories, damping=1e-3)
+    assert torch.isnan(results[1]).all()
+    assert torch.isnan(reference_galore.natural_gradient(grads[1], histories[1], damping=1e-3)).all()
+    for index in (0, 2, 3):
+        assert torch.equal(results[index], clean[index]), index
+
+
+def test_natural_gradients_reject_bad_input_before_solving() -> None:
+    grads, histories = _natural_pairs(torch.float32, 4, [2, 3])
+    for module in (reference_galore, torch_galore):
+        with pytest.raises(ValueError, match=r"histories\[1\] must be k×12, got \(3, 11\)"):
+            module.natural_gradients(grads, [histories[0], histories[1][:, :11]], damping=1e-3)
+        with pytest.raises(ValueError, match="tensor lists differ in length"):
+            module.natural_gradients(grads, histories[:1], damping=1e-3)
+        with pytest.raises(ValueError, match=r"history must be k×12, got \(12,\)"):
+            module.natural_gradient(grads[0], histories[0][0], damping=1e-3)
+        with pytest.raises(TypeError, match=r"histories\[0\] must be a Tensor"):
+            module.natural_gradients(grads[:1], [[1.0]], damping=1e-3)

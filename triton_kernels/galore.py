@@ -39,26 +39,28 @@ from memzoo.reference.galore import (
     as_matrix,
     check_low_rank_shapes,
     low_rank_lists,
-    natural_gradient,
     project,
 )
 from memzoo.reference.galore import galore_adam_project_ as _reference_adam_project_
 from memzoo.reference.galore import galore_apply_ as _reference_apply_
 # GaLore-Adafactor has no Triton kernel (its m×n work is one back-projection GEMM, which the torch
-# path accumulates into the weight): backend="triton" runs the torch path's functions.
+# path accumulates into the weight), nor Natural GaLore's k×k solves (batched float64 QR):
+# backend="triton" runs the torch path's functions.
 from memzoo.triton_kernels.torch_backend.galore import (
     adafactor_beta2,
     adafactor_lr,
     adafactor_update_,
     galore_adafactor_apply_,
     galore_adafactor_project_,
+    natural_gradient,
+    natural_gradients,
 )
 from memzoo.triton_kernels.multi_tensor import ceil_div, launch_elementwise, operand_offsets, tensor_block, to_storage
 
 __all__ = ["AUTO", "INTERPRETED", "PRECISION", "adafactor_beta2", "adafactor_lr", "adafactor_update_",
            "adam_moments_tile", "adamw_update_", "copy_back", "galore_adafactor_apply_", "galore_adafactor_project_",
-           "galore_adam_project_", "galore_apply_", "gemm_tile", "launch_batched", "matrix_pointer", "natural_gradient", "project",
-           "same_layout_batches", "writable_matrix"]
+           "galore_adam_project_", "galore_apply_", "gemm_tile", "launch_batched", "matrix_pointer", "natural_gradient",
+           "natural_gradients", "project", "same_layout_batches", "writable_matrix"]
 
 AUTO = False
 PRECISION = "tf32"

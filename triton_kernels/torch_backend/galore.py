@@ -4,8 +4,10 @@ Rewritten here: :func:`adamw_update_` (the dense AdamW branch of every low-rank 
 Adam moments of :func:`galore_adam_project_` as chunked multi-tensor passes (about one read and
 one write of each tensor, no temporaries of a tensor's size), and :func:`galore_apply_` (the
 back-projection accumulated straight into the weight by one ``addmm_`` per matrix, BLAS's
-C ← C + α·A·B: no m×n temporary for float32 weights). :func:`project` and
-:func:`natural_gradient` are the reference's own.
+C ← C + α·A·B: no m×n temporary for float32 weights), and :func:`natural_gradients` (Natural
+GaLore's Woodbury solves of same-sized histories as batched float64 QR factorizations and
+products, in chunks of bounded memory, each weight's finiteness decided on the device).
+:func:`project` is the reference's own.
 
 GaLore-Adafactor: :func:`galore_adafactor_apply_` accumulates the back-projection into the weight
 by ``addmm_`` (no m×n temporary); the factored moments (r-sized) and the unfactored update of
@@ -14,6 +16,7 @@ vectors are the reference's own.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -27,18 +30,19 @@ from memzoo.reference.galore import (
     adafactor_lr,
     adafactor_update_,
     as_matrix,
+    check_history,
     check_low_rank_shapes,
     galore_adafactor_project_,
     low_rank_lists,
-    natural_gradient,
+    natural_gradient_lists,
     project,
 )
-from memzoo.triton_kernels.torch_backend.elementwise import Scratch, for_each_chunk
+from memzoo.triton_kernels.torch_backend.elementwise import Scratch, chunk_size, for_each_chunk
 
 __all__ = ["adafactor_apply_lists", "adafactor_beta2", "adafactor_lr", "adafactor_update_", "adamw_update_",
            "as_matrix", "as_weight_matrix", "check_low_rank_shapes", "galore_adafactor_apply_",
            "galore_adafactor_project_", "galore_adam_project_", "galore_apply_", "low_rank_lists", "natural_gradient",
-           "project"]
+           "natural_gradients", "project"]
 
 
 def _adam_moments(scratch: Scratch, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
@@ -257,7 +261,13 @@ def galore_apply_(
         work = matrix if param.dtype == dtype else matrix.to(dtype)
         n = update.to(dtype)
         if left is not None and right is not None:
-            work.addmm_(left.to(dtype) @ n, right.to(dtype), alpha=-coefficient)
+            left, right = left.to(dtype), right.to(dtype)
+            (m, r_left), (r_right, columns) = left.shape, right.shape
+            # The r×r update multiplies the shorter side first: m·r² + m·r·n or n·r² + m·r·n flops.
+            if m * r_left * r_right + m * r_right * columns <= r_left * r_right * columns + m * r_left * columns:
+                work.addmm_(left @ n, right, alpha=-coefficient)
+            else:
+                work.addmm_(left, n @ right, alpha=-coefficient)
         elif left is not None:
             work.addmm_(left.to(dtype), n, alpha=-coefficient)
         else:
@@ -266,6 +276,106 @@ def galore_apply_(
             work.add_(work, alpha=-decay)  # W ← W − lr·λ·W (after the update, as GaLore)
         if work is not matrix:
             matrix.copy_(work)
+
+
+# ---- Natural GaLore ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def natural_gradient(low_rank_grad: torch.Tensor, history: torch.Tensor, *, damping: float) -> torch.Tensor:
+    """Same contract as :func:`memzoo.reference.galore.natural_gradient`: one pair of
+    :func:`natural_gradients`."""
+    check_history(low_rank_grad, history)
+    return natural_gradients([low_rank_grad], [history], damping=damping)[0]
+
+
+@torch.no_grad()
+def natural_gradients(low_rank_grads: torch.Tensor | Sequence[torch.Tensor],
+                      histories: torch.Tensor | Sequence[torch.Tensor], *, damping: float) -> list[torch.Tensor]:
+    """Same contract as :func:`memzoo.reference.galore.natural_gradients`, with the reference's
+    math (float64, R of the QR factorization of [Hᵀ; √λ·I], g̃ = λ⁻¹·(g − Hᵀ·y)) on batches:
+    pairs of one device, history length k and size d are solved together (see
+    :func:`_natural_gradient_chunk`), the others through the reference (k or d = 0)."""
+    grads, histories = natural_gradient_lists(low_rank_grads, histories)
+    results: list[torch.Tensor | None] = [None] * len(grads)
+    batches: dict[tuple[torch.device, torch.device, int, int], list[int]] = {}
+    for index, (grad, history) in enumerate(zip(grads, histories)):
+        batches.setdefault((grad.device, history.device, *history.shape), []).append(index)
+    for (device, history_device, k, d), indices in batches.items():
+        if k == 0 or d == 0 or history_device != device:
+            for index in indices:
+                results[index] = reference.natural_gradient(grads[index], histories[index], damping=damping)
+            continue
+        per_chunk = _pairs_per_chunk(device, k, d)
+        workspace = _NaturalWorkspace(min(per_chunk, len(indices)), k, d, damping, device)
+        for start in range(0, len(indices), per_chunk):
+            chosen = indices[start:start + per_chunk]
+            solved = _natural_gradient_chunk(workspace, [grads[i] for i in chosen], [histories[i] for i in chosen],
+                                             damping)
+            for index, result in zip(chosen, solved):
+                results[index] = result
+    return results  # type: ignore[return-value]
+
+
+def _pairs_per_chunk(device: torch.device, k: int, d: int) -> int:
+    """How many pairs of k×d histories one chunk solves: its float64 workspace (two (c, k, d + k)
+    buffers) within the element-wise engine's scratch (:func:`chunk_size` float32 elements), or
+    one pair. On a CPU that keeps it in cache (a fresh allocation of many MiB costs more in page
+    faults than the copies it serves); an accelerator gets a few weights per chunk."""
+    return max(1, chunk_size(device) // (4 * k * (d + k)))
+
+
+class _NaturalWorkspace:
+    """The float64 buffers of :func:`_natural_gradient_chunk` for up to ``count`` pairs: the
+    (d + k)×k matrices [Hᵀ; √λ·I] stored transposed (c, k, d + k) — column-major, the layout
+    LAPACK factors in place — their sanitized copy that ``geqrf`` overwrites, its τ, and g."""
+
+    def __init__(self, count: int, k: int, d: int, damping: float, device: torch.device) -> None:
+        options = dict(dtype=torch.float64, device=device)
+        self.stacked = torch.empty(count, k, d + k, **options)
+        self.stacked[:, :, d:] = 0.0
+        self.stacked[:, :, d:].diagonal(dim1=1, dim2=2).fill_(math.sqrt(damping))  # √λ·I, written once
+        self.factored = torch.empty(count, k, d + k, **options)
+        self.tau = torch.empty(count, k, **options)
+        self.grads = torch.empty(count, d, 1, **options)
+        self.zero = torch.zeros((), **options)
+
+
+def _natural_gradient_chunk(workspace: _NaturalWorkspace, grads: list[torch.Tensor], histories: list[torch.Tensor],
+                            damping: float) -> list[torch.Tensor]:
+    """g̃ of c pairs of one (k, d) by the reference's float64 math, batched.
+
+    Each pair's finiteness is decided on the device, as the reference decides it (all of H and g
+    finite), without a pass of its own over H when H and g are stored in at most 32 bits: then
+    H·g, needed anyway, is finite exactly when H is (a NaN or ±Inf reaches every product of its
+    row, and |Hᵢⱼ·gⱼ| < 2²⁵⁶ cannot overflow float64), and so are the sums of g and of H·g;
+    float64 inputs are checked element by element. A non-finite pair's matrix is zeroed before
+    the factorization (LAPACK is never handed a NaN) and its result is NaN; the other pairs of
+    the chunk are solved as if it were not there."""
+    count, (k, d) = len(grads), histories[0].shape
+    stacked, factored = workspace.stacked[:count], workspace.factored[:count]
+    tau, g = workspace.tau[:count], workspace.grads[:count]
+    h = stacked[:, :, :d]
+    torch._foreach_copy_(list(h.unbind(0)), histories)
+    torch._foreach_copy_([column.view(-1) for column in g.unbind(0)], [grad.reshape(-1) for grad in grads])
+    rhs = torch.bmm(h, g)  # H·g
+    if any(t.dtype == torch.float64 for t in (*grads, *histories)):
+        finite = torch.isfinite(g).flatten(1).all(dim=1) & torch.isfinite(h).flatten(1).all(dim=1)
+    else:  # a sum of these float64 values is finite exactly when all of them are
+        finite = torch.isfinite(g.sum(dim=(1, 2)) + rhs.sum(dim=(1, 2)))
+    # [Hᵀ; √λ·I] of the finite pairs, zeros of the others, factored in place: R is its top k×k
+    # upper triangle (the Householder vectors below the diagonal are not read by the solves).
+    torch.where(finite.view(count, 1, 1), stacked, workspace.zero, out=factored)
+    torch.geqrf(factored.mT, out=(factored.mT, tau))  # RᵀR = λI + H·Hᵀ
+    r = factored.mT[:, :k, :]
+    # (The triangular solves are BLAS's: a non-finite pair's H·g just gives NaN, replaced below.)
+    y = torch.linalg.solve_triangular(r, torch.linalg.solve_triangular(r.mT, rhs, upper=False), upper=True)
+    result = torch.baddbmm(g, h.mT, y, alpha=-1.0).div_(damping).squeeze(2)  # λ⁻¹·(g − Hᵀ·y)
+    result.masked_fill_(finite.logical_not().unsqueeze(1), math.nan)
+    dtypes = [compute_dtype(grad.dtype, history.dtype) for grad, history in zip(grads, histories)]
+    if len(set(dtypes)) == 1:
+        result = result.to(dtypes[0])
+    return [value.to(dtype).view(grad.shape) for value, dtype, grad in zip(result.unbind(0), dtypes, grads)]
 
 
 # ---- GaLore-Adafactor ----------------------------------------------------------------------
