@@ -15,7 +15,7 @@ tolerances the kernel tests document in ``tests/kernel_cases.py``):
 - :func:`cosmos_directions_` updates M in place (the reference's rounding: FSDP2 row shards
   step M with the reference's code) and forms Ĝ·c and the residual in one m×n temporary, the
   normalization 1/c folded into the m×r coordinates and the residual's rounding.
-- :func:`cosmos_apply_` forms D/f = O + (N/f)·Uᵀ (f = γ·√(mn)/(‖O‖ + ε)) in one temporary
+- :func:`cosmos_apply_` forms D = γ·√(mn)·O/(‖O‖ + ε) + N·Uᵀ in one temporary (``addmm_``)
   and steps the weight by ``addcmul_`` with a 0-d factor (no host sync).
 
 The subspace tracking (eigh, QR) is the reference's own; the dense AdamW branch is
@@ -162,11 +162,11 @@ def cosmos_apply_(
     norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
     whole_rows: int | None = None,
 ) -> None:
-    """:func:`memzoo.reference.cosmos.cosmos_apply_` in one m×n temporary and five passes over
-    it (the reference makes about ten): with f = γ·√(mn)/(‖O‖ + ε), the temporary holds
-    D/f = O + (N/f)·Uᵀ (O's conversion, then ``addmm_``), and
-    W ← W·(1 − lr·λ) − lr·ρ·√(mn)·(D/f)/(‖D/f‖ + ε/f) (``addcmul_`` with a 0-d factor: no host
-    sync). ``norm`` and ``whole_rows`` as the reference's (row shards)."""
+    """:func:`memzoo.reference.cosmos.cosmos_apply_` in one m×n temporary and six passes over
+    it (the reference makes about ten): D = γ·√(mn)·O/(‖O‖ + ε) + N·Uᵀ (O's conversion, an
+    in-place scaling, ``addmm_``), then W ← W·(1 − lr·λ) − lr·ρ·√(mn)·D/(‖D‖ + ε) by ``addcmul_``
+    with a 0-d factor (no host sync). ``norm`` and ``whole_rows`` as the reference's (row
+    shards)."""
     m, n = param.shape if param.dim() == 2 else (-1, -1)
     _check_shapes(param, (("low_rank", low_rank, (m, basis.shape[-1])), ("basis", basis, (n, basis.shape[-1])),
                           ("orthogonal", orthogonal, (m, n))))
@@ -176,17 +176,10 @@ def cosmos_apply_(
     low, u = low_rank.to(dtype), basis.to(dtype)
     if orthogonal is None:
         update = low @ u.T
-        eps_scaled = eps
-    elif gamma == 0:  # f = 0: D = N·Uᵀ + 0·O, as the reference forms it
-        o = orthogonal.to(dtype)
-        update = torch.mul(o, 0.0).div_(frobenius(o) + eps).addmm_(low, u.T)
-        eps_scaled = eps
-    else:
+    else:  # γ·√(mn)·O/(‖O‖ + ε) scaled in place (a tiny γ rounds to 0 as in the reference), + N·Uᵀ
         update = orthogonal.to(dtype, copy=True)
-        inverse = (frobenius(update) + eps) / (gamma * scale)  # 1/f, a 0-d tensor
-        update.addmm_(low * inverse, u.T)
-        eps_scaled = eps * inverse
-    coefficient = -(lr * lr_ratio * scale) / (frobenius(update) + eps_scaled)
+        update.mul_((gamma * scale) / (frobenius(update) + eps)).addmm_(low, u.T)
+    coefficient = -(lr * lr_ratio * scale) / (frobenius(update) + eps)
     decay = 1.0 - lr * weight_decay
     if param.dtype == dtype:  # (6) decay first, then the normalized step
         if decay != 1.0:
