@@ -189,3 +189,19 @@ def test_a_failing_compile_falls_back_to_the_chunked_pass(monkeypatch) -> None:
     with pytest.warns(RuntimeWarning, match="FRUGAL residual pass"):
         _run_both(_case("right"), "right")
     _run_both(_case("left"), "left")  # no second warning needed: eager from now on
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_squared_norm_by_chunks_is_the_whole_norm(dtype) -> None:
+    """‖G‖² of a low-precision gradient larger than a chunk is summed chunk by chunk (no float32
+    copy of G): like the reference's vector_norm, a float32 sum within its rounding of the exact
+    value (2·10⁵ terms: ~1e-5 relative; a chunk dropped or counted twice: ≥ 0.2)."""
+    from memzoo.triton_kernels.torch_backend.elementwise import CHUNK
+
+    grad = torch.randn(3, CHUNK // 2 + 7, generator=torch.Generator().manual_seed(2)).to(dtype)
+    exact = torch.linalg.vector_norm(grad.double()).square()
+    whole = torch.linalg.vector_norm(grad, dtype=torch.float32).double().square()  # the reference's
+    torch.testing.assert_close(whole, exact, rtol=5e-5, atol=0.0)
+    torch.testing.assert_close(fast._squared_norm(grad, torch.float32), exact, rtol=5e-5, atol=0.0)
+    transposed = grad.T  # dense, not contiguous: chunks in memory order
+    torch.testing.assert_close(fast._squared_norm(transposed, torch.float32), exact, rtol=5e-5, atol=0.0)

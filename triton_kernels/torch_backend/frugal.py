@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from memzoo.reference import frugal as reference
-from memzoo.reference.common import compute_dtype
+from memzoo.reference.common import compute_dtype, is_dense
 from memzoo.reference.frugal import (
     COORDINATE_SIDES,
     RESIDUAL_RULES,
@@ -29,7 +29,7 @@ from memzoo.reference.frugal import (
 from memzoo.reference.galore import FactorList
 from memzoo.reference.projector import matrix_shape, project, selection_factor, side_length
 from memzoo.triton_kernels.torch_backend.compiled import CompiledPass
-from memzoo.triton_kernels.torch_backend.elementwise import Scratch, for_each_chunk
+from memzoo.triton_kernels.torch_backend.elementwise import Scratch, chunk_size, for_each_chunk, memory_order_view
 from memzoo.triton_kernels.torch_backend.galore import adamw_update_, as_weight_matrix, galore_adam_project_
 
 __all__ = [
@@ -118,6 +118,21 @@ def _host_values(values: list[torch.Tensor]) -> list[float]:
     return out
 
 
+def _squared_norm(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """‖tensor‖² (a 0-d float64 tensor) accumulated in ``dtype``: the reference's
+    ``vector_norm(·, dtype=dtype)`` squared when the tensor already has that dtype; else by
+    chunks in memory order (``vector_norm`` with another dtype first converts the whole tensor:
+    an m×n copy for a bf16 gradient): another order of the float32 sum, within its rounding as the
+    reference's is (~1e-5 relative for 10⁵ terms), far below the threshold's reliability."""
+    chunk = chunk_size(tensor.device)
+    if tensor.dtype == dtype or not is_dense(tensor) or tensor.numel() <= chunk:
+        return torch.linalg.vector_norm(tensor, dtype=dtype).double().square()
+    flat = memory_order_view(tensor)
+    parts = [torch.linalg.vector_norm(flat[start:start + chunk], dtype=dtype)
+             for start in range(0, flat.numel(), chunk)]
+    return torch.stack(parts).double().square().sum()
+
+
 def _gather_is_exact(value: float) -> bool:
     """Whether gathers give the reference's values for a matrix whose ‖G‖² (or ΣN) is ``value``:
     when it is finite (G, N finite, so every 0/1 product is exact). Otherwise the products spread
@@ -147,8 +162,8 @@ def frugal_coordinates_step_(
     """Same contract as :func:`memzoo.reference.frugal.frugal_coordinates_step_`, with the
     selection as indices: R = G[:, idx] (rows: G[idx, :]) gathered once, for Adam and for the
     threshold's ‖E‖² = ‖G‖² − ‖R‖² (the reference's float64 formula); W·(1 − decay) − c·φ(G) in
-    one pass over W and G (:func:`_residual_passes`: compiled, or chunked); then the selected columns, saved before the pass, written as
-    W·(1 − decay) − η·N (there E = 0). Products with 0/1 factors are exact, so for finite G and N
+    one pass over W and G (:func:`_residual_passes`: compiled, or chunked); then the selected
+    columns, saved before the pass, written as W·(1 − decay) − η·N (there E = 0). Products with 0/1 factors are exact, so for finite G and N
     these are the reference's values, up to the pass's fused multiply-adds.
 
     Non-finite values: the reference's products spread a non-finite entry of G or N over its row
@@ -171,12 +186,12 @@ def frugal_coordinates_step_(
             continue
         inside = g.index_select(dim, chosen)
         dtype = compute_dtype(param.dtype, grad.dtype)
-        total = torch.linalg.vector_norm(g, dtype=dtype).double().square()
+        total = _squared_norm(g, dtype)
         viewed.append((position, weight, g))
         insides.append(inside)
         # ‖R‖² accumulated in float64 (the reference squares R in float64 and sums: the same up to the
-        # order of the sum, ~1e-16 relative, far below the threshold's own reliability).
-        squares += [total, torch.linalg.vector_norm(inside, dtype=torch.float64).square() if thresholded else total]
+        # order of the sum, far below the threshold's own reliability).
+        squares += [total, _squared_norm(inside, torch.float64) if thresholded else total]
     numbers = _host_values(squares)
     pairs = list(zip(numbers[0::2], numbers[1::2]))  # (‖G‖², ‖R‖²) per viewed matrix
     fast = [(entry, inside, pair) for entry, inside, pair in zip(viewed, insides, pairs) if _gather_is_exact(pair[0])]
