@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -325,10 +326,24 @@ def _pairs_per_chunk(device: torch.device, k: int, d: int) -> int:
     return max(1, chunk_size(device) // (4 * k * (d + k)))
 
 
+class _ChunkViews(NamedTuple):
+    """Views of a :class:`_NaturalWorkspace` for a chunk of c pairs."""
+
+    stacked: torch.Tensor  # (c, k, d + k): the (d + k)×k matrices [Hᵀ; √λ·I], column-major
+    factored: torch.Tensor  # (c, k, d + k): their copy that geqrf overwrites
+    tau: torch.Tensor  # (c, k)
+    h: torch.Tensor  # (c, k, d): H, in stacked
+    h_rows: list[torch.Tensor]  # each pair's H
+    g: torch.Tensor  # (c, d, 1)
+    g_columns: list[torch.Tensor]  # each pair's g, flat
+    r: torch.Tensor  # (c, k, k): R in the factored matrix's top rows (Householder vectors below)
+
+
 class _NaturalWorkspace:
     """The float64 buffers of :func:`_natural_gradient_chunk` for up to ``count`` pairs: the
     (d + k)×k matrices [Hᵀ; √λ·I] stored transposed (c, k, d + k) — column-major, the layout
-    LAPACK factors in place — their sanitized copy that ``geqrf`` overwrites, its τ, and g."""
+    LAPACK factors in place — their sanitized copy that ``geqrf`` overwrites, its τ, and g; the
+    views a chunk uses are made once per chunk size."""
 
     def __init__(self, count: int, k: int, d: int, damping: float, device: torch.device) -> None:
         options = dict(dtype=torch.float64, device=device)
@@ -338,7 +353,18 @@ class _NaturalWorkspace:
         self.factored = torch.empty(count, k, d + k, **options)
         self.tau = torch.empty(count, k, **options)
         self.grads = torch.empty(count, d, 1, **options)
-        self.zero = torch.zeros((), **options)
+        self.k, self.d = k, d
+        self._views: dict[int, _ChunkViews] = {}
+
+    def views(self, count: int) -> _ChunkViews:
+        views = self._views.get(count)
+        if views is None:
+            stacked, factored, g = self.stacked[:count], self.factored[:count], self.grads[:count]
+            h = stacked[:, :, : self.d]
+            views = self._views[count] = _ChunkViews(
+                stacked, factored, self.tau[:count], h, list(h.unbind(0)), g,
+                [column.view(-1) for column in g.unbind(0)], factored.mT[:, : self.k, :])
+        return views
 
 
 def _natural_gradient_chunk(workspace: _NaturalWorkspace, grads: list[torch.Tensor], histories: list[torch.Tensor],
@@ -349,30 +375,26 @@ def _natural_gradient_chunk(workspace: _NaturalWorkspace, grads: list[torch.Tens
     finite), without a pass of its own over H when H and g are stored in at most 32 bits: then
     H·g, needed anyway, is finite exactly when H is (a NaN or ±Inf reaches every product of its
     row, and |Hᵢⱼ·gⱼ| < 2²⁵⁶ cannot overflow float64), and so are the sums of g and of H·g;
-    float64 inputs are checked element by element. A non-finite pair's matrix is zeroed before
-    the factorization (LAPACK is never handed a NaN) and its result is NaN; the other pairs of
-    the chunk are solved as if it were not there."""
-    count, (k, d) = len(grads), histories[0].shape
-    stacked, factored = workspace.stacked[:count], workspace.factored[:count]
-    tau, g = workspace.tau[:count], workspace.grads[:count]
-    h = stacked[:, :, :d]
-    torch._foreach_copy_(list(h.unbind(0)), histories)
-    torch._foreach_copy_([column.view(-1) for column in g.unbind(0)], [grad.reshape(-1) for grad in grads])
+    float64 inputs are checked element by element. A non-finite pair's result is NaN (its
+    matrix is factored with its non-finite entries zeroed: LAPACK is never handed a NaN); the
+    other pairs of the chunk are solved as if it were not there."""
+    views = workspace.views(len(grads))
+    torch._foreach_copy_(views.h_rows, histories)
+    torch._foreach_copy_(views.g_columns, [grad.reshape(-1) for grad in grads])
+    h, g = views.h, views.g
     rhs = torch.bmm(h, g)  # H·g
-    if any(t.dtype == torch.float64 for t in (*grads, *histories)):
+    dtypes = [compute_dtype(grad.dtype, history.dtype) for grad, history in zip(grads, histories)]
+    if torch.float64 in dtypes:
         finite = torch.isfinite(g).flatten(1).all(dim=1) & torch.isfinite(h).flatten(1).all(dim=1)
     else:  # a sum of these float64 values is finite exactly when all of them are
         finite = torch.isfinite(g.sum(dim=(1, 2)) + rhs.sum(dim=(1, 2)))
-    # [Hᵀ; √λ·I] of the finite pairs, zeros of the others, factored in place: R is its top k×k
-    # upper triangle (the Householder vectors below the diagonal are not read by the solves).
-    torch.where(finite.view(count, 1, 1), stacked, workspace.zero, out=factored)
-    torch.geqrf(factored.mT, out=(factored.mT, tau))  # RᵀR = λI + H·Hᵀ
-    r = factored.mT[:, :k, :]
+    torch.nan_to_num(views.stacked, nan=0.0, posinf=0.0, neginf=0.0, out=views.factored)
+    torch.geqrf(views.factored.mT, out=(views.factored.mT, views.tau))  # RᵀR = λI + H·Hᵀ
+    r = views.r
     # (The triangular solves are BLAS's: a non-finite pair's H·g just gives NaN, replaced below.)
     y = torch.linalg.solve_triangular(r, torch.linalg.solve_triangular(r.mT, rhs, upper=False), upper=True)
     result = torch.baddbmm(g, h.mT, y, alpha=-1.0).div_(damping).squeeze(2)  # λ⁻¹·(g − Hᵀ·y)
     result.masked_fill_(finite.logical_not().unsqueeze(1), math.nan)
-    dtypes = [compute_dtype(grad.dtype, history.dtype) for grad, history in zip(grads, histories)]
     if len(set(dtypes)) == 1:
         result = result.to(dtypes[0])
     return [value.to(dtype).view(grad.shape) for value, dtype, grad in zip(result.unbind(0), dtypes, grads)]
