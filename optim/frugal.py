@@ -203,7 +203,9 @@ class FrugalRule(LowRankRule):
         (r×n) and Adam runs on it, replicated; the residual E_k = G_k − P_k·R is local once R
         is known (for a selection of rows, P_k·(P_kᵀ·G_k) already is). The signSGD step's
         threshold compares ‖E‖² with ‖G‖² over all the shards (two float64 scalars per weight,
-        all-reduced), so every rank takes the same decision."""
+        all-reduced), so every rank takes the same decision. Coordinate selections go through
+        the same kernel as whole tensors (:meth:`_coordinates_on_shard`), so a shard steps bit
+        for bit like the rows of the whole tensor."""
         lr_p = group["lr"] * group["proj_params_lr_scale"]
         beta1, beta2 = group["betas"]
         rule, threshold = group["inactive_update_rule"], group["inactive_threshold"]
@@ -214,6 +216,9 @@ class FrugalRule(LowRankRule):
             item.state["adam_step"] += 1
             step_size, eps = torch_adam_form(lr_p, group["betas"], group["eps"], adam_step, group["correct_bias"])
             kernels = engine.kernels(item.param.device)
+            if item.projector.settings.projector == "coordinates":
+                self._coordinates_on_shard(engine, group, item, step_size=step_size, eps=eps)
+                continue
             (update,) = low_rank_updates([item])
             left, right = engine.factors(item)
             grad = engine.local_grad(item)
@@ -257,6 +262,53 @@ class FrugalRule(LowRankRule):
                                       lefts=empty, rights=None, step_size=0.0,
                                       residual_step=lr_p * group["inactive_lr_scale"], residual_rule=rule,
                                       residual_threshold=0.0, decay=0.0, maximize=group["maximize"])
+
+
+    @staticmethod
+    def _coordinates_on_shard(engine: LowRankOptimizer, group: Mapping[str, Any], item: WeightStep, *,
+                              step_size: float, eps: float) -> None:
+        """A coordinate selection's step on this rank's rows, by ``frugal_coordinates_step_`` (the
+        whole-tensor kernel, so the same arithmetic per element). Columns (right): R's rows, the
+        moments and the update are the shard's rows. Rows (left): the selected rows held here are a
+        contiguous run of R's rows (the indices are sorted), and Adam is elementwise, so each rank
+        steps the moments of its own selected rows; the moments stay replicated by one all-reduce
+        of the two r×n moments with the other ranks' rows zeroed (x + 0 = x). The signSGD
+        threshold is decided over all shards first (‖G‖², ‖E‖², all-reduced) and passed as a
+        rule."""
+        shard = item.shard
+        rule, threshold = group["inactive_update_rule"], group["inactive_threshold"]
+        param, grad = local_tensor(item.param), local_tensor(item.param.grad)
+        exp_avg, exp_avg_sq = local_tensor(item.state["exp_avg"]), local_tensor(item.state["exp_avg_sq"])
+        chosen = item.state["proj_indices"].to(param.device)
+        left, right = engine.factors(item)  # the left factor: this shard's rows of the 0/1 selection
+        if rule == "sign_sgd" and threshold > 0:
+            dtype = compute_dtype(grad.dtype)
+            inside = project(grad.to(dtype), None if left is None else left.to(dtype),
+                             None if right is None else right.to(dtype))
+            total, remainder = shard.all_reduce_(torch.stack(residual_squares(grad, inside, left, right)))
+            rule = rule if bool(remainder > threshold * threshold * total) else "no"
+        side = item.projector.side
+        if side == "right":
+            local_chosen, moments = chosen, (exp_avg, exp_avg_sq)
+        else:
+            first, last = (int(x) for x in torch.searchsorted(chosen, torch.tensor(
+                [shard.index.start, shard.index.stop], dtype=chosen.dtype, device=chosen.device)))
+            local_chosen = chosen[first:last] - shard.index.start
+            moments = (exp_avg[first:last], exp_avg_sq[first:last])
+        if shard.rows:
+            kernels = engine.kernels(item.param.device)
+            beta1, beta2 = group["betas"]
+            lr_p = group["lr"] * group["proj_params_lr_scale"]
+            kernels.frugal_coordinates_step_(param, grad, *moments, local_chosen, side=side, beta1=beta1, beta2=beta2,
+                                             eps=eps, step_size=step_size, residual_step=lr_p * group["inactive_lr_scale"],
+                                             residual_rule=rule, decay=group["lr"] * group["weight_decay"],
+                                             maximize=group["maximize"], residual_threshold=0.0)
+        if side == "left":  # the others' rows from their ranks: replicated again
+            for moment in (exp_avg, exp_avg_sq):
+                moment[:first].zero_()
+                moment[last:].zero_()
+            for moment, summed in zip((exp_avg, exp_avg_sq), shard.all_reduce_many_([exp_avg, exp_avg_sq])):
+                moment.copy_(summed)
 
 
 def _settings(rank: int, group: Mapping[str, Any]) -> ProjectorSettings:
