@@ -514,6 +514,26 @@ def test_natural_gradients_of_a_batch_are_the_reference(monkeypatch, dtype, pair
     _assert_natural_gradients_are_the_reference(grads[:1], histories[:1], [single])
 
 
+def test_natural_gradients_take_the_qr_where_the_cholesky_breaks(monkeypatch) -> None:
+    """λI + H·Hᵀ is Cholesky-factored; where rounding breaks that (|H|² far above λ/ε₆₄, nearly
+    parallel rows) the chunk takes the reference's QR and its result stays finite and the
+    reference's; an ordinary history never factors by QR."""
+    calls = []
+    geqrf = torch.geqrf
+    monkeypatch.setattr(torch, "geqrf", lambda *args, **kwargs: calls.append(1) or geqrf(*args, **kwargs))
+    row = torch.randn(8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    huge = torch.stack([row, row, row + 1e-9]) * 1e9  # H·Hᵀ rounds to singular: the λ = 1e-3 is lost
+    assert int(torch.linalg.cholesky_ex(huge @ huge.T + 1e-3 * torch.eye(3))[1]) != 0
+    (result,) = torch_galore.natural_gradients([huge[-1].clone()], [huge], damping=1e-3)
+    assert calls and torch.isfinite(result).all()
+    _assert_natural_gradients_are_the_reference([huge[-1]], [huge], [result])
+    calls.clear()
+    grads, histories = _natural_pairs(torch.float32, 5, [4], count=3)
+    _assert_natural_gradients_are_the_reference(grads, histories,
+                                                torch_galore.natural_gradients(grads, histories, damping=1e-3))
+    assert not calls
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("poison", ["nan_history", "inf_history_times_zero", "opposite_infs", "inf_grad"])
 def test_a_nonfinite_pair_does_not_poison_its_batch(dtype, poison) -> None:
