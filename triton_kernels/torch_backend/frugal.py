@@ -133,6 +133,23 @@ def _squared_norm(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.stack(parts).double().square().sum()
 
 
+def _select(matrix: torch.Tensor, dim: int, chosen: torch.Tensor) -> torch.Tensor:
+    """matrix's rows (dim 0) or columns (dim 1) ``chosen``: columns by ``gather`` with the index
+    broadcast over the rows (on the 2-core CPU 2–4× faster than ``index_select`` along dim 1 for
+    512×512 and 1376×512 bf16/fp32 matrices; the same values)."""
+    if dim == 0:
+        return matrix.index_select(0, chosen)
+    return torch.gather(matrix, 1, chosen.expand(matrix.shape[0], -1))
+
+
+def _place(matrix: torch.Tensor, dim: int, chosen: torch.Tensor, values: torch.Tensor) -> None:
+    """matrix's rows or columns ``chosen`` ← values (the inverse of :func:`_select`)."""
+    if dim == 0:
+        matrix.index_copy_(0, chosen, values)
+    else:
+        matrix.scatter_(1, chosen.expand(matrix.shape[0], -1), values)
+
+
 def _gather_is_exact(value: float) -> bool:
     """Whether gathers give the reference's values for a matrix whose ‖G‖² (or ΣN) is ``value``:
     when it is finite (G, N finite, so every 0/1 product is exact). Otherwise the products spread
@@ -184,7 +201,7 @@ def frugal_coordinates_step_(
         weight, g = as_weight_matrix(param), as_weight_matrix(grad)
         if weight is None or g is None:
             continue
-        inside = g.index_select(dim, chosen)
+        inside = _select(g, dim, chosen)
         dtype = compute_dtype(param.dtype, grad.dtype)
         total = _squared_norm(g, dtype)
         viewed.append((position, weight, g))
@@ -232,7 +249,7 @@ def frugal_coordinates_step_(
         if thresholded:  # the reference's decision (residual_kept), by its float64 formula and values
             kept = total - 2.0 * inside_sq + inside_sq > residual_threshold * residual_threshold * total
         # The selected coordinates: W·(1 − decay) − η·N, rounded as the reference (two products, one difference).
-        saved = weight.index_select(dim, chosen).to(dtype).mul_(1.0 - decay)
+        saved = _select(weight, dim, chosen).to(dtype).mul_(1.0 - decay)
         if update.numel():
             saved.sub_(update.mul_(step_size))  # (N is not needed after this)
         selected.append((weight, chosen, saved))
@@ -240,7 +257,7 @@ def frugal_coordinates_step_(
         passes.append((weight, g, coefficient))
     _residual_passes(passes, decay=decay, signed=residual_rule == "sign_sgd")
     for weight, chosen, saved in selected:  # after the pass, which also wrote them
-        weight.index_copy_(dim, chosen, saved.to(weight.dtype))
+        _place(weight, dim, chosen, saved.to(weight.dtype))
 
 
 def _residual_pass(weights: list[torch.Tensor], grads: list[torch.Tensor], coefficients: list[torch.Tensor],
