@@ -357,10 +357,12 @@ def _zo_pass_case(generator):
             mask_bits)
 
 
-ZO_PASSES = {  # a step's perturbation, an update pass (decay, QZO's clamp), Sparse-MeZO's first pass
+ZO_PASSES = {  # a step's perturbation, an update pass (decay, QZO's clamp), Sparse-MeZO's first pass and update
     "perturb": dict(from_sign=0, to_sign=1),
     "update": dict(from_sign=-1, to_sign=0, coefficients=torch.tensor([2e-2]), decay=0.99, clamp_min=-0.5),
     "mask": dict(from_sign=0, to_sign=1, thresholds=[0.5, 1.0, float("inf")], write_mask=True),
+    "masked update": dict(from_sign=1, to_sign=0, coefficients=torch.tensor([2e-2]), decay=0.99,
+                          thresholds=[0.5, 1.0, float("inf")], write_mask=False),
 }
 
 
@@ -389,7 +391,7 @@ def test_compiled_zeroth_order_pass_is_bit_identical_to_the_reference(monkeypatc
     assert torch.equal(mask_bits, expected[1])
     if compiled._FAILURE.reason:
         pytest.skip(f"torch.compile is not available here ({compiled._FAILURE.reason}): checked the eager fallback")
-    assert all(compiled._STAGES[name].compiled is not None for name in ("philox", "dense", "write"))
+    assert all(compiled._STAGES[name].compiled is not None for name in ("philox", "dense", "pack", "read"))
 
 
 def test_zeroth_order_pass_falls_back_to_eager_when_compiling_fails(monkeypatch) -> None:

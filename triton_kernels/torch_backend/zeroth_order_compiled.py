@@ -14,14 +14,16 @@ slice in three stages:
    Sleef), which differ from inductor's Sleef by an ulp on some inputs, so these stay eager and
    z is the reference's z bit for bit;
 3. compiled: z = the four lanes ``r·cos θ``, ``r·sin θ`` per Philox call, then recover / update /
-   perturb of the reference, in place in the tensor's memory (Sparse-MeZO's mask read from, or
-   packed into, the mask bytes of the slice).
+   perturb of the reference, in place in the tensor's memory. Sparse-MeZO's mask is read from
+   the mask bytes of the slice (widened to int32 words by an eager copy); its first pass packs
+   the mask of the unperturbed values into those words first (a fourth compiled stage).
 
 The hyperparameters and the Philox key are tensors, so steps never recompile. Full slices of a
 tensor are updated in place; each tensor's last partial slice (and small tensors) goes through a
 one-slice scratch tensor, several per call, each on a chunk boundary with its own counters.
 Extra memory of a pass (:func:`scratch_bytes`): 6 bytes per slice element for the Box–Muller
-buffers, one slice of the parameters' dtype, an eighth of a byte for mask bytes, per-chunk tables,
+buffers, one slice of the parameters' dtype, an eighth of a byte for mask bytes and half a byte for
+them widened to int32 (Sparse-MeZO), per-chunk tables,
 and the compiled loops' one temporary (the stacked Box–Muller inputs, then the slice's z: 4 bytes
 per element): about 0.9 MiB at 2^16 float32 elements (0.75 MiB for bf16).
 
@@ -39,7 +41,7 @@ import torch
 
 from memzoo.reference.common import compute_dtype, is_dense
 from memzoo.reference.random import _MASK32, _box_muller_inputs
-from memzoo.reference.zeroth_order import CHUNK, LANES, MASK_BYTES_PER_CHUNK, QUARTER, pack_mask, unpack_mask
+from memzoo.reference.zeroth_order import CHUNK, LANES, MASK_BYTES_PER_CHUNK, QUARTER
 from memzoo.triton_kernels.torch_backend.compiled import MIN_NUMEL, CompiledPass, CompileFailure, compile_policy
 from memzoo.triton_kernels.torch_backend.elementwise import memory_order_view
 from memzoo.triton_kernels.torch_backend.random import box_muller_, philox_rounds
@@ -79,12 +81,15 @@ def _pass_stages(x: torch.Tensor, radius: torch.Tensor, cos: torch.Tensor, sin: 
     """Stage 3: z of the slice from the Box–Muller outputs (lanes 0–3 of a chunk: r·cos θ and
     r·sin θ of word pair 0, then of pair 1), then the reference's recover / update / perturb of
     ``x`` in place. ``hyper`` = (ε, from_sign, to_sign, c_0, decay, clamp_min) in the compute
-    dtype (an update with c_0 = 0, decay = 1, clamp_min = −inf leaves every value as it is)."""
+    dtype (an update with c_0 = 0, decay = 1, clamp_min = −inf leaves every value as it is).
+    ``selected`` (Sparse-MeZO) has the mask bytes' layout: (lanes, 8, 32), element b·32 + j of a
+    lane being bit b of its byte j; the values are viewed in that shape too."""
     chunks = x.numel() // CHUNK
+    shape = (chunks, LANES, QUARTER) if selected is None else selected.shape
     dtype = hyper.dtype
     z = torch.stack([radius[0] * cos[0], radius[0] * sin[0], radius[1] * cos[1], radius[1] * sin[1]], dim=1)
-    z = z.to(dtype)
-    view = x.view(chunks, LANES, QUARTER)
+    z = z.to(dtype).view(shape)
+    view = x.view(shape)
     values = view.to(dtype)
     eps, from_sign, to_sign, coefficient, decay, clamp_min = hyper.unbind()
     perturbation = eps * z
@@ -103,27 +108,33 @@ def _pass_dense(x: torch.Tensor, radius: torch.Tensor, cos: torch.Tensor, sin: t
     _pass_stages(x, radius, cos, sin, hyper, None)
 
 
+# Sparse-MeZO's mask bytes go through the compiled stages widened to int32 (one eager copy each
+# way): inductor's CPU loops load and store uint8 (and bool) vectors slowly, which made a masked
+# pass cost 1.4x a dense one; with int32 words and the (lanes, 8, 32) layout it costs about 1.1x.
 def _pass_reading_mask(x: torch.Tensor, radius: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                       hyper: torch.Tensor, mask_bits: torch.Tensor) -> None:
-    _pass_stages(x, radius, cos, sin, hyper, unpack_mask(mask_bits).view(-1, LANES, QUARTER))
+                       hyper: torch.Tensor, mask_words: torch.Tensor) -> None:
+    """The pass with the mask read from its bytes (:func:`~memzoo.reference.zeroth_order.unpack_mask`'s
+    bits), each held in an int32."""
+    shifts = torch.arange(8, dtype=torch.int32, device=x.device).view(1, 8, 1)
+    _pass_stages(x, radius, cos, sin, hyper, ((mask_words.view(-1, 1, 32) >> shifts) & 1) != 0)
 
 
-def _pass_writing_mask(x: torch.Tensor, radius: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                       hyper: torch.Tensor, mask_bits: torch.Tensor, thresholds: torch.Tensor,
-                       valid: torch.Tensor) -> None:
-    """Sparse-MeZO's first pass: the mask |x| ≤ h of the unperturbed values (h per chunk; False
-    past each chunk's ``valid`` elements, as the reference pads a tensor's last chunk), packed."""
-    chunks = x.numel() // CHUNK
-    position = torch.arange(CHUNK, device=x.device).view(1, LANES, QUARTER)
-    selected = ((x.view(chunks, LANES, QUARTER).to(hyper.dtype).abs() <= thresholds.view(chunks, 1, 1))
-                & (position < valid.view(chunks, 1, 1)))
-    mask_bits.copy_(pack_mask(selected))
-    _pass_stages(x, radius, cos, sin, hyper, selected)
+def _mask_words(mask_words: torch.Tensor, x: torch.Tensor, hyper: torch.Tensor, thresholds: torch.Tensor) -> None:
+    """Sparse-MeZO's mask |x| ≤ h of the unperturbed values (h per chunk) as the bytes of
+    :func:`~memzoo.reference.zeroth_order.pack_mask`, each held in an int32. Elements past a
+    tensor's end are NaN in the slice (:func:`apply_compiled`), so their bits are 0 as the
+    reference pads a tensor's last chunk."""
+    selected = (x.view(-1, LANES, 8, 32).to(hyper.dtype).abs() <= thresholds.view(-1, 1, 1, 1)).view(-1, 8, 32)
+    bits = selected.to(torch.int32)
+    packed = bits[:, 0]
+    for bit in range(1, 8):
+        packed = packed | (bits[:, bit] << bit)
+    mask_words.copy_(packed.view(-1))
 
 
 _STAGES = {name: CompiledPass(fn, "zeroth-order pass", failure=_FAILURE, dynamic=False, options=_OPTIONS)
            for name, fn in (("philox", _philox_box_muller_inputs), ("dense", _pass_dense),
-                            ("read", _pass_reading_mask), ("write", _pass_writing_mask))}
+                            ("read", _pass_reading_mask), ("pack", _mask_words))}
 
 
 # -- the driver ------------------------------------------------------------------------------------
@@ -131,8 +142,8 @@ def scratch_bytes(dtype: torch.dtype, slice_numel: int | None = None) -> int:
     """Bytes of the scratch one pass allocates (see the module docstring)."""
     numel = SLICE if slice_numel is None else slice_numel
     chunks = numel // CHUNK
-    return (6 * numel + 4 * numel + numel * dtype.itemsize + numel // 8
-            + chunks * (16 + compute_dtype(dtype).itemsize))
+    return (6 * numel + 4 * numel + numel * dtype.itemsize + numel // 8 + numel // 2
+            + chunks * (8 + compute_dtype(dtype).itemsize))
 
 
 def compiles(params: Sequence[torch.Tensor], earlier_seeds: Sequence[int]) -> bool:
@@ -148,14 +159,12 @@ def compiles(params: Sequence[torch.Tensor], earlier_seeds: Sequence[int]) -> bo
 
 
 class _Tables:
-    """Per chunk of a slice: its first Philox counter, Sparse-MeZO's threshold, and how many of its
-    elements are a tensor's (the mask is False past them)."""
+    """Per chunk of a slice: its first Philox counter and Sparse-MeZO's threshold."""
 
     def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
         chunks = SLICE // CHUNK
         self.counters = torch.empty(chunks, dtype=torch.int64, device=device)
         self.thresholds = torch.empty(chunks, dtype=compute_dtype(dtype), device=device)
-        self.valid = torch.empty(chunks, dtype=torch.int64, device=device)
 
 
 class _Slab:
@@ -171,6 +180,7 @@ class _Slab:
         self.values = torch.empty(SLICE, dtype=dtype, device=device)
         self.mask_bits = torch.empty(chunks * MASK_BYTES_PER_CHUNK if masked else 0, dtype=torch.uint8,
                                      device=device)
+        self.mask_words = torch.empty(self.mask_bits.numel(), dtype=torch.int32, device=device)
         # Pieces waiting in ``values``: (tensor's elements, its mask bytes or None, first chunk, chunks).
         self.pending: list[tuple[torch.Tensor, torch.Tensor | None, int, int]] = []
         self.used_chunks = 0
@@ -210,7 +220,6 @@ def apply_compiled(params: list[torch.Tensor], stream_offsets: Sequence[int], *,
         whole = param.numel() - param.numel() % SLICE
         if whole:
             slab.whole.thresholds.fill_(threshold)
-            slab.whole.valid.fill_(CHUNK)
         for start in range(0, whole, SLICE):
             torch.add(slab.counter_steps, (first_chunk + start // CHUNK) * QUARTER, out=slab.whole.counters)
             slice_bits = None if bits is None else bits[start // 8:(start + SLICE) // 8]
@@ -226,8 +235,8 @@ def apply_compiled(params: list[torch.Tensor], stream_offsets: Sequence[int], *,
             torch.add(slab.counter_steps[:chunks], (first_chunk + whole // CHUNK) * QUARTER,
                       out=tables.counters[at:at + chunks])
             tables.thresholds[at:at + chunks].fill_(threshold)
-            tables.valid[at:at + chunks].fill_(CHUNK)
-            tables.valid[at + chunks - 1].fill_(count - (chunks - 1) * CHUNK)
+            if mode == "write":  # no mask bits past the tensor's end (|NaN| <= h is False)
+                slab.values[at * CHUNK + count:(at + chunks) * CHUNK].fill_(math.nan)
             piece_bits = None if bits is None else bits[whole // 8:whole // 8 + chunks * MASK_BYTES_PER_CHUNK]
             if piece_bits is not None and mode == "read":
                 slab.mask_bits[at * MASK_BYTES_PER_CHUNK:(at + chunks) * MASK_BYTES_PER_CHUNK].copy_(piece_bits)
@@ -246,16 +255,20 @@ def _slice(values: torch.Tensor, slab: _Slab, tables: _Tables, hyper: torch.Tens
     box_muller_(slab.radius, slab.cos, slab.sin)  # the reference's eager calls (module docstring)
     if mode == "dense":
         _STAGES["dense"](values, slab.radius, slab.cos, slab.sin, hyper)
-    elif mode == "read":
-        _STAGES["read"](values, slab.radius, slab.cos, slab.sin, hyper, mask_bits)
-    else:
-        _STAGES["write"](values, slab.radius, slab.cos, slab.sin, hyper, mask_bits, tables.thresholds, tables.valid)
+        return
+    if mode == "read":
+        slab.mask_words.copy_(mask_bits)
+    else:  # the mask of the unperturbed values, then the pass that reads it
+        _STAGES["pack"](slab.mask_words, values, hyper, tables.thresholds)
+        mask_bits.copy_(slab.mask_words)
+    _STAGES["read"](values, slab.radius, slab.cos, slab.sin, hyper, slab.mask_words)
 
 
 def _flush(slab: _Slab, hyper: torch.Tensor, key: torch.Tensor, mode: str) -> None:
     """Run the slice of partial pieces gathered in ``slab.values`` and write them back."""
     unused = slab.used_chunks
-    slab.pieces.valid[unused:].fill_(0)  # the slice's unused chunks: no mask bits, results dropped
+    if mode == "write":  # the slice's unused chunks: no mask bits, results dropped
+        slab.values[unused * CHUNK:].fill_(math.nan)
     slab.pieces.counters[unused:].fill_(0)
     _slice(slab.values, slab, slab.pieces, hyper, key, mode, slab.mask_bits if mode != "dense" else None)
     for elements, piece_bits, at, chunks in slab.pending:
