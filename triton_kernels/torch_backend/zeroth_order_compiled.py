@@ -56,6 +56,9 @@ _DEVICES = ("cpu",)  # on accelerators the eager path is kernel launches, not me
 # Inductor drops a rounding to bf16/fp16 followed by a widening unless told to emulate eager casts;
 # the reference rounds after recovering and after updating.
 _OPTIONS = {"emulate_precision_casts": True}
+# The masked pass uses the recovered values twice (update, and where the mask is off); past 50
+# operations inductor would store them in a temporary slice and read it back: recomputing is cheaper.
+_MASKED_OPTIONS = {**_OPTIONS, "realize_cpu_opcount_threshold": 1000}
 _FAILURE = CompileFailure()  # one warning for the four stages; all eager once one has failed
 
 
@@ -110,7 +113,7 @@ def _pass_dense(x: torch.Tensor, radius: torch.Tensor, cos: torch.Tensor, sin: t
 
 # Sparse-MeZO's mask bytes go through the compiled stages widened to int32 (one eager copy each
 # way): inductor's CPU loops load and store uint8 (and bool) vectors slowly, which made a masked
-# pass cost 1.4x a dense one; with int32 words and the (lanes, 8, 32) layout it costs about 1.1x.
+# pass cost 1.4x a dense one.
 def _pass_reading_mask(x: torch.Tensor, radius: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        hyper: torch.Tensor, mask_words: torch.Tensor) -> None:
     """The pass with the mask read from its bytes (:func:`~memzoo.reference.zeroth_order.unpack_mask`'s
@@ -132,9 +135,9 @@ def _mask_words(mask_words: torch.Tensor, x: torch.Tensor, hyper: torch.Tensor, 
     mask_words.copy_(packed.view(-1))
 
 
-_STAGES = {name: CompiledPass(fn, "zeroth-order pass", failure=_FAILURE, dynamic=False, options=_OPTIONS)
-           for name, fn in (("philox", _philox_box_muller_inputs), ("dense", _pass_dense),
-                            ("read", _pass_reading_mask), ("pack", _mask_words))}
+_STAGES = {name: CompiledPass(fn, "zeroth-order pass", failure=_FAILURE, dynamic=False, options=options)
+           for name, fn, options in (("philox", _philox_box_muller_inputs, _OPTIONS), ("dense", _pass_dense, _OPTIONS),
+                                     ("read", _pass_reading_mask, _MASKED_OPTIONS), ("pack", _mask_words, _OPTIONS))}
 
 
 # -- the driver ------------------------------------------------------------------------------------
