@@ -287,12 +287,18 @@ def frugal_weight(m: int, n: int, world: int, *, side: str, rank: int, projector
                   state_size: int | None = None, thresholded: bool = True, power_iters: int = 2,
                   oversample: int = 8) -> WeightCost:
     """FRUGAL: Adam's moments of the subspace, the stored basis (or r int64 coordinates), int64
-    step, Adam step and seed; per step R all-reduced with a left factor and, for the signSGD
-    threshold, ‖G‖² and ‖E‖² (two float64 scalars)."""
+    step, Adam step and seed; per step R all-reduced with a left factor (a selection of rows: the
+    two r×n moments instead) and, for the signSGD threshold, ‖G‖² and ‖E‖² (two float64
+    scalars)."""
     state_size = param_size if state_size is None else state_size
     moments = _low_rank_moments(m, n, side, rank, world, state_size)
     factors = _factors(m, n, side, rank, world, projector, param_size)
-    steady = _reduced_projection(m, n, side, rank, param_size) + Traffic(all_reduce=16 if thresholded else 0)
+    if projector == "coordinates" and side == "left":  # each rank steps its selected rows' moments,
+        # re-replicated by one all-reduce of both (memzoo.optim.frugal.FrugalRule._coordinates_on_shard)
+        steady = Traffic(all_reduce=2 * rank * n * state_size)
+    else:
+        steady = _reduced_projection(m, n, side, rank, param_size)
+    steady = steady + Traffic(all_reduce=16 if thresholded else 0)
     return WeightCost(sharded=moments[0] + factors[0], replicated=moments[1] + factors[1] + 24, steady=steady,
                       refresh=refresh_traffic(m, n, side=side, projector=projector, rank=rank,
                                               power_iters=power_iters, oversample=oversample, param_size=param_size))

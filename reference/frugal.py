@@ -204,7 +204,7 @@ def coordinate_step_lists(params: torch.Tensor | Sequence[torch.Tensor], grads: 
             ordered = chosen.sort().values
             bad.setdefault(chosen.device, []).append((ordered[0] < 0) | (ordered[-1] >= size)
                                                      | (ordered.diff() == 0).any())
-    if any(bool(torch.stack(flags).any()) for flags in bad.values()):
+    if any(bool(torch.stack(flags).any()) for device, flags in bad.items() if device.type != "meta"):
         raise ValueError(f"indices: the selected coordinates of each matrix must be distinct {side_name(side)} "
                          "of that matrix (in [0, size))")
     return params, grads, exp_avgs, exp_avg_sqs, indices

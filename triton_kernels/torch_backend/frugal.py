@@ -193,6 +193,10 @@ def frugal_coordinates_step_(
         params, grads, exp_avgs, exp_avg_sqs, indices, side, residual_rule, residual_threshold)
     common = dict(side=side, beta1=beta1, beta2=beta2, eps=eps, step_size=step_size, residual_step=residual_step,
                   residual_rule=residual_rule, decay=decay, maximize=maximize, residual_threshold=residual_threshold)
+    if any(param.device.type == "meta" for param in params):  # shapes only: no values to decide on
+        run_coordinates_step(galore_adam_project_, frugal_apply_, params, grads, exp_avgs, exp_avg_sqs, indices,
+                             **common)
+        return
     dim = 1 if side == "right" else 0
     thresholded = residual_rule == "sign_sgd" and residual_threshold > 0
     # Stage 1: R, ‖G‖² (whose finiteness is G's) and ‖R‖², for every matrix that has matrix views.

@@ -399,7 +399,7 @@ def _natural_gradient_chunk(workspace: _NaturalWorkspace, grads: list[torch.Tens
     gram.diagonal(dim1=1, dim2=2).add_(damping)
     gram = torch.where(finite.view(-1, 1, 1), gram, torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device))
     lower, info = torch.linalg.cholesky_ex(gram)
-    if not bool(info.any()):
+    if h.device.type == "meta" or not bool(info.any()):  # (a meta tensor has no values to check)
         y = torch.cholesky_solve(rhs, lower)
     else:
         torch.nan_to_num(views.stacked, nan=0.0, posinf=0.0, neginf=0.0, out=views.factored)
