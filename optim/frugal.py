@@ -20,6 +20,7 @@ from memzoo.optim.lowrank import (
     torch_adam_form,
 )
 from memzoo.optim.projector import Projector, ProjectorSettings
+from memzoo.optim.sharded import RowShard
 from memzoo.reference.common import compute_dtype
 from memzoo.reference.frugal import RESIDUAL_RULES, residual_squares
 from memzoo.reference.projector import matrix_shape, project, project_back, projection_side, side_length
@@ -201,7 +202,7 @@ class FrugalRule(LowRankRule):
         Right side (columns, or a right basis): R_k = G_k·Qᵀ, the moments, up(N_k) and the
         residual E_k = G_k − R_k·Q are local rows. Left side: R = Σ_k P_kᵀ·G_k is all-reduced
         (r×n) and Adam runs on it, replicated; the residual E_k = G_k − P_k·R is local once R
-        is known (for a selection of rows, P_k·(P_kᵀ·G_k) already is). The signSGD step's
+        is known. The signSGD step's
         threshold compares ‖E‖² with ‖G‖² over all the shards (two float64 scalars per weight,
         all-reduced), so every rank takes the same decision. Coordinate selections go through
         the same kernel as whole tensors (:meth:`_coordinates_on_shard`), so a shard steps bit
@@ -217,13 +218,12 @@ class FrugalRule(LowRankRule):
             step_size, eps = torch_adam_form(lr_p, group["betas"], group["eps"], adam_step, group["correct_bias"])
             kernels = engine.kernels(item.param.device)
             if item.projector.settings.projector == "coordinates":
-                self._coordinates_on_shard(engine, group, item, step_size=step_size, eps=eps)
+                self._coordinates_on_shard(engine, kernels, group, item, step_size=step_size, eps=eps)
                 continue
             (update,) = low_rank_updates([item])
             left, right = engine.factors(item)
             grad = engine.local_grad(item)
             exp_avg, exp_avg_sq = local_tensor(item.state["exp_avg"]), local_tensor(item.state["exp_avg_sq"])
-            selection = item.projector.settings.projector == "coordinates"
             if update.numel() or item.reduces:
                 if item.reduces:
                     (inside,) = engine.reduced_projections([item], [(left, right)])
@@ -235,19 +235,9 @@ class FrugalRule(LowRankRule):
                                                  beta1=beta1, beta2=beta2, eps=eps, maximize=group["maximize"])
             dtype = compute_dtype(grad.dtype)
             residual = None  # E_k, formed only where the kernel cannot form it from local data
-            if item.reduces and not selection and rule != "no":
+            if item.reduces and rule != "no":
                 residual = grad.to(dtype) - project_back(inside, left.to(dtype), None)
-            kept = True
-            if thresholded:
-                if residual is not None:
-                    squares = torch.stack([grad.to(dtype).double().square().sum(), residual.double().square().sum()])
-                else:
-                    squares = torch.stack(residual_squares(grad, project(grad.to(dtype), None if left is None else
-                                                                         left.to(dtype),
-                                                                         None if right is None else right.to(dtype)),
-                                                           left, right))
-                total, remainder = shard.all_reduce_(squares)
-                kept = bool(remainder > threshold * threshold * total)
+            kept = not thresholded or _residual_kept_on_shards(shard, grad, left, right, threshold, residual)
             if not shard.rows:
                 continue  # an empty row shard: nothing to update
             param, local = local_tensor(item.param), local_tensor(item.param.grad)
@@ -265,7 +255,7 @@ class FrugalRule(LowRankRule):
 
 
     @staticmethod
-    def _coordinates_on_shard(engine: LowRankOptimizer, group: Mapping[str, Any], item: WeightStep, *,
+    def _coordinates_on_shard(engine: LowRankOptimizer, kernels: Any, group: Mapping[str, Any], item: WeightStep, *,
                               step_size: float, eps: float) -> None:
         """A coordinate selection's step on this rank's rows, by ``frugal_coordinates_step_`` (the
         whole-tensor kernel, so the same arithmetic per element). Columns (right): R's rows, the
@@ -281,12 +271,8 @@ class FrugalRule(LowRankRule):
         exp_avg, exp_avg_sq = local_tensor(item.state["exp_avg"]), local_tensor(item.state["exp_avg_sq"])
         chosen = item.state["proj_indices"].to(param.device)
         left, right = engine.factors(item)  # the left factor: this shard's rows of the 0/1 selection
-        if rule == "sign_sgd" and threshold > 0:
-            dtype = compute_dtype(grad.dtype)
-            inside = project(grad.to(dtype), None if left is None else left.to(dtype),
-                             None if right is None else right.to(dtype))
-            total, remainder = shard.all_reduce_(torch.stack(residual_squares(grad, inside, left, right)))
-            rule = rule if bool(remainder > threshold * threshold * total) else "no"
+        if rule == "sign_sgd" and threshold > 0 and not _residual_kept_on_shards(shard, grad, left, right, threshold):
+            rule = "no"
         side = item.projector.side
         if side == "right":
             local_chosen, moments = chosen, (exp_avg, exp_avg_sq)
@@ -296,7 +282,6 @@ class FrugalRule(LowRankRule):
             local_chosen = chosen[first:last] - shard.index.start
             moments = (exp_avg[first:last], exp_avg_sq[first:last])
         if shard.rows:
-            kernels = engine.kernels(item.param.device)
             beta1, beta2 = group["betas"]
             lr_p = group["lr"] * group["proj_params_lr_scale"]
             kernels.frugal_coordinates_step_(param, grad, *moments, local_chosen, side=side, beta1=beta1, beta2=beta2,
@@ -309,6 +294,22 @@ class FrugalRule(LowRankRule):
                 moment[last:].zero_()
             for moment, summed in zip((exp_avg, exp_avg_sq), shard.all_reduce_many_([exp_avg, exp_avg_sq])):
                 moment.copy_(summed)
+
+
+def _residual_kept_on_shards(shard: RowShard, grad: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None,
+                             threshold: float, residual: torch.Tensor | None = None) -> bool:
+    """Whether a row-sharded matrix takes its signSGD step: ‖E‖² > τ²·‖G‖² over all the shards
+    (two float64 sums all-reduced, so every rank decides alike). ``residual``: E_k when this rank
+    formed it, else ‖E_k‖² comes from G_k and its projection (:func:`residual_squares`)."""
+    dtype = compute_dtype(grad.dtype)
+    if residual is not None:
+        squares = torch.stack([grad.to(dtype).double().square().sum(), residual.double().square().sum()])
+    else:
+        inside = project(grad.to(dtype), None if left is None else left.to(dtype),
+                         None if right is None else right.to(dtype))
+        squares = torch.stack(residual_squares(grad, inside, left, right))
+    total, remainder = shard.all_reduce_(squares)
+    return bool(remainder > threshold * threshold * total)
 
 
 def _settings(rank: int, group: Mapping[str, Any]) -> ProjectorSettings:
