@@ -132,16 +132,19 @@ def cosmos_directions_(
     beta2: float,
     eps: float,
     maximize: bool = False,
+    projected: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`memzoo.reference.cosmos.cosmos_directions_` in four passes over m×n values (the
     reference makes eight): M ← β1·M ± G in place, then Ĝ·c = G ± β1·M
     (c = 1 + β1·b1) in one m×n temporary, whose projection is subtracted by ``addmm`` and whose
     last pass writes (Ĝ·c − Ĝ·c·U·Uᵀ)/c into the residual's dtype; 1/c is applied to the m×r
-    coordinates only. ``maximize`` negates G inside these operations (exact), not as a copy."""
+    coordinates only. ``maximize`` negates G inside these operations (exact), not as a copy;
+    ``projected`` as the reference's."""
     m, n = param.shape
     rank = basis.shape[1]
     _check_shapes(param, (("grad", grad, (m, n)), ("exp_avg", exp_avg, (m, n)), ("exp_avg_sq", exp_avg_sq, (m, rank)),
-                          ("basis", basis, (n, rank)), ("residual", residual, (m, n))))
+                          ("basis", basis, (n, rank)), ("residual", residual, (m, n)),
+                          ("projected", projected, (m, rank))))
     dtype = _compute_dtype(param, grad, basis)
     g = grad.to(dtype)
     u = basis.to(dtype)
@@ -152,8 +155,9 @@ def cosmos_directions_(
     # code, and M is row-local, so the whole tensor's M must have the same bits.
     momentum = exp_avg.mul_(beta1) if exp_avg.dtype == dtype else exp_avg.to(dtype) * beta1
     momentum.add_(g, alpha=-1.0 if maximize else 1.0)
-    # (2) V ← β2·V + (1−β2)(GU)²: only the square of G·U is used, so the sign does not matter.
-    projected = g @ u
+    # (2) V ← β2·V + (1−β2)(GU)²: only the square of G·U is used, so the sign does not matter;
+    # the optimizer hands G·U from the basis update (``projected``), which formed it already.
+    projected = g @ u if projected is None else projected.to(dtype)
     second = exp_avg_sq.to(dtype) * beta2 + (1.0 - beta2) * projected * projected
     # (3) Ĝ = (G + β1·M)/c, kept as ±(grad ± β1·M) = Ĝ·c·(±1): the factor goes to its uses.
     mixed = torch.sub(g, momentum, alpha=beta1) if maximize else torch.add(g, momentum, alpha=beta1)
