@@ -505,3 +505,17 @@ def test_a_rejected_new_basis_does_not_hand_over_its_projection(monkeypatch) -> 
     for param, twin, (momentum, second) in zip(params, twins, states):
         assert torch.equal(param.detach(), twin)
         assert torch.equal(optimizer.state[param]["exp_avg_sq"], second)
+
+
+@pytest.mark.parametrize("exponent", [-40, -10, 0, 80])
+def test_torch_orthogonalize_normalizes_any_finite_scale(exponent) -> None:
+    """The torch path's ‖X‖ is summed in float32 on a CPU only where that cannot overflow or
+    underflow (else in float64): at every scale its Newton–Schulz is the reference's."""
+    from memzoo.reference.cosmos import orthogonalize_
+
+    matrix = (_random((12, 7), 240) * 2.0**exponent).float()
+    expected, actual = torch.empty(12, 7), torch.empty(12, 7)
+    orthogonalize_([matrix], [expected])
+    torch_cosmos.orthogonalize_([matrix], [actual])
+    assert expected.abs().max() > 0.1 or exponent < -30  # (tiny: eps dominates ‖X‖ + eps in both)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=2e-5)
