@@ -320,7 +320,10 @@ class NaturalGaLore(LowRankOptimizer):
               = \lambda^{-1} g - \lambda^{-2} H^\top (I + \lambda^{-1} H H^\top)^{-1} H g
 
     computed through Woodbury's identity with a k×k solve (no d×d matrix; float64, by a QR
-    factorization: :func:`memzoo.reference.galore.natural_gradient`).
+    factorization: :func:`memzoo.reference.galore.natural_gradient`). The torch and Triton
+    backends keep each weight's float64 H·Hᵀ between steps (8·k² bytes, not in the state_dict)
+    and compute only the new row's products
+    (:func:`memzoo.triton_kernels.torch_backend.galore.natural_gradients_with_grams`).
 
     The subspace is the official one: two-sided (``proj_type="full"``, r×r moments; the
     official Tucker factors of a matrix are its top-r singular vectors) and each singular

@@ -5,8 +5,9 @@ Adam moments of :func:`galore_adam_project_` as chunked multi-tensor passes (abo
 one write of each tensor, no temporaries of a tensor's size), and :func:`galore_apply_` (the
 back-projection accumulated straight into the weight by one ``addmm_`` per matrix, BLAS's
 C ← C + α·A·B: no m×n temporary for float32 weights), and :func:`natural_gradients` (Natural
-GaLore's Woodbury solves of same-sized histories as batched float64 QR factorizations and
-products, in chunks of bounded memory, each weight's finiteness decided on the device).
+GaLore's Woodbury solves of same-sized histories as batched float64 Cholesky factorizations
+and products, in chunks of bounded memory, each weight's finiteness decided on the device;
+:func:`natural_gradients_with_grams` with each history's Gram kept by the optimizer).
 :func:`project` is the reference's own.
 
 GaLore-Adafactor: :func:`galore_adafactor_apply_` accumulates the back-projection into the weight
