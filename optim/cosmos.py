@@ -33,6 +33,8 @@ _NS_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
 # Residuals (m×n, Newton–Schulz dtype) held at once so that the iteration runs batched over the
 # weights of one shape: the step's transient memory beyond the reference's per-weight temporaries.
 _BATCH_BYTES = 256 * 2**20
+# What COSMOS._new_basis returns: basis U, subspace S, G·U (or None), whether U is the new basis.
+_NewBasis = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
 
 class COSMOS(MemzooOptimizer):
@@ -211,17 +213,23 @@ class COSMOS(MemzooOptimizer):
                 if state and self._rank(param, group) is not None and (shard := self._shard(param)) is not None:
                     lay_out_row_state(state, param.device, shard, ("exp_avg", "exp_avg_sq"))
 
-    def _new_basis(self, param: torch.Tensor, state: dict[str, Any], beta2: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """This step's (basis U, subspace S) of an eligible weight, not yet stored. The subspace
+    def _new_basis(self, param: torch.Tensor, state: dict[str, Any], beta2: float) -> _NewBasis:
+        """This step's (basis U, subspace S, G·U or None, whether U is the new one or None) of an
+        eligible weight, not yet stored. The subspace
         tracking sees G only through GᵀG and (G·U)ᵀ(G·U): the sign of G (maximize) cancels
         exactly, so no negated copy is made for it. It is scale-safe (a finite G of any size
         gives a finite U and S; see :func:`memzoo.reference.cosmos.cosmos_basis_update`). A
         gradient with NaN or Inf never enters U or S, nor does a non-finite result: the previous
         ones are kept (decided on the device, without a host sync); at the first step the
-        subspace is then that of a zero gradient."""
+        subspace is then that of a zero gradient.
+
+        After the first step the basis update also forms G·U' (U' the new basis), which the
+        directions need too (V's update): it is returned with the flag saying whether U' was
+        kept, for :meth:`_write` to hand it over only then (a kept old basis needs its own G·U).
+        None for both at the first step, on meta tensors and on row shards."""
         shard = self._shard(param)
         if shard is not None:
-            return _sharded_basis(local_tensor(param.grad), shard, state, beta2)
+            return (*_sharded_basis(local_tensor(param.grad), shard, state, beta2), None, None)
         kernels = self._kernels(param.device)
         grad = param.grad
         # One pass gives both the finiteness of G (max |G| is NaN or Inf exactly when an element
@@ -242,11 +250,14 @@ class COSMOS(MemzooOptimizer):
                                else kernels.cosmos_basis_init(torch.zeros_like(grad), rank, beta2=beta2))
             if not meta and not bool(torch.isfinite(basis).all() & torch.isfinite(subspace).all()):
                 basis, subspace = kernels.cosmos_basis_init(torch.zeros_like(grad), rank, beta2=beta2)
-            return basis, subspace
+            return basis, subspace, None, None
+        projection = (None if grad.device.type == "meta" else
+                      grad.new_empty((grad.shape[0], state["basis"].shape[1]), dtype=state["basis"].dtype))
         basis, subspace = kernels.cosmos_basis_update(grad, state["basis"], state["subspace"], beta2=beta2,
-                                                      scale=scale)
+                                                      scale=scale, projection_out=projection)
         keep_new = finite & torch.isfinite(basis).all() & torch.isfinite(subspace).all()
-        return torch.where(keep_new, basis, state["basis"]), torch.where(keep_new, subspace, state["subspace"])
+        return (torch.where(keep_new, basis, state["basis"]), torch.where(keep_new, subspace, state["subspace"]),
+                projection, None if projection is None else keep_new)
 
     def _finish(self, pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]],
                 group: Mapping[str, Any]) -> None:
@@ -306,7 +317,8 @@ class COSMOS(MemzooOptimizer):
                 adam[(param.device, int(state["step"]))].append((param, state))
             pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
             pending_bytes = 0
-            for param, state, basis, subspace in matrices:
+            kept = _kept_new_bases([keep_new for *_, keep_new in matrices])
+            for (param, state, basis, subspace, projection, _), keep_new in zip(matrices, kept):
                 state["step"] += 1
                 step = int(state["step"])
                 state["basis"].copy_(basis)
@@ -321,6 +333,7 @@ class COSMOS(MemzooOptimizer):
                 low_rank = self._kernels(param.device).cosmos_directions_(
                     param, param.grad, state["exp_avg"], state["exp_avg_sq"], state["basis"], residual, step=step,
                     beta1=beta1, beta2=beta2, eps=group["eps"], maximize=group["maximize"],
+                    projected=projection if keep_new else None,
                 )
                 pending.append((param, low_rank, state["basis"], residual))
                 pending_bytes += 0 if residual is None else residual.nbytes
@@ -339,6 +352,20 @@ class COSMOS(MemzooOptimizer):
                     step_size=step_size, beta1=beta1, beta2=beta2, eps=eps, lr=group["lr"],
                     weight_decay=group["weight_decay"], maximize=group["maximize"], decay_first=True,
                 )
+
+
+def _kept_new_bases(flags: list[torch.Tensor | None]) -> list[bool]:
+    """The flags of :meth:`COSMOS._new_basis` as bools (None is False), read with one host sync
+    per device for the whole group rather than one per weight."""
+    kept = [False] * len(flags)
+    by_device: dict[torch.device, list[int]] = defaultdict(list)
+    for index, flag in enumerate(flags):
+        if flag is not None:
+            by_device[flag.device].append(index)
+    for indices in by_device.values():
+        for index, value in zip(indices, torch.stack([flags[i] for i in indices]).tolist()):
+            kept[index] = bool(value)
+    return kept
 
 
 # -- FSDP2 row shards -----------------------------------------------------------------------------

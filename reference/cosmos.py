@@ -140,8 +140,8 @@ def cosmos_basis_init(grad: torch.Tensor, rank: int, *, beta2: float, reduce: Re
 
 
 def cosmos_basis_update(grad: torch.Tensor, basis: torch.Tensor, subspace: torch.Tensor, *, beta2: float,
-                        reduce: Reduce | None = None,
-                        scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        reduce: Reduce | None = None, scale: torch.Tensor | None = None,
+                        projection_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Later steps: one power iteration on the EMA of GᵀG represented as U·S·Uᵀ:
     Ũ = β2·U·S + (1 − β2)·Gᵀ(G·U); U' = QR(Ũ).Q; with T = Uᵀ·U',
     S' = β2·Tᵀ·S·T + (1 − β2)·(G·U')ᵀ(G·U'). In the basis's dtype (float32/float64).
@@ -149,7 +149,12 @@ def cosmos_basis_update(grad: torch.Tensor, basis: torch.Tensor, subspace: torch
     Scale-safe as :func:`cosmos_basis_init`: the m×n products use G·s (s a power of two), the
     two terms of Ũ are combined in float64 and Ũ is rescaled by a power of two before the QR
     (which a positive scale does not change), and S' saturates at the dtype's range. Row shards:
-    ``reduce`` and ``scale`` as in :func:`cosmos_basis_init` (an n×r and an r×r sum)."""
+    ``reduce`` and ``scale`` as in :func:`cosmos_basis_init` (an n×r and an r×r sum).
+
+    ``projection_out`` (m×r, the basis's dtype), when given, receives G·U' for
+    :func:`cosmos_directions_` (its ``projected``), which then does not form it again: the
+    product of G·s and U' computed here, divided by s (exact for a power of two: the same
+    value as G·U' barring overflow or subnormals)."""
     dtype = basis.dtype
     scale = power_of_two_scale(grad.to(dtype)) if scale is None else scale
     g = grad.to(dtype) * scale
@@ -160,7 +165,13 @@ def cosmos_basis_update(grad: torch.Tensor, basis: torch.Tensor, subspace: torch
     new_basis, _ = torch.linalg.qr(iterate, mode="reduced")
     rotation = basis.T @ new_basis
     decayed = beta2 * (rotation.T.to(torch.float64) @ subspace.to(torch.float64) @ rotation.to(torch.float64))
-    return new_basis, _scaled_gram_ema(decayed, g @ new_basis, scale, beta2, reduce)
+    projected = g @ new_basis
+    if projection_out is not None:
+        if tuple(projection_out.shape) != tuple(projected.shape) or projection_out.dtype != dtype:
+            raise ValueError(f"projection_out is {tuple(projection_out.shape)} {projection_out.dtype}; G·U' is "
+                             f"{tuple(projected.shape)} {dtype}")
+        torch.div(projected, scale, out=projection_out)
+    return new_basis, _scaled_gram_ema(decayed, projected, scale, beta2, reduce)
 
 
 def _check_shapes(param: torch.Tensor, named: tuple[tuple[str, torch.Tensor | None, tuple[int, int]], ...]) -> None:
@@ -190,15 +201,19 @@ def cosmos_directions_(
     beta2: float,
     eps: float,
     maximize: bool = False,
+    projected: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Steps 1–4 of :func:`cosmos_update_` and the complement of step 5: updates M and V in
     place, writes Ĝ − Ĝ·U·Uᵀ into ``residual`` (m×n in the Newton–Schulz dtype, whose first
     operation is that rounding; None when r = n), and returns the subspace direction's
-    coordinates N = (Ĝ·U)/(√V/√b2 + ε) (m×r; A = N·Uᵀ)."""
+    coordinates N = (Ĝ·U)/(√V/√b2 + ε) (m×r; A = N·Uᵀ). ``projected``: G·U (m×r) for this
+    ``basis`` when the caller has it (``projection_out`` of :func:`cosmos_basis_update`; the
+    caller vouches that it belongs to this basis), else formed here."""
     m, n = param.shape
     rank = basis.shape[1]
     _check_shapes(param, (("grad", grad, (m, n)), ("exp_avg", exp_avg, (m, n)), ("exp_avg_sq", exp_avg_sq, (m, rank)),
-                          ("basis", basis, (n, rank)), ("residual", residual, (m, n))))
+                          ("basis", basis, (n, rank)), ("residual", residual, (m, n)),
+                          ("projected", projected, (m, rank))))
     dtype = _compute_dtype(param, grad, basis)
     g = grad.to(dtype)
     if maximize:
@@ -207,7 +222,7 @@ def cosmos_directions_(
     bias1 = (1.0 - beta1**step) / (1.0 - beta1)
     bias2 = 1.0 - beta2**step
     momentum = exp_avg.to(dtype) * beta1 + g  # (1) M ← β1·M + G
-    projected = g @ u
+    projected = g @ u if projected is None else projected.to(dtype)  # (its sign does not matter: squared)
     second = exp_avg_sq.to(dtype) * beta2 + (1.0 - beta2) * projected * projected  # (2) V ← β2·V + (1−β2)(GU)²
     mixed = (g + beta1 * momentum) / (1.0 + beta1 * bias1)  # (3) Ĝ
     mixed_low = mixed @ u

@@ -427,3 +427,95 @@ def test_torch_orthogonalize_is_at_least_as_accurate_as_the_reference(monkeypatc
     monkeypatch.setattr(torch_cosmos, "NS_COEFFICIENTS", (a, b, 2.315))
     with pytest.raises(AssertionError):
         _assert_orthogonalize_accuracy(torch_cosmos.orthogonalize_, torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_directions_given_the_projection_of_their_basis_are_the_same_bits(backend) -> None:
+    """``projected`` (G·U, from the basis update) only saves the product: given G·U of this
+    basis the directions are bit for bit those that form it (maximize too: only its square is
+    used); given another basis's, V differs."""
+    from memzoo.reference import cosmos as reference
+
+    module = reference if backend == "reference" else torch_cosmos
+    param, grad = _random((7, 5), 200).float(), _random((7, 5), 201).float() * 1e3
+    basis = torch.linalg.qr(_random((5, 2), 202)).Q.float()
+    other = torch.linalg.qr(_random((5, 2), 203)).Q.float()
+    for maximize in (False, True):
+        outcomes = []
+        for projected in (None, grad @ basis, grad @ other):
+            momentum, second = _random((7, 5), 204).float(), _random((7, 2), 205).float().abs()
+            residual = torch.empty(7, 5)
+            low_rank = module.cosmos_directions_(param, grad, momentum, second, basis, residual, step=3, beta1=0.9,
+                                                 beta2=0.95, eps=1e-8, maximize=maximize, projected=projected)
+            outcomes.append((low_rank, momentum, second, residual))
+        for formed, given in zip(outcomes[0], outcomes[1]):
+            assert torch.equal(formed, given)
+        assert not torch.equal(outcomes[0][2], outcomes[2][2])
+
+
+@pytest.mark.parametrize("magnitude", [1.0, 1e-30, 1e30])
+def test_basis_update_writes_the_projection_on_the_new_basis(magnitude) -> None:
+    """``projection_out`` is G·U' for the basis returned (not the previous one), at G's own scale
+    (the update works on G·s, s a power of two; the division by s is exact)."""
+    grad = _random((9, 6), 210).float() * magnitude
+    basis, subspace = cosmos_basis_init(_random((9, 6), 211).float(), 3, beta2=0.95)
+    projection = torch.full((9, 3), float("nan"))
+    new_basis, new_subspace = cosmos_basis_update(grad, basis, subspace, beta2=0.95, projection_out=projection)
+    expected_basis, expected_subspace = cosmos_basis_update(grad, basis, subspace, beta2=0.95)
+    assert torch.equal(new_basis, expected_basis) and torch.equal(new_subspace, expected_subspace)
+    exact = grad.double() @ new_basis.double()
+    torch.testing.assert_close(projection.double(), exact, rtol=0, atol=1e-6 * float(exact.abs().max()))
+    assert not torch.allclose(projection, grad @ basis, rtol=1e-3, atol=0)
+    with pytest.raises(ValueError, match="projection_out"):
+        cosmos_basis_update(grad, basis, subspace, beta2=0.95, projection_out=torch.empty(9, 2))
+
+
+def test_a_rejected_new_basis_does_not_hand_over_its_projection(monkeypatch) -> None:
+    """When the guard keeps the previous basis (here: a basis update that returns a non-finite
+    basis for a finite G), the directions use G·U of the kept basis, not the product that the
+    rejected update formed: the step is the per-weight step with the previous basis."""
+    hyper = dict(lr=0.01, eps=1e-8, lr_ratio=0.5, gamma=0.2, weight_decay=0.1)
+    params = [torch.nn.Parameter(_random((6, 5), 220 + i)) for i in range(2)]
+    twins = [p.detach().clone() for p in params]
+    optimizer = COSMOS(params, rank=2, betas=(0.9, 0.95), ns_dtype=torch.float64, backend="torch", **hyper)
+    states = [(torch.zeros(6, 5, dtype=torch.float64), torch.zeros(6, 2, dtype=torch.float64)) for _ in params]
+    real_update = torch_cosmos.cosmos_basis_update
+    calls = []
+
+    def rejected_for_the_first(grad, basis, subspace, **kwargs):
+        new_basis, new_subspace = real_update(grad, basis, subspace, **kwargs)
+        calls.append(kwargs.get("projection_out") is not None)
+        if len(calls) % 2 == 1:  # the first weight's: non-finite, so the guard keeps the old one
+            return torch.full_like(new_basis, float("nan")), new_subspace
+        return new_basis, new_subspace
+
+    monkeypatch.setattr(torch_cosmos, "cosmos_basis_update", rejected_for_the_first)
+    bases = [None, None]
+    for step in (1, 2):
+        for i, (param, twin) in enumerate(zip(params, twins)):
+            param.grad = _random((6, 5), 230 + 10 * step + i)
+            if step == 1:
+                bases[i] = cosmos_basis_init(param.grad, 2, beta2=0.95)
+            elif i == 1:
+                bases[i] = real_update(param.grad, *bases[i], beta2=0.95)
+            torch_cosmos.cosmos_update_(twin, param.grad, *states[i], bases[i][0], step=step, beta1=0.9, beta2=0.95,
+                                        ns_dtype=torch.float64, **hyper)
+        optimizer.step()
+    assert calls == [True, True]  # the projection was formed, so the guard had one to withhold
+    for param, twin, (momentum, second) in zip(params, twins, states):
+        assert torch.equal(param.detach(), twin)
+        assert torch.equal(optimizer.state[param]["exp_avg_sq"], second)
+
+
+@pytest.mark.parametrize("exponent", [-40, -10, 0, 80])
+def test_torch_orthogonalize_normalizes_any_finite_scale(exponent) -> None:
+    """The torch path's ‖X‖ is summed in float32 on a CPU only where that cannot overflow or
+    underflow (else in float64): at every scale its Newton–Schulz is the reference's."""
+    from memzoo.reference.cosmos import orthogonalize_
+
+    matrix = (_random((12, 7), 240) * 2.0**exponent).float()
+    expected, actual = torch.empty(12, 7), torch.empty(12, 7)
+    orthogonalize_([matrix], [expected])
+    torch_cosmos.orthogonalize_([matrix], [actual])
+    assert expected.abs().max() > 0.1 or exponent < -30  # (tiny: eps dominates ‖X‖ + eps in both)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=2e-5)

@@ -96,9 +96,9 @@ def orthogonalize_(matrices: Sequence[torch.Tensor], outputs: Sequence[torch.Ten
                     matrix = matrix.to(dtype)
                 # X/(‖X‖_F + eps) in one pass from X as given (the reference first rounds X to the
                 # iteration dtype: here the quotient is rounded once, into the stacked slot):
-                # ‖X‖ accumulated in float64 (no overflow for any finite X, so no power-of-two
+                # ‖X‖ without overflow or underflow (:func:`_frobenius_norm`, so no power-of-two
                 # prescaling) and the quotient's factor kept in float32 by ``mul``.
-                inverse = 1.0 / (torch.linalg.vector_norm(matrix, dtype=torch.float64) + eps)
+                inverse = 1.0 / (_frobenius_norm(matrix) + eps)
                 torch.mul(matrix.T if transposed else matrix,
                           inverse.to(torch.float64 if torch.float64 in (dtype, matrix.dtype) else torch.float32),
                           out=slot)
@@ -109,6 +109,25 @@ def orthogonalize_(matrices: Sequence[torch.Tensor], outputs: Sequence[torch.Ten
                 x, y = y, x
             for result, (_, output, transposed) in zip(x.unbind(0), chunk):
                 output.copy_(result.T if transposed else result)
+
+
+# ‖X‖ accumulated in float32 is trusted within these bounds: below 2^60 the sum of squares cannot
+# overflow (2^120 < float32's 2^128), above 2^-20 the squares that underflow (each < 2^-126) add up
+# to less than 2^-46 of its square (≥ 2^-40) for any matrix under 2^40 elements.
+_FLOAT32_NORM_RANGE = (2.0**-20, 2.0**60)
+
+
+def _frobenius_norm(matrix: torch.Tensor) -> torch.Tensor:
+    """‖X‖_F in float64, exact up to rounding for any finite X (no overflow, no underflow). On a
+    CPU, a float32 or narrower X is first summed in float32 (4× faster than float64 there) and
+    summed again in float64 only when that norm is outside :data:`_FLOAT32_NORM_RANGE` (a host
+    check, which costs nothing on a CPU; elsewhere the float64 sum is taken at once, no sync)."""
+    if matrix.device.type == "cpu" and matrix.dtype != torch.float64:
+        norm = torch.linalg.vector_norm(matrix, dtype=torch.float32)
+        low, high = _FLOAT32_NORM_RANGE
+        if low <= float(norm) <= high:
+            return norm.to(torch.float64)
+    return torch.linalg.vector_norm(matrix, dtype=torch.float64)
 
 
 def _batch_size(elements: int, count: int) -> int:
@@ -132,16 +151,19 @@ def cosmos_directions_(
     beta2: float,
     eps: float,
     maximize: bool = False,
+    projected: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`memzoo.reference.cosmos.cosmos_directions_` in four passes over m×n values (the
     reference makes eight): M ← β1·M ± G in place, then Ĝ·c = G ± β1·M
     (c = 1 + β1·b1) in one m×n temporary, whose projection is subtracted by ``addmm`` and whose
     last pass writes (Ĝ·c − Ĝ·c·U·Uᵀ)/c into the residual's dtype; 1/c is applied to the m×r
-    coordinates only. ``maximize`` negates G inside these operations (exact), not as a copy."""
+    coordinates only. ``maximize`` negates G inside these operations (exact), not as a copy;
+    ``projected`` as the reference's."""
     m, n = param.shape
     rank = basis.shape[1]
     _check_shapes(param, (("grad", grad, (m, n)), ("exp_avg", exp_avg, (m, n)), ("exp_avg_sq", exp_avg_sq, (m, rank)),
-                          ("basis", basis, (n, rank)), ("residual", residual, (m, n))))
+                          ("basis", basis, (n, rank)), ("residual", residual, (m, n)),
+                          ("projected", projected, (m, rank))))
     dtype = _compute_dtype(param, grad, basis)
     g = grad.to(dtype)
     u = basis.to(dtype)
@@ -152,8 +174,9 @@ def cosmos_directions_(
     # code, and M is row-local, so the whole tensor's M must have the same bits.
     momentum = exp_avg.mul_(beta1) if exp_avg.dtype == dtype else exp_avg.to(dtype) * beta1
     momentum.add_(g, alpha=-1.0 if maximize else 1.0)
-    # (2) V ← β2·V + (1−β2)(GU)²: only the square of G·U is used, so the sign does not matter.
-    projected = g @ u
+    # (2) V ← β2·V + (1−β2)(GU)²: only the square of G·U is used, so the sign does not matter;
+    # the optimizer hands G·U from the basis update (``projected``), which formed it already.
+    projected = g @ u if projected is None else projected.to(dtype)
     second = exp_avg_sq.to(dtype) * beta2 + (1.0 - beta2) * projected * projected
     # (3) Ĝ = (G + β1·M)/c, kept as ±(grad ± β1·M) = Ĝ·c·(±1): the factor goes to its uses.
     mixed = torch.sub(g, momentum, alpha=beta1) if maximize else torch.add(g, momentum, alpha=beta1)
