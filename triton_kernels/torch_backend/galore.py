@@ -39,7 +39,7 @@ from memzoo.reference.galore import (
     natural_gradient_lists,
     project,
 )
-from memzoo.triton_kernels.torch_backend.elementwise import DEVICE_CHUNK, Scratch, chunk_size, for_each_chunk
+from memzoo.triton_kernels.torch_backend.elementwise import Scratch, chunk_size, for_each_chunk
 
 __all__ = ["adafactor_apply_lists", "adafactor_beta2", "adafactor_lr", "adafactor_update_", "adamw_update_",
            "as_matrix", "as_weight_matrix", "check_low_rank_shapes", "galore_adafactor_apply_",
@@ -362,17 +362,21 @@ def _natural_gradients(grads: list[torch.Tensor], histories: list[torch.Tensor],
 
 
 def _pairs_per_chunk(device: torch.device, k: int, d: int) -> int:
-    """How many pairs of k×d histories one chunk solves: on a CPU 8 (float64 H of 8 weights
-    16384×20 is 21 MiB: out of L2 whatever the chunk, and 8 pairs amortize the ~25 small
-    operations of a chunk, which cost more than its arithmetic at one pair: measured 2, 4, 8, 16
-    at Natural GaLore's 60m shapes), at most about 4·2^24 float64 elements (512 MiB); an
-    accelerator gets a few weights per chunk within its element-wise scratch size."""
+    """How many pairs of k×d histories one chunk solves. On a CPU as many as keep its float64 H
+    within :data:`_CPU_CHUNK_ELEMENTS` (12 of 16384×20: H is out of L2 whatever the chunk, and
+    more pairs amortize the ~30 small operations of a chunk, which cost more than its arithmetic
+    at one pair; the 56 histories of the 60m preset, kept Grams, 1 thread, median ms per call:
+    1 pair per chunk 50, 2: 42, 4: 37, 8: 34, 12: 34, 16: 49, all 56: 98); an accelerator gets a
+    few weights per chunk, its buffers within the element-wise engine's scratch size."""
     if device.type == "cpu":
-        return max(1, min(_CPU_PAIRS_PER_CHUNK, (4 * DEVICE_CHUNK) // (k * (d + 2))))
-    return max(1, chunk_size(device) // (4 * k * (d + 2)))
+        return max(1, _CPU_CHUNK_ELEMENTS // (k * d))
+    return max(1, chunk_size(device) // (2 * k * (d + 2)))
 
 
-_CPU_PAIRS_PER_CHUNK = 8
+# Float64 elements of H in a chunk on a CPU: 2^22 (32 MiB), the largest block that glibc's malloc
+# hands back from call to call (its dynamic mmap threshold stops at 32 MiB); a larger one is
+# mapped afresh and page-faulted on every call (16 pairs of 16384×20, 42 MiB: 1.4× 12 pairs' time).
+_CPU_CHUNK_ELEMENTS = 1 << 22
 
 
 class _ChunkViews(NamedTuple):
