@@ -4,8 +4,9 @@ Natural GaLore (Das 2024), its natural-gradient variant: two rules of the low-ra
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -224,7 +225,7 @@ class NaturalGaLoreRule(LowRankRule):
         if group["maximize"]:
             low_ranks = torch._foreach_neg(low_ranks)
         if group["natural"]:  # else the official proj_type="galore": GaLore on the same factors
-            low_ranks = self._precondition(kernels, group, items, low_ranks)
+            low_ranks = self._precondition(engine, kernels, group, items, low_ranks)
         beta1, beta2 = group["betas"]
         updates = low_rank_updates(items)
         moments = [tuple(local_tensor(moment) for moment in engine.moment_values(item)) for item in items]
@@ -242,21 +243,68 @@ class NaturalGaLoreRule(LowRankRule):
             scale=group["scale"], lr=group["lr"], weight_decay=group["weight_decay"])
 
     @staticmethod
-    def _precondition(kernels: Any, group: Mapping[str, Any], items: list[WeightStep],
+    def _precondition(engine: LowRankOptimizer, kernels: Any, group: Mapping[str, Any], items: list[WeightStep],
                       low_ranks: list[torch.Tensor]) -> list[torch.Tensor]:
         """Append each projected gradient g to its weight's history H, the last ``natural_history``
         of them (a ring buffer: H·Hᵀ does not depend on the order of the rows), and return
-        g̃ = (λI + HᵀH)⁻¹g of each."""
-        rows, histories, counts = [], [], []
+        g̃ = (λI + HᵀH)⁻¹g of each. A backend with ``natural_gradients_with_grams`` (torch,
+        Triton) is given each weight's float64 H·Hᵀ kept from its previous step
+        (:class:`_KeptGram`), so that only the written row's products are computed."""
+        rows, histories, counts, seen_counts = [], [], [], []
         for item in items:
             history, count = item.state["nat_history"], item.state["nat_count"]
             seen = int(count)
             rows.append(history[seen % history.shape[0]])
             histories.append(history[: min(seen + 1, history.shape[0])])
             counts.append(count)
+            seen_counts.append(seen)
+        with_grams = getattr(kernels, "natural_gradients_with_grams", None)
+        if with_grams is None:
+            torch._foreach_copy_(rows, [low_rank.reshape(-1) for low_rank in low_ranks])
+            torch._foreach_add_(counts, 1)
+            return kernels.natural_gradients(low_ranks, histories, damping=group["damping"])
+        kept_grams: dict[torch.Tensor, _KeptGram] = engine._natural_grams  # type: ignore[attr-defined]
+        grams, stale_rows = [], []
+        for item, seen in zip(items, seen_counts):  # checked before this step's write
+            history = item.state["nat_history"]
+            kept = kept_grams.pop(item.param, None)
+            size = history.shape[0]
+            if kept is not None and kept.history() is history and kept.count == seen and \
+                    kept.version is not None and kept.version == _version(history):
+                grams.append(kept.matrix)
+                stale_rows.append(seen % size)  # the row written now; the others' products are kept
+            else:  # first step, a loaded or rebuilt history, a write the step did not make
+                grams.append(torch.empty(size, size, dtype=torch.float64, device=history.device))
+                stale_rows.append(None)
         torch._foreach_copy_(rows, [low_rank.reshape(-1) for low_rank in low_ranks])
         torch._foreach_add_(counts, 1)
-        return kernels.natural_gradients(low_ranks, histories, damping=group["damping"])
+        results = with_grams(low_ranks, histories, grams, stale_rows, damping=group["damping"])
+        for item, gram, seen in zip(items, grams, seen_counts):
+            history = item.state["nat_history"]
+            kept_grams[item.param] = _KeptGram(gram, weakref.ref(history), _version(history), seen + 1)
+        return results
+
+
+class _KeptGram(NamedTuple):
+    """A weight's float64 H·Hᵀ of its whole history buffer (rows not yet written: unused),
+    kept by :class:`NaturalGaLore` between steps (not in the state_dict: a loaded state gets it
+    recomputed), valid while the history is the same tensor, its version counter (bumped by every
+    in-place write through it or a view of it) is the one this step left and its count is the one
+    this step wrote. Writes that bypass the version counter (through ``.data`` or another tensor
+    over its storage) are not seen."""
+
+    matrix: torch.Tensor
+    history: weakref.ref
+    version: int | None
+    count: int
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The tensor's version counter, None where it has none (an inference-mode tensor)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
 
 
 class NaturalGaLore(LowRankOptimizer):
@@ -272,7 +320,10 @@ class NaturalGaLore(LowRankOptimizer):
               = \lambda^{-1} g - \lambda^{-2} H^\top (I + \lambda^{-1} H H^\top)^{-1} H g
 
     computed through Woodbury's identity with a k×k solve (no d×d matrix; float64, by a QR
-    factorization: :func:`memzoo.reference.galore.natural_gradient`).
+    factorization: :func:`memzoo.reference.galore.natural_gradient`). The torch and Triton
+    backends keep each weight's float64 H·Hᵀ between steps (8·k² bytes, not in the state_dict)
+    and compute only the new row's products
+    (:func:`memzoo.triton_kernels.torch_backend.galore.natural_gradients_with_grams`).
 
     The subspace is the official one: two-sided (``proj_type="full"``, r×r moments; the
     official Tucker factors of a matrix are its top-r singular vectors) and each singular
@@ -302,6 +353,8 @@ class NaturalGaLore(LowRankOptimizer):
     """
 
     rule = NaturalGaLoreRule()
+    # param → its _KeptGram: H·Hᵀ of the gradient history, completed by one row per step.
+    _CACHES = {**LowRankOptimizer._CACHES, "_natural_grams": dict}
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.0, natural_history: int = 20, amsgrad: bool = False, *,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -247,9 +248,9 @@ def test_natural_galore_steps_same_shaped_weights_together_as_the_reference_step
     grads = [[torch.randn(shape, generator=generator).to(dtype) for shape in shapes] for _ in range(6)]
     grads[4][2] = torch.full(shapes[2], math.nan, dtype=dtype)
     calls = []
-    batched = torch_galore.natural_gradients
-    monkeypatch.setattr(torch_galore, "natural_gradients",
-                        lambda g, h, **kwargs: calls.append(len(g)) or batched(g, h, **kwargs))
+    batched = torch_galore.natural_gradients_with_grams
+    monkeypatch.setattr(torch_galore, "natural_gradients_with_grams",
+                        lambda g, *args, **kwargs: calls.append(len(g)) or batched(g, *args, **kwargs))
     runs = {}
     for backend in ("reference", "torch"):
         params = [torch.nn.Parameter(tensor.clone()) for tensor in start]
@@ -273,6 +274,62 @@ def test_natural_galore_steps_same_shaped_weights_together_as_the_reference_step
             poisoned = index == 2 and key in ("param", "exp_avg", "exp_avg_sq", "nat_history")
             assert bool(actual.isnan().any()) == poisoned, (index, key)
             assert_close(actual.nan_to_num(), expected.nan_to_num(), what=f"weight {index} {key}")
+
+
+@pytest.mark.parametrize("edit", ["history_row", "history_shifted", "count", "load_state_dict", "natural_history",
+                                  "backend_switch", "none"])
+def test_natural_galore_kept_gram_is_never_stale(monkeypatch, edit) -> None:
+    """The torch backend keeps each weight's H·Hᵀ between steps and computes only the written
+    row's products; whatever changes the history otherwise — an in-place write, an edited count,
+    a loaded state_dict, an edited natural_history (the history rebuilt), steps on another
+    backend — makes the next step compute it whole, and the trajectory stays the reference's."""
+    from memzoo.optim import NaturalGaLore
+    from memzoo.triton_kernels.torch_backend import galore as torch_galore
+    from support import assert_close
+
+    generator = torch.Generator().manual_seed(11)
+    start = torch.randn(6, 8, generator=generator, dtype=torch.float64)
+    grads = [torch.randn(6, 8, generator=generator, dtype=torch.float64) for _ in range(8)]
+    stale_calls = []
+    with_grams = torch_galore.natural_gradients_with_grams
+    monkeypatch.setattr(torch_galore, "natural_gradients_with_grams",
+                        lambda g, h, grams, stale, **kwargs: stale_calls.append(stale[0]) or
+                        with_grams(g, h, grams, stale, **kwargs))
+    runs = {}
+    for backend in ("reference", "torch"):
+        param = torch.nn.Parameter(start.clone())
+        optimizer = NaturalGaLore([param], lr=0.05, rank=3, update_proj_gap=100, natural_history=3, damping=1e-2,
+                                  backend=backend)
+        saved = None
+        for step, grad in enumerate(grads):
+            if step == 5:  # the history has wrapped around; the edit, on both backends alike
+                state = optimizer.state[param]
+                if edit == "history_row":
+                    state["nat_history"][1].normal_(generator=torch.Generator().manual_seed(3))
+                elif edit == "history_shifted":
+                    state["nat_history"].add_(torch.linspace(-1.0, 2.0, 9, dtype=torch.float64))
+                elif edit == "count":  # rows 0 and 1 now the history, row 1 rewritten (row 0's
+                    state["nat_count"].fill_(1)  # products would still be right: only recomputed)
+                elif edit == "load_state_dict":
+                    optimizer.load_state_dict(saved)
+                elif edit == "natural_history":
+                    optimizer.param_groups[0]["natural_history"] = 4
+            if edit == "backend_switch" and backend == "torch":
+                optimizer.backend = "reference" if step in (3, 4) else "torch"
+            param.grad = grad.clone()
+            optimizer.step()
+            if step == 1:
+                saved = copy.deepcopy(optimizer.state_dict())
+        runs[backend] = (param, optimizer.state[param])
+    (expected, expected_state), (actual, actual_state) = runs.values()
+    assert_close(actual.detach(), expected.detach(), what="param")
+    assert torch.equal(actual_state["nat_count"], expected_state["nat_count"])
+    for key in ("exp_avg", "exp_avg_sq", "nat_history"):
+        assert_close(actual_state[key], expected_state[key], what=key)
+    # The whole Gram at the first step and after each change the step did not make, else one
+    # row (the torch steps' indices: with the backend switched, steps 3 and 4 are not theirs).
+    whole = {"none": [0], "backend_switch": [0, 3]}.get(edit, [0, 5])
+    assert [index for index, row in enumerate(stale_calls) if row is None] == whole, stale_calls
 
 
 def _tensorly_signed(factor: torch.Tensor) -> torch.Tensor:

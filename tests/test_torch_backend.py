@@ -7,6 +7,7 @@ put NaN/Inf in some chunks only.
 
 from __future__ import annotations
 
+import math
 import shutil
 import warnings
 
@@ -514,6 +515,51 @@ def test_natural_gradients_of_a_batch_are_the_reference(monkeypatch, dtype, pair
     _assert_natural_gradients_are_the_reference(grads, histories, results)
     (single,) = [torch_galore.natural_gradient(grads[0], histories[0], damping=1e-3)]
     _assert_natural_gradients_are_the_reference(grads[:1], histories[:1], [single])
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                    (torch.float64, torch.float64)], ids=["fp32", "bf16_history", "fp64"])
+@pytest.mark.parametrize("pairs_per_chunk", [1, 4])
+def test_natural_gradients_with_kept_grams_are_the_reference(monkeypatch, dtypes, pairs_per_chunk) -> None:
+    """natural_gradients_with_grams, as Natural GaLore calls it on a ring-buffer history: a first
+    call computes each H·Hᵀ whole (stale_rows None), later calls only the row just written; each
+    result is the reference's (and natural_gradients'), each kept Gram H·Hᵀ in float64, with
+    whole and one-row pairs mixed in a chunk. A bf16 history stores g rounded: the Gram takes
+    the stored row, H·g the unrounded g."""
+    grad_dtype, history_dtype = dtypes
+    monkeypatch.setattr(torch_galore, "_pairs_per_chunk", lambda device, k, d: pairs_per_chunk)
+    generator = torch.Generator().manual_seed(7)
+    histories = [(torch.randn(4, 12, generator=generator, dtype=torch.float64) * scale).to(history_dtype)
+                 for scale in (1.0, 30.0, 0.1, 3.0, 1.0)]
+    histories[1] += histories[1][0].clone()  # nearly collinear rows: λI + H·Hᵀ badly conditioned
+    grams = [torch.full((5, 5), math.nan, dtype=torch.float64) for _ in histories]  # (k_max 5 > k 4)
+    for stale_rows in ([None] * 5, [1, 1, 3, 0, 2], [None, 2, 2, None, 3]):
+        grads = []
+        for history, row in zip(histories, stale_rows):
+            grad = torch.randn(3, 4, generator=generator, dtype=torch.float64).to(grad_dtype)
+            history[0 if row is None else row] = grad.reshape(-1)  # (rounded to bf16 there)
+            grads.append(grad)
+        results = torch_galore.natural_gradients_with_grams(grads, histories, grams, stale_rows, damping=1e-3)
+        _assert_natural_gradients_are_the_reference(grads, histories, results)
+        _assert_natural_gradients_are_the_reference(
+            grads, histories, torch_galore.natural_gradients(grads, histories, damping=1e-3))
+        for gram, history in zip(grams, histories):
+            h = history.double()
+            torch.testing.assert_close(gram[:4, :4], h @ h.T, rtol=1e-14, atol=0.0)
+            assert gram[4].isnan().all()  # outside the k×k block: untouched
+
+
+def test_natural_gradients_with_grams_reject_bad_input() -> None:
+    grads, histories = _natural_pairs(torch.float32, 4, [2, 3])
+    grams = [torch.zeros(3, 3, dtype=torch.float64) for _ in grads]
+    cases = [([grams[0], grams[1].float()], [None, None], r"grams\[1\] must be a float64 matrix of at least 3×3"),
+             ([grams[0], grams[1][:2, :2]], [None, None], r"grams\[1\] must be a float64 matrix"),
+             (grams, [None, 3], r"stale_rows\[1\] must be None or a row of the k=3 history, got 3"),
+             (grams, [None], "lists differ in length")]
+    for kept, stale_rows, message in cases:
+        with pytest.raises(ValueError, match=message):
+            torch_galore.natural_gradients_with_grams(grads, histories, kept, stale_rows, damping=1e-3)
+    assert torch.equal(grams[0], torch.zeros(3, 3, dtype=torch.float64))
 
 
 def test_natural_gradients_take_the_qr_where_the_cholesky_breaks(monkeypatch) -> None:

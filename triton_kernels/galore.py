@@ -54,13 +54,14 @@ from memzoo.triton_kernels.torch_backend.galore import (
     galore_adafactor_project_,
     natural_gradient,
     natural_gradients,
+    natural_gradients_with_grams,
 )
 from memzoo.triton_kernels.multi_tensor import ceil_div, launch_elementwise, operand_offsets, tensor_block, to_storage
 
 __all__ = ["AUTO", "INTERPRETED", "PRECISION", "adafactor_beta2", "adafactor_lr", "adafactor_update_",
            "adam_moments_tile", "adamw_update_", "copy_back", "galore_adafactor_apply_", "galore_adafactor_project_",
            "galore_adam_project_", "galore_apply_", "gemm_tile", "launch_batched", "matrix_pointer", "natural_gradient",
-           "natural_gradients", "project", "same_layout_batches", "writable_matrix"]
+           "natural_gradients", "natural_gradients_with_grams", "project", "same_layout_batches", "writable_matrix"]
 
 AUTO = False
 PRECISION = "tf32"

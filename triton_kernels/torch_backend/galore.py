@@ -5,8 +5,9 @@ Adam moments of :func:`galore_adam_project_` as chunked multi-tensor passes (abo
 one write of each tensor, no temporaries of a tensor's size), and :func:`galore_apply_` (the
 back-projection accumulated straight into the weight by one ``addmm_`` per matrix, BLAS's
 C ← C + α·A·B: no m×n temporary for float32 weights), and :func:`natural_gradients` (Natural
-GaLore's Woodbury solves of same-sized histories as batched float64 QR factorizations and
-products, in chunks of bounded memory, each weight's finiteness decided on the device).
+GaLore's Woodbury solves of same-sized histories as batched float64 Cholesky factorizations
+and products, in chunks of bounded memory, each weight's finiteness decided on the device;
+:func:`natural_gradients_with_grams` with each history's Gram kept by the optimizer).
 :func:`project` is the reference's own.
 
 GaLore-Adafactor: :func:`galore_adafactor_apply_` accumulates the back-projection into the weight
@@ -43,7 +44,7 @@ from memzoo.triton_kernels.torch_backend.elementwise import Scratch, chunk_size,
 __all__ = ["adafactor_apply_lists", "adafactor_beta2", "adafactor_lr", "adafactor_update_", "adamw_update_",
            "as_matrix", "as_weight_matrix", "check_low_rank_shapes", "galore_adafactor_apply_",
            "galore_adafactor_project_", "galore_adam_project_", "galore_apply_", "low_rank_lists", "natural_gradient",
-           "natural_gradients", "project"]
+           "natural_gradients", "natural_gradients_with_grams", "project"]
 
 
 def _adam_moments(scratch: Scratch, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
@@ -299,6 +300,42 @@ def natural_gradients(low_rank_grads: torch.Tensor | Sequence[torch.Tensor],
     pairs of one device, history length k and size d are solved together (see
     :func:`_natural_gradient_chunk`), the others through the reference (k or d = 0)."""
     grads, histories = natural_gradient_lists(low_rank_grads, histories)
+    return _natural_gradients(grads, histories, None, None, damping)
+
+
+@torch.no_grad()
+def natural_gradients_with_grams(low_rank_grads: Sequence[torch.Tensor], histories: Sequence[torch.Tensor],
+                                 grams: Sequence[torch.Tensor], stale_rows: Sequence[int | None], *,
+                                 damping: float) -> list[torch.Tensor]:
+    """:func:`natural_gradients` with each history's H·Hᵀ kept by the caller between calls, so
+    that a ring-buffer history whose one row changed costs one product H·hᵢ (k·d) instead of the
+    Gram H·Hᵀ (k²·d).
+
+    ``grams[i]``: a float64 tensor of at least k×k on the history's device whose leading k×k
+    block is H·Hᵀ of ``histories[i]`` (k×d) except row and column ``stale_rows[i]`` (the history
+    row written since; None: no entry is known). The call completes the block in place (the
+    whole block when ``stale_rows[i]`` is None) and solves with it. The caller vouches for the
+    rest of the block (:class:`memzoo.optim.galore.NaturalGaLore` keeps it per weight, checked
+    against the history tensor's identity, version and count); a stale block gives a wrong
+    result, not an error."""
+    grads, histories = natural_gradient_lists(low_rank_grads, histories)
+    grams, stale_rows = as_tensor_list("grams", grams), list(stale_rows)
+    if not len(grads) == len(grams) == len(stale_rows):
+        raise ValueError(f"lists differ in length: {{'low_rank_grads': {len(grads)}, 'grams': {len(grams)}, "
+                         f"'stale_rows': {len(stale_rows)}}}")
+    for index, (gram, history) in enumerate(zip(grams, histories)):
+        k = history.shape[0]
+        if gram.dtype != torch.float64 or gram.dim() != 2 or min(gram.shape) < k or gram.device != history.device:
+            raise ValueError(f"grams[{index}] must be a float64 matrix of at least {k}×{k} on {history.device}, "
+                             f"got {gram.dtype} {tuple(gram.shape)} on {gram.device}")
+        row = stale_rows[index]
+        if row is not None and (not isinstance(row, int) or not 0 <= row < k):
+            raise ValueError(f"stale_rows[{index}] must be None or a row of the k={k} history, got {row!r}")
+    return _natural_gradients(grads, histories, grams, stale_rows, damping)
+
+
+def _natural_gradients(grads: list[torch.Tensor], histories: list[torch.Tensor], grams: list[torch.Tensor] | None,
+                       stale_rows: list[int | None] | None, damping: float) -> list[torch.Tensor]:
     results: list[torch.Tensor | None] = [None] * len(grads)
     batches: dict[tuple[torch.device, torch.device, int, int], list[int]] = {}
     for index, (grad, history) in enumerate(zip(grads, histories)):
@@ -307,70 +344,81 @@ def natural_gradients(low_rank_grads: torch.Tensor | Sequence[torch.Tensor],
         if k == 0 or d == 0 or history_device != device:
             for index in indices:
                 results[index] = reference.natural_gradient(grads[index], histories[index], damping=damping)
+                if grams is not None:  # (k·d = 0: nothing to reuse)
+                    h = histories[index].to(torch.float64)
+                    grams[index][:k, :k].copy_(h @ h.T)
             continue
         per_chunk = _pairs_per_chunk(device, k, d)
-        workspace = _NaturalWorkspace(min(per_chunk, len(indices)), k, d, damping, device)
+        workspace = _NaturalWorkspace(min(per_chunk, len(indices)), k, d, device)
         for start in range(0, len(indices), per_chunk):
             chosen = indices[start:start + per_chunk]
-            solved = _natural_gradient_chunk(workspace, [grads[i] for i in chosen], [histories[i] for i in chosen],
-                                             damping)
+            solved = _natural_gradient_chunk(
+                workspace, [grads[i] for i in chosen], [histories[i] for i in chosen],
+                None if grams is None else [grams[i] for i in chosen],
+                None if stale_rows is None else [stale_rows[i] for i in chosen], damping)
             for index, result in zip(chosen, solved):
                 results[index] = result
     return results  # type: ignore[return-value]
 
 
 def _pairs_per_chunk(device: torch.device, k: int, d: int) -> int:
-    """How many pairs of k×d histories one chunk solves: its float64 workspace (two (c, k, d + k)
-    buffers) within the element-wise engine's scratch (:func:`chunk_size` float32 elements), or
-    one pair. On a CPU that keeps it in cache (a fresh allocation of many MiB costs more in page
-    faults than the copies it serves); an accelerator gets a few weights per chunk."""
-    return max(1, chunk_size(device) // (4 * k * (d + k)))
+    """How many pairs of k×d histories one chunk solves. On a CPU as many as keep its float64 H
+    within :data:`_CPU_CHUNK_ELEMENTS` (12 of 16384×20: H is out of L2 whatever the chunk, and
+    more pairs amortize the ~30 small operations of a chunk, which cost more than its arithmetic
+    at one pair; the 56 histories of the 60m preset, kept Grams, 1 thread, median ms per call:
+    1 pair per chunk 50, 2: 42, 4: 37, 8: 34, 12: 34, 16: 49, all 56: 98); an accelerator gets a
+    few weights per chunk, its buffers within the element-wise engine's scratch size."""
+    if device.type == "cpu":
+        return max(1, _CPU_CHUNK_ELEMENTS // (k * d))
+    return max(1, chunk_size(device) // (2 * k * (d + 2)))
+
+
+# Float64 elements of H in a chunk on a CPU: 2^22 (32 MiB), the largest block that glibc's malloc
+# hands back from call to call (its dynamic mmap threshold stops at 32 MiB); a larger one is
+# mapped afresh and page-faulted on every call (16 pairs of 16384×20, 42 MiB: 1.4× 12 pairs' time).
+_CPU_CHUNK_ELEMENTS = 1 << 22
 
 
 class _ChunkViews(NamedTuple):
     """Views of a :class:`_NaturalWorkspace` for a chunk of c pairs."""
 
-    stacked: torch.Tensor  # (c, k, d + k): the (d + k)×k matrices [Hᵀ; √λ·I], column-major
-    factored: torch.Tensor  # (c, k, d + k): their copy that geqrf overwrites
-    tau: torch.Tensor  # (c, k)
-    h: torch.Tensor  # (c, k, d): H, in stacked
+    h: torch.Tensor  # (c, k, d): H
     h_rows: list[torch.Tensor]  # each pair's H
-    g: torch.Tensor  # (c, d, 1)
-    g_columns: list[torch.Tensor]  # each pair's g, flat
-    r: torch.Tensor  # (c, k, k): R in the factored matrix's top rows (Householder vectors below)
+    columns: torch.Tensor  # (c, 2, d): g and the history row whose Gram entries are computed
+    g_rows: list[torch.Tensor]  # each pair's g, flat (columns[:, 0])
+    newest_rows: list[torch.Tensor]  # columns[:, 1]
+    gram: torch.Tensor  # (c, k, k)
+    grams: list[torch.Tensor]
 
 
 class _NaturalWorkspace:
-    """The float64 buffers of :func:`_natural_gradient_chunk` for up to ``count`` pairs: the
-    (d + k)×k matrices [Hᵀ; √λ·I] stored transposed (c, k, d + k) — column-major, the layout
-    LAPACK factors in place — their sanitized copy that ``geqrf`` overwrites, its τ, and g; the
-    views a chunk uses are made once per chunk size."""
+    """The float64 buffers of :func:`_natural_gradient_chunk` for up to ``count`` pairs (H, g
+    with one history row, the Gram); the views a chunk uses are made once per chunk size. The
+    QR fallback makes its own."""
 
-    def __init__(self, count: int, k: int, d: int, damping: float, device: torch.device) -> None:
+    def __init__(self, count: int, k: int, d: int, device: torch.device) -> None:
         options = dict(dtype=torch.float64, device=device)
-        self.stacked = torch.empty(count, k, d + k, **options)
-        self.stacked[:, :, d:] = 0.0
-        self.stacked[:, :, d:].diagonal(dim1=1, dim2=2).fill_(math.sqrt(damping))  # √λ·I, written once
-        self.factored = torch.empty(count, k, d + k, **options)
-        self.tau = torch.empty(count, k, **options)
-        self.grads = torch.empty(count, d, 1, **options)
-        self.k, self.d = k, d
+        self.h = torch.empty(count, k, d, **options)
+        self.columns = torch.empty(count, 2, d, **options)
+        self.gram = torch.empty(count, k, k, **options)
         self._views: dict[int, _ChunkViews] = {}
 
     def views(self, count: int) -> _ChunkViews:
         views = self._views.get(count)
         if views is None:
-            stacked, factored, g = self.stacked[:count], self.factored[:count], self.grads[:count]
-            h = stacked[:, :, : self.d]
+            h, columns, gram = self.h[:count], self.columns[:count], self.gram[:count]
             views = self._views[count] = _ChunkViews(
-                stacked, factored, self.tau[:count], h, list(h.unbind(0)), g,
-                [column.view(-1) for column in g.unbind(0)], factored.mT[:, : self.k, :])
+                h, list(h.unbind(0)), columns, list(columns[:, 0].unbind(0)), list(columns[:, 1].unbind(0)),
+                gram, list(gram.unbind(0)))
         return views
 
 
 def _natural_gradient_chunk(workspace: _NaturalWorkspace, grads: list[torch.Tensor], histories: list[torch.Tensor],
+                            grams: list[torch.Tensor] | None, stale_rows: list[int | None] | None,
                             damping: float) -> list[torch.Tensor]:
-    """g̃ of c pairs of one (k, d) by the reference's float64 math, batched (Cholesky, or the QR).
+    """g̃ of c pairs of one (k, d) by the reference's float64 math, batched (Cholesky, or the QR);
+    with ``grams`` (see :func:`natural_gradients_with_grams`) H·Hᵀ from the kept Gram completed
+    by one column per pair, H·hᵢ, computed with H·g by the same product.
 
     Each pair's finiteness is decided on the device, as the reference decides it (all of H and g
     finite), without a pass of its own over H when H and g are stored in at most 32 bits: then
@@ -380,34 +428,63 @@ def _natural_gradient_chunk(workspace: _NaturalWorkspace, grads: list[torch.Tens
     matrix is factored with its non-finite entries zeroed: LAPACK is never handed a NaN); the
     other pairs of the chunk are solved as if it were not there."""
     views = workspace.views(len(grads))
+    k = histories[0].shape[0]
+    h, gram = views.h, views.gram
     torch._foreach_copy_(views.h_rows, histories)
-    torch._foreach_copy_(views.g_columns, [grad.reshape(-1) for grad in grads])
-    h, g = views.h, views.g
-    rhs = torch.bmm(h, g)  # H·g
+    flat_grads = [grad.reshape(-1) for grad in grads]
+    if grams is None:
+        torch._foreach_copy_(views.g_rows, flat_grads)
+        rhs = torch.bmm(h, views.columns[:, :1].mT)  # H·g
+        torch.bmm(h, h.mT, out=gram)
+    else:
+        rows = [0 if row is None else row for row in stale_rows]  # type: ignore[union-attr]
+        torch._foreach_copy_(views.g_rows + views.newest_rows,
+                             flat_grads + [pair[row] for pair, row in zip(views.h_rows, rows)])
+        products = torch.bmm(h, views.columns.mT)  # H·g and H·hᵢ: one pass over H
+        rhs = products[:, :, :1]
+        blocks = [kept[:k, :k] for kept in grams]
+        if all(row is None for row in stale_rows):  # type: ignore[union-attr]
+            torch.bmm(h, h.mT, out=gram)
+        else:
+            torch._foreach_copy_(views.grams, blocks)
+            for pair, row in enumerate(stale_rows):  # type: ignore[arg-type]
+                if row is None:
+                    torch.mm(views.h_rows[pair], views.h_rows[pair].T, out=views.grams[pair])
+            pairs = torch.arange(len(grads), device=h.device)
+            indices = torch.tensor(rows, device=h.device)
+            gram[pairs, indices, :] = products[:, :, 1]
+            gram[pairs, :, indices] = products[:, :, 1]
+        torch._foreach_copy_(blocks, views.grams)
     dtypes = [compute_dtype(grad.dtype, history.dtype) for grad, history in zip(grads, histories)]
+    g = views.columns[:, :1].mT  # (c, d, 1)
     if torch.float64 in dtypes:
         finite = torch.isfinite(g).flatten(1).all(dim=1) & torch.isfinite(h).flatten(1).all(dim=1)
     else:  # a sum of these float64 values is finite exactly when all of them are
         finite = torch.isfinite(g.sum(dim=(1, 2)) + rhs.sum(dim=(1, 2)))
-    # λI + H·Hᵀ (k×k, float64) by one batched product, Cholesky-factored: as accurate as the
-    # reference's QR of [Hᵀ; √λ·I] here (the error of g̃ is the cancellation in g − Hᵀ·y, the same
-    # in both: measured against a long-double solve, 1e-15 … 1e-2 relative for |H| from 1e-3 to
-    # 1e3, Cholesky's at most QR's) at a fraction of the cost: d·k² multiply-adds in a GEMM against
-    # Householder's 2·d·k² in level-2 steps. Its eigenvalues are ≥ λ, so only rounding at
+    # λI + H·Hᵀ (k×k, float64), Cholesky-factored: as accurate as the reference's QR of
+    # [Hᵀ; √λ·I] here (the error of g̃ is the cancellation in g − Hᵀ·y, the same in both: measured
+    # against a long-double solve, 1e-15 … 1e-2 relative for |H| from 1e-3 to 1e3, Cholesky's at
+    # most QR's) at a fraction of the cost: d·k² multiply-adds in a GEMM (or d·k with a kept Gram)
+    # against Householder's 2·d·k² in level-2 steps. Its eigenvalues are ≥ λ, so only rounding at
     # |H|² ≳ λ/ε₆₄ can break it; then (info ≠ 0) the chunk takes the QR.
-    gram = torch.bmm(h, h.mT)
     gram.diagonal(dim1=1, dim2=2).add_(damping)
-    gram = torch.where(finite.view(-1, 1, 1), gram, torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device))
-    lower, info = torch.linalg.cholesky_ex(gram)
+    system = torch.where(finite.view(-1, 1, 1), gram, torch.eye(k, dtype=gram.dtype, device=gram.device))
+    lower, info = torch.linalg.cholesky_ex(system)
     if h.device.type == "meta" or not bool(info.any()):  # (a meta tensor has no values to check)
         y = torch.cholesky_solve(rhs, lower)
     else:
-        torch.nan_to_num(views.stacked, nan=0.0, posinf=0.0, neginf=0.0, out=views.factored)
-        torch.geqrf(views.factored.mT, out=(views.factored.mT, views.tau))  # RᵀR = λI + H·Hᵀ
-        r = views.r
+        # The (d + k)×k matrices [Hᵀ; √λ·I] stored transposed, column-major as LAPACK factors them.
+        d = h.shape[-1]
+        stacked = torch.zeros(len(grads), k, d + k, dtype=h.dtype, device=h.device)
+        torch.nan_to_num(h, nan=0.0, posinf=0.0, neginf=0.0, out=stacked[:, :, :d])
+        stacked[:, :, d:].diagonal(dim1=1, dim2=2).fill_(math.sqrt(damping))
+        tau = torch.empty(len(grads), k, dtype=h.dtype, device=h.device)
+        torch.geqrf(stacked.mT, out=(stacked.mT, tau))  # RᵀR = λI + H·Hᵀ
+        r = stacked.mT[:, :k, :]
         # (The triangular solves are BLAS's: a non-finite pair's H·g just gives NaN, replaced below.)
         y = torch.linalg.solve_triangular(r, torch.linalg.solve_triangular(r.mT, rhs, upper=False), upper=True)
-    result = torch.baddbmm(g, h.mT, y, alpha=-1.0).div_(damping).squeeze(2)  # λ⁻¹·(g − Hᵀ·y)
+    # λ⁻¹·(g − Hᵀ·y), as the row gᵀ − yᵀ·H: BLAS then streams H's rows (1.7× faster than Hᵀ·y here)
+    result = torch.baddbmm(views.columns[:, :1], y.mT, h, alpha=-1.0).div_(damping).squeeze(1)
     result.masked_fill_(finite.logical_not().unsqueeze(1), math.nan)
     if len(set(dtypes)) == 1:
         result = result.to(dtypes[0])
