@@ -281,6 +281,19 @@ def test_a_changed_value_is_caught_by_the_digest_only() -> None:
 
 # ---- interrupted steps (item 5) ------------------------------------------------------------------
 
+@pytest.fixture(autouse=True)
+def python_sigint_handler():
+    """Python's own SIGINT handler (KeyboardInterrupt) during each test. A process started in
+    the background by a non-interactive shell (``cmd &``) inherits SIGINT ignored; the step then
+    rightly drops a Ctrl-C, as the process asked, and the real-signal tests below would fail for
+    the environment's sake, not the code's."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _interrupt_on_call(original, failing_calls, *, real_signal: bool):
     """A wrapper of ``original`` that, on the given calls, interrupts: with a real SIGINT raised
     at that point (Python runs the handler there, deterministically) or a KeyboardInterrupt
