@@ -25,7 +25,7 @@ from memzoo.optim.base import (
 )
 from memzoo.optim.sharded import RowShard, lay_out_row_state, row_shard, sharding_problem
 from memzoo.reference import cosmos as reference
-from memzoo.reference.common import torch_adam_form
+from memzoo.reference.common import host_values, torch_adam_form
 
 __all__ = ["COSMOS"]
 
@@ -357,15 +357,8 @@ class COSMOS(MemzooOptimizer):
 def _kept_new_bases(flags: list[torch.Tensor | None]) -> list[bool]:
     """The flags of :meth:`COSMOS._new_basis` as bools (None is False), read with one host sync
     per device for the whole group rather than one per weight."""
-    kept = [False] * len(flags)
-    by_device: dict[torch.device, list[int]] = defaultdict(list)
-    for index, flag in enumerate(flags):
-        if flag is not None:
-            by_device[flag.device].append(index)
-    for indices in by_device.values():
-        for index, value in zip(indices, torch.stack([flags[i] for i in indices]).tolist()):
-            kept[index] = bool(value)
-    return kept
+    values = iter(host_values([flag for flag in flags if flag is not None]))
+    return [flag is not None and bool(next(values)) for flag in flags]
 
 
 # -- FSDP2 row shards -----------------------------------------------------------------------------

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["as_tensor_list", "check_parallel_lists", "compute_dtype", "hf_adam_step_size", "is_dense", "sign",
-           "torch_adam_form"]
+__all__ = ["as_tensor_list", "check_parallel_lists", "compute_dtype", "hf_adam_step_size", "host_values", "is_dense",
+           "sign", "torch_adam_form"]
 
 
 def as_tensor_list(name: str, tensors: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -52,6 +52,19 @@ def _explain_mismatch(names: list[str], items: Sequence[torch.Tensor], index: in
             )
         if tensor.device != reference.device:
             raise ValueError(f"{name}[{index}] is on {tensor.device}, {names[0]}[{index}] on {reference.device}")
+
+
+def host_values(values: Sequence[torch.Tensor]) -> list[float]:
+    """The 0-d tensors' values as Python floats (float64; a bool is 0.0 or 1.0): one host
+    synchronization per device for the whole list, not one per value."""
+    out: list[float] = [0.0] * len(values)
+    by_device: dict[torch.device, list[int]] = {}
+    for position, value in enumerate(values):
+        by_device.setdefault(value.device, []).append(position)
+    for positions in by_device.values():
+        for position, number in zip(positions, torch.stack([values[i].double() for i in positions]).tolist()):
+            out[position] = number
+    return out
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:

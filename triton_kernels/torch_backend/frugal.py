@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from memzoo.reference import frugal as reference
-from memzoo.reference.common import compute_dtype, is_dense
+from memzoo.reference.common import compute_dtype, host_values, is_dense
 from memzoo.reference.frugal import (
     COORDINATE_SIDES,
     RESIDUAL_RULES,
@@ -104,18 +104,6 @@ def frugal_apply_(
                 work.add_(residual, alpha=-residual_step * sign_g)
         if work is not matrix:
             matrix.copy_(work)
-
-
-def _host_values(values: list[torch.Tensor]) -> list[float]:
-    """The 0-d tensors' values as Python floats (float64): one host synchronization per device."""
-    out: list[float] = [0.0] * len(values)
-    by_device: dict[torch.device, list[int]] = {}
-    for position, value in enumerate(values):
-        by_device.setdefault(value.device, []).append(position)
-    for positions in by_device.values():
-        for position, number in zip(positions, torch.stack([values[i].double() for i in positions]).tolist()):
-            out[position] = number
-    return out
 
 
 def _squared_norm(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -213,7 +201,7 @@ def frugal_coordinates_step_(
         # ‖R‖² accumulated in float64 (the reference squares R in float64 and sums: the same up to the
         # order of the sum, far below the threshold's own reliability).
         squares += [total, _squared_norm(inside, torch.float64) if thresholded else total]
-    numbers = _host_values(squares)
+    numbers = host_values(squares)
     pairs = list(zip(numbers[0::2], numbers[1::2]))  # (‖G‖², ‖R‖²) per viewed matrix
     fast = [(entry, inside, pair) for entry, inside, pair in zip(viewed, insides, pairs) if _gather_is_exact(pair[0])]
     slow = sorted(set(range(len(params))) - {entry[0] for entry, _, _ in fast})
@@ -233,7 +221,7 @@ def frugal_coordinates_step_(
         galore_adam_project_([fast[i][1] for i in adam], [exp_avgs[fast[i][0][0]] for i in adam],
                              [exp_avg_sqs[fast[i][0][0]] for i in adam], [updates[i] for i in adam], lefts=None,
                              rights=None, beta1=beta1, beta2=beta2, eps=eps, maximize=maximize)
-    finite_n = [_gather_is_exact(x) for x in _host_values([update.sum() for update in updates])]
+    finite_n = [_gather_is_exact(x) for x in host_values([update.sum() for update in updates])]
     # Stage 3: the update. A non-finite N through the 0/1 products (its NaN rows, as the reference's).
     sign_g = -1.0 if maximize else 1.0
     passes: list[tuple[torch.Tensor, torch.Tensor, float]] = []
