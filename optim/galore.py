@@ -250,25 +250,19 @@ class NaturalGaLoreRule(LowRankRule):
         g̃ = (λI + HᵀH)⁻¹g of each. A backend with ``natural_gradients_with_grams`` (torch,
         Triton) is given each weight's float64 H·Hᵀ kept from its previous step
         (:class:`_KeptGram`), so that only the written row's products are computed."""
-        rows, histories, counts, seen_counts = [], [], [], []
+        with_grams = getattr(kernels, "natural_gradients_with_grams", None)
+        kept_grams: dict[torch.Tensor, _KeptGram] = engine._natural_grams  # type: ignore[attr-defined]
+        rows, histories, counts, seen_counts, grams, stale_rows = [], [], [], [], [], []
         for item in items:
             history, count = item.state["nat_history"], item.state["nat_count"]
-            seen = int(count)
-            rows.append(history[seen % history.shape[0]])
-            histories.append(history[: min(seen + 1, history.shape[0])])
+            seen, size = int(count), history.shape[0]
+            rows.append(history[seen % size])
+            histories.append(history[: min(seen + 1, size)])
             counts.append(count)
             seen_counts.append(seen)
-        with_grams = getattr(kernels, "natural_gradients_with_grams", None)
-        if with_grams is None:
-            torch._foreach_copy_(rows, [low_rank.reshape(-1) for low_rank in low_ranks])
-            torch._foreach_add_(counts, 1)
-            return kernels.natural_gradients(low_ranks, histories, damping=group["damping"])
-        kept_grams: dict[torch.Tensor, _KeptGram] = engine._natural_grams  # type: ignore[attr-defined]
-        grams, stale_rows = [], []
-        for item, seen in zip(items, seen_counts):  # checked before this step's write
-            history = item.state["nat_history"]
-            kept = kept_grams.pop(item.param, None)
-            size = history.shape[0]
+            if with_grams is None:
+                continue
+            kept = kept_grams.pop(item.param, None)  # checked before this step's write
             if kept is not None and kept.history() is history and kept.count == seen and \
                     kept.version is not None and kept.version == _version(history):
                 grams.append(kept.matrix)
@@ -278,6 +272,8 @@ class NaturalGaLoreRule(LowRankRule):
                 stale_rows.append(None)
         torch._foreach_copy_(rows, [low_rank.reshape(-1) for low_rank in low_ranks])
         torch._foreach_add_(counts, 1)
+        if with_grams is None:
+            return kernels.natural_gradients(low_ranks, histories, damping=group["damping"])
         results = with_grams(low_ranks, histories, grams, stale_rows, damping=group["damping"])
         for item, gram, seen in zip(items, grams, seen_counts):
             history = item.state["nat_history"]
