@@ -4,14 +4,14 @@ What the twin changes (the math is the reference's; only roundings differ, withi
 tolerances the kernel tests document in ``tests/kernel_cases.py``):
 
 - :func:`orthogonalize_` runs each Newton–Schulz iteration in Muon's form
-  X ← a·X + (b·A + c·A²)·X, A = X·Xᵀ: one ``mm`` and two ``addmm`` whose ``beta``/``alpha`` are
-  the combination, in work buffers shared by the matrices of one (shape, dtype, device), no
-  element-wise pass (the reference's X ← a·X + b·A·X + c·A·(A·X) has three GEMMs of X's size
+  X ← a·X + (b·A + c·A²)·X, A = X·Xᵀ: one ``bmm`` and two ``baddbmm`` whose ``beta``/``alpha``
+  are the combination, on the matrices of one (shape, dtype, device) stacked a few at a time,
+  no element-wise pass (the reference's X ← a·X + b·A·X + c·A·(A·X) has three GEMMs of X's size
   plus five element-wise passes). Each GEMM rounds once to the iteration dtype (the reference
-  rounds after every operation), which in bf16 is about half as far from the float64 iteration
-  (tests/test_cosmos.py), but not the reference's bits: registry trajectories allow for it
-  (``backend_trajectory_atol``). A·A is min(m, n)³ instead of min(m, n)²·max(m, n). Batching
-  the matrices of one shape (``baddbmm``) gave the same bits and was no faster on a CPU.
+  rounds after every operation), which in bf16 is on average about half as far from the float64
+  iteration (tests/test_cosmos.py; not on every matrix), but not the reference's bits: registry
+  trajectories allow for it (``backend_trajectory_atol``). A·A is min(m, n)³ instead of
+  min(m, n)²·max(m, n).
 - :func:`cosmos_directions_` updates M in place (the reference's rounding: FSDP2 row shards
   step M with the reference's code) and forms Ĝ·c and the residual in one m×n temporary, the
   normalization 1/c folded into the m×r coordinates and the residual's rounding.
