@@ -22,7 +22,7 @@ from memzoo.optim.lowrank import (
 from memzoo.optim.projector import Projector, ProjectorSettings
 from memzoo.optim.sharded import RowShard
 from memzoo.reference.common import compute_dtype
-from memzoo.reference.frugal import RESIDUAL_RULES, residual_squares
+from memzoo.reference.frugal import RESIDUAL_RULES, residual_exceeds, residual_squares
 from memzoo.reference.projector import matrix_shape, project, project_back, projection_side, side_length
 
 __all__ = ["FRUGAL", "FrugalRule"]
@@ -309,7 +309,7 @@ def _residual_kept_on_shards(shard: RowShard, grad: torch.Tensor, left: torch.Te
                          None if right is None else right.to(dtype))
         squares = torch.stack(residual_squares(grad, inside, left, right))
     total, remainder = shard.all_reduce_(squares)
-    return bool(remainder > threshold * threshold * total)
+    return bool(residual_exceeds(total, remainder, threshold))
 
 
 def _settings(rank: int, group: Mapping[str, Any]) -> ProjectorSettings:

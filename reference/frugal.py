@@ -58,8 +58,8 @@ from memzoo.reference.projector import (
 )
 
 __all__ = ["COORDINATE_SIDES", "RESIDUAL_RULES", "adamw_update_", "coordinate_step_lists", "frugal_apply_",
-           "frugal_coordinates_step_", "galore_adam_project_", "residual_kept", "residual_squares",
-           "run_coordinates_step", "split_update_lists"]
+           "frugal_coordinates_step_", "galore_adam_project_", "residual_exceeds", "residual_kept",
+           "residual_squares", "run_coordinates_step", "split_update_lists"]
 
 RESIDUAL_RULES: tuple[str, ...] = ("sign_sgd", "sgd", "no")
 # A coordinate subspace selects columns (right: R = G[:, idx], m×r) or rows (left: R = G[idx, :], r×n).
@@ -95,7 +95,15 @@ def residual_kept(grad: torch.Tensor, inside: torch.Tensor, left: torch.Tensor |
     decided there (no host sync); the multiplier of the signSGD step, so a NaN/Inf residual still
     propagates (0·NaN = NaN)."""
     total, residual = residual_squares(grad, inside, left, right)
-    return (residual > threshold * threshold * total).to(torch.float32)
+    return residual_exceeds(total, residual, threshold).to(torch.float32)
+
+
+def residual_exceeds(total: torch.Tensor | float, residual: torch.Tensor | float,
+                     threshold: float) -> torch.Tensor | bool:
+    """FRUGAL's threshold rule, ‖E‖² > τ²·‖G‖², from ``total`` = ‖G‖² and ``residual`` = ‖E‖²
+    (0-d tensors or floats; the same expression, so every path that decides it — the reference,
+    row shards from all-reduced sums, the torch backend's gathers — decides alike)."""
+    return residual > threshold * threshold * total
 
 
 def residual_squares(grad: torch.Tensor, inside: torch.Tensor, left: torch.Tensor | None,

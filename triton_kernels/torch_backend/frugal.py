@@ -21,6 +21,7 @@ from memzoo.reference.frugal import (
     COORDINATE_SIDES,
     RESIDUAL_RULES,
     coordinate_step_lists,
+    residual_exceeds,
     residual_kept,
     residual_squares,
     run_coordinates_step,
@@ -40,6 +41,7 @@ __all__ = [
     "frugal_apply_",
     "frugal_coordinates_step_",
     "galore_adam_project_",
+    "residual_exceeds",
     "residual_kept",
     "residual_squares",
     "run_coordinates_step",
@@ -239,7 +241,7 @@ def frugal_coordinates_step_(
         dtype = update.dtype
         kept = True
         if thresholded:  # the reference's decision (residual_kept), by its float64 formula and values
-            kept = total - 2.0 * inside_sq + inside_sq > residual_threshold * residual_threshold * total
+            kept = residual_exceeds(total, total - 2.0 * inside_sq + inside_sq, residual_threshold)
         # The selected coordinates: W·(1 − decay) − η·N, rounded as the reference (two products, one difference).
         saved = _select(weight, dim, chosen).to(dtype).mul_(1.0 - decay)
         if update.numel():
