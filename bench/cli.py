@@ -180,24 +180,34 @@ def _print_profile(label: str, step: Callable[[], object], device: torch.device,
 
 @contextlib.contextmanager
 def _every_projector_refreshing(optimizer: torch.optim.Optimizer) -> Iterator[bool]:
-    """Within: every projector refreshes on each step (update_proj_gap forced to 1). Yields
-    whether the optimizer has projectors at all."""
+    """Within: every projector refreshes on each step (update_proj_gap forced to 1; for
+    pytorch-optimizer's SOAP, the eigenbasis refresh period). Yields whether the optimizer has
+    projectors at all."""
     groups = [g for g in optimizer.param_groups
               if (g.get("rank") is not None or g.get("density") is not None) and "update_proj_gap" in g]
     # galore-torch copies the gap into a projector object in each parameter's state.
     holders = [v for state in optimizer.state.values() for v in state.values() if hasattr(v, "update_proj_gap")]
-    saved = [g["update_proj_gap"] for g in groups] + [h.update_proj_gap for h in holders]
+    # pytorch-optimizer's SOAP keeps its period (precondition_frequency) in each parameter's
+    # state: its refresh is the QR step of the eigenbasis, every 10 steps by default.
+    soap_states = [state for state in optimizer.state.values() if "precondition_frequency" in state]
+    saved = ([g["update_proj_gap"] for g in groups] + [h.update_proj_gap for h in holders]
+             + [state["precondition_frequency"] for state in soap_states])
     for group in groups:
         group["update_proj_gap"] = 1
     for holder in holders:
         holder.update_proj_gap = 1
+    for state in soap_states:
+        state["precondition_frequency"] = 1
     try:
-        yield bool(groups)
+        yield bool(groups) or bool(soap_states)
     finally:
-        for group, gap in zip(groups, saved):
+        periods = iter(saved)
+        for group, gap in zip(groups, periods):
             group["update_proj_gap"] = gap
-        for holder, gap in zip(holders, saved[len(groups):]):
+        for holder, gap in zip(holders, periods):
             holder.update_proj_gap = gap
+        for state, period in zip(soap_states, periods):
+            state["precondition_frequency"] = period
 
 
 def _refresh_step_ms(optimizer: torch.optim.Optimizer, device: torch.device) -> float | None:
@@ -333,7 +343,8 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
 COLUMNS = {
     "kernels": ["kernel", "backend", "dtype", "numel", "ms", "gb_s", "pct_of_floor", "note"],
     # first_ms: the first step (allocates state; low-rank methods also build their projectors);
-    # ms: median steady step; refresh_ms: a steady step in which every projector is recomputed.
+    # ms: median steady step; refresh_ms: a steady step in which every projector is recomputed
+    # (pytorch-optimizer SOAP: its eigenbasis QR, every precondition_frequency steps).
     # Zeroth-order rows: forward_ms (one closure), overhead_ms (step − 2q·forward), pass_ms (one
     # perturbation pass over all trainable tensors), peak_over_inference_mib (CUDA: the allocator; CPU: torch.profiler's allocation events).
     # val_loss / final_loss: the mean over the seeds at the best lr (_std: their sample standard

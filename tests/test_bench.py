@@ -109,6 +109,55 @@ def test_step_runs_galore_with_paper_groups(tmp_path) -> None:
     assert galore["state_mib"] < 0.85 * adamw["state_mib"]
 
 
+class _PeriodInState(torch.optim.Optimizer):
+    """Keeps a refresh period in each parameter's state, as pytorch-optimizer's SOAP does, and
+    counts the steps that refresh (step % period == 0)."""
+
+    def __init__(self, params) -> None:
+        super().__init__(params, {})
+        self.refreshes = 0
+
+    def step(self) -> None:
+        for group in self.param_groups:
+            for param in group["params"]:
+                state = self.state[param]
+                state.setdefault("precondition_frequency", 10)
+                state["count"] = state.get("count", 0) + 1
+                self.refreshes += state["count"] % state["precondition_frequency"] == 0
+
+
+def test_refresh_step_forces_the_period_kept_in_state_and_restores_it() -> None:
+    from memzoo.bench.cli import _refresh_step_ms
+
+    optimizer = _PeriodInState([torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))])
+    optimizer.step()  # state exists, count 1: no refresh at period 10
+    assert optimizer.refreshes == 0
+    assert _refresh_step_ms(optimizer, torch.device("cpu")) > 0
+    # _refresh_step_ms runs an untimed step, then the timed one: both refresh both parameters.
+    assert optimizer.refreshes == 4
+    assert all(state["precondition_frequency"] == 10 for state in optimizer.state.values())
+    assert _refresh_step_ms(torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1), torch.device("cpu")) is None
+
+
+def test_refresh_step_of_pytorch_optimizer_soap_runs_its_eigenbasis_qr(monkeypatch) -> None:
+    soap = pytest.importorskip("pytorch_optimizer").SOAP
+    from memzoo.bench.cli import _refresh_step_ms
+
+    params = [torch.nn.Parameter(torch.randn(6, 4))]
+    optimizer = soap(params, lr=1e-3)
+    params[0].grad = torch.randn(6, 4)
+    optimizer.step()
+    calls = []
+    original = type(optimizer).get_orthogonal_matrix_qr
+    monkeypatch.setattr(type(optimizer), "get_orthogonal_matrix_qr",
+                        lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    optimizer.step()
+    assert not calls  # step 2 of a 10-step period: no refresh
+    assert _refresh_step_ms(optimizer, torch.device("cpu")) > 0
+    assert calls == [1, 1]  # the untimed step and the timed one
+    assert optimizer.state[params[0]]["precondition_frequency"] == 10
+
+
 def test_step_runs_the_triton_backend(tmp_path) -> None:
     path = tmp_path / "step.json"
     assert main(["step", "--device", "cpu", "--preset", "tiny", "--warmup", "0", "--iters", "1",
