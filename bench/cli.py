@@ -185,29 +185,24 @@ def _every_projector_refreshing(optimizer: torch.optim.Optimizer) -> Iterator[bo
     projectors at all."""
     groups = [g for g in optimizer.param_groups
               if (g.get("rank") is not None or g.get("density") is not None) and "update_proj_gap" in g]
-    # galore-torch copies the gap into a projector object in each parameter's state.
-    holders = [v for state in optimizer.state.values() for v in state.values() if hasattr(v, "update_proj_gap")]
-    # pytorch-optimizer's SOAP keeps its period (precondition_frequency) in each parameter's
-    # state: its refresh is the QR step of the eigenbasis, every 10 steps by default.
-    soap_states = [state for state in optimizer.state.values() if "precondition_frequency" in state]
-    saved = ([g["update_proj_gap"] for g in groups] + [h.update_proj_gap for h in holders]
-             + [state["precondition_frequency"] for state in soap_states])
-    for group in groups:
-        group["update_proj_gap"] = 1
-    for holder in holders:
-        holder.update_proj_gap = 1
-    for state in soap_states:
-        state["precondition_frequency"] = 1
+    # Each period as (the mapping that holds it, its key): our param groups; galore-torch and
+    # apollo-torch copy the gap into a projector object in each parameter's state (its attribute
+    # dictionary); pytorch-optimizer's SOAP keeps its eigenbasis QR period (precondition_frequency,
+    # 10 by default) in each parameter's state.
+    soap = [(state, "precondition_frequency") for state in optimizer.state.values()
+            if "precondition_frequency" in state]
+    periods = ([(group, "update_proj_gap") for group in groups]
+               + [(vars(v), "update_proj_gap") for state in optimizer.state.values() for v in state.values()
+                  if "update_proj_gap" in getattr(v, "__dict__", {})]
+               + soap)
+    saved = [holder[key] for holder, key in periods]
+    for holder, key in periods:
+        holder[key] = 1
     try:
-        yield bool(groups) or bool(soap_states)
+        yield bool(groups) or bool(soap)
     finally:
-        periods = iter(saved)
-        for group, gap in zip(groups, periods):
-            group["update_proj_gap"] = gap
-        for holder, gap in zip(holders, periods):
-            holder.update_proj_gap = gap
-        for state, period in zip(soap_states, periods):
-            state["precondition_frequency"] = period
+        for (holder, key), period in zip(periods, saved):
+            holder[key] = period
 
 
 def _refresh_step_ms(optimizer: torch.optim.Optimizer, device: torch.device) -> float | None:
