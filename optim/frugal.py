@@ -218,7 +218,8 @@ class FrugalRule(LowRankRule):
             step_size, eps = torch_adam_form(lr_p, group["betas"], group["eps"], adam_step, group["correct_bias"])
             kernels = engine.kernels(item.param.device)
             if item.projector.settings.projector == "coordinates":
-                self._coordinates_on_shard(engine, kernels, group, item, step_size=step_size, eps=eps)
+                self._coordinates_on_shard(engine, kernels, group, item, step_size=step_size, eps=eps,
+                                           thresholded=thresholded)
                 continue
             (update,) = low_rank_updates([item])
             left, right = engine.factors(item)
@@ -256,22 +257,22 @@ class FrugalRule(LowRankRule):
 
     @staticmethod
     def _coordinates_on_shard(engine: LowRankOptimizer, kernels: Any, group: Mapping[str, Any], item: WeightStep, *,
-                              step_size: float, eps: float) -> None:
+                              step_size: float, eps: float, thresholded: bool) -> None:
         """A coordinate selection's step on this rank's rows, by ``frugal_coordinates_step_`` (the
         whole-tensor kernel, so the same arithmetic per element). Columns (right): R's rows, the
         moments and the update are the shard's rows. Rows (left): the selected rows held here are a
         contiguous run of R's rows (the indices are sorted), and Adam is elementwise, so each rank
         steps the moments of its own selected rows; the moments stay replicated by one all-reduce
         of the two r×n moments with the other ranks' rows zeroed (x + 0 = x). The signSGD
-        threshold is decided over all shards first (‖G‖², ‖E‖², all-reduced) and passed as a
-        rule."""
+        threshold (where ``thresholded``: the signSGD rule with τ > 0) is decided over all shards
+        first (‖G‖², ‖E‖², all-reduced) and passed as a rule."""
         shard = item.shard
         rule, threshold = group["inactive_update_rule"], group["inactive_threshold"]
         param, grad = local_tensor(item.param), local_tensor(item.param.grad)
         exp_avg, exp_avg_sq = local_tensor(item.state["exp_avg"]), local_tensor(item.state["exp_avg_sq"])
         chosen = item.state["proj_indices"].to(param.device)
         left, right = engine.factors(item)  # the left factor: this shard's rows of the 0/1 selection
-        if rule == "sign_sgd" and threshold > 0 and not _residual_kept_on_shards(shard, grad, left, right, threshold):
+        if thresholded and not _residual_kept_on_shards(shard, grad, left, right, threshold):
             rule = "no"
         side = item.projector.side
         if side == "right":
